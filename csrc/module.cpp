@@ -1,0 +1,39 @@
+// The Python module flextron._C. Importing it runs the TORCH_LIBRARY
+// registrations in registration.cpp; the module itself only reports how the
+// extension was built (read by `python -m flextron.info`).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#ifndef FLEXTRON_TORCH_VERSION
+#define FLEXTRON_TORCH_VERSION "unknown"
+#endif
+#ifndef FLEXTRON_CUDA_ARCHS
+#define FLEXTRON_CUDA_ARCHS ""
+#endif
+#ifndef FLEXTRON_CUDA_VERSION
+#define FLEXTRON_CUDA_VERSION ""
+#endif
+#ifndef FLEXTRON_CUTLASS_VERSION
+#define FLEXTRON_CUTLASS_VERSION ""
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "Flextron compiled extension: registers torch.ops.flextron.*";
+  m.def("build_info", [] {
+    py::dict info;
+    info["torch_version"] = std::string(FLEXTRON_TORCH_VERSION);
+#ifdef FLEXTRON_WITH_CUDA
+    info["cuda_built"] = true;
+#else
+    info["cuda_built"] = false;
+#endif
+    info["cuda_version"] = std::string(FLEXTRON_CUDA_VERSION);
+    info["cuda_archs"] = std::string(FLEXTRON_CUDA_ARCHS);
+    info["cutlass_version"] = std::string(FLEXTRON_CUTLASS_VERSION);
+    return info;
+  }, "How this extension was built: torch/CUDA/CUTLASS versions and CUDA archs.");
+}

@@ -1,0 +1,60 @@
+// Declarations of every flextron kernel. Schemas live in registration.cpp; the
+// semantics of each op are written out in docs/ops.md and, as executable code,
+// in flextron/reference.py (the test oracle).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace flextron {
+
+// ---- CPU kernels (csrc/cpu/*.cpp) -------------------------------------------
+at::Tensor nested_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias,
+                             int64_t out_features, int64_t in_features);
+
+at::Tensor nested_mlp_cpu(const at::Tensor& x, const std::optional<at::Tensor>& w_gate,
+                          const at::Tensor& w_up, const at::Tensor& w_down, int64_t width,
+                          const std::string& activation);
+
+// Returns (choice, probs, perm, inv_perm, offsets).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& noise, double tau, bool hard);
+
+at::Tensor routed_nested_mlp_cpu(const at::Tensor& x, const std::optional<at::Tensor>& w_gate,
+                                 const at::Tensor& w_up, const at::Tensor& w_down,
+                                 const at::Tensor& choice, at::IntArrayRef widths,
+                                 const std::optional<at::Tensor>& scale,
+                                 const std::string& activation);
+
+// Returns (grad_x, grad_w_gate, grad_w_up, grad_w_down, grad_scale); an absent
+// gate or scale gets an empty tensor in its slot.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+routed_nested_mlp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                               const std::optional<at::Tensor>& w_gate, const at::Tensor& w_up,
+                               const at::Tensor& w_down, const at::Tensor& choice,
+                               at::IntArrayRef widths, const std::optional<at::Tensor>& scale,
+                               const std::string& activation);
+
+at::Tensor varhead_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& heads, bool causal,
+                                 std::optional<double> scale);
+
+// Returns (grad_q, grad_k, grad_v).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varhead_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& heads, bool causal, std::optional<double> scale);
+
+// ---- CUDA kernels (csrc/cuda/*.cu), built when FLEXTRON_WITH_CUDA ---------------
+#ifdef FLEXTRON_WITH_CUDA
+at::Tensor nested_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, int64_t out_features,
+                              int64_t in_features);
+#endif
+
+}  // namespace flextron

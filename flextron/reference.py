@@ -1,0 +1,129 @@
+"""Pure-PyTorch semantics of every torch.ops.flextron op.
+
+These functions are the test oracle for the C++/CUDA kernels: simple, obviously
+correct, differentiable by autograd, and never fast. Shapes follow docs/ops.md:
+T tokens, D hidden size, F MLP width (d_ff), C routing choices.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh", "relu")
+
+
+def activate(gate: torch.Tensor | None, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """The MLP's hidden activation; `gate` is None for the ungated activations."""
+    if activation == "swiglu":
+        return F.silu(gate) * up
+    if activation == "gelu":
+        return F.gelu(up)
+    if activation == "gelu_tanh":
+        return F.gelu(up, approximate="tanh")
+    if activation == "relu":
+        return F.relu(up)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def nested_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int, in_features: int
+) -> torch.Tensor:
+    """x[..., :in] @ weight[:out, :in]^T (+ bias[:out]).  x: (..., >=in) -> (..., out)."""
+    y = x[..., :in_features] @ weight[:out_features, :in_features].T
+    return y if bias is None else y + bias[:out_features]
+
+
+def nested_mlp(
+    x: torch.Tensor,
+    w_gate: torch.Tensor | None,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    width: int,
+    activation: str,
+) -> torch.Tensor:
+    """The MLP on its first `width` neurons.  x: (..., D); w_gate, w_up: (F, D); w_down: (D, F)."""
+    gate = None if w_gate is None else x @ w_gate[:width].T  # (..., width)
+    up = x @ w_up[:width].T  # (..., width)
+    return activate(gate, up, activation) @ w_down[:, :width].T  # (..., D)
+
+
+def route(
+    input: torch.Tensor, weight: torch.Tensor | None, noise: torch.Tensor | None, tau: float, hard: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token routing decision.
+
+    input: (T, C) logits, or (T, D) hidden states when weight (C, D) is given.
+    Returns choice (T,) int64 = argmax(logits + noise) with ties to the lowest index;
+    probs (T, C) = softmax((logits + noise) / tau), or with hard=True the one-hot of
+    choice carrying the soft gradient (straight-through); perm (T,) int64 = the
+    stable sort of tokens by choice; inv_perm (T,) with inv_perm[perm[i]] = i;
+    offsets (C + 1,) int64, tokens of choice c are perm[offsets[c]:offsets[c + 1]].
+    """
+    logits = input if weight is None else input @ weight.T  # (T, C)
+    z = logits.float() if noise is None else logits.float() + noise.float()
+    num_choices = z.shape[-1]
+    choice = torch.argmax(z, dim=-1)  # first maximum: ties go to the lowest index
+    soft = torch.softmax(z / tau, dim=-1)
+    if hard:
+        one_hot = F.one_hot(choice, num_choices).to(soft.dtype)
+        probs = one_hot - soft.detach() + soft
+    else:
+        probs = soft
+    perm = torch.sort(choice, stable=True).indices
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
+    counts = torch.bincount(choice, minlength=num_choices)
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    return choice, probs.to(logits.dtype), perm, inv_perm, offsets
+
+
+def routed_nested_mlp(
+    x: torch.Tensor,
+    w_gate: torch.Tensor | None,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    choice: torch.Tensor,
+    widths: list[int],
+    scale: torch.Tensor | None,
+    activation: str,
+) -> torch.Tensor:
+    """Token t runs the MLP at width widths[choice[t]] (widths strictly descending).
+
+    x: (T, D); choice: (T,) int64; scale: (T,) or None.  Returns (T, D).
+    """
+    y = torch.zeros_like(x)
+    for c, width in enumerate(widths):
+        rows = (choice == c).nonzero().flatten()
+        if rows.numel():
+            y = y.index_add(0, rows, nested_mlp(x[rows], w_gate, w_up, w_down, width, activation))
+    return y if scale is None else y * scale[:, None].to(y.dtype)
+
+
+def varhead_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: torch.Tensor,
+    causal: bool,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention where sequence b uses its first heads[b] query heads.
+
+    q: (B, Hq, Sq, Dh); k, v: (B, Hkv, Sk, Dh), Hq a multiple of Hkv; query head h
+    reads KV head h // (Hq / Hkv). heads: (B,) int64 in [1, Hq]. causal aligns the
+    last query with the last key (query i sees keys j <= i + Sk - Sq). Inactive
+    heads output zeros.  Returns (B, Hq, Sq, Dh).
+    """
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)  # (B, Hq, Sk, Dh)
+    v = v.repeat_interleave(group, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, Hq, Sq, Sk)
+    if causal:
+        sq, sk = q.shape[2], k.shape[2]
+        allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v.float()  # (B, Hq, Sq, Dh)
+    active = torch.arange(q.shape[1], device=q.device)[None, :] < heads[:, None].to(q.device)  # (B, Hq)
+    return (out * active[:, :, None, None]).to(q.dtype)
