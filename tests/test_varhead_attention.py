@@ -142,6 +142,28 @@ def test_unused_kv_heads_get_zero_grads():
     assert grad_k[:, 0].abs().sum() > 0
 
 
+def test_expanded_grad_out():
+    # out.sum().backward() hands the kernel a stride-0 grad_out.
+    q, k, v = make_inputs(2, 4, 2, 11, 11, 8)
+    heads = torch.tensor([3, 4])
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    ops.varhead_attention(*leaves, heads, True).sum().backward()
+    leaves_ref = [t.detach().requires_grad_() for t in (q, k, v)]
+    reference.varhead_attention(*leaves_ref, heads, True).sum().backward()
+    for leaf, leaf_ref in zip(leaves, leaves_ref, strict=True):
+        torch.testing.assert_close(leaf.grad, leaf_ref.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_no_queries(causal):
+    q, k, v = make_inputs(2, 4, 2, 0, 5, 8)
+    heads = torch.tensor([4, 1])
+    grad_out = torch.randn(2, 4, 0, 8)
+    out, grads = run_with_grads(ops.varhead_attention, q, k, v, heads, causal, grad_out)
+    assert out.shape == (2, 4, 0, 8)
+    assert all(torch.all(grad == 0) for grad in grads)
+
+
 def test_default_call_is_causal():
     q, k, v = make_inputs(2, 2, 1, 6, 6, 8)
     heads = torch.tensor([2, 1])
@@ -162,19 +184,20 @@ def torch_attention(q, k, v, heads, causal, scale=None):
     return out * active[:, :, None, None].to(out.dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("q_len,kv_len,causal", [(83, 83, True), (1, 83, True), (40, 83, False)])
-def test_bf16_error_within_twice_torch(q_len, kv_len, causal):
+def test_low_precision_error_within_twice_torch(dtype, q_len, kv_len, causal):
     batch, q_heads, kv_heads, head_dim = 2, 6, 2, 64
-    q, k, v = make_inputs(batch, q_heads, kv_heads, q_len, kv_len, head_dim, dtype=torch.bfloat16)
+    q, k, v = make_inputs(batch, q_heads, kv_heads, q_len, kv_len, head_dim, dtype=dtype, transposed=True)
     heads = torch.tensor([6, 3])
-    grad_out = torch.randn(batch, q_heads, q_len, head_dim).to(torch.bfloat16)
+    grad_out = torch.randn(batch, q_heads, q_len, head_dim).to(dtype)
     # The oracle: the fp32 reference on the same (bf16-representable) values.
     out_ref, grads_ref = run_with_grads(
         reference.varhead_attention, q.float(), k.float(), v.float(), heads, causal, grad_out.float()
     )
     out, grads = run_with_grads(ops.varhead_attention, q, k, v, heads, causal, grad_out)
     out_torch, grads_torch = run_with_grads(torch_attention, q, k, v, heads, causal, grad_out)
-    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
     for name, ours, theirs, ref in zip(
         ("out", "grad_q", "grad_k", "grad_v"),
         (out, *grads),
@@ -256,6 +279,7 @@ def _bad_inputs():
         ("too many heads", (q, k, v, torch.tensor([5, 2]), True), r"heads\[0\] = 5 is too many heads"),
         ("causal Sk < Sq", (q, k[:, :, :3], v[:, :, :3], heads, True), "causal attention needs"),
         ("no keys", (q, k[:, :, :0], v[:, :, :0], heads, False), "k must have at least one key"),
+        ("scale", (q, k, v, heads, True, float("nan")), "scale must be finite"),
     ]
 
 
