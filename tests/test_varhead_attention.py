@@ -123,6 +123,20 @@ def test_non_contiguous_inputs(causal):
     assert_matches_reference(2, 6, 2, 83, 83, 16, causal, torch.tensor([6, 2]), transposed=True)
 
 
+@pytest.mark.parametrize("threads", [1, 3, 8])
+@pytest.mark.parametrize("causal", [True, False])
+def test_backward_split_over_threads(threads, causal):
+    # Fewer (sequence, KV head) pairs than threads: the backward splits the query
+    # blocks into chunks and adds their dK/dV slots.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_matches_reference(1, 3, 1, 300, 300, 16, causal, torch.tensor([2]))
+        assert_matches_reference(2, 4, 2, 130, 140, 8, causal, torch.tensor([4, 1]))
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_head_dim_slice_and_custom_scale():
     # Rows with a stride larger than Dh (a slice of a wider tensor) and a given scale.
     q, k, v = (t[..., :24] for t in make_inputs(2, 4, 2, 9, 9, 40))

@@ -3,26 +3,31 @@
 // h / (Hq / Hkv)); the outputs and gradients of inactive heads are exact zeros.
 //
 // Why this shape of kernel:
-// - The work is split into tiles of one (sequence, query head, block of query
-//   rows) and run with at::parallel_for. Each tile does its two GEMMs through
-//   ATen (BLAS) on strided views of q/k/v, so a q that is a transposed view of a
-//   (B, S, H, Dh) projection is read in place, and an inactive head costs nothing
-//   but zeroing its output.
+// - Work is cut into tiles of (sequence, KV head, block of 64 query rows) and run
+//   with at::parallel_for. A tile stacks the rows of the group's *active* query
+//   heads into one GEMM, so K and V are read once per group and inactive heads
+//   cost only the zeroing of their output. The GEMMs go through ATen (BLAS) on
+//   strided views: a q/k/v that is a transposed view of a (B, S, H, Dh) projection
+//   is read in place.
 // - Causal tiles only multiply by the keys their last row can see (a key prefix),
 //   which skips nearly half of the prefill work, like a flash kernel's block skip.
-// - The scores, the softmax and every accumulation are fp32. bf16/fp16 inputs are
-//   widened once up front (BLAS has no bf16 x bf16 -> fp32 GEMM on every CPU);
-//   fp32 inputs are used as they are, with no copies of k or v.
-// - The backward recomputes P per tile (nothing but q, k, v is saved) and uses
-//   rowsum(P * dP) = rowsum(dO * O), so O is never recomputed. It runs one task
-//   per (sequence, KV head): the query heads of a KV group accumulate dK and dV
-//   serially inside the task, so no two threads ever write the same rows.
+// - Scores, softmax and every accumulation are fp32. bf16/fp16 tiles are widened
+//   per tile (BLAS has no bf16 x bf16 -> fp32 GEMM on every CPU); fp32 inputs are
+//   used as they are, with no copies of k or v.
+// - The backward recomputes P per tile (only q, k, v are saved) and uses
+//   rowsum(P * dP) = rowsum(dO * O), so O is never recomputed. Its tasks are
+//   (sequence, KV head, chunk of row blocks); each task sums dK and dV over its
+//   group's heads and rows into its own fp32 slot, and the slots are added at the
+//   end: no two threads write the same memory. There are more chunks than one only
+//   when B * Hkv alone would leave threads idle, so the extra memory stays at about
+//   one KV head per thread.
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "checks.h"
 #include "ops.h"
@@ -184,24 +189,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varhead_attention_backward_cpu(
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const at::Tensor heads_cpu = heads.contiguous();
   const int64_t* count = heads_cpu.data_ptr<int64_t>();
-  // Zeros are the exact gradients of inactive heads and of unread KV heads.
+  // Zeros are the exact gradients of inactive heads.
   at::Tensor grad_q = at::zeros(q.sizes(), q.options());
-  at::Tensor grad_k = at::zeros(k.sizes(), k.options());
-  at::Tensor grad_v = at::zeros(v.sizes(), v.options());
 
-  // One task per (b, kv_head): it alone writes grad_k/grad_v[b, kv_head].
-  at::parallel_for(0, s.batch * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // Split each (b, kv_head) into `chunks` runs of row blocks of about equal cost
+  // (a causal block costs in proportion to its visible keys).
+  const int64_t blocks = (s.q_len + kRowBlock - 1) / kRowBlock;
+  const int64_t groups = s.batch * s.kv_heads;
+  const int64_t idle_share = (at::get_num_threads() + groups - 1) / std::max<int64_t>(groups, 1);
+  const int64_t chunks = std::clamp<int64_t>(idle_share, 1, std::max<int64_t>(blocks, 1));
+  std::vector<int64_t> chunk_of_block(blocks);
+  {
+    std::vector<double> cost(blocks);
+    double total = 0;
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int64_t rows = std::min(kRowBlock, s.q_len - block * kRowBlock);
+      cost[block] = double(rows) * double(visible_keys(s, causal, block * kRowBlock, rows));
+      total += cost[block];
+    }
+    double before = 0;
+    for (int64_t block = 0; block < blocks; ++block) {
+      // The chunk that holds the middle of this block's share of the work.
+      chunk_of_block[block] = std::min<int64_t>(
+          chunks - 1, static_cast<int64_t>(chunks * (before + cost[block] / 2) / total));
+      before += cost[block];
+    }
+  }
+  // One fp32 dK/dV slot per task: (B * Hkv, chunks, Sk, Dh); zeros for unread KV heads.
+  const at::TensorOptions fp32 = q.options().dtype(at::kFloat);
+  at::Tensor grad_k_parts = at::zeros({groups, chunks, s.kv_len, s.head_dim}, fp32);
+  at::Tensor grad_v_parts = at::zeros({groups, chunks, s.kv_len, s.head_dim}, fp32);
+
+  at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView no_autograd_in_worker;  // thread-local: set per worker
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / s.kv_heads, kv_head = task % s.kv_heads;
+      const int64_t chunk = task % chunks, group_index = task / chunks;
+      const int64_t b = group_index / s.kv_heads, kv_head = group_index % s.kv_heads;
       if (make_tile(s, count, causal, b, kv_head, 0).active == 0) continue;
-      const at::Tensor k_all = k[b][kv_head].to(at::kFloat);  // (Sk, Dh)
-      const at::Tensor v_all = v[b][kv_head].to(at::kFloat);
-      // fp32 accumulators over the group's heads and row blocks.
-      at::Tensor grad_k_all = at::zeros({s.kv_len, s.head_dim}, k_all.options());
-      at::Tensor grad_v_all = at::zeros({s.kv_len, s.head_dim}, k_all.options());
-      for (int64_t row0 = 0; row0 < s.q_len; row0 += kRowBlock) {
-        const Tile tile = make_tile(s, count, causal, b, kv_head, row0);
+      at::Tensor grad_k_all = grad_k_parts[group_index][chunk];  // (Sk, Dh) fp32
+      at::Tensor grad_v_all = grad_v_parts[group_index][chunk];
+      at::Tensor k_all, v_all;  // (Sk, Dh) fp32, widened once per task
+      for (int64_t block = 0; block < blocks; ++block) {
+        if (chunk_of_block[block] != chunk) continue;
+        const Tile tile = make_tile(s, count, causal, b, kv_head, block * kRowBlock);
+        if (!k_all.defined()) {
+          k_all = k[b][kv_head].to(at::kFloat);
+          v_all = v[b][kv_head].to(at::kFloat);
+        }
         const at::Tensor q_rows = load_rows(q, tile);                // (active * rows, Dh)
         const at::Tensor grad_out_rows = load_rows(grad_out, tile);  // (active * rows, Dh)
         const at::Tensor k_prefix = k_all.narrow(0, 0, tile.key_end);  // (key_end, Dh)
@@ -219,11 +253,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varhead_attention_backward_cpu(
         grad_k_all.narrow(0, 0, tile.key_end)
             .addmm_(grad_scores.t(), q_rows, /*beta=*/1, /*alpha=*/s.scale);
       }
-      grad_k[b][kv_head].copy_(grad_k_all);
-      grad_v[b][kv_head].copy_(grad_v_all);
     }
   });
-  return {grad_q, grad_k, grad_v};
+  const auto gather = [&](const at::Tensor& parts, const at::Tensor& like) {
+    return parts.sum(1).view(like.sizes()).to(like.scalar_type());  // (B, Hkv, Sk, Dh)
+  };
+  return {grad_q, gather(grad_k_parts, k), gather(grad_v_parts, v)};
 }
 
 }  // namespace flextron
