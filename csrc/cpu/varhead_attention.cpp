@@ -113,7 +113,17 @@ Tile make_tile(const AttentionShape& s, const int64_t* count, bool causal, int64
 
 // t[b, head0:head0+active, row0:row0+rows] of a (B, Hq, Sq, Dh) tensor: (active, rows, Dh).
 at::Tensor tile_view(const at::Tensor& t, const Tile& tile) {
-  return t[tile.b].narrow(0, tile.head0, tile.active).narrow(1, tile.row0, tile.rows);
+  return t.as_strided({tile.active, tile.rows, t.size(3)}, {t.stride(1), t.stride(2), t.stride(3)},
+                      t.storage_offset() + tile.b * t.stride(0) + tile.head0 * t.stride(1) +
+                          tile.row0 * t.stride(2));
+}
+
+// t[b, kv_head, :key_end] of a (B, Hkv, Sk, Dh) tensor in fp32: (key_end, Dh), a view
+// when t is fp32.
+at::Tensor key_prefix(const at::Tensor& t, int64_t b, int64_t kv_head, int64_t key_end) {
+  const at::Tensor prefix = t.as_strided({key_end, t.size(3)}, {t.stride(2), t.stride(3)},
+                                         t.storage_offset() + b * t.stride(0) + kv_head * t.stride(1));
+  return prefix.to(at::kFloat);
 }
 
 // The tile's rows of t in fp32 as a matrix (active * rows, Dh); a view when t is fp32
@@ -163,13 +173,14 @@ at::Tensor varhead_attention_cpu(const at::Tensor& q, const at::Tensor& k, const
       const int64_t block = index % blocks, kv_head = (index / blocks) % s.kv_heads;
       const int64_t b = index / (blocks * s.kv_heads);
       const Tile tile = make_tile(s, count, causal, b, kv_head, block * kRowBlock);
-      // Inactive heads of the group: exact zeros.
-      out[b].narrow(0, tile.head0 + tile.active, s.group - tile.active)
-          .narrow(1, tile.row0, tile.rows)
-          .zero_();
-      if (tile.active == 0) continue;
-      const at::Tensor k_prefix = k[b][kv_head].narrow(0, 0, tile.key_end).to(at::kFloat);
-      const at::Tensor v_prefix = v[b][kv_head].narrow(0, 0, tile.key_end).to(at::kFloat);
+      if (tile.active < s.group) {  // inactive heads of the group: exact zeros
+        out[b].narrow(0, tile.head0 + tile.active, s.group - tile.active)
+            .narrow(1, tile.row0, tile.rows)
+            .zero_();
+        if (tile.active == 0) continue;
+      }
+      const at::Tensor k_prefix = key_prefix(k, b, kv_head, tile.key_end);  // (key_end, Dh)
+      const at::Tensor v_prefix = key_prefix(v, b, kv_head, tile.key_end);
       const at::Tensor probs = attention_probs(s, causal, tile, load_rows(q, tile), k_prefix);
       const at::Tensor out_rows = at::mm(probs, v_prefix);  // (active * rows, Dh)
       tile_view(out, tile).copy_(out_rows.view({tile.active, tile.rows, s.head_dim}));
