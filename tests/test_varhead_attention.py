@@ -2,11 +2,13 @@
 
 Forward and backward (autograd through both), MHA/GQA/MQA, causal and not, prefill
 (Sq == Sk), decode (Sq == 1) and chunked prefill (1 < Sq < Sk), odd sizes, mixed head
-counts per sequence, non-contiguous inputs, fp32 and bf16, opcheck, torch.compile,
+counts per sequence, non-contiguous inputs, fp32, bf16 and fp16, opcheck, torch.compile,
 hypothesis-drawn shapes, argument errors, and the CUDA path.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -49,7 +51,7 @@ def mixed_heads(batch: int, q_heads: int) -> torch.Tensor:
 
 
 def run_with_grads(
-    fn,
+    fn: Callable[..., torch.Tensor],
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
