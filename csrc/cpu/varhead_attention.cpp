@@ -121,9 +121,8 @@ at::Tensor tile_view(const at::Tensor& t, const Tile& tile) {
 // t[b, kv_head, :key_end] of a (B, Hkv, Sk, Dh) tensor in fp32: (key_end, Dh), a view
 // when t is fp32.
 at::Tensor key_prefix(const at::Tensor& t, int64_t b, int64_t kv_head, int64_t key_end) {
-  const at::Tensor prefix = t.as_strided({key_end, t.size(3)}, {t.stride(2), t.stride(3)},
-                                         t.storage_offset() + b * t.stride(0) + kv_head * t.stride(1));
-  return prefix.to(at::kFloat);
+  const int64_t offset = t.storage_offset() + b * t.stride(0) + kv_head * t.stride(1);
+  return t.as_strided({key_end, t.size(3)}, {t.stride(2), t.stride(3)}, offset).to(at::kFloat);
 }
 
 // The tile's rows of t in fp32 as a matrix (active * rows, Dh); a view when t is fp32
