@@ -6,10 +6,9 @@
 //    order the neuron band [widths[c+1], widths[c]) is used by a *prefix* of the
 //    tokens (those with choice <= c), so one band is one GEMM on strided prefix
 //    views of the weights: no masking, no wasted FLOPs, no weight copies.
-//  * The forward runs on tiles of sorted tokens: gather the rows,
-//    gate/up GEMMs band by band (each weight band read once per tile), the
-//    activation in place, one down GEMM per width segment, then scale and
-//    scatter back. A tile's hidden activations stay in the core's cache. Threads
+//  * The forward runs on tiles of sorted tokens: gather the rows, gate/up GEMMs
+//    band by band (each weight band read once per tile), the activation in
+//    place, one down GEMM per width segment, then scale and scatter back. A tile's hidden activations stay in the core's cache. Threads
 //    pull tiles from a shared counter: the tokens are sorted widest first, so
 //    static contiguous chunks would hand one thread all the expensive tiles.
 //    Inside a tile the BLAS runs single-threaded (called from a parallel region).
@@ -20,9 +19,10 @@
 //    disjoint (no reduction across threads) and each GEMM is large enough for
 //    the multithreaded BLAS. Neurons no token uses get an exactly-zero gradient.
 //
-// Versions: v1 whole-problem band form (one GEMM pair per band over all tokens);
-// v2 token tiles of 128 dealt round-robin to at::parallel_for threads; v3 (current)
-// tiles of 64..256 rows pulled dynamically, longest first (better balance).
+// Versions: v1 whole-problem band form, one GEMM pair per band over all tokens
+// (prototype: hidden activations round-trip through memory, one BLAS call at a
+// time); v2 token tiles of 128 dealt round-robin to at::parallel_for threads;
+// v3 (current) tiles of 64..256 rows pulled dynamically, longest first.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -37,9 +37,10 @@
 
 // fp32, bf16 and fp16: the dtypes check_float admits.
 #define FLEXTRON_DISPATCH_FLOAT(TYPE, NAME, ...)                  \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
-                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                  \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)    \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 namespace flextron {
 namespace {
