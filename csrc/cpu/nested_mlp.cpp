@@ -2,6 +2,7 @@
 // three ATen GEMMs on prefix views of the weights (no copies) with the
 // activation applied in place on the narrow hidden tensor.
 #include "checks.h"
+#include "mlp_kernels.h"
 #include "ops.h"
 
 namespace flextron {
@@ -16,16 +17,9 @@ at::Tensor nested_mlp_cpu(const at::Tensor& x, const std::optional<at::Tensor>& 
 
   const at::Tensor x2 = x.reshape({-1, x.size(-1)});  // (N, D)
   at::Tensor hidden = at::mm(x2, w_up.narrow(0, 0, width).t());  // (N, width)
-  if (activation == "swiglu") {
-    at::Tensor gate = at::mm(x2, w_gate->narrow(0, 0, width).t());  // (N, width)
-    hidden.mul_(at::silu_(gate));
-  } else if (activation == "gelu") {
-    hidden = at::gelu(hidden);
-  } else if (activation == "gelu_tanh") {
-    hidden = at::gelu(hidden, "tanh");
-  } else {
-    at::relu_(hidden);
-  }
+  at::Tensor gate;
+  if (w_gate.has_value()) gate = at::mm(x2, w_gate->narrow(0, 0, width).t());  // (N, width)
+  activate_(gate, hidden, parse_activation(activation));
   return at::mm(hidden, w_down.narrow(1, 0, width).t()).view(x.sizes());  // (..., D)
 }
 
