@@ -20,7 +20,7 @@ export FLEXTRON_CUDA_ARCHS="${FLEXTRON_CUDA_ARCHS:-90a}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export FLEXTRON_BUILD_DIR="${FLEXTRON_BUILD_DIR:-/tmp/flextron-build}"
 export PYTHONUNBUFFERED=1
-BUILD_S="${BUILD_S:-330}" TEST_S="${TEST_S:-150}" BENCH_S="${BENCH_S:-90}"
+BUILD_S="${BUILD_S:-240}" TEST_S="${TEST_S:-200}" BENCH_S="${BENCH_S:-90}"
 SITE=/tmp/flextron-site
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
@@ -61,7 +61,10 @@ fi
 
 if step build "$OUT/build.log" "$BUILD_S" "$PYTHON" setup.py build_ext --inplace; then
   "$PYTHON" -c "from flextron import _C; print(_C.build_info())" >>"$OUT/env.txt" 2>&1
-  step tests "$OUT/tests.log" "$TEST_S" "$PYTHON" -m pytest -q -ra -m "cuda and not slow" -p no:cacheprovider tests
+  workers=()  # pytest-xdist, where installed: the CPU-side checks and torch.compile run in parallel
+  if "$PYTHON" -c "import xdist" 2>/dev/null; then workers=(-n 4); fi
+  step tests "$OUT/tests.log" "$TEST_S" "$PYTHON" -m pytest -q -ra "${workers[@]}" -m "cuda and not slow" \
+    -p no:cacheprovider tests
   if [ -f benchmarks/bench_ops.py ]; then
     step bench "$OUT/bench.log" "$BENCH_S" "$PYTHON" benchmarks/bench_ops.py --device cuda --json "$OUT/bench_cuda.json"
   else

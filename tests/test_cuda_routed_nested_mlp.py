@@ -101,6 +101,17 @@ def test_backward_matches_reference(dtype, activation, case):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_aligned_16bit_shapes_run_grouped_cutlass(dtype):
+    args = _inputs(*CASES[0], "swiglu", dtype)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.routed_nested_mlp(*args, "swiglu")
+        torch.cuda.synchronize()
+    names = [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    assert sum("cutlass::gemm::kernel::GemmGrouped<" in name for name in names) == 2, names
+
+
+@needs_cuda
 def test_unused_neurons_get_exactly_zero_gradient():
     x, w_gate, w_up, w_down, choice, _, scale = _inputs(64, 32, 128, [128], "swiglu", torch.bfloat16)
     leaves = [t.clone().requires_grad_() for t in (w_gate, w_up, w_down)]
