@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One-shot GPU check for a lent machine (see docs/gpu.md): installs the carried
 # CUTLASS headers, builds flextron._C with CUDA for the local GPU, runs the CUDA
-# tests and the op benchmark. Every step logs under $OUT and a failed step does
-# not stop the later ones; the exit status is that of the first failed step.
+# tests and the op benchmark. Every step logs under $OUT; a failed test step does
+# not stop the benchmark (a failed build skips both); the exit status is that of
+# the first failed step.
 #
 #   bash benchmarks/gpu_check.sh            # from the repo root
 #
