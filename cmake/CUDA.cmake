@@ -4,9 +4,11 @@
 #                1 (required: fail loudly otherwise), 0 (never).
 # FLEXTRON_CUDA_ARCHS: ';'-separated compute capabilities, e.g. "80;90a".
 #
-# Sets FLEXTRON_WITH_CUDA and, when on, FLEXTRON_CUDA_GENCODE (nvcc flags) and
-# FLEXTRON_CUDA_EXTRA_INCLUDES (the cuBLAS/cuSPARSE headers shipped in torch's
-# nvidia-* wheels, which ATen/cuda headers include).
+# Sets FLEXTRON_WITH_CUDA and, when on, FLEXTRON_CUDA_GENCODE (nvcc flags),
+# FLEXTRON_CUDA_ARCHS_LABEL (the archs comma-separated: a ';' would split the
+# compile definition in two) and FLEXTRON_CUDA_EXTRA_INCLUDES (the
+# cuBLAS/cuSPARSE headers shipped in torch's nvidia-* wheels, which ATen/cuda
+# headers include).
 
 set(FLEXTRON_WITH_CUDA OFF)
 if(FLEXTRON_CUDA STREQUAL "0")
@@ -64,6 +66,8 @@ set(FLEXTRON_CUDA_GENCODE "")
 foreach(_arch ${FLEXTRON_CUDA_ARCHS})
   list(APPEND FLEXTRON_CUDA_GENCODE "-gencode=arch=compute_${_arch},code=sm_${_arch}")
 endforeach()
+
+string(REPLACE ";" "," FLEXTRON_CUDA_ARCHS_LABEL "${FLEXTRON_CUDA_ARCHS}")
 
 set(FLEXTRON_CUDA_EXTRA_INCLUDES "")
 if(EXISTS "${TORCH_SITE_PACKAGES}/nvidia/cu13/include")

@@ -55,6 +55,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varhead_attention_backward_cpu(
 at::Tensor nested_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, int64_t out_features,
                               int64_t in_features);
+
+// Returns (choice, probs, perm, inv_perm, offsets), bit-equal to route_cpu except probs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cuda(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& noise, double tau, bool hard);
+
+at::Tensor routed_nested_mlp_cuda(const at::Tensor& x, const std::optional<at::Tensor>& w_gate,
+                                  const at::Tensor& w_up, const at::Tensor& w_down,
+                                  const at::Tensor& choice, at::IntArrayRef widths,
+                                  const std::optional<at::Tensor>& scale,
+                                  const std::string& activation);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+routed_nested_mlp_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                const std::optional<at::Tensor>& w_gate, const at::Tensor& w_up,
+                                const at::Tensor& w_down, const at::Tensor& choice,
+                                at::IntArrayRef widths, const std::optional<at::Tensor>& scale,
+                                const std::string& activation);
 #endif
 
 }  // namespace flextron

@@ -44,5 +44,8 @@ TORCH_LIBRARY_IMPL(flextron, CPU, m) {
 // "not built for CUDA yet" for them instead of falling back to the CPU.
 TORCH_LIBRARY_IMPL(flextron, CUDA, m) {
   m.impl("nested_linear", &flextron::nested_linear_cuda);
+  m.impl("route", &flextron::route_cuda);
+  m.impl("routed_nested_mlp", &flextron::routed_nested_mlp_cuda);
+  m.impl("routed_nested_mlp_backward", &flextron::routed_nested_mlp_backward_cuda);
 }
 #endif

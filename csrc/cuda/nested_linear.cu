@@ -1,0 +1,163 @@
+// nested_linear on CUDA: y = x[..., :in] @ weight[:out, :in]^T (+ bias[:out]) as
+// one CUTLASS 2.x device GEMM that reads the weight prefix in place.
+//
+// Why a custom GEMM and not at::addmm: the op is the building block of every
+// elastic layer, and the point of Flextron is that a narrower sub-network costs
+// proportionally less. Passing the weight's own leading dimension (ldb =
+// weight.stride(0)) lets the kernel walk the (out, in) prefix of the full (O, I)
+// weight without a copy; x is read the same way (lda = its row stride), so a
+// column prefix of x costs nothing either. The bias is fused into the epilogue
+// as the C operand with a zero leading dimension (one row broadcast to all rows).
+//
+// Layouts: x rows are row-major A (M = tokens, K = in); the row-major (O, I)
+// weight is column-major B (K x N, N = out); y is row-major C/D.
+//
+// Kernels (one instantiation per dtype, to keep compile time low; each is built
+// for every arch in FLEXTRON_CUDA_ARCHS, sm80 kernels run unchanged on sm90a):
+//   - bf16 / fp16: sm80 tensor-op mma.sync 16x8x16, fp32 accumulation,
+//     128x128x32 tiles, 64x64x32 warps, 4 stages, 16-byte (8-element) accesses.
+//   - fp32: sm80 SIMT FFMA (exact fp32, no TF32 rounding, whatever
+//     torch.backends.cuda.matmul.allow_tf32 says), 1-element accesses, so any
+//     leading dimension works.
+// The 16-byte kernels need x, weight, bias pointers 16-byte aligned and lda, ldb,
+// in and out multiples of 8. Otherwise, and when x or weight has a non-unit
+// inner stride (e.g. a transposed weight), the op falls back to at::addmm on the
+// same strided views: cuBLAS takes leading dimensions too, so the fallback is
+// still copy-free on the weight.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cutlass/cutlass.h>
+#include <cutlass/epilogue/thread/linear_combination.h>
+#include <cutlass/gemm/device/gemm.h>
+
+#include <limits>
+
+#include "cpu/checks.h"
+#include "ops.h"
+
+namespace flextron {
+namespace {
+
+using RowMajor = cutlass::layout::RowMajor;
+using ColumnMajor = cutlass::layout::ColumnMajor;
+
+// The 16-bit tensor-op GEMM (bf16 or fp16 in and out, fp32 accumulation).
+template <typename Element>
+using TensorOpGemm = cutlass::gemm::device::Gemm<
+    Element, RowMajor, Element, ColumnMajor, Element, RowMajor, float,
+    cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, cutlass::gemm::GemmShape<128, 128, 32>,
+    cutlass::gemm::GemmShape<64, 64, 32>, cutlass::gemm::GemmShape<16, 8, 16>,
+    cutlass::epilogue::thread::LinearCombination<Element, 8, float, float>,
+    cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, 4, 8, 8>;
+
+// The exact-fp32 SIMT GEMM (CUTLASS's default sm80 SIMT configuration).
+using SimtGemm = cutlass::gemm::device::Gemm<float, RowMajor, float, ColumnMajor, float, RowMajor,
+                                             float, cutlass::arch::OpClassSimt, cutlass::arch::Sm80>;
+
+// y (M, out) = x2 (M, >=in)[:, :in] @ w[:out, :in]^T (+ bias[:out]) when this
+// kernel's alignment allows; returns false (nothing launched) otherwise.
+template <typename Gemm>
+bool try_gemm(const at::Tensor& x2, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+              at::Tensor& y, int64_t in, int64_t out) {
+  using Element = typename Gemm::ElementA;
+  constexpr int64_t elems = Gemm::kAlignmentA;
+  static_assert(Gemm::kAlignmentB == elems && Gemm::kAlignmentC == elems);
+  auto aligned = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % (elems * sizeof(Element)) == 0;
+  };
+  if (x2.stride(1) != 1 || w.stride(1) != 1 || x2.stride(0) % elems != 0 ||
+      w.stride(0) % elems != 0 || in % elems != 0 || out % elems != 0 || !aligned(x2) ||
+      !aligned(w) || (bias.has_value() && !aligned(*bias))) {
+    return false;
+  }
+
+  const auto* x_ptr = reinterpret_cast<const Element*>(x2.data_ptr());
+  const auto* w_ptr = reinterpret_cast<const Element*>(w.data_ptr());
+  auto* y_ptr = reinterpret_cast<Element*>(y.data_ptr());
+  // Without a bias, beta = 0 and the epilogue never reads C.
+  const auto* c_ptr = bias.has_value() ? reinterpret_cast<const Element*>(bias->data_ptr()) : y_ptr;
+  const int64_t ldc = bias.has_value() ? 0 : y.stride(0);
+  typename Gemm::Arguments args(
+      {static_cast<int>(x2.size(0)), static_cast<int>(out), static_cast<int>(in)},
+      {x_ptr, x2.stride(0)}, {w_ptr, w.stride(0)}, {c_ptr, ldc}, {y_ptr, y.stride(0)},
+      {1.0f, bias.has_value() ? 1.0f : 0.0f});
+
+  Gemm gemm;
+  cutlass::Status status = gemm.can_implement(args);
+  TORCH_CHECK(status == cutlass::Status::kSuccess,
+              "nested_linear: CUTLASS cannot run this problem: ", cutlassGetStatusString(status));
+  const size_t workspace_bytes = Gemm::get_workspace_size(args);
+  at::Tensor workspace;
+  if (workspace_bytes > 0) {
+    workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, x2.options().dtype(at::kByte));
+  }
+  status = gemm(args, workspace_bytes > 0 ? workspace.data_ptr() : nullptr,
+                at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status == cutlass::Status::kSuccess,
+              "nested_linear: CUTLASS GEMM failed: ", cutlassGetStatusString(status));
+  return true;
+}
+
+}  // namespace
+
+at::Tensor nested_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, int64_t out_features,
+                              int64_t in_features) {
+  constexpr const char* op = "nested_linear";
+  check_float(op, "x", x);
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
+  check_dim(op, "weight", weight, 2, "(out, in)");
+  check_same(op, "weight", weight, x, "x");
+  check_width(op, "out_features", out_features, weight.size(0));
+  check_width(op, "in_features", in_features, weight.size(1));
+  TORCH_CHECK(x.size(-1) >= in_features, op, ": x has ", x.size(-1),
+              " features, fewer than in_features=", in_features);
+  if (bias.has_value()) {
+    check_dim(op, "bias", *bias, 1, "(out,)");
+    check_same(op, "bias", *bias, x, "x");
+    TORCH_CHECK(bias->size(0) == weight.size(0), op, ": bias has ", bias->size(0),
+                " entries but weight has ", weight.size(0), " rows");
+  }
+  const c10::cuda::CUDAGuard device_guard(x.device());
+
+  const at::Tensor x2 = x.reshape({-1, x.size(-1)});  // (M, X), a view whenever x allows one
+  const int64_t rows = x2.size(0);
+  TORCH_CHECK(rows <= std::numeric_limits<int>::max(), op, ": x has ", rows,
+              " rows, more than a CUTLASS GEMM takes");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  at::Tensor y = at::empty({rows, out_features}, x.options());  // (M, out)
+  if (rows == 0) return y.view(shape);
+
+  // The epilogue reads the bias as a contiguous row: copy it only if it is strided (out elements).
+  std::optional<at::Tensor> bias_prefix;
+  if (bias.has_value()) bias_prefix = bias->narrow(0, 0, out_features).contiguous();
+
+  bool done;
+  switch (x.scalar_type()) {
+    case at::kBFloat16:
+      done = try_gemm<TensorOpGemm<cutlass::bfloat16_t>>(x2, weight, bias_prefix, y, in_features,
+                                                         out_features);
+      break;
+    case at::kHalf:
+      done = try_gemm<TensorOpGemm<cutlass::half_t>>(x2, weight, bias_prefix, y, in_features,
+                                                     out_features);
+      break;
+    default:  // float32 (check_float allows nothing else)
+      done = try_gemm<SimtGemm>(x2, weight, bias_prefix, y, in_features, out_features);
+      break;
+  }
+  if (!done) {  // misaligned or non-unit inner strides: cuBLAS on the same strided views
+    const at::Tensor x_prefix = x2.narrow(1, 0, in_features);
+    const at::Tensor w_prefix = weight.narrow(0, 0, out_features).narrow(1, 0, in_features);
+    if (bias_prefix.has_value()) {
+      at::addmm_out(y, *bias_prefix, x_prefix, w_prefix.t());
+    } else {
+      at::mm_out(y, x_prefix, w_prefix.t());
+    }
+  }
+  return y.view(shape);
+}
+
+}  // namespace flextron
