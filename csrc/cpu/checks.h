@@ -62,4 +62,38 @@ inline void check_mlp_weights(const char* op, const at::Tensor& x, const std::op
   }
 }
 
+// routed_nested_mlp: x (T, D), MLP weights, choice (T,) int64, widths strictly descending
+// in [1, F], scale (T,) or absent. (choice values are checked where they are read.)
+inline void check_routed_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& w_gate,
+                       const at::Tensor& w_up, const at::Tensor& w_down, const at::Tensor& choice,
+                       at::IntArrayRef widths, const std::optional<at::Tensor>& scale,
+                       const std::string& activation) {
+  check_float(op, "x", x);
+  check_dim(op, "x", x, 2, "(T, D)");
+  check_mlp_weights(op, x, w_gate, w_up, w_down, activation);
+  const int64_t max_width = w_up.size(0);
+  TORCH_CHECK(!widths.empty(), op, ": widths must hold at least one width");
+  for (size_t i = 0; i < widths.size(); ++i) {
+    TORCH_CHECK(widths[i] > 0 && widths[i] <= max_width, op, ": widths[", i, "] must be in [1, ",
+                max_width, "], got ", widths[i]);
+    TORCH_CHECK(i == 0 || widths[i] < widths[i - 1], op,
+                ": widths must be strictly descending (choice 0 is the widest), got ", widths);
+  }
+  check_dim(op, "choice", choice, 1, "(T,)");
+  TORCH_CHECK(choice.scalar_type() == at::kLong, op, ": choice must be int64, got ",
+              choice.scalar_type());
+  TORCH_CHECK(choice.device() == x.device(), op, ": choice is on ", choice.device(),
+              " but x is on ", x.device());
+  TORCH_CHECK(choice.size(0) == x.size(0), op, ": choice has ", choice.size(0),
+              " entries but x has ", x.size(0), " tokens");
+  if (scale.has_value()) {
+    check_float(op, "scale", *scale);
+    check_dim(op, "scale", *scale, 1, "(T,)");
+    TORCH_CHECK(scale->device() == x.device(), op, ": scale is on ", scale->device(),
+                " but x is on ", x.device());
+    TORCH_CHECK(scale->size(0) == x.size(0), op, ": scale has ", scale->size(0),
+                " entries but x has ", x.size(0), " tokens");
+  }
+}
+
 }  // namespace flextron
