@@ -27,12 +27,13 @@ def compute_importance(
 ) -> dict[str, torch.Tensor]:
     """Scores {"layers.{l}.mlp": (d_ff,), "layers.{l}.heads": (H,)} from blocks (N, S) of token ids."""
     if blocks.dim() != 2 or blocks.numel() == 0:
-        raise ValueError(f"calibration blocks must be (num_blocks, seq_len) and non-empty, got {tuple(blocks.shape)}")
+        raise ValueError(
+            f"calibration blocks must be (num_blocks, seq_len) and non-empty, got {tuple(blocks.shape)}"
+        )
     config = model.config
-    mlp_sums = [torch.zeros(config.layer_intermediate_size(i), dtype=torch.float64) for i in range(config.num_layers)]
-    head_sums = [
-        torch.zeros(config.layer_heads(i), config.head_dim, dtype=torch.float64) for i in range(config.num_layers)
-    ]
+    layers = range(config.num_layers)
+    mlp_sums = [torch.zeros(config.layer_intermediate_size(i), dtype=torch.float64) for i in layers]
+    head_sums = [torch.zeros(config.layer_heads(i), config.head_dim, dtype=torch.float64) for i in layers]
 
     def mlp_hook(index: int):
         def hook(module, args):
@@ -71,7 +72,9 @@ def compute_importance(
     return scores
 
 
-def orders_from_importance(config: ModelConfig, importance: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def orders_from_importance(
+    config: ModelConfig, importance: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Permutations {"layers.{l}.mlp": (d_ff,), "layers.{l}.heads": (H,)}, most important first.
 
     Head order: KV groups by descending group score (L2 of its heads), and within each
@@ -98,8 +101,9 @@ def random_orders(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]
         size, kv_heads = config.layer_intermediate_size(index), config.layer_kv_heads(index)
         orders[f"layers.{index}.mlp"] = torch.randperm(size, generator=generator)
         group_order = torch.randperm(kv_heads, generator=generator)
-        within = torch.stack([torch.randperm(config.group_size, generator=generator) for _ in range(kv_heads)])
-        orders[f"layers.{index}.heads"] = (group_order[:, None] * config.group_size + within[group_order]).flatten()
+        group = config.group_size
+        within = torch.stack([torch.randperm(group, generator=generator) for _ in range(kv_heads)])
+        orders[f"layers.{index}.heads"] = (group_order[:, None] * group + within[group_order]).flatten()
     return orders
 
 
