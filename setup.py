@@ -25,6 +25,20 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 
 
+def build_tool(name: str) -> str:
+    """cmake/ninja from their pip packages when installed (a system cmake may be too old)."""
+    try:
+        if name == "cmake":
+            import cmake
+
+            return os.path.join(cmake.CMAKE_BIN_DIR, "cmake")
+        import ninja
+
+        return os.path.join(ninja.BIN_DIR, "ninja")
+    except ImportError:
+        return name
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str) -> None:
         super().__init__(name, sources=[])
@@ -38,7 +52,8 @@ class CMakeBuild(build_ext):
         build_dir = Path(os.environ.get("FLEXTRON_BUILD_DIR", ROOT / "build" / tag)).resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
         configure = [
-            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            build_tool("cmake"), "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            f"-DCMAKE_MAKE_PROGRAM={build_tool('ninja')}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DFLEXTRON_CUDA={os.environ.get('FLEXTRON_CUDA', 'auto')}",
             f"-DFLEXTRON_CUDA_ARCHS={os.environ.get('FLEXTRON_CUDA_ARCHS', '80;90a')}",
@@ -48,7 +63,7 @@ class CMakeBuild(build_ext):
         if "CUTLASS_DIR" in os.environ:
             configure.append(f"-DCUTLASS_DIR={os.environ['CUTLASS_DIR']}")
         subprocess.run(configure, check=True)
-        build = ["cmake", "--build", str(build_dir)]
+        build = [build_tool("cmake"), "--build", str(build_dir)]
         if "MAX_JOBS" in os.environ:
             build += ["-j", os.environ["MAX_JOBS"]]
         subprocess.run(build, check=True)

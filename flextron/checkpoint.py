@@ -1,0 +1,126 @@
+"""Flextron checkpoint directories: save_pretrained / load_pretrained.
+
+Layout:
+    config.json          {"format": "flextron", "version": 1, "model": ModelConfig fields}
+    model.safetensors    the weights (names as in FlextronModel.state_dict())
+    importance.safetensors   conversion scores per layer, when converted
+    tokenizer files      when the model carries a tokenizer
+
+Every file is written to a temporary name and moved into place with os.replace, so a
+crash never leaves a half-written file under the final name.  Only safetensors and JSON
+are read: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from flextron.config import ModelConfig
+from flextron.model import FlextronModel
+
+FORMAT, VERSION = "flextron", 1
+CONFIG_FILE, WEIGHTS_FILE, IMPORTANCE_FILE = "config.json", "model.safetensors", "importance.safetensors"
+
+
+def _atomic_path(final: Path) -> Path:
+    handle, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    os.close(handle)
+    return Path(name)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    temp = _atomic_path(path)
+    temp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temp, path)
+
+
+def save_safetensors_atomic(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None
+) -> None:
+    temp = _atomic_path(path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(temp), metadata)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def save_tokenizer_atomic(tokenizer, path: Path) -> None:
+    # The tokenizer writes several files: save to a scratch directory, then move each.
+    with tempfile.TemporaryDirectory(dir=path) as scratch:
+        tokenizer.save_pretrained(scratch)
+        for item in Path(scratch).iterdir():
+            os.replace(item, path / item.name)
+
+
+def save_pretrained(model: FlextronModel, path: str | os.PathLike) -> None:
+    """Write `model` (weights, config, tokenizer, importance) to directory `path`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if model.tokenizer is not None:
+        save_tokenizer_atomic(model.tokenizer, path)
+    if model.importance:
+        save_safetensors_atomic(path / IMPORTANCE_FILE, model.importance)
+    # Tied weights are one tensor: store it once, under embed_tokens.
+    save_safetensors_atomic(path / WEIGHTS_FILE, model.state_dict(), {"format": "pt"})
+    # config.json last: its presence marks a complete checkpoint.
+    meta = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict()}
+    write_json_atomic(path / CONFIG_FILE, meta)
+
+
+def is_flextron_dir(path: str | os.PathLike) -> bool:
+    config = Path(path) / CONFIG_FILE
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("format") == FORMAT
+    except json.JSONDecodeError:
+        return False
+
+
+def load_pretrained(path: str | os.PathLike) -> FlextronModel:
+    """Load a directory written by save_pretrained; clear errors for missing or corrupt files."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: missing {CONFIG_FILE}")
+    try:
+        meta = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_file}: corrupt JSON ({error})") from error
+    if meta.get("format") != FORMAT or "model" not in meta:
+        raise ValueError(f"{config_file}: not a Flextron checkpoint (no \"format\": \"{FORMAT}\")")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"{config_file}: unsupported checkpoint version {meta.get('version')!r}")
+    config = ModelConfig.from_dict(meta["model"])
+    weights_file = path / WEIGHTS_FILE
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{path}: missing {WEIGHTS_FILE}")
+    try:
+        weights = load_file(weights_file)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{weights_file}: corrupt safetensors file ({error})") from error
+    try:
+        model = FlextronModel.from_state_dict(config, weights)
+    except ValueError as error:
+        raise ValueError(f"{weights_file} does not match {CONFIG_FILE}: {error}") from error
+    importance_file = path / IMPORTANCE_FILE
+    if importance_file.is_file():
+        try:
+            model.importance = load_file(importance_file)
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{importance_file}: corrupt safetensors file ({error})") from error
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        model.tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model.eval()

@@ -1,0 +1,307 @@
+"""Model and sub-network configurations.
+
+`ModelConfig` describes the full (dense) decoder and maps to and from a Hugging Face
+config.json.  `ArchConfig` picks one nested sub-network: per layer, the MLP width (a
+prefix of the importance-sorted neurons) and the number of query heads (a prefix of the
+importance-sorted heads).  `arch_for_budget` is the uniform budget rule used until a
+router exists.
+
+Head-choice rule for GQA: query head h reads KV head h // group (group = heads per KV
+head), so a prefix of query heads fills KV groups one after the other.  Conversion ranks
+whole KV groups (and the query heads within each group), and the allowed head counts are
+whole groups: multiples of `group`.  Dropping a group also drops its K/V projections, so
+a smaller head count saves compute in q, k, v and o alike.  For MHA (group = 1) every
+count from 1 to num_heads is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# Hugging Face model types whose checkpoints map onto our decoder one to one.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass
+class ModelConfig:
+    """The full decoder (Llama family: RMSNorm, RoPE, GQA, SwiGLU)."""
+
+    # ---- sizes
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int = 2048
+    # ---- numerics
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # HF rope_parameters minus rope_theta: {"rope_type": ..., "factor": ..., ...}
+    rope_scaling: dict[str, Any] = field(default_factory=lambda: {"rope_type": "default"})
+    # ---- structure
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # bias on q/k/v_proj (Llama attention_bias, Qwen2)
+    o_bias: bool = False  # bias on o_proj (Llama attention_bias only)
+    mlp_bias: bool = False
+    # ---- tokens
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    # ---- heterogeneous exports: per-layer sizes (None: every layer has the full sizes)
+    layer_intermediate_sizes: list[int] | None = None
+    layer_num_heads: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        for name, limit, step in (
+            ("layer_intermediate_sizes", self.intermediate_size, 1),
+            ("layer_num_heads", self.num_heads, self.group_size),
+        ):
+            sizes = getattr(self, name)
+            if sizes is None:
+                continue
+            if len(sizes) != self.num_layers or any(not 0 < s <= limit or s % step for s in sizes):
+                raise ValueError(
+                    f"ModelConfig.{name} must list {self.num_layers} sizes in (0, {limit}], "
+                    f"multiples of {step}; got {sizes}"
+                )
+            setattr(self, name, [int(s) for s in sizes])
+        rope_type = self.rope_scaling.get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"unsupported RoPE scaling {rope_type!r}; supported: {ROPE_TYPES}")
+
+    # ---- derived sizes
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+    def layer_intermediate_size(self, layer: int) -> int:
+        """d_ff of one layer (smaller than intermediate_size in heterogeneous exports)."""
+        sizes = self.layer_intermediate_sizes
+        return self.intermediate_size if sizes is None else sizes[layer]
+
+    def layer_heads(self, layer: int) -> int:
+        """Query heads of one layer (a whole number of KV groups)."""
+        return self.num_heads if self.layer_num_heads is None else self.layer_num_heads[layer]
+
+    def layer_kv_heads(self, layer: int) -> int:
+        return self.layer_heads(layer) // self.group_size
+
+    @property
+    def mlp_granularity(self) -> int:
+        """Step between allowed MLP widths: 64 (kernel alignment) where d_ff allows it."""
+        for step in (64, 32, 16, 8):
+            if self.intermediate_size % step == 0 and self.intermediate_size >= 2 * step:
+                return step
+        return 1
+
+    def mlp_choices(self, layer: int = 0) -> list[int]:
+        """Allowed MLP widths of a layer, ascending: multiples of mlp_granularity, and d_ff."""
+        size = self.layer_intermediate_size(layer)
+        return sorted(set(range(self.mlp_granularity, size + 1, self.mlp_granularity)) | {size})
+
+    def head_choices(self, layer: int = 0) -> list[int]:
+        """Allowed query-head counts of a layer, ascending: whole KV groups."""
+        return list(range(self.group_size, self.layer_heads(layer) + 1, self.group_size))
+
+    # ---- Hugging Face config.json
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        """From a Hugging Face config.json dict (llama, mistral or qwen2)."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported architecture model_type={model_type!r} "
+                f"(architectures={hf.get('architectures')}); supported: {SUPPORTED_MODEL_TYPES}"
+            )
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported hidden_act {act!r}: the Llama-family decoder uses silu (SwiGLU)")
+        if hf.get("sliding_window") and hf.get("use_sliding_window", model_type == "mistral"):
+            raise ValueError("sliding-window attention is not supported")
+        heads = hf["num_attention_heads"]
+        # Old configs: rope_theta + rope_scaling; transformers >= 5: rope_parameters.
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        rope.setdefault("rope_type", rope.pop("type", "default"))
+        attention_bias = bool(hf.get("attention_bias", False))
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=True if model_type == "qwen2" else attention_bias,
+            o_bias=attention_bias and model_type != "qwen2",
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """A Hugging Face LlamaForCausalLM config.json dict (explicit head_dim)."""
+        if self.layer_intermediate_sizes is not None or self.layer_num_heads is not None:
+            raise ValueError("a Llama config cannot express per-layer sizes; save a Flextron directory")
+        if self.qkv_bias != self.o_bias:
+            raise ValueError("a Llama config cannot express bias on q/k/v without o_proj (Qwen2-style)")
+        rope = {"rope_theta": self.rope_theta, **self.rope_scaling}
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": rope,
+            "rope_scaling": None if rope["rope_type"] == "default" else dict(self.rope_scaling),
+            "hidden_act": "silu",
+            "attention_bias": self.qkv_bias,
+            "mlp_bias": self.mlp_bias,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": "float32",
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown fields {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """One sub-network: per layer, the MLP width and the number of query heads."""
+
+    mlp_widths: tuple[int, ...]
+    heads: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mlp_widths", tuple(int(w) for w in self.mlp_widths))
+        object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
+        if len(self.mlp_widths) != len(self.heads):
+            raise ValueError(
+                f"ArchConfig: {len(self.mlp_widths)} MLP widths but {len(self.heads)} head counts"
+            )
+
+    @classmethod
+    def full(cls, config: ModelConfig) -> ArchConfig:
+        layers = range(config.num_layers)
+        return cls(
+            tuple(config.layer_intermediate_size(i) for i in layers),
+            tuple(config.layer_heads(i) for i in layers),
+        )
+
+    @classmethod
+    def uniform(cls, config: ModelConfig, mlp_width: int, heads: int) -> ArchConfig:
+        arch = cls((mlp_width,) * config.num_layers, (heads,) * config.num_layers)
+        arch.validate(config)
+        return arch
+
+    def validate(self, config: ModelConfig) -> None:
+        """Raise ValueError unless this configuration fits `config`."""
+        if len(self.mlp_widths) != config.num_layers:
+            raise ValueError(f"ArchConfig has {len(self.mlp_widths)} layers, the model {config.num_layers}")
+        for layer, (width, heads) in enumerate(zip(self.mlp_widths, self.heads, strict=True)):
+            size, most = config.layer_intermediate_size(layer), config.layer_heads(layer)
+            if not 0 < width <= size:
+                raise ValueError(f"ArchConfig layer {layer}: MLP width {width} outside (0, {size}]")
+            if not 0 < heads <= most:
+                raise ValueError(f"ArchConfig layer {layer}: {heads} heads outside [1, {most}]")
+
+    @property
+    def is_uniform(self) -> bool:
+        return len(set(self.mlp_widths)) <= 1 and len(set(self.heads)) <= 1
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {"mlp_widths": list(self.mlp_widths), "heads": list(self.heads)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ArchConfig:
+        missing = {"mlp_widths", "heads"} - set(data)
+        if missing:
+            raise ValueError(f"ArchConfig: missing {sorted(missing)}")
+        return cls(tuple(data["mlp_widths"]), tuple(data["heads"]))
+
+
+def _nearest(choices: list[int], target: float) -> int:
+    # Nearest allowed value; ties go to the larger (the better-quality) choice.
+    return min(choices, key=lambda c: (abs(c - target), -c))
+
+
+def check_budget(budget: float) -> float:
+    """Raise ValueError unless 0 < budget <= 1."""
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget must be a number in (0, 1], got {budget!r}")
+    return float(budget)
+
+
+def arch_for_budget(config: ModelConfig, budget: float) -> ArchConfig:
+    """The uniform configuration for `budget`, a fraction in (0, 1] of the full width.
+
+    Every layer gets the allowed MLP width nearest budget * d_ff and the allowed head
+    count (whole KV groups) nearest budget * num_heads; ties go to the larger choice.
+    E.g. SmolLM2 (d_ff 1536, 9 heads in 3 groups): 0.75 -> (1152, 6), 0.5 -> (768, 6),
+    0.25 -> (384, 3).  (In a heterogeneous export, sizes are relative to each layer's.)
+    """
+    budget = check_budget(budget)
+    layers = range(config.num_layers)
+    return ArchConfig(
+        tuple(_nearest(config.mlp_choices(i), budget * config.layer_intermediate_size(i)) for i in layers),
+        tuple(_nearest(config.head_choices(i), budget * config.layer_heads(i)) for i in layers),
+    )
+
+
+def count_parameters(config: ModelConfig, arch: ArchConfig | None = None) -> int:
+    """Parameters the sub-network `arch` uses (embeddings counted once when tied)."""
+    arch = arch or ArchConfig.full(config)
+    d, hd, group = config.hidden_size, config.head_dim, config.group_size
+    total = config.vocab_size * d * (1 if config.tie_word_embeddings else 2) + d  # embeddings, final norm
+    for width, heads in zip(arch.mlp_widths, arch.heads, strict=True):
+        kv_heads = math.ceil(heads / group)
+        q_out, kv_out = heads * hd, kv_heads * hd
+        total += 2 * d  # the two RMSNorms
+        total += d * (q_out + 2 * kv_out) + q_out * d  # q, k, v, o
+        total += (q_out + 2 * kv_out) * config.qkv_bias + d * config.o_bias
+        total += 3 * d * width + (2 * width + d) * config.mlp_bias
+    return total

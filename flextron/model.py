@@ -1,0 +1,181 @@
+"""The Flextron decoder: a compact Llama-family model whose every layer is elastic.
+
+    model = FlextronModel(config)                       # or flextron.loading.load_default()
+    logits = model(input_ids)                           # the full model
+    logits = model(input_ids, arch=model.arch_for_budget(0.5))
+    cache = model.new_kv_cache(batch_size=1, max_length=256)
+    logits = model(prompt_ids, arch, kv_cache=cache)    # prefill, then one token at a time
+
+Structure (names as in Hugging Face Llama): embed_tokens -> num_layers x [RMSNorm ->
+ElasticAttention -> residual, RMSNorm -> ElasticMLP -> residual] -> RMSNorm -> lm_head
+(tied to embed_tokens when the config says so).  The sub-network is an `ArchConfig`
+chosen per call; see flextron.config for the budget rule and the head-choice rule.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from flextron.config import ArchConfig, ModelConfig, arch_for_budget, count_parameters
+from flextron.nn.elastic import ElasticAttention, ElasticMLP, KVCache
+from flextron.nn.rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 (as Hugging Face Llama does)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = ElasticAttention(
+            config.hidden_size, config.layer_heads(layer), config.layer_kv_heads(layer), config.head_dim,
+            config.qkv_bias, config.o_bias,
+        )
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = ElasticMLP(config.hidden_size, config.layer_intermediate_size(layer), config.mlp_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mlp_width: int,
+        heads: int | torch.Tensor,
+        kv_cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        """x: (B, T, D) -> (B, T, D)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, heads, kv_cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x), mlp_width)
+
+
+class FlextronModel(nn.Module):
+    """The many-in-one decoder.  `tokenizer` and `importance` ride along for saving."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, layer) for layer in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.tokenizer = None  # a transformers tokenizer, when loaded with one
+        self.importance: dict[str, torch.Tensor] = {}  # conversion scores, when converted
+
+    # ---- configurations
+
+    def full_arch(self) -> ArchConfig:
+        return ArchConfig.full(self.config)
+
+    def arch_for_budget(self, budget: float) -> ArchConfig:
+        """The uniform configuration for a budget in (0, 1]; see flextron.config.arch_for_budget."""
+        return arch_for_budget(self.config, budget)
+
+    def num_parameters(self, arch: ArchConfig | None = None) -> int:
+        """Parameters the sub-network uses (tied embeddings counted once)."""
+        return count_parameters(self.config, arch)
+
+    # ---- forward
+
+    def new_kv_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """An empty cache for up to max_length positions (at most the model's context)."""
+        if max_length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"max_length {max_length} exceeds the context of {self.config.max_position_embeddings}"
+            )
+        weight = self.embed_tokens.weight
+        return KVCache(
+            self.config.num_layers, batch_size, self.config.num_kv_heads, max_length, self.config.head_dim,
+            dtype=weight.dtype, device=weight.device,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        arch: ArchConfig | None = None,
+        kv_cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """input_ids: (B, T) int64 -> logits (B, T, V), or (B, 1, V) with last_only.
+
+        arch: the sub-network (default: full).  kv_cache: positions continue from
+        kv_cache.length, and the cache is extended by T.
+        """
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids must be (batch, tokens) with tokens > 0, got {tuple(input_ids.shape)}"
+            )
+        start = 0 if kv_cache is None else kv_cache.length
+        end = start + input_ids.shape[1]
+        if end > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {end} tokens exceeds the model's context of "
+                f"{self.config.max_position_embeddings}"
+            )
+        if arch is None:
+            arch = self.full_arch()
+        else:
+            arch.validate(self.config)
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        positions = torch.arange(start, end, device=input_ids.device)
+        cos, sin = self.rotary(positions, x.dtype)  # (T, hd)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, arch.mlp_widths[index], arch.heads[index], kv_cache, index)
+        if kv_cache is not None:
+            kv_cache.length = end
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return x @ weight.T  # (B, T, V)
+
+    # ---- checkpoints
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, weights: dict[str, torch.Tensor]) -> FlextronModel:
+        """A model that adopts `weights` (no copy); ValueError naming missing/extra keys."""
+        with torch.device("meta"):
+            model = cls(config)
+        # assign=True adopts the tensors instead of copying into the meta placeholders.
+        missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+        if missing or unexpected:
+            raise ValueError(
+                f"weights do not match the config: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
+        # Buffers are not in the state dict: rebuild them off the meta device.
+        model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        return model.eval()
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write config.json + model.safetensors (+ tokenizer, importance) atomically."""
+        from flextron.checkpoint import save_pretrained  # imported here: checkpoint imports this module
+
+        save_pretrained(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> FlextronModel:
+        """Load a directory written by save_pretrained (or flextron convert / export)."""
+        from flextron.checkpoint import load_pretrained  # imported here: checkpoint imports this module
+
+        return load_pretrained(path)

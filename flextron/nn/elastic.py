@@ -1,0 +1,152 @@
+"""Elastic (nested-width) layers: a linear, the SwiGLU MLP and GQA attention.
+
+Each layer holds the full weights, sorted by importance (flextron.convert), and runs on a
+prefix of them chosen per call: the MLP on its first `width` neurons, attention on its
+first `heads` query heads (whole KV groups).  Smaller choices slice, never mask, so they
+really cost less.  Parameter names match Hugging Face Llama (q_proj, gate_proj, ...), so
+checkpoints map one to one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from flextron import ops
+from flextron.nn.rope import apply_rotary
+
+
+class ElasticLinear(nn.Module):
+    """A linear layer that can run on a prefix of its outputs and inputs."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(
+        self, x: torch.Tensor, out_features: int | None = None, in_features: int | None = None
+    ) -> torch.Tensor:
+        """x: (..., >= in_features) -> (..., out_features); defaults: the full layer."""
+        return ops.nested_linear(x, self.weight, self.bias, out_features, in_features)
+
+
+class ElasticMLP(nn.Module):
+    """SwiGLU MLP `down(silu(gate(x)) * up(x))` on a prefix of its d_ff neurons."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = ElasticLinear(hidden_size, intermediate_size, bias)
+        self.up_proj = ElasticLinear(hidden_size, intermediate_size, bias)
+        self.down_proj = ElasticLinear(intermediate_size, hidden_size, bias)
+
+    def forward(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        """x: (B, T, D) -> (B, T, D) through the first `width` neurons."""
+        if self.gate_proj.bias is None:
+            # Fused: the (B, T, width) hidden activations never reach memory as a whole.
+            return ops.nested_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, width)
+        hidden = nn.functional.silu(self.gate_proj(x, width)) * self.up_proj(x, width)  # (B, T, width)
+        return self.down_proj(hidden, in_features=width)
+
+
+class KVCache:
+    """Keys and values of every layer for generation: (B, Hkv, max_len, hd) per layer.
+
+    The head choice is fixed at prefill: a layer that cached k KV heads can be asked for
+    at most k of them later.  `length` is the number of cached positions; the model
+    advances it after each forward.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        max_length: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (batch_size, num_kv_heads, max_length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.kv_heads: list[int | None] = [None] * num_layers  # cached KV heads per layer
+        self.max_length = max_length
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v: (B, h, T, hd) at positions [length, length + T); return all (B, h, S, hd)."""
+        h, t = k.shape[1], k.shape[2]
+        end = self.length + t
+        if end > self.max_length:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.max_length} allocated")
+        cached = self.kv_heads[layer]
+        if self.length == 0 or cached is None:
+            self.kv_heads[layer] = h
+        elif h > cached:
+            raise ValueError(
+                f"layer {layer}: {h} KV heads requested but the cache was filled with {cached}; "
+                "the head choice is fixed at prefill"
+            )
+        self.keys[layer][:, :h, self.length : end] = k
+        self.values[layer][:, :h, self.length : end] = v
+        return self.keys[layer][:, :h, :end], self.values[layer][:, :h, :end]
+
+
+class ElasticAttention(nn.Module):
+    """Causal GQA self-attention with RoPE on a prefix of its query heads."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.group_size = num_heads // num_kv_heads
+        self.q_proj = ElasticLinear(hidden_size, num_heads * head_dim, qkv_bias)
+        self.k_proj = ElasticLinear(hidden_size, num_kv_heads * head_dim, qkv_bias)
+        self.v_proj = ElasticLinear(hidden_size, num_kv_heads * head_dim, qkv_bias)
+        self.o_proj = ElasticLinear(num_heads * head_dim, hidden_size, o_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        heads: int | torch.Tensor,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        """x: (B, T, D) -> (B, T, D).
+
+        heads: the number of query heads, one int for the batch or (B,) int64 per sequence
+        (inactive heads contribute nothing).  cos, sin: (T, hd) for the new positions.
+        """
+        B, T, _ = x.shape
+        if isinstance(heads, torch.Tensor):
+            per_sequence = heads.to(device=x.device, dtype=torch.int64)
+            most = int(per_sequence.max())
+        else:
+            per_sequence, most = None, heads
+        # Compute whole KV groups: the op needs query heads = kv heads * group size.
+        kv_heads = math.ceil(most / self.group_size)
+        q_heads, hd = kv_heads * self.group_size, self.head_dim
+        q = self.q_proj(x, q_heads * hd).view(B, T, q_heads, hd).transpose(1, 2)  # (B, qh, T, hd)
+        k = self.k_proj(x, kv_heads * hd).view(B, T, kv_heads, hd).transpose(1, 2)  # (B, kvh, T, hd)
+        v = self.v_proj(x, kv_heads * hd).view(B, T, kv_heads, hd).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, kvh, S, hd)
+        if per_sequence is None:
+            per_sequence = torch.full((B,), most, dtype=torch.int64, device=x.device)
+        y = ops.varhead_attention(q, k, v, per_sequence, causal=True)  # (B, qh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, q_heads * hd)
+        return self.o_proj(y, in_features=q_heads * hd)

@@ -1,0 +1,299 @@
+"""flextron.ops.varhead_attention against flextron.reference.varhead_attention.
+
+Forward and backward (autograd through both), MHA/GQA/MQA, causal and not, prefill
+(Sq == Sk), decode (Sq == 1) and chunked prefill (1 < Sq < Sk), odd sizes, mixed head
+counts per sequence, non-contiguous inputs, fp32 and bf16, opcheck, torch.compile,
+hypothesis-drawn shapes, argument errors, and the CUDA path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flextron import ops, reference
+
+Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def make_inputs(
+    batch: int,
+    q_heads: int,
+    kv_heads: int,
+    q_len: int,
+    kv_len: int,
+    head_dim: int,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    transposed: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B, Hq, Sq, Dh), k and v (B, Hkv, Sk, Dh); transposed=True gives the strided
+    views a model gets from a (B, S, H, Dh) projection."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(heads: int, length: int) -> torch.Tensor:
+        if transposed:
+            return torch.randn(batch, length, heads, head_dim, generator=gen).to(dtype).transpose(1, 2)
+        return torch.randn(batch, heads, length, head_dim, generator=gen).to(dtype)
+
+    return draw(q_heads, q_len), draw(kv_heads, kv_len), draw(kv_heads, kv_len)
+
+
+def mixed_heads(batch: int, q_heads: int) -> torch.Tensor:
+    """(B,) head counts covering all heads, one head and values in between."""
+    counts = [q_heads, 1, max(1, q_heads // 2), max(1, q_heads - 1)]
+    return torch.tensor([counts[b % len(counts)] for b in range(batch)], dtype=torch.int64)
+
+
+def run_with_grads(
+    fn,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: torch.Tensor,
+    causal: bool,
+    grad_out: torch.Tensor,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, Grads]:
+    """fn's output and the gradients of <out, grad_out> w.r.t. q, k, v."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, heads, causal, scale)
+    out.backward(grad_out)
+    return out.detach(), tuple(t.grad for t in leaves)
+
+
+def assert_all_close(out: torch.Tensor, grads: Grads, out_ref: torch.Tensor, grads_ref: Grads) -> None:
+    """fp32 tolerances: the kernel and the reference differ only in summation order."""
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    for name, grad, grad_ref in zip("qkv", grads, grads_ref, strict=True):
+        torch.testing.assert_close(
+            grad, grad_ref, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"grad_{n}: {m}"
+        )
+
+
+def assert_inactive_zero(out: torch.Tensor, grad_q: torch.Tensor, heads: torch.Tensor) -> None:
+    for b, count in enumerate(heads.tolist()):
+        assert torch.all(out[b, count:] == 0)
+        assert torch.all(grad_q[b, count:] == 0)
+
+
+def assert_matches_reference(
+    batch: int,
+    q_heads: int,
+    kv_heads: int,
+    q_len: int,
+    kv_len: int,
+    head_dim: int,
+    causal: bool,
+    heads: torch.Tensor,
+    transposed: bool = False,
+    scale: float | None = None,
+) -> None:
+    q, k, v = make_inputs(batch, q_heads, kv_heads, q_len, kv_len, head_dim, transposed=transposed)
+    grad_out = torch.randn(batch, q_len, q_heads, head_dim).transpose(1, 2)  # non-contiguous too
+    out, grads = run_with_grads(ops.varhead_attention, q, k, v, heads, causal, grad_out, scale)
+    out_ref, grads_ref = run_with_grads(reference.varhead_attention, q, k, v, heads, causal, grad_out, scale)
+    assert_all_close(out, grads, out_ref, grads_ref)
+    assert_inactive_zero(out, grads[0], heads)
+
+
+# ---- fp32 against the reference --------------------------------------------------------
+
+HEAD_LAYOUTS = [(4, 4), (6, 2), (3, 1)]  # (Hq, Hkv): MHA, GQA, MQA
+LENGTHS = [(1, 1), (7, 7), (83, 83), (1, 83), (5, 12), (70, 130)]  # (Sq, Sk): prefill, decode, chunked
+
+
+@pytest.mark.parametrize("q_heads,kv_heads", HEAD_LAYOUTS)
+@pytest.mark.parametrize("q_len,kv_len", LENGTHS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("head_dim", [8, 64])
+def test_matches_reference(q_heads, kv_heads, q_len, kv_len, causal, head_dim):
+    batch = 3
+    assert_matches_reference(
+        batch, q_heads, kv_heads, q_len, kv_len, head_dim, causal, mixed_heads(batch, q_heads)
+    )
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_non_contiguous_inputs(causal):
+    # q/k/v as the transposed views of (B, S, H, Dh) projections, read in place.
+    assert_matches_reference(2, 6, 2, 83, 83, 16, causal, torch.tensor([6, 2]), transposed=True)
+
+
+def test_head_dim_slice_and_custom_scale():
+    # Rows with a stride larger than Dh (a slice of a wider tensor) and a given scale.
+    q, k, v = (t[..., :24] for t in make_inputs(2, 4, 2, 9, 9, 40))
+    heads = torch.tensor([3, 4])
+    grad_out = torch.randn(2, 4, 9, 24)
+    out, grads = run_with_grads(ops.varhead_attention, q, k, v, heads, True, grad_out, 0.3)
+    out_ref, grads_ref = run_with_grads(reference.varhead_attention, q, k, v, heads, True, grad_out, 0.3)
+    assert_all_close(out, grads, out_ref, grads_ref)
+
+
+def test_unused_kv_heads_get_zero_grads():
+    # With 2 of 6 query heads active only KV head 0 (of 3) is read.
+    q, k, v = make_inputs(1, 6, 3, 10, 10, 8)
+    grad_out = torch.randn(1, 6, 10, 8)
+    _, (_, grad_k, grad_v) = run_with_grads(ops.varhead_attention, q, k, v, torch.tensor([2]), True, grad_out)
+    assert torch.all(grad_k[:, 1:] == 0) and torch.all(grad_v[:, 1:] == 0)
+    assert grad_k[:, 0].abs().sum() > 0
+
+
+def test_default_call_is_causal():
+    q, k, v = make_inputs(2, 2, 1, 6, 6, 8)
+    heads = torch.tensor([2, 1])
+    torch.testing.assert_close(
+        ops.varhead_attention(q, k, v, heads), reference.varhead_attention(q, k, v, heads, True)
+    )
+
+
+# ---- bf16: no worse than PyTorch's own bf16 attention ---------------------------------------
+
+
+def torch_attention(q, k, v, heads, causal, scale=None):
+    """PyTorch's SDPA with the same semantics (bottom-right causal mask, head prefix)."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    mask = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len) if causal else None
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    active = torch.arange(q.shape[1])[None, :] < heads[:, None]  # (B, Hq)
+    return out * active[:, :, None, None].to(out.dtype)
+
+
+@pytest.mark.parametrize("q_len,kv_len,causal", [(83, 83, True), (1, 83, True), (40, 83, False)])
+def test_bf16_error_within_twice_torch(q_len, kv_len, causal):
+    batch, q_heads, kv_heads, head_dim = 2, 6, 2, 64
+    q, k, v = make_inputs(batch, q_heads, kv_heads, q_len, kv_len, head_dim, dtype=torch.bfloat16)
+    heads = torch.tensor([6, 3])
+    grad_out = torch.randn(batch, q_heads, q_len, head_dim).to(torch.bfloat16)
+    # The oracle: the fp32 reference on the same (bf16-representable) values.
+    out_ref, grads_ref = run_with_grads(
+        reference.varhead_attention, q.float(), k.float(), v.float(), heads, causal, grad_out.float()
+    )
+    out, grads = run_with_grads(ops.varhead_attention, q, k, v, heads, causal, grad_out)
+    out_torch, grads_torch = run_with_grads(torch_attention, q, k, v, heads, causal, grad_out)
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
+    for name, ours, theirs, ref in zip(
+        ("out", "grad_q", "grad_k", "grad_v"),
+        (out, *grads),
+        (out_torch, *grads_torch),
+        (out_ref, *grads_ref),
+        strict=True,
+    ):
+        ours_err = (ours.float() - ref).abs().max().item()
+        torch_err = (theirs.float() - ref).abs().max().item()
+        assert ours_err <= 2 * torch_err + 1e-6, f"{name}: ours {ours_err:.3g} vs torch {torch_err:.3g}"
+    assert_inactive_zero(out, grads[0], heads)
+
+
+# ---- opcheck, torch.compile, hypothesis ---------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_opcheck(causal):
+    q, k, v = make_inputs(2, 4, 2, 5, 7, 8)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), torch.tensor([4, 1]), causal, None)
+    torch.library.opcheck(torch.ops.flextron.varhead_attention.default, args)
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = make_inputs(2, 6, 2, 9, 9, 16)
+    heads = torch.tensor([6, 2])
+    grad_out = torch.randn(2, 6, 9, 16)
+
+    def attend(q, k, v, heads, causal, scale):
+        return ops.varhead_attention(q * 1.0, k, v, heads, causal, scale)
+
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    out, grads = run_with_grads(compiled, q, k, v, heads, True, grad_out)
+    out_ref, grads_ref = run_with_grads(reference.varhead_attention, q, k, v, heads, True, grad_out)
+    assert_all_close(out, grads, out_ref, grads_ref)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    kv_heads=st.integers(1, 3),
+    group=st.integers(1, 3),
+    q_len=st.integers(1, 70),
+    extra_keys=st.integers(0, 20),
+    head_dim=st.sampled_from([1, 8, 24]),
+    causal=st.booleans(),
+    transposed=st.booleans(),
+    data=st.data(),
+)
+def test_hypothesis_shapes(batch, kv_heads, group, q_len, extra_keys, head_dim, causal, transposed, data):
+    q_heads = kv_heads * group
+    heads = torch.tensor(data.draw(st.lists(st.integers(1, q_heads), min_size=batch, max_size=batch)))
+    assert_matches_reference(
+        batch, q_heads, kv_heads, q_len, q_len + extra_keys, head_dim, causal, heads, transposed=transposed
+    )
+
+
+# ---- argument errors ----------------------------------------------------------------------
+
+
+def _bad_inputs():
+    q, k, v = make_inputs(2, 4, 2, 5, 5, 8)
+    heads = torch.tensor([4, 2])
+    return [
+        ("q rank", (q[0], k, v, heads, True), "q must be 4-D"),
+        ("k rank", (q, k[0], v, heads, True), "k must be 4-D"),
+        ("v rank", (q, k, v[0], heads, True), "v must be 4-D"),
+        ("int q", (q.long(), k.long(), v.long(), heads, True), "q must be float32"),
+        ("k dtype", (q, k.double(), v, heads, True), "k has dtype"),
+        ("v dtype", (q, k, v.to(torch.bfloat16), heads, True), "v has dtype"),
+        ("heads dtype", (q, k, v, heads.int(), True), "heads must be int64"),
+        ("heads shape", (q, k, v, heads[:1], True), "heads must have shape"),
+        ("heads 2-D", (q, k, v, heads[:, None], True), "heads must have shape"),
+        ("k batch", (q, k[:1], v[:1], heads, True), "k has batch"),
+        ("v shape", (q, k, v[:, :1], heads, True), "v has shape"),
+        ("head dim", (q, k[..., :4], v[..., :4], heads, True), "k has head dim"),
+        ("group", (q[:, :3], k, v, torch.tensor([3, 2]), True), "not a multiple"),
+        ("too few heads", (q, k, v, torch.tensor([4, 0]), True), r"heads\[1\] = 0 is too few heads"),
+        ("too many heads", (q, k, v, torch.tensor([5, 2]), True), r"heads\[0\] = 5 is too many heads"),
+        ("causal Sk < Sq", (q, k[:, :, :3], v[:, :, :3], heads, True), "causal attention needs"),
+        ("no keys", (q, k[:, :, :0], v[:, :, :0], heads, False), "k must have at least one key"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_inputs(), ids=lambda case: case[0])
+def test_bad_input_names_argument(case):
+    _, args, message = case
+    with pytest.raises(RuntimeError, match=message):
+        ops.varhead_attention(*args)
+
+
+def test_bad_grad_out_names_argument():
+    q, k, v = make_inputs(1, 2, 1, 3, 3, 8)
+    heads = torch.tensor([2])
+    with pytest.raises(RuntimeError, match="grad_out has shape"):
+        torch.ops.flextron.varhead_attention_backward(q[:, :1], q, k, v, heads, True)
+    with pytest.raises(RuntimeError, match="grad_out has dtype"):
+        torch.ops.flextron.varhead_attention_backward(q.double(), q, k, v, heads, True)
+
+
+def test_non_causal_allows_fewer_keys_than_queries():
+    q, k, v = make_inputs(1, 2, 2, 6, 3, 8)
+    heads = torch.tensor([2])
+    torch.testing.assert_close(
+        ops.varhead_attention(q, k, v, heads, False), reference.varhead_attention(q, k, v, heads, False)
+    )
+
+
+# ---- CUDA ---------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda():
+    q, k, v = (t.cuda() for t in make_inputs(2, 6, 2, 17, 17, 64, dtype=torch.bfloat16))
+    heads = torch.tensor([6, 2], device="cuda")
+    if "CUDA" not in ops.backends("varhead_attention"):
+        with pytest.raises(NotImplementedError, match="not built for CUDA"):
+            ops.varhead_attention(q, k, v, heads, True)
+        return
+    out = ops.varhead_attention(q, k, v, heads, True)
+    out_ref = reference.varhead_attention(q.float(), k.float(), v.float(), heads, True)
+    torch.testing.assert_close(out.float(), out_ref, rtol=2e-2, atol=2e-2)

@@ -1,0 +1,46 @@
+"""Tiny random Hugging Face Llama models (and their Flextron twins) for fast tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from flextron.config import ModelConfig
+from flextron.loading import model_from_hf_weights
+from flextron.model import FlextronModel
+
+
+def tiny_hf_config(kv_heads: int = 2, bias: bool = False, tied: bool = False, **overrides) -> LlamaConfig:
+    """4 heads of 16 (GQA with kv_heads=2, MHA with 4), d=64, d_ff=256, 2 layers, 300 tokens."""
+    settings = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=128,
+        rms_norm_eps=1e-5, attention_bias=bias, mlp_bias=bias, tie_word_embeddings=tied,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def tiny_hf_model(seed: int = 0, **config) -> LlamaForCausalLM:
+    """A random tiny LlamaForCausalLM in fp32 eval mode; weights scaled up so logits are O(1)."""
+    torch.manual_seed(seed)
+    hf_config = tiny_hf_config(**config)
+    hf_config._attn_implementation = "eager"
+    model = LlamaForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.1 * torch.randn_like(param))  # non-trivial norm weights
+            else:
+                param.normal_(0, 0.1 if param.dim() == 2 else 0.05)
+    return model
+
+
+def flextron_twin(hf_model: LlamaForCausalLM) -> FlextronModel:
+    """The FlextronModel with the same weights."""
+    return model_from_hf_weights(ModelConfig.from_hf(hf_model.config.to_dict()), hf_model.state_dict())
+
+
+def tiny_flextron(seed: int = 0, **config) -> FlextronModel:
+    return flextron_twin(tiny_hf_model(seed, **config))
