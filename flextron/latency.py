@@ -195,8 +195,9 @@ class LatencyTable:
                                                                           batch, length)
 
     def check_target(
-        self, target_ms: float, config: ModelConfig, phase: str = "prefill", batch: int = 1, length: int = 128,
-        mlp_choices: Sequence[int] | None = None, head_choices: Sequence[int] | None = None,
+        self, target_ms: float, config: ModelConfig, phase: str = "prefill", batch: int = 1,
+        length: int = 128, mlp_choices: Sequence[int] | None = None,
+        head_choices: Sequence[int] | None = None,
     ) -> float:
         """The target's budget (fraction of the full model's latency); ValueError outside the range."""
         low, high = self.latency_range(config, phase, batch, length, mlp_choices, head_choices)

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from flextron.config import ArchConfig
-from flextron.latency import LUT_FILE, LatencyTable, ShapeCosts, median_times_ms, profile_latency, random_archs
+from flextron.latency import (
+    LUT_FILE,
+    LatencyTable,
+    ShapeCosts,
+    median_times_ms,
+    profile_latency,
+    random_archs,
+)
 from flextron.nn.routers import expected_latency, latency_loss
 from tests.tiny_models import tiny_flextron
 

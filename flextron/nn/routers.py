@@ -68,7 +68,7 @@ class TemperatureSchedule:
 
     def __init__(self, start: float = 1.0, end: float = 0.1, steps: int = 1000) -> None:
         if not 0 < end <= start or steps < 1:
-            raise ValueError(f"need 0 < end <= start and steps >= 1, got start={start}, end={end}, steps={steps}")
+            raise ValueError(f"need 0 < end <= start and steps >= 1, got {start=}, {end=}, {steps=}")
         self.start, self.end, self.steps = start, end, steps
 
     def __call__(self, step: int) -> float:
