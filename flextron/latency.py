@@ -107,6 +107,7 @@ class LatencyTable:
     num_layers: int
     num_heads: int
     intermediate_size: int
+    threads: int = 1  # CPU threads (torch.get_num_threads()) during profiling
     entries: list[ShapeCosts] = field(default_factory=list)
 
     # ---- lookups
@@ -216,7 +217,7 @@ class LatencyTable:
             "format": FORMAT, "version": VERSION, "device_type": self.device_type,
             "device_name": self.device_name, "dtype": self.dtype, "num_layers": self.num_layers,
             "num_heads": self.num_heads, "intermediate_size": self.intermediate_size,
-            "entries": [e.to_dict() for e in self.entries],
+            "threads": self.threads, "entries": [e.to_dict() for e in self.entries],
         }
 
     @classmethod
@@ -225,7 +226,7 @@ class LatencyTable:
             raise ValueError(f"not a Flextron latency table (format {FORMAT!r}, version {VERSION})")
         return cls(
             data["device_type"], data["device_name"], data["dtype"], int(data["num_layers"]),
-            int(data["num_heads"]), int(data["intermediate_size"]),
+            int(data["num_heads"]), int(data["intermediate_size"]), int(data.get("threads", 1)),
             [ShapeCosts.from_dict(e) for e in data["entries"]],
         )
 
@@ -259,12 +260,19 @@ class LatencyTable:
         return table
 
     def check_device(self, device: torch.device) -> None:
-        """Warn when this table was measured on another device type: its numbers do not apply."""
+        """Warn when this table was measured on another device type (or CPU thread count):
+        its numbers do not apply."""
         if device.type != self.device_type:
             warnings.warn(
                 f"the latency table was measured on {self.device_type} ({self.device_name}) but the "
                 f"model runs on {device.type}: latency predictions will be wrong; re-run flextron profile",
-                stacklevel=2,
+                stacklevel=3,
+            )
+        elif device.type == "cpu" and torch.get_num_threads() != self.threads:
+            warnings.warn(
+                f"the latency table was measured with {self.threads} CPU threads, this process uses "
+                f"{torch.get_num_threads()}: latency predictions will be off (set --threads)",
+                stacklevel=3,
             )
 
     def check_model(self, config: ModelConfig) -> None:
@@ -375,7 +383,7 @@ def profile_latency(
     device = weight.device
     table = LatencyTable(
         device.type, device_name(device), str(weight.dtype).removeprefix("torch."), config.num_layers,
-        config.num_heads, config.intermediate_size,
+        config.num_heads, config.intermediate_size, torch.get_num_threads(),
     )
     for phase, shapes in (("prefill", prefill_shapes), ("decode", decode_shapes)):
         for batch, length in shapes:

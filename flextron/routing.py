@@ -168,7 +168,7 @@ def fit_surrogate_step(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def train_router_surrogate(

@@ -21,6 +21,15 @@ from flextron.nn.routers import expected_latency, latency_loss
 from tests.tiny_models import tiny_flextron
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny ops on a shared, oversubscribed CPU run many times faster on one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def synthetic_table() -> LatencyTable:
     """Costs linear in tokens: MLP w costs w/64 * tokens/16 ms, a head 0.5 * tokens/16 ms."""
     table = LatencyTable("cpu", "test cpu", "float32", num_layers=2, num_heads=4, intermediate_size=256)
@@ -164,3 +173,11 @@ def test_profile_rejects_bad_shapes_and_choices() -> None:
         profile_latency(model, prefill_shapes=[(1, 4096)], decode_shapes=[], repeats=1)
     with pytest.raises(ValueError, match="not an allowed choice"):
         profile_latency(model, mlp_choices=[100], repeats=1)
+
+
+def test_thread_count_mismatch_warns(tmp_path) -> None:
+    table = synthetic_table()
+    table.threads = 2
+    table.save(tmp_path)
+    with pytest.warns(UserWarning, match="measured with 2 CPU threads, this process uses 1"):
+        LatencyTable.load(tmp_path, device="cpu")

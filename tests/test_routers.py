@@ -19,6 +19,15 @@ from tests.tiny_models import tiny_flextron
 TRAIN = Sampling(tau=1.0, noise=True, scale=True)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny ops on a shared, oversubscribed CPU run many times faster on one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tokens(batch: int = 2, length: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 300, (batch, length), generator=torch.Generator().manual_seed(seed))
 
