@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from flextron.config import ArchConfig
-from flextron.model import FlextronModel
+from flextron.model import FlextronModel, LayerRouter
 
 
 def sample_next(
@@ -42,11 +42,13 @@ def stream_tokens(
     top_p: float = 1.0,
     stop_ids: set[int] | None = None,
     seed: int | None = None,
+    router: LayerRouter | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time (prefill once, then one cached step per token).
 
     Stops after max_new_tokens, at a stop id (yielded first), or at the context's end.
-    ValueError when the prompt is empty or does not fit the context.
+    ValueError when the prompt is empty or does not fit the context.  router: a dynamic
+    routing session for one sequence (it replaces `arch`; its head counts are fixed at prefill).
     """
     ids = torch.as_tensor(prompt_ids, dtype=torch.int64).flatten()
     context = model.config.max_position_embeddings
@@ -59,13 +61,13 @@ def stream_tokens(
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     device = model.embed_tokens.weight.device
     cache = model.new_kv_cache(1, ids.numel() + steps)
-    logits = model(ids[None].to(device), arch, cache, last_only=True)  # (1, 1, V)
+    logits = model(ids[None].to(device), arch, cache, last_only=True, router=router)  # (1, 1, V)
     for step in range(steps):
         token = sample_next(logits[0, -1], temperature, top_p, generator)
         yield token
         if (stop_ids and token in stop_ids) or step == steps - 1:
             return
-        logits = model(torch.tensor([[token]], device=device), arch, cache)
+        logits = model(torch.tensor([[token]], device=device), arch, cache, router=router)
 
 
 def chat_prompt_ids(tokenizer, prompt: str, chat: bool = True) -> list[int]:
@@ -90,6 +92,7 @@ def generate_text(
     chat: bool = True,
     seed: int | None = None,
     on_text: Callable[[str], None] | None = None,
+    router: LayerRouter | None = None,
 ) -> str:
     """The model's answer to `prompt`; on_text receives each new piece of text as it streams."""
     tokenizer = model.tokenizer
@@ -99,7 +102,8 @@ def generate_text(
     new_ids: list[int] = []
     text = ""
     for token in stream_tokens(
-        model, chat_prompt_ids(tokenizer, prompt, chat), arch, max_new_tokens, temperature, top_p, stop, seed
+        model, chat_prompt_ids(tokenizer, prompt, chat), arch, max_new_tokens, temperature, top_p, stop, seed,
+        router,
     ):
         if token in stop:
             break

@@ -1,14 +1,17 @@
 """Latency lookup table (LUT): measured cost of every layer choice, and the cost model.
 
-`profile_latency` times, on the model's device, each MLP width and each head count of one
-decoder layer (pre-norm + sublayer + residual, exactly the code the model runs), plus the
-fixed cost (embedding, rotary tables, final norm, LM head), for every profiled shape:
+`profile_latency` times, on the model's device, each MLP width and each head count of a
+decoder layer (pre-norm + sublayer + residual, exactly the code the model runs, run in
+every layer so that weights stream from memory as in the real forward), plus the fixed
+cost (embedding, rotary tables, final norm, LM head on the last position, as generation
+runs it), for every profiled shape:
 
     prefill (batch, sequence length): one forward over the whole prompt;
     decode  (batch, context):         one new token per sequence against a KV cache of `context`.
 
-Every layer of a (non-heterogeneous) model has the same shapes, so one measurement per
-choice serves all layers.  The cost model (DESIGN.md §1 step 5) is
+Every layer of a (non-heterogeneous) model has the same shapes, so one cost per choice
+serves all layers.  A two-parameter fit against three measured whole-model forwards
+(`_calibrate`) adds what the parts miss.  The cost model (DESIGN.md §1 step 5) is
 
     latency(arch) = fixed + Σ_l mlp[m_l] + attention[a_l]
 
@@ -335,20 +338,30 @@ def _component_functions(
     positions = torch.arange(start, start + tokens, device=device)
     x = model.embed_tokens(ids)  # (B, T, D)
     cos, sin = model.rotary(positions, x.dtype)
-    layer = model.layers[0]
+    layers = model.layers
     cache = _filled_cache(model, batch, length) if phase == "decode" else None
     head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
 
     def fixed() -> object:
         hidden = model.embed_tokens(ids)
         model.rotary(positions, hidden.dtype)
-        return model.norm(hidden) @ head.T  # (B, T, V)
+        return model.norm(hidden[:, -1:]) @ head.T  # (B, 1, V): generation needs the last logits only
 
+    # Each component runs in every layer and the time is divided by the layer count: one layer
+    # timed alone would keep its weights in cache, which the real forward (all layers) does not.
     def attention(heads: int) -> Callable[[], object]:
-        return lambda: x + layer.self_attn(layer.input_layernorm(x), cos, sin, heads, cache, 0)
+        def run() -> None:
+            for index, layer in enumerate(layers):
+                x + layer.self_attn(layer.input_layernorm(x), cos, sin, heads, cache, index)
+
+        return run
 
     def mlp(width: int) -> Callable[[], object]:
-        return lambda: x + layer.mlp(layer.post_attention_layernorm(x), width)
+        def run() -> None:
+            for layer in layers:
+                x + layer.mlp(layer.post_attention_layernorm(x), width)
+
+        return run
 
     functions: dict[Any, Callable[[], object]] = {"fixed": fixed}
     functions.update({("attention", h): attention(h) for h in head_choices})
@@ -396,12 +409,42 @@ def profile_latency(
                 progress(f"profiling {phase} batch={batch} length={length}")
             functions = _component_functions(model, phase, batch, length, mlp_choices, head_choices)
             times = median_times_ms(functions, device, repeats, warmup)
-            table.entries.append(ShapeCosts(
+            layers = config.num_layers
+            entry = ShapeCosts(
                 phase, batch, length, times["fixed"],
-                {w: times[("mlp", w)] for w in mlp_choices},
-                {h: times[("attention", h)] for h in head_choices},
-            ))
+                {w: times[("mlp", w)] / layers for w in mlp_choices},
+                {h: times[("attention", h)] / layers for h in head_choices},
+            )
+            _calibrate(model, entry, mlp_choices, head_choices, repeats, warmup)
+            table.entries.append(entry)
     return table
+
+
+def _calibrate(model: FlextronModel, entry: ShapeCosts, mlp_choices: Sequence[int],
+               head_choices: Sequence[int], repeats: int, warmup: int) -> None:
+    """Fit whole-model latency = fixed + overhead + scale * Σ layer costs on three uniform anchors.
+
+    The sum of separately timed parts misses what only the whole forward has (the layer
+    loop, cache traffic between sublayers); a two-parameter fit on the smallest, a middle
+    and the full configuration absorbs it.  The random-configuration check (check_table)
+    tests the fitted model on configurations it was not fitted on.
+    """
+    config = model.config
+    middle_width = mlp_choices[len(mlp_choices) // 2]
+    middle_heads = head_choices[len(head_choices) // 2]
+    anchors = [ArchConfig.uniform(config, min(mlp_choices), min(head_choices)),
+               ArchConfig.uniform(config, middle_width, middle_heads), ArchConfig.full(config)]
+    measured = torch.tensor(measure_latency(model, anchors, entry.phase, entry.batch, entry.length, repeats,
+                                            warmup), dtype=torch.float64)
+    sums = torch.tensor([sum(entry.mlp_ms[w] + entry.attention_ms[h] for w, h in
+                             zip(a.mlp_widths, a.heads, strict=True)) for a in anchors], dtype=torch.float64)
+    design = torch.stack([torch.ones_like(sums), sums], 1)  # measured - fixed = overhead + scale * sums
+    overhead, scale = torch.linalg.lstsq(design, (measured - entry.fixed_ms)[:, None]).solution[:, 0].tolist()
+    if scale <= 0:  # a degenerate fit on a very noisy machine: keep the raw sum, shift only
+        scale, overhead = 1.0, float((measured - entry.fixed_ms - sums).mean())
+    entry.fixed_ms = max(0.0, entry.fixed_ms + overhead)
+    entry.mlp_ms = {w: v * scale for w, v in entry.mlp_ms.items()}
+    entry.attention_ms = {h: v * scale for h, v in entry.attention_ms.items()}
 
 
 def random_archs(config: ModelConfig, count: int, seed: int = 0) -> list[ArchConfig]:
@@ -439,7 +482,8 @@ def measure_latency(
         def forward() -> object:
             if cache is not None:
                 cache.length = length  # every timed step decodes at the same context
-            return model(ids, arch, cache, router=router) if router is not None else model(ids, arch, cache)
+            # Generation needs the last position's logits only, so that is what is timed.
+            return model(ids, arch, cache, last_only=True, router=router)
 
         return forward
 

@@ -20,9 +20,12 @@ Choice lists are kept widest first, the order `ops.route` / `ops.routed_nested_m
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -161,6 +164,7 @@ class StaticRouter(nn.Module):
         self.head_choices = _check_choices("head_choices", head_choices or default_head_choices(config),
                                            config.head_choices())
         self.encoder = BudgetEncoder(budgets)
+        self.hidden_size = hidden_size
         outputs = self.num_layers * (len(self.mlp_choices) + len(self.head_choices))
         self.net = nn.Sequential(
             nn.Linear(len(self.encoder.budgets), hidden_size), nn.LeakyReLU(), nn.Linear(hidden_size, outputs)
@@ -235,6 +239,7 @@ class DynamicRouter(nn.Module):
         self.head_choices = _check_choices("head_choices", head_choices or default_head_choices(config),
                                            config.head_choices())
         self.encoder = BudgetEncoder(budgets)
+        self.hidden_size = hidden_size
         d, k, layers = config.hidden_size, len(self.encoder.budgets), config.num_layers
         # Per layer: hidden = LeakyReLU(x W_in^T + budget_embedding); logits = hidden W_out^T.
         self.mlp_in = nn.ModuleList(nn.Linear(d, hidden_size) for _ in range(layers))
@@ -345,3 +350,56 @@ def latency_loss(latency_ms: torch.Tensor, target_ms: torch.Tensor | float, dead
     """Mean of max(0, |latency - target| / target - dead_zone): no push within the dead zone."""
     target = torch.as_tensor(target_ms, dtype=latency_ms.dtype, device=latency_ms.device)
     return torch.relu((latency_ms - target).abs() / target - dead_zone).mean()
+
+
+# ---- files ---------------------------------------------------------------------------
+
+ROUTERS_FILE, ROUTERS_META_FILE = "routers.safetensors", "routers.json"
+ROUTER_KINDS = {"static": StaticRouter, "dynamic": DynamicRouter}
+
+
+def router_settings(router: StaticRouter | DynamicRouter) -> dict:
+    """What rebuilds the router (with the model's config): budgets, choices, hidden size."""
+    return {
+        "budgets": router.encoder.budgets, "mlp_choices": router.mlp_choices,
+        "head_choices": router.head_choices, "hidden_size": router.hidden_size,
+    }
+
+
+def save_routers(path: str | os.PathLike, routers: dict[str, StaticRouter | DynamicRouter],
+                 latency_shape: dict | None = None) -> None:
+    """Write routers ({"static": ..., "dynamic": ...}) into a model directory, replacing the files.
+
+    latency_shape: {"phase", "batch", "length"}: the LUT shape that budgets refer to.
+    """
+    from flextron.checkpoint import save_safetensors_atomic, write_json_atomic
+
+    for kind in routers:
+        if kind not in ROUTER_KINDS:
+            raise ValueError(f"router kind must be one of {sorted(ROUTER_KINDS)}, got {kind!r}")
+    path = Path(path)
+    tensors = {f"{kind}.{name}": t for kind, r in routers.items() for name, t in r.state_dict().items()}
+    save_safetensors_atomic(path / ROUTERS_FILE, tensors)
+    meta = {kind: router_settings(r) for kind, r in routers.items()}
+    write_json_atomic(path / ROUTERS_META_FILE, {"routers": meta, "latency_shape": latency_shape})
+
+
+def load_routers(path: str | os.PathLike, config: ModelConfig) -> tuple[dict, dict | None]:
+    """({kind: router}, latency_shape) from a model directory; ({}, None) when it has none."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / ROUTERS_META_FILE).is_file():
+        return {}, None
+    try:
+        meta = json.loads((path / ROUTERS_META_FILE).read_text())
+        tensors = load_file(path / ROUTERS_FILE)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: unreadable router files ({error})") from error
+    routers = {}
+    for kind, settings in meta["routers"].items():
+        router = ROUTER_KINDS[kind](config, **settings)
+        prefix = f"{kind}."
+        router.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        routers[kind] = router.eval()
+    return routers, meta.get("latency_shape")
