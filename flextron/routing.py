@@ -284,7 +284,7 @@ def train_end_to_end(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        row = {"step": step, "budget": budget, "tau": tau, "task_loss": float(task),
+        row = {"step": step, "budget": budget, "tau": tau, "task_loss": float(task.detach()),
                "latency_ms": float(latency.mean()), "latency_loss": float(lat_loss)}
         log.add(**row)
         if progress is not None:
