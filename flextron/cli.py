@@ -288,6 +288,8 @@ def _flextron_dir(path: str) -> Path:
     arg("--repeats", type=int, default=9, help="timed repeats per component (the median is kept)"),
     arg("--threads", type=int, default=None, help="CPU threads (default: torch's); use the same later"),
     arg("--check", type=int, default=10, help="random configurations: predicted vs measured (0: skip)"),
+    arg("--clock", choices=("wall", "cpu"), default="wall",
+        help="cpu: process CPU time (one thread only): latency on a dedicated core of a shared machine"),
     arg("--json", default=None, help="write the check rows here"),
 )
 def profile(args: argparse.Namespace) -> None:
@@ -297,7 +299,7 @@ def profile(args: argparse.Namespace) -> None:
     directory = _flextron_dir(args.model)
     model = _load(args.model)
     table = profile_latency(model, args.prefill, args.decode, repeats=args.repeats,
-                            progress=lambda text: print(text, file=sys.stderr))
+                            progress=lambda text: print(text, file=sys.stderr), clock=args.clock)
     written = table.save(directory)
     print(f"latency table for {table.device_name} written to {written}")
     for entry in table.entries:

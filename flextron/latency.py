@@ -46,6 +46,7 @@ from flextron.model import FlextronModel
 
 LUT_FILE = "latency.json"
 PHASES = ("prefill", "decode")
+CLOCKS = ("wall", "cpu")
 FORMAT, VERSION = "flextron-latency", 1
 
 
@@ -111,6 +112,7 @@ class LatencyTable:
     num_heads: int
     intermediate_size: int
     threads: int = 1  # CPU threads (torch.get_num_threads()) during profiling
+    clock: str = "wall"  # "wall" or "cpu" (process CPU time, one thread); see median_times_ms
     entries: list[ShapeCosts] = field(default_factory=list)
 
     # ---- lookups
@@ -220,7 +222,7 @@ class LatencyTable:
             "format": FORMAT, "version": VERSION, "device_type": self.device_type,
             "device_name": self.device_name, "dtype": self.dtype, "num_layers": self.num_layers,
             "num_heads": self.num_heads, "intermediate_size": self.intermediate_size,
-            "threads": self.threads, "entries": [e.to_dict() for e in self.entries],
+            "threads": self.threads, "clock": self.clock, "entries": [e.to_dict() for e in self.entries],
         }
 
     @classmethod
@@ -230,7 +232,7 @@ class LatencyTable:
         return cls(
             data["device_type"], data["device_name"], data["dtype"], int(data["num_layers"]),
             int(data["num_heads"]), int(data["intermediate_size"]), int(data.get("threads", 1)),
-            [ShapeCosts.from_dict(e) for e in data["entries"]],
+            data.get("clock", "wall"), [ShapeCosts.from_dict(e) for e in data["entries"]],
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -295,22 +297,38 @@ def _synchronizer(device: torch.device) -> Callable[[], None]:
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
+def _check_clock(clock: str, device: torch.device) -> None:
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    if clock == "cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        raise ValueError("clock 'cpu' (process CPU time) measures latency only on the CPU with one thread "
+                         f"(device {device.type}, {torch.get_num_threads()} threads); use clock 'wall'")
+
+
 def median_times_ms(
-    functions: dict[Any, Callable[[], object]], device: torch.device, repeats: int = 15, warmup: int = 2
+    functions: dict[Any, Callable[[], object]], device: torch.device, repeats: int = 15, warmup: int = 2,
+    clock: str = "wall",
 ) -> dict[Any, float]:
-    """Median milliseconds of each function, timed round-robin `repeats` times after `warmup`."""
+    """Median milliseconds of each function, timed round-robin `repeats` times after `warmup`.
+
+    clock "wall": elapsed time (synchronised on CUDA); "cpu": this process's CPU time, which on
+    one CPU thread is the latency the forward would have on a core of its own (a shared,
+    oversubscribed machine inflates wall time by whatever else runs).
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    _check_clock(clock, device)
     sync = _synchronizer(device)
+    now = time.process_time if clock == "cpu" else time.perf_counter
     samples: dict[Any, list[float]] = {key: [] for key in functions}
     for repeat in range(warmup + repeats):
         for key, function in functions.items():
             sync()
-            start = time.perf_counter()
+            start = now()
             function()
             sync()
             if repeat >= warmup:
-                samples[key].append((time.perf_counter() - start) * 1e3)
+                samples[key].append((now() - start) * 1e3)
     return {key: statistics.median(values) for key, values in samples.items()}
 
 
@@ -379,6 +397,7 @@ def profile_latency(
     repeats: int = 15,
     warmup: int = 2,
     progress: Callable[[str], None] | None = None,
+    clock: str = "wall",
 ) -> LatencyTable:
     """Measure a LatencyTable for `model` on its device (default: every allowed choice)."""
     config = model.config
@@ -396,8 +415,9 @@ def profile_latency(
     device = weight.device
     table = LatencyTable(
         device.type, device_name(device), str(weight.dtype).removeprefix("torch."), config.num_layers,
-        config.num_heads, config.intermediate_size, torch.get_num_threads(),
+        config.num_heads, config.intermediate_size, torch.get_num_threads(), clock,
     )
+    _check_clock(clock, device)
     for phase, shapes in (("prefill", prefill_shapes), ("decode", decode_shapes)):
         for batch, length in shapes:
             if batch < 1 or length < 1 or length + 1 > config.max_position_embeddings:
@@ -408,20 +428,20 @@ def profile_latency(
             if progress is not None:
                 progress(f"profiling {phase} batch={batch} length={length}")
             functions = _component_functions(model, phase, batch, length, mlp_choices, head_choices)
-            times = median_times_ms(functions, device, repeats, warmup)
+            times = median_times_ms(functions, device, repeats, warmup, clock)
             layers = config.num_layers
             entry = ShapeCosts(
                 phase, batch, length, times["fixed"],
                 {w: times[("mlp", w)] / layers for w in mlp_choices},
                 {h: times[("attention", h)] / layers for h in head_choices},
             )
-            _calibrate(model, entry, mlp_choices, head_choices, repeats, warmup)
+            _calibrate(model, entry, mlp_choices, head_choices, repeats, warmup, clock)
             table.entries.append(entry)
     return table
 
 
 def _calibrate(model: FlextronModel, entry: ShapeCosts, mlp_choices: Sequence[int],
-               head_choices: Sequence[int], repeats: int, warmup: int) -> None:
+               head_choices: Sequence[int], repeats: int, warmup: int, clock: str) -> None:
     """Fit whole-model latency = fixed + overhead + scale * Σ layer costs on three uniform anchors.
 
     The sum of separately timed parts misses what only the whole forward has (the layer
@@ -434,8 +454,9 @@ def _calibrate(model: FlextronModel, entry: ShapeCosts, mlp_choices: Sequence[in
     middle_heads = head_choices[len(head_choices) // 2]
     anchors = [ArchConfig.uniform(config, min(mlp_choices), min(head_choices)),
                ArchConfig.uniform(config, middle_width, middle_heads), ArchConfig.full(config)]
-    measured = torch.tensor(measure_latency(model, anchors, entry.phase, entry.batch, entry.length, repeats,
-                                            warmup), dtype=torch.float64)
+    measured = measure_latency(model, anchors, entry.phase, entry.batch, entry.length, repeats, warmup,
+                               clock=clock)
+    measured = torch.tensor(measured, dtype=torch.float64)
     sums = torch.tensor([sum(entry.mlp_ms[w] + entry.attention_ms[h] for w, h in
                              zip(a.mlp_widths, a.heads, strict=True)) for a in anchors], dtype=torch.float64)
     design = torch.stack([torch.ones_like(sums), sums], 1)  # measured - fixed = overhead + scale * sums
@@ -463,7 +484,7 @@ def random_archs(config: ModelConfig, count: int, seed: int = 0) -> list[ArchCon
 @torch.inference_mode()
 def measure_latency(
     model: FlextronModel, archs: Sequence[ArchConfig], phase: str = "prefill", batch: int = 1,
-    length: int = 128, repeats: int = 15, warmup: int = 2, router: object | None = None,
+    length: int = 128, repeats: int = 15, warmup: int = 2, router: object | None = None, clock: str = "wall",
 ) -> list[float]:
     """Median measured ms of a whole-model forward for each configuration (round-robin).
 
@@ -487,7 +508,7 @@ def measure_latency(
 
         return forward
 
-    times = median_times_ms({i: run(a) for i, a in enumerate(archs)}, device, repeats, warmup)
+    times = median_times_ms({i: run(a) for i, a in enumerate(archs)}, device, repeats, warmup, clock)
     return [times[i] for i in range(len(archs))]
 
 
@@ -497,7 +518,7 @@ def check_table(
 ) -> list[dict[str, Any]]:
     """Predicted vs measured latency of `count` random configurations (rows with the error)."""
     archs = random_archs(model.config, count, seed)
-    measured = measure_latency(model, archs, phase, batch, length, repeats)
+    measured = measure_latency(model, archs, phase, batch, length, repeats, clock=table.clock)
     rows = []
     for arch, ms in zip(archs, measured, strict=True):
         predicted = table.predict(arch, phase, batch, length)

@@ -225,7 +225,8 @@ def train_router_surrogate(
             router_optimizer.step()
             for param in sm.parameters():
                 param.requires_grad_(True)
-            row.update(router_updated=True, latency_ms=float(latency.mean()), latency_loss=float(lat_loss))
+            row.update(router_updated=True, latency_ms=float(latency.detach().mean()),
+                       latency_loss=float(lat_loss.detach()))
         log.add(**row)
         if progress is not None:
             progress(row)
@@ -285,7 +286,7 @@ def train_end_to_end(
         loss.backward()
         optimizer.step()
         row = {"step": step, "budget": budget, "tau": tau, "task_loss": float(task.detach()),
-               "latency_ms": float(latency.mean()), "latency_loss": float(lat_loss)}
+               "latency_ms": float(latency.detach().mean()), "latency_loss": float(lat_loss.detach())}
         log.add(**row)
         if progress is not None:
             progress(row)

@@ -181,3 +181,13 @@ def test_thread_count_mismatch_warns(tmp_path) -> None:
     table.save(tmp_path)
     with pytest.warns(UserWarning, match="measured with 2 CPU threads, this process uses 1"):
         LatencyTable.load(tmp_path, device="cpu")
+
+
+def test_cpu_clock_needs_one_cpu_thread() -> None:
+    times = median_times_ms({"a": lambda: sum(range(1000))}, torch.device("cpu"), repeats=2, clock="cpu")
+    assert times["a"] >= 0
+    torch.set_num_threads(2)
+    with pytest.raises(ValueError, match="one thread"):
+        median_times_ms({"a": lambda: None}, torch.device("cpu"), clock="cpu")
+    with pytest.raises(ValueError, match="clock must be one of"):
+        median_times_ms({"a": lambda: None}, torch.device("cpu"), clock="gpu")
