@@ -131,6 +131,7 @@ class RouterTrainingConfig:
     sm_buffer: int = 1024
     sm_threshold: float = 0.05  # router steps only while the SM's recent relative error is below
     sm_error_decay: float = 0.9  # EMA of the SM's relative error on fresh samples
+    sm_probe_blocks: int = 4  # the fixed batch whose LM loss the SM learns
     # ---- misc
     loss: str = "kd"  # "kd" (distil from the full model) or "lm" (next-token loss)
     seed: int = 0
@@ -179,7 +180,10 @@ def train_router_surrogate(
     config: RouterTrainingConfig,
     progress: Callable[[dict], None] | None = None,
 ) -> tuple[SurrogateModel, TrainingLog]:
-    """The SM loop (LLM frozen).  Returns the trained SM and the per-step log."""
+    """The SM loop (LLM frozen).  Returns the trained SM and the per-step log.
+
+    The LM loss is measured on a fixed probe batch of `sm_probe_blocks` blocks.
+    """
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     for param in model.parameters():
@@ -194,10 +198,11 @@ def train_router_surrogate(
     router_optimizer = torch.optim.Adam(router.parameters(), lr=config.router_lr)
     buffer: deque = deque(maxlen=config.sm_buffer)
     error, log = math.inf, TrainingLog()
-    batches = _batches(blocks, config.batch_size, config.seed)
+    # One fixed probe batch: the SM's target is then a function of the configuration alone
+    # (batch-to-batch variance of the LM loss would otherwise swamp the SM's error).
+    batch = next(_batches(blocks, config.sm_probe_blocks, config.seed)).to(device)
     for step in range(config.steps):
         budget = rng.choice(list(config.budgets))
-        batch = next(batches).to(device)
         tau = schedule(step)
         # The LLM's parameters are frozen and the paths are not scaled, so only the router
         # builds a graph here.
