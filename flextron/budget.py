@@ -54,6 +54,52 @@ def uniform_arch_for_latency(model: FlextronModel, table: LatencyTable, target_m
     return min(candidates, key=lambda a: (abs(predicted[a] - target_ms), -predicted[a]))
 
 
+def fit_to_latency(router: StaticRouter, budget: float, table: LatencyTable, target_ms: float,
+                   shape: tuple[str, int, int], tolerance: float = 0.05) -> ArchConfig:
+    """The static router's configuration, nudged with the LUT until its predicted latency is
+    within `tolerance` of the target.
+
+    The router is trained to land inside this band (the latency loss's dead zone), but its
+    argmax can miss it at an untrained budget.  Each nudge moves one layer's MLP width or head
+    count one choice down (too slow) or up (too fast), picking the move that gives up the
+    least router logit per millisecond gained, so the router's preferences decide which
+    layers change.
+    """
+    with torch.no_grad():
+        mlp_logits, head_logits = (t.float().cpu() for t in router(budget))
+    logits = {"mlp": mlp_logits, "heads": head_logits}
+    choices = {"mlp": router.mlp_choices, "heads": router.head_choices}  # widest first
+    picks = {kind: logits[kind].argmax(-1).tolist() for kind in logits}
+    costs = table.costs(*shape)
+
+    def arch() -> ArchConfig:
+        return ArchConfig(tuple(choices["mlp"][i] for i in picks["mlp"]),
+                          tuple(choices["heads"][i] for i in picks["heads"]))
+
+    def cost(kind: str, index: int) -> float:
+        value = choices[kind][index]
+        return table.choice_cost(costs.mlp_ms if kind == "mlp" else costs.attention_ms, value)
+
+    for _ in range(sum(len(c) for c in choices.values()) * router.num_layers):
+        predicted = table.predict(arch(), *shape)
+        if abs(predicted - target_ms) <= tolerance * target_ms:
+            break
+        step = 1 if predicted > target_ms else -1  # +1: a narrower choice (lists are widest first)
+        moves = []
+        for kind in picks:
+            for layer, index in enumerate(picks[kind]):
+                new = index + step
+                if 0 <= new < len(choices[kind]):
+                    gain = abs(cost(kind, index) - cost(kind, new))
+                    regret = float(logits[kind][layer, index] - logits[kind][layer, new])
+                    moves.append((regret / max(gain, 1e-9), kind, layer, new))
+        if not moves:
+            break
+        _, kind, layer, new = min(moves)
+        picks[kind][layer] = new
+    return arch()
+
+
 @dataclass
 class Selection:
     """The sub-network chosen for a budget: a configuration, or a dynamic router."""
@@ -128,6 +174,9 @@ class BudgetResolver:
             return Selection("dynamic", budget, router=router)
         if routing == "static":
             arch = router.arch(budget)
+            if self.table is not None:
+                full = self.table.predict(self.model.full_arch(), *self.shape)
+                arch = fit_to_latency(router, budget, self.table, budget * full, self.shape)
         elif self.table is not None:
             full = self.table.predict(self.model.full_arch(), *self.shape)
             arch = uniform_arch_for_latency(self.model, self.table, budget * full, self.shape)

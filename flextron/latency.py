@@ -165,7 +165,7 @@ class LatencyTable:
         )
 
     @staticmethod
-    def _choice_cost(table: dict[int, float], choice: int) -> float:
+    def choice_cost(table: dict[int, float], choice: int) -> float:
         keys = sorted(table)
         return max(0.0, _interpolate(keys, [table[k] for k in keys], choice))
 
@@ -176,7 +176,7 @@ class LatencyTable:
         costs = self.costs(phase, batch, length)
         total = costs.fixed_ms
         for width, heads in zip(arch.mlp_widths, arch.heads, strict=True):
-            total += self._choice_cost(costs.mlp_ms, width) + self._choice_cost(costs.attention_ms, heads)
+            total += self.choice_cost(costs.mlp_ms, width) + self.choice_cost(costs.attention_ms, heads)
         return total
 
     def cost_vectors(
@@ -184,8 +184,8 @@ class LatencyTable:
     ) -> tuple[float, torch.Tensor, torch.Tensor]:
         """(fixed ms, per-layer ms of each MLP choice (Cm,), of each head choice (Ch,))."""
         costs = self.costs(phase, batch, length)
-        mlp = torch.tensor([self._choice_cost(costs.mlp_ms, w) for w in mlp_choices])
-        attention = torch.tensor([self._choice_cost(costs.attention_ms, h) for h in head_choices])
+        mlp = torch.tensor([self.choice_cost(costs.mlp_ms, w) for w in mlp_choices])
+        attention = torch.tensor([self.choice_cost(costs.attention_ms, h) for h in head_choices])
         return costs.fixed_ms, mlp, attention
 
     def latency_range(

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from flextron.budget import BudgetResolver, parse_shape
+from flextron.budget import BudgetResolver, fit_to_latency, parse_shape
 from flextron.cli import main
-from flextron.config import ArchConfig
 from flextron.latency import LUT_FILE
+from flextron.loading import load_model
+from flextron.model import FlextronModel
 from flextron.nn.routers import DynamicRouter, StaticRouter, load_routers, save_routers
 from tests.test_latency import synthetic_table
 from tests.tiny_models import tiny_flextron, tiny_hf_dir
@@ -77,7 +78,7 @@ def test_static_router_interpolates_between_trained_budgets_and_rejects_others(m
     resolver = BudgetResolver(model, path)
     selection = resolver.select(budget=0.6)  # auto: the static router
     assert selection.routing == "static"
-    assert selection.arch == routers["static"].arch(0.6)
+    assert selection.predicted_ms == pytest.approx(0.6 * 14.0, rel=0.05)
     weights = routers["static"].encoder(0.6)
     assert torch.allclose(weights, torch.tensor([[0.6, 0.4, 0.0]]))
     with pytest.raises(ValueError, match=r"trained range \[0.5, 1\]"):
@@ -144,7 +145,20 @@ def test_cli_profile_train_router_and_budget_driven_commands(tmp_path, capsys) -
                  "--seq-len", "16", "--max-blocks", "2"]) == 0
     assert main(["export", "--model", str(out), "--out", str(tmp_path / "small"), "--budget", "0.5",
                  "--routing", "static"]) == 0
-    small = json.loads((tmp_path / "small" / "config.json").read_text())
-    exported = routers["static"].arch(0.5)
-    assert small["model"]["layer_intermediate_sizes"] in (None, list(exported.mlp_widths))
-    assert isinstance(exported, ArchConfig)
+    model = FlextronModel.from_pretrained(out)
+    chosen = BudgetResolver(model, out).select(budget=0.5, routing="static").arch
+    assert load_model(tmp_path / "small").num_parameters() == model.num_parameters(chosen)
+    with pytest.raises(SystemExit):  # export takes static configurations only
+        main(["export", "--model", str(out), "--out", str(tmp_path / "bad"), "--routing", "dynamic"])
+
+
+def test_fit_to_latency_nudges_the_router_configuration_into_the_band(model_dir) -> None:
+    model, _, routers = model_dir
+    router, table, shape = routers["static"], synthetic_table(), ("prefill", 1, 16)
+    for budget in (0.5, 0.75, 1.0):
+        arch = fit_to_latency(router, budget, table, budget * 14.0, shape)
+        assert table.predict(arch, *shape) == pytest.approx(budget * 14.0, rel=0.05)
+    # Already inside the band: the router's own choice is kept.
+    raw = router.arch(0.75)
+    target = table.predict(raw, *shape)
+    assert fit_to_latency(router, 0.75, table, target, shape) == raw
