@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--speedup-batch", type=int, default=4, help="batch of the dynamic speedup test")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="runs/routers")
+    parser.add_argument("--include", default=None,
+                        help="routers.json of an earlier run whose rows join this run's table and plot")
     return parser.parse_args(argv)
 
 
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     clock = resolver.table.clock
     blocks = load_blocks(model.tokenizer, None, args.seq_len, args.eval_blocks, split="eval")
     budgets = [float(b) for b in args.budgets.split(",")]
-    rows = []
+    rows = json.loads(Path(args.include).read_text())["rows"] if args.include else []
     for routing in args.routings.split(","):
         for budget in budgets:
             selection = resolver.select(budget=budget, routing=routing)

@@ -338,6 +338,7 @@ def profile(args: argparse.Namespace) -> None:
     arg("--router-lr", type=float, default=1e-3),
     arg("--model-lr", type=float, default=1e-5),
     arg("--sm-threshold", type=float, default=0.05, help="router steps only while the SM's error is below"),
+    arg("--sm-updates", type=int, default=4, help="SM minibatch steps per LLM step"),
     arg("--loss", choices=("kd", "lm"), default="kd"),
     arg("--mlp-choices", type=int, default=8, help="MLP widths the router picks from (smallest to full)"),
     arg("--hidden-size", type=int, default=128, help="router width"),
@@ -375,7 +376,7 @@ def train_router(args: argparse.Namespace) -> None:
     config = RouterTrainingConfig(
         budgets=tuple(args.budgets), latency_weight=args.latency_weight, steps=args.steps,
         batch_size=args.batch_size, router_lr=args.router_lr, model_lr=args.model_lr,
-        sm_threshold=args.sm_threshold, loss=args.loss, seed=args.seed,
+        sm_threshold=args.sm_threshold, sm_updates=args.sm_updates, loss=args.loss, seed=args.seed,
     )
 
     def show(row: dict) -> None:

@@ -44,15 +44,20 @@ Router = StaticRouter | DynamicRouter
 
 
 class SurrogateModel(nn.Module):
-    """Router outputs (N, F) -> predicted LM loss (N,): a 2-layer MLP."""
+    """Router outputs (N, F) -> predicted LM loss (N,): a linear term plus a 2-layer MLP.
+
+    The linear term carries the (mostly additive) cost of each layer's choice and generalises
+    from few samples; the MLP learns the interactions between layers.
+    """
 
     def __init__(self, in_features: int, hidden_size: int = 256) -> None:
         super().__init__()
+        self.linear = nn.Linear(in_features, 1)
         self.net = nn.Sequential(nn.Linear(in_features, hidden_size), nn.LeakyReLU(),
                                  nn.Linear(hidden_size, 1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features).squeeze(-1)
+        return (self.linear(features) + self.net(features)).squeeze(-1)
 
 
 @dataclass
@@ -131,7 +136,7 @@ class RouterTrainingConfig:
     sm_buffer: int = 1024
     sm_threshold: float = 0.05  # router steps only while the SM's recent relative error is below
     sm_error_decay: float = 0.9  # EMA of the SM's relative error on fresh samples
-    sm_probe_blocks: int = 4  # the fixed batch whose LM loss the SM learns
+    sm_probe_blocks: int = 2  # the fixed batch whose LM loss the SM learns
     # ---- misc
     loss: str = "kd"  # "kd" (distil from the full model) or "lm" (next-token loss)
     seed: int = 0
