@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import flextron_twin, tiny_flextron, tiny_hf_model
 
 from flextron import reference
 from flextron.config import ArchConfig, ModelConfig, arch_for_budget, count_parameters
 from flextron.nn.rope import rope_frequencies
+from tests.tiny_models import flextron_twin, tiny_flextron, tiny_hf_model
 
 VARIANTS = {
     "gqa": dict(kv_heads=2),
