@@ -341,6 +341,8 @@ def profile(args: argparse.Namespace) -> None:
     arg("--model-lr", type=float, default=1e-5),
     arg("--sm-threshold", type=float, default=0.05, help="router steps only while the SM's error is below"),
     arg("--sm-updates", type=int, default=4, help="SM minibatch steps per LLM step"),
+    arg("--tau", type=float, nargs=2, default=(1.0, 0.1), metavar=("START", "END"),
+        help="Gumbel-softmax temperature, annealed exponentially from START to END"),
     arg("--loss", choices=("kd", "lm"), default="kd"),
     arg("--mlp-choices", type=int, default=8, help="MLP widths the router picks from (smallest to full)"),
     arg("--hidden-size", type=int, default=128, help="router width"),
@@ -379,6 +381,7 @@ def train_router(args: argparse.Namespace) -> None:
         budgets=tuple(args.budgets), latency_weight=args.latency_weight, steps=args.steps,
         batch_size=args.batch_size, router_lr=args.router_lr, model_lr=args.model_lr,
         sm_threshold=args.sm_threshold, sm_updates=args.sm_updates, loss=args.loss, seed=args.seed,
+        tau_start=args.tau[0], tau_end=args.tau[1],
     )
 
     def show(row: dict) -> None:
