@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ import torch
 from flextron.budget import BudgetResolver, dynamic_perplexity
 from flextron.data import load_blocks
 from flextron.evaluate import perplexity
-from flextron.latency import measure_latency
+from flextron.latency import measure_latency, median_times_ms
 from flextron.model import FlextronModel
 
 
@@ -89,27 +90,34 @@ def main(argv: list[str] | None = None) -> int:
     blocks = load_blocks(model.tokenizer, None, args.seq_len, args.eval_blocks, split="eval")
     budgets = [float(b) for b in args.budgets.split(",")]
     rows = json.loads(Path(args.include).read_text())["rows"] if args.include else []
-    for routing in args.routings.split(","):
-        for budget in budgets:
-            selection = resolver.select(budget=budget, routing=routing)
-            if selection.arch is not None:
-                measured = measure_latency(model, [selection.arch], phase, batch, length, args.repeats,
-                                           clock=clock)[0]
-                ppl, _ = perplexity(model, blocks, selection.arch)
-                params = model.num_parameters(selection.arch)
-            else:
-                session = selection.session(batch)
-                measured = measure_latency(model, [model.full_arch()], phase, batch, length, args.repeats,
-                                           router=session, clock=clock)[0]
-                ppl, params = dynamic_perplexity(model, blocks, selection)
-            target = budget * full_ms
-            row = {"routing": routing, "budget": budget, "target_ms": target, "measured_ms": measured,
-                   "predicted_ms": selection.predicted_ms, "error": (measured - target) / target,
-                   "perplexity": ppl, "parameters": params,
-                   "arch": None if selection.arch is None else selection.arch.to_dict()}
-            rows.append(row)
-            print(f"{routing:>8} {budget:.2f}: target {target:7.2f} ms measured {measured:7.2f} ms "
-                  f"({100 * row['error']:+.1f}%) ppl {ppl:8.2f}", file=sys.stderr, flush=True)
+    # Select first, then time every selection in one round-robin measurement, so that drifts
+    # of a shared machine hit all rows alike.
+    selections = [(routing, budget, resolver.select(budget=budget, routing=routing))
+                  for routing in args.routings.split(",") for budget in budgets]
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)
+
+    def forward(selection) -> Callable[[], object]:
+        session = selection.session(batch)  # dynamic: heads fixed at its first call, as in generation
+        return lambda: model(ids, selection.arch, last_only=True, router=session)
+
+    with torch.inference_mode():
+        times = median_times_ms({i: forward(s) for i, (_, _, s) in enumerate(selections)},
+                                torch.device("cpu"), args.repeats, 2, clock)
+    for index, (routing, budget, selection) in enumerate(selections):
+        if selection.arch is not None:
+            ppl, _ = perplexity(model, blocks, selection.arch)
+            params = model.num_parameters(selection.arch)
+        else:
+            ppl, params = dynamic_perplexity(model, blocks, selection)
+        target, measured = budget * full_ms, times[index]
+        row = {"routing": routing, "budget": budget, "target_ms": target, "measured_ms": measured,
+               "predicted_ms": selection.predicted_ms, "error": (measured - target) / target,
+               "perplexity": ppl, "parameters": params,
+               "arch": None if selection.arch is None else selection.arch.to_dict()}
+        rows.append(row)
+        print(f"{routing:>8} {budget:.2f}: target {target:7.2f} ms measured {measured:7.2f} ms "
+              f"({100 * row['error']:+.1f}%) ppl {ppl:8.2f}", file=sys.stderr, flush=True)
     speedup = dynamic_speedup(model, resolver, args.speedup_batch, length, args.repeats, budgets,
                               clock)
     summary = {"shape": resolver.shape, "full_ms_lut": full_ms, "device": resolver.table.device_name,

@@ -55,15 +55,15 @@ def uniform_arch_for_latency(model: FlextronModel, table: LatencyTable, target_m
 
 
 def fit_to_latency(router: StaticRouter, budget: float, table: LatencyTable, target_ms: float,
-                   shape: tuple[str, int, int], tolerance: float = 0.05) -> ArchConfig:
+                   shape: tuple[str, int, int], tolerance: float = 0.02) -> ArchConfig:
     """The static router's configuration, nudged with the LUT until its predicted latency is
     within `tolerance` of the target.
 
-    The router is trained to land inside this band (the latency loss's dead zone), but its
-    argmax can miss it at an untrained budget.  Each nudge moves one layer's MLP width or head
-    count one choice down (too slow) or up (too fast), picking the move that gives up the
-    least router logit per millisecond gained, so the router's preferences decide which
-    layers change.
+    The router is trained to land near the target (within the latency loss's 5% dead zone),
+    but its argmax can miss it, at an untrained budget or after a short training.  Each nudge
+    moves one layer's MLP width or head count one choice down (too slow) or up (too fast),
+    picking the move that gives up the least router logit per millisecond gained, so the
+    router's preferences decide which layers change.
     """
     with torch.no_grad():
         mlp_logits, head_logits = (t.float().cpu() for t in router(budget))
