@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--speedup-batch", type=int, default=4, help="batch of the dynamic speedup test")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="runs/routers")
+    parser.add_argument("--label", default=None, help="name this run's rows ROUTING-LABEL (e.g. static-e2e)")
     parser.add_argument("--include", default=None,
                         help="routers.json of an earlier run whose rows join this run's table and plot")
     return parser.parse_args(argv)
@@ -56,7 +57,9 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
-    for routing, marker in (("uniform", "o-"), ("static", "s-"), ("dynamic", "^-")):
+    markers = iter("os^vDP*X")
+    for routing in dict.fromkeys(r["routing"] for r in rows):
+        marker = next(markers, "o") + "-"
         points = sorted((r["measured_ms"], r["perplexity"], r["budget"])
                         for r in rows if r["routing"] == routing)
         if points:
@@ -111,12 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ppl, params = dynamic_perplexity(model, blocks, selection)
         target, measured = budget * full_ms, times[index]
-        row = {"routing": routing, "budget": budget, "target_ms": target, "measured_ms": measured,
+        name = routing if args.label is None else f"{routing}-{args.label}"
+        row = {"routing": name, "budget": budget, "target_ms": target, "measured_ms": measured,
                "predicted_ms": selection.predicted_ms, "error": (measured - target) / target,
                "perplexity": ppl, "parameters": params,
                "arch": None if selection.arch is None else selection.arch.to_dict()}
         rows.append(row)
-        print(f"{routing:>8} {budget:.2f}: target {target:7.2f} ms measured {measured:7.2f} ms "
+        print(f"{name:>8} {budget:.2f}: target {target:7.2f} ms measured {measured:7.2f} ms "
               f"({100 * row['error']:+.1f}%) ppl {ppl:8.2f}", file=sys.stderr, flush=True)
     speedup = dynamic_speedup(model, resolver, args.speedup_batch, length, args.repeats, budgets,
                               clock)
