@@ -1,8 +1,8 @@
 """Text data: the built-in corpus, text sources on disk, tokenization and packing.
 
 Built-in corpus: Python's own documentation topics (`pydoc_data.topics`, in every CPython
-install), split deterministically by topic: every fifth topic (in sorted order) is held
-out for evaluation, the rest is for calibration and training.
+install), split deterministically by topic: every fifth distinct topic text (in sorted
+topic-name order) is held out for evaluation, the rest is for calibration and training.
 
 Sources: a text file, a JSONL file (one object per line with a "text" field), a
 directory (its .txt/.md/.jsonl files, recursively, in sorted order), or a Hugging Face
@@ -27,10 +27,10 @@ def builtin_texts(split: str = "train") -> list[str]:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     from pydoc_data.topics import topics
 
-    names = sorted(topics)
-    held_out = {name for index, name in enumerate(names) if index % HELD_OUT_EVERY == 0}
-    keep = held_out if split == "eval" else set(names) - held_out
-    return [topics[name] for name in names if name in keep]
+    # Some topics share a text: deduplicate (in sorted-name order) before splitting.
+    texts = list(dict.fromkeys(topics[name] for name in sorted(topics)))
+    held_out = split == "eval"
+    return [text for index, text in enumerate(texts) if (index % HELD_OUT_EVERY == 0) == held_out]
 
 
 def _jsonl_texts(path: Path) -> list[str]:

@@ -44,3 +44,27 @@ def flextron_twin(hf_model: LlamaForCausalLM) -> FlextronModel:
 
 def tiny_flextron(seed: int = 0, **config) -> FlextronModel:
     return flextron_twin(tiny_hf_model(seed, **config))
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (259 ids < the tiny vocab of 300) with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{c: i + 3 for i, c in enumerate(sorted(alphabet))}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
+                                        pad_token="<pad>")
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    return tokenizer
+
+
+def tiny_hf_dir(path, **config) -> LlamaForCausalLM:
+    """Write a tiny Hugging Face model directory (safetensors + tokenizer) to `path`."""
+    model = tiny_hf_model(**config)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return model

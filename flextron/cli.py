@@ -1,0 +1,245 @@
+"""The `flextron` command line (also `python -m flextron`).
+
+Each subcommand is one function registered with @command, its arguments declared in the
+decorator:
+
+    @command("hello", "say hello", arg("--name", default="world"))
+    def hello(args: argparse.Namespace) -> None:
+        print(f"hello {args.name}")
+
+Model sources (--model): "default" (the embedded SmolLM2-135M-Instruct), a .gguf file, a
+Hugging Face directory, or a Flextron directory (from convert / save_pretrained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, tuple]] = {}
+
+
+def arg(*names: str, **options: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """One argparse argument, as given to add_argument."""
+    return names, options
+
+
+def command(name: str, help: str, *arguments: tuple[tuple[str, ...], dict[str, Any]]):
+    """Register a subcommand: the decorated function receives the parsed arguments."""
+
+    def register(function: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
+        COMMANDS[name] = (function, help, arguments)
+        return function
+
+    return register
+
+
+MODEL = arg("--model", default="default", help="default | FILE.gguf | HF or Flextron directory")
+
+
+def parse_budgets(text: str) -> list[float]:
+    from flextron.config import check_budget
+
+    try:
+        return [check_budget(float(part)) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def _load(source: str):
+    from flextron.loading import load_model
+
+    start = time.perf_counter()
+    model = load_model(source)
+    seconds, millions = time.perf_counter() - start, model.num_parameters() / 1e6
+    print(f"loaded {source} in {seconds:.1f}s: {millions:.1f}M parameters", file=sys.stderr)
+    return model
+
+
+def _choose_arch(model, args: argparse.Namespace):
+    """The configuration from --arch (a JSON file) or --budget."""
+    from flextron.evaluate import load_arch_file
+
+    if getattr(args, "arch", None):
+        archs = load_arch_file(args.arch)
+        if len(archs) != 1:
+            raise ValueError(f"{args.arch}: expected one configuration, found {len(archs)}")
+        return next(iter(archs.values()))[1]
+    return model.arch_for_budget(args.budget)
+
+
+# ---- commands
+
+
+@command(
+    "info", "show a model's configuration, sub-network choices and parameters per budget",
+    MODEL,
+    arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25]),
+)
+def info(args: argparse.Namespace) -> None:
+    from flextron import ops
+
+    model = _load(args.model)
+    config = model.config
+    print(json.dumps(config.to_dict(), indent=2))
+    print(f"MLP width choices: {config.mlp_choices()}")
+    print(f"head choices (whole KV groups of {config.group_size}): {config.head_choices()}")
+    print(f"converted (importance scores present): {bool(model.importance)}")
+    for budget in args.budgets:
+        arch = model.arch_for_budget(budget)
+        print(f"budget {budget:g}: MLP {arch.mlp_widths[0]}, heads {arch.heads[0]}, "
+              f"{model.num_parameters(arch) / 1e6:.1f}M parameters")
+    print("kernels:", {name: ops.backends(name) for name in ops.OP_NAMES})
+
+
+@command(
+    "convert", "rank neurons/heads on calibration text, permute, save a Flextron directory",
+    MODEL,
+    arg("--out", required=True, help="output directory"),
+    arg("--calib", default="builtin", help="calibration text: builtin | file | dir | .jsonl | saved dataset"),
+    arg("--samples", type=int, default=32, help="calibration blocks"),
+    arg("--seq-len", type=int, default=256, help="tokens per calibration block"),
+    arg("--batch-size", type=int, default=4),
+)
+def convert(args: argparse.Namespace) -> None:
+    from flextron.convert import convert as convert_model
+    from flextron.data import load_blocks
+
+    model = _load(args.model)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer: calibration text cannot be tokenized")
+    blocks = load_blocks(model.tokenizer, args.calib, args.seq_len, args.samples, split="train")
+    print(f"calibrating on {blocks.shape[0]} x {blocks.shape[1]} tokens", file=sys.stderr)
+    convert_model(model, blocks, args.batch_size)
+    model.save_pretrained(args.out)
+    print(f"saved the converted model (and importance.safetensors) to {args.out}")
+
+
+@command(
+    "eval", "perplexity at several budgets or configurations: table, JSON, PNG plot",
+    MODEL,
+    arg("--data", default="builtin", help="builtin (held-out split) | file | dir | .jsonl | saved dataset"),
+    arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25], help="comma-separated, in (0, 1]"),
+    arg("--arch", help="JSON file: a configuration or a {name: configuration} map (instead of budgets)"),
+    arg("--seq-len", type=int, default=512),
+    arg("--max-blocks", type=int, default=None, help="evaluate at most this many blocks"),
+    arg("--batch-size", type=int, default=2),
+    arg("--json", default=None, help="write the results here"),
+    arg("--plot", default=None, help="write a PNG plot of perplexity vs parameters here"),
+)
+def evaluate(args: argparse.Namespace) -> None:
+    from flextron.data import load_blocks
+    from flextron.evaluate import (
+        archs_for_budgets,
+        evaluate_archs,
+        format_table,
+        load_arch_file,
+        write_results,
+    )
+
+    model = _load(args.model)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer: evaluation text cannot be tokenized")
+    blocks = load_blocks(model.tokenizer, args.data, args.seq_len, args.max_blocks, split="eval")
+    archs = load_arch_file(args.arch) if args.arch else archs_for_budgets(model, args.budgets)
+    rows = evaluate_archs(model, blocks, archs, args.batch_size)
+    print(f"perplexity on {blocks.numel()} tokens ({args.data}):")
+    print(format_table(rows))
+    write_results(rows, args.json, args.plot)
+
+
+@command(
+    "generate", "answer a prompt at a budget, streaming the tokens",
+    MODEL,
+    arg("prompt"),
+    arg("--budget", type=float, default=1.0),
+    arg("--arch", help="JSON file with one configuration (instead of --budget)"),
+    arg("--max-new-tokens", type=int, default=128),
+    arg("--temperature", type=float, default=0.0, help="0 = greedy"),
+    arg("--top-p", type=float, default=1.0),
+    arg("--seed", type=int, default=None),
+    arg("--no-chat", action="store_true", help="do not apply the chat template"),
+)
+def generate(args: argparse.Namespace) -> None:
+    from flextron.generate import generate_text
+
+    model = _load(args.model)
+    arch = _choose_arch(model, args)
+
+    def show(piece: str) -> None:
+        print(piece, end="", flush=True)
+
+    start = time.perf_counter()
+    generate_text(model, args.prompt, arch, args.max_new_tokens, args.temperature, args.top_p,
+                  chat=not args.no_chat, seed=args.seed, on_text=show)
+    print(f"\n[{time.perf_counter() - start:.1f}s]", file=sys.stderr)
+
+
+@command(
+    "export", "write one sub-network as a standalone model (HF Llama when uniform)",
+    MODEL,
+    arg("--out", required=True),
+    arg("--budget", type=float, default=1.0),
+    arg("--arch", help="JSON file with one configuration (per-layer allowed) instead of --budget"),
+    arg("--format", choices=("auto", "hf", "flextron"), default="auto",
+        help="auto: a Hugging Face Llama directory for uniform configurations, else Flextron"),
+)
+def export(args: argparse.Namespace) -> None:
+    from flextron.export import export as export_model
+
+    model = _load(args.model)
+    arch = _choose_arch(model, args)
+    used = export_model(model, arch, args.out, args.format)
+    print(f"exported a {model.num_parameters(arch) / 1e6:.1f}M-parameter sub-network as {used} to {args.out}")
+
+
+@command(
+    "demo", "the embedded SmolLM2 end to end: convert, perplexity per budget, plot, answers",
+    arg("--out", default="runs/demo", help="directory for the converted model, table, JSON and plot"),
+    arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25]),
+    arg("--calib-samples", type=int, default=16),
+    arg("--eval-blocks", type=int, default=12, help="held-out blocks of 256 tokens"),
+    arg("--prompt", default="What is the capital of France? Answer in one sentence."),
+    arg("--max-new-tokens", type=int, default=40),
+)
+def demo(args: argparse.Namespace) -> None:
+    from flextron.demo import run_demo
+
+    run_demo(
+        Path(args.out), args.budgets, args.calib_samples, args.eval_blocks, args.prompt, args.max_new_tokens
+    )
+
+
+# ---- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flextron", description="Flextron: many-in-one elastic LLMs")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (function, help, arguments) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help, description=help)
+        for names, options in arguments:
+            sub.add_argument(*names, **options)
+        sub.set_defaults(function=function)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; bad input exits with status 2 and a one-line error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.function(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"flextron {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Perplexity of sub-networks: per budget or configuration, with measured throughput.
+
+Results are rows {"name", "budget", "arch", "parameters", "tokens_per_s", "perplexity"},
+printed as a table, written as JSON, and plotted (perplexity vs parameters).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from flextron.checkpoint import write_json_atomic
+from flextron.config import ArchConfig
+from flextron.model import FlextronModel
+
+
+@torch.no_grad()
+def perplexity(
+    model: FlextronModel,
+    blocks: torch.Tensor,
+    arch: ArchConfig | None = None,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> tuple[float, float]:
+    """(perplexity, tokens/s) of next-token prediction over blocks (N, S) of token ids.
+
+    Every position but the last of each block is scored; tokens/s counts the tokens run
+    through the model (N * S) over the wall time of the forward passes.
+    """
+    if blocks.dim() != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
+        raise ValueError(f"blocks must be (num_blocks, seq_len >= 2), got {tuple(blocks.shape)}")
+    device = model.embed_tokens.weight.device
+    total_loss, total_scored, elapsed = 0.0, 0, 0.0
+    for batch in tqdm(blocks.split(batch_size), desc="perplexity", disable=not progress, unit="batch"):
+        batch = batch.to(device)
+        start = time.perf_counter()
+        logits = model(batch, arch)  # (B, S, V)
+        elapsed += time.perf_counter() - start
+        targets = batch[:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum"
+        )
+        total_loss += loss.item()
+        total_scored += targets.numel()
+    return math.exp(total_loss / total_scored), blocks.numel() / elapsed
+
+
+def evaluate_archs(
+    model: FlextronModel,
+    blocks: torch.Tensor,
+    archs: dict[str, tuple[float | None, ArchConfig]],
+    batch_size: int = 4,
+    progress: bool = True,
+) -> list[dict]:
+    """One result row per named (budget or None, configuration)."""
+    rows = []
+    for name, (budget, arch) in tqdm(archs.items(), desc="configurations", disable=not progress):
+        ppl, tokens_per_s = perplexity(model, blocks, arch, batch_size)
+        rows.append({
+            "name": name,
+            "budget": budget,
+            "arch": arch.to_dict(),
+            "parameters": model.num_parameters(arch),
+            "tokens_per_s": tokens_per_s,
+            "perplexity": ppl,
+        })
+    return rows
+
+
+def archs_for_budgets(
+    model: FlextronModel, budgets: list[float]
+) -> dict[str, tuple[float | None, ArchConfig]]:
+    return {f"budget {b:g}": (b, model.arch_for_budget(b)) for b in budgets}
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table: name, budget, parameters, tokens/s, perplexity."""
+    header = f"{'configuration':<16} {'budget':>6} {'params (M)':>10} {'tokens/s':>9} {'perplexity':>10}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        budget = "-" if row["budget"] is None else f"{row['budget']:.2f}"
+        lines.append(
+            f"{row['name']:<16} {budget:>6} {row['parameters'] / 1e6:>10.1f} "
+            f"{row['tokens_per_s']:>9.0f} {row['perplexity']:>10.2f}"
+        )
+    return "\n".join(lines)
+
+
+def write_results(rows: list[dict], json_path: str | os.PathLike | None, plot_path: str | os.PathLike | None,
+                  title: str = "Flextron sub-networks") -> None:
+    """Write the rows as JSON and/or a PNG plot of perplexity vs parameters."""
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(json_path), {"results": rows})
+    if plot_path is not None:
+        plot_perplexity(rows, plot_path, title)
+
+
+def plot_perplexity(rows: list[dict], path: str | os.PathLike, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    params = [row["parameters"] / 1e6 for row in rows]
+    ppls = [row["perplexity"] for row in rows]
+    axis.plot(params, ppls, "o-")
+    for row, x, y in zip(rows, params, ppls, strict=True):
+        axis.annotate(row["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axis.set_xlabel("parameters (M)")
+    axis.set_ylabel("perplexity")
+    axis.set_yscale("log")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temp, dpi=120)
+    plt.close(figure)
+    os.replace(temp, path)
+
+
+def load_arch_file(path: str | os.PathLike) -> dict[str, tuple[float | None, ArchConfig]]:
+    """Configurations from JSON: one {"mlp_widths": [...], "heads": [...]} or a {name: that} map."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read a configuration ({error})") from error
+    if isinstance(data, dict) and "mlp_widths" in data:
+        return {Path(path).stem: (None, ArchConfig.from_dict(data))}
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{path}: expected a configuration or a non-empty map of named configurations")
+    return {name: (None, ArchConfig.from_dict(arch)) for name, arch in data.items()}

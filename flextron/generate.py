@@ -1,0 +1,112 @@
+"""Text generation with a KV cache: greedy, temperature and top-p (nucleus) sampling.
+
+The sub-network (an ArchConfig, e.g. from a budget) is fixed for the whole generation:
+the head choice made at prefill must hold while the cache is read back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from flextron.config import ArchConfig
+from flextron.model import FlextronModel
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> int:
+    """One token id from logits (V,): argmax when temperature == 0, else top-p sampling."""
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, sorted_ids = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        outside = sorted_probs.cumsum(0) - sorted_probs >= top_p
+        sorted_probs[outside] = 0
+        return int(sorted_ids[torch.multinomial(sorted_probs, 1, generator=generator)])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def stream_tokens(
+    model: FlextronModel,
+    prompt_ids: list[int] | torch.Tensor,
+    arch: ArchConfig | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_ids: set[int] | None = None,
+    seed: int | None = None,
+) -> Iterator[int]:
+    """Yield new token ids one at a time (prefill once, then one cached step per token).
+
+    Stops after max_new_tokens, at a stop id (yielded first), or at the context's end.
+    ValueError when the prompt is empty or does not fit the context.
+    """
+    ids = torch.as_tensor(prompt_ids, dtype=torch.int64).flatten()
+    context = model.config.max_position_embeddings
+    if ids.numel() == 0:
+        raise ValueError("empty prompt")
+    if ids.numel() >= context:
+        raise ValueError(f"prompt of {ids.numel()} tokens does not fit the model's context of {context}")
+    arch = arch or model.full_arch()
+    steps = min(max_new_tokens, context - ids.numel())
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    device = model.embed_tokens.weight.device
+    cache = model.new_kv_cache(1, ids.numel() + steps)
+    logits = model(ids[None].to(device), arch, cache, last_only=True)  # (1, 1, V)
+    for step in range(steps):
+        token = sample_next(logits[0, -1], temperature, top_p, generator)
+        yield token
+        if (stop_ids and token in stop_ids) or step == steps - 1:
+            return
+        logits = model(torch.tensor([[token]], device=device), arch, cache)
+
+
+def chat_prompt_ids(tokenizer, prompt: str, chat: bool = True) -> list[int]:
+    """Token ids for a user prompt, through the tokenizer's chat template when it has one."""
+    if not prompt.strip():
+        raise ValueError("empty prompt")
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+def generate_text(
+    model: FlextronModel,
+    prompt: str,
+    arch: ArchConfig | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    chat: bool = True,
+    seed: int | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> str:
+    """The model's answer to `prompt`; on_text receives each new piece of text as it streams."""
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer; load one with the model or pass token ids")
+    stop = {i for i in (tokenizer.eos_token_id, model.config.eos_token_id) if isinstance(i, int)}
+    new_ids: list[int] = []
+    text = ""
+    for token in stream_tokens(
+        model, chat_prompt_ids(tokenizer, prompt, chat), arch, max_new_tokens, temperature, top_p, stop, seed
+    ):
+        if token in stop:
+            break
+        new_ids.append(token)
+        # Decode the whole answer each step: a token may complete a multi-byte character.
+        full = tokenizer.decode(new_ids, skip_special_tokens=True)
+        if on_text is not None and len(full) > len(text) and not full.endswith("\ufffd"):
+            on_text(full[len(text):])
+            text = full
+    return tokenizer.decode(new_ids, skip_special_tokens=True)

@@ -1,0 +1,105 @@
+"""The flextron command line on a tiny Hugging Face directory (in process, fast)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_model import assert_logits_close
+from tiny_models import tiny_hf_dir
+from transformers import LlamaForCausalLM
+
+from flextron.cli import COMMANDS, main
+from flextron.model import FlextronModel
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """(HF source dir, converted Flextron dir) of a tiny random model."""
+    root = tmp_path_factory.mktemp("cli")
+    hf = tiny_hf_dir(root / "hf", kv_heads=2)
+    out = root / "converted"
+    assert main(["convert", "--model", str(root / "hf"), "--out", str(out), "--samples", "4",
+                 "--seq-len", "32"]) == 0
+    return hf, out
+
+
+def test_subcommands_exist() -> None:
+    assert {"demo", "convert", "eval", "generate", "export", "info"} <= set(COMMANDS)
+
+
+def test_convert_writes_a_flextron_directory_equal_to_the_source(converted) -> None:
+    hf, out = converted
+    model = FlextronModel.from_pretrained(out)
+    assert model.importance and model.tokenizer is not None
+    ids = torch.randint(0, 300, (1, 19))
+    with torch.no_grad():
+        assert_logits_close(model(ids), hf(ids).logits)
+
+
+def test_eval_table_json_plot(converted, tmp_path, capsys) -> None:
+    _, out = converted
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    argv = ["eval", "--model", str(out), "--data", str(tmp_path / "text.txt"), "--budgets", "1,0.5",
+            "--seq-len", "64", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")]
+    assert main(argv) == 0
+    assert "perplexity" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [r["budget"] for r in rows] == [1.0, 0.5] and all(r["perplexity"] > 1 for r in rows)
+    assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_generate_streams_text(converted, capsys) -> None:
+    _, out = converted
+    assert main(["generate", "--model", str(out), "--budget", "0.5", "--max-new-tokens", "5", "hello"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_export_budget_loads_in_transformers(converted, tmp_path) -> None:
+    _, out = converted
+    assert main(["export", "--model", str(out), "--budget", "0.5", "--out", str(tmp_path / "small")]) == 0
+    hf_small = LlamaForCausalLM.from_pretrained(tmp_path / "small", dtype=torch.float32).eval()
+    model = FlextronModel.from_pretrained(out)
+    ids = torch.randint(0, 300, (1, 13))
+    with torch.no_grad():
+        assert_logits_close(hf_small(ids).logits, model(ids, model.arch_for_budget(0.5)))
+
+
+def test_export_per_layer_arch_file(converted, tmp_path) -> None:
+    _, out = converted
+    (tmp_path / "arch.json").write_text(json.dumps({"mlp_widths": [64, 256], "heads": [2, 4]}))
+    assert main(["export", "--model", str(out), "--arch", str(tmp_path / "arch.json"),
+                 "--out", str(tmp_path / "mixed")]) == 0
+    assert FlextronModel.from_pretrained(tmp_path / "mixed").config.layer_num_heads == [2, 4]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--budget", "1.5", "hi"], "budget must be a number in (0, 1]"),
+        (["eval", "--data", "{empty}"], "no text found"),
+        (["info", "--model", "{nowhere}"], "model not found"),
+    ],
+)
+def test_bad_input_gives_a_clear_error(converted, tmp_path, capsys, argv, message) -> None:
+    _, out = converted
+    (tmp_path / "empty.txt").write_text("")
+    argv = [a.format(empty=tmp_path / "empty.txt", nowhere=tmp_path / "nowhere") for a in argv]
+    if "--model" not in argv:
+        argv[1:1] = ["--model", str(out)]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_prompt_longer_than_context(converted, capsys) -> None:
+    _, out = converted
+    assert main(["generate", "--model", str(out), "--no-chat", "x" * 400]) == 2
+    assert "does not fit the model's context" in capsys.readouterr().err
+
+
+def test_python_dash_m_flextron_help() -> None:
+    result = subprocess.run([sys.executable, "-m", "flextron", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "convert" in result.stdout

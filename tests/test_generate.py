@@ -1,0 +1,58 @@
+"""Generation: KV-cache decoding equals a full recompute; sampling; bad prompts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_flextron
+
+from flextron.generate import sample_next, stream_tokens
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.5, 0.25])
+def test_cached_greedy_generation_equals_full_recompute(budget: float) -> None:
+    model = tiny_flextron(kv_heads=2, bias=True)
+    arch = model.arch_for_budget(budget)
+    prompt = torch.randint(0, 300, (9,))
+    generated = list(stream_tokens(model, prompt, arch, max_new_tokens=12))
+    assert len(generated) == 12
+    ids = prompt.tolist()
+    with torch.no_grad():
+        for token in generated:  # no cache: recompute the whole sequence every step
+            logits = model(torch.tensor([ids]), arch)
+            assert int(logits[0, -1].argmax()) == token
+            ids.append(token)
+
+
+def test_generation_stops_at_stop_id_and_context_end() -> None:
+    model = tiny_flextron()
+    prompt = torch.randint(0, 300, (5,))
+    first = next(stream_tokens(model, prompt, max_new_tokens=4))
+    assert list(stream_tokens(model, prompt, max_new_tokens=4, stop_ids={first})) == [first]
+    context = model.config.max_position_embeddings
+    long_prompt = torch.randint(0, 300, (context - 3,))
+    assert len(list(stream_tokens(model, long_prompt, max_new_tokens=50))) == 3
+
+
+def test_prompt_longer_than_context_or_empty_is_rejected() -> None:
+    model = tiny_flextron()
+    with pytest.raises(ValueError, match="does not fit the model's context of 128"):
+        next(stream_tokens(model, torch.zeros(200, dtype=torch.long)))
+    with pytest.raises(ValueError, match="empty prompt"):
+        next(stream_tokens(model, []))
+
+
+def test_sampling_top_p_and_seed() -> None:
+    logits = torch.tensor([0.0, 5.0, 4.9, -3.0])
+    assert sample_next(logits, 0.0, 1.0, None) == 1
+    seen = {sample_next(logits, 1.0, 0.5, torch.Generator().manual_seed(s)) for s in range(20)}
+    assert seen == {1}, "top_p=0.5 keeps only the most likely token here"
+    seen = {sample_next(logits, 1.0, 0.99, torch.Generator().manual_seed(s)) for s in range(40)}
+    assert seen == {1, 2}
+    model = tiny_flextron()
+    prompt = torch.randint(0, 300, (5,))
+    runs = [list(stream_tokens(model, prompt, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7))
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+    with pytest.raises(ValueError, match="top_p"):
+        sample_next(logits, 1.0, 0.0, None)
