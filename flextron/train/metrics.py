@@ -1,0 +1,78 @@
+"""Training feedback: a JSONL metrics log and a PNG of loss and per-budget perplexity over steps.
+
+Each line of metrics.jsonl is one record: {"step", "loss", "kd", "ce", "lr", "grad_norm",
+"arch", "seconds"} after a training step, or {"step", "val": {budget: perplexity}} after a
+validation.  Appending one line per record keeps the log readable while training runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends JSON records to a file (created with its parent directory)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step` (a resumed run rewrites them)."""
+        if self.path.is_file():
+            kept = [line for line in read_metrics(self.path) if line["step"] <= step]
+            temp = self.path.with_name(f".{self.path.name}.tmp")
+            temp.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+            os.replace(temp, self.path)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_metrics(records: list[dict], path: str | os.PathLike, title: str = "Flextron elastic training") -> None:
+    """Two panels: training loss per step (with a moving average) and validation perplexity per budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val" in r]
+    figure, (loss_axis, ppl_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
+        loss_axis.plot(steps, losses, ".", alpha=0.35, label="micro-batch loss")
+        window = max(1, len(losses) // 20)
+        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+                  for i in range(len(losses))]
+        loss_axis.plot(steps, smooth, "-", label=f"moving mean ({window})")
+        loss_axis.legend()
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("loss (KD + alpha CE)")
+    loss_axis.set_yscale("log")
+    loss_axis.grid(alpha=0.3)
+    budgets = sorted({b for r in val for b in r["val"]}, key=float, reverse=True)
+    for budget in budgets:
+        points = [(r["step"], r["val"][budget]) for r in val if budget in r["val"]]
+        ppl_axis.plot(*zip(*points, strict=True), "o-", label=f"budget {budget}")
+    ppl_axis.set_xlabel("step")
+    ppl_axis.set_ylabel("validation perplexity")
+    ppl_axis.set_yscale("log")
+    ppl_axis.grid(alpha=0.3)
+    if budgets:
+        ppl_axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temp, dpi=110)
+    plt.close(figure)
+    os.replace(temp, path)
