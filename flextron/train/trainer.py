@@ -31,7 +31,7 @@ from flextron.train.data import BatchOrder, TrainData
 from flextron.train.distributed import DistContext
 from flextron.train.loss import distillation_loss
 from flextron.train.metrics import MetricsLog, plot_metrics, read_metrics
-from flextron.train.sampling import SubnetSampler
+from flextron.train.sampling import RULES, SubnetSampler
 
 # Settings a resumed run must share with the run it continues, or it would not continue it.
 RESUME_INVARIANTS = ("batch_size", "accumulation_steps", "seed", "rule", "p_full", "budgets", "min_fraction")
@@ -76,6 +76,10 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"unknown budget rule {self.rule!r}; choose one of {RULES}")
+        if not 0.0 <= self.p_full <= 1.0:
+            raise ValueError(f"TrainConfig.p_full must be in [0, 1], got {self.p_full}")
         self.betas = tuple(self.betas)
         self.budgets = tuple(check_budget(b) for b in self.budgets)
         self.eval_budgets = tuple(check_budget(b) for b in self.eval_budgets)
