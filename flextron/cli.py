@@ -160,6 +160,7 @@ def evaluate(args: argparse.Namespace) -> None:
     arg("--budget", type=float, default=1.0),
     arg("--arch", help="JSON file with one configuration (instead of --budget)"),
     arg("--max-new-tokens", type=int, default=128),
+    arg("--min-new-tokens", type=int, default=0, help="no special token (EOS) before this many"),
     arg("--temperature", type=float, default=0.0, help="0 = greedy"),
     arg("--top-p", type=float, default=1.0),
     arg("--seed", type=int, default=None),
@@ -176,7 +177,7 @@ def generate(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     generate_text(model, args.prompt, arch, args.max_new_tokens, args.temperature, args.top_p,
-                  chat=not args.no_chat, seed=args.seed, on_text=show)
+                  chat=not args.no_chat, seed=args.seed, on_text=show, min_new_tokens=args.min_new_tokens)
     print(f"\n[{time.perf_counter() - start:.1f}s]", file=sys.stderr)
 
 

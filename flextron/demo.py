@@ -20,6 +20,7 @@ from flextron.generate import generate_text
 from flextron.loading import load_default
 
 CALIB_SEQ_LEN = EVAL_SEQ_LEN = 256
+MIN_NEW_TOKENS = 8  # untrained small budgets tend to answer with EOS at once: show what they say
 
 
 def run_demo(
@@ -56,7 +57,7 @@ def run_demo(
     for budget in (max(budgets), sorted(budgets)[len(budgets) // 2]):
         print(f"\n> {prompt}\n[budget {budget:g}] ", end="", flush=True)
         generate_text(model, prompt, model.arch_for_budget(budget), max_new_tokens,
-                      on_text=lambda piece: print(piece, end="", flush=True))
+                      on_text=lambda piece: print(piece, end="", flush=True), min_new_tokens=MIN_NEW_TOKENS)
         print()
     step("done")
     print("Without elastic training, smaller budgets lose quality; `flextron train` recovers it.",

@@ -42,10 +42,13 @@ def stream_tokens(
     top_p: float = 1.0,
     stop_ids: set[int] | None = None,
     seed: int | None = None,
+    min_new_tokens: int = 0,
+    banned_early_ids: set[int] | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time (prefill once, then one cached step per token).
 
     Stops after max_new_tokens, at a stop id (yielded first), or at the context's end.
+    The first min_new_tokens tokens cannot be a stop id or one of banned_early_ids.
     ValueError when the prompt is empty or does not fit the context.
     """
     ids = torch.as_tensor(prompt_ids, dtype=torch.int64).flatten()
@@ -59,8 +62,11 @@ def stream_tokens(
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     device = model.embed_tokens.weight.device
     cache = model.new_kv_cache(1, ids.numel() + steps)
+    banned = sorted((stop_ids or set()) | (banned_early_ids or set()))
     logits = model(ids[None].to(device), arch, cache, last_only=True)  # (1, 1, V)
     for step in range(steps):
+        if step < min_new_tokens and banned:
+            logits[0, -1, banned] = float("-inf")
         token = sample_next(logits[0, -1], temperature, top_p, generator)
         yield token
         if (stop_ids and token in stop_ids) or step == steps - 1:
@@ -90,16 +96,23 @@ def generate_text(
     chat: bool = True,
     seed: int | None = None,
     on_text: Callable[[str], None] | None = None,
+    min_new_tokens: int = 0,
 ) -> str:
-    """The model's answer to `prompt`; on_text receives each new piece of text as it streams."""
+    """The model's answer to `prompt`; on_text receives each new piece of text as it streams.
+
+    min_new_tokens: the first tokens may not be special tokens (EOS, chat markers); small
+    untrained sub-networks otherwise often end their answer at once.
+    """
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError("this model has no tokenizer; load one with the model or pass token ids")
     stop = {i for i in (tokenizer.eos_token_id, model.config.eos_token_id) if isinstance(i, int)}
     new_ids: list[int] = []
     text = ""
+    special = set(getattr(tokenizer, "all_special_ids", []))
     for token in stream_tokens(
-        model, chat_prompt_ids(tokenizer, prompt, chat), arch, max_new_tokens, temperature, top_p, stop, seed
+        model, chat_prompt_ids(tokenizer, prompt, chat), arch, max_new_tokens, temperature, top_p, stop, seed,
+        min_new_tokens, special,
     ):
         if token in stop:
             break

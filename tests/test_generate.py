@@ -56,3 +56,12 @@ def test_sampling_top_p_and_seed() -> None:
     assert runs[0] == runs[1]
     with pytest.raises(ValueError, match="top_p"):
         sample_next(logits, 1.0, 0.0, None)
+
+
+def test_min_new_tokens_bans_stop_and_special_ids() -> None:
+    model = tiny_flextron()
+    prompt = torch.randint(0, 300, (5,))
+    first = next(stream_tokens(model, prompt, max_new_tokens=1))
+    tokens = list(stream_tokens(model, prompt, max_new_tokens=6, stop_ids={first}, min_new_tokens=3,
+                                banned_early_ids={7}))
+    assert first not in tokens[:3] and 7 not in tokens[:3]

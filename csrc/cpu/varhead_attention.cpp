@@ -3,25 +3,31 @@
 // h / (Hq / Hkv)); the outputs and gradients of inactive heads are exact zeros.
 //
 // Why this shape of kernel:
-// - The work is split into tiles of one (sequence, query head, block of query
-//   rows) and run with at::parallel_for. Each tile does its two GEMMs through
-//   ATen (BLAS) on strided views of q/k/v, so a q that is a transposed view of a
-//   (B, S, H, Dh) projection is read in place, and an inactive head costs nothing
-//   but zeroing its output.
+// - Work is cut into tiles of (sequence, KV head, block of 64 query rows) and run
+//   with at::parallel_for. A tile stacks the rows of the group's *active* query
+//   heads into one GEMM, so K and V are read once per group and inactive heads
+//   cost only the zeroing of their output. The GEMMs go through ATen (BLAS) on
+//   strided views: a q/k/v that is a transposed view of a (B, S, H, Dh) projection
+//   is read in place.
 // - Causal tiles only multiply by the keys their last row can see (a key prefix),
 //   which skips nearly half of the prefill work, like a flash kernel's block skip.
-// - The scores, the softmax and every accumulation are fp32. bf16/fp16 inputs are
-//   widened once up front (BLAS has no bf16 x bf16 -> fp32 GEMM on every CPU);
-//   fp32 inputs are used as they are, with no copies of k or v.
-// - The backward recomputes P per tile (nothing but q, k, v is saved) and uses
-//   rowsum(P * dP) = rowsum(dO * O), so O is never recomputed. It runs one task
-//   per (sequence, KV head): the query heads of a KV group accumulate dK and dV
-//   serially inside the task, so no two threads ever write the same rows.
+// - Scores, softmax and every accumulation are fp32. bf16/fp16 tiles are widened
+//   per tile (BLAS has no bf16 x bf16 -> fp32 GEMM on every CPU); fp32 inputs are
+//   used as they are, with no copies of k or v.
+// - The backward recomputes P per tile (only q, k, v are saved) and uses
+//   rowsum(P * dP) = rowsum(dO * O), so O is never recomputed. Its tasks are
+//   (sequence, KV head, chunk of row blocks); each task sums dK and dV over its
+//   group's heads and rows into its own fp32 slot, and the slots are added at the
+//   end: no two threads write the same memory. There are more chunks than one only
+//   when B * Hkv alone would leave threads idle, so the extra memory stays at about
+//   one KV head per thread.
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "checks.h"
 #include "ops.h"
@@ -85,33 +91,64 @@ AttentionShape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-// The keys a tile of query rows [row0, row0 + rows) can see: a prefix of length key_end.
+// The keys that query rows [row0, row0 + rows) can see: a prefix of length key_end.
 int64_t visible_keys(const AttentionShape& s, bool causal, int64_t row0, int64_t rows) {
   return causal ? row0 + rows + (s.kv_len - s.q_len) : s.kv_len;
 }
 
-// scores (rows, key_end) = scale * q_tile @ k_prefix^T, masked (causal) and
-// softmaxed in fp32. Row i (query row0 + i) sees keys j <= row0 + i + Sk - Sq.
-at::Tensor attention_probs(const AttentionShape& s, bool causal, const at::Tensor& q_tile,
-                           const at::Tensor& k_prefix, int64_t row0) {
-  const int64_t rows = q_tile.size(0), key_end = k_prefix.size(0);
-  at::Tensor scores = at::empty({rows, key_end}, q_tile.options());  // (rows, key_end)
-  at::addmm_out(scores, scores, q_tile, k_prefix.t(), /*beta=*/0, /*alpha=*/s.scale);
+// One tile: query rows [row0, row0 + rows) of the active query heads
+// [head0, head0 + active) of KV head kv_head in sequence b, stacked head-major into
+// the rows of one GEMM, so K and V are read once for the whole group.
+struct Tile {
+  int64_t b, kv_head, head0, active, row0, rows, key_end;
+};
+
+Tile make_tile(const AttentionShape& s, const int64_t* count, bool causal, int64_t b,
+               int64_t kv_head, int64_t row0) {
+  const int64_t head0 = kv_head * s.group;
+  const int64_t active = std::clamp<int64_t>(count[b] - head0, 0, s.group);
+  const int64_t rows = std::min(kRowBlock, s.q_len - row0);
+  return {b, kv_head, head0, active, row0, rows, visible_keys(s, causal, row0, rows)};
+}
+
+// t[b, head0:head0+active, row0:row0+rows] of a (B, Hq, Sq, Dh) tensor: (active, rows, Dh).
+at::Tensor tile_view(const at::Tensor& t, const Tile& tile) {
+  return t.as_strided({tile.active, tile.rows, t.size(3)}, {t.stride(1), t.stride(2), t.stride(3)},
+                      t.storage_offset() + tile.b * t.stride(0) + tile.head0 * t.stride(1) +
+                          tile.row0 * t.stride(2));
+}
+
+// t[b, kv_head, :key_end] of a (B, Hkv, Sk, Dh) tensor in fp32: (key_end, Dh), a view
+// when t is fp32.
+at::Tensor key_prefix(const at::Tensor& t, int64_t b, int64_t kv_head, int64_t key_end) {
+  const int64_t offset = t.storage_offset() + b * t.stride(0) + kv_head * t.stride(1);
+  return t.as_strided({key_end, t.size(3)}, {t.stride(2), t.stride(3)}, offset).to(at::kFloat);
+}
+
+// The tile's rows of t in fp32 as a matrix (active * rows, Dh); a view when t is fp32
+// and the rows are evenly strided (a single head, or a whole contiguous sequence).
+at::Tensor load_rows(const at::Tensor& t, const Tile& tile) {
+  return tile_view(t, tile).to(at::kFloat).reshape({tile.active * tile.rows, t.size(3)});
+}
+
+// scores (active * rows, key_end) = scale * q_rows @ k_prefix^T, masked (causal) and
+// softmaxed in fp32. Query row row0 + i sees keys j <= row0 + i + Sk - Sq.
+at::Tensor attention_probs(const AttentionShape& s, bool causal, const Tile& tile,
+                           const at::Tensor& q_rows, const at::Tensor& k_prefix) {
+  const int64_t total_rows = q_rows.size(0), key_end = tile.key_end;
+  at::Tensor scores = at::empty({total_rows, key_end}, q_rows.options());
+  at::addmm_out(scores, scores, q_rows, k_prefix.t(), /*beta=*/0, /*alpha=*/s.scale);
   if (causal) {
     float* data = scores.data_ptr<float>();
     const int64_t offset = s.kv_len - s.q_len;
-    for (int64_t i = 0; i < rows; ++i) {
-      const int64_t first_hidden = row0 + i + offset + 1;  // always >= 1: no row is fully masked
-      std::fill(data + i * key_end + std::min(first_hidden, key_end), data + (i + 1) * key_end,
+    for (int64_t r = 0; r < total_rows; ++r) {
+      const int64_t query = tile.row0 + r % tile.rows;
+      const int64_t first_hidden = query + offset + 1;  // >= 1: no row is fully masked
+      std::fill(data + r * key_end + std::min(first_hidden, key_end), data + (r + 1) * key_end,
                 -std::numeric_limits<float>::infinity());
     }
   }
   return at::_softmax(scores, /*dim=*/1, /*half_to_float=*/false);
-}
-
-// A view in fp32: the tensor itself when it is fp32 already, else a widened copy.
-at::Tensor as_float(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
 }
 
 }  // namespace
@@ -124,35 +161,28 @@ at::Tensor varhead_attention_cpu(const at::Tensor& q, const at::Tensor& k, const
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const at::Tensor heads_cpu = heads.contiguous();
   const int64_t* count = heads_cpu.data_ptr<int64_t>();
-  const at::Tensor qf = as_float(q), kf = as_float(k), vf = as_float(v);  // (B, H*, S*, Dh)
-  const bool write_direct = q.scalar_type() == at::kFloat;
   at::Tensor out = at::empty({s.batch, s.q_heads, s.q_len, s.head_dim}, q.options());
 
   const int64_t blocks = (s.q_len + kRowBlock - 1) / kRowBlock;
-  // Tiles ordered (b, h, block) so that each thread's contiguous chunk holds whole
-  // heads with all their blocks, cheap and expensive causal ones alike.
-  at::parallel_for(0, s.batch * s.q_heads * blocks, 1, [&](int64_t begin, int64_t end) {
+  // Tiles ordered (b, kv_head, block) so that each thread's contiguous chunk holds
+  // whole groups with all their blocks, cheap and expensive causal ones alike.
+  at::parallel_for(0, s.batch * s.kv_heads * blocks, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView no_autograd_in_worker;  // thread-local: set per worker
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t block = tile % blocks, h = (tile / blocks) % s.q_heads;
-      const int64_t b = tile / (blocks * s.q_heads);
-      const int64_t row0 = block * kRowBlock, rows = std::min(kRowBlock, s.q_len - row0);
-      at::Tensor out_tile = out[b][h].narrow(0, row0, rows);  // (rows, Dh)
-      if (h >= count[b]) {
-        out_tile.zero_();  // inactive head
-        continue;
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t block = index % blocks, kv_head = (index / blocks) % s.kv_heads;
+      const int64_t b = index / (blocks * s.kv_heads);
+      const Tile tile = make_tile(s, count, causal, b, kv_head, block * kRowBlock);
+      if (tile.active < s.group) {  // inactive heads of the group: exact zeros
+        out[b].narrow(0, tile.head0 + tile.active, s.group - tile.active)
+            .narrow(1, tile.row0, tile.rows)
+            .zero_();
+        if (tile.active == 0) continue;
       }
-      const int64_t kv_head = h / s.group;
-      const int64_t key_end = visible_keys(s, causal, row0, rows);
-      const at::Tensor q_tile = qf[b][h].narrow(0, row0, rows);        // (rows, Dh)
-      const at::Tensor k_prefix = kf[b][kv_head].narrow(0, 0, key_end);  // (key_end, Dh)
-      const at::Tensor v_prefix = vf[b][kv_head].narrow(0, 0, key_end);  // (key_end, Dh)
-      const at::Tensor probs = attention_probs(s, causal, q_tile, k_prefix, row0);
-      if (write_direct) {
-        at::mm_out(out_tile, probs, v_prefix);
-      } else {
-        out_tile.copy_(at::mm(probs, v_prefix));  // fp32 -> input dtype
-      }
+      const at::Tensor k_prefix = key_prefix(k, b, kv_head, tile.key_end);  // (key_end, Dh)
+      const at::Tensor v_prefix = key_prefix(v, b, kv_head, tile.key_end);
+      const at::Tensor probs = attention_probs(s, causal, tile, load_rows(q, tile), k_prefix);
+      const at::Tensor out_rows = at::mm(probs, v_prefix);  // (active * rows, Dh)
+      tile_view(out, tile).copy_(out_rows.view({tile.active, tile.rows, s.head_dim}));
     }
   });
   return out;
@@ -162,57 +192,83 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varhead_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& heads, bool causal, std::optional<double> scale) {
   const AttentionShape s = check_inputs(q, k, v, heads, causal, scale);
-  // The op's autograd is registered in Python; the ATen calls inside must not record any.
-  at::AutoDispatchBelowADInplaceOrView no_autograd;
   check_same(kOp, "grad_out", grad_out, q, "q");
   TORCH_CHECK(grad_out.sizes() == q.sizes(), kOp, ": grad_out has shape ", grad_out.sizes(),
               " but q has ", q.sizes());
+  // The op's autograd is registered in Python; the ATen calls inside must not record any.
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
   const at::Tensor heads_cpu = heads.contiguous();
   const int64_t* count = heads_cpu.data_ptr<int64_t>();
-  const at::Tensor qf = as_float(q), kf = as_float(k), vf = as_float(v);
-  const at::Tensor grad_outf = as_float(grad_out);  // (B, Hq, Sq, Dh)
-  // fp32 accumulators; zeros are the exact gradients of inactive heads and of KV
-  // heads that no active query head reads.
-  const at::TensorOptions fp32 = q.options().dtype(at::kFloat);
-  at::Tensor grad_q = at::zeros(q.sizes(), fp32);
-  at::Tensor grad_k = at::zeros(k.sizes(), fp32);
-  at::Tensor grad_v = at::zeros(v.sizes(), fp32);
+  // Zeros are the exact gradients of inactive heads.
+  at::Tensor grad_q = at::zeros(q.sizes(), q.options());
 
-  at::parallel_for(0, s.batch * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // Split each (b, kv_head) into `chunks` runs of row blocks of about equal cost
+  // (a causal block costs in proportion to its visible keys).
+  const int64_t blocks = (s.q_len + kRowBlock - 1) / kRowBlock;
+  const int64_t groups = s.batch * s.kv_heads;
+  const int64_t idle_share = (at::get_num_threads() + groups - 1) / std::max<int64_t>(groups, 1);
+  const int64_t chunks = std::clamp<int64_t>(idle_share, 1, std::max<int64_t>(blocks, 1));
+  std::vector<int64_t> chunk_of_block(blocks);
+  {
+    std::vector<double> cost(blocks);
+    double total = 0;
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int64_t rows = std::min(kRowBlock, s.q_len - block * kRowBlock);
+      cost[block] = double(rows) * double(visible_keys(s, causal, block * kRowBlock, rows));
+      total += cost[block];
+    }
+    double before = 0;
+    for (int64_t block = 0; block < blocks; ++block) {
+      // The chunk that holds the middle of this block's share of the work.
+      chunk_of_block[block] = std::min<int64_t>(
+          chunks - 1, static_cast<int64_t>(chunks * (before + cost[block] / 2) / total));
+      before += cost[block];
+    }
+  }
+  // One fp32 dK/dV slot per task: (B * Hkv, chunks, Sk, Dh); zeros for unread KV heads.
+  const at::TensorOptions fp32 = q.options().dtype(at::kFloat);
+  at::Tensor grad_k_parts = at::zeros({groups, chunks, s.kv_len, s.head_dim}, fp32);
+  at::Tensor grad_v_parts = at::zeros({groups, chunks, s.kv_len, s.head_dim}, fp32);
+
+  at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView no_autograd_in_worker;  // thread-local: set per worker
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / s.kv_heads, kv_head = task % s.kv_heads;
-      const at::Tensor k_all = kf[b][kv_head], v_all = vf[b][kv_head];  // (Sk, Dh)
-      at::Tensor grad_k_all = grad_k[b][kv_head], grad_v_all = grad_v[b][kv_head];
-      const int64_t head_end = std::min(count[b], (kv_head + 1) * s.group);
-      for (int64_t h = kv_head * s.group; h < head_end; ++h) {
-        for (int64_t row0 = 0; row0 < s.q_len; row0 += kRowBlock) {
-          const int64_t rows = std::min(kRowBlock, s.q_len - row0);
-          const int64_t key_end = visible_keys(s, causal, row0, rows);
-          const at::Tensor q_tile = qf[b][h].narrow(0, row0, rows);          // (rows, Dh)
-          const at::Tensor grad_out_tile = grad_outf[b][h].narrow(0, row0, rows);  // (rows, Dh)
-          const at::Tensor k_prefix = k_all.narrow(0, 0, key_end);          // (key_end, Dh)
-          const at::Tensor v_prefix = v_all.narrow(0, 0, key_end);
-          const at::Tensor probs = attention_probs(s, causal, q_tile, k_prefix, row0);
-          // dV += P^T dO
-          at::Tensor grad_v_prefix = grad_v_all.narrow(0, 0, key_end);
-          grad_v_prefix.addmm_(probs.t(), grad_out_tile);
-          // dS = P * (dP - rowsum(P * dP)), dP = dO V^T; masked entries have P = 0.
-          at::Tensor grad_scores = at::mm(grad_out_tile, v_prefix.t());  // (rows, key_end)
-          const at::Tensor row_dot = (probs * grad_scores).sum(1, /*keepdim=*/true);  // (rows, 1)
-          grad_scores.sub_(row_dot).mul_(probs);
-          // dQ = scale dS K, dK += scale dS^T Q
-          at::Tensor grad_q_tile = grad_q[b][h].narrow(0, row0, rows);
-          at::addmm_out(grad_q_tile, grad_q_tile, grad_scores, k_prefix, /*beta=*/0,
-                        /*alpha=*/s.scale);
-          at::Tensor grad_k_prefix = grad_k_all.narrow(0, 0, key_end);
-          grad_k_prefix.addmm_(grad_scores.t(), q_tile, /*beta=*/1, /*alpha=*/s.scale);
+      const int64_t chunk = task % chunks, group_index = task / chunks;
+      const int64_t b = group_index / s.kv_heads, kv_head = group_index % s.kv_heads;
+      if (make_tile(s, count, causal, b, kv_head, 0).active == 0) continue;
+      at::Tensor grad_k_all = grad_k_parts[group_index][chunk];  // (Sk, Dh) fp32
+      at::Tensor grad_v_all = grad_v_parts[group_index][chunk];
+      at::Tensor k_all, v_all;  // (Sk, Dh) fp32, widened once per task
+      for (int64_t block = 0; block < blocks; ++block) {
+        if (chunk_of_block[block] != chunk) continue;
+        const Tile tile = make_tile(s, count, causal, b, kv_head, block * kRowBlock);
+        if (!k_all.defined()) {
+          k_all = k[b][kv_head].to(at::kFloat);
+          v_all = v[b][kv_head].to(at::kFloat);
         }
+        const at::Tensor q_rows = load_rows(q, tile);                // (active * rows, Dh)
+        const at::Tensor grad_out_rows = load_rows(grad_out, tile);  // (active * rows, Dh)
+        const at::Tensor k_prefix = k_all.narrow(0, 0, tile.key_end);  // (key_end, Dh)
+        const at::Tensor v_prefix = v_all.narrow(0, 0, tile.key_end);
+        const at::Tensor probs = attention_probs(s, causal, tile, q_rows, k_prefix);
+        // dV += P^T dO (the GEMM sums over the group's heads too)
+        grad_v_all.narrow(0, 0, tile.key_end).addmm_(probs.t(), grad_out_rows);
+        // dS = P * (dP - rowsum(P * dP)) with dP = dO V^T; masked entries have P = 0.
+        at::Tensor grad_scores = at::mm(grad_out_rows, v_prefix.t());  // (active * rows, key_end)
+        const at::Tensor row_dot = (probs * grad_scores).sum(1, /*keepdim=*/true);
+        grad_scores.sub_(row_dot).mul_(probs);
+        // dQ = scale dS K; dK += scale dS^T Q
+        const at::Tensor grad_q_rows = at::mm(grad_scores, k_prefix).mul_(s.scale);
+        tile_view(grad_q, tile).copy_(grad_q_rows.view({tile.active, tile.rows, s.head_dim}));
+        grad_k_all.narrow(0, 0, tile.key_end)
+            .addmm_(grad_scores.t(), q_rows, /*beta=*/1, /*alpha=*/s.scale);
       }
     }
   });
-  const auto to_input = [&](const at::Tensor& t) { return t.to(q.scalar_type()); };
-  return {to_input(grad_q), to_input(grad_k), to_input(grad_v)};
+  const auto gather = [&](const at::Tensor& parts, const at::Tensor& like) {
+    return parts.sum(1).view(like.sizes()).to(like.scalar_type());  // (B, Hkv, Sk, Dh)
+  };
+  return {grad_q, gather(grad_k_parts, k), gather(grad_v_parts, v)};
 }
 
 }  // namespace flextron

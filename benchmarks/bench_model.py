@@ -1,0 +1,177 @@
+"""Model benchmark: Flextron vs Hugging Face transformers' LlamaForCausalLM, same weights, same CPU.
+
+    python benchmarks/bench_model.py                       # SmolLM2-135M (embedded GGUF), fp32
+    python benchmarks/bench_model.py --model DIR --threads 2 --json out.json
+
+Measured in one run (best of --repeats after a warm-up):
+  prefill tokens/s   batch 1 x --prompt-len tokens, logits of the last position (as generation does)
+  decode tokens/s    --new-tokens greedy steps after that prompt, with each library's KV cache;
+                     HF both through generate() and through a bare forward loop (less overhead)
+  layers time        the decoder layers alone (no embedding / LM head) for the prompt, per budget
+Flextron runs at full width and at --budgets.  Targets (docs/benchmarks.md): prefill >= 1.0x HF,
+decode >= 2x HF, layers time at budget 0.5 <= 0.6x full width.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from flextron.config import ArchConfig
+from flextron.export import hf_state_dict
+from flextron.generate import stream_tokens
+from flextron.loading import load_model
+from flextron.model import FlextronModel
+
+
+def best_time(function: Callable[[], object], repeats: int) -> float:
+    """Best wall time of `repeats` runs after one warm-up run (seconds)."""
+    function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def hf_twin(model: FlextronModel) -> LlamaForCausalLM:
+    """transformers' LlamaForCausalLM (its default attention) holding the same weights."""
+    hf = LlamaForCausalLM(LlamaConfig(**model.config.to_hf())).eval()
+    missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"weights do not map onto transformers: {missing[:3]} {unexpected[:3]}")
+    hf.tie_weights()
+    return hf
+
+
+def hf_decode_loop(hf: LlamaForCausalLM, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Seconds for `new_tokens` greedy steps with a bare forward loop over a DynamicCache."""
+    cache = DynamicCache(config=hf.config)
+    out = hf(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = hf(token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+    return time.perf_counter() - start
+
+
+def hf_generate(hf: LlamaForCausalLM, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Seconds for generate(): prefill + decode; the caller subtracts the prefill."""
+    start = time.perf_counter()
+    hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                pad_token_id=0)
+    return time.perf_counter() - start
+
+
+def flextron_decode(model: FlextronModel, prompt: torch.Tensor, arch: ArchConfig, new_tokens: int) -> float:
+    """Seconds for `new_tokens` greedy steps after the prefill (stream_tokens, KV cache)."""
+    tokens = stream_tokens(model, prompt[0], arch, max_new_tokens=new_tokens + 1)
+    next(tokens)  # the prefill and the first token
+    start = time.perf_counter()
+    for _ in tokens:
+        pass
+    return time.perf_counter() - start
+
+
+def layers_time(model: FlextronModel, prompt: torch.Tensor, arch: ArchConfig, repeats: int) -> float:
+    """Best seconds of the decoder layers alone over the prompt."""
+    x = model.embed_tokens(prompt)  # (1, T, D)
+    cos, sin = model.rotary(torch.arange(prompt.shape[1]), x.dtype)
+
+    def run() -> None:
+        h = x
+        for index, layer in enumerate(model.layers):
+            h = layer(h, cos, sin, arch.mlp_widths[index], arch.heads[index], None, index)
+
+    return best_time(run, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--budgets", default="0.75,0.5,0.25")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--json", default="benchmarks/results/bench_model.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    model = load_model(args.model)
+    hf = hf_twin(model)
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len))
+    results: dict = {
+        "model": args.model, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": platform.processor(),
+        "rows": [],
+    }
+    with torch.no_grad():
+        diff = (model(prompt[:, :64]) - hf(prompt[:, :64]).logits).abs().max().item()
+        print(f"same function check: max |logit diff| = {diff:.2e}", file=sys.stderr)
+        hf_prefill = best_time(lambda: hf(prompt, logits_to_keep=1), args.repeats)
+        hf_loop = statistics.median(hf_decode_loop(hf, prompt, args.new_tokens) for _ in range(args.repeats))
+        hf_gen = statistics.median(hf_generate(hf, prompt, args.new_tokens) for _ in range(args.repeats))
+        hf_gen_decode = max(hf_gen - hf_prefill, 1e-9)
+        results["hf"] = {
+            "prefill_tokens_per_s": args.prompt_len / hf_prefill,
+            "decode_tokens_per_s_forward_loop": args.new_tokens / hf_loop,
+            "decode_tokens_per_s_generate": args.new_tokens / hf_gen_decode,
+        }
+        budgets = [1.0] + [float(b) for b in args.budgets.split(",") if b]
+        full_layers = None
+        for budget in budgets:
+            arch = model.arch_for_budget(budget)
+            prefill = best_time(lambda arch=arch: model(prompt, arch, last_only=True), args.repeats)
+            decode = statistics.median(
+                flextron_decode(model, prompt, arch, args.new_tokens) for _ in range(args.repeats)
+            )
+            layers = layers_time(model, prompt, arch, args.repeats)
+            full_layers = full_layers or layers
+            results["rows"].append({
+                "budget": budget, "arch": [arch.mlp_widths[0], arch.heads[0]],
+                "parameters": model.num_parameters(arch),
+                "prefill_tokens_per_s": args.prompt_len / prefill,
+                "decode_tokens_per_s": args.new_tokens / decode,
+                "layers_ms": 1e3 * layers, "layers_vs_full": layers / full_layers,
+            })
+
+    hf_row = results["hf"]
+    print(f"\nSmolLM2-class model, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+          f"{results['threads']} threads, fp32")
+    print(f"HF transformers: prefill {hf_row['prefill_tokens_per_s']:.0f} tok/s, decode "
+          f"{hf_row['decode_tokens_per_s_generate']:.1f} tok/s (generate) / "
+          f"{hf_row['decode_tokens_per_s_forward_loop']:.1f} tok/s (forward loop)")
+    header = (f"{'budget':>6} {'MLP,heads':>10} {'params M':>8} {'prefill t/s':>11} {'vs HF':>6} "
+              f"{'decode t/s':>10} {'vs HF gen':>9} {'vs HF loop':>10} {'layers ms':>9} {'vs full':>7}")
+    print(header)
+    print("-" * len(header))
+    for row in results["rows"]:
+        print(f"{row['budget']:>6.2f} {str(tuple(row['arch'])):>10} {row['parameters'] / 1e6:>8.1f} "
+              f"{row['prefill_tokens_per_s']:>11.0f} "
+              f"{row['prefill_tokens_per_s'] / hf_row['prefill_tokens_per_s']:>5.2f}x "
+              f"{row['decode_tokens_per_s']:>10.1f} "
+              f"{row['decode_tokens_per_s'] / hf_row['decode_tokens_per_s_generate']:>8.2f}x "
+              f"{row['decode_tokens_per_s'] / hf_row['decode_tokens_per_s_forward_loop']:>9.2f}x "
+              f"{row['layers_ms']:>9.1f} {row['layers_vs_full']:>6.2f}x")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
