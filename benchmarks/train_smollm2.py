@@ -46,7 +46,9 @@ def time_step(student, teacher, blocks: torch.Tensor, budget: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="runs/train_smollm2")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per training block")
     parser.add_argument("--batch-size", type=int, default=2)
@@ -81,13 +83,20 @@ def main() -> None:
     if steps is None:  # what fits --minutes, from one timed full and one budget-0.5 micro-batch
         probe = data.train[: args.batch_size]
         costs = [min(time_step(model, teacher, probe, b) for _ in range(2)) for b in (1.0, 0.5)]
-        say(f"one micro-batch ({args.batch_size} x {args.seq_len} tokens): full {costs[0]:.1f}s, "
-            f"budget 0.5 {costs[1]:.1f}s")
+        say(
+            f"one micro-batch ({args.batch_size} x {args.seq_len} tokens): full {costs[0]:.1f}s, "
+            f"budget 0.5 {costs[1]:.1f}s"
+        )
         # Budget sampling (full 1/3, else 0.25 / 0.5 / 0.75) costs about their mean per step.
         steps = max(1, int(args.minutes * 60 / (0.5 * sum(costs))))
     config = TrainConfig(
-        steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=max(1, steps // 20),
-        train_embeddings=args.train_embeddings, eval_every=max(1, steps // 4), save_every=max(1, steps // 4),
+        steps=steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=max(1, steps // 20),
+        train_embeddings=args.train_embeddings,
+        eval_every=max(1, steps // 4),
+        save_every=max(1, steps // 4),
         eval_batch_size=2,
     )
     say(f"training {steps} steps: {json.dumps(config.to_dict())}")
@@ -104,8 +113,11 @@ def main() -> None:
         "total_seconds": time.perf_counter() - clock,
         "held_out_tokens": held_out.numel(),
         "perplexity": {
-            f"{b:g}": {"before": rb["perplexity"], "after": ra["perplexity"],
-                       "change": ra["perplexity"] / rb["perplexity"] - 1}
+            f"{b:g}": {
+                "before": rb["perplexity"],
+                "after": ra["perplexity"],
+                "change": ra["perplexity"] / rb["perplexity"] - 1,
+            }
             for b, rb, ra in zip(BUDGETS, before, after, strict=True)
         },
     }

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tests.tiny_models import tiny_flextron
 
 from flextron.config import ArchConfig, arch_for_budget
 from flextron.model import FlextronModel
@@ -18,6 +17,7 @@ from flextron.train.checkpoint import latest_checkpoint
 from flextron.train.data import BatchOrder, split_blocks
 from flextron.train.metrics import read_metrics
 from flextron.train.trainer import lr_factor
+from tests.tiny_models import tiny_flextron
 
 VOCAB = 300
 
@@ -34,8 +34,18 @@ def student_and_teacher() -> tuple[FlextronModel, FlextronModel]:
 
 
 def quick_config(**overrides) -> TrainConfig:
-    settings = dict(steps=4, batch_size=2, accumulation_steps=2, lr=1e-3, warmup_steps=1, eval_every=2,
-                    save_every=2, eval_batch_size=4, alpha=0.5, temperature=2.0)
+    settings = dict(
+        steps=4,
+        batch_size=2,
+        accumulation_steps=2,
+        lr=1e-3,
+        warmup_steps=1,
+        eval_every=2,
+        save_every=2,
+        eval_batch_size=4,
+        alpha=0.5,
+        temperature=2.0,
+    )
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -156,8 +166,9 @@ def test_training_distills_small_budgets_and_logs(tmp_path) -> None:
     teacher_copy = copy.deepcopy(teacher)
     data = tiny_data(blocks=40)
     kd_before = held_out_kd(student, teacher, data.val, 0.25)
-    config = quick_config(steps=12, accumulation_steps=1, eval_every=6, lr=3e-3, alpha=0.0, p_full=0.0,
-                          budgets=(0.25,))
+    config = quick_config(
+        steps=12, accumulation_steps=1, eval_every=6, lr=3e-3, alpha=0.0, p_full=0.0, budgets=(0.25,)
+    )
     result = train(student, teacher, data, config, tmp_path, progress=False)
     assert held_out_kd(student, teacher, data.val, 0.25) < 0.9 * kd_before  # on held-out blocks
     records = read_metrics(tmp_path / "metrics.jsonl")
@@ -185,8 +196,10 @@ def test_resume_continues_exactly(tmp_path) -> None:
     train(resumed, teacher, data, config, tmp_path / "split", resume=True, progress=False)
     for name, param in straight.state_dict().items():
         assert torch.equal(param, resumed.state_dict()[name]), name
-    losses = [[r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r]
-              for run in ("straight", "split")]
+    losses = [
+        [r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r]
+        for run in ("straight", "split")
+    ]
     assert losses[0] == losses[1]
 
 
@@ -194,7 +207,15 @@ def test_resume_refuses_changed_settings(tmp_path) -> None:
     student, teacher = student_and_teacher()
     train(student, teacher, tiny_data(), quick_config(steps=2), tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"settings differ from the checkpoint's: \['seed'\]"):
-        train(student, teacher, tiny_data(), quick_config(steps=4, seed=1), tmp_path, resume=True, progress=False)
+        train(
+            student,
+            teacher,
+            tiny_data(),
+            quick_config(steps=4, seed=1),
+            tmp_path,
+            resume=True,
+            progress=False,
+        )
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path) -> None:
@@ -222,6 +243,8 @@ def test_bf16_autocast_trains(tmp_path) -> None:
 def test_frozen_embeddings_stay_put(tmp_path) -> None:
     student, teacher = student_and_teacher()
     before = student.embed_tokens.weight.detach().clone()
-    train(student, teacher, tiny_data(), quick_config(steps=2, train_embeddings=False), tmp_path, progress=False)
+    train(
+        student, teacher, tiny_data(), quick_config(steps=2, train_embeddings=False), tmp_path, progress=False
+    )
     assert torch.equal(student.embed_tokens.weight, before)
     assert not torch.equal(student.layers[0].mlp.up_proj.weight, teacher.layers[0].mlp.up_proj.weight)

@@ -99,8 +99,13 @@ CHILD = textwrap.dedent("""
 @pytest.mark.parametrize("point", ["weights", "publish"])
 def test_sigkill_while_saving_leaves_the_last_good_checkpoint(tmp_path, point: str) -> None:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), point], stdout=subprocess.PIPE,
-                             text=True, cwd=REPO, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path), point],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
     try:
         assert child.stdout.readline().strip() == "HANGING"
         os.kill(child.pid, signal.SIGKILL)

@@ -31,14 +31,18 @@ WORKER = textwrap.dedent("""
     teacher = copy.deepcopy(student)
     config = TrainConfig(steps=3, batch_size=4, accumulation_steps=2, lr=1e-3, warmup_steps=1, eval_every=0,
                          save_every=0, rule="mixed", alpha=0.5)
-    train(student, teacher, TrainData(ids[:16], ids[16:]), config, sys.argv[1], context=context, progress=False)
+    data = TrainData(ids[:16], ids[16:])
+    train(student, teacher, data, config, sys.argv[1], context=context, progress=False)
     shutdown_distributed()
 """)
 
 
 def run(command: list[str]) -> None:
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+    }
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -47,8 +51,18 @@ def test_two_gloo_ranks_equal_one_process(tmp_path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     run([sys.executable, str(script), str(tmp_path / "single")])
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-         str(tmp_path / "ddp")])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(script),
+            str(tmp_path / "ddp"),
+        ]
+    )
     single = load_file(tmp_path / "single" / "checkpoints" / "step-000003" / "model.safetensors")
     ddp = load_file(tmp_path / "ddp" / "checkpoints" / "step-000003" / "model.safetensors")
     assert single.keys() == ddp.keys()
@@ -58,8 +72,14 @@ def test_two_gloo_ranks_equal_one_process(tmp_path) -> None:
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-4)
     initial = tiny_flextron().state_dict()
     assert not torch.equal(single["layers.0.mlp.up_proj.weight"], initial["layers.0.mlp.up_proj.weight"])
-    losses = [[r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r]
-              for run in ("single", "ddp")]
+    losses = [
+        [r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r]
+        for run in ("single", "ddp")
+    ]
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-6)
     # Rank 0 alone writes: one metrics log, one checkpoint directory.
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["checkpoints", "metrics.jsonl", "metrics.png"]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
+        "checkpoints",
+        "metrics.jsonl",
+        "metrics.png",
+    ]

@@ -128,7 +128,9 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return path
 
 
-def load_training_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+def load_training_state(
+    path: str | os.PathLike,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
     """(trainer_state, optimizer_state, rng_states) of a checkpoint directory (weights: from_pretrained)."""
     path = Path(path)
     try:

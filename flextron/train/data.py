@@ -74,7 +74,9 @@ class BatchOrder:
         self.epoch, self.position = 0, 0
 
     def _permutation(self) -> torch.Tensor:
-        return torch.randperm(self.num_blocks, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return torch.randperm(
+            self.num_blocks, generator=torch.Generator().manual_seed(self.seed + self.epoch)
+        )
 
     def next(self) -> torch.Tensor:
         """(batch_size,) int64 block indices of the next global batch."""

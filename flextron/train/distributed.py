@@ -106,12 +106,18 @@ class DistContext:
             )
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return (get_model_state_dict(model, options=options),
-                    get_optimizer_state_dict(model, optimizer, options=options))
+            return (
+                get_model_state_dict(model, options=options),
+                get_optimizer_state_dict(model, optimizer, options=options),
+            )
         return self.unwrap(model).state_dict(), optimizer.state_dict()
 
     def load_full_state(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict[str, Any]
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        model_state: dict,
+        optimizer_state: dict[str, Any],
     ) -> None:
         """Load full state dicts (as written by full_state) into the wrapped model and optimizer."""
         if self.fsdp:

@@ -34,12 +34,15 @@ def distillation_loss(
     # fp32 for the softmaxes: bf16 log-probabilities lose the tail the KL depends on.
     student = student_logits.float().reshape(-1, vocab)  # (N, V)
     teacher = teacher_logits.float().reshape(-1, vocab)
-    kd = F.kl_div(
-        F.log_softmax(student / temperature, -1),
-        F.log_softmax(teacher / temperature, -1),
-        reduction="batchmean",
-        log_target=True,
-    ) * temperature**2
+    kd = (
+        F.kl_div(
+            F.log_softmax(student / temperature, -1),
+            F.log_softmax(teacher / temperature, -1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * temperature**2
+    )
     ce = F.cross_entropy(student, targets.reshape(-1))
     loss = kd + alpha * ce if alpha else kd
     return loss, {"kd": kd.item(), "ce": ce.item()}

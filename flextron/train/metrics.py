@@ -36,7 +36,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def plot_metrics(records: list[dict], path: str | os.PathLike, title: str = "Flextron elastic training") -> None:
+def plot_metrics(
+    records: list[dict], path: str | os.PathLike, title: str = "Flextron elastic training"
+) -> None:
     """Two panels: training loss per step (with a moving average) and validation perplexity per budget."""
     import matplotlib
 
@@ -50,8 +52,10 @@ def plot_metrics(records: list[dict], path: str | os.PathLike, title: str = "Fle
         steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
         loss_axis.plot(steps, losses, ".", alpha=0.35, label="micro-batch loss")
         window = max(1, len(losses) // 20)
-        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-                  for i in range(len(losses))]
+        smooth = [
+            sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+            for i in range(len(losses))
+        ]
         loss_axis.plot(steps, smooth, "-", label=f"moving mean ({window})")
         loss_axis.legend()
     loss_axis.set_xlabel("step")

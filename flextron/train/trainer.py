@@ -90,16 +90,20 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"TrainConfig: need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, "
-                             f"{self.min_lr_ratio}")
+            raise ValueError(
+                f"TrainConfig: need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}"
+            )
         if not self.clip_grad_norm > 0:
             raise ValueError(f"TrainConfig.clip_grad_norm must be positive, got {self.clip_grad_norm}")
         if self.alpha < 0 or self.temperature <= 0:
-            raise ValueError(f"TrainConfig: need alpha >= 0 and temperature > 0, got {self.alpha}, "
-                             f"{self.temperature}")
+            raise ValueError(
+                f"TrainConfig: need alpha >= 0 and temperature > 0, got {self.alpha}, {self.temperature}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+        return {
+            key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -130,8 +134,9 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, blocks: torch.Tensor, config: TrainConfig, flextron: FlextronModel
-             ) -> dict[str, float]:
+def validate(
+    model: torch.nn.Module, blocks: torch.Tensor, config: TrainConfig, flextron: FlextronModel
+) -> dict[str, float]:
     """Perplexity {"1": ..., "0.5": ...} of the uniform configuration at each eval budget."""
     return {
         f"{budget:g}": perplexity(model, blocks, flextron.arch_for_budget(budget), config.eval_batch_size)[0]
@@ -145,7 +150,8 @@ def _check_resume(saved: dict[str, Any], config: TrainConfig, num_blocks: int, s
         raise ValueError(f"cannot resume: these settings differ from the checkpoint's: {changed}")
     if saved_blocks != num_blocks:
         raise ValueError(
-            f"cannot resume: the checkpoint was trained on {saved_blocks} blocks, the data now has {num_blocks}"
+            f"cannot resume: the checkpoint was trained on {saved_blocks} blocks, "
+            f"the data now has {num_blocks}"
         )
 
 
@@ -167,7 +173,8 @@ def train(
     resumed later (time-limited jobs); the schedule still spans config.steps.
 
     data.train: (N, S) token blocks; each micro-batch feeds S - 1 tokens per block and
-    predicts the next ones.  Returns {"steps": steps done, "tokens": trained in this call, "seconds", "val": last validation}.
+    predicts the next ones.  Returns {"steps": steps done, "tokens": trained in this call,
+    "seconds", "val": the last validation}.
     """
     context = context or DistContext()
     out = Path(out)
@@ -175,12 +182,15 @@ def train(
     if config.batch_size % context.world_size:
         raise ValueError(f"batch size {config.batch_size} is not divisible by {context.world_size} ranks")
     if data.train.dim() != 2 or data.train.shape[0] == 0 or data.train.shape[1] < 2:
-        raise ValueError(f"training data must be (num_blocks, block_size >= 2) blocks, got "
-                         f"{tuple(data.train.shape)} (empty data?)")
+        raise ValueError(
+            f"training data must be (num_blocks, block_size >= 2) blocks, got "
+            f"{tuple(data.train.shape)} (empty data?)"
+        )
     order = BatchOrder(data.train.shape[0], config.batch_size, config.seed)  # checks batch <= data
     local_batch = config.batch_size // context.world_size
-    sampler = SubnetSampler(student.config, config.rule, config.p_full, config.budgets, config.min_fraction,
-                            config.seed)
+    sampler = SubnetSampler(
+        student.config, config.rule, config.p_full, config.budgets, config.min_fraction, config.seed
+    )
 
     teacher.to(device).eval().requires_grad_(False)
     student.to(device).train()
@@ -225,20 +235,33 @@ def train(
             if context.fsdp:  # a plain (unsharded) copy for save_pretrained
                 to_save = FlextronModel.from_state_dict(student.config, model_state)
                 to_save.tokenizer, to_save.importance = student.tokenizer, student.importance
-            save_checkpoint(out / "checkpoints", step, to_save, optimizer_state, {
-                "config": config.to_dict(),
-                "scheduler": scheduler.state_dict(),
-                "data": order.state_dict(),
-                "num_train_blocks": data.train.shape[0],
-                "tokens": step * tokens_per_step,
-            }, config.keep_checkpoints)
+            save_checkpoint(
+                out / "checkpoints",
+                step,
+                to_save,
+                optimizer_state,
+                {
+                    "config": config.to_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "data": order.state_dict(),
+                    "num_train_blocks": data.train.shape[0],
+                    "tokens": step * tokens_per_step,
+                },
+                config.keep_checkpoints,
+            )
         context.barrier()
 
     end = config.steps if stop_after is None else min(config.steps, stop_after)
     val = record_validation(0) if start_step == 0 else {}
     started = time.perf_counter()
-    bar = tqdm(range(start_step, end), initial=start_step, total=config.steps, desc="train",
-               unit="step", disable=not (progress and context.is_main))
+    bar = tqdm(
+        range(start_step, end),
+        initial=start_step,
+        total=config.steps,
+        desc="train",
+        unit="step",
+        disable=not (progress and context.is_main),
+    )
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
         losses, parts, labels, seconds = [], [], [], []
@@ -254,7 +277,9 @@ def train(
             with context.no_sync(model, sync=last):
                 with autocast:
                     logits = model(inputs, arch)
-                loss, part = distillation_loss(logits, teacher_logits, targets, config.temperature, config.alpha)
+                loss, part = distillation_loss(
+                    logits, teacher_logits, targets, config.temperature, config.alpha
+                )
                 mean_loss = float(context.mean(loss.detach()))
                 if not math.isfinite(mean_loss):
                     raise NonFiniteLossError(
@@ -278,12 +303,19 @@ def train(
         done = step + 1
         loss_value = sum(losses) / len(losses)
         if log is not None:
-            log.write({
-                "step": done, "loss": loss_value,
-                "kd": sum(p["kd"] for p in parts) / len(parts), "ce": sum(p["ce"] for p in parts) / len(parts),
-                "lr": lr, "grad_norm": grad_norm, "archs": labels, "student_seconds": seconds,
-                "tokens": done * tokens_per_step,
-            })
+            log.write(
+                {
+                    "step": done,
+                    "loss": loss_value,
+                    "kd": sum(p["kd"] for p in parts) / len(parts),
+                    "ce": sum(p["ce"] for p in parts) / len(parts),
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "archs": labels,
+                    "student_seconds": seconds,
+                    "tokens": done * tokens_per_step,
+                }
+            )
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", arch=labels[-1])
         if done == end or (config.eval_every and done % config.eval_every == 0):
             val = record_validation(done)
