@@ -1,4 +1,5 @@
-"""torchrun data parallelism: a 2-process gloo run equals a 1-process run with the same global batch."""
+"""torchrun data parallelism: a 2-process gloo run (DDP or FSDP2) equals a 1-process run with the
+same global batch."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,7 +18,7 @@ from tests.tiny_models import tiny_flextron
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Run as a plain script (one process) or under torchrun (RANK/WORLD_SIZE set).
+# Run as a plain script (one process) or under torchrun (RANK/WORLD_SIZE set); argv: OUT [fsdp].
 WORKER = textwrap.dedent("""
     import copy, sys
     import torch
@@ -25,7 +27,7 @@ WORKER = textwrap.dedent("""
     from tests.tiny_models import tiny_flextron
 
     torch.set_num_threads(1)
-    context = init_distributed("cpu")
+    context = init_distributed("cpu", fsdp=sys.argv[2:] == ["fsdp"])
     ids = torch.randint(0, 300, (20, 13), generator=torch.Generator().manual_seed(0))
     student = tiny_flextron()
     teacher = copy.deepcopy(student)
@@ -47,10 +49,20 @@ def run(command: list[str]) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_two_gloo_ranks_equal_one_process(tmp_path) -> None:
-    script = tmp_path / "worker.py"
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(the worker script, the output of its one-process run)."""
+    root = tmp_path_factory.mktemp("single")
+    script = root / "worker.py"
     script.write_text(WORKER)
-    run([sys.executable, str(script), str(tmp_path / "single")])
+    run([sys.executable, str(script), str(root / "out")])
+    return script, root / "out"
+
+
+# FSDP2 is the heavier variant (four processes in all with the single run): marked slow.
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_two_gloo_ranks_equal_one_process(single_run, tmp_path, mode: str) -> None:
+    script, single_out = single_run
     run(
         [
             sys.executable,
@@ -60,26 +72,23 @@ def test_two_gloo_ranks_equal_one_process(tmp_path) -> None:
             "--nproc-per-node",
             "2",
             str(script),
-            str(tmp_path / "ddp"),
+            str(tmp_path),
+            *(["fsdp"] if mode == "fsdp" else []),
         ]
     )
-    single = load_file(tmp_path / "single" / "checkpoints" / "step-000003" / "model.safetensors")
-    ddp = load_file(tmp_path / "ddp" / "checkpoints" / "step-000003" / "model.safetensors")
-    assert single.keys() == ddp.keys()
+    single = load_file(single_out / "checkpoints" / "step-000003" / "model.safetensors")
+    parallel = load_file(tmp_path / "checkpoints" / "step-000003" / "model.safetensors")
+    assert single.keys() == parallel.keys()
     for name in single:
         # Float noise from the different reduction order, amplified where Adam divides a
         # tiny gradient by its tiny running scale; updates themselves are ~1e-3 here.
-        torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(parallel[name], single[name], rtol=1e-4, atol=1e-4)
     initial = tiny_flextron().state_dict()
     assert not torch.equal(single["layers.0.mlp.up_proj.weight"], initial["layers.0.mlp.up_proj.weight"])
     losses = [
-        [r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r]
-        for run in ("single", "ddp")
+        [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+        for out in (single_out, tmp_path)
     ]
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-6)
     # Rank 0 alone writes: one metrics log, one checkpoint directory.
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
-        "checkpoints",
-        "metrics.jsonl",
-        "metrics.png",
-    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "metrics.jsonl", "metrics.png"]
