@@ -248,3 +248,10 @@ def test_frozen_embeddings_stay_put(tmp_path) -> None:
     )
     assert torch.equal(student.embed_tokens.weight, before)
     assert not torch.equal(student.layers[0].mlp.up_proj.weight, teacher.layers[0].mlp.up_proj.weight)
+
+
+def test_blocks_longer_than_the_context_are_a_clear_error(tmp_path) -> None:
+    student, teacher = student_and_teacher()  # context 128
+    data = tiny_data(blocks=8, block_size=129)
+    with pytest.raises(ValueError, match="blocks of 129 tokens exceed the model's context of 128"):
+        train(student, teacher, data, quick_config(), tmp_path, progress=False)

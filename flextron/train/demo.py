@@ -37,8 +37,13 @@ def demo_config(steps: int) -> TrainConfig:
     )
 
 
+def demo_seq_len(model: FlextronModel) -> int:
+    return min(SEQ_LEN, model.config.max_position_embeddings - 1)
+
+
 def cache_key(model: FlextronModel, config: TrainConfig) -> str:
-    digest = hashlib.sha256(json.dumps({**config.to_dict(), "seq_len": SEQ_LEN}, sort_keys=True).encode())
+    settings = {**config.to_dict(), "seq_len": demo_seq_len(model)}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for name in sorted(model.importance):
         if name.endswith(".order"):
             digest.update(model.importance[name].numpy().tobytes())
@@ -56,7 +61,7 @@ def elastic_phase(
     run = cache_root() / f"demo-elastic-{cache_key(model, config)}"
     cached = latest_checkpoint(run / "checkpoints") if (run / "checkpoints").is_dir() else None
     if cached is None:
-        data = load_train_data(model.tokenizer, "builtin", SEQ_LEN + 1, max_val_blocks=2)
+        data = load_train_data(model.tokenizer, "builtin", demo_seq_len(model) + 1, max_val_blocks=2)
         teacher = copy.deepcopy(model)
         train(model, teacher, data, config, run, progress=progress)
         model.eval()

@@ -186,6 +186,12 @@ def train(
             f"training data must be (num_blocks, block_size >= 2) blocks, got "
             f"{tuple(data.train.shape)} (empty data?)"
         )
+    context_length = student.config.max_position_embeddings
+    if data.train.shape[1] > context_length:  # validation runs whole blocks through the model
+        raise ValueError(
+            f"blocks of {data.train.shape[1]} tokens exceed the model's context of {context_length}: "
+            f"use a sequence length of at most {context_length - 1}"
+        )
     order = BatchOrder(data.train.shape[0], config.batch_size, config.seed)  # checks batch <= data
     local_batch = config.batch_size // context.world_size
     sampler = SubnetSampler(
