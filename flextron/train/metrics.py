@@ -39,7 +39,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 def plot_metrics(
     records: list[dict], path: str | os.PathLike, title: str = "Flextron elastic training"
 ) -> None:
-    """Two panels: training loss per step (with a moving average) and validation perplexity per budget."""
+    """Two panels: training loss per step and sub-network (with moving means), validation
+    perplexity per budget."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -49,15 +50,19 @@ def plot_metrics(
     val = [r for r in records if "val" in r]
     figure, (loss_axis, ppl_axis) = plt.subplots(1, 2, figsize=(11, 4))
     if train:
-        steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
-        loss_axis.plot(steps, losses, ".", alpha=0.35, label="micro-batch loss")
-        window = max(1, len(losses) // 20)
-        smooth = [
-            sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-            for i in range(len(losses))
-        ]
-        loss_axis.plot(steps, smooth, "-", label=f"moving mean ({window})")
-        loss_axis.legend()
+        # One series per sub-network (steps are labelled by their last micro-batch's): the
+        # full model's KD loss is near zero, the small budgets' far above it.
+        series: dict[str, list[tuple[int, float]]] = {}
+        for record in train:
+            series.setdefault(record["archs"][-1], []).append((record["step"], record["loss"]))
+        for label in sorted(series, key=lambda name: (name != "full", name)):
+            steps, losses = zip(*series[label], strict=True)
+            window = max(1, len(losses) // 8)
+            smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / min(window, i + 1)
+                      for i in range(len(losses))]
+            (line,) = loss_axis.plot(steps, smooth, "-", label=f"{label} (moving mean of {window})")
+            loss_axis.plot(steps, losses, ".", alpha=0.35, color=line.get_color())
+        loss_axis.legend(fontsize=8)
     loss_axis.set_xlabel("step")
     loss_axis.set_ylabel("loss (KD + alpha CE)")
     loss_axis.set_yscale("log")
