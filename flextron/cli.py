@@ -420,6 +420,82 @@ def train_router(args: argparse.Namespace) -> None:
 
 
 @command(
+    "train", "elastic continued training with distillation from the frozen original (torchrun-ready)",
+    arg("--model", default="default", help="a converted Flextron directory (flextron convert) or any source"),
+    arg("--out", required=True, help="run directory: metrics.jsonl, metrics.png, checkpoints/"),
+    arg("--data", default="builtin", help="builtin | file | dir | .jsonl | saved dataset"),
+    arg("--seq-len", type=int, default=256, help="tokens per training block"),
+    arg("--val-fraction", type=float, default=0.1, help="validation share (builtin: its held-out split)"),
+    arg("--val-blocks", type=int, default=8, help="at most this many validation blocks"),
+    arg("--steps", type=int, default=100),
+    arg("--batch-size", type=int, default=4, help="blocks per micro-batch, global across ranks"),
+    arg("--accumulation-steps", type=int, default=1),
+    arg("--lr", type=float, default=1e-4),
+    arg("--warmup-steps", type=int, default=10),
+    arg("--min-lr-ratio", type=float, default=0.1),
+    arg("--weight-decay", type=float, default=0.01),
+    arg("--clip-grad-norm", type=float, default=1.0),
+    arg("--temperature", type=float, default=1.0, help="KD softmax temperature"),
+    arg("--alpha", type=float, default=0.0, help="weight of the LM (cross-entropy) loss next to KD"),
+    arg("--rule", default="budget", help="sub-network sampling: budget | random | mixed"),
+    arg("--p-full", type=float, default=1 / 3, help="probability of training the full model"),
+    arg("--budgets", type=parse_budgets, default=[0.25, 0.5, 0.75], help="budgets the budget rule samples"),
+    arg("--eval-budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25]),
+    arg("--eval-every", type=int, default=50, help="validate every N steps (0: start and end only)"),
+    arg("--save-every", type=int, default=100, help="checkpoint every N steps (0: at the end only)"),
+    arg("--bf16", action="store_true", help="bfloat16 autocast for the forward passes"),
+    arg("--freeze-embeddings", action="store_true", help="do not train the embedding / tied LM head"),
+    arg("--seed", type=int, default=0),
+    arg("--resume", action="store_true", help="continue from OUT/checkpoints/latest.json"),
+    arg("--stop-after", type=int, default=None, help="stop (checkpointed) after N steps; --resume later"),
+    arg("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available"),
+    arg("--fsdp", action="store_true", help="shard with FSDP2 (under torchrun)"),
+)
+def train(args: argparse.Namespace) -> None:
+    import copy
+
+    from flextron.train import NonFiniteLossError, TrainConfig, init_distributed, load_train_data
+    from flextron.train import train as train_model
+    from flextron.train.distributed import shutdown_distributed
+
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, accumulation_steps=args.accumulation_steps, lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        clip_grad_norm=args.clip_grad_norm, train_embeddings=not args.freeze_embeddings,
+        temperature=args.temperature, alpha=args.alpha, rule=args.rule, p_full=args.p_full,
+        budgets=tuple(args.budgets), bf16=args.bf16, eval_every=args.eval_every,
+        eval_budgets=tuple(args.eval_budgets), save_every=args.save_every, seed=args.seed,
+    )
+    context = init_distributed(args.device, args.fsdp)
+    try:
+        model = _load(args.model)
+        if model.tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer: training text cannot be tokenized")
+        if not model.importance:
+            print(f"warning: {args.model} is not converted; sub-networks are unranked prefixes "
+                  "(run flextron convert first)", file=sys.stderr)
+        data = load_train_data(model.tokenizer, args.data, args.seq_len + 1, args.val_fraction,
+                               args.val_blocks)
+        if context.is_main:
+            print(f"{data.train.shape[0]} training and {data.val.shape[0]} validation blocks of "
+                  f"{args.seq_len + 1} tokens; {context.world_size} process(es) on {context.device}",
+                  file=sys.stderr)
+        teacher = copy.deepcopy(model)  # the frozen original: also the teacher of a resumed run
+        try:
+            result = train_model(model, teacher, data, config, args.out, args.resume, context,
+                                 stop_after=args.stop_after)
+        except NonFiniteLossError as error:
+            raise SystemExit(f"flextron train: error: {error}") from error
+    finally:
+        shutdown_distributed()
+    if context.is_main:
+        print(f"trained {result['tokens']} tokens in {result['seconds']:.0f}s; validation perplexity: "
+              + ", ".join(f"budget {b}: {ppl:.2f}" for b, ppl in result["val"].items()))
+        final = Path(args.out) / "checkpoints" / f"step-{result['steps']:06d}"
+        print(f"checkpoint (a Flextron model directory): {final}")
+
+
+@command(
     "demo", "the embedded SmolLM2 end to end: convert, perplexity per budget, plot, answers",
     arg("--out", default="runs/demo", help="directory for the converted model, table, JSON and plot"),
     arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25]),
@@ -427,12 +503,14 @@ def train_router(args: argparse.Namespace) -> None:
     arg("--eval-blocks", type=int, default=12, help="held-out blocks of 256 tokens"),
     arg("--prompt", default="What is the capital of France? Answer in one sentence."),
     arg("--max-new-tokens", type=int, default=40),
+    arg("--train-steps", type=int, default=20, help="elastic-training steps, trained once, cached (0: none)"),
 )
 def demo(args: argparse.Namespace) -> None:
     from flextron.demo import run_demo
 
     run_demo(
-        Path(args.out), args.budgets, args.calib_samples, args.eval_blocks, args.prompt, args.max_new_tokens
+        Path(args.out), args.budgets, args.calib_samples, args.eval_blocks, args.prompt, args.max_new_tokens,
+        args.train_steps,
     )
 
 

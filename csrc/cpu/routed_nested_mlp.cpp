@@ -6,13 +6,12 @@
 //    order the neuron band [widths[c+1], widths[c]) is used by a *prefix* of the
 //    tokens (those with choice <= c), so one band is one GEMM on strided prefix
 //    views of the weights: no masking, no wasted FLOPs, no weight copies.
-//  * The forward runs on tiles of kTileRows sorted tokens: gather the rows,
-//    gate/up GEMMs band by band (each weight band read once per tile), the
-//    activation in place, one down GEMM per width segment, then scale and
-//    scatter back. A tile's hidden activations stay in the core's cache. Tiles
-//    go to the threads round-robin: the tokens are sorted widest first, so
-//    contiguous chunks would hand one thread all the expensive tiles. Inside a
-//    tile the BLAS runs single-threaded (it is called from a parallel region).
+//  * The forward runs on tiles of sorted tokens: gather the rows, gate/up GEMMs
+//    band by band (each weight band read once per tile), the activation in
+//    place, one down GEMM per width segment, then scale and scatter back. A tile's hidden activations stay in the core's cache. Threads
+//    pull tiles from a shared counter: the tokens are sorted widest first, so
+//    static contiguous chunks would hand one thread all the expensive tiles.
+//    Inside a tile the BLAS runs single-threaded (called from a parallel region).
 //  * The backward recomputes the hidden activations the same way, tile by tile,
 //    keeping the pre-activation gradients in sorted (T, W) buffers. The weight
 //    gradients then go band by band: band c reads the first offsets[c+1] sorted
@@ -20,14 +19,16 @@
 //    disjoint (no reduction across threads) and each GEMM is large enough for
 //    the multithreaded BLAS. Neurons no token uses get an exactly-zero gradient.
 //
-// Versions: v1 whole-problem band form (one GEMM pair per band over all tokens);
-// v2 token tiles in at::parallel_for + round-robin tiles (current: cache-resident
-// hidden activations, both cores busy on the fp32 GEMMs).
+// Versions: v1 whole-problem band form, one GEMM pair per band over all tokens
+// (prototype: hidden activations round-trip through memory, one BLAS call at a
+// time); v2 token tiles of 128 dealt round-robin to at::parallel_for threads;
+// v3 (current) tiles of 64..256 rows pulled dynamically, longest first.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "checks.h"
@@ -36,16 +37,19 @@
 
 // fp32, bf16 and fp16: the dtypes check_float admits.
 #define FLEXTRON_DISPATCH_FLOAT(TYPE, NAME, ...)                  \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
-                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                  \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)    \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 namespace flextron {
 namespace {
 
-// Sorted tokens per tile: big enough for efficient GEMMs, small enough that a
-// tile's (rows, F) gate/up/hidden buffers stay in a core's L2.
-constexpr int64_t kTileRows = 128;
+// Sorted tokens per tile: at most kMaxTileRows (big enough for efficient GEMMs,
+// small enough that a tile's gate/up buffers stay near the core), at least
+// kMinTileRows, aiming at 4 tiles per thread so the dynamic schedule can balance.
+constexpr int64_t kMaxTileRows = 256;
+constexpr int64_t kMinTileRows = 64;
 
 // Tokens grouped by choice: sorted position i holds token perm[i]; the tokens of
 // choice c sit at sorted positions [offsets[c], offsets[c + 1]).
@@ -143,25 +147,28 @@ at::Tensor block(const at::Tensor& t, int64_t rows, int64_t lo, int64_t hi) {
   return t.narrow(0, 0, rows).narrow(1, lo, hi - lo);
 }
 
-// Runs fn(start, stop) on tiles of kTileRows sorted tokens, dealt to the threads
-// round-robin. A lone tile runs on the calling thread, where the BLAS can use
-// every thread itself.
+// Runs fn(start, stop) on tiles of sorted tokens. Threads take the next tile
+// from a shared counter: the tiles come widest (most expensive) first, so this
+// is the longest-first greedy schedule. Each tile's arithmetic does not depend on
+// the thread that runs it, so results are deterministic. A lone tile runs on the
+// calling thread, where the BLAS can use every thread itself.
 template <typename Fn>
 void for_each_tile(int64_t tokens, const Fn& fn) {
-  const int64_t tiles = (tokens + kTileRows - 1) / kTileRows;
+  const int64_t threads = at::get_num_threads();
+  const int64_t tile_rows =
+      std::clamp((tokens + 4 * threads - 1) / (4 * threads), kMinTileRows, kMaxTileRows);
+  const int64_t tiles = (tokens + tile_rows - 1) / tile_rows;
   if (tiles <= 1) {
     if (tokens > 0) fn(0, tokens);
     return;
   }
-  const int64_t lanes = std::min<int64_t>(at::get_num_threads(), tiles);
-  at::parallel_for(0, lanes, 1, [&](int64_t lane_begin, int64_t lane_end) {
+  std::atomic<int64_t> next_tile{0};
+  at::parallel_for(0, std::min(threads, tiles), 1, [&](int64_t, int64_t) {
     // Pool threads start with default dispatch state: keep the ATen calls below
     // autograd (the tensors may require grad; these are kernel internals).
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t lane = lane_begin; lane < lane_end; ++lane) {
-      for (int64_t tile = lane; tile < tiles; tile += lanes) {
-        fn(tile * kTileRows, std::min(tokens, (tile + 1) * kTileRows));
-      }
+    for (int64_t tile = next_tile++; tile < tiles; tile = next_tile++) {
+      fn(tile * tile_rows, std::min(tokens, (tile + 1) * tile_rows));
     }
   });
 }
