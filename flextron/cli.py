@@ -62,7 +62,7 @@ def _load(source: str):
 
 
 def _choose_arch(model, args: argparse.Namespace):
-    """The configuration from --arch (a JSON file) or --budget."""
+    """The configuration from --arch (a JSON file), else a Selection from --budget / --latency-ms."""
     from flextron.evaluate import load_arch_file
 
     if getattr(args, "arch", None):
@@ -70,7 +70,33 @@ def _choose_arch(model, args: argparse.Namespace):
         if len(archs) != 1:
             raise ValueError(f"{args.arch}: expected one configuration, found {len(archs)}")
         return next(iter(archs.values()))[1]
-    return model.arch_for_budget(args.budget)
+    selection = _resolver(model, args).select(args.budget, args.latency_ms, args.routing)
+    print(selection.describe(), file=sys.stderr)
+    return selection
+
+
+# ---- budgets and latency targets (routers, issue 6)
+
+ROUTING = arg("--routing", choices=("auto", "uniform", "static", "dynamic"), default="auto",
+              help="auto: the static router when the model has one, else uniform widths")
+LATENCY_SHAPE = arg("--latency-shape", default=None,
+                    help="the shape budgets refer to, e.g. prefill:1x128 (default: the routers', else the "
+                         "latency table's first prefill shape)")
+
+
+def parse_numbers(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from error
+
+
+def _resolver(model, args: argparse.Namespace):
+    """Budget resolution with the model directory's latency table and routers (when it has them)."""
+    from flextron.budget import BudgetResolver, parse_shape
+
+    shape = parse_shape(args.latency_shape) if getattr(args, "latency_shape", None) else None
+    return BudgetResolver(model, args.model if Path(args.model).is_dir() else None, shape)
 
 
 # ---- commands
@@ -126,6 +152,10 @@ def convert(args: argparse.Namespace) -> None:
     arg("--data", default="builtin", help="builtin (held-out split) | file | dir | .jsonl | saved dataset"),
     arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25], help="comma-separated, in (0, 1]"),
     arg("--arch", help="JSON file: a configuration or a {name: configuration} map (instead of budgets)"),
+    arg("--latency-ms", type=parse_numbers, default=None,
+        help="comma-separated latency targets (instead of budgets)"),
+    ROUTING,
+    LATENCY_SHAPE,
     arg("--seq-len", type=int, default=512),
     arg("--max-blocks", type=int, default=None, help="evaluate at most this many blocks"),
     arg("--batch-size", type=int, default=2),
@@ -146,8 +176,18 @@ def evaluate(args: argparse.Namespace) -> None:
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer: evaluation text cannot be tokenized")
     blocks = load_blocks(model.tokenizer, args.data, args.seq_len, args.max_blocks, split="eval")
-    archs = load_arch_file(args.arch) if args.arch else archs_for_budgets(model, args.budgets)
-    rows = evaluate_archs(model, blocks, archs, args.batch_size)
+    if args.arch:
+        rows = evaluate_archs(model, blocks, load_arch_file(args.arch), args.batch_size)
+    elif args.latency_ms is None and args.routing == "auto" and not Path(args.model).is_dir():
+        rows = evaluate_archs(model, blocks, archs_for_budgets(model, args.budgets), args.batch_size)
+    else:
+        from flextron.budget import evaluate_selections
+
+        resolver = _resolver(model, args)
+        requests = ([(None, ms) for ms in args.latency_ms] if args.latency_ms
+                    else [(b, None) for b in args.budgets])
+        selections = [resolver.select(budget, ms, args.routing) for budget, ms in requests]
+        rows = evaluate_selections(model, blocks, selections, args.batch_size)
     print(f"perplexity on {blocks.numel()} tokens ({args.data}):")
     print(format_table(rows))
     write_results(rows, args.json, args.plot)
@@ -157,7 +197,10 @@ def evaluate(args: argparse.Namespace) -> None:
     "generate", "answer a prompt at a budget, streaming the tokens",
     MODEL,
     arg("prompt"),
-    arg("--budget", type=float, default=1.0),
+    arg("--budget", type=float, default=None, help="fraction of the full model (default 1)"),
+    arg("--latency-ms", type=float, default=None, help="latency target (needs the model's latency table)"),
+    ROUTING,
+    LATENCY_SHAPE,
     arg("--arch", help="JSON file with one configuration (instead of --budget)"),
     arg("--max-new-tokens", type=int, default=128),
     arg("--min-new-tokens", type=int, default=0, help="no special token (EOS) before this many"),
@@ -167,17 +210,21 @@ def evaluate(args: argparse.Namespace) -> None:
     arg("--no-chat", action="store_true", help="do not apply the chat template"),
 )
 def generate(args: argparse.Namespace) -> None:
+    from flextron.config import ArchConfig
     from flextron.generate import generate_text
 
     model = _load(args.model)
-    arch = _choose_arch(model, args)
+    choice = _choose_arch(model, args)
+    arch = choice if isinstance(choice, ArchConfig) else choice.arch
+    router = None if isinstance(choice, ArchConfig) else choice.session(1)
 
     def show(piece: str) -> None:
         print(piece, end="", flush=True)
 
     start = time.perf_counter()
     generate_text(model, args.prompt, arch, args.max_new_tokens, args.temperature, args.top_p,
-                  chat=not args.no_chat, seed=args.seed, on_text=show, min_new_tokens=args.min_new_tokens)
+                  chat=not args.no_chat, seed=args.seed, on_text=show, min_new_tokens=args.min_new_tokens,
+                  router=router)
     print(f"\n[{time.perf_counter() - start:.1f}s]", file=sys.stderr)
 
 
@@ -185,18 +232,267 @@ def generate(args: argparse.Namespace) -> None:
     "export", "write one sub-network as a standalone model (HF Llama when uniform)",
     MODEL,
     arg("--out", required=True),
-    arg("--budget", type=float, default=1.0),
+    arg("--budget", type=float, default=None, help="fraction of the full model (default 1)"),
+    arg("--latency-ms", type=float, default=None, help="latency target (needs the model's latency table)"),
+    arg("--routing", choices=("auto", "uniform", "static"), default="auto",
+        help="static configurations only: auto = the static router when present, else uniform"),
+    LATENCY_SHAPE,
     arg("--arch", help="JSON file with one configuration (per-layer allowed) instead of --budget"),
     arg("--format", choices=("auto", "hf", "flextron"), default="auto",
         help="auto: a Hugging Face Llama directory for uniform configurations, else Flextron"),
 )
 def export(args: argparse.Namespace) -> None:
+    from flextron.config import ArchConfig
     from flextron.export import export as export_model
 
     model = _load(args.model)
-    arch = _choose_arch(model, args)
+    choice = _choose_arch(model, args)
+    arch = choice if isinstance(choice, ArchConfig) else choice.arch
     used = export_model(model, arch, args.out, args.format)
     print(f"exported a {model.num_parameters(arch) / 1e6:.1f}M-parameter sub-network as {used} to {args.out}")
+
+
+# ---- latency table and routers (issue 6)
+
+
+def _parse_shapes(text: str) -> list[tuple[int, int]]:
+    try:
+        shapes = [tuple(int(v) for v in part.lower().split("x")) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"shapes must look like 1x128,4x128, got {text!r}") from error
+    if any(len(shape) != 2 for shape in shapes):
+        raise argparse.ArgumentTypeError(f"shapes must look like 1x128,4x128, got {text!r}")
+    return shapes
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def _flextron_dir(path: str) -> Path:
+    from flextron.checkpoint import is_flextron_dir
+
+    if not is_flextron_dir(path):
+        raise ValueError(f"{path} is not a Flextron directory: run `flextron convert --out DIR` first")
+    return Path(path)
+
+
+@command(
+    "profile", "measure the latency lookup table of every MLP width and head count; save it in the model dir",
+    arg("--model", required=True, help="a Flextron directory (from convert)"),
+    arg("--prefill", type=_parse_shapes, default=[(1, 128)], help="BATCHxLENGTH shapes, comma-separated"),
+    arg("--decode", type=_parse_shapes, default=[(1, 256)], help="BATCHxCONTEXT shapes, comma-separated"),
+    arg("--repeats", type=int, default=9, help="timed repeats per component (the median is kept)"),
+    arg("--threads", type=int, default=None, help="CPU threads (default: torch's); use the same later"),
+    arg("--check", type=int, default=10, help="random configurations: predicted vs measured (0: skip)"),
+    arg("--clock", choices=("wall", "cpu"), default="wall",
+        help="cpu: process CPU time (one thread only): latency on a dedicated core of a shared machine"),
+    arg("--json", default=None, help="write the check rows here"),
+)
+def profile(args: argparse.Namespace) -> None:
+    from flextron.latency import check_table, profile_latency
+
+    _set_threads(args.threads)
+    directory = _flextron_dir(args.model)
+    model = _load(args.model)
+    table = profile_latency(model, args.prefill, args.decode, repeats=args.repeats,
+                            progress=lambda text: print(text, file=sys.stderr), clock=args.clock)
+    written = table.save(directory)
+    print(f"latency table for {table.device_name} written to {written}")
+    for entry in table.entries:
+        low, high = table.latency_range(model.config, entry.phase, entry.batch, entry.length)
+        print(f"{entry.phase:>7} batch {entry.batch} length {entry.length}: full model {high:.2f} ms, "
+              f"smallest sub-network {low:.2f} ms, fixed {entry.fixed_ms:.2f} ms")
+    rows = []
+    for entry in table.entries if args.check > 0 else []:
+        checked = check_table(model, table, args.check, entry.phase, entry.batch, entry.length, args.repeats)
+        errors = [100 * row["error"] for row in checked]
+        print(f"{entry.phase:>7} batch {entry.batch} length {entry.length}: predicted vs measured on "
+              f"{args.check} random configurations: errors (%) {', '.join(f'{e:+.1f}' for e in errors)}; "
+              f"max |error| {max(abs(e) for e in errors):.1f}%")
+        rows += checked
+    if args.json:
+        from flextron.checkpoint import write_json_atomic
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(args.json), {"device": table.device_name, "checks": rows})
+
+
+@command(
+    "train-router", "train a static or dynamic router: surrogate-model loop then joint fine-tuning, or e2e",
+    arg("--model", required=True, help="a Flextron directory with a latency table (flextron profile)"),
+    arg("--kind", choices=("static", "dynamic"), default="static"),
+    arg("--mode", choices=("surrogate", "end-to-end"), default="surrogate",
+        help="surrogate: the SM loop (DESIGN §1 step 5); end-to-end: the baseline without SM"),
+    arg("--budgets", type=parse_budgets, default=[0.3, 0.5, 0.7, 1.0], help="trained budgets"),
+    arg("--steps", type=int, default=200, help="SM-loop (or end-to-end) steps"),
+    arg("--finetune-steps", type=int, default=50,
+        help="joint LLM + router fine-tuning steps after the SM loop (0: keep the LLM; saves the model)"),
+    arg("--data", default="builtin", help="training text: builtin | file | dir | .jsonl | saved dataset"),
+    arg("--seq-len", type=int, default=128),
+    arg("--batch-size", type=int, default=2),
+    arg("--latency-weight", type=float, default=1.0, help="λ of the latency loss"),
+    arg("--router-lr", type=float, default=1e-3),
+    arg("--model-lr", type=float, default=1e-5),
+    arg("--sm-threshold", type=float, default=0.05, help="router steps only while the SM's error is below"),
+    arg("--sm-updates", type=int, default=4, help="SM minibatch steps per LLM step"),
+    arg("--tau", type=float, nargs=2, default=(1.0, 0.1), metavar=("START", "END"),
+        help="Gumbel-softmax temperature, annealed exponentially from START to END"),
+    arg("--loss", choices=("kd", "lm"), default="kd"),
+    arg("--mlp-choices", type=int, default=8, help="MLP widths the router picks from (smallest to full)"),
+    arg("--hidden-size", type=int, default=128, help="router width"),
+    arg("--threads", type=int, default=None),
+    arg("--seed", type=int, default=0),
+    arg("--log", default=None, help="write the per-step log here (JSON)"),
+    LATENCY_SHAPE,
+)
+def train_router(args: argparse.Namespace) -> None:
+    from flextron.budget import parse_shape
+    from flextron.data import load_blocks
+    from flextron.latency import LatencyTable
+    from flextron.nn.routers import (
+        DynamicRouter,
+        StaticRouter,
+        default_mlp_choices,
+        load_routers,
+        save_routers,
+    )
+    from flextron.routing import LatencyTarget, RouterTrainingConfig, train_end_to_end, train_router_surrogate
+
+    _set_threads(args.threads)
+    directory = _flextron_dir(args.model)
+    model = _load(args.model)
+    table = LatencyTable.load(directory, model.embed_tokens.weight.device)
+    phase, batch, length = parse_shape(args.latency_shape) if args.latency_shape else ("prefill",
+                                                                                         *table.shapes("prefill")[0])
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer: training text cannot be tokenized")
+    blocks = load_blocks(model.tokenizer, args.data, args.seq_len, split="train")
+    router_class = StaticRouter if args.kind == "static" else DynamicRouter
+    router = router_class(model.config, args.budgets, default_mlp_choices(model.config, args.mlp_choices),
+                          hidden_size=args.hidden_size)
+    target = LatencyTarget.from_table(table, router, model, phase, batch, length)
+    config = RouterTrainingConfig(
+        budgets=tuple(args.budgets), latency_weight=args.latency_weight, steps=args.steps,
+        batch_size=args.batch_size, router_lr=args.router_lr, model_lr=args.model_lr,
+        sm_threshold=args.sm_threshold, sm_updates=args.sm_updates, loss=args.loss, seed=args.seed,
+        tau_start=args.tau[0], tau_end=args.tau[1],
+    )
+
+    def show(row: dict) -> None:
+        if row["step"] % 10 == 0:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                  file=sys.stderr)
+
+    logs = {}
+    if args.mode == "surrogate":
+        _, log = train_router_surrogate(model, router, target, blocks, config, show)
+        logs["surrogate"] = log.rows
+        if args.finetune_steps > 0:
+            import dataclasses
+
+            tune = dataclasses.replace(config, steps=args.finetune_steps, tau_start=config.tau_end)
+            logs["joint"] = train_end_to_end(model, router, target, blocks, tune, train_model=True,
+                                             progress=show).rows
+            model.save_pretrained(directory)
+            print(f"saved the jointly fine-tuned model to {directory}")
+    else:
+        logs["end_to_end"] = train_end_to_end(model, router, target, blocks, config, progress=show).rows
+    routers, _ = load_routers(directory, model.config)
+    routers[args.kind] = router
+    save_routers(directory, routers, {"phase": phase, "batch": batch, "length": length})
+    print(f"saved the {args.kind} router to {directory}")
+    if isinstance(router, StaticRouter):
+        for budget in args.budgets:
+            arch = router.arch(budget)
+            print(f"budget {budget:g}: predicted {table.predict(arch, phase, batch, length):.2f} ms of "
+                  f"{budget * target.full_ms:.2f} ms target; MLP widths {list(arch.mlp_widths)}, heads "
+                  f"{list(arch.heads)}")
+    if args.log:
+        from flextron.checkpoint import write_json_atomic
+
+        write_json_atomic(Path(args.log), logs)
+
+
+@command(
+    "train", "elastic continued training with distillation from the frozen original (torchrun-ready)",
+    arg("--model", default="default", help="a converted Flextron directory (flextron convert) or any source"),
+    arg("--out", required=True, help="run directory: metrics.jsonl, metrics.png, checkpoints/"),
+    arg("--data", default="builtin", help="builtin | file | dir | .jsonl | saved dataset"),
+    arg("--seq-len", type=int, default=256, help="tokens per training block"),
+    arg("--val-fraction", type=float, default=0.1, help="validation share (builtin: its held-out split)"),
+    arg("--val-blocks", type=int, default=8, help="at most this many validation blocks"),
+    arg("--steps", type=int, default=100),
+    arg("--batch-size", type=int, default=4, help="blocks per micro-batch, global across ranks"),
+    arg("--accumulation-steps", type=int, default=1),
+    arg("--lr", type=float, default=1e-4),
+    arg("--warmup-steps", type=int, default=10),
+    arg("--min-lr-ratio", type=float, default=0.1),
+    arg("--weight-decay", type=float, default=0.01),
+    arg("--clip-grad-norm", type=float, default=1.0),
+    arg("--temperature", type=float, default=1.0, help="KD softmax temperature"),
+    arg("--alpha", type=float, default=0.0, help="weight of the LM (cross-entropy) loss next to KD"),
+    arg("--rule", default="budget", help="sub-network sampling: budget | random | mixed"),
+    arg("--p-full", type=float, default=1 / 3, help="probability of training the full model"),
+    arg("--budgets", type=parse_budgets, default=[0.25, 0.5, 0.75], help="budgets the budget rule samples"),
+    arg("--eval-budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25]),
+    arg("--eval-every", type=int, default=50, help="validate every N steps (0: start and end only)"),
+    arg("--save-every", type=int, default=100, help="checkpoint every N steps (0: at the end only)"),
+    arg("--bf16", action="store_true", help="bfloat16 autocast for the forward passes"),
+    arg("--freeze-embeddings", action="store_true", help="do not train the embedding / tied LM head"),
+    arg("--seed", type=int, default=0),
+    arg("--resume", action="store_true", help="continue from OUT/checkpoints/latest.json"),
+    arg("--stop-after", type=int, default=None, help="stop (checkpointed) after N steps; --resume later"),
+    arg("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available"),
+    arg("--fsdp", action="store_true", help="shard with FSDP2 (under torchrun)"),
+)
+def train(args: argparse.Namespace) -> None:
+    import copy
+
+    from flextron.train import NonFiniteLossError, TrainConfig, init_distributed, load_train_data
+    from flextron.train import train as train_model
+    from flextron.train.distributed import shutdown_distributed
+
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, accumulation_steps=args.accumulation_steps, lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        clip_grad_norm=args.clip_grad_norm, train_embeddings=not args.freeze_embeddings,
+        temperature=args.temperature, alpha=args.alpha, rule=args.rule, p_full=args.p_full,
+        budgets=tuple(args.budgets), bf16=args.bf16, eval_every=args.eval_every,
+        eval_budgets=tuple(args.eval_budgets), save_every=args.save_every, seed=args.seed,
+    )
+    context = init_distributed(args.device, args.fsdp)
+    try:
+        model = _load(args.model)
+        if model.tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer: training text cannot be tokenized")
+        if not model.importance:
+            print(f"warning: {args.model} is not converted; sub-networks are unranked prefixes "
+                  "(run flextron convert first)", file=sys.stderr)
+        data = load_train_data(model.tokenizer, args.data, args.seq_len + 1, args.val_fraction,
+                               args.val_blocks)
+        if context.is_main:
+            print(f"{data.train.shape[0]} training and {data.val.shape[0]} validation blocks of "
+                  f"{args.seq_len + 1} tokens; {context.world_size} process(es) on {context.device}",
+                  file=sys.stderr)
+        teacher = copy.deepcopy(model)  # the frozen original: also the teacher of a resumed run
+        try:
+            result = train_model(model, teacher, data, config, args.out, args.resume, context,
+                                 stop_after=args.stop_after)
+        except NonFiniteLossError as error:
+            raise SystemExit(f"flextron train: error: {error}") from error
+    finally:
+        shutdown_distributed()
+    if context.is_main:
+        print(f"trained {result['tokens']} tokens in {result['seconds']:.0f}s; validation perplexity: "
+              + ", ".join(f"budget {b}: {ppl:.2f}" for b, ppl in result["val"].items()))
+        final = Path(args.out) / "checkpoints" / f"step-{result['steps']:06d}"
+        print(f"checkpoint (a Flextron model directory): {final}")
 
 
 @command(
@@ -207,12 +503,14 @@ def export(args: argparse.Namespace) -> None:
     arg("--eval-blocks", type=int, default=12, help="held-out blocks of 256 tokens"),
     arg("--prompt", default="What is the capital of France? Answer in one sentence."),
     arg("--max-new-tokens", type=int, default=40),
+    arg("--train-steps", type=int, default=20, help="elastic-training steps, trained once, cached (0: none)"),
 )
 def demo(args: argparse.Namespace) -> None:
     from flextron.demo import run_demo
 
     run_demo(
-        Path(args.out), args.budgets, args.calib_samples, args.eval_blocks, args.prompt, args.max_new_tokens
+        Path(args.out), args.budgets, args.calib_samples, args.eval_blocks, args.prompt, args.max_new_tokens,
+        args.train_steps,
     )
 
 

@@ -30,8 +30,13 @@ def run_demo(
     eval_blocks: int = 12,
     prompt: str = "What is the capital of France? Answer in one sentence.",
     max_new_tokens: int = 40,
+    train_steps: int = 0,
 ) -> list[dict]:
-    """Run the demo, writing out/model, out/results.json and out/perplexity.png; returns the rows."""
+    """Run the demo, writing out/model, out/results.json and out/perplexity.png; returns the rows.
+
+    train_steps > 0 adds an elastic-training phase (trained once, then cached; see
+    flextron.train.demo) and writes out/results_trained.json and out/perplexity_trained.png.
+    """
     start = time.perf_counter()
 
     def step(message: str) -> None:
@@ -54,12 +59,24 @@ def run_demo(
     write_results(rows, out / "results.json", out / "perplexity.png", "SmolLM2-135M converted (no training)")
     step(f"wrote {out / 'results.json'} and {out / 'perplexity.png'}")
 
+    if train_steps:
+        from flextron.train.demo import elastic_phase
+
+        step(f"elastic training, {train_steps} steps (distillation from the frozen converted model)")
+        model, checkpoint, cached = elastic_phase(model, train_steps)
+        step(f"{'loaded the cached' if cached else 'trained and cached the'} checkpoint {checkpoint}")
+        rows = evaluate_archs(model, held_out, archs_for_budgets(model, budgets), batch_size=4)
+        print(format_table(rows))
+        write_results(rows, out / "results_trained.json", out / "perplexity_trained.png",
+                      f"SmolLM2-135M after {train_steps} elastic-training steps")
+
     for budget in (max(budgets), sorted(budgets)[len(budgets) // 2]):
         print(f"\n> {prompt}\n[budget {budget:g}] ", end="", flush=True)
         generate_text(model, prompt, model.arch_for_budget(budget), max_new_tokens,
                       on_text=lambda piece: print(piece, end="", flush=True), min_new_tokens=MIN_NEW_TOKENS)
         print()
     step("done")
-    print("Without elastic training, smaller budgets lose quality; `flextron train` recovers it.",
-          file=sys.stderr)
+    if not train_steps:
+        print("Without elastic training, smaller budgets lose quality; `flextron train` recovers it.",
+              file=sys.stderr)
     return rows

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from flextron.config import ArchConfig
-from flextron.model import FlextronModel
+from flextron.model import FlextronModel, LayerRouter
 
 
 def sample_next(
@@ -44,12 +44,14 @@ def stream_tokens(
     seed: int | None = None,
     min_new_tokens: int = 0,
     banned_early_ids: set[int] | None = None,
+    router: LayerRouter | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time (prefill once, then one cached step per token).
 
     Stops after max_new_tokens, at a stop id (yielded first), or at the context's end.
     The first min_new_tokens tokens cannot be a stop id or one of banned_early_ids.
-    ValueError when the prompt is empty or does not fit the context.
+    ValueError when the prompt is empty or does not fit the context.  router: a dynamic
+    routing session for one sequence (it replaces `arch`; its head counts are fixed at prefill).
     """
     ids = torch.as_tensor(prompt_ids, dtype=torch.int64).flatten()
     context = model.config.max_position_embeddings
@@ -63,7 +65,7 @@ def stream_tokens(
     device = model.embed_tokens.weight.device
     cache = model.new_kv_cache(1, ids.numel() + steps)
     banned = sorted((stop_ids or set()) | (banned_early_ids or set()))
-    logits = model(ids[None].to(device), arch, cache, last_only=True)  # (1, 1, V)
+    logits = model(ids[None].to(device), arch, cache, last_only=True, router=router)  # (1, 1, V)
     for step in range(steps):
         if step < min_new_tokens and banned:
             logits[0, -1, banned] = float("-inf")
@@ -71,7 +73,7 @@ def stream_tokens(
         yield token
         if (stop_ids and token in stop_ids) or step == steps - 1:
             return
-        logits = model(torch.tensor([[token]], device=device), arch, cache)
+        logits = model(torch.tensor([[token]], device=device), arch, cache, router=router)
 
 
 def chat_prompt_ids(tokenizer, prompt: str, chat: bool = True) -> list[int]:
@@ -97,6 +99,7 @@ def generate_text(
     seed: int | None = None,
     on_text: Callable[[str], None] | None = None,
     min_new_tokens: int = 0,
+    router: LayerRouter | None = None,
 ) -> str:
     """The model's answer to `prompt`; on_text receives each new piece of text as it streams.
 
@@ -112,7 +115,7 @@ def generate_text(
     special = set(getattr(tokenizer, "all_special_ids", []))
     for token in stream_tokens(
         model, chat_prompt_ids(tokenizer, prompt, chat), arch, max_new_tokens, temperature, top_p, stop, seed,
-        min_new_tokens, special,
+        min_new_tokens, special, router,
     ):
         if token in stop:
             break

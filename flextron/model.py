@@ -15,6 +15,7 @@ chosen per call; see flextron.config for the budget rule and the head-choice rul
 from __future__ import annotations
 
 import os
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -36,6 +37,22 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+class LayerRouter(Protocol):
+    """Chooses each layer's sub-network during the forward (flextron.nn.routers sessions).
+
+    It receives the sublayer's normalised input and the module, runs the module on its
+    choice (e.g. per-token MLP widths through ops.routed_nested_mlp) and returns the
+    sublayer output (B, T, D), before the residual add.
+    """
+
+    def attention(
+        self, layer: int, module: ElasticAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        kv_cache: KVCache | None,
+    ) -> torch.Tensor: ...
+
+    def mlp(self, layer: int, module: ElasticMLP, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class DecoderLayer(nn.Module):
@@ -60,10 +77,14 @@ class DecoderLayer(nn.Module):
         heads: int | torch.Tensor,
         kv_cache: KVCache | None,
         layer: int,
+        router: LayerRouter | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, D) -> (B, T, D)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, heads, kv_cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x), mlp_width)
+        """x: (B, T, D) -> (B, T, D).  With a router, it runs both sublayers' choices."""
+        if router is None:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, heads, kv_cache, layer)
+            return x + self.mlp(self.post_attention_layernorm(x), mlp_width)
+        x = x + router.attention(layer, self.self_attn, self.input_layernorm(x), cos, sin, kv_cache)
+        return x + router.mlp(layer, self.mlp, self.post_attention_layernorm(x))
 
 
 class FlextronModel(nn.Module):
@@ -115,11 +136,13 @@ class FlextronModel(nn.Module):
         arch: ArchConfig | None = None,
         kv_cache: KVCache | None = None,
         last_only: bool = False,
+        router: LayerRouter | None = None,
     ) -> torch.Tensor:
         """input_ids: (B, T) int64 -> logits (B, T, V), or (B, 1, V) with last_only.
 
         arch: the sub-network (default: full).  kv_cache: positions continue from
-        kv_cache.length, and the cache is extended by T.
+        kv_cache.length, and the cache is extended by T.  router: chooses every layer's
+        sub-network instead of `arch` (dynamic routing; see flextron.nn.routers).
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(
@@ -140,7 +163,7 @@ class FlextronModel(nn.Module):
         positions = torch.arange(start, end, device=input_ids.device)
         cos, sin = self.rotary(positions, x.dtype)  # (T, hd)
         for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, arch.mlp_widths[index], arch.heads[index], kv_cache, index)
+            x = layer(x, cos, sin, arch.mlp_widths[index], arch.heads[index], kv_cache, index, router)
         if kv_cache is not None:
             kv_cache.length = end
         if last_only:

@@ -349,3 +349,13 @@ def _varhead_attention_backward(ctx, grad_out):
 torch.library.register_autograd(
     "flextron::varhead_attention", _varhead_attention_backward, setup_context=_varhead_attention_setup
 )
+
+
+# ---- autocast ------------------------------------------------------------------
+
+# Under torch.autocast the GEMM-heavy ops run in bfloat16, as F.linear does: their floating
+# inputs (activations and weights) are cast, and autograd casts the gradients back to the
+# fp32 parameters.  Without this, mixed bf16/fp32 inputs reach the kernels.
+for _op_name in ("nested_linear", "nested_mlp", "routed_nested_mlp", "varhead_attention"):
+    for _device_type in ("cpu", "cuda"):
+        torch.library.register_autocast(f"flextron::{_op_name}", _device_type, torch.bfloat16)

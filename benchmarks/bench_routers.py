@@ -1,0 +1,171 @@
+"""Routers on a real model: measured latency vs target per budget, and the Pareto curve.
+
+For each budget, three ways to pick the sub-network (flextron.budget): uniform widths
+(nearest LUT latency), the static router, the dynamic router.  Each is timed on this
+device (median over repeats, round-robin, prefill at the LUT reference shape, last-position
+logits as generation runs it) and scored (perplexity on held-out built-in text).  Then the
+dynamic router's real speedup at equal batch: full model vs dynamic routing, both timed.
+
+    flextron convert --model default --out runs/smol
+    flextron profile --model runs/smol --threads 1
+    flextron train-router --model runs/smol --kind static --threads 1
+    flextron train-router --model runs/smol --kind dynamic --mode end-to-end --threads 1
+    python benchmarks/bench_routers.py --model runs/smol --threads 1 --out runs/routers
+
+Writes OUT/routers.json, OUT/routers_pareto.png and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from flextron.budget import BudgetResolver, dynamic_perplexity
+from flextron.data import load_blocks
+from flextron.evaluate import perplexity
+from flextron.latency import measure_latency, median_times_ms
+from flextron.model import FlextronModel
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a Flextron directory with latency.json and routers")
+    parser.add_argument("--budgets", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0")
+    parser.add_argument("--routings", default="uniform,static,dynamic")
+    parser.add_argument("--eval-blocks", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--speedup-batch", type=int, default=4, help="batch of the dynamic speedup test")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default="runs/routers")
+    parser.add_argument("--label", default=None, help="name this run's rows ROUTING-LABEL (e.g. static-e2e)")
+    parser.add_argument("--include", default=None,
+                        help="routers.json of an earlier run whose rows join this run's table and plot")
+    return parser.parse_args(argv)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    markers = iter("os^vDP*X")
+    for routing in dict.fromkeys(r["routing"] for r in rows):
+        marker = next(markers, "o") + "-"
+        points = sorted((r["measured_ms"], r["perplexity"], r["budget"])
+                        for r in rows if r["routing"] == routing)
+        if points:
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker, label=routing)
+            for ms, ppl, budget in points:
+                axis.annotate(f"{budget:g}", (ms, ppl), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    axis.set_xlabel("measured latency (ms)")
+    axis.set_ylabel("perplexity (held-out)")
+    axis.set_yscale("log")
+    axis.set_title("SmolLM2-135M: perplexity vs measured latency per budget")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = FlextronModel.from_pretrained(args.model)
+    resolver = BudgetResolver(model, args.model)
+    if resolver.table is None:
+        raise SystemExit(f"{args.model} has no latency table: run flextron profile first")
+    phase, batch, length = resolver.shape
+    full_ms = resolver.table.predict(model.full_arch(), phase, batch, length)
+    clock = resolver.table.clock
+    blocks = load_blocks(model.tokenizer, None, args.seq_len, args.eval_blocks, split="eval")
+    budgets = [float(b) for b in args.budgets.split(",")]
+    rows = json.loads(Path(args.include).read_text())["rows"] if args.include else []
+    # Select first, then time every selection in one round-robin measurement, so that drifts
+    # of a shared machine hit all rows alike.
+    selections = [(routing, budget, resolver.select(budget=budget, routing=routing))
+                  for routing in args.routings.split(",") for budget in budgets]
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)
+
+    def forward(selection) -> Callable[[], object]:
+        session = selection.session(batch)  # dynamic: heads fixed at its first call, as in generation
+        return lambda: model(ids, selection.arch, last_only=True, router=session)
+
+    with torch.inference_mode():
+        times = median_times_ms({i: forward(s) for i, (_, _, s) in enumerate(selections)},
+                                torch.device("cpu"), args.repeats, 2, clock)
+    for index, (routing, budget, selection) in enumerate(selections):
+        if selection.arch is not None:
+            ppl, _ = perplexity(model, blocks, selection.arch)
+            params = model.num_parameters(selection.arch)
+        else:
+            ppl, params = dynamic_perplexity(model, blocks, selection)
+        target, measured = budget * full_ms, times[index]
+        name = routing if args.label is None else f"{routing}-{args.label}"
+        row = {"routing": name, "budget": budget, "target_ms": target, "measured_ms": measured,
+               "predicted_ms": selection.predicted_ms, "error": (measured - target) / target,
+               "perplexity": ppl, "parameters": params,
+               "arch": None if selection.arch is None else selection.arch.to_dict()}
+        rows.append(row)
+        print(f"{name:>8} {budget:.2f}: target {target:7.2f} ms measured {measured:7.2f} ms "
+              f"({100 * row['error']:+.1f}%) ppl {ppl:8.2f}", file=sys.stderr, flush=True)
+    speedup = dynamic_speedup(model, resolver, args.speedup_batch, length, args.repeats, budgets,
+                              clock)
+    summary = {"shape": resolver.shape, "full_ms_lut": full_ms, "device": resolver.table.device_name,
+               "clock": clock, "rows": rows, "dynamic_speedup": speedup}
+    (out / "routers.json").write_text(json.dumps(summary, indent=2))
+    plot(rows, out / "routers_pareto.png")
+    print(markdown(rows, speedup))
+    return 0
+
+
+def dynamic_speedup(model: FlextronModel, resolver: BudgetResolver, batch: int, length: int,
+                    repeats: int, budgets: list[float], clock: str) -> list[dict]:
+    """Prefill at equal batch: the full model vs dynamic routing (ops.route + ops.routed_nested_mlp)."""
+    if "dynamic" not in resolver.routers:
+        return []
+    results = []
+    full = measure_latency(model, [model.full_arch()], "prefill", batch, length, repeats, clock=clock)[0]
+    for budget in budgets:
+        if budget >= 1.0:
+            continue
+        selection = resolver.select(budget=budget, routing="dynamic")
+        routed = measure_latency(model, [model.full_arch()], "prefill", batch, length, repeats,
+                                 router=selection.session(batch), clock=clock)[0]
+        results.append({"budget": budget, "batch": batch, "length": length, "full_ms": full,
+                        "dynamic_ms": routed, "speedup": full / routed})
+        print(f"dynamic speedup at budget {budget:.2f}, batch {batch}x{length}: {full / routed:.2f}x",
+              file=sys.stderr, flush=True)
+    return results
+
+
+def markdown(rows: list[dict], speedup: list[dict]) -> str:
+    lines = ["| routing | budget | target ms | measured ms | error | perplexity | params (M) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['routing']} | {r['budget']:.2f} | {r['target_ms']:.1f} | "
+                     f"{r['measured_ms']:.1f} | "
+                     f"{100 * r['error']:+.1f}% | {r['perplexity']:.2f} | {r['parameters'] / 1e6:.1f} |")
+    if speedup:
+        lines += ["", "| budget | batch x length | full ms | dynamic ms | speedup |", "|---|---|---|---|---|"]
+        for s in speedup:
+            lines.append(f"| {s['budget']:.2f} | {s['batch']}x{s['length']} | {s['full_ms']:.1f} | "
+                         f"{s['dynamic_ms']:.1f} | {s['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

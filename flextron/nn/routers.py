@@ -1,0 +1,405 @@
+"""Routers: pick each layer's sub-network from a budget (static) or per token (dynamic).
+
+Static router (DESIGN.md §1 step 4): budget -> interpolated one-hot over the trained
+budgets -> Linear -> LeakyReLU -> Linear -> per-layer logits over MLP widths and head
+counts.  Its choices are one `ArchConfig` per budget, so it serves export as well.
+
+Dynamic router: per layer, the MLP input hidden state (+ the budget embedding) -> per-token
+logits over MLP widths; the head count is chosen per sequence from the mean of the
+attention input over the prompt, once, at prefill, and reused at every decode step so the
+KV cache stays consistent.  Inference runs the fused `ops.route` (logits + argmax +
+grouping in one op) and `ops.routed_nested_mlp` (per-token widths, weight prefixes).
+
+Training: discrete choices by Gumbel-softmax with straight-through hard samples (the
+one-hot in value, the soft gradient in backward; `ops.route(..., hard=True)`) at an
+annealed temperature; the chosen path's output is multiplied by its probability (value 1,
+so the forward is unchanged) which carries the gradient to the router.
+
+Choice lists are kept widest first, the order `ops.route` / `ops.routed_nested_mlp` use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flextron import ops
+from flextron.config import ArchConfig, ModelConfig
+from flextron.nn.elastic import ElasticAttention, ElasticMLP, KVCache
+
+
+def default_mlp_choices(config: ModelConfig, count: int = 8) -> list[int]:
+    """`count` allowed MLP widths from the smallest allowed to d_ff, evenly spread, widest first.
+
+    The small end is included so that low budgets (e.g. 0.3 of the full latency) are
+    reachable; widths stay multiples of the model's MLP granularity (64 for SmolLM2).
+    """
+    allowed = config.mlp_choices()
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if count >= len(allowed):
+        return sorted(allowed, reverse=True)
+    picks = {allowed[round(i * (len(allowed) - 1) / (count - 1))] for i in range(count)} if count > 1 else {
+        allowed[-1]
+    }
+    return sorted(picks, reverse=True)
+
+
+def default_head_choices(config: ModelConfig) -> list[int]:
+    """Every allowed head count (whole KV groups), widest first."""
+    return sorted(config.head_choices(), reverse=True)
+
+
+def _check_choices(name: str, choices: Sequence[int], allowed: Sequence[int]) -> list[int]:
+    choices = [int(c) for c in choices]
+    if not choices or any(c not in allowed for c in choices):
+        raise ValueError(f"{name} must be a non-empty subset of the allowed {list(allowed)}, got {choices}")
+    if choices != sorted(set(choices), reverse=True):
+        raise ValueError(f"{name} must be strictly descending (widest first), got {choices}")
+    return choices
+
+
+class TemperatureSchedule:
+    """Gumbel-softmax temperature annealed exponentially from `start` to `end` over `steps`."""
+
+    def __init__(self, start: float = 1.0, end: float = 0.1, steps: int = 1000) -> None:
+        if not 0 < end <= start or steps < 1:
+            raise ValueError(f"need 0 < end <= start and steps >= 1, got {start=}, {end=}, {steps=}")
+        self.start, self.end, self.steps = start, end, steps
+
+    def __call__(self, step: int) -> float:
+        fraction = min(max(step, 0), self.steps) / self.steps
+        return self.start * (self.end / self.start) ** fraction
+
+
+class BudgetEncoder(nn.Module):
+    """Budget -> weights over the trained budgets: one-hot at a trained budget, and linear
+    interpolation between the two neighbours for a budget in between."""
+
+    def __init__(self, budgets: Sequence[float]) -> None:
+        super().__init__()
+        budgets = sorted(float(b) for b in budgets)
+        if not budgets or any(not 0 < b <= 1 for b in budgets) or len(set(budgets)) != len(budgets):
+            raise ValueError(f"trained budgets must be distinct numbers in (0, 1], got {budgets}")
+        self.budgets = budgets
+        self.register_buffer("points", torch.tensor(budgets), persistent=False)
+
+    def forward(self, budget: float | torch.Tensor) -> torch.Tensor:
+        """budget: a number or (B,) -> (B, K) weights (rows sum to 1); (1, K) for a number."""
+        values = torch.as_tensor(budget, dtype=torch.float32, device=self.points.device).reshape(-1)
+        low, high = self.budgets[0], self.budgets[-1]
+        if bool(((values < low - 1e-9) | (values > high + 1e-9)).any()):
+            raise ValueError(
+                f"budget {values.tolist()} outside the router's trained range [{low:g}, {high:g}] "
+                f"(trained budgets {self.budgets})"
+            )
+        if len(self.budgets) == 1:
+            return torch.ones(values.shape[0], 1, device=values.device)
+        upper = torch.searchsorted(self.points, values.clamp(low, high)).clamp(1, len(self.budgets) - 1)
+        lower = upper - 1
+        fraction = ((values - self.points[lower]) / (self.points[upper] - self.points[lower])).clamp(0, 1)
+        weights = torch.zeros(values.shape[0], len(self.budgets), device=values.device)
+        weights.scatter_(1, lower[:, None], (1 - fraction)[:, None])
+        weights.scatter_add_(1, upper[:, None], fraction[:, None])
+        return weights
+
+
+def gumbel_noise(shape: Sequence[int], generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard Gumbel samples -log(-log(U)), U ~ Uniform(0, 1)."""
+    uniform = torch.rand(tuple(shape), generator=generator).clamp_(1e-10, 1 - 1e-7)
+    return (-torch.log(-torch.log(uniform))).to(device)
+
+
+@dataclass
+class Sampling:
+    """How a routing session draws its choices."""
+
+    tau: float = 1.0  # Gumbel-softmax temperature
+    noise: bool = False  # add Gumbel noise (training) or take the argmax (inference)
+    scale: bool = False  # multiply each chosen path by its probability (training)
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if not self.tau > 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+
+
+INFERENCE = Sampling()
+
+
+def _pick(logits: torch.Tensor, sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """logits (N, C) -> (choice (N,), probs (N, C) straight-through, scale (N,) or None)."""
+    noise = gumbel_noise(logits.shape, sampling.generator, logits.device) if sampling.noise else None
+    choice, probs, *_ = ops.route(logits, None, noise, sampling.tau, True)
+    scale = probs.gather(1, choice[:, None]).squeeze(1) if sampling.scale else None
+    return choice, probs, scale
+
+
+# ---- static router -----------------------------------------------------------------
+
+
+class StaticRouter(nn.Module):
+    """Budget -> per-layer MLP width and head count (one configuration per budget)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        budgets: Sequence[float],
+        mlp_choices: Sequence[int] | None = None,
+        head_choices: Sequence[int] | None = None,
+        hidden_size: int = 128,
+    ) -> None:
+        super().__init__()
+        self.num_layers = config.num_layers
+        self.mlp_choices = _check_choices("mlp_choices", mlp_choices or default_mlp_choices(config),
+                                          config.mlp_choices())
+        self.head_choices = _check_choices("head_choices", head_choices or default_head_choices(config),
+                                           config.head_choices())
+        self.encoder = BudgetEncoder(budgets)
+        self.hidden_size = hidden_size
+        outputs = self.num_layers * (len(self.mlp_choices) + len(self.head_choices))
+        self.net = nn.Sequential(
+            nn.Linear(len(self.encoder.budgets), hidden_size), nn.LeakyReLU(), nn.Linear(hidden_size, outputs)
+        )
+
+    def forward(self, budget: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """budget: a number -> (mlp logits (L, Cm), head logits (L, Ch))."""
+        out = self.net(self.encoder(budget))[0]
+        split = self.num_layers * len(self.mlp_choices)
+        return out[:split].view(self.num_layers, -1), out[split:].view(self.num_layers, -1)
+
+    def session(self, budget: float, sampling: Sampling = INFERENCE) -> StaticRouting:
+        """A routing session for one budget (sampled once: every layer gets one choice)."""
+        mlp_logits, head_logits = self(budget)
+        return StaticRouting(self, _pick(mlp_logits, sampling), _pick(head_logits, sampling))
+
+    @torch.no_grad()
+    def arch(self, budget: float) -> ArchConfig:
+        """The configuration for `budget` (argmax per layer)."""
+        mlp_logits, head_logits = self(budget)
+        return ArchConfig(
+            tuple(self.mlp_choices[i] for i in mlp_logits.argmax(-1).tolist()),
+            tuple(self.head_choices[i] for i in head_logits.argmax(-1).tolist()),
+        )
+
+
+class StaticRouting:
+    """One static router decision, used as the model's `router` (a LayerRouter)."""
+
+    def __init__(self, router: StaticRouter, mlp_pick: tuple, head_pick: tuple) -> None:
+        self.mlp_choice, self.mlp_probs, self.mlp_scale = mlp_pick  # (L,), (L, Cm), (L,) | None
+        self.head_choice, self.head_probs, self.head_scale = head_pick  # (L,), (L, Ch), (L,) | None
+        self.arch = ArchConfig(
+            tuple(router.mlp_choices[i] for i in self.mlp_choice.tolist()),
+            tuple(router.head_choices[i] for i in self.head_choice.tolist()),
+        )
+
+    def attention(self, layer: int, module: ElasticAttention, x: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+        out = module(x, cos, sin, self.arch.heads[layer], kv_cache, layer)
+        return out if self.head_scale is None else out * self.head_scale[layer]
+
+    def mlp(self, layer: int, module: ElasticMLP, x: torch.Tensor) -> torch.Tensor:
+        out = module(x, self.arch.mlp_widths[layer])
+        return out if self.mlp_scale is None else out * self.mlp_scale[layer]
+
+    def usage(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router outputs per sequence: (mlp probs (1, L, Cm), head probs (1, L, Ch))."""
+        return self.mlp_probs[None], self.head_probs[None]
+
+
+# ---- dynamic router ----------------------------------------------------------------
+
+
+class DynamicRouter(nn.Module):
+    """Per-token MLP widths and per-sequence head counts from hidden states + budget."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        budgets: Sequence[float],
+        mlp_choices: Sequence[int] | None = None,
+        head_choices: Sequence[int] | None = None,
+        hidden_size: int = 128,
+    ) -> None:
+        super().__init__()
+        if config.mlp_bias:
+            raise ValueError("dynamic routing runs ops.routed_nested_mlp, which has no MLP bias")
+        self.num_layers = config.num_layers
+        self.mlp_choices = _check_choices("mlp_choices", mlp_choices or default_mlp_choices(config),
+                                          config.mlp_choices())
+        self.head_choices = _check_choices("head_choices", head_choices or default_head_choices(config),
+                                           config.head_choices())
+        self.encoder = BudgetEncoder(budgets)
+        self.hidden_size = hidden_size
+        d, k, layers = config.hidden_size, len(self.encoder.budgets), config.num_layers
+        # Per layer: hidden = LeakyReLU(x W_in^T + budget_embedding); logits = hidden W_out^T.
+        self.mlp_in = nn.ModuleList(nn.Linear(d, hidden_size) for _ in range(layers))
+        self.mlp_budget = nn.ModuleList(nn.Linear(k, hidden_size, bias=False) for _ in range(layers))
+        self.mlp_out = nn.ParameterList(
+            nn.Parameter(torch.randn(len(self.mlp_choices), hidden_size) / math.sqrt(hidden_size))
+            for _ in range(layers)
+        )
+        self.head_in = nn.ModuleList(nn.Linear(d, hidden_size) for _ in range(layers))
+        self.head_budget = nn.ModuleList(nn.Linear(k, hidden_size, bias=False) for _ in range(layers))
+        self.head_out = nn.ModuleList(nn.Linear(hidden_size, len(self.head_choices)) for _ in range(layers))
+
+    def session(self, budget: float | torch.Tensor, batch_size: int, sampling: Sampling = INFERENCE
+                ) -> DynamicRouting:
+        """A routing session for `batch_size` sequences at `budget` (a number or (B,))."""
+        weights = self.encoder(budget)  # (1 or B, K)
+        if weights.shape[0] not in (1, batch_size):
+            raise ValueError(f"{weights.shape[0]} budgets for a batch of {batch_size}")
+        return DynamicRouting(self, weights.expand(batch_size, -1), sampling)
+
+    def mlp_hidden(self, layer: int, x: torch.Tensor, budget_weights: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, D), budget_weights: (B, K) -> router hidden state (B*T, H)."""
+        hidden = self.mlp_in[layer](x) + self.mlp_budget[layer](budget_weights)[:, None]  # (B, T, H)
+        return nn.functional.leaky_relu(hidden).flatten(0, 1)
+
+    def head_logits(self, layer: int, x: torch.Tensor, budget_weights: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, D) prompt -> per-sequence logits (B, Ch) from the mean over positions."""
+        hidden = self.head_in[layer](x.mean(1)) + self.head_budget[layer](budget_weights)
+        return self.head_out[layer](nn.functional.leaky_relu(hidden))
+
+
+class DynamicRouting:
+    """One generation's (or batch's) dynamic routing: the model's `router` (a LayerRouter).
+
+    Head counts are chosen at the first call (prefill) and kept for later calls (decode,
+    or a full recompute of the same sequences), so cached keys/values stay valid.
+    """
+
+    def __init__(self, router: DynamicRouter, budget_weights: torch.Tensor, sampling: Sampling) -> None:
+        self.router, self.budget_weights, self.sampling = router, budget_weights, sampling
+        layers = router.num_layers
+        self.heads: list[torch.Tensor | None] = [None] * layers  # (B,) int64 query heads per layer
+        self.head_probs: list[torch.Tensor | None] = [None] * layers  # (B, Ch)
+        self.head_scale: list[torch.Tensor | None] = [None] * layers  # (B,)
+        self.mlp_probs: list[torch.Tensor | None] = [None] * layers  # (B*T, Cm) of the latest call
+        self.mlp_choice: list[torch.Tensor | None] = [None] * layers  # (B*T,)
+
+    def attention(self, layer: int, module: ElasticAttention, x: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+        """x: (B, T, D) -> (B, T, D) with per-sequence head counts fixed at prefill."""
+        if self.heads[layer] is None:
+            budget = self.budget_weights.to(x.dtype)
+            logits = self.router.head_logits(layer, x, budget)
+            choice, probs, scale = _pick(logits, self.sampling)
+            counts = torch.tensor(self.router.head_choices, device=x.device)
+            self.heads[layer], self.head_probs[layer], self.head_scale[layer] = counts[choice], probs, scale
+        out = module(x, cos, sin, self.heads[layer], kv_cache, layer)
+        scale = self.head_scale[layer]
+        return out if scale is None else out * scale[:, None, None].to(out.dtype)
+
+    def mlp(self, layer: int, module: ElasticMLP, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, D) -> (B, T, D), every token at its own width (one fused routed MLP)."""
+        router = self.router
+        hidden = router.mlp_hidden(layer, x, self.budget_weights.to(x.dtype))  # (B*T, H)
+        weight = router.mlp_out[layer].to(x.dtype)
+        noise = None
+        if self.sampling.noise:
+            noise = gumbel_noise((hidden.shape[0], weight.shape[0]), self.sampling.generator, x.device)
+        choice, probs, *_ = ops.route(hidden, weight, noise, self.sampling.tau, True)
+        scale = probs.gather(1, choice[:, None]).squeeze(1) if self.sampling.scale else None
+        self.mlp_probs[layer], self.mlp_choice[layer] = probs, choice
+        flat = x.reshape(-1, x.shape[-1])  # (B*T, D)
+        out = ops.routed_nested_mlp(
+            flat, module.gate_proj.weight, module.up_proj.weight, module.down_proj.weight, choice,
+            router.mlp_choices, scale,
+        )
+        return out.view(x.shape)
+
+    def usage(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router outputs per sequence, averaged over its tokens:
+        (mlp probs (B, L, Cm), head probs (B, L, Ch))."""
+        batch = self.budget_weights.shape[0]
+        mlp = torch.stack([p.view(batch, -1, p.shape[-1]).mean(1) for p in self.mlp_probs], 1)
+        heads = torch.stack(list(self.head_probs), 1)
+        return mlp, heads
+
+    def mean_widths(self) -> list[float]:
+        """Mean MLP width per layer over the latest call's tokens."""
+        widths = torch.tensor(self.router.mlp_choices, dtype=torch.float32)
+        return [float(widths[c.cpu()].mean()) for c in self.mlp_choice]
+
+
+def expected_latency(
+    mlp_probs: torch.Tensor, head_probs: torch.Tensor, fixed_ms: float, mlp_costs: torch.Tensor,
+    head_costs: torch.Tensor,
+) -> torch.Tensor:
+    """LUT latency expectation under router probabilities (differentiable).
+
+    mlp_probs: (B, L, Cm), head_probs: (B, L, Ch), costs (Cm,), (Ch,) ms per layer -> (B,) ms.
+    """
+    mlp = (mlp_probs * mlp_costs.to(mlp_probs)).sum((-1, -2))
+    heads = (head_probs * head_costs.to(head_probs)).sum((-1, -2))
+    return fixed_ms + mlp + heads
+
+
+def latency_loss(latency_ms: torch.Tensor, target_ms: torch.Tensor | float, dead_zone: float = 0.05
+                 ) -> torch.Tensor:
+    """Mean of max(0, |latency - target| / target - dead_zone): no push within the dead zone."""
+    target = torch.as_tensor(target_ms, dtype=latency_ms.dtype, device=latency_ms.device)
+    return torch.relu((latency_ms - target).abs() / target - dead_zone).mean()
+
+
+# ---- files ---------------------------------------------------------------------------
+
+ROUTERS_FILE, ROUTERS_META_FILE = "routers.safetensors", "routers.json"
+ROUTER_KINDS = {"static": StaticRouter, "dynamic": DynamicRouter}
+
+
+def router_settings(router: StaticRouter | DynamicRouter) -> dict:
+    """What rebuilds the router (with the model's config): budgets, choices, hidden size."""
+    return {
+        "budgets": router.encoder.budgets, "mlp_choices": router.mlp_choices,
+        "head_choices": router.head_choices, "hidden_size": router.hidden_size,
+    }
+
+
+def save_routers(path: str | os.PathLike, routers: dict[str, StaticRouter | DynamicRouter],
+                 latency_shape: dict | None = None) -> None:
+    """Write routers ({"static": ..., "dynamic": ...}) into a model directory, replacing the files.
+
+    latency_shape: {"phase", "batch", "length"}: the LUT shape that budgets refer to.
+    """
+    from flextron.checkpoint import save_safetensors_atomic, write_json_atomic
+
+    for kind in routers:
+        if kind not in ROUTER_KINDS:
+            raise ValueError(f"router kind must be one of {sorted(ROUTER_KINDS)}, got {kind!r}")
+    path = Path(path)
+    tensors = {f"{kind}.{name}": t for kind, r in routers.items() for name, t in r.state_dict().items()}
+    save_safetensors_atomic(path / ROUTERS_FILE, tensors)
+    meta = {kind: router_settings(r) for kind, r in routers.items()}
+    write_json_atomic(path / ROUTERS_META_FILE, {"routers": meta, "latency_shape": latency_shape})
+
+
+def load_routers(path: str | os.PathLike, config: ModelConfig) -> tuple[dict, dict | None]:
+    """({kind: router}, latency_shape) from a model directory; ({}, None) when it has none."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / ROUTERS_META_FILE).is_file():
+        return {}, None
+    try:
+        meta = json.loads((path / ROUTERS_META_FILE).read_text())
+        tensors = load_file(path / ROUTERS_FILE)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: unreadable router files ({error})") from error
+    routers = {}
+    for kind, settings in meta["routers"].items():
+        router = ROUTER_KINDS[kind](config, **settings)
+        prefix = f"{kind}."
+        router.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        routers[kind] = router.eval()
+    return routers, meta.get("latency_shape")

@@ -1,0 +1,143 @@
+"""Training checkpoints: atomic, resumable, and free of pickle.
+
+Layout under the run directory:
+
+    checkpoints/step-000100/    a complete Flextron model directory (config.json,
+                                model.safetensors, tokenizer, importance) plus
+        optimizer.safetensors   AdamW state flattened: "state.{param}.{exp_avg|exp_avg_sq|step}"
+        rng.safetensors         "cpu" (+ "cuda.{i}") generator states (uint8)
+        trainer.json            step, scheduler, data position, optimizer param_groups, config
+    checkpoints/latest.json     {"step": 100, "path": "step-000100"}
+
+A checkpoint is written into a temporary directory, moved into place with one rename,
+and only then does latest.json (itself replaced atomically) point at it.  A process
+killed at any moment leaves latest.json naming the last complete checkpoint; stray
+temporary directories are ignored and removed by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from flextron.checkpoint import save_pretrained, save_safetensors_atomic, write_json_atomic
+from flextron.model import FlextronModel
+
+LATEST = "latest.json"
+TRAINER_FILE, OPTIMIZER_FILE, RNG_FILE = "trainer.json", "optimizer.safetensors", "rng.safetensors"
+TEMP_PREFIX = ".tmp-step-"
+
+
+def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """An optimizer state_dict as (tensors, JSON-able param_groups); per-parameter values
+    that are not tensors (none for AdamW) are stored as 0-d tensors."""
+    tensors = {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            tensors[f"state.{index}.{name}"] = torch.as_tensor(value)
+    return tensors, state["param_groups"]
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], param_groups: list[dict]) -> dict[str, Any]:
+    state: dict[int | str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        # Keys are "state.{param}.{name}"; param is an index (plain optimizers) or a
+        # parameter name, dots included (FSDP2's full state dicts).
+        param, name = key.removeprefix("state.").rsplit(".", 1)
+        state.setdefault(int(param) if param.isdigit() else param, {})[name] = value
+    return {"state": state, "param_groups": param_groups}
+
+
+def rng_states() -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def set_rng_states(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["cpu"])
+    cuda = [states[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in states]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _write_files(
+    directory: Path,
+    model: FlextronModel,
+    optimizer_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+) -> None:
+    save_pretrained(model, directory)
+    tensors, param_groups = flatten_optimizer_state(optimizer_state)
+    save_safetensors_atomic(directory / OPTIMIZER_FILE, tensors)
+    save_safetensors_atomic(directory / RNG_FILE, rng_states())
+    write_json_atomic(directory / TRAINER_FILE, {**trainer_state, "optimizer_param_groups": param_groups})
+
+
+def _publish(temp: Path, final: Path) -> None:
+    if final.exists():  # a checkpoint of this step from an earlier, interrupted run
+        shutil.rmtree(final)
+    os.replace(temp, final)
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    model: FlextronModel,
+    optimizer_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` under root, point latest.json at it, keep the newest `keep`."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for stray in root.glob(f"{TEMP_PREFIX}*"):  # left by a killed save
+        shutil.rmtree(stray, ignore_errors=True)
+    name = f"step-{step:06d}"
+    temp = Path(tempfile.mkdtemp(dir=root, prefix=f"{TEMP_PREFIX}{step:06d}-"))
+    _write_files(temp, model, optimizer_state, {**trainer_state, "step": step})
+    _publish(temp, root / name)
+    write_json_atomic(root / LATEST, {"step": step, "path": name})
+    for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return root / name
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The directory latest.json points to, or None when there is no checkpoint yet."""
+    root = Path(root)
+    latest = root / LATEST
+    if not latest.is_file():
+        return None
+    try:
+        path = root / json.loads(latest.read_text())["path"]
+    except (json.JSONDecodeError, KeyError) as error:
+        raise ValueError(f"{latest}: corrupt ({error})") from error
+    if not path.is_dir():
+        raise ValueError(f"{latest} points to {path.name}, which does not exist")
+    return path
+
+
+def load_training_state(
+    path: str | os.PathLike,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """(trainer_state, optimizer_state, rng_states) of a checkpoint directory (weights: from_pretrained)."""
+    path = Path(path)
+    try:
+        trainer_state = json.loads((path / TRAINER_FILE).read_text())
+        optimizer_tensors = load_file(path / OPTIMIZER_FILE)
+        rng = load_file(path / RNG_FILE)
+    except (OSError, json.JSONDecodeError, SafetensorError) as error:
+        raise ValueError(f"{path}: incomplete or corrupt training checkpoint ({error})") from error
+    param_groups = trainer_state.pop("optimizer_param_groups")
+    return trainer_state, unflatten_optimizer_state(optimizer_tensors, param_groups), rng

@@ -1,0 +1,71 @@
+"""The elastic-training phase of `flextron demo`: a short run, trained once and cached.
+
+The first demo run trains the converted model for a few steps (distillation from its
+frozen copy, the default sampling) and keeps the checkpoint under
+~/.cache/flextron/demo-elastic-<key>/ (or $FLEXTRON_CACHE); later runs load it in seconds.
+The key hashes the conversion (its neuron/head orders) and the training settings, so a
+different conversion or setting trains afresh.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from flextron.model import FlextronModel
+from flextron.train.checkpoint import latest_checkpoint
+from flextron.train.data import load_train_data
+from flextron.train.trainer import TrainConfig, train
+
+SEQ_LEN = 128
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FLEXTRON_CACHE", Path.home() / ".cache" / "flextron"))
+
+
+def demo_config(steps: int) -> TrainConfig:
+    """Small batches, a high learning rate and a frozen embedding: the most recovery per CPU second."""
+    return TrainConfig(
+        steps=steps, batch_size=2, lr=2e-4, warmup_steps=max(1, steps // 20), train_embeddings=False,
+        eval_every=0, save_every=0, keep_checkpoints=1, eval_budgets=(1.0, 0.5), eval_batch_size=2,
+    )
+
+
+def demo_seq_len(model: FlextronModel) -> int:
+    return min(SEQ_LEN, model.config.max_position_embeddings - 1)
+
+
+def cache_key(model: FlextronModel, config: TrainConfig) -> str:
+    settings = {**config.to_dict(), "seq_len": demo_seq_len(model)}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for name in sorted(model.importance):
+        if name.endswith(".order"):
+            digest.update(model.importance[name].numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def elastic_phase(
+    model: FlextronModel, steps: int, progress: bool = True
+) -> tuple[FlextronModel, Path, bool]:
+    """Train `model` (converted, with a tokenizer) in place for `steps`, or load the cached result.
+
+    Returns (model, the checkpoint directory, whether it came from the cache).
+    """
+    config = demo_config(steps)
+    run = cache_root() / f"demo-elastic-{cache_key(model, config)}"
+    cached = latest_checkpoint(run / "checkpoints") if (run / "checkpoints").is_dir() else None
+    if cached is None:
+        data = load_train_data(model.tokenizer, "builtin", demo_seq_len(model) + 1, max_val_blocks=2)
+        teacher = copy.deepcopy(model)
+        train(model, teacher, data, config, run, progress=progress)
+        model.eval()
+        return model, latest_checkpoint(run / "checkpoints"), False
+    with torch.no_grad():
+        model.load_state_dict(FlextronModel.from_pretrained(cached).state_dict())
+    return model.eval(), cached, True

@@ -1,0 +1,84 @@
+"""Sub-network sampling for elastic training: one configuration per micro-batch.
+
+With probability `p_full` the full model; otherwise, by `rule`:
+  "budget": a uniform configuration for a budget drawn from `budgets` (flextron.config's rule);
+  "random": per layer, an MLP width and a head count drawn independently from the allowed
+            choices at or above `min_fraction` of the layer's size;
+  "mixed":  "budget" or "random" with equal probability.
+The draw depends only on (seed, micro-batch index), so every data-parallel rank draws the
+same sub-network without communicating, and a resumed run draws what the uninterrupted
+one would have.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flextron.config import ArchConfig, ModelConfig, arch_for_budget, check_budget
+
+RULES = ("budget", "random", "mixed")
+
+
+class SubnetSampler:
+    """Draws the sub-network of micro-batch i: `sample(i) -> ArchConfig`."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        rule: str = "budget",
+        p_full: float = 1 / 3,
+        budgets: tuple[float, ...] = (0.25, 0.5, 0.75),
+        min_fraction: float = 0.25,
+        seed: int = 0,
+    ) -> None:
+        if rule not in RULES:
+            raise ValueError(f"unknown budget rule {rule!r}; choose one of {RULES}")
+        if not 0.0 <= p_full <= 1.0:
+            raise ValueError(f"p_full must be in [0, 1], got {p_full}")
+        if not budgets:
+            raise ValueError("budgets must list at least one budget")
+        self.budgets = tuple(check_budget(b) for b in budgets)
+        self.min_fraction = check_budget(min_fraction)
+        self.config, self.rule, self.p_full, self.seed = config, rule, p_full, seed
+        layers = range(config.num_layers)
+        # Allowed choices per layer, restricted to >= min_fraction of the layer's size.
+        self.mlp_choices = [
+            [w for w in config.mlp_choices(i) if w >= min_fraction * config.layer_intermediate_size(i)]
+            or [config.layer_intermediate_size(i)]
+            for i in layers
+        ]
+        self.head_choices = [
+            [h for h in config.head_choices(i) if h >= min_fraction * config.layer_heads(i)]
+            or [config.layer_heads(i)]
+            for i in layers
+        ]
+
+    def sample(self, index: int) -> ArchConfig:
+        """The sub-network of micro-batch `index` (0, 1, 2, ... over the whole run)."""
+        # A generator of its own: the draw never touches (or depends on) the global RNG.
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+
+        def uniform() -> float:
+            return float(torch.rand((), generator=generator))
+
+        def pick(choices: list) -> object:
+            return choices[int(torch.randint(len(choices), (), generator=generator))]
+
+        if uniform() < self.p_full:
+            return ArchConfig.full(self.config)
+        rule = self.rule if self.rule != "mixed" else pick(["budget", "random"])
+        if rule == "budget":
+            return arch_for_budget(self.config, pick(list(self.budgets)))
+        return ArchConfig(
+            tuple(pick(choices) for choices in self.mlp_choices),
+            tuple(pick(choices) for choices in self.head_choices),
+        )
+
+    def describe(self, arch: ArchConfig) -> str:
+        """A short label for logs: "full", "budget 0.5" or "random"."""
+        if arch == ArchConfig.full(self.config):
+            return "full"
+        for budget in self.budgets:
+            if arch == arch_for_budget(self.config, budget):
+                return f"budget {budget:g}"
+        return "random"

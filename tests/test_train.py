@@ -1,0 +1,257 @@
+"""Elastic training: sampling, loss, data order, schedule, exact resume, NaN guard, bad input."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from flextron.config import ArchConfig, arch_for_budget
+from flextron.model import FlextronModel
+from flextron.train import NonFiniteLossError, SubnetSampler, TrainConfig, TrainData, distillation_loss, train
+from flextron.train.checkpoint import latest_checkpoint
+from flextron.train.data import BatchOrder, split_blocks
+from flextron.train.metrics import read_metrics
+from flextron.train.trainer import lr_factor
+from tests.tiny_models import tiny_flextron
+
+VOCAB = 300
+
+
+def tiny_data(blocks: int = 24, block_size: int = 17, seed: int = 0) -> TrainData:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (blocks, block_size), generator=generator)
+    return TrainData(ids[:-4], ids[-4:])
+
+
+def student_and_teacher() -> tuple[FlextronModel, FlextronModel]:
+    model = tiny_flextron()
+    return model, copy.deepcopy(model)
+
+
+def quick_config(**overrides) -> TrainConfig:
+    settings = dict(
+        steps=4,
+        batch_size=2,
+        accumulation_steps=2,
+        lr=1e-3,
+        warmup_steps=1,
+        eval_every=2,
+        save_every=2,
+        eval_batch_size=4,
+        alpha=0.5,
+        temperature=2.0,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+# ---- sampling
+
+
+def test_sampler_is_a_function_of_seed_and_index() -> None:
+    config = tiny_flextron().config
+    a, b = SubnetSampler(config, "mixed", seed=3), SubnetSampler(config, "mixed", seed=3)
+    draws = [a.sample(i) for i in range(50)]
+    assert draws == [b.sample(i) for i in reversed(range(50))][::-1]  # order of calls does not matter
+    assert draws != [SubnetSampler(config, "mixed", seed=4).sample(i) for i in range(50)]
+
+
+def test_sampler_rules_and_full_probability() -> None:
+    config = tiny_flextron().config
+    full = ArchConfig.full(config)
+    budget = SubnetSampler(config, "budget", p_full=0.25, budgets=(0.5, 0.75))
+    draws = [budget.sample(i) for i in range(400)]
+    allowed = {full, arch_for_budget(config, 0.5), arch_for_budget(config, 0.75)}
+    assert set(draws) <= allowed
+    assert 0.17 < sum(d == full for d in draws) / 400 < 0.33
+    random = SubnetSampler(config, "random", p_full=0.0, min_fraction=0.5)
+    draws = [random.sample(i) for i in range(200)]
+    assert not any(d.is_uniform and d == full for d in draws[:5])
+    assert any(not d.is_uniform for d in draws)  # per-layer choices differ
+    for arch in draws:
+        arch.validate(config)
+        assert min(arch.mlp_widths) >= 0.5 * config.intermediate_size
+    assert all(SubnetSampler(config, "budget", p_full=1.0).sample(i) == full for i in range(20))
+
+
+def test_unknown_budget_rule_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="unknown budget rule 'latency'"):
+        TrainConfig(rule="latency")
+    with pytest.raises(ValueError, match="unknown budget rule"):
+        SubnetSampler(tiny_flextron().config, "latency")
+
+
+# ---- loss
+
+
+def test_distillation_loss_is_forward_kl_times_t_squared_plus_alpha_ce() -> None:
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    targets = torch.randint(0, 11, (2, 5))
+    loss, parts = distillation_loss(student, teacher, targets, temperature=2.0, alpha=0.3)
+    p = F.softmax(teacher / 2, -1)
+    kl = (p * (p.log() - F.log_softmax(student / 2, -1))).sum(-1).mean() * 4
+    ce = F.cross_entropy(student.flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(loss, kl + 0.3 * ce)
+    assert parts["kd"] == pytest.approx(kl.item(), rel=1e-5)
+    zero, _ = distillation_loss(teacher, teacher, targets)
+    assert abs(zero.item()) < 1e-6  # a student equal to its teacher has no KD loss
+
+
+# ---- data
+
+
+def test_batch_order_covers_each_epoch_and_resumes() -> None:
+    order = BatchOrder(10, 3, seed=1)
+    epoch = torch.cat([order.next() for _ in range(3)])
+    assert len(set(epoch.tolist())) == 9  # no repeats within an epoch, the tail of 1 dropped
+    state = order.state_dict()
+    expected = [order.next() for _ in range(5)]
+    resumed = BatchOrder(10, 3, seed=1)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(expected, [resumed.next() for _ in range(5)], strict=True))
+
+
+def test_batch_larger_than_the_data_and_empty_data_are_clear_errors(tmp_path) -> None:
+    with pytest.raises(ValueError, match="batch size 8 is larger than the data: only 5 training blocks"):
+        BatchOrder(5, 8)
+    student, teacher = student_and_teacher()
+    data = tiny_data(blocks=9)
+    with pytest.raises(ValueError, match="larger than the data"):
+        train(student, teacher, data, quick_config(batch_size=8), tmp_path, progress=False)
+    empty = TrainData(torch.zeros(0, 17, dtype=torch.int64), data.val)
+    with pytest.raises(ValueError, match="empty data"):
+        train(student, teacher, empty, quick_config(), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="no training blocks"):
+        split_blocks(torch.zeros(0, 8, dtype=torch.int64), 0.1)
+
+
+def test_validation_split_is_deterministic_and_disjoint() -> None:
+    blocks = torch.arange(40 * 4).view(40, 4)
+    data = split_blocks(blocks, 0.1)
+    assert data.val.shape[0] == 4 and data.train.shape[0] == 36
+    assert torch.equal(data.val[:, 0], torch.tensor([0, 40, 80, 120]))
+    assert not set(data.val[:, 0].tolist()) & set(data.train[:, 0].tolist())
+
+
+# ---- schedule
+
+
+def test_warmup_then_cosine() -> None:
+    config = TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    factors = [lr_factor(s, config) for s in range(110)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0)
+    assert factors[60] == pytest.approx(0.55)  # half-way through the cosine
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+    assert factors[-1] > 0.1 and math.isclose(lr_factor(110, config), 0.1)
+
+
+# ---- the loop
+
+
+@torch.no_grad()
+def held_out_kd(student: FlextronModel, teacher: FlextronModel, blocks: torch.Tensor, budget: float) -> float:
+    logits = student(blocks[:, :-1], student.arch_for_budget(budget))
+    return distillation_loss(logits, teacher(blocks[:, :-1]), blocks[:, 1:])[0].item()
+
+
+def test_training_distills_small_budgets_and_logs(tmp_path) -> None:
+    student, teacher = student_and_teacher()
+    teacher_copy = copy.deepcopy(teacher)
+    data = tiny_data(blocks=40)
+    kd_before = held_out_kd(student, teacher, data.val, 0.25)
+    config = quick_config(
+        steps=12, accumulation_steps=1, eval_every=6, lr=3e-3, alpha=0.0, p_full=0.0, budgets=(0.25,)
+    )
+    result = train(student, teacher, data, config, tmp_path, progress=False)
+    assert held_out_kd(student, teacher, data.val, 0.25) < 0.9 * kd_before  # on held-out blocks
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    val = [r["val"] for r in records if "val" in r]
+    assert [r["step"] for r in records if "val" in r] == [0, 6, 12]
+    assert set(val[0]) == {"1", "0.75", "0.5", "0.25"}
+    assert result["tokens"] == 12 * 2 * 16 and result["val"] == val[-1]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))
+    assert (tmp_path / "metrics.png").stat().st_size > 10_000
+    for name, param in teacher.state_dict().items():  # the teacher is frozen
+        assert torch.equal(param, teacher_copy.state_dict()[name])
+
+
+def test_resume_continues_exactly(tmp_path) -> None:
+    """Training 2N steps equals N steps + resume + N steps: identical weights."""
+    config = quick_config(steps=6, save_every=0, eval_every=0, rule="mixed", p_full=1 / 3)
+    data = tiny_data()
+    straight, teacher = student_and_teacher()
+    train(straight, teacher, data, config, tmp_path / "straight", progress=False)
+
+    first, teacher = student_and_teacher()
+    train(first, teacher, data, config, tmp_path / "split", progress=False, stop_after=3)
+    assert latest_checkpoint(tmp_path / "split" / "checkpoints").name == "step-000003"
+    resumed, teacher = student_and_teacher()  # a fresh process: the original model again
+    train(resumed, teacher, data, config, tmp_path / "split", resume=True, progress=False)
+    for name, param in straight.state_dict().items():
+        assert torch.equal(param, resumed.state_dict()[name]), name
+    losses = [
+        [r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r]
+        for run in ("straight", "split")
+    ]
+    assert losses[0] == losses[1]
+
+
+def test_resume_refuses_changed_settings(tmp_path) -> None:
+    student, teacher = student_and_teacher()
+    train(student, teacher, tiny_data(), quick_config(steps=2), tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"settings differ from the checkpoint's: \['seed'\]"):
+        train(
+            student,
+            teacher,
+            tiny_data(),
+            quick_config(steps=4, seed=1),
+            tmp_path,
+            resume=True,
+            progress=False,
+        )
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path) -> None:
+    student, teacher = student_and_teacher()
+    config = quick_config(steps=4, save_every=2, eval_every=0)
+    train(student, teacher, tiny_data(), config, tmp_path, progress=False, stop_after=2)
+    saved = load_file(tmp_path / "checkpoints" / "step-000002" / "model.safetensors")
+    with torch.no_grad():
+        teacher.norm.weight.fill_(float("nan"))  # the teacher's logits (and the KD loss) become NaN
+    with pytest.raises(NonFiniteLossError, match="non-finite loss .* at step 3"):
+        train(student, teacher, tiny_data(), config, tmp_path, resume=True, progress=False)
+    checkpoint = latest_checkpoint(tmp_path / "checkpoints")
+    assert checkpoint.name == "step-000002"
+    weights = load_file(checkpoint / "model.safetensors")
+    assert all(torch.equal(weights[k], saved[k]) and weights[k].isfinite().all() for k in saved)
+
+
+def test_bf16_autocast_trains(tmp_path) -> None:
+    student, teacher = student_and_teacher()
+    result = train(student, teacher, tiny_data(), quick_config(steps=2, bf16=True), tmp_path, progress=False)
+    assert all(math.isfinite(v) for v in result["val"].values())
+    assert all(p.dtype == torch.float32 for p in student.parameters())  # autocast, not a cast
+
+
+def test_frozen_embeddings_stay_put(tmp_path) -> None:
+    student, teacher = student_and_teacher()
+    before = student.embed_tokens.weight.detach().clone()
+    train(
+        student, teacher, tiny_data(), quick_config(steps=2, train_embeddings=False), tmp_path, progress=False
+    )
+    assert torch.equal(student.embed_tokens.weight, before)
+    assert not torch.equal(student.layers[0].mlp.up_proj.weight, teacher.layers[0].mlp.up_proj.weight)
+
+
+def test_blocks_longer_than_the_context_are_a_clear_error(tmp_path) -> None:
+    student, teacher = student_and_teacher()  # context 128
+    data = tiny_data(blocks=8, block_size=129)
+    with pytest.raises(ValueError, match="blocks of 129 tokens exceed the model's context of 128"):
+        train(student, teacher, data, quick_config(), tmp_path, progress=False)
