@@ -133,12 +133,3 @@ def test_bad_input_names_the_argument(mutate, match):
     args = mutate(dict(x=x, weight=weight, bias=bias, out_features=8, in_features=10))
     with pytest.raises(RuntimeError, match=match):
         torch.ops.flextron.nested_linear(**args)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(7, 83, 769, 83, 384, 64), (8, 64, 128, 64, 64, 64)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_cuda_matches_reference(dtype, shape, bias):
-    tokens, in_x, out_w, in_w, out_f, in_f = shape
-    check_against_reference(*make_inputs((tokens,), in_x, out_w, in_w, dtype, "cuda", bias), out_f, in_f)
