@@ -22,8 +22,10 @@ def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     hf = tiny_hf_dir(root / "hf", kv_heads=2)
     out = root / "converted"
-    assert main(["convert", "--model", str(root / "hf"), "--out", str(out), "--samples", "4",
-                 "--seq-len", "32"]) == 0
+    assert (
+        main(["convert", "--model", str(root / "hf"), "--out", str(out), "--samples", "4", "--seq-len", "32"])
+        == 0
+    )
     return hf, out
 
 
@@ -43,8 +45,21 @@ def test_convert_writes_a_flextron_directory_equal_to_the_source(converted) -> N
 def test_eval_table_json_plot(converted, tmp_path, capsys) -> None:
     _, out = converted
     (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
-    argv = ["eval", "--model", str(out), "--data", str(tmp_path / "text.txt"), "--budgets", "1,0.5",
-            "--seq-len", "64", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")]
+    argv = [
+        "eval",
+        "--model",
+        str(out),
+        "--data",
+        str(tmp_path / "text.txt"),
+        "--budgets",
+        "1,0.5",
+        "--seq-len",
+        "64",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--plot",
+        str(tmp_path / "r.png"),
+    ]
     assert main(argv) == 0
     assert "perplexity" in capsys.readouterr().out
     rows = json.loads((tmp_path / "r.json").read_text())["results"]
@@ -71,8 +86,20 @@ def test_export_budget_loads_in_transformers(converted, tmp_path) -> None:
 def test_export_per_layer_arch_file(converted, tmp_path) -> None:
     _, out = converted
     (tmp_path / "arch.json").write_text(json.dumps({"mlp_widths": [64, 256], "heads": [2, 4]}))
-    assert main(["export", "--model", str(out), "--arch", str(tmp_path / "arch.json"),
-                 "--out", str(tmp_path / "mixed")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(out),
+                "--arch",
+                str(tmp_path / "arch.json"),
+                "--out",
+                str(tmp_path / "mixed"),
+            ]
+        )
+        == 0
+    )
     assert FlextronModel.from_pretrained(tmp_path / "mixed").config.layer_num_heads == [2, 4]
 
 

@@ -76,10 +76,19 @@ def test_converted_full_model_matches_transformers(variant: str) -> None:
 
 
 def test_importance_orders_rank_groups_then_heads() -> None:
-    config = ModelConfig(vocab_size=10, hidden_size=8, intermediate_size=4, num_layers=1, num_heads=6,
-                         num_kv_heads=2, head_dim=2)
-    scores = {"layers.0.mlp": torch.tensor([0.1, 0.4, 0.3, 0.2]),
-              "layers.0.heads": torch.tensor([0.1, 0.2, 0.3, 1.0, 0.5, 0.9])}
+    config = ModelConfig(
+        vocab_size=10,
+        hidden_size=8,
+        intermediate_size=4,
+        num_layers=1,
+        num_heads=6,
+        num_kv_heads=2,
+        head_dim=2,
+    )
+    scores = {
+        "layers.0.mlp": torch.tensor([0.1, 0.4, 0.3, 0.2]),
+        "layers.0.heads": torch.tensor([0.1, 0.2, 0.3, 1.0, 0.5, 0.9]),
+    }
     orders = orders_from_importance(config, scores)
     assert orders["layers.0.mlp"].tolist() == [1, 2, 3, 0]
     assert orders["layers.0.heads"].tolist() == [3, 5, 4, 2, 1, 0]  # group 1 first, each group sorted

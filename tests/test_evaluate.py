@@ -24,8 +24,9 @@ def test_perplexity_is_exp_of_mean_next_token_loss() -> None:
 
 def test_budget_table_json_and_plot(tmp_path) -> None:
     model = tiny_flextron()
-    rows = evaluate_archs(model, torch.randint(0, 300, (2, 12)), archs_for_budgets(model, [1.0, 0.5]),
-                          progress=False)
+    rows = evaluate_archs(
+        model, torch.randint(0, 300, (2, 12)), archs_for_budgets(model, [1.0, 0.5]), progress=False
+    )
     assert [r["budget"] for r in rows] == [1.0, 0.5]
     assert rows[0]["parameters"] > rows[1]["parameters"]
     table = format_table(rows)

@@ -51,8 +51,10 @@ def test_sampling_top_p_and_seed() -> None:
     assert seen == {1, 2}
     model = tiny_flextron()
     prompt = torch.randint(0, 300, (5,))
-    runs = [list(stream_tokens(model, prompt, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7))
-            for _ in range(2)]
+    runs = [
+        list(stream_tokens(model, prompt, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7))
+        for _ in range(2)
+    ]
     assert runs[0] == runs[1]
     with pytest.raises(ValueError, match="top_p"):
         sample_next(logits, 1.0, 0.0, None)
@@ -62,6 +64,9 @@ def test_min_new_tokens_bans_stop_and_special_ids() -> None:
     model = tiny_flextron()
     prompt = torch.randint(0, 300, (5,))
     first = next(stream_tokens(model, prompt, max_new_tokens=1))
-    tokens = list(stream_tokens(model, prompt, max_new_tokens=6, stop_ids={first}, min_new_tokens=3,
-                                banned_early_ids={7}))
+    tokens = list(
+        stream_tokens(
+            model, prompt, max_new_tokens=6, stop_ids={first}, min_new_tokens=3, banned_early_ids={7}
+        )
+    )
     assert first not in tokens[:3] and 7 not in tokens[:3]

@@ -20,28 +20,31 @@ from flextron.latency import (
 from flextron.nn.routers import expected_latency, latency_loss
 from tests.tiny_models import tiny_flextron
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops on a shared, oversubscribed CPU run many times faster on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic_table() -> LatencyTable:
     """Costs linear in tokens: MLP w costs w/64 * tokens/16 ms, a head 0.5 * tokens/16 ms."""
     table = LatencyTable("cpu", "test cpu", "float32", num_layers=2, num_heads=4, intermediate_size=256)
-    for phase, batch, length in (("prefill", 1, 16), ("prefill", 1, 32), ("prefill", 2, 16),
-                                 ("prefill", 2, 32), ("decode", 1, 64)):
+    for phase, batch, length in (
+        ("prefill", 1, 16),
+        ("prefill", 1, 32),
+        ("prefill", 2, 16),
+        ("prefill", 2, 32),
+        ("decode", 1, 64),
+    ):
         tokens = batch * (length if phase == "prefill" else 1)
         unit = tokens / 16
-        table.entries.append(ShapeCosts(
-            phase, batch, length, fixed_ms=2.0 * unit,
-            mlp_ms={w: w / 64 * unit for w in (64, 128, 192, 256)},
-            attention_ms={h: 0.5 * h * unit for h in (2, 4)},
-        ))
+        table.entries.append(
+            ShapeCosts(
+                phase,
+                batch,
+                length,
+                fixed_ms=2.0 * unit,
+                mlp_ms={w: w / 64 * unit for w in (64, 128, 192, 256)},
+                attention_ms={h: 0.5 * h * unit for h in (2, 4)},
+            )
+        )
     return table
 
 
@@ -145,16 +148,21 @@ def test_table_of_another_model_is_rejected() -> None:
 
 def test_median_times_round_robin() -> None:
     calls: list[str] = []
-    times = median_times_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                            torch.device("cpu"), repeats=3, warmup=1)
+    times = median_times_ms(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        torch.device("cpu"),
+        repeats=3,
+        warmup=1,
+    )
     assert calls == ["a", "b"] * 4  # interleaved, warm-up included
     assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
 
 
 def test_profile_tiny_model_covers_every_choice_and_shape() -> None:
     model = tiny_flextron()
-    table = profile_latency(model, prefill_shapes=[(1, 8), (2, 8)], decode_shapes=[(1, 16)], repeats=2,
-                            warmup=1)
+    table = profile_latency(
+        model, prefill_shapes=[(1, 8), (2, 8)], decode_shapes=[(1, 16)], repeats=2, warmup=1
+    )
     config = model.config
     assert table.shapes("prefill") == [(1, 8), (2, 8)] and table.shapes("decode") == [(1, 16)]
     for entry in table.entries:

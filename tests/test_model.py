@@ -37,8 +37,13 @@ def test_full_model_matches_transformers(variant: str) -> None:
     "rope",
     [
         {"rope_type": "linear", "factor": 2.0},
-        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-         "original_max_position_embeddings": 32},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
     ],
     ids=lambda r: r["rope_type"],
@@ -75,8 +80,9 @@ def test_sub_network_is_the_sliced_dense_model() -> None:
             x = x + y.transpose(1, 2).reshape(2, 20, -1) @ attn.o_proj.weight[:, : heads * hd].T
             h = layer.post_attention_layernorm(x)
             mlp = layer.mlp
-            x = x + reference.nested_mlp(h, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
-                                         width, "swiglu")
+            x = x + reference.nested_mlp(
+                h, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, width, "swiglu"
+            )
         expected = model.norm(x) @ model.lm_head.weight.T
         torch.testing.assert_close(model(ids, arch), expected, rtol=1e-4, atol=1e-4)
 
@@ -94,8 +100,16 @@ def test_per_sequence_heads_match_separate_runs() -> None:
 
 
 def test_budget_rule_smollm2_shapes() -> None:
-    config = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-                         num_heads=9, num_kv_heads=3, head_dim=64, tie_word_embeddings=True)
+    config = ModelConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        tie_word_embeddings=True,
+    )
     expected = {1.0: (1536, 9), 0.75: (1216, 6), 0.5: (704, 6), 0.25: (320, 3)}
     for budget, (width, heads) in expected.items():
         arch = arch_for_budget(config, budget)

@@ -19,13 +19,7 @@ from tests.tiny_models import tiny_flextron
 TRAIN = Sampling(tau=1.0, noise=True, scale=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops on a shared, oversubscribed CPU run many times faster on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tokens(batch: int = 2, length: int = 8, seed: int = 0) -> torch.Tensor:
@@ -109,11 +103,18 @@ def test_dynamic_router_routes_each_token_through_its_width() -> None:
         choice = ops.route(hidden, router.mlp_out[0], None, 1.0, True)[0]
         assert torch.equal(choice, session.mlp_choice[0])
         mlp = layer.mlp
-        expected = torch.stack([
-            ops.nested_mlp(normed[t], mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
-                           router.mlp_choices[int(choice[t])])
-            for t in range(16)
-        ])
+        expected = torch.stack(
+            [
+                ops.nested_mlp(
+                    normed[t],
+                    mlp.gate_proj.weight,
+                    mlp.up_proj.weight,
+                    mlp.down_proj.weight,
+                    router.mlp_choices[int(choice[t])],
+                )
+                for t in range(16)
+            ]
+        )
         got = session.mlp(0, mlp, layer.post_attention_layernorm(x)).reshape(16, -1)
     assert torch.allclose(got, expected, atol=1e-5)
 

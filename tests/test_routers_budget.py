@@ -16,14 +16,7 @@ from flextron.nn.routers import DynamicRouter, StaticRouter, load_routers, save_
 from tests.test_latency import synthetic_table
 from tests.tiny_models import tiny_flextron, tiny_hf_dir
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops on a shared, oversubscribed CPU run many times faster on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -33,8 +26,10 @@ def model_dir(tmp_path):
     model.save_pretrained(tmp_path)
     synthetic_table().save(tmp_path)
     torch.manual_seed(0)
-    routers = {"static": StaticRouter(model.config, [0.5, 0.75, 1.0], hidden_size=8),
-               "dynamic": DynamicRouter(model.config, [0.5, 1.0], hidden_size=8)}
+    routers = {
+        "static": StaticRouter(model.config, [0.5, 0.75, 1.0], hidden_size=8),
+        "dynamic": DynamicRouter(model.config, [0.5, 1.0], hidden_size=8),
+    }
     save_routers(tmp_path, routers, {"phase": "prefill", "batch": 1, "length": 16})
     return model, tmp_path, routers
 
@@ -45,8 +40,9 @@ def test_router_files_round_trip(model_dir) -> None:
     assert shape == {"phase": "prefill", "batch": 1, "length": 16}
     for kind, router in routers.items():
         assert type(loaded[kind]) is type(router)
-        for (name, a), (_, b) in zip(router.state_dict().items(), loaded[kind].state_dict().items(),
-                                     strict=True):
+        for (name, a), (_, b) in zip(
+            router.state_dict().items(), loaded[kind].state_dict().items(), strict=True
+        ):
             assert torch.equal(a, b), name
     assert loaded["static"].arch(0.6) == routers["static"].arch(0.6)
 
@@ -115,36 +111,161 @@ def test_parse_shape() -> None:
 def test_cli_profile_train_router_and_budget_driven_commands(tmp_path, capsys) -> None:
     tiny_hf_dir(tmp_path / "hf", kv_heads=2)
     out = tmp_path / "converted"
-    assert main(["convert", "--model", str(tmp_path / "hf"), "--out", str(out), "--samples", "2",
-                 "--seq-len", "32"]) == 0
-    assert main(["profile", "--model", str(out), "--prefill", "1x16", "--decode", "1x32", "--repeats", "2",
-                 "--check", "2", "--json", str(tmp_path / "check.json")]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--model",
+                str(tmp_path / "hf"),
+                "--out",
+                str(out),
+                "--samples",
+                "2",
+                "--seq-len",
+                "32",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                str(out),
+                "--prefill",
+                "1x16",
+                "--decode",
+                "1x32",
+                "--repeats",
+                "2",
+                "--check",
+                "2",
+                "--json",
+                str(tmp_path / "check.json"),
+            ]
+        )
+        == 0
+    )
     assert (out / LUT_FILE).is_file()
     assert len(json.loads((tmp_path / "check.json").read_text())["checks"]) == 4
     assert "predicted vs measured" in capsys.readouterr().out
     common = ["--seq-len", "16", "--batch-size", "2", "--budgets", "0.5,1", "--hidden-size", "8"]
-    assert main(["train-router", "--model", str(out), "--steps", "4", "--finetune-steps", "1",
-                 "--log", str(tmp_path / "log.json"), *common]) == 0
+    assert (
+        main(
+            [
+                "train-router",
+                "--model",
+                str(out),
+                "--steps",
+                "4",
+                "--finetune-steps",
+                "1",
+                "--log",
+                str(tmp_path / "log.json"),
+                *common,
+            ]
+        )
+        == 0
+    )
     assert set(json.loads((tmp_path / "log.json").read_text())) == {"surrogate", "joint"}
-    assert main(["train-router", "--model", str(out), "--kind", "dynamic", "--mode", "end-to-end",
-                 "--steps", "2", *common]) == 0
+    assert (
+        main(
+            [
+                "train-router",
+                "--model",
+                str(out),
+                "--kind",
+                "dynamic",
+                "--mode",
+                "end-to-end",
+                "--steps",
+                "2",
+                *common,
+            ]
+        )
+        == 0
+    )
     routers, _ = load_routers(out, tiny_flextron().config)
     assert set(routers) == {"static", "dynamic"}
     capsys.readouterr()
     assert main(["generate", "--model", str(out), "--latency-ms", "100000", "hi"]) == 2
     message = capsys.readouterr().err
     assert "achievable range is" in message and "full model" in message
-    assert main(["generate", "--model", str(out), "--routing", "dynamic", "--budget", "0.7",
-                 "--max-new-tokens", "3", "hi"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(out),
+                "--routing",
+                "dynamic",
+                "--budget",
+                "0.7",
+                "--max-new-tokens",
+                "3",
+                "hi",
+            ]
+        )
+        == 0
+    )
     assert "dynamic routing at budget 0.700" in capsys.readouterr().err
-    assert main(["eval", "--model", str(out), "--routing", "static", "--budgets", "0.5,0.75",
-                 "--seq-len", "16", "--max-blocks", "2", "--json", str(tmp_path / "eval.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(out),
+                "--routing",
+                "static",
+                "--budgets",
+                "0.5,0.75",
+                "--seq-len",
+                "16",
+                "--max-blocks",
+                "2",
+                "--json",
+                str(tmp_path / "eval.json"),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "eval.json").read_text())["results"]
     assert [r["budget"] for r in rows] == [0.5, 0.75] and all(r["predicted_ms"] > 0 for r in rows)
-    assert main(["eval", "--model", str(out), "--routing", "dynamic", "--budgets", "0.6",
-                 "--seq-len", "16", "--max-blocks", "2"]) == 0
-    assert main(["export", "--model", str(out), "--out", str(tmp_path / "small"), "--budget", "0.5",
-                 "--routing", "static"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(out),
+                "--routing",
+                "dynamic",
+                "--budgets",
+                "0.6",
+                "--seq-len",
+                "16",
+                "--max-blocks",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(out),
+                "--out",
+                str(tmp_path / "small"),
+                "--budget",
+                "0.5",
+                "--routing",
+                "static",
+            ]
+        )
+        == 0
+    )
     model = FlextronModel.from_pretrained(out)
     chosen = BudgetResolver(model, out).select(budget=0.5, routing="static").arch
     assert load_model(tmp_path / "small").num_parameters() == model.num_parameters(chosen)

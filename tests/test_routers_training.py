@@ -20,14 +20,7 @@ from flextron.routing import (
 from tests.test_latency import synthetic_table
 from tests.tiny_models import tiny_flextron
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops on a shared, oversubscribed CPU run many times faster on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blocks(count: int = 8, length: int = 16) -> torch.Tensor:
@@ -67,8 +60,9 @@ def test_sm_loop_updates_the_router_only_once_the_sm_is_trusted() -> None:
     router = StaticRouter(model.config, [0.5, 1.0], hidden_size=16)
     target = LatencyTarget.from_table(synthetic_table(), router, model, "prefill", 1, 16)
     before = [p.detach().clone() for p in router.parameters()]
-    config = RouterTrainingConfig(budgets=(0.5, 1.0), steps=40, batch_size=2, sm_threshold=0.05,
-                                  sm_updates=8, sm_lr=1e-2)
+    config = RouterTrainingConfig(
+        budgets=(0.5, 1.0), steps=40, batch_size=2, sm_threshold=0.05, sm_updates=8, sm_lr=1e-2
+    )
     sm, log = train_router_surrogate(model, router, target, blocks(), config)
     updated = [row["router_updated"] for row in log.rows]
     assert not updated[0]  # an untrained SM is never trusted
@@ -86,8 +80,9 @@ def test_latency_loss_drives_the_static_router_to_its_target() -> None:
     table = synthetic_table()
     target = LatencyTarget.from_table(table, router, model, "prefill", 1, 16)
     # The latency term dominates: the router must learn to meet each budget.
-    config = RouterTrainingConfig(budgets=(0.5, 1.0), steps=80, latency_weight=20.0, router_lr=2e-2,
-                                  loss="lm")
+    config = RouterTrainingConfig(
+        budgets=(0.5, 1.0), steps=80, latency_weight=20.0, router_lr=2e-2, loss="lm"
+    )
     log = train_end_to_end(model, router, target, blocks(), config)
     assert len(log.rows) == 80
     for budget in (0.5, 1.0):

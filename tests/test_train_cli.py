@@ -19,16 +19,48 @@ def converted(tmp_path_factory):
     tiny_hf_dir(root / "hf", kv_heads=2)
     text = root / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
-    argv = ["convert", "--model", str(root / "hf"), "--out", str(root / "converted"), "--samples", "4",
-            "--seq-len", "32", "--calib", str(text)]
+    argv = [
+        "convert",
+        "--model",
+        str(root / "hf"),
+        "--out",
+        str(root / "converted"),
+        "--samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--calib",
+        str(text),
+    ]
     assert main(argv) == 0
     return root / "converted", text
 
 
 def train_argv(model, text, out, *extra: str) -> list[str]:
-    return ["train", "--model", str(model), "--out", str(out), "--data", str(text), "--seq-len", "32",
-            "--steps", "4", "--batch-size", "2", "--eval-every", "2", "--save-every", "0",
-            "--eval-budgets", "1,0.5", "--lr", "1e-3", *extra]
+    return [
+        "train",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--data",
+        str(text),
+        "--seq-len",
+        "32",
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "0",
+        "--eval-budgets",
+        "1,0.5",
+        "--lr",
+        "1e-3",
+        *extra,
+    ]
 
 
 def test_train_stop_and_resume(converted, tmp_path, capsys) -> None:

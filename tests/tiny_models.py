@@ -13,10 +13,21 @@ from flextron.model import FlextronModel
 def tiny_hf_config(kv_heads: int = 2, bias: bool = False, tied: bool = False, **overrides) -> LlamaConfig:
     """4 heads of 16 (GQA with kv_heads=2, MHA with 4), d=64, d_ff=256, 2 layers, 300 tokens."""
     settings = dict(
-        vocab_size=300, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=128,
-        rms_norm_eps=1e-5, attention_bias=bias, mlp_bias=bias, tie_word_embeddings=tied,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        head_dim=16,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        attention_bias=bias,
+        mlp_bias=bias,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     settings.update(overrides)
     return LlamaConfig(**settings)
@@ -56,8 +67,9 @@ def tiny_tokenizer():
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
-                                        pad_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
     tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
     return tokenizer
 

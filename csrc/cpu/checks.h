@@ -6,6 +6,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace flextron {
 
@@ -62,6 +63,51 @@ inline void check_mlp_weights(const char* op, const at::Tensor& x, const std::op
   }
 }
 
+// nested_linear: x (..., X >= in), weight (O, I), bias (O,) or absent, 1 <= out <= O, 1 <= in <= I.
+inline void check_nested_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias, int64_t out_features,
+                                     int64_t in_features) {
+  check_float(op, "x", x);
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
+  check_dim(op, "weight", weight, 2, "(out, in)");
+  check_same(op, "weight", weight, x, "x");
+  check_width(op, "out_features", out_features, weight.size(0));
+  check_width(op, "in_features", in_features, weight.size(1));
+  TORCH_CHECK(x.size(-1) >= in_features, op, ": x has ", x.size(-1),
+              " features, fewer than in_features=", in_features);
+  if (bias.has_value()) {
+    check_dim(op, "bias", *bias, 1, "(out,)");
+    check_same(op, "bias", *bias, x, "x");
+    TORCH_CHECK(bias->size(0) == weight.size(0), op, ": bias has ", bias->size(0),
+                " entries but weight has ", weight.size(0), " rows");
+  }
+}
+
+// route: input (T, C) logits or (T, D) with weight (C, D); tau > 0; noise (T, C) or absent.
+inline void check_route_args(const char* op, const at::Tensor& input,
+                             const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& noise, double tau) {
+  check_float(op, "input", input);
+  check_dim(op, "input", input, 2, "(tokens, choices) or (tokens, hidden)");
+  TORCH_CHECK(tau > 0, op, ": tau must be positive, got ", tau);
+  int64_t choices = input.size(1);
+  if (weight.has_value()) {
+    check_dim(op, "weight", *weight, 2, "(choices, hidden)");
+    check_same(op, "weight", *weight, input, "input");
+    TORCH_CHECK(weight->size(1) == input.size(1), op, ": weight has ", weight->size(1),
+                " input features but input has ", input.size(1));
+    choices = weight->size(0);
+  }
+  TORCH_CHECK(choices >= 1, op, ": need at least one choice");
+  if (noise.has_value()) {
+    const std::vector<int64_t> expected{input.size(0), choices};
+    TORCH_CHECK(noise->sizes() == at::IntArrayRef(expected), op, ": noise must have shape ",
+                at::IntArrayRef(expected), ", got ", noise->sizes());
+    TORCH_CHECK(noise->device() == input.device(), op, ": noise is on ", noise->device(),
+                " but input is on ", input.device());
+  }
+}
+
 // routed_nested_mlp: x (T, D), MLP weights, choice (T,) int64, widths strictly descending
 // in [1, F], scale (T,) or absent. (choice values are checked where they are read.)
 inline void check_routed_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& w_gate,
@@ -94,6 +140,18 @@ inline void check_routed_args(const char* op, const at::Tensor& x, const std::op
     TORCH_CHECK(scale->size(0) == x.size(0), op, ": scale has ", scale->size(0),
                 " entries but x has ", x.size(0), " tokens");
   }
+}
+
+// routed_nested_mlp_backward: the forward's arguments plus grad_out shaped like x.
+inline void check_routed_backward_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
+                                       const std::optional<at::Tensor>& w_gate, const at::Tensor& w_up,
+                                       const at::Tensor& w_down, const at::Tensor& choice,
+                                       at::IntArrayRef widths, const std::optional<at::Tensor>& scale,
+                                       const std::string& activation) {
+  check_routed_args(op, x, w_gate, w_up, w_down, choice, widths, scale, activation);
+  check_same(op, "grad_out", grad_out, x, "x");
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
+              " but x has ", x.sizes());
 }
 
 }  // namespace flextron

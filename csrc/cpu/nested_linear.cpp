@@ -11,20 +11,7 @@ at::Tensor nested_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, int64_t out_features,
                              int64_t in_features) {
   constexpr const char* op = "nested_linear";
-  check_float(op, "x", x);
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
-  check_dim(op, "weight", weight, 2, "(out, in)");
-  check_same(op, "weight", weight, x, "x");
-  check_width(op, "out_features", out_features, weight.size(0));
-  check_width(op, "in_features", in_features, weight.size(1));
-  TORCH_CHECK(x.size(-1) >= in_features, op, ": x has ", x.size(-1),
-              " features, fewer than in_features=", in_features);
-  if (bias.has_value()) {
-    check_dim(op, "bias", *bias, 1, "(out,)");
-    check_same(op, "bias", *bias, x, "x");
-    TORCH_CHECK(bias->size(0) == weight.size(0), op, ": bias has ", bias->size(0),
-                " entries but weight has ", weight.size(0), " rows");
-  }
+  check_nested_linear_args(op, x, weight, bias, out_features, in_features);
 
   const at::Tensor x_prefix = x.reshape({-1, x.size(-1)}).narrow(1, 0, in_features);  // (N, in)
   const at::Tensor w_prefix = weight.narrow(0, 0, out_features).narrow(1, 0, in_features);  // (out, in)

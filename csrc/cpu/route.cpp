@@ -13,27 +13,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& noise, double tau, bool hard) {
   constexpr const char* op = "route";
-  check_float(op, "input", input);
-  check_dim(op, "input", input, 2, "(tokens, choices) or (tokens, hidden)");
-  TORCH_CHECK(tau > 0, op, ": tau must be positive, got ", tau);
-  at::Tensor logits = input;  // (T, C)
-  if (weight.has_value()) {
-    check_dim(op, "weight", *weight, 2, "(choices, hidden)");
-    check_same(op, "weight", *weight, input, "input");
-    TORCH_CHECK(weight->size(1) == input.size(1), op, ": weight has ", weight->size(1),
-                " input features but input has ", input.size(1));
-    logits = at::mm(input, weight->t());
-  }
+  check_route_args(op, input, weight, noise, tau);
+  // (T, C) logits, optionally from the fused router projection
+  const at::Tensor logits = weight.has_value() ? at::mm(input, weight->t()) : input;
   const int64_t tokens = logits.size(0), choices = logits.size(1);
-  TORCH_CHECK(choices >= 1, op, ": need at least one choice");
   at::Tensor z = logits.to(at::kFloat).contiguous();  // (T, C), a fresh fp32 buffer
-  if (noise.has_value()) {
-    TORCH_CHECK(noise->sizes() == z.sizes(), op, ": noise must have shape ", z.sizes(), ", got ",
-                noise->sizes());
-    TORCH_CHECK(noise->device() == input.device(), op, ": noise is on ", noise->device(),
-                " but input is on ", input.device());
-    z = z.add(noise->to(at::kFloat));
-  }
+  if (noise.has_value()) z = z.add(noise->to(at::kFloat));
 
   at::Tensor choice = at::empty({tokens}, input.options().dtype(at::kLong));
   at::Tensor probs = at::empty({tokens, choices}, input.options().dtype(at::kFloat));

@@ -294,10 +294,8 @@ routed_nested_mlp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                at::IntArrayRef widths, const std::optional<at::Tensor>& scale,
                                const std::string& activation) {
   constexpr const char* op = "routed_nested_mlp_backward";
-  check_routed_args(op, x, w_gate, w_up, w_down, choice, widths, scale, activation);
-  check_same(op, "grad_out", grad_out, x, "x");
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
-              " but x has ", x.sizes());
+  check_routed_backward_args(op, grad_out, x, w_gate, w_up, w_down, choice, widths, scale,
+                             activation);
   const Routing routing = sort_by_choice(op, choice, static_cast<int64_t>(widths.size()));
   const Activation act = parse_activation(activation);
   const int64_t tokens = x.size(0), hidden_size = x.size(1), max_width = w_up.size(0);

@@ -124,29 +124,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cud
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& noise, double tau, bool hard) {
   constexpr const char* op = "route";
-  check_float(op, "input", input);
-  check_dim(op, "input", input, 2, "(tokens, choices) or (tokens, hidden)");
-  TORCH_CHECK(tau > 0, op, ": tau must be positive, got ", tau);
+  check_route_args(op, input, weight, noise, tau);
   const c10::cuda::CUDAGuard device_guard(input.device());
-  at::Tensor logits = input;  // (T, C)
-  if (weight.has_value()) {
-    check_dim(op, "weight", *weight, 2, "(choices, hidden)");
-    check_same(op, "weight", *weight, input, "input");
-    TORCH_CHECK(weight->size(1) == input.size(1), op, ": weight has ", weight->size(1),
-                " input features but input has ", input.size(1));
-    logits = at::mm(input, weight->t());
-  }
-  logits = logits.contiguous();
+  // (T, C) logits, optionally from the fused router projection
+  const at::Tensor logits = (weight.has_value() ? at::mm(input, weight->t()) : input).contiguous();
   const int64_t tokens = logits.size(0), choices = logits.size(1);
-  TORCH_CHECK(choices >= 1, op, ": need at least one choice");
-  at::Tensor noise_f;  // (T, C) fp32, or undefined
-  if (noise.has_value()) {
-    TORCH_CHECK(noise->sizes() == logits.sizes(), op, ": noise must have shape ", logits.sizes(),
-                ", got ", noise->sizes());
-    TORCH_CHECK(noise->device() == input.device(), op, ": noise is on ", noise->device(),
-                " but input is on ", input.device());
-    noise_f = noise->to(at::kFloat).contiguous();
-  }
+  // (T, C) fp32, or undefined
+  const at::Tensor noise_f = noise.has_value() ? noise->to(at::kFloat).contiguous() : at::Tensor();
 
   const auto index_options = input.options().dtype(at::kLong);
   at::Tensor choice = at::empty({tokens}, index_options);

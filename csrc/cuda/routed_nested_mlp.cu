@@ -284,10 +284,8 @@ routed_nested_mlp_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                                 at::IntArrayRef widths, const std::optional<at::Tensor>& scale,
                                 const std::string& activation) {
   constexpr const char* op = "routed_nested_mlp_backward";
-  check_routed_args(op, x, w_gate, w_up, w_down, choice, widths, scale, activation);
-  check_same(op, "grad_out", grad_out, x, "x");
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out must have shape ", x.sizes(), ", got ",
-              grad_out.sizes());
+  check_routed_backward_args(op, grad_out, x, w_gate, w_up, w_down, choice, widths, scale,
+                             activation);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const at::Tensor empty = at::empty({0}, x.options());
 
