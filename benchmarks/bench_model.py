@@ -57,11 +57,11 @@ def hf_twin(model: FlextronModel) -> LlamaForCausalLM:
 def hf_decode_loop(hf: LlamaForCausalLM, prompt: torch.Tensor, new_tokens: int) -> float:
     """Seconds for `new_tokens` greedy steps with a bare forward loop over a DynamicCache."""
     cache = DynamicCache(config=hf.config)
-    out = hf(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = hf(prompt, cache=cache, use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        out = hf(token, past_key_values=cache, use_cache=True)
+        out = hf(token, cache=cache, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
     return time.perf_counter() - start
 

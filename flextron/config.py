@@ -276,20 +276,33 @@ def check_budget(budget: float) -> float:
     return float(budget)
 
 
-def arch_for_budget(config: ModelConfig, budget: float) -> ArchConfig:
-    """The uniform configuration for `budget`, a fraction in (0, 1] of the full width.
+def _attention_weights(config: ModelConfig, heads: int) -> int:
+    # q, k, v, o weight entries of one layer running `heads` query heads (whole groups).
+    q_out = heads * config.head_dim
+    kv_out = math.ceil(heads / config.group_size) * config.head_dim
+    return config.hidden_size * (2 * q_out + 2 * kv_out)
 
-    Every layer gets the allowed MLP width nearest budget * d_ff and the allowed head
-    count (whole KV groups) nearest budget * num_heads; ties go to the larger choice.
-    E.g. SmolLM2 (d_ff 1536, 9 heads in 3 groups): 0.75 -> (1152, 6), 0.5 -> (768, 6),
-    0.25 -> (384, 3).  (In a heterogeneous export, sizes are relative to each layer's.)
+
+def arch_for_budget(config: ModelConfig, budget: float) -> ArchConfig:
+    """The uniform configuration for `budget`: a fraction in (0, 1] of each layer's weights.
+
+    Every layer gets the allowed head count (whole KV groups) nearest budget * num_heads,
+    then the allowed MLP width that brings the layer's attention + MLP weights nearest
+    budget * the full layer's; ties go to the larger choice.  The layers' compute then
+    scales with the budget.  SmolLM2 (d_ff 1536, 9 heads in 3 groups): 0.75 -> (MLP 1216,
+    6 heads), 0.5 -> (704, 6), 0.25 -> (320, 3).  In a heterogeneous export, each layer's
+    own sizes are the full ones.
     """
     budget = check_budget(budget)
-    layers = range(config.num_layers)
-    return ArchConfig(
-        tuple(_nearest(config.mlp_choices(i), budget * config.layer_intermediate_size(i)) for i in layers),
-        tuple(_nearest(config.head_choices(i), budget * config.layer_heads(i)) for i in layers),
-    )
+    widths, head_counts = [], []
+    for layer in range(config.num_layers):
+        heads = _nearest(config.head_choices(layer), budget * config.layer_heads(layer))
+        full = _attention_weights(config, config.layer_heads(layer))
+        full += 3 * config.hidden_size * config.layer_intermediate_size(layer)
+        mlp_share = budget * full - _attention_weights(config, heads)
+        widths.append(_nearest(config.mlp_choices(layer), mlp_share / (3 * config.hidden_size)))
+        head_counts.append(heads)
+    return ArchConfig(tuple(widths), tuple(head_counts))
 
 
 def count_parameters(config: ModelConfig, arch: ArchConfig | None = None) -> int:

@@ -20,7 +20,7 @@ from flextron.generate import generate_text
 from flextron.loading import load_default
 
 CALIB_SEQ_LEN = EVAL_SEQ_LEN = 256
-MIN_NEW_TOKENS = 8  # untrained small budgets tend to answer with EOS at once: show what they say
+MIN_NEW_TOKENS = 4  # untrained small budgets tend to answer with EOS at once: show what they say
 
 
 def run_demo(

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from tiny_models import tiny_flextron
 
 from flextron.convert import convert
 from flextron.loading import load_model
 from flextron.model import FlextronModel
+from tests.tiny_models import tiny_flextron
 
 
 @pytest.mark.parametrize("tied", [False, True])

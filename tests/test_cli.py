@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
-from test_model import assert_logits_close
-from tiny_models import tiny_hf_dir
 from transformers import LlamaForCausalLM
 
 from flextron.cli import COMMANDS, main
 from flextron.model import FlextronModel
+from tests.test_model import assert_logits_close
+from tests.tiny_models import tiny_hf_dir
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import json
 import math
 
 import torch
-from tiny_models import tiny_flextron
 
 from flextron.evaluate import archs_for_budgets, evaluate_archs, format_table, perplexity, write_results
+from tests.tiny_models import tiny_flextron
 
 
 def test_perplexity_is_exp_of_mean_next_token_loss() -> None:

@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
-from test_model import assert_logits_close
-from tiny_models import tiny_flextron
 from transformers import LlamaForCausalLM
 
 from flextron.config import ArchConfig
 from flextron.convert import convert
 from flextron.export import export
 from flextron.model import FlextronModel
+from tests.test_model import assert_logits_close
+from tests.tiny_models import tiny_flextron
 
 VARIANTS = [dict(kv_heads=2), dict(kv_heads=4, bias=True, tied=True)]
 

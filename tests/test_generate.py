@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_flextron
 
 from flextron.generate import sample_next, stream_tokens
+from tests.tiny_models import tiny_flextron
 
 
 @pytest.mark.parametrize("budget", [1.0, 0.5, 0.25])

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import flextron_twin, tiny_flextron, tiny_hf_model
 
 from flextron import reference
 from flextron.config import ArchConfig, ModelConfig, arch_for_budget, count_parameters
 from flextron.nn.rope import rope_frequencies
+from tests.tiny_models import flextron_twin, tiny_flextron, tiny_hf_model
 
 VARIANTS = {
     "gqa": dict(kv_heads=2),
@@ -96,12 +96,15 @@ def test_per_sequence_heads_match_separate_runs() -> None:
 def test_budget_rule_smollm2_shapes() -> None:
     config = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                          num_heads=9, num_kv_heads=3, head_dim=64, tie_word_embeddings=True)
-    expected = {1.0: (1536, 9), 0.75: (1152, 6), 0.5: (768, 6), 0.25: (384, 3)}
+    expected = {1.0: (1536, 9), 0.75: (1216, 6), 0.5: (704, 6), 0.25: (320, 3)}
     for budget, (width, heads) in expected.items():
         arch = arch_for_budget(config, budget)
         assert arch.is_uniform and arch.mlp_widths[0] == width and arch.heads[0] == heads
     assert count_parameters(config) == 134_515_008  # SmolLM2-135M, tied embeddings
-    assert count_parameters(config, arch_for_budget(config, 0.5)) < count_parameters(config)
+    embedding = 49152 * 576 + 576
+    for budget in (0.75, 0.5, 0.25):  # the layers' share of the weights follows the budget
+        layers = count_parameters(config, arch_for_budget(config, budget)) - embedding
+        assert abs(layers / (count_parameters(config) - embedding) - budget) < 0.02
 
 
 @pytest.mark.parametrize("budget", [0.0, -0.5, 1.5, float("nan"), "half"])
