@@ -2,7 +2,7 @@
 for docs/training.md): perplexity at budgets 1.0/0.75/0.5/0.25 on held-out text before and
 after, with the tokens and wall time used.
 
-    PYTHONPATH=. python benchmarks/train_smollm2.py --out runs/train_smollm2 --minutes 55
+    PYTHONPATH=. python benchmarks/train_smollm2.py --out runs/train_smollm2 --steps 60 --lr 1e-4
 
 Steps: load the GGUF -> convert (importance on built-in calibration text, permute) ->
 perplexity of the untrained nested model -> time one full and one budget-0.5 training
