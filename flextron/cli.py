@@ -503,7 +503,7 @@ def train(args: argparse.Namespace) -> None:
     arg("--eval-blocks", type=int, default=12, help="held-out blocks of 256 tokens"),
     arg("--prompt", default="What is the capital of France? Answer in one sentence."),
     arg("--max-new-tokens", type=int, default=40),
-    arg("--train-steps", type=int, default=20, help="elastic-training steps, trained once, cached (0: none)"),
+    arg("--train-steps", type=int, default=40, help="elastic-training steps, trained once, cached (0: none)"),
 )
 def demo(args: argparse.Namespace) -> None:
     from flextron.demo import run_demo
