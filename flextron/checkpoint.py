@@ -45,6 +45,21 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(temp, path)
 
 
+def save_figure_atomic(figure, path: str | os.PathLike, dpi: int) -> None:
+    """Save a matplotlib figure as PNG at `path` atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = _atomic_path(path)
+    try:
+        figure.savefig(temp, dpi=dpi, format="png")
+        os.replace(temp, path)
+    finally:
+        plt.close(figure)
+        temp.unlink(missing_ok=True)
+
+
 def save_safetensors_atomic(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None
 ) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from flextron.checkpoint import write_json_atomic
+from flextron.checkpoint import save_figure_atomic, write_json_atomic
 from flextron.config import ArchConfig
 from flextron.model import FlextronModel
 
@@ -120,12 +120,7 @@ def plot_perplexity(rows: list[dict], path: str | os.PathLike, title: str) -> No
     axis.set_title(title)
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temp, dpi=120)
-    plt.close(figure)
-    os.replace(temp, path)
+    save_figure_atomic(figure, path, dpi=120)
 
 
 def load_arch_file(path: str | os.PathLike) -> dict[str, tuple[float | None, ArchConfig]]:

@@ -143,6 +143,26 @@ def _pick(logits: torch.Tensor, sampling: Sampling) -> tuple[torch.Tensor, torch
     return choice, probs, scale
 
 
+def _init_router_choices(
+    router: nn.Module,
+    config: ModelConfig,
+    budgets: Sequence[float],
+    mlp_choices: Sequence[int] | None,
+    head_choices: Sequence[int] | None,
+    hidden_size: int,
+) -> None:
+    """The attributes both routers share: layer count, validated choices, budget encoder, width."""
+    router.num_layers = config.num_layers
+    router.mlp_choices = _check_choices(
+        "mlp_choices", mlp_choices or default_mlp_choices(config), config.mlp_choices()
+    )
+    router.head_choices = _check_choices(
+        "head_choices", head_choices or default_head_choices(config), config.head_choices()
+    )
+    router.encoder = BudgetEncoder(budgets)
+    router.hidden_size = hidden_size
+
+
 # ---- static router -----------------------------------------------------------------
 
 
@@ -158,13 +178,7 @@ class StaticRouter(nn.Module):
         hidden_size: int = 128,
     ) -> None:
         super().__init__()
-        self.num_layers = config.num_layers
-        self.mlp_choices = _check_choices("mlp_choices", mlp_choices or default_mlp_choices(config),
-                                          config.mlp_choices())
-        self.head_choices = _check_choices("head_choices", head_choices or default_head_choices(config),
-                                           config.head_choices())
-        self.encoder = BudgetEncoder(budgets)
-        self.hidden_size = hidden_size
+        _init_router_choices(self, config, budgets, mlp_choices, head_choices, hidden_size)
         outputs = self.num_layers * (len(self.mlp_choices) + len(self.head_choices))
         self.net = nn.Sequential(
             nn.Linear(len(self.encoder.budgets), hidden_size), nn.LeakyReLU(), nn.Linear(hidden_size, outputs)
@@ -233,13 +247,7 @@ class DynamicRouter(nn.Module):
         super().__init__()
         if config.mlp_bias:
             raise ValueError("dynamic routing runs ops.routed_nested_mlp, which has no MLP bias")
-        self.num_layers = config.num_layers
-        self.mlp_choices = _check_choices("mlp_choices", mlp_choices or default_mlp_choices(config),
-                                          config.mlp_choices())
-        self.head_choices = _check_choices("head_choices", head_choices or default_head_choices(config),
-                                           config.head_choices())
-        self.encoder = BudgetEncoder(budgets)
-        self.hidden_size = hidden_size
+        _init_router_choices(self, config, budgets, mlp_choices, head_choices, hidden_size)
         d, k, layers = config.hidden_size, len(self.encoder.budgets), config.num_layers
         # Per layer: hidden = LeakyReLU(x W_in^T + budget_embedding); logits = hidden W_out^T.
         self.mlp_in = nn.ModuleList(nn.Linear(d, hidden_size) for _ in range(layers))

@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from flextron.checkpoint import save_figure_atomic
+
 
 class MetricsLog:
     """Appends JSON records to a file (created with its parent directory)."""
@@ -79,9 +81,4 @@ def plot_metrics(
         ppl_axis.legend()
     figure.suptitle(title)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temp, dpi=110)
-    plt.close(figure)
-    os.replace(temp, path)
+    save_figure_atomic(figure, path, dpi=110)
