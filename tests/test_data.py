@@ -57,3 +57,20 @@ def test_tokenize_and_pack() -> None:
     assert pack(ids, 2, max_blocks=1).shape == (1, 2)
     with pytest.raises(ValueError, match="not enough text"):
         pack(ids, 8)
+
+
+def test_saved_datasets_dataset(tmp_path) -> None:
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["alpha", " ", "beta"], "id": [1, 2, 3]}).save_to_disk(tmp_path / "ds")
+    assert read_texts(tmp_path / "ds") == ["alpha", "beta"]  # blank texts dropped
+
+    splits = datasets.DatasetDict(
+        validation=datasets.Dataset.from_dict({"text": ["held out"]}),
+        train=datasets.Dataset.from_dict({"text": ["train text"]}),
+    )
+    splits.save_to_disk(tmp_path / "dict")
+    assert read_texts(tmp_path / "dict") == ["train text"]  # the train split when there is one
+
+    datasets.Dataset.from_dict({"content": ["x"]}).save_to_disk(tmp_path / "no_text")
+    with pytest.raises(ValueError, match='no "text" column'):
+        read_texts(tmp_path / "no_text")
