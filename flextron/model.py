@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from flextron import ops
 from flextron.config import ArchConfig, ModelConfig, arch_for_budget, count_parameters
 from flextron.nn.elastic import ElasticAttention, ElasticMLP, KVCache
 from flextron.nn.rope import RotaryEmbedding
@@ -170,7 +171,7 @@ class FlextronModel(nn.Module):
             x = x[:, -1:]
         x = self.norm(x)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return x @ weight.T  # (B, T, V)
+        return ops.nested_linear(x, weight)  # (B, T, V); few-row (decode) kernel on CPU
 
     # ---- checkpoints
 

@@ -61,7 +61,8 @@ def test_tokenize_and_pack() -> None:
 
 def test_saved_datasets_dataset(tmp_path) -> None:
     datasets = pytest.importorskip("datasets")
-    datasets.Dataset.from_dict({"text": ["alpha", " ", "beta"], "id": [1, 2, 3]}).save_to_disk(tmp_path / "ds")
+    plain = datasets.Dataset.from_dict({"text": ["alpha", " ", "beta"], "id": [1, 2, 3]})
+    plain.save_to_disk(tmp_path / "ds")
     assert read_texts(tmp_path / "ds") == ["alpha", "beta"]  # blank texts dropped
 
     splits = datasets.DatasetDict(

@@ -133,3 +133,17 @@ def test_bad_input_names_the_argument(mutate, match):
     args = mutate(dict(x=x, weight=weight, bias=bias, out_features=8, in_features=10))
     with pytest.raises(RuntimeError, match=match):
         torch.ops.flextron.nested_linear(**args)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])  # 1-4: the few-rows (decode) kernel; 5: the BLAS
+@pytest.mark.parametrize("out_f,in_f", [(769, 83), (7, 7), (96, 64), (33, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_few_rows_match_reference(rows, out_f, in_f, bias):
+    # A prefix of a wider weight: rows of the weight are `in_f` floats, `in_f + 9` apart.
+    x, weight, b = make_inputs((rows,), in_f + 3, out_f + 5, in_f + 9, torch.float32, bias=bias)
+    check_against_reference(x, weight, b, out_f, in_f)
+    # x with a row stride other than its width (a column slice of a wider activation).
+    wide = torch.randn(rows, in_f + 20)[:, 5 : 5 + in_f]
+    torch.testing.assert_close(
+        ops.nested_linear(wide, weight, b, out_f, in_f), reference.nested_linear(wide, weight, b, out_f, in_f)
+    )

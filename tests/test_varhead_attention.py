@@ -118,6 +118,16 @@ def test_matches_reference(q_heads, kv_heads, q_len, kv_len, causal, head_dim):
     )
 
 
+@pytest.mark.parametrize(
+    "q_heads,kv_heads,q_len", [(1, 1, 1), (2, 1, 1), (3, 1, 1), (8, 2, 1), (2, 1, 2), (5, 1, 1)]
+)
+@pytest.mark.parametrize("head_dim", [8, 40, 64, 72])
+def test_decode_rows_match_reference(q_heads, kv_heads, q_len, head_dim):
+    # 1-4 query rows per KV group take the few-rows kernels (scores, then P @ V),
+    # 5 the BLAS; head dims with and without a remainder past the kernels' blocks.
+    check_against_reference(2, q_heads, kv_heads, q_len, 97, head_dim, True, mixed_heads(2, q_heads))
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_non_contiguous_inputs(causal):
     # q/k/v as the transposed views of (B, S, H, Dh) projections, read in place.

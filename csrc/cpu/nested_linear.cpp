@@ -1,9 +1,11 @@
 // nested_linear on the CPU: one ATen GEMM on strided prefix views. The weight
 // prefix weight[:out, :in] is passed with its original leading dimension, so the
 // BLAS reads it in place: a narrower sub-network costs proportionally less and
-// nothing is copied.
+// nothing is copied. A few rows (decoding) take the bandwidth-bound kernel of
+// skinny_gemm.h instead.
 #include "checks.h"
 #include "ops.h"
+#include "skinny_gemm.h"
 
 namespace flextron {
 
@@ -15,12 +17,9 @@ at::Tensor nested_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
 
   const at::Tensor x_prefix = x.reshape({-1, x.size(-1)}).narrow(1, 0, in_features);  // (N, in)
   const at::Tensor w_prefix = weight.narrow(0, 0, out_features).narrow(1, 0, in_features);  // (out, in)
-  at::Tensor y = at::empty({x_prefix.size(0), out_features}, x.options());  // (N, out)
-  if (bias.has_value()) {
-    at::addmm_out(y, bias->narrow(0, 0, out_features), x_prefix, w_prefix.t());
-  } else {
-    at::mm_out(y, x_prefix, w_prefix.t());
-  }
+  std::optional<at::Tensor> bias_prefix;
+  if (bias.has_value()) bias_prefix = bias->narrow(0, 0, out_features);
+  const at::Tensor y = linear_nt(x_prefix, w_prefix, bias_prefix);  // (N, out)
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_features;
   return y.view(shape);

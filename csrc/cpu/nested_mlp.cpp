@@ -1,9 +1,11 @@
 // nested_mlp on the CPU: the MLP restricted to its first `width` neurons, as
 // three ATen GEMMs on prefix views of the weights (no copies) with the
-// activation applied in place on the narrow hidden tensor.
+// activation applied in place on the narrow hidden tensor (skinny_gemm.h for
+// a few rows).
 #include "checks.h"
 #include "mlp_kernels.h"
 #include "ops.h"
+#include "skinny_gemm.h"
 
 namespace flextron {
 
@@ -16,11 +18,11 @@ at::Tensor nested_mlp_cpu(const at::Tensor& x, const std::optional<at::Tensor>& 
   check_width(op, "width", width, w_up.size(0));
 
   const at::Tensor x2 = x.reshape({-1, x.size(-1)});  // (N, D)
-  at::Tensor hidden = at::mm(x2, w_up.narrow(0, 0, width).t());  // (N, width)
+  at::Tensor hidden = linear_nt(x2, w_up.narrow(0, 0, width));  // (N, width)
   at::Tensor gate;
-  if (w_gate.has_value()) gate = at::mm(x2, w_gate->narrow(0, 0, width).t());  // (N, width)
+  if (w_gate.has_value()) gate = linear_nt(x2, w_gate->narrow(0, 0, width));  // (N, width)
   activate_(gate, hidden, parse_activation(activation));
-  return at::mm(hidden, w_down.narrow(1, 0, width).t()).view(x.sizes());  // (..., D)
+  return linear_nt(hidden, w_down.narrow(1, 0, width)).view(x.sizes());  // (..., D)
 }
 
 }  // namespace flextron

@@ -8,7 +8,8 @@
 //   heads into one GEMM, so K and V are read once per group and inactive heads
 //   cost only the zeroing of their output. The GEMMs go through ATen (BLAS) on
 //   strided views: a q/k/v that is a transposed view of a (B, S, H, Dh) projection
-//   is read in place.
+//   is read in place. A decoding step's few query rows take the kernels of
+//   skinny_gemm.h (the BLAS is slow on such shapes).
 // - Causal tiles only multiply by the keys their last row can see (a key prefix),
 //   which skips nearly half of the prefill work, like a flash kernel's block skip.
 // - Scores, softmax and every accumulation are fp32. bf16/fp16 tiles are widened
@@ -31,6 +32,7 @@
 
 #include "checks.h"
 #include "ops.h"
+#include "skinny_gemm.h"
 
 namespace flextron {
 namespace {
@@ -136,8 +138,7 @@ at::Tensor load_rows(const at::Tensor& t, const Tile& tile) {
 at::Tensor attention_probs(const AttentionShape& s, bool causal, const Tile& tile,
                            const at::Tensor& q_rows, const at::Tensor& k_prefix) {
   const int64_t total_rows = q_rows.size(0), key_end = tile.key_end;
-  at::Tensor scores = at::empty({total_rows, key_end}, q_rows.options());
-  at::addmm_out(scores, scores, q_rows, k_prefix.t(), /*beta=*/0, /*alpha=*/s.scale);
+  at::Tensor scores = linear_nt(q_rows, k_prefix, std::nullopt, s.scale);  // (rows, key_end)
   if (causal) {
     float* data = scores.data_ptr<float>();
     const int64_t offset = s.kv_len - s.q_len;
@@ -181,7 +182,7 @@ at::Tensor varhead_attention_cpu(const at::Tensor& q, const at::Tensor& k, const
       const at::Tensor k_prefix = key_prefix(k, b, kv_head, tile.key_end);  // (key_end, Dh)
       const at::Tensor v_prefix = key_prefix(v, b, kv_head, tile.key_end);
       const at::Tensor probs = attention_probs(s, causal, tile, load_rows(q, tile), k_prefix);
-      const at::Tensor out_rows = at::mm(probs, v_prefix);  // (active * rows, Dh)
+      const at::Tensor out_rows = matmul_nn(probs, v_prefix);  // (active * rows, Dh)
       tile_view(out, tile).copy_(out_rows.view({tile.active, tile.rows, s.head_dim}));
     }
   });
