@@ -22,75 +22,27 @@ import json
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from flextron.config import ArchConfig
-from flextron.export import hf_state_dict
-from flextron.generate import stream_tokens
 from flextron.loading import load_model
 from flextron.model import FlextronModel
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-now = CLOCKS["wall"]  # set by --clock
-
-
-def best_time(function: Callable[[], object], repeats: int) -> float:
-    """Best time of `repeats` runs after one warm-up run (seconds)."""
-    function()
-    times = []
-    for _ in range(repeats):
-        start = now()
-        function()
-        times.append(now() - start)
-    return min(times)
+from flextron.speed import (
+    CLOCKS,
+    best_time,
+    clock_function,
+    decode_seconds,
+    hf_decode_seconds,
+    hf_generate_seconds,
+    hf_twin,
+)
 
 
-def hf_twin(model: FlextronModel) -> LlamaForCausalLM:
-    """transformers' LlamaForCausalLM (its default attention) holding the same weights."""
-    hf = LlamaForCausalLM(LlamaConfig(**model.config.to_hf())).eval()
-    missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
-        raise RuntimeError(f"weights do not map onto transformers: {missing[:3]} {unexpected[:3]}")
-    hf.tie_weights()
-    return hf
-
-
-def hf_decode_loop(hf: LlamaForCausalLM, prompt: torch.Tensor, new_tokens: int) -> float:
-    """Seconds for `new_tokens` greedy steps with a bare forward loop over a DynamicCache."""
-    cache = DynamicCache(config=hf.config)
-    out = hf(prompt, cache=cache, use_cache=True, logits_to_keep=1)
-    token = out.logits[:, -1:].argmax(-1)
-    start = now()
-    for _ in range(new_tokens):
-        out = hf(token, cache=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-    return now() - start
-
-
-def hf_generate(hf: LlamaForCausalLM, prompt: torch.Tensor, new_tokens: int) -> float:
-    """Seconds for generate(): prefill + decode; the caller subtracts the prefill."""
-    start = now()
-    hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                pad_token_id=0)
-    return now() - start
-
-
-def flextron_decode(model: FlextronModel, prompt: torch.Tensor, arch: ArchConfig, new_tokens: int) -> float:
-    """Seconds for `new_tokens` greedy steps after the prefill (stream_tokens, KV cache)."""
-    tokens = stream_tokens(model, prompt[0], arch, max_new_tokens=new_tokens + 1)
-    next(tokens)  # the prefill and the first token
-    start = now()
-    for _ in tokens:
-        pass
-    return now() - start
-
-
-def layers_time(model: FlextronModel, prompt: torch.Tensor, arch: ArchConfig, repeats: int) -> float:
+def layers_time(model: FlextronModel, prompt: torch.Tensor, arch: ArchConfig, repeats: int,
+                now: Callable[[], float]) -> float:
     """Best seconds of the decoder layers alone over the prompt."""
     x = model.embed_tokens(prompt)  # (1, T, D)
     cos, sin = model.rotary(torch.arange(prompt.shape[1]), x.dtype)
@@ -100,7 +52,7 @@ def layers_time(model: FlextronModel, prompt: torch.Tensor, arch: ArchConfig, re
         for index, layer in enumerate(model.layers):
             h = layer(h, cos, sin, arch.mlp_widths[index], arch.heads[index], None, index)
 
-    return best_time(run, repeats)
+    return best_time(run, repeats, now)
 
 
 def main() -> None:
@@ -117,10 +69,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.clock == "cpu" and torch.get_num_threads() != 1:
-        parser.error("--clock cpu measures one thread's time: use it with --threads 1")
-    global now
-    now = CLOCKS[args.clock]
+    try:
+        now = clock_function(args.clock)
+    except ValueError as error:
+        parser.error(str(error))
     torch.manual_seed(0)
 
     model = load_model(args.model)
@@ -135,13 +87,13 @@ def main() -> None:
     with torch.no_grad():
         diff = (model(prompt[:, :64]) - hf(prompt[:, :64]).logits).abs().max().item()
         print(f"same function check: max |logit diff| = {diff:.2e}", file=sys.stderr)
-        hf_prefill = best_time(lambda: hf(prompt, logits_to_keep=1), args.repeats)
+        hf_prefill = best_time(lambda: hf(prompt, logits_to_keep=1), args.repeats, now)
         full = model.full_arch()
         loop_times, gen_times, full_decode_times = [], [], []
         for _ in range(args.repeats):  # round-robin: HF and Flextron full-width decode alike
-            loop_times.append(hf_decode_loop(hf, prompt, args.new_tokens))
-            gen_times.append(hf_generate(hf, prompt, args.new_tokens))
-            full_decode_times.append(flextron_decode(model, prompt, full, args.new_tokens))
+            loop_times.append(hf_decode_seconds(hf, prompt, args.new_tokens, now))
+            gen_times.append(hf_generate_seconds(hf, prompt, args.new_tokens, now))
+            full_decode_times.append(decode_seconds(model, prompt, full, args.new_tokens, now))
         hf_loop, hf_gen = statistics.median(loop_times), statistics.median(gen_times)
         hf_gen_decode = max(hf_gen - hf_prefill, 1e-9)
         results["hf"] = {
@@ -153,12 +105,12 @@ def main() -> None:
         full_layers = None
         for budget in budgets:
             arch = model.arch_for_budget(budget)
-            prefill = best_time(lambda arch=arch: model(prompt, arch, last_only=True), args.repeats)
+            prefill = best_time(lambda arch=arch: model(prompt, arch, last_only=True), args.repeats, now)
             decode = statistics.median(
                 full_decode_times if budget == 1.0
-                else [flextron_decode(model, prompt, arch, args.new_tokens) for _ in range(args.repeats)]
+                else [decode_seconds(model, prompt, arch, args.new_tokens, now) for _ in range(args.repeats)]
             )
-            layers = layers_time(model, prompt, arch, args.repeats)
+            layers = layers_time(model, prompt, arch, args.repeats, now)
             full_layers = full_layers or layers
             results["rows"].append({
                 "budget": budget, "arch": [arch.mlp_widths[0], arch.heads[0]],

@@ -283,6 +283,34 @@ def _flextron_dir(path: str) -> Path:
 
 
 @command(
+    "bench", "prefill and decode tokens/s at several budgets, optionally against transformers",
+    MODEL,
+    arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25], help="comma-separated, in (0, 1]"),
+    arg("--prompt-len", type=int, default=128, help="prompt tokens (batch 1)"),
+    arg("--new-tokens", type=int, default=32, help="greedy decode steps after the prompt"),
+    arg("--repeats", type=int, default=3),
+    arg("--threads", type=int, default=None, help="CPU threads (default: torch's)"),
+    arg("--clock", choices=["wall", "cpu"], default="wall",
+        help="wall time, or process CPU time (one thread: for a shared, busy machine)"),
+    arg("--hf", action="store_true", help="also time transformers' LlamaForCausalLM on the same weights"),
+    arg("--json", default=None, help="write the results here"),
+)
+def bench(args: argparse.Namespace) -> None:
+    from flextron.checkpoint import write_json_atomic
+    from flextron.speed import format_speed_table, measure_speed, rows_to_json
+
+    _set_threads(args.threads)
+    model = _load(args.model).eval()
+    rows = measure_speed(model, args.budgets, args.prompt_len, args.new_tokens, args.repeats, args.clock,
+                         compare_hf=args.hf)
+    print(f"batch 1, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.clock} clock:")
+    print(format_speed_table(rows))
+    if args.json:
+        write_json_atomic(Path(args.json), {"clock": args.clock, "prompt_len": args.prompt_len,
+                                            "new_tokens": args.new_tokens, "rows": rows_to_json(rows)})
+
+
+@command(
     "profile", "measure the latency lookup table of every MLP width and head count; save it in the model dir",
     arg("--model", required=True, help="a Flextron directory (from convert)"),
     arg("--prefill", type=_parse_shapes, default=[(1, 128)], help="BATCHxLENGTH shapes, comma-separated"),

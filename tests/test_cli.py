@@ -30,7 +30,7 @@ def converted(tmp_path_factory):
 
 
 def test_subcommands_exist() -> None:
-    assert {"demo", "convert", "eval", "generate", "export", "info"} <= set(COMMANDS)
+    assert {"demo", "convert", "eval", "generate", "export", "info", "bench"} <= set(COMMANDS)
 
 
 def test_convert_writes_a_flextron_directory_equal_to_the_source(converted) -> None:
@@ -130,3 +130,31 @@ def test_prompt_longer_than_context(converted, capsys) -> None:
 def test_python_dash_m_flextron_help() -> None:
     result = subprocess.run([sys.executable, "-m", "flextron", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "convert" in result.stdout
+
+
+def test_bench_table_and_json(converted, tmp_path, capsys) -> None:
+    _, out = converted
+    argv = ["bench", "--model", str(out), "--budgets", "1,0.5", "--prompt-len", "8", "--new-tokens", "3",
+            "--repeats", "1", "--hf", "--json", str(tmp_path / "speed.json")]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "budget 0.5" in table and "transformers" in table and "decode vs HF" in table
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert [row["name"] for row in rows] == ["budget 1", "transformers", "budget 0.5"]
+    assert all(row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0 for row in rows)
+    assert rows[2]["parameters"] < rows[0]["parameters"] == rows[1]["parameters"]
+
+
+def test_bench_rejects_bad_settings(converted, capsys) -> None:
+    _, out = converted
+    assert main(["bench", "--model", str(out), "--budgets", "0.5", "--hf", "--prompt-len", "8"]) == 2
+    assert "needs budget 1" in capsys.readouterr().err
+    threads = torch.get_num_threads()
+    try:
+        cpu_clock_two_threads = ["--threads", "2", "--clock", "cpu", "--prompt-len", "8"]
+        assert main(["bench", "--model", str(out), *cpu_clock_two_threads]) == 2
+    finally:
+        torch.set_num_threads(threads)  # --threads set it for the whole process
+    assert "clock 'cpu'" in capsys.readouterr().err
+    assert main(["bench", "--model", str(out), "--prompt-len", "100000"]) == 2
+    assert "does not fit" in capsys.readouterr().err
