@@ -34,6 +34,7 @@
 #include "checks.h"
 #include "mlp_kernels.h"
 #include "ops.h"
+#include "skinny_gemm.h"
 
 // fp32, bf16 and fp16: the dtypes check_float admits.
 #define FLEXTRON_DISPATCH_FLOAT(TYPE, NAME, ...)                  \
@@ -107,8 +108,8 @@ void for_each_band(const std::vector<Segment>& segs, const Fn& fn) {
 // out[:rows, lo:hi] = in[:rows] @ weight[lo:hi]^T. out: (M, >=hi); in: (M, D); weight: (F, D).
 void band_mm(const at::Tensor& out, const at::Tensor& in, const at::Tensor& weight, int64_t rows,
              int64_t lo, int64_t hi) {
-  at::Tensor out_band = out.narrow(0, 0, rows).narrow(1, lo, hi - lo);
-  at::mm_out(out_band, in.narrow(0, 0, rows), weight.narrow(0, lo, hi - lo).t());
+  linear_nt_out(out.narrow(0, 0, rows).narrow(1, lo, hi - lo), in.narrow(0, 0, rows),
+                weight.narrow(0, lo, hi - lo));
 }
 
 at::Tensor block(const at::Tensor& t, int64_t rows, int64_t lo, int64_t hi) {
@@ -278,9 +279,9 @@ at::Tensor routed_nested_mlp_cpu(const at::Tensor& x, const std::optional<at::Te
     });
     at::Tensor yt = at::empty({rows, hidden_size}, x.options());  // (M, D)
     for (const Segment& seg : segs) {
-      at::Tensor out = yt.narrow(0, seg.begin, seg.end - seg.begin);
-      at::mm_out(out, up.narrow(0, seg.begin, seg.end - seg.begin).narrow(1, 0, seg.width),
-                 w_down.narrow(1, 0, seg.width).t());
+      linear_nt_out(yt.narrow(0, seg.begin, seg.end - seg.begin),
+                    up.narrow(0, seg.begin, seg.end - seg.begin).narrow(1, 0, seg.width),
+                    w_down.narrow(1, 0, seg.width));
     }
     scatter_rows(y, yt, perm + start, scale_x);
   });

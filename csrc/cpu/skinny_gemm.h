@@ -124,34 +124,46 @@ inline bool applies(const at::Tensor& x, const at::Tensor& w, const std::optiona
 
 }  // namespace skinny
 
-// y = alpha · x · wᵀ (+ bias). x: (M, K), w: (N, K) views with any leading
-// dimensions, bias: (N,). Returns a new contiguous (M, N) tensor.
-inline at::Tensor linear_nt(const at::Tensor& x, const at::Tensor& w,
-                            const std::optional<at::Tensor>& bias = std::nullopt, double alpha = 1.0) {
-  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());  // (M, N)
+// y = alpha · x · wᵀ (+ bias), written into y: (M, N) (any row stride). x: (M, K),
+// w: (N, K) views with any leading dimensions, bias: (N,).
+inline void linear_nt_out(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w,
+                          const std::optional<at::Tensor>& bias = std::nullopt, double alpha = 1.0) {
 #ifdef FLEXTRON_SKINNY_AVX2
-  if (skinny::applies(x, w, bias)) {
+  if (skinny::applies(x, w, bias) && y.stride(1) == 1) {
     const float* xp = x.const_data_ptr<float>();
     const float* wp = w.const_data_ptr<float>();
     const float* bp = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
     float* yp = y.mutable_data_ptr<float>();
-    const int64_t M = x.size(0), N = w.size(0), K = x.size(1), ldx = x.stride(0), ldw = w.stride(0);
+    const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
+    const int64_t ldx = x.stride(0), ldw = w.stride(0), ldy = y.stride(0);
     const float a = static_cast<float>(alpha);
     constexpr int64_t kGrain = 64;  // output columns per task: enough work to amortise a task
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
       switch (M) {
         // U: FMA chains per row of x, as many as the 16 vector registers hold.
-        case 1: skinny::columns_nt<1, 4>(xp, ldx, wp, ldw, K, a, bp, yp, N, begin, end); break;
-        case 2: skinny::columns_nt<2, 4>(xp, ldx, wp, ldw, K, a, bp, yp, N, begin, end); break;
-        case 3: skinny::columns_nt<3, 2>(xp, ldx, wp, ldw, K, a, bp, yp, N, begin, end); break;
-        default: skinny::columns_nt<4, 2>(xp, ldx, wp, ldw, K, a, bp, yp, N, begin, end); break;
+        case 1: skinny::columns_nt<1, 4>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end); break;
+        case 2: skinny::columns_nt<2, 4>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end); break;
+        case 3: skinny::columns_nt<3, 2>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end); break;
+        default: skinny::columns_nt<4, 2>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end); break;
       }
     });
-    return y;
+    return;
   }
 #endif
-  if (bias.has_value()) return at::addmm_out(y, *bias, x, w.t(), /*beta=*/1, alpha);
-  return at::addmm_out(y, y, x, w.t(), /*beta=*/0, alpha);  // beta = 0: y is not read
+  at::Tensor out = y;  // the _out calls want an lvalue
+  if (bias.has_value()) {
+    at::addmm_out(out, *bias, x, w.t(), /*beta=*/1, alpha);
+  } else {
+    at::addmm_out(out, out, x, w.t(), /*beta=*/0, alpha);  // beta = 0: out is not read
+  }
+}
+
+// y = alpha · x · wᵀ (+ bias) as a new contiguous (M, N) tensor.
+inline at::Tensor linear_nt(const at::Tensor& x, const at::Tensor& w,
+                            const std::optional<at::Tensor>& bias = std::nullopt, double alpha = 1.0) {
+  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());  // (M, N)
+  linear_nt_out(y, x, w, bias, alpha);
+  return y;
 }
 
 // y = x · w. x: (M, K), w: (K, N) views. Returns a new contiguous (M, N) tensor.
