@@ -32,7 +32,7 @@ def sample_next(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-@torch.no_grad()
+@torch.inference_mode()  # unlike no_grad, it also skips the ops' autograd layer on every call
 def stream_tokens(
     model: FlextronModel,
     prompt_ids: list[int] | torch.Tensor,
