@@ -3,6 +3,10 @@
     python benchmarks/bench_ops.py --device cpu [--json runs/bench_ops_cpu.json]
     python benchmarks/bench_ops.py --device cuda --json runs/bench_ops_cuda.json
 
+On CUDA it also runs the issue-sized routed layer (bf16, T=8192, d=4096, d_ff=14336, 4 widths,
+uniform routing), forward and forward+backward, and reports useful TFLOP/s as a percentage of
+the card's measured bf16 dense matmul rate (torch.mm, 8192^3).
+
 Every case times our op and its baselines interleaved (round-robin, after a
 warm-up), so that load from other processes hits them alike; the figure is the
 median over rounds. fp32 on the CPU, bf16 on CUDA. A table with a ratio column
@@ -64,6 +68,7 @@ class Row:
     target: str = ""  # e.g. "<= 1.05" on ours/baseline
     passed: bool | None = None
     useful_tflops: float | None = None  # CUDA: useful FLOPs of our op per second
+    peak_pct: float | None = None  # useful_tflops as % of the measured dense matmul rate
     extra: dict = field(default_factory=dict)
 
     @property
@@ -79,6 +84,14 @@ LINEAR_CASES = (
 )
 ROUTED_CASE = MlpCase("routed T=2048 d=576 d_ff=1536 widths 1536/1152/768/384")
 DECODE_CASE = MlpCase("routed decode T=16 (informative)", tokens=16)
+# The issue's GPU case (CUDA only): a Llama-3-8B-sized MLP, 4 widths, uniform routing.
+ISSUE_CASE = MlpCase(
+    "routed T=8192 d=4096 d_ff=14336 4 widths",
+    tokens=8192,
+    hidden=4096,
+    d_ff=14336,
+    widths=(14336, 10752, 7168, 3584),
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -107,6 +120,17 @@ def time_interleaved(
 
 def _has_kernel(op_name: str, device: torch.device) -> bool:
     return device.type.upper() in ops.backends(op_name)
+
+
+def measure_matmul_tflops(
+    device: torch.device, dtype: torch.dtype, size: int = 8192, rounds: int = 5
+) -> float:
+    """The card's dense matmul rate in this dtype: torch.mm on (size, size) operands, TFLOP/s."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device, dtype)
+    b = torch.randn(size, size, generator=gen).to(device, dtype)
+    ms = time_interleaved({"mm": lambda: torch.mm(a, b)}, device, rounds, reps=10)["mm"]
+    return 2.0 * size**3 / ms / 1e9
 
 
 def dense_mlp(
@@ -215,7 +239,7 @@ def bench_routed(
         fns["route"] = lambda: ops.route(x, router)
     grouped = _grouped_mm_mlp(x, w_gate, w_up, w_down, choice, num_choices)
     if grouped is not None:
-        fns["torch._grouped_mm full width"] = grouped
+        fns["torch._grouped_mm full width"] = grouped[0]
     reps = (3 if device.type == "cpu" else 20) * max(1, 256 // case.tokens)
     ms = time_interleaved(fns, device, rounds, reps)
     if not have_routed:
@@ -265,27 +289,58 @@ def bench_routed(
     return rows
 
 
-def bench_routed_train(case: MlpCase, device: torch.device, dtype: torch.dtype, rounds: int) -> list[Row]:
-    """Forward + backward (grads of x and the three weights): routed_nested_mlp vs the group loop."""
+def bench_routed_train(
+    case: MlpCase, device: torch.device, dtype: torch.dtype, rounds: int, reps: int | None = None
+) -> list[Row]:
+    """Forward + backward (grads of x and the three weights): routed_nested_mlp vs the group
+    loop, the full-width dense MLP and (CUDA) torch._grouped_mm at full width."""
     if not _has_kernel("routed_nested_mlp", device):
         return []
     x, w_gate, w_up, w_down = (t.requires_grad_() for t in _mlp_weights(case, device, dtype))
     gen = torch.Generator().manual_seed(case.seed + 1)
-    choice = torch.randint(0, len(case.widths), (case.tokens,), generator=gen).to(device)
+    num_choices = len(case.widths)
+    choice = torch.randint(0, num_choices, (case.tokens,), generator=gen).to(device)
     leaves = (x, w_gate, w_up, w_down)
     widths = list(case.widths)
 
-    def routed() -> None:
-        y = ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths)
-        torch.autograd.grad(y, leaves, torch.ones_like(y))
+    def backward_of(
+        forward: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...]
+    ) -> Callable[[], None]:
+        def run() -> None:
+            y = forward()
+            torch.autograd.grad(y, inputs, torch.ones_like(y))
 
-    def loop() -> None:
-        y = group_loop_mlp(x, w_gate, w_up, w_down, choice, case.widths)
-        torch.autograd.grad(y, leaves, torch.ones_like(y))
+        return run
 
-    reps = 1 if device.type == "cpu" else 10
-    ms = time_interleaved({"routed": routed, "group loop": loop}, device, rounds, reps)
-    return [Row(case.name + " fwd+bwd", "routed_nested_mlp", "group loop", ms["routed"], ms["group loop"])]
+    fns = {
+        "routed": backward_of(lambda: ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths), leaves),
+        "group loop": backward_of(
+            lambda: group_loop_mlp(x, w_gate, w_up, w_down, choice, case.widths), leaves
+        ),
+        "dense full width": backward_of(lambda: dense_mlp(x, w_gate, w_up, w_down), leaves),
+    }
+    grouped = _grouped_mm_mlp(x, w_gate, w_up, w_down, choice, num_choices, trainable=True)
+    if grouped is not None:
+        forward, grouped_leaves = grouped
+        fns["torch._grouped_mm full width"] = backward_of(forward, grouped_leaves)
+        try:
+            fns["torch._grouped_mm full width"]()
+        except RuntimeError as error:  # no backward for these layouts in this torch
+            print(f"  torch._grouped_mm backward unavailable: {error}", file=sys.stderr)
+            del fns["torch._grouped_mm full width"]
+    if reps is None:
+        reps = 1 if device.type == "cpu" else 10
+    ms = time_interleaved(fns, device, rounds, reps)
+    counts = torch.bincount(choice.cpu(), minlength=num_choices).tolist()
+    # Useful FLOPs: the forward's GEMMs and twice that for the backward (dX and dW).
+    flops = 3 * mlp_flops(list(zip(counts, widths, strict=True)), case.hidden, gated=True)
+    tflops = flops / ms["routed"] / 1e9 if device.type == "cuda" else None
+    name = case.name + " fwd+bwd"
+    return [
+        Row(name, "routed_nested_mlp", baseline, ms["routed"], ms[baseline], useful_tflops=tflops)
+        for baseline in fns
+        if baseline != "routed"
+    ]
 
 
 def _grouped_mm_mlp(
@@ -295,16 +350,22 @@ def _grouped_mm_mlp(
     w_down: torch.Tensor,
     choice: torch.Tensor,
     groups: int,
-) -> Callable[[], torch.Tensor] | None:
-    """torch._grouped_mm over the width groups, every group at full width (it needs one N per call)."""
+    trainable: bool = False,
+) -> tuple[Callable[[], torch.Tensor], tuple[torch.Tensor, ...]] | None:
+    """torch._grouped_mm over the width groups, every group at full width (it needs one N per
+    call), on per-group weight copies made once (as an MoE layer stores them). Returns the
+    forward and the tensors to differentiate (x_sorted and the copies when `trainable`), or
+    None where torch._grouped_mm does not apply (no such op, not CUDA, unsupported arch)."""
     if x.device.type != "cuda" or not hasattr(torch, "_grouped_mm"):
         return None
     order = torch.argsort(choice, stable=True)
     offs = torch.cumsum(torch.bincount(choice, minlength=groups), 0).to(torch.int32)
-    xs = x.index_select(0, order)  # (T, D)
-    gate_b = w_gate.t().unsqueeze(0).expand(groups, -1, -1).contiguous()  # (G, D, F)
-    up_b = w_up.t().unsqueeze(0).expand(groups, -1, -1).contiguous()
-    down_b = w_down.t().unsqueeze(0).expand(groups, -1, -1).contiguous()  # (G, F, D)
+    with torch.no_grad():
+        xs = x.index_select(0, order)  # (T, D)
+        gate_b = w_gate.t().unsqueeze(0).expand(groups, -1, -1).contiguous()  # (G, D, F)
+        up_b = w_up.t().unsqueeze(0).expand(groups, -1, -1).contiguous()
+        down_b = w_down.t().unsqueeze(0).expand(groups, -1, -1).contiguous()  # (G, F, D)
+    leaves = tuple(t.requires_grad_(trainable) for t in (xs, gate_b, up_b, down_b))
 
     def run() -> torch.Tensor:
         hidden = F.silu(torch._grouped_mm(xs, gate_b, offs=offs)) * torch._grouped_mm(xs, up_b, offs=offs)
@@ -315,7 +376,7 @@ def _grouped_mm_mlp(
     except (RuntimeError, TypeError) as error:  # unsupported dtype/arch: no baseline
         print(f"  torch._grouped_mm unavailable: {error}", file=sys.stderr)
         return None
-    return run
+    return run, leaves
 
 
 def bench_nested_mlp(case: MlpCase, device: torch.device, dtype: torch.dtype, rounds: int) -> list[Row]:
@@ -352,10 +413,52 @@ def print_table(rows: list[Row]) -> None:
     for row in rows:
         verdict = "" if row.passed is None else ("PASS" if row.passed else "FAIL")
         tflops = f"  {row.useful_tflops:.1f} TFLOP/s" if row.useful_tflops else ""
+        if row.peak_pct is not None:
+            tflops += f" ({row.peak_pct:.0f}% of mm)"
         print(
             f"{row.case:<52} {row.ours:<28} {row.baseline:<30} {row.ours_ms:9.3f} {row.baseline_ms:9.3f} "
             f"{row.ratio:6.3f} {1 / row.ratio:6.2f}x  {row.target} {verdict}{tflops}"
         )
+
+
+def _set_peak_pct(rows: list[Row], peak_tflops: float) -> None:
+    for row in rows:
+        if row.useful_tflops:
+            row.peak_pct = 100 * row.useful_tflops / peak_tflops
+
+
+def print_issue_table(rows: list[Row], case: MlpCase, peak_tflops: float) -> None:
+    """The issue's summary for one case: per pass, our time, useful TFLOP/s, % of the dense
+    matmul rate, speedups over the baselines ("n/a" where one did not run) and route's share."""
+    baselines = ("group loop", "dense full width", "torch._grouped_mm full width")
+    print(f"{case.name}, bf16, uniform routing; dense bf16 torch.mm: {peak_tflops:.0f} TFLOP/s")
+    header = (
+        f"{'pass':<10} {'ours ms':>9} {'TFLOP/s':>8} {'% mm':>5} "
+        + " ".join(f"{'x vs ' + b:>34}" for b in baselines)
+        + f" {'route % of MLP':>15}"
+    )
+    print(header)
+    print("-" * len(header))
+    for label, name in (("fwd", case.name), ("fwd+bwd", case.name + " fwd+bwd")):
+        mine = [r for r in rows if r.case == name and r.ours == "routed_nested_mlp"]
+        if not mine:
+            continue
+        speedups = []
+        for baseline in baselines:
+            row = next((r for r in mine if r.baseline == baseline), None)
+            speedups.append(f"{1 / row.ratio:.2f}x" if row else "n/a")
+        first = mine[0]
+        # route's time (measured with the forward) over this pass's MLP time.
+        route = next((r for r in rows if r.case == case.name and r.ours == "route"), None)
+        share = f"{100 * route.ours_ms / first.ours_ms:.1f}%" if route else "n/a"
+        pct = f"{first.peak_pct:.0f}" if first.peak_pct is not None else "n/a"
+        tflops = f"{first.useful_tflops:.0f}" if first.useful_tflops else "n/a"
+        print(
+            f"{label:<10} {first.ours_ms:9.3f} {tflops:>8} {pct:>5} "
+            + " ".join(f"{s:>34}" for s in speedups)
+            + f" {share:>15}"
+        )
+    print()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--rounds", type=int, default=15, help="timing rounds per case (median taken)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument(
+        "--skip-issue-case", action="store_true", help="CUDA: skip the T=8192 d=4096 d_ff=14336 case"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -377,6 +483,18 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     rows: list[Row] = []
+    peak = None
+    if device.type == "cuda":
+        # The issue's case first (printed at once): the figures that matter most if a time
+        # limit cuts the run short.
+        peak = measure_matmul_tflops(device, dtype)
+        if not args.skip_issue_case:
+            issue_rounds = min(args.rounds, 7)
+            with torch.inference_mode():
+                rows += bench_routed(ISSUE_CASE, device, dtype, issue_rounds)
+            rows += bench_routed_train(ISSUE_CASE, device, dtype, issue_rounds, reps=3)
+            _set_peak_pct(rows, peak)
+            print_issue_table(rows, ISSUE_CASE, peak)
     with torch.inference_mode():
         for linear_case in LINEAR_CASES:
             rows += bench_linear(linear_case, device, dtype, args.rounds)
@@ -384,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_routed(DECODE_CASE, device, dtype, args.rounds, targets=False)
         rows += bench_nested_mlp(MlpCase("nested_mlp T=2048 d=576 d_ff=1536"), device, dtype, args.rounds)
     rows += bench_routed_train(ROUTED_CASE, device, dtype, args.rounds)
+    if peak is not None:
+        _set_peak_pct(rows, peak)
     print_table(rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -392,7 +512,12 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": str(dtype),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
-            "cases": {"linear": [asdict(c) for c in LINEAR_CASES], "routed": asdict(ROUTED_CASE)},
+            "matmul_tflops": peak,
+            "cases": {
+                "linear": [asdict(c) for c in LINEAR_CASES],
+                "routed": asdict(ROUTED_CASE),
+                "issue": asdict(ISSUE_CASE) if device.type == "cuda" else None,
+            },
             "rows": [{**asdict(row), "ratio": row.ratio} for row in rows],
         }
         args.json.write_text(json.dumps(payload, indent=2))

@@ -21,7 +21,7 @@ export FLEXTRON_CUDA_ARCHS="${FLEXTRON_CUDA_ARCHS:-90a}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export FLEXTRON_BUILD_DIR="${FLEXTRON_BUILD_DIR:-/tmp/flextron-build}"
 export PYTHONUNBUFFERED=1
-BUILD_S="${BUILD_S:-240}" TEST_S="${TEST_S:-200}" BENCH_S="${BENCH_S:-90}"
+BUILD_S="${BUILD_S:-240}" TEST_S="${TEST_S:-190}" BENCH_S="${BENCH_S:-130}"
 SITE=/tmp/flextron-site
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"

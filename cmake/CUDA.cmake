@@ -5,6 +5,7 @@
 # FLEXTRON_CUDA_ARCHS: ';'-separated compute capabilities, e.g. "80;90a".
 #
 # Sets FLEXTRON_WITH_CUDA and, when on, FLEXTRON_CUDA_GENCODE (nvcc flags),
+# FLEXTRON_WITH_SM90 (90a is in the list: build the sm90a-only kernels),
 # FLEXTRON_CUDA_ARCHS_LABEL (the archs comma-separated: a ';' would split the
 # compile definition in two) and FLEXTRON_CUDA_EXTRA_INCLUDES (the
 # cuBLAS/cuSPARSE headers shipped in torch's nvidia-* wheels, which ATen/cuda
@@ -66,6 +67,12 @@ set(FLEXTRON_CUDA_GENCODE "")
 foreach(_arch ${FLEXTRON_CUDA_ARCHS})
   list(APPEND FLEXTRON_CUDA_GENCODE "-gencode=arch=compute_${_arch},code=sm_${_arch}")
 endforeach()
+
+# The sm90a-only kernels (CUTLASS 3.x wgmma/TMA) are built when 90a is in the list.
+set(FLEXTRON_WITH_SM90 OFF)
+if("90a" IN_LIST FLEXTRON_CUDA_ARCHS)
+  set(FLEXTRON_WITH_SM90 ON)
+endif()
 
 string(REPLACE ";" "," FLEXTRON_CUDA_ARCHS_LABEL "${FLEXTRON_CUDA_ARCHS}")
 

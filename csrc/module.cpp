@@ -33,6 +33,11 @@ PYBIND11_MODULE(_C, m) {
 #endif
     info["cuda_version"] = std::string(FLEXTRON_CUDA_VERSION);
     info["cuda_archs"] = std::string(FLEXTRON_CUDA_ARCHS);
+#ifdef FLEXTRON_WITH_SM90
+    info["sm90_kernels"] = true;  // CUTLASS 3.x wgmma/TMA kernels, run on sm_90 devices
+#else
+    info["sm90_kernels"] = false;
+#endif
     info["cutlass_version"] = std::string(FLEXTRON_CUTLASS_VERSION);
     return info;
   }, "How this extension was built: torch/CUDA/CUTLASS versions and CUDA archs.");

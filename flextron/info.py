@@ -37,6 +37,7 @@ def format_info(info: dict) -> str:
             f"  nvcc              {info['cuda_version']}",
             f"  archs             {info['cuda_archs']}",
             f"  CUTLASS           {info['cutlass_version']}",
+            f"  sm90a kernels     {'yes' if info.get('sm90_kernels') else 'no'}",
         ]
     lines += [f"device              {info['device']}", "", f"{'op':<20} {'CPU':<5} {'CUDA':<5}"]
     for name, keys in info["ops"].items():

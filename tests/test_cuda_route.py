@@ -165,3 +165,50 @@ def test_bad_input_names_the_argument():
         ops.route(logits, torch.randn(2, 3, device="cuda"))
     with pytest.raises(RuntimeError, match="weight is on"):
         ops.route(logits, torch.randn(2, 4))
+
+
+@needs_cuda
+def test_cuda_graph_capture():
+    """route captures into a CUDA graph (no host synchronisation); replays with new logits
+    copied into the static input give the eager grouping bit for bit."""
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    static_logits = torch.randn(1000, 6, device="cuda", generator=gen)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.route(static_logits, None, None, 1.0, True)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops.route(static_logits, None, None, 1.0, True)
+    for _ in range(3):
+        static_logits.copy_(torch.randn(1000, 6, device="cuda", generator=gen))
+        graph.replay()
+        eager = ops.route(static_logits, None, None, 1.0, True)
+        _assert_same_grouping(captured, eager)
+        torch.testing.assert_close(captured[1], eager[1], rtol=0, atol=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("tokens", [1, 33, 4099])
+def test_outputs_fully_written_over_poisoned_memory(tokens):
+    """perm, inv_perm, offsets and probs are written in full: with sentinel-filled blocks of
+    their sizes waiting in the allocator, the results equal the CPU op's."""
+    choices = 5
+    logits = torch.randn(
+        tokens, choices, device="cuda", generator=torch.Generator(device="cuda").manual_seed(9)
+    )
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    blocks = [
+        torch.full((n,), -7, device="cuda", dtype=torch.int64)
+        for n in (tokens, choices + 1)
+        for _ in range(4)
+    ]
+    blocks += [torch.full((tokens, choices), float("nan"), device="cuda") for _ in range(4)]
+    torch.cuda.synchronize()
+    del blocks
+    on_cuda, on_cpu = _route_both(logits)
+    _assert_same_grouping(on_cuda, on_cpu)
+    assert torch.isfinite(on_cuda[1]).all()
+    torch.testing.assert_close(on_cuda[1].cpu(), on_cpu[1])

@@ -78,37 +78,105 @@ def test_forward_matches_reference(dtype, activation, case, with_scale):
     _assert_as_accurate_as_torch(ours, theirs, exact)
 
 
-@needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-@pytest.mark.parametrize("case", CASES[:3])
-def test_backward_matches_reference(dtype, activation, case):
-    x, w_gate, w_up, w_down, choice, widths, scale = _inputs(*case, activation, dtype, seed=1)
-    grad_y = torch.randn_like(x)
+def _grads(fn, tensors, choice, widths, activation, grad_y):
+    """Gradients of fn's output (against grad_y) w.r.t. the tensors that are not None."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+    xl, gl, ul, dl, sl = leaves
+    fn(xl, gl, ul, dl, choice, widths, sl, activation).backward(grad_y.to(xl.dtype))
+    return [leaf.grad for leaf in leaves if leaf is not None]
+
+
+def _check_backward(x, w_gate, w_up, w_down, choice, widths, scale, activation):
+    grad_y = torch.randn(x.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(9))
     differentiable = [x, w_gate, w_up, w_down, scale]
-
-    def grads(fn, tensors):
-        leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
-        xl, gl, ul, dl, sl = leaves
-        fn(xl, gl, ul, dl, choice, widths, sl, activation).backward(grad_y.to(xl.dtype))
-        return [leaf.grad for leaf in leaves if leaf is not None]
-
-    ours = grads(ops.routed_nested_mlp, differentiable)
-    theirs = grads(reference.routed_nested_mlp, differentiable)
-    exact = grads(reference.routed_nested_mlp, _double(differentiable))
+    ours = _grads(ops.routed_nested_mlp, differentiable, choice, widths, activation, grad_y)
+    theirs = _grads(reference.routed_nested_mlp, differentiable, choice, widths, activation, grad_y)
+    exact = _grads(reference.routed_nested_mlp, _double(differentiable), choice, widths, activation, grad_y)
     for our_grad, their_grad, exact_grad in zip(ours, theirs, exact, strict=True):
         _assert_as_accurate_as_torch(our_grad, their_grad, exact_grad)
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_aligned_16bit_shapes_run_grouped_cutlass(dtype):
-    args = _inputs(*CASES[0], "swiglu", dtype)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_backward_matches_reference(dtype, activation, case, with_scale):
+    _check_backward(*_inputs(*case, activation, dtype, seed=1, with_scale=with_scale), activation)
+
+
+# Group occupancy of the band-form backward: every token in the widest group, every token in
+# the narrowest (the wider bands have K = 0 rows: their weight gradients must be exactly zero),
+# every token in a middle group, and one token.
+ONE_GROUP = [
+    (64, 64, 256, [256, 192, 128, 64], 0),
+    (64, 64, 256, [256, 192, 128, 64], 3),
+    (129, 64, 256, [256, 192, 128, 64], 2),
+    (1, 64, 256, [256, 128], 1),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("case", ONE_GROUP)
+def test_backward_all_tokens_in_one_group(dtype, case):
+    tokens, hidden, ffn, widths, only = case
+    x, w_gate, w_up, w_down, _, _, scale = _inputs(tokens, hidden, ffn, widths, "swiglu", dtype, seed=2)
+    choice = torch.full((tokens,), only, device="cuda", dtype=torch.int64)
+    _check_backward(x, w_gate, w_up, w_down, choice, widths, scale, "swiglu")
+    leaves = [t.clone().requires_grad_() for t in (w_gate, w_up, w_down)]
+    ops.routed_nested_mlp(x, *leaves, choice, widths, scale, "swiglu").sum().backward()
+    used = widths[only]
+    assert not leaves[0].grad[used:].any() and not leaves[1].grad[used:].any()
+    assert not leaves[2].grad[:, used:].any()
+
+
+def _cuda_kernel_names(fn) -> list[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        ops.routed_nested_mlp(*args, "swiglu")
+        fn()
         torch.cuda.synchronize()
-    names = [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
-    assert sum("cutlass::gemm::kernel::GemmGrouped<" in name for name in names) == 2, names
+    return [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def _runs_sm90_path() -> bool:
+    """The forward GEMMs run CUTLASS 3.x ptr-array kernels: a 90a build on an sm_90 device."""
+    return bool(_C.build_info().get("sm90_kernels")) and torch.cuda.get_device_capability() == (9, 0)
+
+
+def _grouped_launches(names: list[str]) -> tuple[int, int]:
+    """(CUTLASS 2.x GemmGrouped launches, CUTLASS 3.x grouped GemmUniversal launches)."""
+    v2 = sum("cutlass::gemm::kernel::GemmGrouped<" in name for name in names)
+    v3 = sum("GemmUniversal<" in name and "GroupProblemShape" in name for name in names)
+    return v2, v3
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("disable_sm90", [False, True])
+def test_aligned_16bit_shapes_run_grouped_cutlass(dtype, disable_sm90, monkeypatch):
+    """Forward: 2 grouped launches (up+gate, down); backward: recompute up+gate, grad_hidden,
+    grad_x (up, then gate with beta = 1), all weight-gradient bands: 5 launches, the
+    row x col ones (2 forward, 1 backward) on the sm90a kernel where it runs."""
+    if disable_sm90:
+        monkeypatch.setenv("FLEXTRON_DISABLE_SM90", "1")
+    sm90 = _runs_sm90_path() and not disable_sm90
+    x, w_gate, w_up, w_down, choice, widths, scale = _inputs(*CASES[0], "swiglu", dtype)
+    forward = _grouped_launches(
+        _cuda_kernel_names(lambda: ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths, scale))
+    )
+    assert forward == ((0, 2) if sm90 else (2, 0)), forward
+    leaves = [t.clone().requires_grad_() for t in (x, w_gate, w_up, w_down, scale)]
+    y = ops.routed_nested_mlp(leaves[0], *leaves[1:4], choice, widths, leaves[4])
+    backward = _grouped_launches(_cuda_kernel_names(lambda: y.backward(torch.ones_like(y))))
+    assert backward == ((4, 1) if sm90 else (5, 0)), backward
+    # Either kernel family matches the reference.
+    args = (x, w_gate, w_up, w_down, choice, widths, scale)
+    _assert_as_accurate_as_torch(
+        ops.routed_nested_mlp(*args, "swiglu"),
+        reference.routed_nested_mlp(*args, "swiglu"),
+        reference.routed_nested_mlp(*_double(args), "swiglu"),
+    )
+    _check_backward(*args, "swiglu")
 
 
 @needs_cuda
@@ -173,3 +241,96 @@ def test_bad_input_names_the_argument():
         ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths, scale[:15])
     with pytest.raises(RuntimeError, match="needs w_gate"):
         ops.routed_nested_mlp(x, None, w_up, w_down, choice, widths, scale, "swiglu")
+
+
+def _route_and_mlp(x, router, w_gate, w_up, w_down, widths):
+    """A routed layer: route (hard choice, its probability as the scale), then the MLP."""
+    choice, probs, _, _, _ = ops.route(x, router, None, 1.0, True)
+    scale = probs.gather(1, choice.unsqueeze(1)).squeeze(1)
+    return ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths, scale, "swiglu")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_graph_capture_of_route_and_mlp(dtype):
+    """route + routed_nested_mlp (forward and backward) capture into a CUDA graph: no host
+    synchronisation, no host data read at replay. Replays with new inputs copied into the
+    static buffers match eager runs (to dtype tolerance: cuBLAS may pick other algorithms
+    under capture for the router's logits)."""
+    tokens, hidden, ffn, widths = 256, 64, 256, [256, 192, 128, 64]
+    x, w_gate, w_up, w_down, _, _, _ = _inputs(tokens, hidden, ffn, widths, "swiglu", dtype, seed=3)
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    router = (torch.randn(len(widths), hidden, device="cuda", generator=gen) * hidden**-0.5).to(dtype)
+    weights = [t.requires_grad_() for t in (w_gate, w_up, w_down)]
+    static_x = x.clone().requires_grad_()
+    static_grad = torch.randn_like(x)
+
+    def step():
+        y = _route_and_mlp(static_x, router, *weights, widths)
+        grads = torch.autograd.grad(y, [static_x, *weights], static_grad)
+        return y, grads
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up outside the capture (workspace, lazy init)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y, static_grads = step()
+
+    for seed in range(3):
+        new = torch.Generator(device="cuda").manual_seed(100 + seed)
+        with torch.no_grad():
+            static_x.copy_(torch.randn(x.shape, device="cuda", generator=new).to(dtype))
+            static_grad.copy_(torch.randn(x.shape, device="cuda", generator=new).to(dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager_y, eager_grads = step()
+        torch.testing.assert_close(static_y, eager_y)
+        for captured, eager in zip(static_grads, eager_grads, strict=True):
+            torch.testing.assert_close(captured, eager)
+
+
+def _poison_allocator(shapes: list[tuple[int, ...]], dtypes: list[torch.dtype], copies: int = 4) -> None:
+    """Leave NaN-filled blocks of these sizes in the caching allocator, so that outputs or
+    buffers the op does not fully write show up as NaN."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    blocks = [
+        torch.full(shape, float("nan"), device="cuda", dtype=dtype)
+        for shape in shapes
+        for dtype in dtypes
+        for _ in range(copies)
+    ]
+    torch.cuda.synchronize()
+    del blocks
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("choices_used", [[1, 2], [0, 2, 3], [3]])
+def test_outputs_fully_written_over_poisoned_memory(dtype, choices_used):
+    """Every element of y and of every gradient is written: with NaN blocks of the right
+    sizes waiting in the allocator, results stay finite and equal a clean run. Unused
+    choices (empty groups) and an unused widest band (K = 0) are included."""
+    tokens, hidden, ffn, widths = 200, 64, 256, [256, 192, 128, 64]
+    x, w_gate, w_up, w_down, _, _, scale = _inputs(tokens, hidden, ffn, widths, "swiglu", dtype, seed=5)
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    pick = torch.tensor(choices_used, device="cuda")
+    choice = pick[torch.randint(0, len(choices_used), (tokens,), device="cuda", generator=gen)]
+    grad_y = torch.randn(x.shape, device="cuda", generator=gen).to(dtype)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (x, w_gate, w_up, w_down, scale)]
+        y = ops.routed_nested_mlp(leaves[0], *leaves[1:4], choice, widths, leaves[4], "swiglu")
+        return [y.detach(), *torch.autograd.grad(y, leaves, grad_y)]
+
+    clean = run()
+    shapes = [(tokens, hidden), (tokens, ffn), (ffn, hidden), (hidden, ffn), (tokens,)]
+    _poison_allocator(shapes, [dtype, torch.float32])
+    poisoned = run()
+    for name, ours, expected in zip(("y", "x", "gate", "up", "down", "scale"), poisoned, clean, strict=True):
+        assert torch.isfinite(ours).all(), name
+        torch.testing.assert_close(ours, expected, rtol=0, atol=0, msg=name)

@@ -166,47 +166,6 @@ void scatter_rows(const at::Tensor& dst, const at::Tensor& src, const int64_t* p
   });
 }
 
-// hidden = act(gate, up) without touching gate/up. All (N, W) views.
-void activation_out(at::Tensor hidden, const at::Tensor& gate, const at::Tensor& up,
-                    Activation act) {
-  switch (act) {
-    case Activation::kSwiglu:
-      at::mul_out(hidden, at::silu(gate), up);
-      break;
-    case Activation::kGelu:
-      at::gelu_out(hidden, up);
-      break;
-    case Activation::kGeluTanh:
-      at::gelu_out(hidden, up, "tanh");
-      break;
-    case Activation::kRelu:
-      at::clamp_min_out(hidden, up, 0);
-      break;
-  }
-}
-
-// The activation's backward in place: up <- grad_up, gate <- grad_gate (swiglu).
-void activation_backward_(at::Tensor gate, at::Tensor up, const at::Tensor& grad_hidden,
-                          Activation act) {
-  switch (act) {
-    case Activation::kSwiglu: {
-      const at::Tensor grad_silu = grad_hidden * up;  // (N, W)
-      at::mul_out(up, grad_hidden, at::silu(gate));
-      gate.copy_(at::silu_backward(grad_silu, gate));
-      break;
-    }
-    case Activation::kGelu:
-      up.copy_(at::gelu_backward(grad_hidden, up));
-      break;
-    case Activation::kGeluTanh:
-      up.copy_(at::gelu_backward(grad_hidden, up, "tanh"));
-      break;
-    case Activation::kRelu:
-      up.copy_(at::threshold_backward(grad_hidden, up, 0));
-      break;
-  }
-}
-
 // For each row r of the tile (token perm[r]): grad_scale[token] = <grad_hidden[r], hidden[r]>
 // over the row's width (= <grad_out, unscaled output>), then grad_hidden[r] and
 // grad_mlp[r] are multiplied by scale[token]. grad_hidden: (M, >=w) contiguous;

@@ -3,31 +3,56 @@
 //
 // Why grouped GEMMs: tokens of one choice form one GEMM on a prefix of the same
 // weights, so after grouping the tokens by choice (the counting sort shared
-// with route, grouping.cuh) the whole layer is two CUTLASS 2.x GemmGrouped
+// with route, grouping.cuh) the whole layer is a few CUTLASS GemmGrouped
 // launches with one problem per (choice, projection): a narrower choice costs
-// proportionally less and no weight is copied or masked. Problem sizes and
-// pointers are written on the device from the grouping's offsets and the
-// schedule is CUTLASS's device-only one, so nothing waits for the host:
+// proportionally less and no weight is copied or masked. Problem sizes,
+// pointers and leading dimensions are written on the device from the
+// grouping's offsets (grouped_gemm.cuh) and the schedule is CUTLASS's
+// device-only one, so nothing waits for the host (CUDA-graph capturable).
+//
+// Forward:
 //   1. group_by_choice -> perm, inv_perm, offsets; gather x by perm.
-//   2. GemmGrouped #1: for each choice c, up (and gate) rows of choice c =
+//   2. grouped GEMM: for each choice c, up (and gate) rows of choice c =
 //      x_sorted[rows] @ w[:widths[c], :]^T into (T, F) buffers (columns past
 //      the row's width are never written nor read).
 //   3. activate_rows: hidden = act(gate, up) in place of up, on each row's prefix.
-//   4. GemmGrouped #2: y_sorted[rows] = hidden[rows, :widths[c]] @ w_down[:, :widths[c]]^T.
+//   4. grouped GEMM: y_sorted[rows] = hidden[rows, :widths[c]] @ w_down[:, :widths[c]]^T.
 //   5. y = y_sorted[inv_perm] (* scale).
-// Groups without tokens have no tiles; every K (D or widths[c]) is positive.
+// On sm_90 devices, when the build includes 90a, steps 2 and 4 run the CUTLASS
+// 3.x ptr-array grouped GEMM (TMA + wgmma, routed_nested_mlp_sm90.cu) on the
+// same problem arrays; elsewhere the CUTLASS 2.x GemmGrouped below.
 //
-// Kernel: bf16/fp16 tensor-op (sm80 mma.sync 16x8x16, fp32 accumulation,
-// 128x128x32 tiles, 4 stages, 16-byte accesses), one instantiation per dtype.
-// It needs D, F and every width multiples of 8, contiguous 16-byte-aligned
-// weights and at most kMaxGroupedChoices choices; otherwise (and for fp32) the
-// op computes the masked full-width MLP with ATen: correct, host-sync free,
-// but at full-width cost.
+// Backward, in the band form (DESIGN §3): in sorted order neuron band j,
+// [widths[j+1], widths[j]), is used by the prefix of rows [0, offsets[j+1]).
+//   1. group, gather x and grad_out by perm; recompute up/gate (forward step 2)
+//      and hidden = act(gate, up) into its own buffer.
+//   2. grouped GEMM: grad_hidden[rows] = grad_out_sorted[rows] @ w_down[:, :widths[c]].
+//   3. backward_rows: per row, grad_scale = <grad_hidden, hidden> (the gradient
+//      w.r.t. the scale is <grad_out, unscaled output>), grad_hidden and the
+//      row of grad_out are scaled, and the activation's backward writes
+//      grad_up / grad_gate over up / gate.
+//   4. grouped GEMMs: grad_x_sorted[rows] = grad_up @ w_up[:widths[c]]
+//      (+ grad_gate @ w_gate[:widths[c]], a second launch with beta = 1).
+//   5. one grouped GEMM over the bands (3 problems per band): with n = offsets[j+1],
+//      grad_w_down[:, band] = grad_out_sorted[:n]^T @ hidden[:n, band] and
+//      grad_w_up[band] = grad_up[:n, band]^T @ x_sorted[:n] (gate alike):
+//      disjoint outputs, no atomics, each weight band read once.
+//   6. zero_unused_neurons: a band with no rows (K = 0) gets no tiles (M = 0 in
+//      its problem: K = 0 problems are not safe in grouped GEMMs) and its
+//      gradient is written as zeros here; the bands in use are a prefix of the
+//      neurons, so this is the suffix [used, F).
+//   7. grad_x = grad_x_sorted[inv_perm].
 //
-// Backward: the masked full-width formula with ATen matmuls (recomputing the
-// hidden activations); neurons no token uses get exactly-zero gradients.
-// Versions: v1 (current) grouped forward + masked dense backward. Next: grouped
-// backward in the band form (disjoint weight-gradient writes), DESIGN §3.
+// Kernels: bf16/fp16 tensor-op (sm80 mma.sync 16x8x16, fp32 accumulation,
+// 128x128x32 tiles, 4 stages, 16-byte accesses), one GemmGrouped per (dtype,
+// operand layouts): row x col (forward, recompute), row x row (grad_hidden,
+// grad_x), col x row (weight gradients), so 6 instantiations. They need D, F and
+// every width multiples of 8, contiguous 16-byte-aligned weights and at most
+// kMaxGroupedChoices choices; otherwise (and for fp32) the op computes the masked
+// full-width MLP with ATen: correct, host-sync free, but at full-width cost.
+//
+// Versions: v1 grouped forward + masked dense backward; v2 (current) band-form
+// grouped backward, sm90a ptr-array forward.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -39,6 +64,8 @@
 #include <limits>
 
 #include "cpu/checks.h"
+#include "cpu/mlp_kernels.h"
+#include "cuda/grouped_gemm.cuh"
 #include "cuda/grouping.cuh"
 #include "ops.h"
 
@@ -46,127 +73,298 @@ namespace flextron {
 namespace {
 
 constexpr int64_t kMaxGroupedChoices = 32;
-constexpr int64_t kAlignment = 8;  // elements per 16-byte access
+constexpr int64_t kMaxMaskChoices = 256;  // the masked path's widths by value (2 KiB)
+constexpr int64_t kAlignment = 8;         // elements per 16-byte access
 
-// The widths, passed to kernels by value (no host-to-device copy to wait for).
-struct WidthTable {
-  int64_t width[kMaxGroupedChoices];
+// The widths, passed to kernels by value: no host-to-device copy to wait for, and a
+// CUDA graph captures them (a copy from a temporary pinned buffer would be replayed
+// from memory freed after the capture).
+template <int64_t Capacity>
+struct Widths {
+  int64_t width[Capacity];
 };
+using WidthTable = Widths<kMaxGroupedChoices>;
 
-enum class Activation : int { kSwiglu, kGelu, kGeluTanh, kRelu };
+template <int64_t Capacity = kMaxGroupedChoices>
+Widths<Capacity> width_table(at::IntArrayRef widths) {
+  Widths<Capacity> table{};
+  std::copy(widths.begin(), widths.end(), table.width);
+  return table;
+}
 
-template <typename Element>
+using RowMajor = cutlass::layout::RowMajor;
+using ColumnMajor = cutlass::layout::ColumnMajor;
+
+template <typename Element, typename LayoutA, typename LayoutB>
 using GroupedGemm = cutlass::gemm::device::GemmGrouped<
     typename cutlass::gemm::kernel::DefaultGemmGrouped<
-        Element, cutlass::layout::RowMajor, cutlass::ComplexTransform::kNone, kAlignment, Element,
-        cutlass::layout::ColumnMajor, cutlass::ComplexTransform::kNone, kAlignment, Element,
-        cutlass::layout::RowMajor, float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
-        cutlass::gemm::GemmShape<128, 128, 32>, cutlass::gemm::GemmShape<64, 64, 32>,
-        cutlass::gemm::GemmShape<16, 8, 16>,
+        Element, LayoutA, cutlass::ComplexTransform::kNone, kAlignment, Element, LayoutB,
+        cutlass::ComplexTransform::kNone, kAlignment, Element, RowMajor, float,
+        cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, cutlass::gemm::GemmShape<128, 128, 32>,
+        cutlass::gemm::GemmShape<64, 64, 32>, cutlass::gemm::GemmShape<16, 8, 16>,
         cutlass::epilogue::thread::LinearCombination<Element, kAlignment, float, float>,
         cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, 4,
         cutlass::gemm::kernel::GroupScheduleMode::kDeviceOnly>::GemmKernel>;
 
-// The device arrays GemmGrouped reads: one entry per problem.
+// Writes problem p. The int casts are safe: T <= INT_MAX is checked on entry and
+// D, F fit a CUTLASS GEMM by the same check on the weights.
 template <typename Element>
-struct ProblemArrays {
-  Element** a;
-  Element** b;
-  Element** d;
-  int64_t* lda;
-  int64_t* ldb;
-  int64_t* ldd;
-  cutlass::gemm::GemmCoord* sizes;
+__device__ void set_problem(ProblemArrays<Element> problems, int64_t p, int64_t m, int64_t n,
+                            int64_t k, const Element* a, int64_t lda, const Element* b,
+                            int64_t ldb, Element* d, int64_t ldd) {
+  problems.sizes[p] = cutlass::gemm::GemmCoord(static_cast<int>(m), static_cast<int>(n),
+                                               static_cast<int>(k));
+  problems.a[p] = const_cast<Element*>(a);
+  problems.lda[p] = lda;
+  problems.b[p] = const_cast<Element*>(b);
+  problems.ldb[p] = ldb;
+  problems.d[p] = d;
+  problems.ldd[p] = ldd;
+}
+
+// The operands of both passes, in sorted token order where per token.
+template <typename Element>
+struct Operands {
+  const Element* x_sorted;  // (T, D)
+  const Element* w_gate;    // (F, D) or null
+  const Element* w_up;      // (F, D)
+  const Element* w_down;    // (D, F)
+  Element* gate;            // (T, F): gate pre-activations, then grad_gate (backward)
+  Element* up;              // (T, F): up pre-activations, then hidden (forward) or grad_up
+  Element* y_sorted;        // forward: (T, D) output
+  // Backward only.
+  Element* grad_sorted;   // (T, D): grad_out rows, scaled by the scale in backward_rows
+  Element* hidden;        // (T, F)
+  Element* grad_hidden;   // (T, F)
+  Element* grad_x_sorted; // (T, D)
+  Element* grad_w_gate;   // (F, D) or null
+  Element* grad_w_up;     // (F, D)
+  Element* grad_w_down;   // (D, F)
 };
 
-// One thread per problem. Problems [0, projections * C): up (then gate) of choice
-// c = p % C; problems [projections * C, (projections + 1) * C): down of choice c.
+// Problems of the up/gate GEMMs, [0, projections * C): up (then gate) of choice c = p % C,
+// (rows, width) = x_sorted[rows] @ w[:width]^T. Row-major A, column-major B.
 template <typename Element>
-__global__ void build_problems(const int64_t* __restrict__ offsets, WidthTable widths,
-                               int64_t choices, int64_t hidden, int64_t ffn, int projections,
-                               const Element* x_sorted, const Element* w_up, const Element* w_gate,
-                               const Element* w_down, Element* up, Element* gate, Element* y_sorted,
-                               ProblemArrays<Element> problems) {
+__device__ void set_up_gate_problem(ProblemArrays<Element> problems, int64_t p, int64_t c,
+                                    bool is_gate, const int64_t* offsets, const WidthTable& widths,
+                                    int64_t hidden, int64_t ffn, const Operands<Element>& ops) {
+  const int64_t first = offsets[c];
+  set_problem(problems, p, offsets[c + 1] - first, widths.width[c], hidden,
+              ops.x_sorted + first * hidden, hidden, is_gate ? ops.w_gate : ops.w_up, hidden,
+              (is_gate ? ops.gate : ops.up) + first * ffn, ffn);
+}
+
+// Forward problems: [0, projections * C) up/gate; [projections * C, (projections + 1) * C)
+// (rows, D) = hidden[rows, :width] @ w_down[:, :width]^T (hidden lives in `up`). One
+// thread per problem.
+template <typename Element>
+__global__ void build_forward_problems(const int64_t* __restrict__ offsets, WidthTable widths,
+                                       int64_t choices, int64_t hidden, int64_t ffn,
+                                       int projections, Operands<Element> ops,
+                                       ProblemArrays<Element> problems) {
   const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (p >= (projections + 1) * choices) return;
   const int64_t c = p % choices;
+  if (p < projections * choices) {
+    set_up_gate_problem(problems, p, c, p >= choices, offsets, widths, hidden, ffn, ops);
+    return;
+  }
   const int64_t first = offsets[c];
-  const int rows = static_cast<int>(offsets[c + 1] - first);
-  const int width = static_cast<int>(widths.width[c]);
-  if (p < projections * choices) {  // (rows, width) = x_sorted[rows] @ w[:width]^T
-    const bool is_gate = p >= choices;
-    problems.sizes[p] = cutlass::gemm::GemmCoord(rows, width, static_cast<int>(hidden));
-    problems.a[p] = const_cast<Element*>(x_sorted) + first * hidden;
-    problems.lda[p] = hidden;
-    problems.b[p] = const_cast<Element*>(is_gate ? w_gate : w_up);
-    problems.ldb[p] = hidden;
-    problems.d[p] = (is_gate ? gate : up) + first * ffn;
-    problems.ldd[p] = ffn;
-  } else {  // (rows, D) = hidden[rows, :width] @ w_down[:, :width]^T; hidden lives in `up`
-    problems.sizes[p] = cutlass::gemm::GemmCoord(rows, static_cast<int>(hidden), width);
-    problems.a[p] = up + first * ffn;
-    problems.lda[p] = ffn;
-    problems.b[p] = const_cast<Element*>(w_down);
-    problems.ldb[p] = ffn;
-    problems.d[p] = y_sorted + first * hidden;
-    problems.ldd[p] = hidden;
+  set_problem(problems, p, offsets[c + 1] - first, hidden, widths.width[c], ops.up + first * ffn,
+              ffn, ops.w_down, ffn, ops.y_sorted + first * hidden, hidden);
+}
+
+// Where each launch's problems sit in the backward's arrays (C choices, P projections).
+struct BackwardLayout {
+  int64_t choices;
+  int projections;
+  // P * C up/gate recompute (row x col), then C grad_hidden (row x row).
+  __host__ __device__ int64_t grad_hidden() const { return projections * choices; }
+  // C grad_x from grad_up, then C from grad_gate if gated (row x row).
+  __host__ __device__ int64_t grad_x_up() const { return grad_hidden() + choices; }
+  __host__ __device__ int64_t grad_x_gate() const { return grad_x_up() + choices; }
+  // (P + 1) * C weight-gradient bands: down, up, gate (col x row).
+  __host__ __device__ int64_t bands() const { return grad_x_up() + projections * choices; }
+  __host__ __device__ int64_t count() const { return bands() + (projections + 1) * choices; }
+};
+
+// One thread per backward problem.
+template <typename Element>
+__global__ void build_backward_problems(const int64_t* __restrict__ offsets, WidthTable widths,
+                                        BackwardLayout layout, int64_t hidden, int64_t ffn,
+                                        Operands<Element> ops, ProblemArrays<Element> problems) {
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t choices = layout.choices;
+  if (p >= layout.count()) return;
+  if (p < layout.grad_hidden()) {
+    set_up_gate_problem(problems, p, p % choices, p >= choices, offsets, widths, hidden, ffn, ops);
+  } else if (p < layout.grad_x_up()) {  // (rows, width) = grad_sorted[rows] @ w_down[:, :width]
+    const int64_t c = p - layout.grad_hidden(), first = offsets[c];
+    set_problem(problems, p, offsets[c + 1] - first, widths.width[c], hidden,
+                ops.grad_sorted + first * hidden, hidden, ops.w_down, ffn,
+                ops.grad_hidden + first * ffn, ffn);
+  } else if (p < layout.bands()) {  // (rows, D) = grad_up|gate[rows, :width] @ w[:width]
+    const int64_t q = p - layout.grad_x_up(), c = q % choices, first = offsets[c];
+    const bool is_gate = q >= choices;
+    set_problem(problems, p, offsets[c + 1] - first, hidden, widths.width[c],
+                (is_gate ? ops.gate : ops.up) + first * ffn, ffn, is_gate ? ops.w_gate : ops.w_up,
+                hidden, ops.grad_x_sorted + first * hidden, hidden);
+  } else {  // band j of grad_w_down, grad_w_up, grad_w_gate; K = the rows using the band
+    const int64_t q = p - layout.bands(), j = q % choices, kind = q / choices;
+    const int64_t rows = offsets[j + 1];
+    const int64_t lo = j + 1 < choices ? widths.width[j + 1] : 0, band = widths.width[j] - lo;
+    const int64_t m_if_used = rows > 0 ? 1 : 0;  // no tiles for an unused band
+    if (kind == 0) {  // (D, band) = grad_sorted[:rows]^T @ hidden[:rows, lo:hi]
+      set_problem(problems, p, m_if_used * hidden, band, rows, ops.grad_sorted, hidden,
+                  ops.hidden + lo, ffn, ops.grad_w_down + lo, ffn);
+    } else {  // (band, D) = grad_up|gate[:rows, lo:hi]^T @ x_sorted[:rows]
+      const bool is_gate = kind == 2;
+      set_problem(problems, p, m_if_used * band, hidden, rows, (is_gate ? ops.gate : ops.up) + lo,
+                  ffn, ops.x_sorted, hidden,
+                  (is_gate ? ops.grad_w_gate : ops.grad_w_up) + lo * hidden, hidden);
+    }
   }
 }
 
-// One block per sorted row: up[r, :width] = act(gate[r, :width], up[r, :width]) in fp32.
+__device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
+
+__device__ __forceinline__ float activation_value(Activation activation, float g, float u) {
+  switch (activation) {
+    case Activation::kSwiglu:
+      return g * sigmoid(g) * u;
+    case Activation::kGelu:
+      return 0.5f * u * (1.f + erff(u * 0.70710678118654752f));
+    case Activation::kGeluTanh:
+      return 0.5f * u * (1.f + tanhf(0.79788456080286536f * (u + 0.044715f * u * u * u)));
+    default:  // kRelu; NaN stays NaN, as in torch.relu
+      return u < 0.f ? 0.f : u;
+  }
+}
+
+// d hidden / d up (times gh) and d hidden / d gate (times gh, swiglu only), as ATen's
+// silu_backward / gelu_backward / threshold_backward compute them.
+__device__ __forceinline__ void activation_grad(Activation activation, float g, float u, float gh,
+                                                float& grad_up, float& grad_gate) {
+  grad_gate = 0.f;
+  switch (activation) {
+    case Activation::kSwiglu: {
+      const float sig = sigmoid(g);
+      grad_up = gh * g * sig;
+      grad_gate = gh * u * sig * (1.f + g * (1.f - sig));
+      return;
+    }
+    case Activation::kGelu: {
+      const float cdf = 0.5f * (1.f + erff(u * 0.70710678118654752f));
+      const float pdf = 0.39894228040143268f * expf(-0.5f * u * u);
+      grad_up = gh * (cdf + u * pdf);
+      return;
+    }
+    case Activation::kGeluTanh: {
+      constexpr float kBeta = 0.79788456080286536f, kKappa = 0.044715f;
+      const float t = tanhf(kBeta * (u + kKappa * u * u * u));
+      const float dinner = kBeta * (1.f + 3.f * kKappa * u * u);
+      grad_up = gh * (0.5f * (1.f + t) + 0.5f * u * (1.f - t * t) * dinner);
+      return;
+    }
+    default:  // kRelu: threshold_backward(gh, u, 0)
+      grad_up = u <= 0.f ? 0.f : gh;
+      return;
+  }
+}
+
+// One block per sorted row: out[r, :width] = act(gate[r, :width], up[r, :width]) in fp32.
+// `out` may be `up` (forward, in place) or a separate buffer (backward's hidden).
 template <typename Element>
-__global__ void activate_rows(const Element* __restrict__ gate, Element* __restrict__ up,
+__global__ void activate_rows(const Element* gate, const Element* up, Element* out,
                               const int64_t* __restrict__ choice, const int64_t* __restrict__ perm,
                               WidthTable widths, int64_t ffn, Activation activation) {
   const int64_t row = blockIdx.x;
   const int64_t width = widths.width[choice[perm[row]]];
-  Element* up_row = up + row * ffn;
-  const Element* gate_row = gate == nullptr ? nullptr : gate + row * ffn;
   for (int64_t j = threadIdx.x; j < width; j += blockDim.x) {
-    const float u = static_cast<float>(up_row[j]);
-    float h;
-    switch (activation) {
-      case Activation::kSwiglu: {
-        const float g = static_cast<float>(gate_row[j]);
-        h = g / (1.f + expf(-g)) * u;
-        break;
-      }
-      case Activation::kGelu:
-        h = 0.5f * u * (1.f + erff(u * 0.70710678118654752f));
-        break;
-      case Activation::kGeluTanh:
-        h = 0.5f * u * (1.f + tanhf(0.79788456080286536f * (u + 0.044715f * u * u * u)));
-        break;
-      default:  // kRelu; NaN stays NaN, as in torch.relu
-        h = u < 0.f ? 0.f : u;
-        break;
-    }
-    up_row[j] = static_cast<Element>(h);
+    const float g = gate == nullptr ? 0.f : static_cast<float>(gate[row * ffn + j]);
+    out[row * ffn + j] = static_cast<Element>(
+        activation_value(activation, g, static_cast<float>(up[row * ffn + j])));
   }
 }
 
-Activation parse_activation(const std::string& activation) {
-  if (activation == "swiglu") return Activation::kSwiglu;
-  if (activation == "gelu") return Activation::kGelu;
-  if (activation == "gelu_tanh") return Activation::kGeluTanh;
-  return Activation::kRelu;  // check_mlp_weights admitted nothing else
+constexpr int kRowThreads = 256;
+
+// One block (kRowThreads) per sorted row r, token perm[r], width w: with s = scale[token]
+// (1 without a scale), grad_scale[token] = <grad_hidden[r, :w], hidden[r, :w]>, then
+// up[r, :w] <- grad_up and gate[r, :w] <- grad_gate of the activation at s * grad_hidden,
+// and grad_sorted[r] *= s (for grad_w_down).
+template <typename Element>
+__global__ void backward_rows(Element* __restrict__ gate, Element* __restrict__ up,
+                              const Element* __restrict__ hidden,
+                              const Element* __restrict__ grad_hidden,
+                              Element* __restrict__ grad_sorted, const Element* __restrict__ scale,
+                              float* __restrict__ grad_scale, const int64_t* __restrict__ choice,
+                              const int64_t* __restrict__ perm, WidthTable widths, int64_t ffn,
+                              int64_t hidden_size, Activation activation) {
+  const int64_t row = blockIdx.x, token = perm[row];
+  const int64_t width = widths.width[choice[token]];
+  const float s = scale == nullptr ? 1.f : static_cast<float>(scale[token]);
+  const int64_t base = row * ffn;
+  float dot = 0.f;
+  for (int64_t j = threadIdx.x; j < width; j += blockDim.x) {
+    const float gh = static_cast<float>(grad_hidden[base + j]);
+    dot += gh * static_cast<float>(hidden[base + j]);
+    const float g = gate == nullptr ? 0.f : static_cast<float>(gate[base + j]);
+    float grad_up, grad_gate;
+    activation_grad(activation, g, static_cast<float>(up[base + j]), gh * s, grad_up, grad_gate);
+    up[base + j] = static_cast<Element>(grad_up);
+    if (gate != nullptr) gate[base + j] = static_cast<Element>(grad_gate);
+  }
+  if (scale == nullptr) return;
+  for (int64_t j = threadIdx.x; j < hidden_size; j += blockDim.x) {
+    Element& value = grad_sorted[row * hidden_size + j];
+    value = static_cast<Element>(static_cast<float>(value) * s);
+  }
+  // Block sum of dot: warp shuffles, then one warp over the warps' partial sums.
+  __shared__ float partial[kRowThreads / 32];
+  for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_down_sync(0xffffffffu, dot, offset);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = dot;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    dot = threadIdx.x < kRowThreads / 32 ? partial[threadIdx.x] : 0.f;
+    for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_down_sync(0xffffffffu, dot, offset);
+    if (threadIdx.x == 0) grad_scale[token] = dot;
+  }
 }
 
-// The MLP's hidden activation (ATen), `gate` undefined for the ungated ones.
-at::Tensor activate(const at::Tensor& gate, const at::Tensor& up, const std::string& activation) {
-  if (activation == "swiglu") return at::silu(gate) * up;
-  if (activation == "relu") return at::relu(up);
-  return at::gelu(up, activation == "gelu_tanh" ? "tanh" : "none");
+// Zeros the weight gradients of the neurons no token uses, [used, F), where used is the
+// widest width that has tokens (0 if none). Block (x, kind): kind 0 zeros columns
+// [used, F) of grad_w_down row x (D rows); kinds 1, 2 zero row x >= used of
+// grad_w_up / grad_w_gate (F rows).
+template <typename Element>
+__global__ void zero_unused_neurons(const int64_t* __restrict__ offsets, WidthTable widths,
+                                    int64_t choices, int64_t hidden, int64_t ffn,
+                                    Element* grad_w_down, Element* grad_w_up, Element* grad_w_gate) {
+  int64_t used = 0;
+  for (int64_t c = 0; c < choices; ++c) {
+    if (offsets[c + 1] > 0) {
+      used = widths.width[c];
+      break;
+    }
+  }
+  const int64_t row = blockIdx.x;
+  const Element zero = static_cast<Element>(0.f);
+  if (blockIdx.y == 0) {
+    if (row >= hidden) return;
+    for (int64_t j = used + threadIdx.x; j < ffn; j += blockDim.x) grad_w_down[row * ffn + j] = zero;
+    return;
+  }
+  Element* grad = blockIdx.y == 1 ? grad_w_up : grad_w_gate;
+  if (row >= ffn || row < used) return;
+  for (int64_t j = threadIdx.x; j < hidden; j += blockDim.x) grad[row * hidden + j] = zero;
 }
 
-// (T, F) bool: neuron j is active for token t iff j < widths[choice[t]].
-at::Tensor width_mask(const at::Tensor& choice, at::IntArrayRef widths, int64_t ffn) {
-  at::Tensor widths_host = at::empty({static_cast<int64_t>(widths.size())},
-                                     at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::copy(widths.begin(), widths.end(), widths_host.data_ptr<int64_t>());
-  const at::Tensor token_width =
-      widths_host.to(choice.device(), /*non_blocking=*/true).index_select(0, choice);  // (T,)
-  return at::arange(ffn, choice.options()).unsqueeze(0) < token_width.unsqueeze(1);
+// mask[t, j] = j < widths[choice[t]]: (T, F) bool, one thread per element.
+__global__ void fill_width_mask(const int64_t* __restrict__ choice, Widths<kMaxMaskChoices> widths,
+                                int64_t tokens, int64_t ffn, bool* __restrict__ mask) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= tokens * ffn) return;
+  mask[i] = i % ffn < widths.width[choice[i / ffn]];
 }
 
 bool can_group(const at::Tensor& x, const std::optional<at::Tensor>& w_gate, const at::Tensor& w_up,
@@ -183,16 +381,19 @@ bool can_group(const at::Tensor& x, const std::optional<at::Tensor>& w_gate, con
   return dense_aligned(w_up) && dense_aligned(w_down) && (!w_gate.has_value() || dense_aligned(*w_gate));
 }
 
-template <typename Element>
-void run_grouped(ProblemArrays<Element> problems, int first, int count, cudaStream_t stream) {
-  using Gemm = GroupedGemm<Element>;
+// Runs problems [first, first + count) with the 2.x kernel of the given operand layouts:
+// D = A @ B + beta * D.
+template <typename Element, typename LayoutA, typename LayoutB>
+void run_grouped(ProblemArrays<Element> problems, int64_t first, int64_t count, float beta,
+                 cudaStream_t stream) {
+  using Gemm = GroupedGemm<Element, LayoutA, LayoutB>;
   const int threadblocks = Gemm::sufficient();
   TORCH_CHECK(threadblocks > 0, "routed_nested_mlp: no threadblock fits this GPU's shared memory");
-  typename Gemm::EpilogueOutputOp::Params epilogue(1.0f, 0.0f);  // beta = 0: C is never read
-  typename Gemm::Arguments args(problems.sizes + first, count, threadblocks, epilogue,
-                                problems.a + first, problems.b + first, problems.d + first,
-                                problems.d + first, problems.lda + first, problems.ldb + first,
-                                problems.ldd + first, problems.ldd + first);
+  typename Gemm::EpilogueOutputOp::Params epilogue(1.0f, beta);  // beta = 0: C is never read
+  typename Gemm::Arguments args(problems.sizes + first, static_cast<int>(count), threadblocks,
+                                epilogue, problems.a + first, problems.b + first,
+                                problems.d + first, problems.d + first, problems.lda + first,
+                                problems.ldb + first, problems.ldd + first, problems.ldd + first);
   Gemm gemm;
   cutlass::Status status = gemm.initialize(args, nullptr, stream);  // device-only: no workspace
   TORCH_CHECK(status == cutlass::Status::kSuccess, "routed_nested_mlp: CUTLASS grouped GEMM set-up failed: ",
@@ -202,48 +403,219 @@ void run_grouped(ProblemArrays<Element> problems, int first, int count, cudaStre
               cutlassGetStatusString(status));
 }
 
+// The up/gate (and forward down) GEMMs: the sm90a ptr-array kernel where it runs.
+template <typename Element>
+void run_row_col(ProblemArrays<Element> problems, int64_t first, int64_t count,
+                 cudaStream_t stream) {
+#ifdef FLEXTRON_WITH_SM90
+  if (sm90::grouped_gemm_usable()) {
+    sm90::grouped_gemm_row_col<Element>(problems, static_cast<int>(first),
+                                        static_cast<int>(count), stream);
+    return;
+  }
+#endif
+  run_grouped<Element, RowMajor, ColumnMajor>(problems, first, count, 0.f, stream);
+}
+
+template <typename Element>
+Element* elements(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<Element*>(t.data_ptr()) : nullptr;
+}
+
+template <typename Element>
+Element* elements(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? elements<Element>(*t) : nullptr;
+}
+
+// The operands both passes share: sorted x, the weights and the (T, F) up/gate buffers.
+template <typename Element>
+Operands<Element> up_gate_operands(const at::Tensor& x_sorted, const std::optional<at::Tensor>& w_gate,
+                                   const at::Tensor& w_up, const at::Tensor& w_down,
+                                   const at::Tensor& gate, const at::Tensor& up) {
+  Operands<Element> ops{};
+  ops.x_sorted = elements<Element>(x_sorted);
+  ops.w_gate = elements<Element>(w_gate);
+  ops.w_up = elements<Element>(w_up);
+  ops.w_down = elements<Element>(w_down);
+  ops.gate = elements<Element>(gate);
+  ops.up = elements<Element>(up);
+  return ops;
+}
+
+// The byte buffer of `count` problems' arrays, on x's device (stream-ordered allocation).
+at::Tensor problem_buffer(const at::Tensor& x, int64_t count) {
+  return at::empty({count * kProblemBytes}, x.options().dtype(at::kByte));
+}
+
+// (T, F) bool: neuron j is active for token t iff j < widths[choice[t]] (masked paths).
+// Past kMaxMaskChoices choices the widths go through a pinned host buffer, which a
+// CUDA graph cannot capture safely.
+at::Tensor width_mask(const at::Tensor& choice, at::IntArrayRef widths, int64_t ffn) {
+  const int64_t tokens = choice.size(0);
+  const auto choices = static_cast<int64_t>(widths.size());
+  if (choices > kMaxMaskChoices) {
+    at::Tensor widths_host =
+        at::empty({choices}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    std::copy(widths.begin(), widths.end(), widths_host.data_ptr<int64_t>());
+    const at::Tensor token_width =
+        widths_host.to(choice.device(), /*non_blocking=*/true).index_select(0, choice);  // (T,)
+    return at::arange(ffn, choice.options()).unsqueeze(0) < token_width.unsqueeze(1);
+  }
+  at::Tensor mask = at::empty({tokens, ffn}, choice.options().dtype(at::kBool));
+  if (mask.numel() == 0) return mask;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t blocks = (mask.numel() + 255) / 256;
+  fill_width_mask<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+      choice.data_ptr<int64_t>(), width_table<kMaxMaskChoices>(widths), tokens, ffn,
+      mask.data_ptr<bool>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return mask;
+}
+
 template <typename Element>
 at::Tensor forward_grouped(const at::Tensor& x, const std::optional<at::Tensor>& w_gate,
                            const at::Tensor& w_up, const at::Tensor& w_down, const at::Tensor& choice,
-                           at::IntArrayRef widths, const std::string& activation) {
+                           at::IntArrayRef widths, Activation activation) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t tokens = x.size(0), hidden = x.size(1), ffn = w_up.size(0);
   const int64_t choices = static_cast<int64_t>(widths.size());
   const int projections = w_gate.has_value() ? 2 : 1;
   const grouping::TokenGroups groups = grouping::group_by_choice(choice, choices, stream);
   const at::Tensor x_sorted = x.index_select(0, groups.perm);  // (T, D), contiguous
-  at::Tensor up = at::empty({tokens, ffn}, x.options());       // up, then hidden
-  at::Tensor gate = w_gate.has_value() ? at::empty({tokens, ffn}, x.options()) : at::Tensor();
-  at::Tensor y_sorted = at::empty({tokens, hidden}, x.options());
+  const at::Tensor up = at::empty({tokens, ffn}, x.options());  // up, then hidden
+  const at::Tensor gate = w_gate.has_value() ? at::empty({tokens, ffn}, x.options()) : at::Tensor();
+  const at::Tensor y_sorted = at::empty({tokens, hidden}, x.options());
 
-  WidthTable table{};
-  std::copy(widths.begin(), widths.end(), table.width);
+  const WidthTable table = width_table(widths);
   const int64_t count = (projections + 1) * choices;
-  // One byte buffer for the problem arrays: pointers and leading dims (8 bytes), then sizes.
-  at::Tensor arrays = at::empty({count * (6 * 8 + static_cast<int64_t>(sizeof(cutlass::gemm::GemmCoord)))},
-                                x.options().dtype(at::kByte));
-  auto* base = reinterpret_cast<int64_t*>(arrays.data_ptr());
-  ProblemArrays<Element> problems{
-      reinterpret_cast<Element**>(base),         reinterpret_cast<Element**>(base + count),
-      reinterpret_cast<Element**>(base + 2 * count), base + 3 * count,
-      base + 4 * count,                          base + 5 * count,
-      reinterpret_cast<cutlass::gemm::GemmCoord*>(base + 6 * count)};
-  const auto* x_ptr = reinterpret_cast<const Element*>(x_sorted.data_ptr());
-  auto elements = [](const at::Tensor& t) { return reinterpret_cast<Element*>(t.data_ptr()); };
-  build_problems<Element><<<1, 128, 0, stream>>>(
-      groups.offsets.data_ptr<int64_t>(), table, choices, hidden, ffn, projections, x_ptr,
-      elements(w_up), w_gate.has_value() ? elements(*w_gate) : nullptr, elements(w_down),
-      elements(up), gate.defined() ? elements(gate) : nullptr, elements(y_sorted), problems);
+  const at::Tensor arrays = problem_buffer(x, count);
+  const auto problems = carve_problem_arrays<Element>(arrays.data_ptr(), count);
+  Operands<Element> ops = up_gate_operands<Element>(x_sorted, w_gate, w_up, w_down, gate, up);
+  ops.y_sorted = elements<Element>(y_sorted);
+  build_forward_problems<Element><<<1, 128, 0, stream>>>(groups.offsets.data_ptr<int64_t>(), table,
+                                                         choices, hidden, ffn, projections, ops,
+                                                         problems);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  run_grouped<Element>(problems, 0, static_cast<int>(projections * choices), stream);
+  run_row_col<Element>(problems, 0, projections * choices, stream);
   activate_rows<Element><<<static_cast<unsigned>(tokens), 128, 0, stream>>>(
-      gate.defined() ? elements(gate) : nullptr, elements(up), choice.data_ptr<int64_t>(),
-      groups.perm.data_ptr<int64_t>(), table, ffn, parse_activation(activation));
+      ops.gate, ops.up, ops.up, choice.data_ptr<int64_t>(), groups.perm.data_ptr<int64_t>(), table,
+      ffn, activation);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  run_grouped<Element>(problems, static_cast<int>(projections * choices),
-                       static_cast<int>(choices), stream);
+  run_row_col<Element>(problems, projections * choices, choices, stream);
   return y_sorted.index_select(0, groups.inv_perm);
+}
+
+using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+template <typename Element>
+Gradients backward_grouped(const at::Tensor& grad_out, const at::Tensor& x,
+                           const std::optional<at::Tensor>& w_gate, const at::Tensor& w_up,
+                           const at::Tensor& w_down, const at::Tensor& choice,
+                           at::IntArrayRef widths, const std::optional<at::Tensor>& scale,
+                           Activation activation) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t tokens = x.size(0), hidden = x.size(1), ffn = w_up.size(0);
+  const int64_t choices = static_cast<int64_t>(widths.size());
+  const int projections = w_gate.has_value() ? 2 : 1;
+  const at::TensorOptions opts = x.options();
+  const grouping::TokenGroups groups = grouping::group_by_choice(choice, choices, stream);
+  const at::Tensor x_sorted = x.index_select(0, groups.perm);            // (T, D)
+  const at::Tensor grad_sorted = grad_out.index_select(0, groups.perm);  // (T, D)
+  const at::Tensor up = at::empty({tokens, ffn}, opts);  // up, then grad_up
+  const at::Tensor gate = w_gate.has_value() ? at::empty({tokens, ffn}, opts) : at::Tensor();
+  const at::Tensor hidden_act = at::empty({tokens, ffn}, opts);
+  const at::Tensor grad_hidden = at::empty({tokens, ffn}, opts);
+  const at::Tensor grad_x_sorted = at::empty({tokens, hidden}, opts);
+  const at::Tensor grad_w_up = at::empty(w_up.sizes(), opts);
+  const at::Tensor grad_w_down = at::empty(w_down.sizes(), opts);
+  const at::Tensor grad_w_gate =
+      w_gate.has_value() ? at::empty(w_gate->sizes(), opts) : at::empty({0}, opts);
+  const at::Tensor scale_x =
+      scale.has_value() ? scale->to(x.scalar_type()).contiguous() : at::Tensor();  // (T,)
+  const at::Tensor grad_scale_f =
+      scale.has_value() ? at::empty({tokens}, opts.dtype(at::kFloat)) : at::Tensor();
+
+  const WidthTable table = width_table(widths);
+  const BackwardLayout layout{choices, projections};
+  const at::Tensor arrays = problem_buffer(x, layout.count());
+  const auto problems = carve_problem_arrays<Element>(arrays.data_ptr(), layout.count());
+  Operands<Element> ops = up_gate_operands<Element>(x_sorted, w_gate, w_up, w_down, gate, up);
+  ops.grad_sorted = elements<Element>(grad_sorted);
+  ops.hidden = elements<Element>(hidden_act);
+  ops.grad_hidden = elements<Element>(grad_hidden);
+  ops.grad_x_sorted = elements<Element>(grad_x_sorted);
+  ops.grad_w_gate = w_gate.has_value() ? elements<Element>(grad_w_gate) : nullptr;
+  ops.grad_w_up = elements<Element>(grad_w_up);
+  ops.grad_w_down = elements<Element>(grad_w_down);
+  const int64_t* offsets = groups.offsets.data_ptr<int64_t>();
+  build_backward_problems<Element>
+      <<<static_cast<unsigned>((layout.count() + 127) / 128), 128, 0, stream>>>(
+          offsets, table, layout, hidden, ffn, ops, problems);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // 1. Recompute up/gate and hidden.
+  run_row_col<Element>(problems, 0, projections * choices, stream);
+  const int64_t* choice_ptr = choice.data_ptr<int64_t>();
+  const int64_t* perm = groups.perm.data_ptr<int64_t>();
+  activate_rows<Element><<<static_cast<unsigned>(tokens), 128, 0, stream>>>(
+      ops.gate, ops.up, ops.hidden, choice_ptr, perm, table, ffn, activation);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // 2-3. grad_hidden, then grad_scale and the activation's backward.
+  run_grouped<Element, RowMajor, RowMajor>(problems, layout.grad_hidden(), choices, 0.f, stream);
+  backward_rows<Element><<<static_cast<unsigned>(tokens), kRowThreads, 0, stream>>>(
+      ops.gate, ops.up, ops.hidden, ops.grad_hidden, ops.grad_sorted, elements<Element>(scale_x),
+      scale.has_value() ? grad_scale_f.data_ptr<float>() : nullptr, choice_ptr, perm, table, ffn,
+      hidden, activation);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // 4. grad_x = grad_up @ w_up (+ grad_gate @ w_gate).
+  run_grouped<Element, RowMajor, RowMajor>(problems, layout.grad_x_up(), choices, 0.f, stream);
+  if (w_gate.has_value()) {
+    run_grouped<Element, RowMajor, RowMajor>(problems, layout.grad_x_gate(), choices, 1.f, stream);
+  }
+  // 5-6. Weight gradients band by band, zeros for the unused neurons.
+  run_grouped<Element, ColumnMajor, RowMajor>(problems, layout.bands(), (projections + 1) * choices,
+                                              0.f, stream);
+  const dim3 zero_grid(static_cast<unsigned>(std::max(hidden, ffn)), projections + 1);
+  zero_unused_neurons<Element><<<zero_grid, 256, 0, stream>>>(
+      offsets, table, choices, hidden, ffn, ops.grad_w_down, ops.grad_w_up, ops.grad_w_gate);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  const at::Tensor grad_scale =
+      scale.has_value() ? grad_scale_f.to(scale->scalar_type()) : at::empty({0}, opts);
+  return {grad_x_sorted.index_select(0, groups.inv_perm), grad_w_gate, grad_w_up, grad_w_down,
+          grad_scale};
+}
+
+// The masked full-width backward with ATen (fp32, unaligned shapes, many choices).
+Gradients backward_masked(const at::Tensor& grad_out, const at::Tensor& x,
+                          const std::optional<at::Tensor>& w_gate, const at::Tensor& w_up,
+                          const at::Tensor& w_down, const at::Tensor& choice,
+                          at::IntArrayRef widths, const std::optional<at::Tensor>& scale,
+                          Activation activation) {
+  const at::Tensor empty = at::empty({0}, x.options());
+  // Recompute the masked hidden activations at full width (T, F).
+  const at::Tensor mask = width_mask(choice, widths, w_up.size(0));
+  const at::Tensor gate = w_gate.has_value() ? at::mm(x, w_gate->t()) : at::Tensor();
+  const at::Tensor up = at::mm(x, w_up.t());
+  const at::Tensor hidden = at::empty_like(up);
+  activation_out(hidden, gate, up, activation);
+  hidden.masked_fill_(mask.logical_not(), 0);
+
+  at::Tensor grad_scale = empty;
+  at::Tensor grad_mlp = grad_out;  // gradient w.r.t. the unscaled MLP output (T, D)
+  if (scale.has_value()) {
+    const at::Tensor mlp_out = at::mm(hidden, w_down.t());
+    grad_scale = (grad_out.to(at::kFloat) * mlp_out.to(at::kFloat)).sum(1).to(scale->scalar_type());
+    grad_mlp = grad_out * scale->to(x.scalar_type()).unsqueeze(1);
+  }
+  const at::Tensor grad_w_down = at::mm(grad_mlp.t(), hidden);                   // (D, F)
+  const at::Tensor grad_hidden = at::where(mask, at::mm(grad_mlp, w_down), 0);  // (T, F)
+  activation_backward_(gate, up, grad_hidden, activation);  // up, gate <- their gradients
+  at::Tensor grad_x = at::mm(up, w_up);
+  if (gate.defined()) grad_x.addmm_(gate, *w_gate);
+  return {grad_x, gate.defined() ? at::mm(gate.t(), x) : empty, at::mm(up.t(), x), grad_w_down,
+          grad_scale};
 }
 
 }  // namespace
@@ -261,16 +633,18 @@ at::Tensor routed_nested_mlp_cuda(const at::Tensor& x, const std::optional<at::T
               " tokens, more than a CUTLASS GEMM takes");
   if (tokens == 0) return at::zeros_like(x);
   const at::Tensor choice_c = choice.contiguous();
+  const Activation act = parse_activation(activation);
 
   at::Tensor y;
   if (can_group(x, w_gate, w_up, w_down, widths)) {
     y = x.scalar_type() == at::kBFloat16
-            ? forward_grouped<cutlass::bfloat16_t>(x, w_gate, w_up, w_down, choice_c, widths, activation)
-            : forward_grouped<cutlass::half_t>(x, w_gate, w_up, w_down, choice_c, widths, activation);
+            ? forward_grouped<cutlass::bfloat16_t>(x, w_gate, w_up, w_down, choice_c, widths, act)
+            : forward_grouped<cutlass::half_t>(x, w_gate, w_up, w_down, choice_c, widths, act);
   } else {  // the masked full-width MLP
     const at::Tensor gate = w_gate.has_value() ? at::mm(x, w_gate->t()) : at::Tensor();
-    const at::Tensor hidden = at::where(width_mask(choice_c, widths, w_up.size(0)),
-                                        activate(gate, at::mm(x, w_up.t()), activation), 0);
+    at::Tensor hidden = at::mm(x, w_up.t());
+    activate_(gate, hidden, act);
+    hidden.masked_fill_(width_mask(choice_c, widths, w_up.size(0)).logical_not(), 0);
     y = at::mm(hidden, w_down.t());
   }
   if (scale.has_value()) y.mul_(scale->to(y.scalar_type()).unsqueeze(1));
@@ -287,36 +661,19 @@ routed_nested_mlp_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
   check_routed_backward_args(op, grad_out, x, w_gate, w_up, w_down, choice, widths, scale,
                              activation);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const at::Tensor empty = at::empty({0}, x.options());
-
-  // Recompute the masked hidden activations at full width (T, F).
-  const at::Tensor mask = width_mask(choice.contiguous(), widths, w_up.size(0));
-  const at::Tensor gate = w_gate.has_value() ? at::mm(x, w_gate->t()) : at::Tensor();
-  const at::Tensor up = at::mm(x, w_up.t());
-  const at::Tensor hidden = at::where(mask, activate(gate, up, activation), 0);
-
-  at::Tensor grad_scale = empty;
-  at::Tensor grad_mlp = grad_out;  // gradient w.r.t. the unscaled MLP output (T, D)
-  if (scale.has_value()) {
-    const at::Tensor mlp_out = at::mm(hidden, w_down.t());
-    grad_scale = (grad_out.to(at::kFloat) * mlp_out.to(at::kFloat)).sum(1).to(scale->scalar_type());
-    grad_mlp = grad_out * scale->to(x.scalar_type()).unsqueeze(1);
+  const int64_t tokens = x.size(0);
+  TORCH_CHECK(tokens <= std::numeric_limits<int>::max(), op, ": x has ", tokens,
+              " tokens, more than a CUTLASS GEMM takes");
+  const at::Tensor choice_c = choice.contiguous();
+  const Activation act = parse_activation(activation);
+  if (tokens > 0 && can_group(x, w_gate, w_up, w_down, widths)) {
+    return x.scalar_type() == at::kBFloat16
+               ? backward_grouped<cutlass::bfloat16_t>(grad_out, x, w_gate, w_up, w_down, choice_c,
+                                                       widths, scale, act)
+               : backward_grouped<cutlass::half_t>(grad_out, x, w_gate, w_up, w_down, choice_c,
+                                                   widths, scale, act);
   }
-  const at::Tensor grad_w_down = at::mm(grad_mlp.t(), hidden);                   // (D, F)
-  const at::Tensor grad_hidden = at::where(mask, at::mm(grad_mlp, w_down), 0);  // (T, F)
-  at::Tensor grad_up, grad_gate;
-  if (activation == "swiglu") {
-    grad_up = grad_hidden * at::silu(gate);
-    grad_gate = at::silu_backward(grad_hidden * up, gate);
-  } else if (activation == "relu") {
-    grad_up = at::threshold_backward(grad_hidden, up, 0);
-  } else {
-    grad_up = at::gelu_backward(grad_hidden, up, activation == "gelu_tanh" ? "tanh" : "none");
-  }
-  at::Tensor grad_x = at::mm(grad_up, w_up);
-  if (grad_gate.defined()) grad_x.addmm_(grad_gate, *w_gate);
-  return {grad_x, grad_gate.defined() ? at::mm(grad_gate.t(), x) : empty, at::mm(grad_up.t(), x),
-          grad_w_down, grad_scale};
+  return backward_masked(grad_out, x, w_gate, w_up, w_down, choice_c, widths, scale, act);
 }
 
 }  // namespace flextron
