@@ -69,6 +69,7 @@ def hf_twin(model: FlextronModel):
     return hf
 
 
+@torch.inference_mode()  # as Flextron's generation runs: the leanest loop transformers allows
 def hf_decode_seconds(hf, prompt: torch.Tensor, new_tokens: int, now: Callable[[], float]) -> float:
     """Seconds for `new_tokens` greedy steps with a bare forward loop over a DynamicCache."""
     from transformers import DynamicCache
