@@ -32,15 +32,17 @@ def make_inputs(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     transposed: bool = False,
+    device: str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (B, Hq, Sq, Dh), k and v (B, Hkv, Sk, Dh); transposed=True gives the strided
-    views a model gets from a (B, S, H, Dh) projection."""
+    views a model gets from a (B, S, H, Dh) projection.  Values depend only on the seed."""
     gen = torch.Generator().manual_seed(seed)
 
     def draw(heads: int, length: int) -> torch.Tensor:
         if transposed:
-            return torch.randn(batch, length, heads, head_dim, generator=gen).to(dtype).transpose(1, 2)
-        return torch.randn(batch, heads, length, head_dim, generator=gen).to(dtype)
+            drawn = torch.randn(batch, length, heads, head_dim, generator=gen).to(device, dtype)
+            return drawn.transpose(1, 2)
+        return torch.randn(batch, heads, length, head_dim, generator=gen).to(device, dtype)
 
     return draw(q_heads, q_len), draw(kv_heads, kv_len), draw(kv_heads, kv_len)
 

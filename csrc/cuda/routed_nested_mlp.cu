@@ -39,6 +39,8 @@
 #include <limits>
 
 #include "cpu/checks.h"
+#include "cpu/mlp_kernels.h"
+#include "cuda/activation.cuh"
 #include "cuda/grouping.cuh"
 #include "ops.h"
 
@@ -52,8 +54,6 @@ constexpr int64_t kAlignment = 8;  // elements per 16-byte access
 struct WidthTable {
   int64_t width[kMaxGroupedChoices];
 };
-
-enum class Activation : int { kSwiglu, kGelu, kGeluTanh, kRelu };
 
 template <typename Element>
 using GroupedGemm = cutlass::gemm::device::GemmGrouped<
@@ -123,33 +123,9 @@ __global__ void activate_rows(const Element* __restrict__ gate, Element* __restr
   Element* up_row = up + row * ffn;
   const Element* gate_row = gate == nullptr ? nullptr : gate + row * ffn;
   for (int64_t j = threadIdx.x; j < width; j += blockDim.x) {
-    const float u = static_cast<float>(up_row[j]);
-    float h;
-    switch (activation) {
-      case Activation::kSwiglu: {
-        const float g = static_cast<float>(gate_row[j]);
-        h = g / (1.f + expf(-g)) * u;
-        break;
-      }
-      case Activation::kGelu:
-        h = 0.5f * u * (1.f + erff(u * 0.70710678118654752f));
-        break;
-      case Activation::kGeluTanh:
-        h = 0.5f * u * (1.f + tanhf(0.79788456080286536f * (u + 0.044715f * u * u * u)));
-        break;
-      default:  // kRelu; NaN stays NaN, as in torch.relu
-        h = u < 0.f ? 0.f : u;
-        break;
-    }
-    up_row[j] = static_cast<Element>(h);
+    const float g = gate_row == nullptr ? 0.f : static_cast<float>(gate_row[j]);
+    up_row[j] = static_cast<Element>(apply_activation(activation, g, static_cast<float>(up_row[j])));
   }
-}
-
-Activation parse_activation(const std::string& activation) {
-  if (activation == "swiglu") return Activation::kSwiglu;
-  if (activation == "gelu") return Activation::kGelu;
-  if (activation == "gelu_tanh") return Activation::kGeluTanh;
-  return Activation::kRelu;  // check_mlp_weights admitted nothing else
 }
 
 // The MLP's hidden activation (ATen), `gate` undefined for the ungated ones.
