@@ -30,8 +30,14 @@ SHAPES = [
 ]
 
 
-def _double(inputs):
-    return tuple(None if t is None else t.double() for t in inputs)
+def check_against_reference(inputs, width: int, activation: str) -> None:
+    """Output and gradients: ours, PyTorch's at the same precision, and float64."""
+    double = tuple(None if t is None else t.double() for t in inputs)
+    y, grads, grad_out = forward_and_grads(ops.nested_mlp, inputs, width, activation)
+    y_low, grads_low, _ = forward_and_grads(reference.nested_mlp, inputs, width, activation, grad_out)
+    y64, grads64, _ = forward_and_grads(reference.nested_mlp, double, width, activation, grad_out.double())
+    for ours, theirs, exact in zip((y, *grads), (y_low, *grads_low), (y64, *grads64), strict=True):
+        assert_matches_reference(ours, theirs, exact)
 
 
 def test_cuda_kernel_registered_when_built():
@@ -47,11 +53,7 @@ def test_cuda_kernel_registered_when_built():
 def test_forward_and_backward_match_reference(dtype, activation, shape):
     lead, hidden, d_ff, width = shape
     inputs = make_inputs(lead, hidden, d_ff, activation, dtype=dtype, seed=d_ff, device="cuda")
-    y, grads, grad_out = forward_and_grads(ops.nested_mlp, inputs, width, activation)
-    y_low, grads_low, _ = forward_and_grads(reference.nested_mlp, inputs, width, activation, grad_out)
-    y64, grads64, _ = forward_and_grads(reference.nested_mlp, _double(inputs), width, activation, grad_out.double())
-    for ours, theirs, exact in zip((y, *grads), (y_low, *grads_low), (y64, *grads64), strict=True):
-        assert_matches_reference(ours, theirs, exact)
+    check_against_reference(inputs, width, activation)
 
 
 @pytest.mark.cuda
@@ -61,11 +63,7 @@ def test_non_contiguous_inputs(dtype, activation):
     # Transposed views of padded buffers: x rows and the weights have non-unit inner strides.
     inputs = make_inputs((83,), 64, 128, activation, dtype=dtype, contiguous=False, device="cuda")
     assert not inputs[0].is_contiguous() and not inputs[2].is_contiguous()
-    y, grads, grad_out = forward_and_grads(ops.nested_mlp, inputs, 64, activation)
-    y_low, grads_low, _ = forward_and_grads(reference.nested_mlp, inputs, 64, activation, grad_out)
-    y64, grads64, _ = forward_and_grads(reference.nested_mlp, _double(inputs), 64, activation, grad_out.double())
-    for ours, theirs, exact in zip((y, *grads), (y_low, *grads_low), (y64, *grads64), strict=True):
-        assert_matches_reference(ours, theirs, exact)
+    check_against_reference(inputs, 64, activation)
 
 
 @pytest.mark.cuda
@@ -75,12 +73,8 @@ def test_x_column_slice_and_batched_view(dtype):
     _, w_gate, w_up, w_down = make_inputs((1,), 128, 256, dtype=dtype, device="cuda")
     base = torch.randn(3, 5, 136, device="cuda").to(dtype)
     for x in (base[..., :128], base.transpose(0, 1)[..., 8:]):
-        inputs = (x, w_gate, w_up, w_down)
-        ours = ops.nested_mlp(*inputs, 192, "swiglu")
-        assert ours.shape == x.shape
-        assert_matches_reference(
-            ours, reference.nested_mlp(*inputs, 192, "swiglu"), reference.nested_mlp(*_double(inputs), 192, "swiglu")
-        )
+        assert ops.nested_mlp(x, w_gate, w_up, w_down, 192, "swiglu").shape == x.shape
+        check_against_reference((x, w_gate, w_up, w_down), 192, "swiglu")
 
 
 @pytest.mark.cuda
@@ -100,8 +94,7 @@ def test_no_uninitialised_memory_leaks_out(dtype, hidden, width):
     poison_cuda_cache(dtype)
     y = ops.nested_mlp(*inputs, width, "swiglu")
     assert torch.isfinite(y).all()
-    torch.testing.assert_close(y.double(), reference.nested_mlp(*_double(inputs), width, "swiglu"),
-                               atol=0.05, rtol=0.05)
+    check_against_reference(inputs, width, "swiglu")
 
 
 @pytest.mark.cuda

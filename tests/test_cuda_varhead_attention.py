@@ -18,6 +18,7 @@ from tests.test_varhead_attention import (
     LENGTHS,
     assert_all_close,
     assert_inactive_zero,
+    check_against_reference,
     check_low_precision,
     make_inputs,
     run_with_grads,
@@ -25,27 +26,11 @@ from tests.test_varhead_attention import (
 from tests.utils import poison_cuda_cache
 
 
-def check_cuda_against_reference(
-    heads: list[int],
-    q_heads: int,
-    kv_heads: int,
-    q_len: int,
-    kv_len: int,
-    head_dim: int,
-    causal: bool,
-    transposed: bool = False,
-    scale: float | None = None,
-    heads_device: str = "cuda",
-) -> None:
-    """fp32 output and gradients against the reference run on the same CUDA tensors."""
-    batch = len(heads)
-    q, k, v = make_inputs(batch, q_heads, kv_heads, q_len, kv_len, head_dim, transposed=transposed, device="cuda")
+def check_on_cuda(heads: list[int], *sizes, causal: bool, heads_device: str = "cuda", **options) -> None:
+    """fp32 output and gradients against the reference on the same CUDA tensors; sizes are
+    (Hq, Hkv, Sq, Sk, Dh), options those of check_against_reference."""
     counts = torch.tensor(heads, device=heads_device)
-    grad_out = torch.randn(batch, q_len, q_heads, head_dim, device="cuda").transpose(1, 2)  # strided
-    out, grads = run_with_grads(ops.varhead_attention, q, k, v, counts, causal, grad_out, scale)
-    out_ref, grads_ref = run_with_grads(reference.varhead_attention, q, k, v, counts, causal, grad_out, scale)
-    assert_all_close(out, grads, out_ref, grads_ref)
-    assert_inactive_zero(out, grads[0], counts.cpu())
+    check_against_reference(len(heads), *sizes, causal, counts, device="cuda", **options)
 
 
 def test_cuda_kernels_registered_when_built():
@@ -63,7 +48,7 @@ def test_cuda_kernels_registered_when_built():
 def test_matches_reference(q_heads, kv_heads, q_len, kv_len, causal, head_dim):
     # One sequence per head count: every bucket is a single (consecutive) sequence.
     heads = [q_heads, 1, max(1, q_heads // 2), max(1, q_heads - 1)]
-    check_cuda_against_reference(heads, q_heads, kv_heads, q_len, kv_len, head_dim, causal)
+    check_on_cuda(heads, q_heads, kv_heads, q_len, kv_len, head_dim, causal=causal)
 
 
 @pytest.mark.cuda
@@ -78,7 +63,7 @@ def test_matches_reference(q_heads, kv_heads, q_len, kv_len, causal, head_dim):
 )
 @pytest.mark.parametrize("causal", [True, False])
 def test_buckets(heads, causal):
-    check_cuda_against_reference(heads, 6, 2, 33, 40, 16, causal)
+    check_on_cuda(heads, 6, 2, 33, 40, 16, causal=causal)
 
 
 @pytest.mark.cuda
@@ -86,7 +71,7 @@ def test_buckets(heads, causal):
 @pytest.mark.parametrize("heads_device", ["cuda", "cpu"])
 def test_transposed_inputs_and_heads_device(causal, heads_device):
     # q/k/v as the transposed views of (B, S, H, Dh) projections; heads on either device.
-    check_cuda_against_reference([6, 2, 6], 6, 2, 83, 83, 64, causal, transposed=True, heads_device=heads_device)
+    check_on_cuda([6, 2, 6], 6, 2, 83, 83, 64, causal=causal, heads_device=heads_device, transposed=True)
 
 
 @pytest.mark.cuda
@@ -102,7 +87,7 @@ def test_head_dim_slice_and_custom_scale():
 @pytest.mark.cuda
 def test_long_sequence_backward_in_row_blocks():
     # 6 sequences x 8 heads x 1024 x 1024 scores in one bucket: two row blocks in the backward.
-    check_cuda_against_reference([8, 4, 8, 8, 3, 8, 8, 8], 8, 2, 1024, 1024, 64, True)
+    check_on_cuda([8, 4, 8, 8, 3, 8, 8, 8], 8, 2, 1024, 1024, 64, causal=True)
 
 
 @pytest.mark.cuda
@@ -127,7 +112,9 @@ def test_no_queries(causal):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("q_len,kv_len,causal", [(83, 83, True), (1, 83, True), (40, 83, True), (40, 83, False)])
+@pytest.mark.parametrize(
+    "q_len,kv_len,causal", [(83, 83, True), (1, 83, True), (40, 83, True), (40, 83, False)]
+)
 def test_low_precision_error_within_twice_torch(dtype, q_len, kv_len, causal):
     check_low_precision(dtype, q_len, kv_len, causal, device="cuda")
 

@@ -94,9 +94,12 @@ def check_against_reference(
     heads: torch.Tensor,
     transposed: bool = False,
     scale: float | None = None,
+    device: str = "cpu",
 ) -> None:
-    q, k, v = make_inputs(batch, q_heads, kv_heads, q_len, kv_len, head_dim, transposed=transposed)
-    grad_out = torch.randn(batch, q_len, q_heads, head_dim).transpose(1, 2)  # non-contiguous too
+    q, k, v = make_inputs(
+        batch, q_heads, kv_heads, q_len, kv_len, head_dim, transposed=transposed, device=device
+    )
+    grad_out = torch.randn(batch, q_len, q_heads, head_dim).to(device).transpose(1, 2)  # non-contiguous too
     out, grads = run_with_grads(ops.varhead_attention, q, k, v, heads, causal, grad_out, scale)
     out_ref, grads_ref = run_with_grads(reference.varhead_attention, q, k, v, heads, causal, grad_out, scale)
     assert_all_close(out, grads, out_ref, grads_ref)

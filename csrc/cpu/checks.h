@@ -64,6 +64,16 @@ inline void check_mlp_weights(const char* op, const at::Tensor& x, const std::op
   }
 }
 
+// nested_mlp: x (..., D) with at least one dimension, MLP weights, 1 <= width <= F.
+inline void check_nested_mlp_args(const char* op, const at::Tensor& x,
+                                  const std::optional<at::Tensor>& w_gate, const at::Tensor& w_up,
+                                  const at::Tensor& w_down, int64_t width,
+                                  const std::string& activation) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
+  check_mlp_weights(op, x, w_gate, w_up, w_down, activation);
+  check_width(op, "width", width, w_up.size(0));
+}
+
 // nested_linear: x (..., X >= in), weight (O, I), bias (O,) or absent, 1 <= out <= O, 1 <= in <= I.
 inline void check_nested_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, int64_t out_features,
