@@ -56,6 +56,10 @@ at::Tensor nested_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, int64_t out_features,
                               int64_t in_features);
 
+at::Tensor nested_mlp_cuda(const at::Tensor& x, const std::optional<at::Tensor>& w_gate,
+                           const at::Tensor& w_up, const at::Tensor& w_down, int64_t width,
+                           const std::string& activation);
+
 // Returns (choice, probs, perm, inv_perm, offsets), bit-equal to route_cpu except probs.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
@@ -73,6 +77,16 @@ routed_nested_mlp_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                                 const at::Tensor& w_down, const at::Tensor& choice,
                                 at::IntArrayRef widths, const std::optional<at::Tensor>& scale,
                                 const std::string& activation);
+
+// heads on the CPU or on q's device (read on the host either way).
+at::Tensor varhead_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& heads, bool causal,
+                                  std::optional<double> scale);
+
+// Returns (grad_q, grad_k, grad_v).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varhead_attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& heads, bool causal, std::optional<double> scale);
 #endif
 
 }  // namespace flextron

@@ -40,12 +40,16 @@ TORCH_LIBRARY_IMPL(flextron, CPU, m) {
 }
 
 #ifdef FLEXTRON_WITH_CUDA
-// Ops without a CUDA kernel yet have no CUDA registration: flextron.ops raises
-// "not built for CUDA yet" for them instead of falling back to the CPU.
+// Every op has a CUDA kernel in a CUDA build. In a CPU-only build there is no CUDA
+// registration, and flextron.ops raises "not built for CUDA" instead of falling
+// back to the CPU.
 TORCH_LIBRARY_IMPL(flextron, CUDA, m) {
   m.impl("nested_linear", &flextron::nested_linear_cuda);
+  m.impl("nested_mlp", &flextron::nested_mlp_cuda);
   m.impl("route", &flextron::route_cuda);
   m.impl("routed_nested_mlp", &flextron::routed_nested_mlp_cuda);
   m.impl("routed_nested_mlp_backward", &flextron::routed_nested_mlp_backward_cuda);
+  m.impl("varhead_attention", &flextron::varhead_attention_cuda);
+  m.impl("varhead_attention_backward", &flextron::varhead_attention_backward_cuda);
 }
 #endif

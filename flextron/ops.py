@@ -314,7 +314,8 @@ def varhead_attention(
 ) -> torch.Tensor:
     """Attention in which sequence b uses only its first heads[b] query heads (GQA kept).
 
-    q: (B, Hq, Sq, Dh); k, v: (B, Hkv, Sk, Dh); heads: (B,) int64 in [1, Hq].
+    q: (B, Hq, Sq, Dh); k, v: (B, Hkv, Sk, Dh); heads: (B,) int64 in [1, Hq], on the CPU
+    or (CUDA q) on q's device, where the CUDA kernel reads it with a synchronisation.
     Inactive heads output zeros.  Returns (B, Hq, Sq, Dh).
     """
     _require_kernel("varhead_attention", q)

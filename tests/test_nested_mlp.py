@@ -21,16 +21,19 @@ def make_inputs(
     dtype: torch.dtype = torch.float32,
     contiguous: bool = True,
     seed: int = 0,
+    device: str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(x (*lead, D), w_gate (F, D) | None, w_up (F, D), w_down (D, F)); strided views if not contiguous."""
+    """(x (*lead, D), w_gate (F, D) | None, w_up (F, D), w_down (D, F)); strided views if not contiguous.
+
+    The values depend only on the seed, not on the device."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
         if contiguous:
-            return (torch.randn(*shape, generator=gen) * std).to(dtype)
+            return (torch.randn(*shape, generator=gen) * std).to(device, dtype)
         # The transpose of a padded buffer: strided, with leading dims larger than the sizes.
         padded = torch.randn(*(s + 3 for s in reversed(shape)), generator=gen) * std
-        view = padded.to(dtype)[tuple(slice(0, s) for s in reversed(shape))]
+        view = padded.to(device, dtype)[tuple(slice(0, s) for s in reversed(shape))]
         return view.permute(*reversed(range(len(shape))))
 
     x = randn(*lead, hidden)
@@ -45,7 +48,7 @@ def forward_and_grads(fn, inputs, width, activation, grad_out=None):
     leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
     y = fn(*leaves, width, activation)
     if grad_out is None:
-        grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+        grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device, y.dtype)
     return y, torch.autograd.grad(y, [t for t in leaves if t is not None], grad_out), grad_out
 
 

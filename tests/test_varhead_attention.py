@@ -32,15 +32,17 @@ def make_inputs(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     transposed: bool = False,
+    device: str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (B, Hq, Sq, Dh), k and v (B, Hkv, Sk, Dh); transposed=True gives the strided
-    views a model gets from a (B, S, H, Dh) projection."""
+    views a model gets from a (B, S, H, Dh) projection.  Values depend only on the seed."""
     gen = torch.Generator().manual_seed(seed)
 
     def draw(heads: int, length: int) -> torch.Tensor:
         if transposed:
-            return torch.randn(batch, length, heads, head_dim, generator=gen).to(dtype).transpose(1, 2)
-        return torch.randn(batch, heads, length, head_dim, generator=gen).to(dtype)
+            drawn = torch.randn(batch, length, heads, head_dim, generator=gen).to(device, dtype)
+            return drawn.transpose(1, 2)
+        return torch.randn(batch, heads, length, head_dim, generator=gen).to(device, dtype)
 
     return draw(q_heads, q_len), draw(kv_heads, kv_len), draw(kv_heads, kv_len)
 
@@ -92,9 +94,12 @@ def check_against_reference(
     heads: torch.Tensor,
     transposed: bool = False,
     scale: float | None = None,
+    device: str = "cpu",
 ) -> None:
-    q, k, v = make_inputs(batch, q_heads, kv_heads, q_len, kv_len, head_dim, transposed=transposed)
-    grad_out = torch.randn(batch, q_len, q_heads, head_dim).transpose(1, 2)  # non-contiguous too
+    q, k, v = make_inputs(
+        batch, q_heads, kv_heads, q_len, kv_len, head_dim, transposed=transposed, device=device
+    )
+    grad_out = torch.randn(batch, q_len, q_heads, head_dim).to(device).transpose(1, 2)  # non-contiguous too
     out, grads = run_with_grads(ops.varhead_attention, q, k, v, heads, causal, grad_out, scale)
     out_ref, grads_ref = run_with_grads(reference.varhead_attention, q, k, v, heads, causal, grad_out, scale)
     assert_all_close(out, grads, out_ref, grads_ref)

@@ -23,3 +23,12 @@ def assert_matches_reference(
         return
     ours, theirs = max_error(actual, exact), max_error(pytorch_same_dtype, exact)
     assert ours <= 2 * theirs + 1e-6, f"error {ours:.3g} > 2 x PyTorch's {theirs:.3g} in {actual.dtype}"
+
+
+def poison_cuda_cache(dtype: torch.dtype) -> None:
+    """Fill freed blocks of both pools of PyTorch's CUDA caching allocator with NaN, so that a
+    kernel that reads a buffer it never wrote (an output element it skipped) returns NaN."""
+    small = (1 << 19) // torch.tensor([], dtype=dtype).element_size()  # 512 KiB: the small pool
+    blocks = [torch.full((small,), float("nan"), dtype=dtype, device="cuda") for _ in range(8)]
+    blocks.append(torch.full((1 << 26,), float("nan"), dtype=dtype, device="cuda"))  # the large pool
+    del blocks

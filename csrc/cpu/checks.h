@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <vector>
@@ -61,6 +62,16 @@ inline void check_mlp_weights(const char* op, const at::Tensor& x, const std::op
   } else {
     TORCH_CHECK(!w_gate.has_value(), op, ": activation '", activation, "' takes no w_gate");
   }
+}
+
+// nested_mlp: x (..., D) with at least one dimension, MLP weights, 1 <= width <= F.
+inline void check_nested_mlp_args(const char* op, const at::Tensor& x,
+                                  const std::optional<at::Tensor>& w_gate, const at::Tensor& w_up,
+                                  const at::Tensor& w_down, int64_t width,
+                                  const std::string& activation) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
+  check_mlp_weights(op, x, w_gate, w_up, w_down, activation);
+  check_width(op, "width", width, w_up.size(0));
 }
 
 // nested_linear: x (..., X >= in), weight (O, I), bias (O,) or absent, 1 <= out <= O, 1 <= in <= I.
@@ -152,6 +163,66 @@ inline void check_routed_backward_args(const char* op, const at::Tensor& grad_ou
   check_same(op, "grad_out", grad_out, x, "x");
   TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
               " but x has ", x.sizes());
+}
+
+// varhead_attention sizes, and the scale in effect (1/sqrt(Dh) by default).
+struct AttentionShape {
+  int64_t batch, q_heads, kv_heads, q_len, kv_len, head_dim, group;
+  double scale;
+};
+
+// varhead_attention: q (B, Hq, Sq, Dh), k and v (B, Hkv, Sk, Dh) like q, Hq a multiple of
+// Hkv, Sk >= 1 (>= Sq if causal), heads (B,) int64 whose values are checked on the host by
+// check_head_counts. Where heads may live is the kernel's to check.
+inline AttentionShape check_varhead_args(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                         const at::Tensor& v, const at::Tensor& heads, bool causal,
+                                         std::optional<double> scale) {
+  check_dim(op, "q", q, 4, "(B, Hq, Sq, Dh)");
+  check_dim(op, "k", k, 4, "(B, Hkv, Sk, Dh)");
+  check_dim(op, "v", v, 4, "(B, Hkv, Sk, Dh)");
+  check_float(op, "q", q);
+  check_same(op, "k", k, q, "q");
+  check_same(op, "v", v, q, "q");
+  TORCH_CHECK(heads.scalar_type() == at::kLong, op, ": heads must be int64, got ",
+              heads.scalar_type());
+  AttentionShape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), 0, 0.0};
+  TORCH_CHECK(heads.dim() == 1 && heads.size(0) == s.batch, op, ": heads must have shape (",
+              s.batch, ",) (one head count per sequence of q), got ", heads.sizes());
+  TORCH_CHECK(k.size(0) == s.batch, op, ": k has batch ", k.size(0), " but q has ", s.batch);
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v has shape ", v.sizes(), " but k has ", k.sizes());
+  TORCH_CHECK(k.size(3) == s.head_dim, op, ": k has head dim ", k.size(3), " but q has ",
+              s.head_dim);
+  TORCH_CHECK(s.head_dim > 0, op, ": q must have a head dim of at least 1, got shape ", q.sizes());
+  TORCH_CHECK(s.kv_len > 0, op, ": k must have at least one key (Sk >= 1), got shape ", k.sizes());
+  TORCH_CHECK(s.kv_heads > 0 && s.q_heads % s.kv_heads == 0, op, ": q has ", s.q_heads,
+              " heads, not a multiple of the ", s.kv_heads, " heads of k");
+  TORCH_CHECK(!causal || s.kv_len >= s.q_len, op, ": causal attention needs at least as many keys",
+              " as queries, but k has Sk=", s.kv_len, " and q has Sq=", s.q_len);
+  if (scale.has_value()) {
+    TORCH_CHECK(std::isfinite(*scale), op, ": scale must be finite, got ", *scale);
+  }
+  s.group = s.q_heads / s.kv_heads;
+  s.scale = scale.value_or(1.0 / std::sqrt(static_cast<double>(s.head_dim)));
+  return s;
+}
+
+// Every head count in [1, Hq]; heads_cpu is (B,) int64 on the CPU.
+inline void check_head_counts(const char* op, const at::Tensor& heads_cpu, int64_t q_heads) {
+  const at::Tensor counts = heads_cpu.contiguous();
+  const int64_t* count = counts.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < counts.numel(); ++b) {
+    TORCH_CHECK(count[b] >= 1, op, ": heads[", b, "] = ", count[b],
+                " is too few heads (each sequence needs at least 1)");
+    TORCH_CHECK(count[b] <= q_heads, op, ": heads[", b, "] = ", count[b],
+                " is too many heads (q has ", q_heads, ")");
+  }
+}
+
+// varhead_attention_backward: grad_out shaped and typed like q.
+inline void check_varhead_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& q) {
+  check_same(op, "grad_out", grad_out, q, "q");
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
+              " but q has ", q.sizes());
 }
 
 }  // namespace flextron

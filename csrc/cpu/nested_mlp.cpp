@@ -12,10 +12,7 @@ namespace flextron {
 at::Tensor nested_mlp_cpu(const at::Tensor& x, const std::optional<at::Tensor>& w_gate,
                           const at::Tensor& w_up, const at::Tensor& w_down, int64_t width,
                           const std::string& activation) {
-  constexpr const char* op = "nested_mlp";
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
-  check_mlp_weights(op, x, w_gate, w_up, w_down, activation);
-  check_width(op, "width", width, w_up.size(0));
+  check_nested_mlp_args("nested_mlp", x, w_gate, w_up, w_down, width, activation);
 
   const at::Tensor x2 = x.reshape({-1, x.size(-1)});  // (N, D)
   at::Tensor hidden = linear_nt(x2, w_up.narrow(0, 0, width));  // (N, width)

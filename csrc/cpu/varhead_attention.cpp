@@ -42,55 +42,14 @@ constexpr const char* kOp = "varhead_attention";
 // causal key prefix to pay off and for a 512-token prefill to spread over cores.
 constexpr int64_t kRowBlock = 64;
 
-struct AttentionShape {
-  int64_t batch, q_heads, kv_heads, q_len, kv_len, head_dim, group;
-  double scale;
-};
-
-// Validates the arguments and returns the sizes. Every message names the argument.
+// Validates the arguments (the shared checks, heads on the CPU) and returns the sizes.
 AttentionShape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& heads, bool causal, std::optional<double> scale) {
-  check_dim(kOp, "q", q, 4, "(B, Hq, Sq, Dh)");
-  check_dim(kOp, "k", k, 4, "(B, Hkv, Sk, Dh)");
-  check_dim(kOp, "v", v, 4, "(B, Hkv, Sk, Dh)");
-  check_float(kOp, "q", q);
-  check_same(kOp, "k", k, q, "q");
-  check_same(kOp, "v", v, q, "q");
-  TORCH_CHECK(heads.scalar_type() == at::kLong, kOp, ": heads must be int64, got ",
-              heads.scalar_type());
+  const AttentionShape s = check_varhead_args(kOp, q, k, v, heads, causal, scale);
   TORCH_CHECK(heads.device().is_cpu(), kOp, ": heads must be on the CPU like q, got ",
               heads.device());
-  const AttentionShape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), 0,
-                         0.0};
-  TORCH_CHECK(heads.dim() == 1 && heads.size(0) == s.batch, kOp, ": heads must have shape (",
-              s.batch, ",) (one head count per sequence of q), got ", heads.sizes());
-  TORCH_CHECK(k.size(0) == s.batch, kOp, ": k has batch ", k.size(0), " but q has ", s.batch);
-  TORCH_CHECK(v.sizes() == k.sizes(), kOp, ": v has shape ", v.sizes(), " but k has ", k.sizes());
-  TORCH_CHECK(k.size(3) == s.head_dim, kOp, ": k has head dim ", k.size(3), " but q has ",
-              s.head_dim);
-  TORCH_CHECK(s.head_dim > 0, kOp, ": q must have a head dim of at least 1, got shape ",
-              q.sizes());
-  TORCH_CHECK(s.kv_len > 0, kOp, ": k must have at least one key (Sk >= 1), got shape ",
-              k.sizes());
-  TORCH_CHECK(s.kv_heads > 0 && s.q_heads % s.kv_heads == 0, kOp, ": q has ", s.q_heads,
-              " heads, not a multiple of the ", s.kv_heads, " heads of k");
-  TORCH_CHECK(!causal || s.kv_len >= s.q_len, kOp, ": causal attention needs at least as many keys",
-              " as queries, but k has Sk=", s.kv_len, " and q has Sq=", s.q_len);
-  if (scale.has_value()) {
-    TORCH_CHECK(std::isfinite(*scale), kOp, ": scale must be finite, got ", *scale);
-  }
-  const at::Tensor heads_cpu = heads.contiguous();
-  const int64_t* count = heads_cpu.data_ptr<int64_t>();
-  for (int64_t b = 0; b < s.batch; ++b) {
-    TORCH_CHECK(count[b] >= 1, kOp, ": heads[", b, "] = ", count[b],
-                " is too few heads (each sequence needs at least 1)");
-    TORCH_CHECK(count[b] <= s.q_heads, kOp, ": heads[", b, "] = ", count[b],
-                " is too many heads (q has ", s.q_heads, ")");
-  }
-  AttentionShape out = s;
-  out.group = s.q_heads / s.kv_heads;
-  out.scale = scale.value_or(1.0 / std::sqrt(static_cast<double>(s.head_dim)));
-  return out;
+  check_head_counts(kOp, heads, s.q_heads);
+  return s;
 }
 
 // The keys that query rows [row0, row0 + rows) can see: a prefix of length key_end.
@@ -193,9 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varhead_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& heads, bool causal, std::optional<double> scale) {
   const AttentionShape s = check_inputs(q, k, v, heads, causal, scale);
-  check_same(kOp, "grad_out", grad_out, q, "q");
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), kOp, ": grad_out has shape ", grad_out.sizes(),
-              " but q has ", q.sizes());
+  check_varhead_grad_out(kOp, grad_out, q);
   // The op's autograd is registered in Python; the ATen calls inside must not record any.
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const at::Tensor heads_cpu = heads.contiguous();

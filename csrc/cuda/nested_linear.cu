@@ -1,5 +1,6 @@
 // nested_linear on CUDA: y = x[..., :in] @ weight[:out, :in]^T (+ bias[:out]) as
-// one CUTLASS 2.x device GEMM that reads the weight prefix in place.
+// one CUTLASS 2.x device GEMM that reads the weight prefix in place. The GEMM
+// itself (prefix_gemm_out, prefix_gemm.h) also serves nested_mlp.cu.
 //
 // Why a custom GEMM and not at::addmm: the op is the building block of every
 // elastic layer, and the point of Flextron is that a narrower sub-network costs
@@ -34,6 +35,7 @@
 #include <limits>
 
 #include "cpu/checks.h"
+#include "cuda/prefix_gemm.h"
 #include "ops.h"
 
 namespace flextron {
@@ -59,7 +61,7 @@ using SimtGemm = cutlass::gemm::device::Gemm<float, RowMajor, float, ColumnMajor
 // kernel's alignment allows; returns false (nothing launched) otherwise.
 template <typename Gemm>
 bool try_gemm(const at::Tensor& x2, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-              at::Tensor& y, int64_t in, int64_t out) {
+              at::Tensor& y, int64_t in, int64_t out, const char* op) {
   using Element = typename Gemm::ElementA;
   constexpr int64_t elems = Gemm::kAlignmentA;
   static_assert(Gemm::kAlignmentB == elems && Gemm::kAlignmentC == elems);
@@ -86,7 +88,7 @@ bool try_gemm(const at::Tensor& x2, const at::Tensor& w, const std::optional<at:
   Gemm gemm;
   cutlass::Status status = gemm.can_implement(args);
   TORCH_CHECK(status == cutlass::Status::kSuccess,
-              "nested_linear: CUTLASS cannot run this problem: ", cutlassGetStatusString(status));
+              op, ": CUTLASS cannot run this problem: ", cutlassGetStatusString(status));
   const size_t workspace_bytes = Gemm::get_workspace_size(args);
   at::Tensor workspace;
   if (workspace_bytes > 0) {
@@ -95,11 +97,37 @@ bool try_gemm(const at::Tensor& x2, const at::Tensor& w, const std::optional<at:
   status = gemm(args, workspace_bytes > 0 ? workspace.data_ptr() : nullptr,
                 at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cutlass::Status::kSuccess,
-              "nested_linear: CUTLASS GEMM failed: ", cutlassGetStatusString(status));
+              op, ": CUTLASS GEMM failed: ", cutlassGetStatusString(status));
   return true;
 }
 
 }  // namespace
+
+void prefix_gemm_out(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias, int64_t out, int64_t in,
+                     const char* op) {
+  bool done;
+  switch (x.scalar_type()) {
+    case at::kBFloat16:
+      done = try_gemm<TensorOpGemm<cutlass::bfloat16_t>>(x, weight, bias, y, in, out, op);
+      break;
+    case at::kHalf:
+      done = try_gemm<TensorOpGemm<cutlass::half_t>>(x, weight, bias, y, in, out, op);
+      break;
+    default:  // float32 (check_float allows nothing else)
+      done = try_gemm<SimtGemm>(x, weight, bias, y, in, out, op);
+      break;
+  }
+  if (done) return;
+  // Misaligned or non-unit inner strides: cuBLAS on the same strided views.
+  const at::Tensor x_prefix = x.narrow(1, 0, in);
+  const at::Tensor w_prefix = weight.narrow(0, 0, out).narrow(1, 0, in);
+  if (bias.has_value()) {
+    at::addmm_out(y, *bias, x_prefix, w_prefix.t());
+  } else {
+    at::mm_out(y, x_prefix, w_prefix.t());
+  }
+}
 
 at::Tensor nested_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, int64_t out_features,
@@ -120,30 +148,7 @@ at::Tensor nested_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   // The epilogue reads the bias as a contiguous row: copy it only if it is strided (out elements).
   std::optional<at::Tensor> bias_prefix;
   if (bias.has_value()) bias_prefix = bias->narrow(0, 0, out_features).contiguous();
-
-  bool done;
-  switch (x.scalar_type()) {
-    case at::kBFloat16:
-      done = try_gemm<TensorOpGemm<cutlass::bfloat16_t>>(x2, weight, bias_prefix, y, in_features,
-                                                         out_features);
-      break;
-    case at::kHalf:
-      done = try_gemm<TensorOpGemm<cutlass::half_t>>(x2, weight, bias_prefix, y, in_features,
-                                                     out_features);
-      break;
-    default:  // float32 (check_float allows nothing else)
-      done = try_gemm<SimtGemm>(x2, weight, bias_prefix, y, in_features, out_features);
-      break;
-  }
-  if (!done) {  // misaligned or non-unit inner strides: cuBLAS on the same strided views
-    const at::Tensor x_prefix = x2.narrow(1, 0, in_features);
-    const at::Tensor w_prefix = weight.narrow(0, 0, out_features).narrow(1, 0, in_features);
-    if (bias_prefix.has_value()) {
-      at::addmm_out(y, *bias_prefix, x_prefix, w_prefix.t());
-    } else {
-      at::mm_out(y, x_prefix, w_prefix.t());
-    }
-  }
+  prefix_gemm_out(y, x2, weight, bias_prefix, out_features, in_features, op);
   return y.view(shape);
 }
 

@@ -65,6 +65,7 @@
 
 #include "cpu/checks.h"
 #include "cpu/mlp_kernels.h"
+#include "cuda/activation.cuh"
 #include "cuda/grouped_gemm.cuh"
 #include "cuda/grouping.cuh"
 #include "ops.h"
@@ -226,52 +227,6 @@ __global__ void build_backward_problems(const int64_t* __restrict__ offsets, Wid
   }
 }
 
-__device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
-
-__device__ __forceinline__ float activation_value(Activation activation, float g, float u) {
-  switch (activation) {
-    case Activation::kSwiglu:
-      return g * sigmoid(g) * u;
-    case Activation::kGelu:
-      return 0.5f * u * (1.f + erff(u * 0.70710678118654752f));
-    case Activation::kGeluTanh:
-      return 0.5f * u * (1.f + tanhf(0.79788456080286536f * (u + 0.044715f * u * u * u)));
-    default:  // kRelu; NaN stays NaN, as in torch.relu
-      return u < 0.f ? 0.f : u;
-  }
-}
-
-// d hidden / d up (times gh) and d hidden / d gate (times gh, swiglu only), as ATen's
-// silu_backward / gelu_backward / threshold_backward compute them.
-__device__ __forceinline__ void activation_grad(Activation activation, float g, float u, float gh,
-                                                float& grad_up, float& grad_gate) {
-  grad_gate = 0.f;
-  switch (activation) {
-    case Activation::kSwiglu: {
-      const float sig = sigmoid(g);
-      grad_up = gh * g * sig;
-      grad_gate = gh * u * sig * (1.f + g * (1.f - sig));
-      return;
-    }
-    case Activation::kGelu: {
-      const float cdf = 0.5f * (1.f + erff(u * 0.70710678118654752f));
-      const float pdf = 0.39894228040143268f * expf(-0.5f * u * u);
-      grad_up = gh * (cdf + u * pdf);
-      return;
-    }
-    case Activation::kGeluTanh: {
-      constexpr float kBeta = 0.79788456080286536f, kKappa = 0.044715f;
-      const float t = tanhf(kBeta * (u + kKappa * u * u * u));
-      const float dinner = kBeta * (1.f + 3.f * kKappa * u * u);
-      grad_up = gh * (0.5f * (1.f + t) + 0.5f * u * (1.f - t * t) * dinner);
-      return;
-    }
-    default:  // kRelu: threshold_backward(gh, u, 0)
-      grad_up = u <= 0.f ? 0.f : gh;
-      return;
-  }
-}
-
 // One block per sorted row: out[r, :width] = act(gate[r, :width], up[r, :width]) in fp32.
 // `out` may be `up` (forward, in place) or a separate buffer (backward's hidden).
 template <typename Element>
@@ -283,7 +238,7 @@ __global__ void activate_rows(const Element* gate, const Element* up, Element* o
   for (int64_t j = threadIdx.x; j < width; j += blockDim.x) {
     const float g = gate == nullptr ? 0.f : static_cast<float>(gate[row * ffn + j]);
     out[row * ffn + j] = static_cast<Element>(
-        activation_value(activation, g, static_cast<float>(up[row * ffn + j])));
+        apply_activation(activation, g, static_cast<float>(up[row * ffn + j])));
   }
 }
 
