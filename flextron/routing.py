@@ -305,3 +305,73 @@ def train_end_to_end(
     model.eval()
     router.eval()
     return log
+
+
+@torch.no_grad()
+def calibrate_dynamic(
+    model: FlextronModel,
+    router: DynamicRouter,
+    target: LatencyTarget,
+    blocks: torch.Tensor,
+    budgets: Sequence[float],
+    overhead_ms: float = 0.0,
+    iterations: int = 16,
+    tolerance: float = 0.01,
+    progress: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Per budget, the logit offset that puts the dynamic router's LUT latency on its target.
+
+    A trained dynamic router can miss its targets (e.g. saturate below the full model's
+    latency at high budgets).  For each budget b this bisects the offset δ(b) (logits are
+    lowered by δ × each choice's LUT cost, DynamicRouter.set_calibration) until the LUT
+    latency of the router's argmax choices on `blocks` (the mean over tokens of each
+    layer's MLP cost plus the per-sequence head costs) is within `tolerance` of
+    b × full − overhead_ms, where overhead_ms is what the routed path costs beyond the LUT
+    (the router itself, grouping), measured or 0.  Larger δ never makes a layer's argmax
+    more expensive, so the latency falls with δ and bisection applies.  The offsets are
+    stored in the router (interpolated between budgets); returns one row per budget.
+    """
+    budgets = sorted(float(b) for b in budgets)
+    costs = {"mlp_costs": target.mlp_costs.tolist(), "head_costs": target.head_costs.tolist()}
+    router.eval()
+    device = model.embed_tokens.weight.device
+    batch = blocks.to(device)
+
+    def latency(budget: float, offset: float) -> float:
+        router.set_calibration([budget], [offset], **costs)
+        session = router.session(budget, batch.shape[0])
+        model(batch, router=session, last_only=True)
+        _, mlp, heads = _features(session)
+        return float(target.latency(mlp, heads).mean())
+
+    rows = []
+    for budget in budgets:
+        goal = budget * target.full_ms - overhead_ms
+        tried = {0.0: latency(budget, 0.0)}
+        # Bracket: `slow` gives latency above the goal, `fast` at or below it.
+        direction = 1.0 if tried[0.0] > goal else -1.0
+        step, far = 0.05, 0.0
+        while abs(far) < 100.0:
+            far = direction * step
+            tried[far] = latency(budget, far)
+            if (tried[far] <= goal) == (direction > 0):
+                break
+            step *= 2
+        slow, fast = (0.0, far) if direction > 0 else (far, 0.0)
+        for _ in range(iterations):
+            if min(abs(v - goal) for v in tried.values()) <= tolerance * goal:
+                break
+            middle = (slow + fast) / 2
+            tried[middle] = latency(budget, middle)
+            if tried[middle] > goal:
+                slow = middle
+            else:
+                fast = middle
+        offset = min(tried, key=lambda o: (abs(tried[o] - goal), abs(o)))
+        row = {"budget": budget, "offset": offset, "lut_ms": tried[offset], "goal_ms": goal,
+               "uncalibrated_ms": tried[0.0], "evaluations": len(tried)}
+        rows.append(row)
+        if progress is not None:
+            progress(row)
+    router.set_calibration([r["budget"] for r in rows], [r["offset"] for r in rows], **costs)
+    return rows
