@@ -327,10 +327,11 @@ def profile(args: argparse.Namespace) -> None:
     "train-router", "train a static or dynamic router: surrogate-model loop then joint fine-tuning, or e2e",
     arg("--model", required=True, help="a Flextron directory with a latency table (flextron profile)"),
     arg("--kind", choices=("static", "dynamic"), default="static"),
-    arg("--mode", choices=("surrogate", "end-to-end", "joint"), default="surrogate",
+    arg("--mode", choices=("surrogate", "end-to-end", "joint", "calibrate"), default="surrogate",
         help="surrogate: the SM loop (DESIGN §1 step 5), then --finetune-steps of joint fine-tuning; "
              "end-to-end: the baseline without SM; joint: only the joint LLM + router fine-tuning, "
-             "from the directory's trained router of --kind"),
+             "from the directory's trained router of --kind; calibrate: only the dynamic router's "
+             "latency calibration, of the directory's trained dynamic router"),
     arg("--budgets", type=parse_budgets, default=[0.3, 0.5, 0.7, 1.0], help="trained budgets"),
     arg("--steps", type=int, default=200, help="SM-loop (or end-to-end) steps"),
     arg("--finetune-steps", type=int, default=50,
@@ -354,7 +355,8 @@ def profile(args: argparse.Namespace) -> None:
     arg("--init-margin", type=float, default=3.0, help="logit margin of the initial configuration"),
     arg("--sm-probe-blocks", type=int, default=2, help="blocks of the fixed batch whose loss the SM learns"),
     arg("--calibrate-blocks", type=int, default=4,
-        help="dynamic: blocks of held-out text on which each budget's latency offset is calibrated (0: none)"),
+        help="dynamic: blocks of training text on which each budget's latency offset is calibrated "
+             "(0: none)"),
     arg("--calibrate-overhead-ms", type=float, default=0.0,
         help="dynamic: the routed path's cost beyond the LUT (router, grouping), subtracted from targets"),
     arg("--threads", type=int, default=None),
@@ -391,16 +393,18 @@ def train_router(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.model} has no tokenizer: training text cannot be tokenized")
     blocks = load_blocks(model.tokenizer, args.data, args.seq_len, split="train")
     router_class = StaticRouter if args.kind == "static" else DynamicRouter
-    if args.mode == "joint":
+    if args.mode in ("joint", "calibrate"):
+        if args.mode == "calibrate" and args.kind != "dynamic":
+            raise ValueError("--mode calibrate applies to the dynamic router (--kind dynamic)")
         trained, _ = load_routers(directory, model.config)
         if args.kind not in trained:
-            raise ValueError(f"--mode joint fine-tunes a trained {args.kind} router; {directory} has none")
+            raise ValueError(f"--mode {args.mode} needs a trained {args.kind} router; {directory} has none")
         router = trained[args.kind]
         args.budgets = list(router.encoder.budgets)
     else:
         router = router_class(model.config, args.budgets, default_mlp_choices(model.config, args.mlp_choices),
                               hidden_size=args.hidden_size)
-    if args.init == "uniform" and args.mode != "joint":
+    if args.init == "uniform" and args.mode in ("surrogate", "end-to-end"):
         starts = uniform_init_archs(model, table, router, (phase, batch, length))
         router.init_to_archs(starts, args.init_margin)
         for budget, arch in starts.items():
@@ -433,16 +437,17 @@ def train_router(args: argparse.Namespace) -> None:
                                              progress=show).rows
             model.save_pretrained(directory)
             print(f"saved the jointly fine-tuned model to {directory}")
-    else:
+    elif args.mode == "end-to-end":
         logs["end_to_end"] = train_end_to_end(model, router, target, blocks, config, progress=show).rows
-    if isinstance(router, DynamicRouter) and args.calibrate_blocks > 0:
-        probe = load_blocks(model.tokenizer, args.data, length, args.calibrate_blocks, split="train")
+    if isinstance(router, DynamicRouter) and (args.calibrate_blocks > 0 or args.mode == "calibrate"):
+        probe = load_blocks(model.tokenizer, args.data, length, max(args.calibrate_blocks, 1), split="train")
         low, high = min(args.budgets), max(args.budgets)
         grid = sorted({*args.budgets, *(round(b / 10, 1) for b in range(1, 11) if low <= b / 10 <= high)})
 
         def report(row: dict) -> None:
-            print(f"calibrated budget {row['budget']:g}: offset {row['offset']:+.4f}, LUT {row['lut_ms']:.2f} ms "
-                  f"(goal {row['goal_ms']:.2f}, uncalibrated {row['uncalibrated_ms']:.2f})", file=sys.stderr)
+            print(f"calibrated budget {row['budget']:g}: offset {row['offset']:+.4f}, "
+                  f"LUT {row['lut_ms']:.2f} ms (goal {row['goal_ms']:.2f}, uncalibrated "
+                  f"{row['uncalibrated_ms']:.2f})", file=sys.stderr)
 
         logs["calibration"] = calibrate_dynamic(model, router, target, probe, grid,
                                                 args.calibrate_overhead_ms, progress=report)

@@ -330,7 +330,8 @@ class DynamicRouter(nn.Module):
                              f"{budgets}, {offsets}")
         if len(mlp_costs) != len(self.mlp_choices) or len(head_costs) != len(self.head_choices):
             raise ValueError("calibration costs need one value per MLP / head choice")
-        self.calibration = {"budgets": budgets, "offsets": offsets, "mlp_costs": [float(c) for c in mlp_costs],
+        self.calibration = {"budgets": budgets, "offsets": offsets,
+                            "mlp_costs": [float(c) for c in mlp_costs],
                             "head_costs": [float(c) for c in head_costs]}
 
     def offsets(self, budgets: torch.Tensor) -> torch.Tensor:
@@ -407,7 +408,8 @@ class DynamicRouter(nn.Module):
         """x: (B, T, D) prompt -> per-sequence logits (B, Ch) from the mean over positions."""
         hidden = self.head_in[layer](x.mean(1)) + self.head_budget[layer](budget_weights)
         _, head_costs = self.costs(x.device)
-        logits = self.head_out[layer](nn.functional.leaky_relu(hidden)) + budget_weights @ self.head_bias[layer]
+        logits = self.head_out[layer](nn.functional.leaky_relu(hidden))
+        logits = logits + budget_weights @ self.head_bias[layer]
         return logits - offsets[:, None].to(logits) * head_costs.to(logits)
 
 
