@@ -357,8 +357,9 @@ def profile(args: argparse.Namespace) -> None:
     arg("--calibrate-blocks", type=int, default=4,
         help="dynamic: blocks of training text on which each budget's latency offset is calibrated "
              "(0: none)"),
-    arg("--calibrate-overhead-ms", type=float, default=0.0,
-        help="dynamic: the routed path's cost beyond the LUT (router, grouping), subtracted from targets"),
+    arg("--calibrate-overhead", default="auto",
+        help="dynamic: the routed path's cost beyond the LUT (router, grouping tokens): auto (measured with "
+             "the table's clock, prefill shapes), none, or MS[,FRACTION] (MS + FRACTION x LUT ms)"),
     arg("--threads", type=int, default=None),
     arg("--seed", type=int, default=0),
     arg("--log", default=None, help="write the per-step log here (JSON)"),
@@ -379,6 +380,7 @@ def train_router(args: argparse.Namespace) -> None:
         LatencyTarget,
         RouterTrainingConfig,
         calibrate_dynamic,
+        measure_routing_overhead,
         train_end_to_end,
         train_router_surrogate,
     )
@@ -449,8 +451,22 @@ def train_router(args: argparse.Namespace) -> None:
                   f"LUT {row['lut_ms']:.2f} ms (goal {row['goal_ms']:.2f}, uncalibrated "
                   f"{row['uncalibrated_ms']:.2f})", file=sys.stderr)
 
-        logs["calibration"] = calibrate_dynamic(model, router, target, probe, grid,
-                                                args.calibrate_overhead_ms, progress=report)
+        overhead = (0.0, 0.0)
+        if args.calibrate_overhead not in ("auto", "none"):
+            values = [float(v) for v in args.calibrate_overhead.split(",")]
+            overhead = (values[0], values[1] if len(values) > 1 else 0.0)
+        logs["calibration"] = calibrate_dynamic(model, router, target, probe, grid, overhead, progress=report)
+        if args.calibrate_overhead == "auto" and phase == "prefill" and probe.shape[0] >= batch:
+            # Measure what the routed path costs beyond the LUT at the calibrated budgets, then
+            # calibrate again with it.
+            overhead, measured = measure_routing_overhead(model, router, target, probe[:batch], grid,
+                                                          table.clock)
+            pairs = ", ".join(f"{r['measured_ms']:.1f}/{r['lut_ms']:.1f}" for r in measured)
+            print(f"routing overhead: {overhead[0]:.2f} ms + {100 * overhead[1]:.1f}% of the LUT latency "
+                  f"(measured/LUT ms: {pairs})", file=sys.stderr)
+            logs["overhead"] = {"fixed_ms": overhead[0], "fraction": overhead[1], "measured": measured}
+            logs["calibration"] = calibrate_dynamic(model, router, target, probe, grid, overhead,
+                                                    progress=report)
     routers, _ = load_routers(directory, model.config)
     routers[args.kind] = router
     save_routers(directory, routers, {"phase": phase, "batch": batch, "length": length})

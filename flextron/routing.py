@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from flextron.latency import LatencyTable
+from flextron.latency import LatencyTable, median_times_ms
 from flextron.model import FlextronModel
 from flextron.nn.routers import (
     DynamicRouter,
@@ -314,7 +314,7 @@ def calibrate_dynamic(
     target: LatencyTarget,
     blocks: torch.Tensor,
     budgets: Sequence[float],
-    overhead_ms: float = 0.0,
+    overhead: tuple[float, float] = (0.0, 0.0),
     iterations: int = 16,
     tolerance: float = 0.01,
     progress: Callable[[dict], None] | None = None,
@@ -325,9 +325,10 @@ def calibrate_dynamic(
     latency at high budgets).  For each budget b this bisects the offset δ(b) (logits are
     lowered by δ × each choice's LUT cost, DynamicRouter.set_calibration) until the LUT
     latency of the router's argmax choices on `blocks` (the mean over tokens of each
-    layer's MLP cost plus the per-sequence head costs) is within `tolerance` of
-    b × full − overhead_ms, where overhead_ms is what the routed path costs beyond the LUT
-    (the router itself, grouping), measured or 0.  Larger δ never makes a layer's argmax
+    layer's MLP cost plus the per-sequence head costs) plus the routed path's overhead
+    is within `tolerance` of b × full.  overhead = (fixed ms, fraction): what the routed
+    path costs beyond the LUT (the router itself, grouping tokens by width), as
+    fixed + fraction × LUT ms (`measure_routing_overhead`), or (0, 0).  Larger δ never makes a layer's argmax
     more expensive, so the latency falls with δ and bisection applies.  The offsets are
     stored in the router (interpolated between budgets); returns one row per budget.
     """
@@ -346,7 +347,7 @@ def calibrate_dynamic(
 
     rows = []
     for budget in budgets:
-        goal = budget * target.full_ms - overhead_ms
+        goal = (budget * target.full_ms - overhead[0]) / (1 + overhead[1])
         tried = {0.0: latency(budget, 0.0)}
         # Bracket: `slow` gives latency above the goal, `fast` at or below it.
         direction = 1.0 if tried[0.0] > goal else -1.0
@@ -375,3 +376,43 @@ def calibrate_dynamic(
             progress(row)
     router.set_calibration([r["budget"] for r in rows], [r["offset"] for r in rows], **costs)
     return rows
+
+
+@torch.no_grad()
+def measure_routing_overhead(
+    model: FlextronModel,
+    router: DynamicRouter,
+    target: LatencyTarget,
+    ids: torch.Tensor,
+    budgets: Sequence[float],
+    clock: str = "wall",
+    repeats: int = 7,
+) -> tuple[tuple[float, float], list[dict]]:
+    """What dynamic routing costs beyond the LUT: ((fixed ms, fraction), rows).
+
+    For each budget, the routed forward on `ids` (the reference shape: a prefill batch,
+    last-position logits as generation runs it) is timed (median, round-robin) and
+    compared with the LUT latency of its choices; a least-squares line
+    measured − LUT = fixed + fraction × LUT is fitted (a constant alone from one budget).
+    """
+    device = model.embed_tokens.weight.device
+    batch = ids.to(device)
+    router.eval()
+    predicted = {}
+    for budget in budgets:
+        session = router.session(budget, batch.shape[0])
+        model(batch, router=session, last_only=True)
+        _, mlp, heads = _features(session)
+        predicted[budget] = float(target.latency(mlp, heads).mean())
+
+    def forward(budget: float) -> Callable[[], object]:
+        return lambda: model(batch, router=router.session(budget, batch.shape[0]), last_only=True)
+
+    measured = median_times_ms({b: forward(b) for b in budgets}, device, repeats, 2, clock)
+    rows = [{"budget": b, "lut_ms": predicted[b], "measured_ms": measured[b]} for b in budgets]
+    xs = torch.tensor([r["lut_ms"] for r in rows], dtype=torch.float64)
+    ys = torch.tensor([r["measured_ms"] - r["lut_ms"] for r in rows], dtype=torch.float64)
+    if len(rows) < 2 or float(xs.max() - xs.min()) < 1e-6:
+        return (float(ys.mean()), 0.0), rows
+    fraction = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum())
+    return (float(ys.mean() - fraction * xs.mean()), fraction), rows

@@ -8,7 +8,7 @@ import torch
 from flextron.budget import uniform_arch_for_latency, uniform_init_archs
 from flextron.config import ArchConfig
 from flextron.nn.routers import DynamicRouter, StaticRouter, load_routers, save_routers
-from flextron.routing import LatencyTarget, calibrate_dynamic
+from flextron.routing import LatencyTarget, calibrate_dynamic, measure_routing_overhead
 from tests.test_latency import synthetic_table
 from tests.tiny_models import tiny_flextron
 
@@ -108,8 +108,8 @@ def test_calibration_subtracts_the_measured_overhead() -> None:
     model, table = tiny_flextron(), synthetic_table()
     router = DynamicRouter(model.config, [0.5, 1.0], hidden_size=8)
     target = LatencyTarget.from_table(table, router, model, *SHAPE)
-    rows = calibrate_dynamic(model, router, target, blocks(), [0.8], overhead_ms=1.0)
-    assert rows[0]["goal_ms"] == pytest.approx(0.8 * target.full_ms - 1.0)
+    rows = calibrate_dynamic(model, router, target, blocks(), [0.8], overhead=(1.0, 0.1))
+    assert rows[0]["goal_ms"] == pytest.approx((0.8 * target.full_ms - 1.0) / 1.1)
     assert rows[0]["lut_ms"] == pytest.approx(rows[0]["goal_ms"], rel=0.03)
 
 
@@ -120,3 +120,18 @@ def test_set_calibration_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="one value per MLP"):
         router.set_calibration([0.5], [0.0], [1.0], [1.0] * 2)
     assert torch.equal(router.offsets(torch.tensor([0.5, 1.0])), torch.zeros(2))
+
+
+def test_measured_routing_overhead_is_a_line_through_measured_minus_lut() -> None:
+    torch.manual_seed(0)
+    model, table = tiny_flextron(), synthetic_table()
+    router = DynamicRouter(model.config, [0.5, 1.0], hidden_size=8)
+    target = LatencyTarget.from_table(table, router, model, *SHAPE)
+    calibrate_dynamic(model, router, target, blocks(), [0.5, 1.0])
+    (fixed, fraction), rows = measure_routing_overhead(model, router, target, blocks(1), [0.5, 1.0],
+                                                       repeats=2)
+    assert [r["budget"] for r in rows] == [0.5, 1.0]
+    for row in rows:
+        assert row["measured_ms"] > 0 and row["lut_ms"] > 0
+        # Two points: the line passes through both.
+        assert row["measured_ms"] - row["lut_ms"] == pytest.approx(fixed + fraction * row["lut_ms"], abs=1e-6)
