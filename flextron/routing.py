@@ -391,9 +391,12 @@ def measure_routing_overhead(
     """What dynamic routing costs beyond the LUT: ((fixed ms, fraction), rows).
 
     For each budget, the routed forward on `ids` (the reference shape: a prefill batch,
-    last-position logits as generation runs it) is timed (median, round-robin) and
-    compared with the LUT latency of its choices; a least-squares line
-    measured − LUT = fixed + fraction × LUT is fitted (a constant alone from one budget).
+    last-position logits as generation runs it) is timed (median, round-robin, together
+    with the full dense model) and compared with the LUT latency of its choices; a
+    least-squares line measured − LUT = fixed + fraction × LUT is fitted (a constant alone
+    from one budget).  Times are rescaled by LUT full / measured full of the same round:
+    on a shared machine even CPU time inflates with the neighbours' load (shared caches,
+    memory bandwidth), and the ratio to the dense model is what stays put.
     """
     device = model.embed_tokens.weight.device
     batch = ids.to(device)
@@ -408,8 +411,12 @@ def measure_routing_overhead(
     def forward(budget: float) -> Callable[[], object]:
         return lambda: model(batch, router=router.session(budget, batch.shape[0]), last_only=True)
 
-    measured = median_times_ms({b: forward(b) for b in budgets}, device, repeats, 2, clock)
-    rows = [{"budget": b, "lut_ms": predicted[b], "measured_ms": measured[b]} for b in budgets]
+    functions = {b: forward(b) for b in budgets}
+    functions["full"] = lambda: model(batch, last_only=True)
+    measured = median_times_ms(functions, device, repeats, 2, clock)
+    scale = target.full_ms / measured["full"]
+    rows = [{"budget": b, "lut_ms": predicted[b], "measured_ms": measured[b] * scale,
+             "raw_ms": measured[b], "full_raw_ms": measured["full"]} for b in budgets]
     xs = torch.tensor([r["lut_ms"] for r in rows], dtype=torch.float64)
     ys = torch.tensor([r["measured_ms"] - r["lut_ms"] for r in rows], dtype=torch.float64)
     if len(rows) < 2 or float(xs.max() - xs.min()) < 1e-6:
