@@ -195,7 +195,7 @@ def test_cli_profile_train_router_and_budget_driven_commands(tmp_path, capsys) -
                 "--log", str(tmp_path / f"{mode}.json"), *common]
         assert main(args) == 0
     assert set(json.loads((tmp_path / "joint.json").read_text())) == {"joint"}
-    assert set(json.loads((tmp_path / "calibrate.json").read_text())) == {"calibration"}
+    assert set(json.loads((tmp_path / "calibrate.json").read_text())) == {"calibration", "overhead"}
     capsys.readouterr()
     assert main(["train-router", "--model", str(out), "--mode", "calibrate", *common]) == 2
     assert "applies to the dynamic router" in capsys.readouterr().err
