@@ -27,7 +27,7 @@ import torch
 
 from flextron.budget import BudgetResolver, dynamic_perplexity
 from flextron.data import load_blocks
-from flextron.evaluate import perplexity
+from flextron.evaluate import frontier_perplexity, pareto_frontier, perplexity
 from flextron.latency import measure_latency, median_times_ms
 from flextron.model import FlextronModel
 
@@ -97,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     # of a shared machine hit all rows alike.
     selections = [(routing, budget, resolver.select(budget=budget, routing=routing))
                   for routing in args.routings.split(",") for budget in budgets]
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)
+    # Timed on held-out text: the dynamic router's widths depend on the tokens (static ones do not).
+    timing_text = load_blocks(model.tokenizer, None, length, batch, split="eval")
+    if timing_text.shape[0] < batch:
+        raise SystemExit(f"not enough held-out text for a {batch}x{length} timing batch")
+    ids = timing_text[:batch]
 
     def forward(selection) -> Callable[[], object]:
         session = selection.session(batch)  # dynamic: heads fixed at its first call, as in generation
@@ -122,14 +125,41 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{name:>8} {budget:.2f}: target {target:7.2f} ms measured {measured:7.2f} ms "
               f"({100 * row['error']:+.1f}%) ppl {ppl:8.2f}", file=sys.stderr, flush=True)
+    compare_to_uniform(rows)
     speedup = dynamic_speedup(model, resolver, args.speedup_batch, length, args.repeats, budgets,
-                              clock)
+                              clock) if args.speedup_batch > 0 else []
     summary = {"shape": resolver.shape, "full_ms_lut": full_ms, "device": resolver.table.device_name,
-               "clock": clock, "rows": rows, "dynamic_speedup": speedup}
+               "clock": clock, "model": args.model, "rows": rows, "dynamic_speedup": speedup,
+               "wins_over_uniform": wins(rows)}
     (out / "routers.json").write_text(json.dumps(summary, indent=2))
     plot(rows, out / "routers_pareto.png")
     print(markdown(rows, speedup))
     return 0
+
+
+def compare_to_uniform(rows: list[dict]) -> None:
+    """Adds to every non-uniform row the uniform Pareto frontier's perplexity at its measured
+    latency (log-linear interpolation between the uniform rows of the same table, generous to
+    uniform) and whether the row beats it: lower perplexity at equal measured latency."""
+    uniform = [(r["measured_ms"], r["perplexity"]) for r in rows if r["routing"].startswith("uniform")]
+    if not uniform:
+        return
+    frontier = pareto_frontier(uniform)
+    for row in rows:
+        if not row["routing"].startswith("uniform"):
+            row["uniform_frontier_ppl"] = frontier_perplexity(frontier, row["measured_ms"])
+            row["beats_uniform"] = row["perplexity"] < row["uniform_frontier_ppl"]
+
+
+def wins(rows: list[dict]) -> dict[str, list[float]]:
+    """Per routing, the budgets at which it beats the uniform frontier."""
+    result: dict[str, list[float]] = {}
+    for row in rows:
+        if "beats_uniform" in row:
+            result.setdefault(row["routing"], [])
+            if row["beats_uniform"]:
+                result[row["routing"]].append(row["budget"])
+    return result
 
 
 def dynamic_speedup(model: FlextronModel, resolver: BudgetResolver, batch: int, length: int,
@@ -153,12 +183,16 @@ def dynamic_speedup(model: FlextronModel, resolver: BudgetResolver, batch: int, 
 
 
 def markdown(rows: list[dict], speedup: list[dict]) -> str:
-    lines = ["| routing | budget | target ms | measured ms | error | perplexity | params (M) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| routing | budget | target ms | measured ms | error | perplexity | uniform frontier ppl | "
+             "beats uniform | params (M) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        frontier = f"{r['uniform_frontier_ppl']:.2f}" if "uniform_frontier_ppl" in r else "-"
+        beats = {True: "yes", False: "no"}.get(r.get("beats_uniform"), "-")
         lines.append(f"| {r['routing']} | {r['budget']:.2f} | {r['target_ms']:.1f} | "
-                     f"{r['measured_ms']:.1f} | "
-                     f"{100 * r['error']:+.1f}% | {r['perplexity']:.2f} | {r['parameters'] / 1e6:.1f} |")
+                     f"{r['measured_ms']:.1f} | {100 * r['error']:+.1f}% | {r['perplexity']:.2f} | "
+                     f"{frontier} | {beats} | {r['parameters'] / 1e6:.1f} |")
+    lines += ["", *(f"{routing}: beats the uniform frontier at budgets {budgets}"
+                    for routing, budgets in wins(rows).items())]
     if speedup:
         lines += ["", "| budget | batch x length | full ms | dynamic ms | speedup |", "|---|---|---|---|---|"]
         for s in speedup:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,11 +46,13 @@ def parse_shape(text: str) -> tuple[str, int, int]:
 
 
 def uniform_arch_for_latency(model: FlextronModel, table: LatencyTable, target_ms: float,
-                             shape: tuple[str, int, int]) -> ArchConfig:
-    """The uniform configuration whose predicted latency is nearest `target_ms` (ties: larger)."""
+                             shape: tuple[str, int, int], mlp_choices: Sequence[int] | None = None,
+                             head_choices: Sequence[int] | None = None) -> ArchConfig:
+    """The uniform configuration whose predicted latency is nearest `target_ms` (ties: larger),
+    among the given MLP widths and head counts (default: every allowed one)."""
     config = model.config
     candidates = [ArchConfig.uniform(config, w, h)
-                  for w in config.mlp_choices() for h in config.head_choices()]
+                  for w in mlp_choices or config.mlp_choices() for h in head_choices or config.head_choices()]
     predicted = {a: table.predict(a, *shape) for a in candidates}
     return min(candidates, key=lambda a: (abs(predicted[a] - target_ms), -predicted[a]))
 
@@ -98,6 +101,17 @@ def fit_to_latency(router: StaticRouter, budget: float, table: LatencyTable, tar
         _, kind, layer, new = min(moves)
         picks[kind][layer] = new
     return arch()
+
+
+def uniform_init_archs(model: FlextronModel, table: LatencyTable, router: StaticRouter | DynamicRouter,
+                       shape: tuple[str, int, int]) -> dict[float, ArchConfig]:
+    """Per trained budget of `router`, the uniform configuration (among the router's choices)
+    whose predicted latency is nearest budget x the full model's: the routers' starting point
+    (`init_to_archs`), so that router training starts from parity with uniform widths."""
+    full = table.predict(model.full_arch(), *shape)
+    return {budget: uniform_arch_for_latency(model, table, budget * full, shape, router.mlp_choices,
+                                             router.head_choices)
+            for budget in router.encoder.budgets}
 
 
 @dataclass

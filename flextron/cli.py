@@ -355,8 +355,11 @@ def profile(args: argparse.Namespace) -> None:
     "train-router", "train a static or dynamic router: surrogate-model loop then joint fine-tuning, or e2e",
     arg("--model", required=True, help="a Flextron directory with a latency table (flextron profile)"),
     arg("--kind", choices=("static", "dynamic"), default="static"),
-    arg("--mode", choices=("surrogate", "end-to-end"), default="surrogate",
-        help="surrogate: the SM loop (DESIGN §1 step 5); end-to-end: the baseline without SM"),
+    arg("--mode", choices=("surrogate", "end-to-end", "joint", "calibrate"), default="surrogate",
+        help="surrogate: the SM loop (DESIGN §1 step 5), then --finetune-steps of joint fine-tuning; "
+             "end-to-end: the baseline without SM; joint: only the joint LLM + router fine-tuning, "
+             "from the directory's trained router of --kind; calibrate: only the dynamic router's "
+             "latency calibration, of the directory's trained dynamic router"),
     arg("--budgets", type=parse_budgets, default=[0.3, 0.5, 0.7, 1.0], help="trained budgets"),
     arg("--steps", type=int, default=200, help="SM-loop (or end-to-end) steps"),
     arg("--finetune-steps", type=int, default=50,
@@ -374,13 +377,24 @@ def profile(args: argparse.Namespace) -> None:
     arg("--loss", choices=("kd", "lm"), default="kd"),
     arg("--mlp-choices", type=int, default=8, help="MLP widths the router picks from (smallest to full)"),
     arg("--hidden-size", type=int, default=128, help="router width"),
+    arg("--init", choices=("uniform", "random"), default="uniform",
+        help="uniform: each trained budget starts at the uniform configuration of its latency (parity); "
+             "random: plain random initialisation"),
+    arg("--init-margin", type=float, default=3.0, help="logit margin of the initial configuration"),
+    arg("--sm-probe-blocks", type=int, default=2, help="blocks of the fixed batch whose loss the SM learns"),
+    arg("--calibrate-blocks", type=int, default=4,
+        help="dynamic: blocks of training text on which each budget's latency offset is calibrated "
+             "(0: none)"),
+    arg("--calibrate-overhead", default="auto",
+        help="dynamic: the routed path's cost beyond the LUT (router, grouping tokens): auto (measured with "
+             "the table's clock, prefill shapes), none, or MS[,FRACTION] (MS + FRACTION x LUT ms)"),
     arg("--threads", type=int, default=None),
     arg("--seed", type=int, default=0),
     arg("--log", default=None, help="write the per-step log here (JSON)"),
     LATENCY_SHAPE,
 )
 def train_router(args: argparse.Namespace) -> None:
-    from flextron.budget import parse_shape
+    from flextron.budget import parse_shape, uniform_init_archs
     from flextron.data import load_blocks
     from flextron.latency import LatencyTable
     from flextron.nn.routers import (
@@ -390,7 +404,14 @@ def train_router(args: argparse.Namespace) -> None:
         load_routers,
         save_routers,
     )
-    from flextron.routing import LatencyTarget, RouterTrainingConfig, train_end_to_end, train_router_surrogate
+    from flextron.routing import (
+        LatencyTarget,
+        RouterTrainingConfig,
+        calibrate_dynamic,
+        measure_routing_overhead,
+        train_end_to_end,
+        train_router_surrogate,
+    )
 
     _set_threads(args.threads)
     directory = _flextron_dir(args.model)
@@ -402,14 +423,29 @@ def train_router(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.model} has no tokenizer: training text cannot be tokenized")
     blocks = load_blocks(model.tokenizer, args.data, args.seq_len, split="train")
     router_class = StaticRouter if args.kind == "static" else DynamicRouter
-    router = router_class(model.config, args.budgets, default_mlp_choices(model.config, args.mlp_choices),
-                          hidden_size=args.hidden_size)
+    if args.mode in ("joint", "calibrate"):
+        if args.mode == "calibrate" and args.kind != "dynamic":
+            raise ValueError("--mode calibrate applies to the dynamic router (--kind dynamic)")
+        trained, _ = load_routers(directory, model.config)
+        if args.kind not in trained:
+            raise ValueError(f"--mode {args.mode} needs a trained {args.kind} router; {directory} has none")
+        router = trained[args.kind]
+        args.budgets = list(router.encoder.budgets)
+    else:
+        router = router_class(model.config, args.budgets, default_mlp_choices(model.config, args.mlp_choices),
+                              hidden_size=args.hidden_size)
+    if args.init == "uniform" and args.mode in ("surrogate", "end-to-end"):
+        starts = uniform_init_archs(model, table, router, (phase, batch, length))
+        router.init_to_archs(starts, args.init_margin)
+        for budget, arch in starts.items():
+            print(f"budget {budget:g} starts at MLP width {arch.mlp_widths[0]}, {arch.heads[0]} heads "
+                  f"({table.predict(arch, phase, batch, length):.2f} ms)", file=sys.stderr)
     target = LatencyTarget.from_table(table, router, model, phase, batch, length)
     config = RouterTrainingConfig(
         budgets=tuple(args.budgets), latency_weight=args.latency_weight, steps=args.steps,
         batch_size=args.batch_size, router_lr=args.router_lr, model_lr=args.model_lr,
         sm_threshold=args.sm_threshold, sm_updates=args.sm_updates, loss=args.loss, seed=args.seed,
-        tau_start=args.tau[0], tau_end=args.tau[1],
+        tau_start=args.tau[0], tau_end=args.tau[1], sm_probe_blocks=args.sm_probe_blocks,
     )
 
     def show(row: dict) -> None:
@@ -418,19 +454,49 @@ def train_router(args: argparse.Namespace) -> None:
                   file=sys.stderr)
 
     logs = {}
-    if args.mode == "surrogate":
-        _, log = train_router_surrogate(model, router, target, blocks, config, show)
-        logs["surrogate"] = log.rows
-        if args.finetune_steps > 0:
+    if args.mode in ("surrogate", "joint"):
+        if args.mode == "surrogate":
+            _, log = train_router_surrogate(model, router, target, blocks, config, show)
+            logs["surrogate"] = log.rows
+        steps = args.steps if args.mode == "joint" else args.finetune_steps
+        if steps > 0:
             import dataclasses
 
-            tune = dataclasses.replace(config, steps=args.finetune_steps, tau_start=config.tau_end)
+            tune = dataclasses.replace(config, steps=steps, tau_start=config.tau_end)
             logs["joint"] = train_end_to_end(model, router, target, blocks, tune, train_model=True,
                                              progress=show).rows
             model.save_pretrained(directory)
             print(f"saved the jointly fine-tuned model to {directory}")
-    else:
+    elif args.mode == "end-to-end":
         logs["end_to_end"] = train_end_to_end(model, router, target, blocks, config, progress=show).rows
+    if isinstance(router, DynamicRouter) and (args.calibrate_blocks > 0 or args.mode == "calibrate"):
+        probe = load_blocks(model.tokenizer, args.data, length, max(args.calibrate_blocks, 1), split="train")
+        low, high = min(args.budgets), max(args.budgets)
+        grid = sorted({*args.budgets, *(round(b / 10, 1) for b in range(1, 11) if low <= b / 10 <= high)})
+
+        def report(row: dict) -> None:
+            print(f"calibrated budget {row['budget']:g}: offset {row['offset']:+.4f}, "
+                  f"LUT {row['lut_ms']:.2f} ms (goal {row['goal_ms']:.2f}, uncalibrated "
+                  f"{row['uncalibrated_ms']:.2f})", file=sys.stderr)
+
+        overhead = (0.0, 0.0)
+        if args.calibrate_overhead not in ("auto", "none"):
+            values = [float(v) for v in args.calibrate_overhead.split(",")]
+            overhead = (values[0], values[1] if len(values) > 1 else 0.0)
+        logs["calibration"] = calibrate_dynamic(model, router, target, probe, grid, overhead, progress=report)
+        for _ in range(2 if args.calibrate_overhead == "auto" and phase == "prefill"
+                       and probe.shape[0] >= batch else 0):
+            # Measure what the routed path costs beyond the LUT at the calibrated budgets, then
+            # calibrate again with it; twice, since the overhead depends on how the tokens spread
+            # over widths (more groups, more small GEMMs), which the calibration changes.
+            overhead, measured = measure_routing_overhead(model, router, target, probe[:batch], grid,
+                                                          table.clock)
+            pairs = ", ".join(f"{r['measured_ms']:.1f}/{r['lut_ms']:.1f}" for r in measured)
+            print(f"routing overhead: {overhead[0]:.2f} ms + {100 * overhead[1]:.1f}% of the LUT latency "
+                  f"(measured/LUT ms: {pairs})", file=sys.stderr)
+            logs["overhead"] = {"fixed_ms": overhead[0], "fraction": overhead[1], "measured": measured}
+            logs["calibration"] = calibrate_dynamic(model, router, target, probe, grid, overhead,
+                                                    progress=report)
     routers, _ = load_routers(directory, model.config)
     routers[args.kind] = router
     save_routers(directory, routers, {"phase": phase, "batch": batch, "length": length})

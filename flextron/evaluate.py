@@ -134,3 +134,28 @@ def load_arch_file(path: str | os.PathLike) -> dict[str, tuple[float | None, Arc
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{path}: expected a configuration or a non-empty map of named configurations")
     return {name: (None, ArchConfig.from_dict(arch)) for name, arch in data.items()}
+
+
+def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(latency, perplexity) points -> the Pareto frontier, fastest first: the points that no
+    other point beats on both (a slower point is kept only when its perplexity is lower)."""
+    frontier: list[tuple[float, float]] = []
+    for latency, ppl in sorted(points):
+        if not frontier or ppl < frontier[-1][1]:
+            frontier.append((latency, ppl))
+    return frontier
+
+
+def frontier_perplexity(frontier: list[tuple[float, float]], latency_ms: float) -> float:
+    """The perplexity a Pareto frontier reaches at `latency_ms`: log-linear interpolation between
+    its neighbouring points (generous to the frontier: it assumes a configuration in between);
+    below its fastest point the fastest point's, above its slowest point the slowest's."""
+    if not frontier:
+        raise ValueError("empty frontier")
+    if latency_ms <= frontier[0][0]:
+        return frontier[0][1]
+    for (x0, y0), (x1, y1) in zip(frontier, frontier[1:], strict=False):
+        if latency_ms <= x1:
+            fraction = (latency_ms - x0) / (x1 - x0)
+            return math.exp(math.log(y0) + fraction * (math.log(y1) - math.log(y0)))
+    return frontier[-1][1]

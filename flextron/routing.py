@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from flextron.latency import LatencyTable
+from flextron.latency import LatencyTable, median_times_ms
 from flextron.model import FlextronModel
 from flextron.nn.routers import (
     DynamicRouter,
@@ -305,3 +305,121 @@ def train_end_to_end(
     model.eval()
     router.eval()
     return log
+
+
+@torch.no_grad()
+def calibrate_dynamic(
+    model: FlextronModel,
+    router: DynamicRouter,
+    target: LatencyTarget,
+    blocks: torch.Tensor,
+    budgets: Sequence[float],
+    overhead: tuple[float, float] = (0.0, 0.0),
+    iterations: int = 16,
+    tolerance: float = 0.01,
+    progress: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Per budget, the logit offset that puts the dynamic router's LUT latency on its target.
+
+    A trained dynamic router can miss its targets (e.g. saturate below the full model's
+    latency at high budgets).  For each budget b this bisects the offset δ(b) (logits are
+    lowered by δ × each choice's LUT cost, DynamicRouter.set_calibration) until the LUT
+    latency of the router's argmax choices on `blocks` (the mean over tokens of each
+    layer's MLP cost plus the per-sequence head costs) plus the routed path's overhead
+    is within `tolerance` of b × full.  overhead = (fixed ms, fraction): what the routed
+    path costs beyond the LUT (the router itself, grouping tokens by width), as
+    fixed + fraction × LUT ms (`measure_routing_overhead`), or (0, 0).  Larger δ never makes a layer's argmax
+    more expensive, so the latency falls with δ and bisection applies.  The offsets are
+    stored in the router (interpolated between budgets); returns one row per budget.
+    """
+    budgets = sorted(float(b) for b in budgets)
+    costs = {"mlp_costs": target.mlp_costs.tolist(), "head_costs": target.head_costs.tolist()}
+    router.eval()
+    device = model.embed_tokens.weight.device
+    batch = blocks.to(device)
+
+    def latency(budget: float, offset: float) -> float:
+        router.set_calibration([budget], [offset], **costs)
+        session = router.session(budget, batch.shape[0])
+        model(batch, router=session, last_only=True)
+        _, mlp, heads = _features(session)
+        return float(target.latency(mlp, heads).mean())
+
+    rows = []
+    for budget in budgets:
+        goal = (budget * target.full_ms - overhead[0]) / (1 + overhead[1])
+        tried = {0.0: latency(budget, 0.0)}
+        # Bracket: `slow` gives latency above the goal, `fast` at or below it.
+        direction = 1.0 if tried[0.0] > goal else -1.0
+        step, far = 0.05, 0.0
+        while abs(far) < 100.0:
+            far = direction * step
+            tried[far] = latency(budget, far)
+            if (tried[far] <= goal) == (direction > 0):
+                break
+            step *= 2
+        slow, fast = (0.0, far) if direction > 0 else (far, 0.0)
+        for _ in range(iterations):
+            if min(abs(v - goal) for v in tried.values()) <= tolerance * goal:
+                break
+            middle = (slow + fast) / 2
+            tried[middle] = latency(budget, middle)
+            if tried[middle] > goal:
+                slow = middle
+            else:
+                fast = middle
+        offset = min(tried, key=lambda o: (abs(tried[o] - goal), abs(o)))
+        row = {"budget": budget, "offset": offset, "lut_ms": tried[offset], "goal_ms": goal,
+               "uncalibrated_ms": tried[0.0], "evaluations": len(tried)}
+        rows.append(row)
+        if progress is not None:
+            progress(row)
+    router.set_calibration([r["budget"] for r in rows], [r["offset"] for r in rows], **costs)
+    return rows
+
+
+@torch.no_grad()
+def measure_routing_overhead(
+    model: FlextronModel,
+    router: DynamicRouter,
+    target: LatencyTarget,
+    ids: torch.Tensor,
+    budgets: Sequence[float],
+    clock: str = "wall",
+    repeats: int = 7,
+) -> tuple[tuple[float, float], list[dict]]:
+    """What dynamic routing costs beyond the LUT: ((fixed ms, fraction), rows).
+
+    For each budget, the routed forward on `ids` (the reference shape: a prefill batch,
+    last-position logits as generation runs it) is timed (median, round-robin, together
+    with the full dense model) and compared with the LUT latency of its choices; a
+    least-squares line measured − LUT = fixed + fraction × LUT is fitted (a constant alone
+    from one budget).  Times are rescaled by LUT full / measured full of the same round:
+    on a shared machine even CPU time inflates with the neighbours' load (shared caches,
+    memory bandwidth), and the ratio to the dense model is what stays put.
+    """
+    device = model.embed_tokens.weight.device
+    batch = ids.to(device)
+    router.eval()
+    predicted = {}
+    for budget in budgets:
+        session = router.session(budget, batch.shape[0])
+        model(batch, router=session, last_only=True)
+        _, mlp, heads = _features(session)
+        predicted[budget] = float(target.latency(mlp, heads).mean())
+
+    def forward(budget: float) -> Callable[[], object]:
+        return lambda: model(batch, router=router.session(budget, batch.shape[0]), last_only=True)
+
+    functions = {b: forward(b) for b in budgets}
+    functions["full"] = lambda: model(batch, last_only=True)
+    measured = median_times_ms(functions, device, repeats, 2, clock)
+    scale = target.full_ms / measured["full"]
+    rows = [{"budget": b, "lut_ms": predicted[b], "measured_ms": measured[b] * scale,
+             "raw_ms": measured[b], "full_raw_ms": measured["full"]} for b in budgets]
+    xs = torch.tensor([r["lut_ms"] for r in rows], dtype=torch.float64)
+    ys = torch.tensor([r["measured_ms"] - r["lut_ms"] for r in rows], dtype=torch.float64)
+    if len(rows) < 2 or float(xs.max() - xs.min()) < 1e-6:
+        return (float(ys.mean()), 0.0), rows
+    fraction = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum())
+    return (float(ys.mean() - fraction * xs.mean()), fraction), rows

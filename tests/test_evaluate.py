@@ -5,9 +5,18 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
-from flextron.evaluate import archs_for_budgets, evaluate_archs, format_table, perplexity, write_results
+from flextron.evaluate import (
+    archs_for_budgets,
+    evaluate_archs,
+    format_table,
+    frontier_perplexity,
+    pareto_frontier,
+    perplexity,
+    write_results,
+)
 from tests.tiny_models import tiny_flextron
 
 
@@ -34,3 +43,13 @@ def test_budget_table_json_and_plot(tmp_path) -> None:
     write_results(rows, tmp_path / "r.json", tmp_path / "r.png")
     assert json.loads((tmp_path / "r.json").read_text())["results"][1]["arch"]["mlp_widths"] == [128, 128]
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pareto_frontier_and_interpolated_perplexity() -> None:
+    points = [(100.0, 50.0), (150.0, 20.0), (120.0, 60.0), (200.0, 10.0), (210.0, 12.0)]
+    frontier = pareto_frontier(points)
+    assert frontier == [(100.0, 50.0), (150.0, 20.0), (200.0, 10.0)]
+    assert frontier_perplexity(frontier, 90.0) == 50.0
+    assert frontier_perplexity(frontier, 150.0) == pytest.approx(20.0)
+    assert frontier_perplexity(frontier, 175.0) == pytest.approx((20.0 * 10.0) ** 0.5)
+    assert frontier_perplexity(frontier, 300.0) == 10.0

@@ -188,7 +188,17 @@ def test_cli_profile_train_router_and_budget_driven_commands(tmp_path, capsys) -
     )
     routers, _ = load_routers(out, tiny_flextron().config)
     assert set(routers) == {"static", "dynamic"}
+    assert routers["dynamic"].calibration["budgets"] == [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    # Joint fine-tuning alone, from the trained static router; recalibration alone.
+    for mode, kind in (("joint", "static"), ("calibrate", "dynamic")):
+        args = ["train-router", "--model", str(out), "--kind", kind, "--mode", mode, "--steps", "1",
+                "--log", str(tmp_path / f"{mode}.json"), *common]
+        assert main(args) == 0
+    assert set(json.loads((tmp_path / "joint.json").read_text())) == {"joint"}
+    assert set(json.loads((tmp_path / "calibrate.json").read_text())) == {"calibration", "overhead"}
     capsys.readouterr()
+    assert main(["train-router", "--model", str(out), "--mode", "calibrate", *common]) == 2
+    assert "applies to the dynamic router" in capsys.readouterr().err
     assert main(["generate", "--model", str(out), "--latency-ms", "100000", "hi"]) == 2
     message = capsys.readouterr().err
     assert "achievable range is" in message and "full model" in message

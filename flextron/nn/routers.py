@@ -163,6 +163,32 @@ def _init_router_choices(
     router.hidden_size = hidden_size
 
 
+def _arch_indices(router: nn.Module, arch: ArchConfig) -> tuple[list[int], list[int]]:
+    """The router's choice indices of a configuration (ValueError naming a value it cannot pick)."""
+    indices = []
+    for name, values, choices in (("MLP width", arch.mlp_widths, router.mlp_choices),
+                                  ("head count", arch.heads, router.head_choices)):
+        if len(values) != router.num_layers:
+            raise ValueError(f"configuration has {len(values)} layers, the router {router.num_layers}")
+        missing = sorted(set(values) - set(choices))
+        if missing:
+            raise ValueError(f"{name}s {missing} are not among the router's choices {choices}")
+        indices.append([choices.index(v) for v in values])
+    return indices[0], indices[1]
+
+
+def _check_init(router: nn.Module, archs: dict[float, ArchConfig], margin: float) -> list[ArchConfig]:
+    """The configurations of `init_to_archs` in trained-budget order (one per trained budget)."""
+    if margin <= 0:
+        raise ValueError(f"margin must be > 0, got {margin}")
+    given = {round(float(b), 9): a for b, a in archs.items()}
+    budgets = [round(b, 9) for b in router.encoder.budgets]
+    if sorted(given) != budgets:
+        raise ValueError(f"need one configuration per trained budget {router.encoder.budgets}, "
+                         f"got budgets {sorted(given)}")
+    return [given[b] for b in budgets]
+
+
 # ---- static router -----------------------------------------------------------------
 
 
@@ -189,6 +215,28 @@ class StaticRouter(nn.Module):
         out = self.net(self.encoder(budget))[0]
         split = self.num_layers * len(self.mlp_choices)
         return out[:split].view(self.num_layers, -1), out[split:].view(self.num_layers, -1)
+
+    @torch.no_grad()
+    def init_to_archs(self, archs: dict[float, ArchConfig], margin: float = 3.0) -> None:
+        """Start every trained budget at a given configuration (e.g. the uniform one of its latency).
+
+        The last linear layer is solved (least squares, minimum norm) so that at trained
+        budget k the logits are `margin` at the configuration's choice and 0 elsewhere; the
+        first layer keeps its random initialisation.  The argmax is then exactly that
+        configuration, and Gumbel sampling at temperature τ explores around it.
+        """
+        ordered = _check_init(self, archs, margin)
+        first, last = self.net[0], self.net[2]
+        hidden = self.net[1](first(torch.eye(len(ordered), device=first.weight.device)))  # (K, H)
+        targets = torch.zeros(len(ordered), last.out_features, device=hidden.device)
+        cm, ch, layers = len(self.mlp_choices), len(self.head_choices), self.num_layers
+        for k, arch in enumerate(ordered):
+            mlp, heads = _arch_indices(self, arch)
+            for layer in range(layers):
+                targets[k, layer * cm + mlp[layer]] = margin
+                targets[k, layers * cm + layer * ch + heads[layer]] = margin
+        last.bias.zero_()
+        last.weight.copy_((torch.linalg.pinv(hidden) @ targets).T)
 
     def session(self, budget: float, sampling: Sampling = INFERENCE) -> StaticRouting:
         """A routing session for one budget (sampled once: every layer gets one choice)."""
@@ -243,6 +291,7 @@ class DynamicRouter(nn.Module):
         mlp_choices: Sequence[int] | None = None,
         head_choices: Sequence[int] | None = None,
         hidden_size: int = 128,
+        calibration: dict | None = None,
     ) -> None:
         super().__init__()
         if config.mlp_bias:
@@ -259,6 +308,75 @@ class DynamicRouter(nn.Module):
         self.head_in = nn.ModuleList(nn.Linear(d, hidden_size) for _ in range(layers))
         self.head_budget = nn.ModuleList(nn.Linear(k, hidden_size, bias=False) for _ in range(layers))
         self.head_out = nn.ModuleList(nn.Linear(hidden_size, len(self.head_choices)) for _ in range(layers))
+        # Per layer and trained budget, a direct logit bias (interpolated like the budget):
+        # it lets each budget start at its own width (init_to_archs).
+        self.mlp_bias = nn.Parameter(torch.zeros(layers, k, len(self.mlp_choices)))
+        self.head_bias = nn.Parameter(torch.zeros(layers, k, len(self.head_choices)))
+        self.calibration = None
+        if calibration is not None:
+            self.set_calibration(**calibration)
+
+    def set_calibration(self, budgets: Sequence[float], offsets: Sequence[float], mlp_costs: Sequence[float],
+                        head_costs: Sequence[float]) -> None:
+        """Inference-time latency calibration (flextron.routing.calibrate_dynamic).
+
+        At budget b, every logit is lowered by offset(b) x the choice's LUT cost (ms): a
+        positive offset steers tokens to cheaper widths, a negative one to wider.  offset(b)
+        interpolates linearly between the calibrated budgets (constant beyond them).
+        """
+        budgets, offsets = [float(b) for b in budgets], [float(o) for o in offsets]
+        if not budgets or len(budgets) != len(offsets) or budgets != sorted(set(budgets)):
+            raise ValueError(f"calibration needs ascending distinct budgets, one offset each, got "
+                             f"{budgets}, {offsets}")
+        if len(mlp_costs) != len(self.mlp_choices) or len(head_costs) != len(self.head_choices):
+            raise ValueError("calibration costs need one value per MLP / head choice")
+        self.calibration = {"budgets": budgets, "offsets": offsets,
+                            "mlp_costs": [float(c) for c in mlp_costs],
+                            "head_costs": [float(c) for c in head_costs]}
+
+    def offsets(self, budgets: torch.Tensor) -> torch.Tensor:
+        """(B,) budgets -> (B,) calibration offsets (zeros without a calibration)."""
+        if self.calibration is None:
+            return torch.zeros_like(budgets, dtype=torch.float32)
+        points = torch.tensor(self.calibration["budgets"], device=budgets.device)
+        values = torch.tensor(self.calibration["offsets"], device=budgets.device)
+        if len(points) == 1:
+            return values.expand(budgets.shape[0]).clone()
+        b = budgets.float().clamp(float(points[0]), float(points[-1]))
+        upper = torch.searchsorted(points, b).clamp(1, len(points) - 1)
+        fraction = (b - points[upper - 1]) / (points[upper] - points[upper - 1])
+        return values[upper - 1] + fraction * (values[upper] - values[upper - 1])
+
+    def costs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The calibration's (mlp costs (Cm,), head costs (Ch,)); zeros without a calibration."""
+        if self.calibration is None:
+            return (torch.zeros(len(self.mlp_choices), device=device),
+                    torch.zeros(len(self.head_choices), device=device))
+        return (torch.tensor(self.calibration["mlp_costs"], device=device),
+                torch.tensor(self.calibration["head_costs"], device=device))
+
+    @torch.no_grad()
+    def init_to_archs(self, archs: dict[float, ArchConfig], margin: float = 3.0,
+                      hidden_scale: float = 0.1) -> None:
+        """Start every trained budget at a given configuration (e.g. the uniform one of its latency).
+
+        The per-budget biases get `margin` at the configuration's choices (0 elsewhere), and
+        the hidden-state terms are scaled by `hidden_scale`, so that at first each budget
+        routes (almost) every token to its configuration's width; training then learns which
+        tokens deserve more or less.
+        """
+        ordered = _check_init(self, archs, margin)
+        self.mlp_bias.zero_()
+        self.head_bias.zero_()
+        for k, arch in enumerate(ordered):
+            mlp, heads = _arch_indices(self, arch)
+            for layer in range(self.num_layers):
+                self.mlp_bias[layer, k, mlp[layer]] = margin
+                self.head_bias[layer, k, heads[layer]] = margin
+        for layer in range(self.num_layers):
+            self.mlp_out[layer].mul_(hidden_scale)
+            self.head_out[layer].weight.mul_(hidden_scale)
+            self.head_out[layer].bias.zero_()
 
     def session(self, budget: float | torch.Tensor, batch_size: int, sampling: Sampling = INFERENCE
                 ) -> DynamicRouting:
@@ -266,17 +384,33 @@ class DynamicRouter(nn.Module):
         weights = self.encoder(budget)  # (1 or B, K)
         if weights.shape[0] not in (1, batch_size):
             raise ValueError(f"{weights.shape[0]} budgets for a batch of {batch_size}")
-        return DynamicRouting(self, weights.expand(batch_size, -1), sampling)
+        values = torch.as_tensor(budget, dtype=torch.float32, device=weights.device).reshape(-1)
+        offsets = self.offsets(values).expand(batch_size)
+        return DynamicRouting(self, weights.expand(batch_size, -1), offsets, sampling)
 
-    def mlp_hidden(self, layer: int, x: torch.Tensor, budget_weights: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, D), budget_weights: (B, K) -> router hidden state (B*T, H)."""
+    def mlp_features(self, layer: int, x: torch.Tensor, budget_weights: torch.Tensor, offsets: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, D), budget_weights: (B, K), offsets: (B,) -> (features (B*T, H+K+1), weight (Cm, H+K+1)).
+
+        logits = features @ weight^T = hidden W_out^T + budget_weights @ mlp_bias - offset * costs:
+        one matrix product, so that `ops.route` fuses it with the argmax and the grouping.
+        """
         hidden = self.mlp_in[layer](x) + self.mlp_budget[layer](budget_weights)[:, None]  # (B, T, H)
-        return nn.functional.leaky_relu(hidden).flatten(0, 1)
+        batch, tokens = x.shape[:2]
+        extra = torch.cat([budget_weights, offsets[:, None].to(budget_weights)], 1)  # (B, K+1)
+        features = torch.cat([nn.functional.leaky_relu(hidden), extra[:, None].expand(batch, tokens, -1)], -1)
+        mlp_costs, _ = self.costs(x.device)
+        weight = torch.cat([self.mlp_out[layer], self.mlp_bias[layer].T, -mlp_costs[:, None]], 1)
+        return features.flatten(0, 1), weight.to(x.dtype)
 
-    def head_logits(self, layer: int, x: torch.Tensor, budget_weights: torch.Tensor) -> torch.Tensor:
+    def head_logits(self, layer: int, x: torch.Tensor, budget_weights: torch.Tensor, offsets: torch.Tensor
+                    ) -> torch.Tensor:
         """x: (B, T, D) prompt -> per-sequence logits (B, Ch) from the mean over positions."""
         hidden = self.head_in[layer](x.mean(1)) + self.head_budget[layer](budget_weights)
-        return self.head_out[layer](nn.functional.leaky_relu(hidden))
+        _, head_costs = self.costs(x.device)
+        logits = self.head_out[layer](nn.functional.leaky_relu(hidden))
+        logits = logits + budget_weights @ self.head_bias[layer]
+        return logits - offsets[:, None].to(logits) * head_costs.to(logits)
 
 
 class DynamicRouting:
@@ -286,8 +420,10 @@ class DynamicRouting:
     or a full recompute of the same sequences), so cached keys/values stay valid.
     """
 
-    def __init__(self, router: DynamicRouter, budget_weights: torch.Tensor, sampling: Sampling) -> None:
+    def __init__(self, router: DynamicRouter, budget_weights: torch.Tensor, offsets: torch.Tensor,
+                 sampling: Sampling) -> None:
         self.router, self.budget_weights, self.sampling = router, budget_weights, sampling
+        self.offsets = offsets  # (B,) calibration offsets (DynamicRouter.set_calibration)
         layers = router.num_layers
         self.heads: list[torch.Tensor | None] = [None] * layers  # (B,) int64 query heads per layer
         self.head_probs: list[torch.Tensor | None] = [None] * layers  # (B, Ch)
@@ -300,7 +436,7 @@ class DynamicRouting:
         """x: (B, T, D) -> (B, T, D) with per-sequence head counts fixed at prefill."""
         if self.heads[layer] is None:
             budget = self.budget_weights.to(x.dtype)
-            logits = self.router.head_logits(layer, x, budget)
+            logits = self.router.head_logits(layer, x, budget, self.offsets)
             choice, probs, scale = _pick(logits, self.sampling)
             counts = torch.tensor(self.router.head_choices, device=x.device)
             self.heads[layer], self.head_probs[layer], self.head_scale[layer] = counts[choice], probs, scale
@@ -311,12 +447,11 @@ class DynamicRouting:
     def mlp(self, layer: int, module: ElasticMLP, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, D) -> (B, T, D), every token at its own width (one fused routed MLP)."""
         router = self.router
-        hidden = router.mlp_hidden(layer, x, self.budget_weights.to(x.dtype))  # (B*T, H)
-        weight = router.mlp_out[layer].to(x.dtype)
+        features, weight = router.mlp_features(layer, x, self.budget_weights.to(x.dtype), self.offsets)
         noise = None
         if self.sampling.noise:
-            noise = gumbel_noise((hidden.shape[0], weight.shape[0]), self.sampling.generator, x.device)
-        choice, probs, *_ = ops.route(hidden, weight, noise, self.sampling.tau, True)
+            noise = gumbel_noise((features.shape[0], weight.shape[0]), self.sampling.generator, x.device)
+        choice, probs, *_ = ops.route(features, weight, noise, self.sampling.tau, True)
         scale = probs.gather(1, choice[:, None]).squeeze(1) if self.sampling.scale else None
         self.mlp_probs[layer], self.mlp_choice[layer] = probs, choice
         flat = x.reshape(-1, x.shape[-1])  # (B*T, D)
@@ -368,10 +503,13 @@ ROUTER_KINDS = {"static": StaticRouter, "dynamic": DynamicRouter}
 
 def router_settings(router: StaticRouter | DynamicRouter) -> dict:
     """What rebuilds the router (with the model's config): budgets, choices, hidden size."""
-    return {
+    settings = {
         "budgets": router.encoder.budgets, "mlp_choices": router.mlp_choices,
         "head_choices": router.head_choices, "hidden_size": router.hidden_size,
     }
+    if getattr(router, "calibration", None) is not None:
+        settings["calibration"] = router.calibration
+    return settings
 
 
 def save_routers(path: str | os.PathLike, routers: dict[str, StaticRouter | DynamicRouter],
@@ -408,6 +546,11 @@ def load_routers(path: str | os.PathLike, config: ModelConfig) -> tuple[dict, di
     for kind, settings in meta["routers"].items():
         router = ROUTER_KINDS[kind](config, **settings)
         prefix = f"{kind}."
-        router.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        # Routers saved before the per-budget biases existed load with zero biases.
+        missing, unexpected = router.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"mlp_bias", "head_bias"}:
+            raise ValueError(f"{path / ROUTERS_FILE}: {kind} router tensors do not match its settings "
+                             f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})")
         routers[kind] = router.eval()
     return routers, meta.get("latency_shape")

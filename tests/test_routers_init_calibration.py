@@ -1,0 +1,137 @@
+"""Router initialisation at given configurations, and the dynamic router's latency calibration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flextron.budget import uniform_arch_for_latency, uniform_init_archs
+from flextron.config import ArchConfig
+from flextron.nn.routers import DynamicRouter, StaticRouter, load_routers, save_routers
+from flextron.routing import LatencyTarget, calibrate_dynamic, measure_routing_overhead
+from tests.test_latency import synthetic_table
+from tests.tiny_models import tiny_flextron
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SHAPE = ("prefill", 1, 16)
+
+
+def blocks(count: int = 8, length: int = 16) -> torch.Tensor:
+    return torch.randint(3, 300, (count, length), generator=torch.Generator().manual_seed(1))
+
+
+def test_uniform_init_archs_are_the_uniform_configurations_nearest_each_budget() -> None:
+    model, table = tiny_flextron(), synthetic_table()
+    router = StaticRouter(model.config, [0.5, 0.75, 1.0], mlp_choices=[256, 128, 64], hidden_size=8)
+    archs = uniform_init_archs(model, table, router, SHAPE)
+    full = table.predict(model.full_arch(), *SHAPE)  # 14 ms
+    assert archs[1.0] == model.full_arch()
+    for budget, arch in archs.items():
+        assert arch.is_uniform and arch.mlp_widths[0] in router.mlp_choices
+        assert arch == uniform_arch_for_latency(model, table, budget * full, SHAPE, router.mlp_choices,
+                                                router.head_choices)
+
+
+def test_static_router_init_gives_each_trained_budget_its_configuration() -> None:
+    torch.manual_seed(0)
+    model, table = tiny_flextron(), synthetic_table()
+    router = StaticRouter(model.config, [0.5, 0.75, 1.0], hidden_size=8)
+    archs = uniform_init_archs(model, table, router, SHAPE)
+    archs[0.75] = ArchConfig((64, 256), (4, 2))  # heterogeneous works as well
+    router.init_to_archs(archs, margin=3.0)
+    for budget, arch in archs.items():
+        assert router.arch(budget) == arch
+        with torch.no_grad():
+            mlp_logits, head_logits = router(budget)
+        assert float(mlp_logits.max(-1).values.min()) == pytest.approx(3.0, abs=1e-4)
+        assert float(head_logits.max(-1).values.min()) == pytest.approx(3.0, abs=1e-4)
+    with pytest.raises(ValueError, match="one configuration per trained budget"):
+        router.init_to_archs({0.5: archs[0.5]})
+    with pytest.raises(ValueError, match=r"MLP widths \[192\] are not among"):
+        StaticRouter(model.config, [1.0], mlp_choices=[256, 64]).init_to_archs(
+            {1.0: ArchConfig((192, 256), (4, 4))})
+
+
+def test_dynamic_router_init_routes_every_token_to_its_budget_width() -> None:
+    torch.manual_seed(0)
+    model = tiny_flextron()
+    router = DynamicRouter(model.config, [0.5, 1.0], hidden_size=8)
+    archs = {0.5: ArchConfig((64, 128), (2, 2)), 1.0: model.full_arch()}
+    router.init_to_archs(archs, margin=4.0)
+    ids = blocks(4)
+    for budget, arch in archs.items():
+        session = router.session(budget, ids.shape[0])
+        with torch.no_grad():
+            model(ids, router=session)
+        for layer in range(model.config.num_layers):
+            widths = {router.mlp_choices[int(c)] for c in session.mlp_choice[layer]}
+            assert widths == {arch.mlp_widths[layer]}
+            assert set(session.heads[layer].tolist()) == {arch.heads[layer]}
+
+
+def lut_latency(model, router, target, ids, budget) -> float:
+    session = router.session(budget, ids.shape[0])
+    with torch.no_grad():
+        model(ids, router=session)
+    mlp, heads = session.usage()
+    return float(target.latency(mlp.mean(0, keepdim=True), heads.mean(0, keepdim=True)))
+
+
+def test_calibration_puts_a_saturated_dynamic_router_on_every_target(tmp_path) -> None:
+    torch.manual_seed(0)
+    model, table = tiny_flextron(), synthetic_table()
+    router = DynamicRouter(model.config, [0.5, 1.0], hidden_size=8)
+    # A router that saturates: the narrowest width and fewest heads at every budget.
+    narrow = ArchConfig((64, 64), (2, 2))
+    router.init_to_archs({0.5: narrow, 1.0: narrow}, margin=3.0)
+    target = LatencyTarget.from_table(table, router, model, *SHAPE)
+    ids = blocks()
+    assert lut_latency(model, router, target, ids, 1.0) < 0.5 * target.full_ms
+    rows = calibrate_dynamic(model, router, target, ids, [0.5, 0.7, 1.0], tolerance=0.01)
+    assert [r["budget"] for r in rows] == [0.5, 0.7, 1.0]
+    for row in rows:
+        goal = row["budget"] * target.full_ms
+        assert row["goal_ms"] == pytest.approx(goal)
+        assert lut_latency(model, router, target, ids, row["budget"]) == pytest.approx(goal, rel=0.03)
+    # Between calibrated budgets the offset interpolates; the latency lands between.
+    between = lut_latency(model, router, target, ids, 0.6)
+    assert 0.5 * target.full_ms - 0.5 <= between <= 0.7 * target.full_ms + 0.5
+    # The calibration travels with the router files.
+    save_routers(tmp_path, {"dynamic": router})
+    loaded = load_routers(tmp_path, model.config)[0]["dynamic"]
+    assert loaded.calibration == router.calibration
+    assert lut_latency(model, loaded, target, ids, 0.7) == pytest.approx(0.7 * target.full_ms, rel=0.03)
+
+
+def test_calibration_subtracts_the_measured_overhead() -> None:
+    torch.manual_seed(0)
+    model, table = tiny_flextron(), synthetic_table()
+    router = DynamicRouter(model.config, [0.5, 1.0], hidden_size=8)
+    target = LatencyTarget.from_table(table, router, model, *SHAPE)
+    rows = calibrate_dynamic(model, router, target, blocks(), [0.8], overhead=(1.0, 0.1))
+    assert rows[0]["goal_ms"] == pytest.approx((0.8 * target.full_ms - 1.0) / 1.1)
+    assert rows[0]["lut_ms"] == pytest.approx(rows[0]["goal_ms"], rel=0.03)
+
+
+def test_set_calibration_rejects_bad_input() -> None:
+    router = DynamicRouter(tiny_flextron().config, [0.5, 1.0], hidden_size=8)
+    with pytest.raises(ValueError, match="ascending distinct budgets"):
+        router.set_calibration([0.7, 0.5], [0.0, 0.1], [1.0] * 4, [1.0] * 2)
+    with pytest.raises(ValueError, match="one value per MLP"):
+        router.set_calibration([0.5], [0.0], [1.0], [1.0] * 2)
+    assert torch.equal(router.offsets(torch.tensor([0.5, 1.0])), torch.zeros(2))
+
+
+def test_measured_routing_overhead_is_a_line_through_measured_minus_lut() -> None:
+    torch.manual_seed(0)
+    model, table = tiny_flextron(), synthetic_table()
+    router = DynamicRouter(model.config, [0.5, 1.0], hidden_size=8)
+    target = LatencyTarget.from_table(table, router, model, *SHAPE)
+    calibrate_dynamic(model, router, target, blocks(), [0.5, 1.0])
+    (fixed, fraction), rows = measure_routing_overhead(model, router, target, blocks(1), [0.5, 1.0],
+                                                       repeats=2)
+    assert [r["budget"] for r in rows] == [0.5, 1.0]
+    for row in rows:
+        assert row["measured_ms"] > 0 and row["lut_ms"] > 0
+        # Two points: the line passes through both.
+        assert row["measured_ms"] - row["lut_ms"] == pytest.approx(fixed + fraction * row["lut_ms"], abs=1e-6)
