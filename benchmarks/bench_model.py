@@ -3,8 +3,8 @@
     python benchmarks/bench_model.py                       # SmolLM2-135M (embedded GGUF), fp32
     python benchmarks/bench_model.py --model DIR --threads 2 --json out.json
 
-Measured in one run (best of --repeats after a warm-up; decode: median, HF and Flextron full
-width timed round-robin so that load changes on a shared machine hit both alike):
+Measured in one run (prefill: best of --repeats after a warm-up; decode: median; HF and Flextron
+at full width timed round-robin, so that load changes on a shared machine hit both alike):
   prefill tokens/s   batch 1 x --prompt-len tokens, logits of the last position (as generation does)
   decode tokens/s    --new-tokens greedy steps after that prompt, with each library's KV cache;
                      HF both through generate() and through a bare forward loop (less overhead)
@@ -35,24 +35,29 @@ from flextron.speed import (
     best_time,
     clock_function,
     decode_seconds,
+    elapsed,
     hf_decode_seconds,
     hf_generate_seconds,
     hf_twin,
 )
 
 
-def layers_time(model: FlextronModel, prompt: torch.Tensor, arch: ArchConfig, repeats: int,
-                now: Callable[[], float]) -> float:
-    """Best seconds of the decoder layers alone over the prompt."""
+def layers_times(model: FlextronModel, prompt: torch.Tensor, archs: list[ArchConfig], repeats: int,
+                 now: Callable[[], float]) -> list[float]:
+    """Best seconds of the decoder layers alone over the prompt, per configuration; the
+    configurations are timed round-robin, so that load changes hit each alike."""
     x = model.embed_tokens(prompt)  # (1, T, D)
     cos, sin = model.rotary(torch.arange(prompt.shape[1]), x.dtype)
 
-    def run() -> None:
+    def run(arch: ArchConfig) -> None:
         h = x
         for index, layer in enumerate(model.layers):
             h = layer(h, cos, sin, arch.mlp_widths[index], arch.heads[index], None, index)
 
-    return best_time(run, repeats, now)
+    for arch in archs:
+        run(arch)  # warm-up
+    times = [[elapsed(lambda arch=arch: run(arch), now) for arch in archs] for _ in range(repeats)]
+    return [min(column) for column in zip(*times, strict=True)]
 
 
 def main() -> None:
@@ -87,13 +92,24 @@ def main() -> None:
     with torch.no_grad():
         diff = (model(prompt[:, :64]) - hf(prompt[:, :64]).logits).abs().max().item()
         print(f"same function check: max |logit diff| = {diff:.2e}", file=sys.stderr)
-        hf_prefill = best_time(lambda: hf(prompt, logits_to_keep=1), args.repeats, now)
         full = model.full_arch()
+
+        def hf_prefill_run():
+            return hf(prompt, logits_to_keep=1)
+
+        def full_prefill_run():
+            return model(prompt, full, last_only=True)
+
+        hf_prefill_run(), full_prefill_run()  # warm-up
+        hf_prefill_times, full_prefill_times = [], []
         loop_times, gen_times, full_decode_times = [], [], []
-        for _ in range(args.repeats):  # round-robin: HF and Flextron full-width decode alike
+        for _ in range(args.repeats):  # round-robin: HF and Flextron full width alike
+            hf_prefill_times.append(elapsed(hf_prefill_run, now))
+            full_prefill_times.append(elapsed(full_prefill_run, now))
             loop_times.append(hf_decode_seconds(hf, prompt, args.new_tokens, now))
             gen_times.append(hf_generate_seconds(hf, prompt, args.new_tokens, now))
             full_decode_times.append(decode_seconds(model, prompt, full, args.new_tokens, now))
+        hf_prefill = min(hf_prefill_times)
         hf_loop, hf_gen = statistics.median(loop_times), statistics.median(gen_times)
         hf_gen_decode = max(hf_gen - hf_prefill, 1e-9)
         results["hf"] = {
@@ -102,22 +118,23 @@ def main() -> None:
             "decode_tokens_per_s_generate": args.new_tokens / hf_gen_decode,
         }
         budgets = [1.0] + [float(b) for b in args.budgets.split(",") if b]
-        full_layers = None
-        for budget in budgets:
-            arch = model.arch_for_budget(budget)
-            prefill = best_time(lambda arch=arch: model(prompt, arch, last_only=True), args.repeats, now)
+        archs = [model.arch_for_budget(budget) for budget in budgets]
+        layers = layers_times(model, prompt, archs, args.repeats, now)
+        for budget, arch, layer_seconds in zip(budgets, archs, layers, strict=True):
+            if budget == 1.0:
+                prefill = min(full_prefill_times)
+            else:
+                prefill = best_time(lambda arch=arch: model(prompt, arch, last_only=True), args.repeats, now)
             decode = statistics.median(
                 full_decode_times if budget == 1.0
                 else [decode_seconds(model, prompt, arch, args.new_tokens, now) for _ in range(args.repeats)]
             )
-            layers = layers_time(model, prompt, arch, args.repeats, now)
-            full_layers = full_layers or layers
             results["rows"].append({
                 "budget": budget, "arch": [arch.mlp_widths[0], arch.heads[0]],
                 "parameters": model.num_parameters(arch),
                 "prefill_tokens_per_s": args.prompt_len / prefill,
                 "decode_tokens_per_s": args.new_tokens / decode,
-                "layers_ms": 1e3 * layers, "layers_vs_full": layers / full_layers,
+                "layers_ms": 1e3 * layer_seconds, "layers_vs_full": layer_seconds / layers[0],
             })
 
     hf_row = results["hf"]

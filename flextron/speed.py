@@ -33,15 +33,17 @@ def clock_function(clock: str) -> Callable[[], float]:
     return CLOCKS[clock]
 
 
+def elapsed(function: Callable[[], object], now: Callable[[], float]) -> float:
+    """Seconds one call of `function` takes."""
+    start = now()
+    function()
+    return now() - start
+
+
 def best_time(function: Callable[[], object], repeats: int, now: Callable[[], float]) -> float:
     """Best time of `repeats` runs after one warm-up run (seconds)."""
     function()
-    times = []
-    for _ in range(repeats):
-        start = now()
-        function()
-        times.append(now() - start)
-    return min(times)
+    return min(elapsed(function, now) for _ in range(repeats))
 
 
 def decode_seconds(model: FlextronModel, prompt: torch.Tensor, arch: ArchConfig, new_tokens: int,
