@@ -387,7 +387,15 @@ def profile(args: argparse.Namespace) -> None:
              "(0: none)"),
     arg("--calibrate-overhead", default="auto",
         help="dynamic: the routed path's cost beyond the LUT (router, grouping tokens): auto (measured with "
-             "the table's clock, prefill shapes), none, or MS[,FRACTION] (MS + FRACTION x LUT ms)"),
+             "the table's clock, prefill shapes), none, or MS[,FRACTION] (MS + FRACTION x LUT ms); "
+             "--calibrate-by lut only"),
+    arg("--calibrate-by", choices=("lut", "measured"), default="lut",
+        help="dynamic: lut: bisect each budget's offset on the LUT latency of the routed choices "
+             "(+ --calibrate-overhead); measured: start there (no overhead), then bisect on the routed "
+             "forward timed with the table's clock at the LUT shape (prefill only), as a ratio to the "
+             "dense full model timed in the same round x its LUT latency (minutes on CPU)"),
+    arg("--calibrate-repeats", type=int, default=5,
+        help="dynamic, --calibrate-by measured: timed repeats per bisection step (median)"),
     arg("--threads", type=int, default=None),
     arg("--seed", type=int, default=0),
     arg("--log", default=None, help="write the per-step log here (JSON)"),
@@ -408,6 +416,7 @@ def train_router(args: argparse.Namespace) -> None:
         LatencyTarget,
         RouterTrainingConfig,
         calibrate_dynamic,
+        calibrate_dynamic_measured,
         measure_routing_overhead,
         train_end_to_end,
         train_router_surrogate,
@@ -479,13 +488,15 @@ def train_router(args: argparse.Namespace) -> None:
                   f"LUT {row['lut_ms']:.2f} ms (goal {row['goal_ms']:.2f}, uncalibrated "
                   f"{row['uncalibrated_ms']:.2f})", file=sys.stderr)
 
+        if args.calibrate_by == "measured" and phase != "prefill":
+            raise ValueError(f"--calibrate-by measured times prefill shapes; the budgets refer to {phase}")
         overhead = (0.0, 0.0)
-        if args.calibrate_overhead not in ("auto", "none"):
+        if args.calibrate_by == "lut" and args.calibrate_overhead not in ("auto", "none"):
             values = [float(v) for v in args.calibrate_overhead.split(",")]
             overhead = (values[0], values[1] if len(values) > 1 else 0.0)
         logs["calibration"] = calibrate_dynamic(model, router, target, probe, grid, overhead, progress=report)
-        for _ in range(2 if args.calibrate_overhead == "auto" and phase == "prefill"
-                       and probe.shape[0] >= batch else 0):
+        for _ in range(2 if args.calibrate_by == "lut" and args.calibrate_overhead == "auto"
+                       and phase == "prefill" and probe.shape[0] >= batch else 0):
             # Measure what the routed path costs beyond the LUT at the calibrated budgets, then
             # calibrate again with it; twice, since the overhead depends on how the tokens spread
             # over widths (more groups, more small GEMMs), which the calibration changes.
@@ -497,6 +508,18 @@ def train_router(args: argparse.Namespace) -> None:
             logs["overhead"] = {"fixed_ms": overhead[0], "fraction": overhead[1], "measured": measured}
             logs["calibration"] = calibrate_dynamic(model, router, target, probe, grid, overhead,
                                                     progress=report)
+        if args.calibrate_by == "measured":
+            def report_measured(row: dict) -> None:
+                print(f"calibrated budget {row['budget']:g} on measured latency: offset "
+                      f"{row['offset']:+.4f}, {row['measured_ms']:.2f} ms (goal {row['goal_ms']:.2f}; "
+                      f"from offset {row['start_offset']:+.4f}: {row['start_ms']:.2f} ms), "
+                      f"{row['evaluations']} timings",
+                      file=sys.stderr)
+
+            logs["calibration_lut"] = logs["calibration"]
+            logs["calibration"] = calibrate_dynamic_measured(
+                model, router, target, probe, grid, batch, table.clock, args.calibrate_repeats,
+                progress=report_measured)
     routers, _ = load_routers(directory, model.config)
     routers[args.kind] = router
     save_routers(directory, routers, {"phase": phase, "batch": batch, "length": length})

@@ -307,6 +307,36 @@ def train_end_to_end(
     return log
 
 
+def _bisect_offset(latency: Callable[[float], float], goal: float, start: float, iterations: int,
+                   tolerance: float) -> tuple[float, dict[float, float]]:
+    """The calibration offset whose latency is nearest `goal`: bracket from `start` (steps
+    0.05, doubling, up to |offset| 100), then bisect until within `tolerance` (relative) of it.
+
+    latency(offset) must fall as the offset grows.  Returns (offset, {offset tried: latency}).
+    """
+    tried = {start: latency(start)}
+    # Bracket: `slow` gives latency above the goal, `fast` at or below it.
+    direction = 1.0 if tried[start] > goal else -1.0
+    step, far = 0.05, start
+    while abs(far - start) < 100.0:
+        far = start + direction * step
+        tried[far] = latency(far)
+        if (tried[far] <= goal) == (direction > 0):
+            break
+        step *= 2
+    slow, fast = (start, far) if direction > 0 else (far, start)
+    for _ in range(iterations):
+        if min(abs(v - goal) for v in tried.values()) <= tolerance * goal:
+            break
+        middle = (slow + fast) / 2
+        tried[middle] = latency(middle)
+        if tried[middle] > goal:
+            slow = middle
+        else:
+            fast = middle
+    return min(tried, key=lambda o: (abs(tried[o] - goal), abs(o - start))), tried
+
+
 @torch.no_grad()
 def calibrate_dynamic(
     model: FlextronModel,
@@ -348,29 +378,88 @@ def calibrate_dynamic(
     rows = []
     for budget in budgets:
         goal = (budget * target.full_ms - overhead[0]) / (1 + overhead[1])
-        tried = {0.0: latency(budget, 0.0)}
-        # Bracket: `slow` gives latency above the goal, `fast` at or below it.
-        direction = 1.0 if tried[0.0] > goal else -1.0
-        step, far = 0.05, 0.0
-        while abs(far) < 100.0:
-            far = direction * step
-            tried[far] = latency(budget, far)
-            if (tried[far] <= goal) == (direction > 0):
-                break
-            step *= 2
-        slow, fast = (0.0, far) if direction > 0 else (far, 0.0)
-        for _ in range(iterations):
-            if min(abs(v - goal) for v in tried.values()) <= tolerance * goal:
-                break
-            middle = (slow + fast) / 2
-            tried[middle] = latency(budget, middle)
-            if tried[middle] > goal:
-                slow = middle
-            else:
-                fast = middle
-        offset = min(tried, key=lambda o: (abs(tried[o] - goal), abs(o)))
+        offset, tried = _bisect_offset(lambda o, b=budget: latency(b, o), goal, 0.0, iterations, tolerance)
         row = {"budget": budget, "offset": offset, "lut_ms": tried[offset], "goal_ms": goal,
                "uncalibrated_ms": tried[0.0], "evaluations": len(tried)}
+        rows.append(row)
+        if progress is not None:
+            progress(row)
+    router.set_calibration([r["budget"] for r in rows], [r["offset"] for r in rows], **costs)
+    return rows
+
+
+Timer = Callable[[dict], dict]
+
+
+@torch.no_grad()
+def calibrate_dynamic_measured(
+    model: FlextronModel,
+    router: DynamicRouter,
+    target: LatencyTarget,
+    blocks: torch.Tensor,
+    budgets: Sequence[float],
+    batch_size: int = 1,
+    clock: str = "wall",
+    repeats: int = 5,
+    timer: Timer | None = None,
+    iterations: int = 10,
+    tolerance: float = 0.02,
+    progress: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Per budget, the logit offset that puts the dynamic router's *measured* latency on its target.
+
+    Like `calibrate_dynamic`, but each bisection step times the routed forward (prefill of
+    `blocks` in chunks of `batch_size` sequences, the reference shape, last-position logits
+    as generation runs it; routing session built once per forward group, heads fixed at its
+    first call) round-robin with the full dense model on the first chunk, and uses
+
+        measured = mean routed time / full-model time × full-model LUT latency,
+
+    so that what the LUT misses (the router's matmuls, grouping tokens by width) is measured,
+    not modelled, and load from neighbours on a shared machine cancels in the ratio.  The goal
+    is b × full LUT latency.  The bracket starts at the router's current offset at b (e.g. a
+    `calibrate_dynamic` run just before), 0 without one.  timer(functions) -> {key: ms}
+    (default: `median_times_ms` with `clock`, `repeats`, one warm-up); tests pass a stub.
+    Measured latency is noisy: `tolerance` is relative (2%), and the offset kept is the one
+    whose measurement came nearest the goal.  Stores the offsets; returns one row per budget.
+    """
+    budgets = sorted(float(b) for b in budgets)
+    costs = {"mlp_costs": target.mlp_costs.tolist(), "head_costs": target.head_costs.tolist()}
+    router.eval()
+    device = model.embed_tokens.weight.device
+    chunks = [c.to(device) for c in blocks.split(batch_size) if c.shape[0] == batch_size]
+    if not chunks:
+        raise ValueError(f"need at least {batch_size} blocks to time a batch of {batch_size}, "
+                         f"got {blocks.shape[0]}")
+    if timer is None:
+        def timer(functions: dict) -> dict:
+            return median_times_ms(functions, device, repeats, 1, clock)
+    starts = router.offsets(torch.tensor(budgets)).tolist()
+    history: dict[float, list[dict]] = {}
+
+    def measured(budget: float, offset: float) -> float:
+        router.set_calibration([budget], [offset], **costs)
+
+        def routed(ids: torch.Tensor) -> Callable[[], object]:
+            session = router.session(budget, ids.shape[0])
+            return lambda: model(ids, router=session, last_only=True)
+
+        functions: dict = {index: routed(ids) for index, ids in enumerate(chunks)}
+        functions["full"] = lambda: model(chunks[0], last_only=True)
+        times = timer(functions)
+        raw = sum(times[index] for index in range(len(chunks))) / len(chunks)
+        value = raw / times["full"] * target.full_ms
+        history.setdefault(budget, []).append({"offset": offset, "measured_ms": value, "raw_ms": raw,
+                                               "full_raw_ms": times["full"]})
+        return value
+
+    rows = []
+    for budget, start in zip(budgets, starts, strict=True):
+        goal = budget * target.full_ms
+        offset, tried = _bisect_offset(lambda o, b=budget: measured(b, o), goal, start, iterations, tolerance)
+        row = {"budget": budget, "offset": offset, "measured_ms": tried[offset], "goal_ms": goal,
+               "start_offset": start, "start_ms": tried[start], "evaluations": len(tried),
+               "tried": history[budget]}
         rows.append(row)
         if progress is not None:
             progress(row)

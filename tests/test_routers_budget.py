@@ -108,7 +108,7 @@ def test_parse_shape() -> None:
         parse_shape("prefill-1x128")
 
 
-def test_cli_profile_train_router_and_budget_driven_commands(tmp_path, capsys) -> None:
+def test_cli_profile_train_router_and_budget_driven_commands(tmp_path, capsys, monkeypatch) -> None:
     tiny_hf_dir(tmp_path / "hf", kv_heads=2)
     out = tmp_path / "converted"
     assert (
@@ -196,6 +196,18 @@ def test_cli_profile_train_router_and_budget_driven_commands(tmp_path, capsys) -
         assert main(args) == 0
     assert set(json.loads((tmp_path / "joint.json").read_text())) == {"joint"}
     assert set(json.loads((tmp_path / "calibrate.json").read_text())) == {"calibration", "overhead"}
+    # Calibration on measured latency (timer stubbed: routed forwards "take" 0.6 of the full model).
+    monkeypatch.setattr("flextron.routing.median_times_ms",
+                        lambda functions, *_: {k: 10.0 if k == "full" else 6.0 for k in functions})
+    args = ["train-router", "--model", str(out), "--kind", "dynamic", "--mode", "calibrate", "--calibrate-by",
+            "measured", "--calibrate-blocks", "2", "--log", str(tmp_path / "measured.json"), *common]
+    assert main(args) == 0
+    logged = json.loads((tmp_path / "measured.json").read_text())
+    assert set(logged) == {"calibration", "calibration_lut"}
+    assert [r["measured_ms"] / r["goal_ms"] for r in logged["calibration"] if r["budget"] == 0.6] == \
+        [pytest.approx(1.0)]
+    assert load_routers(out, tiny_flextron().config)[0]["dynamic"].calibration["offsets"] == \
+        [r["offset"] for r in logged["calibration"]]
     capsys.readouterr()
     assert main(["train-router", "--model", str(out), "--mode", "calibrate", *common]) == 2
     assert "applies to the dynamic router" in capsys.readouterr().err

@@ -8,7 +8,12 @@ import torch
 from flextron.budget import uniform_arch_for_latency, uniform_init_archs
 from flextron.config import ArchConfig
 from flextron.nn.routers import DynamicRouter, StaticRouter, load_routers, save_routers
-from flextron.routing import LatencyTarget, calibrate_dynamic, measure_routing_overhead
+from flextron.routing import (
+    LatencyTarget,
+    calibrate_dynamic,
+    calibrate_dynamic_measured,
+    measure_routing_overhead,
+)
 from tests.test_latency import synthetic_table
 from tests.tiny_models import tiny_flextron
 
@@ -111,6 +116,50 @@ def test_calibration_subtracts_the_measured_overhead() -> None:
     rows = calibrate_dynamic(model, router, target, blocks(), [0.8], overhead=(1.0, 0.1))
     assert rows[0]["goal_ms"] == pytest.approx((0.8 * target.full_ms - 1.0) / 1.1)
     assert rows[0]["lut_ms"] == pytest.approx(rows[0]["goal_ms"], rel=0.03)
+
+
+def test_measured_calibration_bisects_on_the_timed_ratio_to_the_full_model(tmp_path) -> None:
+    torch.manual_seed(0)
+    model, table = tiny_flextron(), synthetic_table()
+    router = DynamicRouter(model.config, [0.5, 1.0], hidden_size=8)
+    router.init_to_archs({0.5: ArchConfig((64, 64), (2, 2)), 1.0: model.full_arch()}, margin=3.0)
+    target = LatencyTarget.from_table(table, router, model, *SHAPE)
+    ids = blocks(4)
+    calls = []
+
+    def timer(functions: dict) -> dict:
+        # A deterministic stand-in for the clock: every function runs once; a routed forward
+        # "takes" 1.1 x its LUT latency + 0.5 ms, and the machine is loaded so that the full
+        # model takes 1.5 x its LUT latency (the ratio cancels the load, not the overhead).
+        assert set(functions) == {0, 1, "full"}  # 4 blocks in chunks of 2, then the full model
+        calls.append(router.calibration["offsets"][0])
+        budget = router.calibration["budgets"][0]
+        times = {"full": 1.5 * target.full_ms}
+        for key in (0, 1):
+            functions[key]()
+            chunk = ids[2 * key:2 * key + 2]
+            times[key] = 1.5 * (1.1 * lut_latency(model, router, target, chunk, budget) + 0.5)
+        return times
+
+    calibrate_dynamic(model, router, target, ids, [0.6, 0.8])  # LUT calibration: the start
+    start = router.offsets(torch.tensor([0.6, 0.8])).tolist()
+    rows = calibrate_dynamic_measured(model, router, target, ids, [0.8, 0.6], batch_size=2, timer=timer,
+                                      tolerance=0.02)
+    assert [r["budget"] for r in rows] == [0.6, 0.8]
+    assert [r["start_offset"] for r in rows] == start and calls[0] == start[0]
+    for row in rows:
+        goal = row["budget"] * target.full_ms
+        assert row["goal_ms"] == pytest.approx(goal)
+        assert row["measured_ms"] == pytest.approx(goal, rel=0.02)
+        assert row["offset"] > row["start_offset"]  # the overhead needs cheaper choices than the LUT says
+        assert len(row["tried"]) == row["evaluations"]
+        # What the stub clock charges at the stored offset: on target; the LUT latency below it.
+        lut = (lut_latency(model, router, target, ids[:2], row["budget"])
+               + lut_latency(model, router, target, ids[2:], row["budget"])) / 2
+        assert (1.1 * lut + 0.5) == pytest.approx(goal, rel=0.02)
+    assert router.calibration["budgets"] == [0.6, 0.8]
+    with pytest.raises(ValueError, match="need at least 2 blocks"):
+        calibrate_dynamic_measured(model, router, target, ids[:1], [0.6], batch_size=2, timer=timer)
 
 
 def test_set_calibration_rejects_bad_input() -> None:
