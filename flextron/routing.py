@@ -337,6 +337,16 @@ def _bisect_offset(latency: Callable[[float], float], goal: float, start: float,
     return min(tried, key=lambda o: (abs(tried[o] - goal), abs(o - start))), tried
 
 
+def _lut_latency_of_choices(model: FlextronModel, router: DynamicRouter, target: LatencyTarget,
+                            batch: torch.Tensor, budget: float) -> float:
+    """LUT latency (ms) of the dynamic router's argmax choices on `batch` at `budget`: the mean
+    over sequences of each layer's MLP cost (mean over tokens) plus the per-sequence head costs."""
+    session = router.session(budget, batch.shape[0])
+    model(batch, router=session, last_only=True)
+    _, mlp, heads = _features(session)
+    return float(target.latency(mlp, heads).mean())
+
+
 @torch.no_grad()
 def calibrate_dynamic(
     model: FlextronModel,
@@ -370,10 +380,7 @@ def calibrate_dynamic(
 
     def latency(budget: float, offset: float) -> float:
         router.set_calibration([budget], [offset], **costs)
-        session = router.session(budget, batch.shape[0])
-        model(batch, router=session, last_only=True)
-        _, mlp, heads = _features(session)
-        return float(target.latency(mlp, heads).mean())
+        return _lut_latency_of_choices(model, router, target, batch, budget)
 
     rows = []
     for budget in budgets:
@@ -490,12 +497,7 @@ def measure_routing_overhead(
     device = model.embed_tokens.weight.device
     batch = ids.to(device)
     router.eval()
-    predicted = {}
-    for budget in budgets:
-        session = router.session(budget, batch.shape[0])
-        model(batch, router=session, last_only=True)
-        _, mlp, heads = _features(session)
-        predicted[budget] = float(target.latency(mlp, heads).mean())
+    predicted = {budget: _lut_latency_of_choices(model, router, target, batch, budget) for budget in budgets}
 
     def forward(budget: float) -> Callable[[], object]:
         return lambda: model(batch, router=router.session(budget, batch.shape[0]), last_only=True)
