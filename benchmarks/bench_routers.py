@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-blocks", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--timing-blocks", type=int, default=2,
+                        help="held-out batches of the LUT shape per timing (dynamic widths depend on text)")
     parser.add_argument("--speedup-batch", type=int, default=4, help="batch of the dynamic speedup test")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="runs/routers")
@@ -98,18 +100,27 @@ def main(argv: list[str] | None = None) -> int:
     selections = [(routing, budget, resolver.select(budget=budget, routing=routing))
                   for routing in args.routings.split(",") for budget in budgets]
     # Timed on held-out text: the dynamic router's widths depend on the tokens (static ones do not).
-    timing_text = load_blocks(model.tokenizer, None, length, batch, split="eval")
-    if timing_text.shape[0] < batch:
-        raise SystemExit(f"not enough held-out text for a {batch}x{length} timing batch")
-    ids = timing_text[:batch]
+    timing_text = load_blocks(model.tokenizer, None, length, batch * args.timing_blocks, split="eval")
+    if timing_text.shape[0] < batch * args.timing_blocks:
+        raise SystemExit(f"not enough held-out text for {args.timing_blocks} timing batches of "
+                         f"{batch}x{length}")
+    chunks = timing_text.split(batch)  # timing_blocks x (batch, length)
 
     def forward(selection) -> Callable[[], object]:
-        session = selection.session(batch)  # dynamic: heads fixed at its first call, as in generation
-        return lambda: model(ids, selection.arch, last_only=True, router=session)
+        # Dynamic: one session per chunk, heads fixed at its first call, as in generation.
+        sessions = [selection.session(batch) for _ in chunks]
+        return lambda: [model(ids, selection.arch, last_only=True, router=session)
+                        for ids, session in zip(chunks, sessions, strict=True)]
 
+    functions = {i: forward(s) for i, (_, _, s) in enumerate(selections)}
+    # The dense full model in the same round: a budget is a fraction of its latency, and the
+    # fraction measured against it holds even when a shared machine drifts from the LUT.
+    functions["full"] = lambda: [model(ids, last_only=True) for ids in chunks]
     with torch.inference_mode():
-        times = median_times_ms({i: forward(s) for i, (_, _, s) in enumerate(selections)},
-                                torch.device("cpu"), args.repeats, 2, clock)
+        times = {key: ms / len(chunks) for key, ms in
+                 median_times_ms(functions, torch.device("cpu"), args.repeats, 2, clock).items()}
+    print(f"dense full model: {times['full']:.2f} ms measured, {full_ms:.2f} ms in the LUT "
+          f"({100 * (times['full'] / full_ms - 1):+.1f}%)", file=sys.stderr, flush=True)
     for index, (routing, budget, selection) in enumerate(selections):
         if selection.arch is not None:
             ppl, _ = perplexity(model, blocks, selection.arch)
@@ -117,18 +128,22 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ppl, params = dynamic_perplexity(model, blocks, selection)
         target, measured = budget * full_ms, times[index]
+        fraction = measured / times["full"]
         name = routing if args.label is None else f"{routing}-{args.label}"
         row = {"routing": name, "budget": budget, "target_ms": target, "measured_ms": measured,
                "predicted_ms": selection.predicted_ms, "error": (measured - target) / target,
+               "fraction_of_full": fraction, "fraction_error": (fraction - budget) / budget,
                "perplexity": ppl, "parameters": params,
                "arch": None if selection.arch is None else selection.arch.to_dict()}
         rows.append(row)
         print(f"{name:>8} {budget:.2f}: target {target:7.2f} ms measured {measured:7.2f} ms "
-              f"({100 * row['error']:+.1f}%) ppl {ppl:8.2f}", file=sys.stderr, flush=True)
+              f"({100 * row['error']:+.1f}%), {fraction:.3f} of the full model "
+              f"({100 * row['fraction_error']:+.1f}%) ppl {ppl:8.2f}", file=sys.stderr, flush=True)
     compare_to_uniform(rows)
     speedup = dynamic_speedup(model, resolver, args.speedup_batch, length, args.repeats, budgets,
                               clock) if args.speedup_batch > 0 else []
-    summary = {"shape": resolver.shape, "full_ms_lut": full_ms, "device": resolver.table.device_name,
+    summary = {"shape": resolver.shape, "full_ms_lut": full_ms, "full_ms_measured": times["full"],
+               "timing_blocks": args.timing_blocks, "device": resolver.table.device_name,
                "clock": clock, "model": args.model, "rows": rows, "dynamic_speedup": speedup,
                "wins_over_uniform": wins(rows)}
     (out / "routers.json").write_text(json.dumps(summary, indent=2))
@@ -183,13 +198,17 @@ def dynamic_speedup(model: FlextronModel, resolver: BudgetResolver, batch: int, 
 
 
 def markdown(rows: list[dict], speedup: list[dict]) -> str:
-    lines = ["| routing | budget | target ms | measured ms | error | perplexity | uniform frontier ppl | "
-             "beats uniform | params (M) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| routing | budget | target ms | measured ms | error | ÷ full, same round (error) | "
+             "perplexity | uniform frontier ppl | beats uniform | params (M) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         frontier = f"{r['uniform_frontier_ppl']:.2f}" if "uniform_frontier_ppl" in r else "-"
         beats = {True: "yes", False: "no"}.get(r.get("beats_uniform"), "-")
+        fraction = (f"{r['fraction_of_full']:.3f} ({100 * r['fraction_error']:+.1f}%)"
+                    if "fraction_of_full" in r else "-")  # rows of --include runs may predate it
         lines.append(f"| {r['routing']} | {r['budget']:.2f} | {r['target_ms']:.1f} | "
-                     f"{r['measured_ms']:.1f} | {100 * r['error']:+.1f}% | {r['perplexity']:.2f} | "
+                     f"{r['measured_ms']:.1f} | {100 * r['error']:+.1f}% | {fraction} | "
+                     f"{r['perplexity']:.2f} | "
                      f"{frontier} | {beats} | {r['parameters'] / 1e6:.1f} |")
     lines += ["", *(f"{routing}: beats the uniform frontier at budgets {budgets}"
                     for routing, budgets in wins(rows).items())]

@@ -317,14 +317,14 @@ def _bisect_offset(latency: Callable[[float], float], goal: float, start: float,
     tried = {start: latency(start)}
     # Bracket: `slow` gives latency above the goal, `fast` at or below it.
     direction = 1.0 if tried[start] > goal else -1.0
-    step, far = 0.05, start
+    step, near, far = 0.05, start, start
     while abs(far - start) < 100.0:
-        far = start + direction * step
+        near, far = far, start + direction * step  # `near` is on start's side of the goal
         tried[far] = latency(far)
         if (tried[far] <= goal) == (direction > 0):
             break
         step *= 2
-    slow, fast = (start, far) if direction > 0 else (far, start)
+    slow, fast = (near, far) if direction > 0 else (far, near)
     for _ in range(iterations):
         if min(abs(v - goal) for v in tried.values()) <= tolerance * goal:
             break

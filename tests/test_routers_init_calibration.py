@@ -184,3 +184,30 @@ def test_measured_routing_overhead_is_a_line_through_measured_minus_lut() -> Non
         assert row["measured_ms"] > 0 and row["lut_ms"] > 0
         # Two points: the line passes through both.
         assert row["measured_ms"] - row["lut_ms"] == pytest.approx(fixed + fraction * row["lut_ms"], abs=1e-6)
+
+
+def test_dynamic_init_bias_peaks_at_the_configuration_so_calibration_steps_one_width_at_a_time() -> None:
+    torch.manual_seed(0)
+    model, table = tiny_flextron(), synthetic_table()
+    router = DynamicRouter(model.config, [1.0], mlp_choices=[256, 192, 128, 64], hidden_size=8)
+    router.init_to_archs({1.0: model.full_arch()}, margin=3.0, hidden_scale=0.0)
+    # The bias falls quadratically from the configuration's width: 256 -> 192 -> 128 -> 64.
+    bias = router.mlp_bias[0, 0]
+    expected = [3.0 * (1 - (distance / 192) ** 2) for distance in (0, 64, 128, 192)]
+    assert bias.tolist() == pytest.approx(expected)
+    target = LatencyTarget.from_table(table, router, model, *SHAPE)
+    ids = blocks(2)
+    costs = {"mlp_costs": target.mlp_costs.tolist(), "head_costs": target.head_costs.tolist()}
+    visited = []
+    for offset in torch.linspace(0.0, 3.0, 61).tolist():
+        router.set_calibration([1.0], [offset], **costs)
+        session = router.session(1.0, ids.shape[0])
+        with torch.no_grad():
+            model(ids, router=session)
+        widths = {router.mlp_choices[int(c)] for layer in range(2) for c in session.mlp_choice[layer]}
+        assert len(widths) == 1  # no hidden-state term: every token of every layer alike
+        if not visited or visited[-1] != widths:
+            visited.append(widths)
+    # As the offset grows the width steps through every narrower choice in turn (a one-hot
+    # bias would jump from 256 straight to 64, where every other choice ties).
+    assert visited == [{256}, {192}, {128}, {64}]

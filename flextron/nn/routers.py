@@ -281,6 +281,14 @@ class StaticRouting:
 # ---- dynamic router ----------------------------------------------------------------
 
 
+def _peaked_bias(choices: Sequence[int], index: int, margin: float) -> torch.Tensor:
+    """(C,) logit bias: `margin` at choices[index], falling quadratically with the distance
+    |choice - choices[index]| to 0 at a distance of the choices' whole range."""
+    values = torch.tensor(choices, dtype=torch.float32)
+    span = max(float(values.max() - values.min()), 1.0)
+    return margin * (1 - ((values - values[index]) / span) ** 2)
+
+
 class DynamicRouter(nn.Module):
     """Per-token MLP widths and per-sequence head counts from hidden states + budget."""
 
@@ -360,19 +368,23 @@ class DynamicRouter(nn.Module):
                       hidden_scale: float = 0.1) -> None:
         """Start every trained budget at a given configuration (e.g. the uniform one of its latency).
 
-        The per-budget biases get `margin` at the configuration's choices (0 elsewhere), and
-        the hidden-state terms are scaled by `hidden_scale`, so that at first each budget
-        routes (almost) every token to its configuration's width; training then learns which
-        tokens deserve more or less.
+        The per-budget biases peak at the configuration's choices (`margin`) and fall
+        quadratically with the distance in width (head count) to 0 across the choices' range
+        (`_peaked_bias`); the hidden-state terms are scaled by `hidden_scale`, so that at
+        first each budget routes most tokens to (or next to) its configuration's width, and
+        training learns which tokens deserve more or less.  Why peaked rather than one-hot:
+        the latency calibration lowers logits by offset x cost; under a one-hot bias every
+        other choice ties, so a layer jumps from its width straight to the narrowest one
+        (width 64 in layer 0 costs most of a model's quality), while a peaked bias makes it
+        step to the next narrower width, and the interpolation between two trained budgets
+        peaks between their widths.
         """
         ordered = _check_init(self, archs, margin)
-        self.mlp_bias.zero_()
-        self.head_bias.zero_()
         for k, arch in enumerate(ordered):
             mlp, heads = _arch_indices(self, arch)
             for layer in range(self.num_layers):
-                self.mlp_bias[layer, k, mlp[layer]] = margin
-                self.head_bias[layer, k, heads[layer]] = margin
+                self.mlp_bias[layer, k] = _peaked_bias(self.mlp_choices, mlp[layer], margin)
+                self.head_bias[layer, k] = _peaked_bias(self.head_choices, heads[layer], margin)
         for layer in range(self.num_layers):
             self.mlp_out[layer].mul_(hidden_scale)
             self.head_out[layer].weight.mul_(hidden_scale)
