@@ -104,14 +104,38 @@ def fit_to_latency(router: StaticRouter, budget: float, table: LatencyTable, tar
 
 
 def uniform_init_archs(model: FlextronModel, table: LatencyTable, router: StaticRouter | DynamicRouter,
-                       shape: tuple[str, int, int]) -> dict[float, ArchConfig]:
-    """Per trained budget of `router`, the uniform configuration (among the router's choices)
-    whose predicted latency is nearest budget x the full model's: the routers' starting point
-    (`init_to_archs`), so that router training starts from parity with uniform widths."""
+                       shape: tuple[str, int, int], probe: torch.Tensor | None = None,
+                       tolerance: float = 0.05) -> dict[float, ArchConfig]:
+    """Per trained budget of `router`, a uniform configuration (among the router's choices)
+    of the budget's latency: the routers' starting point (`init_to_archs`), so that router
+    training starts from parity with uniform widths.
+
+    Without `probe`, the one whose predicted latency is nearest budget x the full model's.
+    With `probe` (N, S) token ids, the one of lowest perplexity on it among those predicted
+    within `tolerance` (relative) of the target (the nearest when none is): on a model not
+    trained elastically, configurations of equal latency differ widely in quality (few heads
+    cost far more than narrow MLPs), and nearest latency alone picks among them by chance.
+    """
+    from flextron.evaluate import perplexity
+
     full = table.predict(model.full_arch(), *shape)
-    return {budget: uniform_arch_for_latency(model, table, budget * full, shape, router.mlp_choices,
-                                             router.head_choices)
-            for budget in router.encoder.budgets}
+    mlp_choices, head_choices = router.mlp_choices, router.head_choices
+    candidates = [ArchConfig.uniform(model.config, w, h) for w in mlp_choices for h in head_choices]
+    predicted = {arch: table.predict(arch, *shape) for arch in candidates}
+    scores: dict[ArchConfig, float] = {}
+
+    def score(arch: ArchConfig) -> float:
+        if arch not in scores:
+            scores[arch] = perplexity(model, probe, arch)[0]
+        return scores[arch]
+
+    archs = {}
+    for budget in router.encoder.budgets:
+        target = budget * full
+        nearest = uniform_arch_for_latency(model, table, target, shape, mlp_choices, head_choices)
+        near = [arch for arch in candidates if abs(predicted[arch] - target) <= tolerance * target]
+        archs[budget] = nearest if probe is None or not near else min(near, key=score)
+    return archs
 
 
 @dataclass

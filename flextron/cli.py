@@ -377,9 +377,10 @@ def profile(args: argparse.Namespace) -> None:
     arg("--loss", choices=("kd", "lm"), default="kd"),
     arg("--mlp-choices", type=int, default=8, help="MLP widths the router picks from (smallest to full)"),
     arg("--hidden-size", type=int, default=128, help="router width"),
-    arg("--init", choices=("uniform", "random"), default="uniform",
-        help="uniform: each trained budget starts at the uniform configuration of its latency (parity); "
-             "random: plain random initialisation"),
+    arg("--init", choices=("uniform", "best-uniform", "random"), default="uniform",
+        help="uniform: each trained budget starts at the uniform configuration nearest its latency "
+             "(parity); best-uniform: at the one of lowest perplexity on --sm-probe-blocks training "
+             "blocks among those within 5%% of its latency; random: plain random initialisation"),
     arg("--init-margin", type=float, default=3.0, help="logit margin of the initial configuration"),
     arg("--sm-probe-blocks", type=int, default=2, help="blocks of the fixed batch whose loss the SM learns"),
     arg("--calibrate-blocks", type=int, default=4,
@@ -443,8 +444,9 @@ def train_router(args: argparse.Namespace) -> None:
     else:
         router = router_class(model.config, args.budgets, default_mlp_choices(model.config, args.mlp_choices),
                               hidden_size=args.hidden_size)
-    if args.init == "uniform" and args.mode in ("surrogate", "end-to-end"):
-        starts = uniform_init_archs(model, table, router, (phase, batch, length))
+    if args.init != "random" and args.mode in ("surrogate", "end-to-end"):
+        probe = blocks[:args.sm_probe_blocks] if args.init == "best-uniform" else None
+        starts = uniform_init_archs(model, table, router, (phase, batch, length), probe)
         router.init_to_archs(starts, args.init_margin)
         for budget, arch in starts.items():
             print(f"budget {budget:g} starts at MLP width {arch.mlp_widths[0]}, {arch.heads[0]} heads "
