@@ -82,17 +82,30 @@ def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=bound)
 
 
+def assert_matches_reference(inputs, widths, activation) -> None:
+    """Output and every gradient of the op vs the reference, fp32 tolerances."""
+    y, grads, grad_out = forward_and_grads(ops.routed_nested_mlp, inputs, widths, activation)
+    y_ref, grads_ref, _ = forward_and_grads(reference.routed_nested_mlp, inputs, widths, activation, grad_out)
+    assert_close_fp32(y, y_ref)
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        assert_close_fp32(grad, grad_ref)
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("tokens", [1, 7, 83, 300])  # 300: several tiles, the threaded path
 @pytest.mark.parametrize("hidden,d_ff,widths", [(8, 64, [64, 40, 16]), (24, 96, [80, 64, 24, 8])])
 @pytest.mark.parametrize("with_scale", [False, True])
 def test_matches_reference_fp32(activation, tokens, hidden, d_ff, widths, with_scale):
     inputs = make_inputs(tokens, hidden, d_ff, widths, activation, with_scale=with_scale, seed=tokens)
-    y, grads, grad_out = forward_and_grads(ops.routed_nested_mlp, inputs, widths, activation)
-    y_ref, grads_ref, _ = forward_and_grads(reference.routed_nested_mlp, inputs, widths, activation, grad_out)
-    assert_close_fp32(y, y_ref)
-    for grad, grad_ref in zip(grads, grads_ref, strict=True):
-        assert_close_fp32(grad, grad_ref)
+    assert_matches_reference(inputs, widths, activation)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_one_thread_runs_tiles_of_the_largest_size_in_turn():
+    # One thread: tiles of 256 sorted tokens (600 -> 256 + 256 + 88), no balancing.
+    widths = [96, 72, 40, 16]
+    inputs = make_inputs(600, 24, 96, widths, "swiglu", with_scale=True, seed=5)
+    assert_matches_reference(inputs, widths, "swiglu")
 
 
 @pytest.mark.parametrize("routing", ["one:0", "one:1", "one:3", "skip"])
@@ -101,11 +114,7 @@ def test_routing_patterns(routing, tokens):
     # One group only (widest, middle, narrowest) and empty groups in between.
     widths = [96, 72, 40, 16]
     inputs = make_inputs(tokens, 24, 96, widths, "swiglu", routing=routing)
-    y, grads, grad_out = forward_and_grads(ops.routed_nested_mlp, inputs, widths, "swiglu")
-    y_ref, grads_ref, _ = forward_and_grads(reference.routed_nested_mlp, inputs, widths, "swiglu", grad_out)
-    assert_close_fp32(y, y_ref)
-    for grad, grad_ref in zip(grads, grads_ref, strict=True):
-        assert_close_fp32(grad, grad_ref)
+    assert_matches_reference(inputs, widths, "swiglu")
 
 
 def test_weight_grads_exactly_zero_outside_used_prefix():
@@ -126,11 +135,7 @@ def test_non_contiguous_inputs(activation):
     widths = [64, 48, 16]
     inputs = make_inputs(83, 24, 64, widths, activation, contiguous=False)
     assert not inputs[0].is_contiguous() and not inputs[2].is_contiguous() and not inputs[4].is_contiguous()
-    y, grads, grad_out = forward_and_grads(ops.routed_nested_mlp, inputs, widths, activation)
-    y_ref, grads_ref, _ = forward_and_grads(reference.routed_nested_mlp, inputs, widths, activation, grad_out)
-    assert_close_fp32(y, y_ref)
-    for grad, grad_ref in zip(grads, grads_ref, strict=True):
-        assert_close_fp32(grad, grad_ref)
+    assert_matches_reference(inputs, widths, activation)
 
 
 def test_expanded_grad_out():
@@ -199,11 +204,7 @@ def test_hypothesis_shapes(tokens, hidden, d_ff, num_choices, activation, with_s
         data.draw(st.sets(st.integers(1, d_ff), min_size=num_choices, max_size=num_choices)), reverse=True
     )
     inputs = make_inputs(tokens, hidden, d_ff, widths, activation, with_scale=with_scale)
-    y, grads, grad_out = forward_and_grads(ops.routed_nested_mlp, inputs, widths, activation)
-    y_ref, grads_ref, _ = forward_and_grads(reference.routed_nested_mlp, inputs, widths, activation, grad_out)
-    assert_close_fp32(y, y_ref)
-    for grad, grad_ref in zip(grads, grads_ref, strict=True):
-        assert_close_fp32(grad, grad_ref)
+    assert_matches_reference(inputs, widths, activation)
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu_tanh"])

@@ -124,8 +124,10 @@ at::Tensor block(const at::Tensor& t, int64_t rows, int64_t lo, int64_t hi) {
 template <typename Fn>
 void for_each_tile(int64_t tokens, const Fn& fn) {
   const int64_t threads = at::get_num_threads();
+  // One thread has nothing to balance: the largest tiles read each weight band least often.
   const int64_t tile_rows =
-      std::clamp((tokens + 4 * threads - 1) / (4 * threads), kMinTileRows, kMaxTileRows);
+      threads == 1 ? kMaxTileRows
+                   : std::clamp((tokens + 4 * threads - 1) / (4 * threads), kMinTileRows, kMaxTileRows);
   const int64_t tiles = (tokens + tile_rows - 1) / tile_rows;
   if (tiles <= 1) {
     if (tokens > 0) fn(0, tokens);
