@@ -377,10 +377,10 @@ def profile(args: argparse.Namespace) -> None:
     arg("--loss", choices=("kd", "lm"), default="kd"),
     arg("--mlp-choices", type=int, default=8, help="MLP widths the router picks from (smallest to full)"),
     arg("--hidden-size", type=int, default=128, help="router width"),
-    arg("--init", choices=("uniform", "best-uniform", "random"), default="uniform",
-        help="uniform: each trained budget starts at the uniform configuration nearest its latency "
-             "(parity); best-uniform: at the one of lowest perplexity on --sm-probe-blocks training "
-             "blocks among those within 5%% of its latency; random: plain random initialisation"),
+    arg("--init", choices=("best-uniform", "uniform", "random"), default="best-uniform",
+        help="best-uniform: each trained budget starts at the uniform configuration of lowest perplexity "
+             "on --sm-probe-blocks training blocks among those within 5%% of its latency (parity with "
+             "uniform widths); uniform: at the one nearest its latency; random: plain random initialisation"),
     arg("--init-margin", type=float, default=3.0, help="logit margin of the initial configuration"),
     arg("--sm-probe-blocks", type=int, default=2, help="blocks of the fixed batch whose loss the SM learns"),
     arg("--calibrate-blocks", type=int, default=4,
