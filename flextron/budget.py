@@ -138,6 +138,15 @@ def uniform_init_archs(model: FlextronModel, table: LatencyTable, router: Static
     return archs
 
 
+def static_init_archs(model: FlextronModel, table: LatencyTable, static: StaticRouter,
+                      budgets: Sequence[float], shape: tuple[str, int, int]) -> dict[float, ArchConfig]:
+    """Per budget, the static router's configuration as inference selects it (`fit_to_latency`):
+    a dynamic router's starting point (`--init static`) that already knows which layers can
+    shrink, where a uniform start does not."""
+    full = table.predict(model.full_arch(), *shape)
+    return {budget: fit_to_latency(static, budget, table, budget * full, shape) for budget in budgets}
+
+
 @dataclass
 class Selection:
     """The sub-network chosen for a budget: a configuration, or a dynamic router."""

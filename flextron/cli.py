@@ -377,10 +377,12 @@ def profile(args: argparse.Namespace) -> None:
     arg("--loss", choices=("kd", "lm"), default="kd"),
     arg("--mlp-choices", type=int, default=8, help="MLP widths the router picks from (smallest to full)"),
     arg("--hidden-size", type=int, default=128, help="router width"),
-    arg("--init", choices=("best-uniform", "uniform", "random"), default="best-uniform",
+    arg("--init", choices=("best-uniform", "uniform", "static", "random"), default="best-uniform",
         help="best-uniform: each trained budget starts at the uniform configuration of lowest perplexity "
              "on --sm-probe-blocks training blocks among those within 5%% of its latency (parity with "
-             "uniform widths); uniform: at the one nearest its latency; random: plain random initialisation"),
+             "uniform widths); uniform: at the one nearest its latency; static (--kind dynamic): at the "
+             "directory's static router's configuration, with its choices; random: plain random "
+             "initialisation"),
     arg("--init-margin", type=float, default=3.0, help="logit margin of the initial configuration"),
     arg("--sm-probe-blocks", type=int, default=2, help="blocks of the fixed batch whose loss the SM learns"),
     arg("--calibrate-blocks", type=int, default=4,
@@ -403,7 +405,7 @@ def profile(args: argparse.Namespace) -> None:
     LATENCY_SHAPE,
 )
 def train_router(args: argparse.Namespace) -> None:
-    from flextron.budget import parse_shape, uniform_init_archs
+    from flextron.budget import parse_shape, static_init_archs, uniform_init_archs
     from flextron.data import load_blocks
     from flextron.latency import LatencyTable
     from flextron.nn.routers import (
@@ -441,15 +443,30 @@ def train_router(args: argparse.Namespace) -> None:
             raise ValueError(f"--mode {args.mode} needs a trained {args.kind} router; {directory} has none")
         router = trained[args.kind]
         args.budgets = list(router.encoder.budgets)
+    elif args.init == "static":
+        if args.kind != "dynamic":
+            raise ValueError("--init static starts a dynamic router (--kind dynamic) at the static router's "
+                             "configurations")
+        static = load_routers(directory, model.config)[0].get("static")
+        if static is None:
+            raise ValueError(f"--init static needs a trained static router in {directory}: run "
+                             "`flextron train-router --kind static` first")
+        router = DynamicRouter(model.config, args.budgets, static.mlp_choices, static.head_choices,
+                               hidden_size=args.hidden_size)
     else:
         router = router_class(model.config, args.budgets, default_mlp_choices(model.config, args.mlp_choices),
                               hidden_size=args.hidden_size)
     if args.init != "random" and args.mode in ("surrogate", "end-to-end"):
-        probe = blocks[:args.sm_probe_blocks] if args.init == "best-uniform" else None
-        starts = uniform_init_archs(model, table, router, (phase, batch, length), probe)
+        if args.init == "static":
+            starts = static_init_archs(model, table, static, args.budgets, (phase, batch, length))
+        else:
+            probe = blocks[:args.sm_probe_blocks] if args.init == "best-uniform" else None
+            starts = uniform_init_archs(model, table, router, (phase, batch, length), probe)
         router.init_to_archs(starts, args.init_margin)
         for budget, arch in starts.items():
-            print(f"budget {budget:g} starts at MLP width {arch.mlp_widths[0]}, {arch.heads[0]} heads "
+            layers = len(arch.heads)
+            print(f"budget {budget:g} starts at mean MLP width {sum(arch.mlp_widths) / layers:.0f}, "
+                  f"mean heads {sum(arch.heads) / layers:.1f} "
                   f"({table.predict(arch, phase, batch, length):.2f} ms)", file=sys.stderr)
     target = LatencyTarget.from_table(table, router, model, phase, batch, length)
     config = RouterTrainingConfig(

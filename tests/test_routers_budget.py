@@ -211,6 +211,15 @@ def test_cli_profile_train_router_and_budget_driven_commands(tmp_path, capsys, m
     capsys.readouterr()
     assert main(["train-router", "--model", str(out), "--mode", "calibrate", *common]) == 2
     assert "applies to the dynamic router" in capsys.readouterr().err
+    # A dynamic router started at the static router's configurations, with its choices.
+    static = load_routers(out, tiny_flextron().config)[0]["static"]
+    args = ["train-router", "--model", str(out), "--kind", "dynamic", "--mode", "end-to-end",
+            "--init", "static", "--steps", "1", "--calibrate-blocks", "0", *common]
+    assert main(args) == 0
+    dynamic = load_routers(out, tiny_flextron().config)[0]["dynamic"]
+    assert (dynamic.mlp_choices, dynamic.head_choices) == (static.mlp_choices, static.head_choices)
+    assert main([*args[:4], "static", *args[5:]]) == 2  # --kind static
+    assert "starts a dynamic router" in capsys.readouterr().err
     assert main(["generate", "--model", str(out), "--latency-ms", "100000", "hi"]) == 2
     message = capsys.readouterr().err
     assert "achievable range is" in message and "full model" in message
