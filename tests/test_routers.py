@@ -100,7 +100,7 @@ def test_dynamic_router_routes_each_token_through_its_width() -> None:
         x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, session.heads[0])
         normed = layer.post_attention_layernorm(x).reshape(16, -1)
         features, weight = router.mlp_features(0, layer.post_attention_layernorm(x), session.budget_weights,
-                                               session.offsets)
+                                               session.offsets, session.mlp_costs)
         choice = ops.route(features, weight, None, 1.0, True)[0]
         assert torch.equal(choice, session.mlp_choice[0])
         mlp = layer.mlp

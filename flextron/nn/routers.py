@@ -398,11 +398,13 @@ class DynamicRouter(nn.Module):
             raise ValueError(f"{weights.shape[0]} budgets for a batch of {batch_size}")
         values = torch.as_tensor(budget, dtype=torch.float32, device=weights.device).reshape(-1)
         offsets = self.offsets(values).expand(batch_size)
-        return DynamicRouting(self, weights.expand(batch_size, -1), offsets, sampling)
+        return DynamicRouting(self, weights.expand(batch_size, -1), offsets, self.costs(weights.device),
+                              sampling)
 
-    def mlp_features(self, layer: int, x: torch.Tensor, budget_weights: torch.Tensor, offsets: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, T, D), budget_weights: (B, K), offsets: (B,) -> (features (B*T, H+K+1), weight (Cm, H+K+1)).
+    def mlp_features(self, layer: int, x: torch.Tensor, budget_weights: torch.Tensor, offsets: torch.Tensor,
+                     mlp_costs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, D), budget_weights: (B, K), offsets: (B,), mlp_costs: (Cm,) (`costs`)
+        -> (features (B*T, H+K+1), weight (Cm, H+K+1)).
 
         logits = features @ weight^T = hidden W_out^T + budget_weights @ mlp_bias - offset * costs:
         one matrix product, so that `ops.route` fuses it with the argmax and the grouping.
@@ -411,15 +413,14 @@ class DynamicRouter(nn.Module):
         batch, tokens = x.shape[:2]
         extra = torch.cat([budget_weights, offsets[:, None].to(budget_weights)], 1)  # (B, K+1)
         features = torch.cat([nn.functional.leaky_relu(hidden), extra[:, None].expand(batch, tokens, -1)], -1)
-        mlp_costs, _ = self.costs(x.device)
         weight = torch.cat([self.mlp_out[layer], self.mlp_bias[layer].T, -mlp_costs[:, None]], 1)
         return features.flatten(0, 1), weight.to(x.dtype)
 
-    def head_logits(self, layer: int, x: torch.Tensor, budget_weights: torch.Tensor, offsets: torch.Tensor
-                    ) -> torch.Tensor:
-        """x: (B, T, D) prompt -> per-sequence logits (B, Ch) from the mean over positions."""
+    def head_logits(self, layer: int, x: torch.Tensor, budget_weights: torch.Tensor, offsets: torch.Tensor,
+                    head_costs: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, D) prompt, head_costs: (Ch,) (`costs`) -> per-sequence logits (B, Ch) from the
+        mean over positions."""
         hidden = self.head_in[layer](x.mean(1)) + self.head_budget[layer](budget_weights)
-        _, head_costs = self.costs(x.device)
         logits = self.head_out[layer](nn.functional.leaky_relu(hidden))
         logits = logits + budget_weights @ self.head_bias[layer]
         return logits - offsets[:, None].to(logits) * head_costs.to(logits)
@@ -433,9 +434,11 @@ class DynamicRouting:
     """
 
     def __init__(self, router: DynamicRouter, budget_weights: torch.Tensor, offsets: torch.Tensor,
-                 sampling: Sampling) -> None:
+                 costs: tuple[torch.Tensor, torch.Tensor], sampling: Sampling) -> None:
         self.router, self.budget_weights, self.sampling = router, budget_weights, sampling
         self.offsets = offsets  # (B,) calibration offsets (DynamicRouter.set_calibration)
+        # (Cm,), (Ch,) calibration costs, built once per session rather than per layer call.
+        self.mlp_costs, self.head_costs = costs
         layers = router.num_layers
         self.heads: list[torch.Tensor | None] = [None] * layers  # (B,) int64 query heads per layer
         self.head_probs: list[torch.Tensor | None] = [None] * layers  # (B, Ch)
@@ -448,7 +451,7 @@ class DynamicRouting:
         """x: (B, T, D) -> (B, T, D) with per-sequence head counts fixed at prefill."""
         if self.heads[layer] is None:
             budget = self.budget_weights.to(x.dtype)
-            logits = self.router.head_logits(layer, x, budget, self.offsets)
+            logits = self.router.head_logits(layer, x, budget, self.offsets, self.head_costs)
             choice, probs, scale = _pick(logits, self.sampling)
             counts = torch.tensor(self.router.head_choices, device=x.device)
             self.heads[layer], self.head_probs[layer], self.head_scale[layer] = counts[choice], probs, scale
@@ -459,7 +462,8 @@ class DynamicRouting:
     def mlp(self, layer: int, module: ElasticMLP, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, D) -> (B, T, D), every token at its own width (one fused routed MLP)."""
         router = self.router
-        features, weight = router.mlp_features(layer, x, self.budget_weights.to(x.dtype), self.offsets)
+        features, weight = router.mlp_features(layer, x, self.budget_weights.to(x.dtype), self.offsets,
+                                               self.mlp_costs)
         noise = None
         if self.sampling.noise:
             noise = gumbel_noise((features.shape[0], weight.shape[0]), self.sampling.generator, x.device)
