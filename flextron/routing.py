@@ -80,6 +80,10 @@ class LatencyTarget:
         """(B, L, Cm), (B, L, Ch) -> expected ms (B,)."""
         return expected_latency(mlp_probs, head_probs, self.fixed_ms, self.mlp_costs, self.head_costs)
 
+    def calibration_costs(self) -> dict[str, list[float]]:
+        """The per-choice costs in the form DynamicRouter.set_calibration takes them."""
+        return {"mlp_costs": self.mlp_costs.tolist(), "head_costs": self.head_costs.tolist()}
+
 
 def _session(router: Router, budget: float, batch_size: int, sampling: Sampling):
     if isinstance(router, StaticRouter):
@@ -373,7 +377,7 @@ def calibrate_dynamic(
     stored in the router (interpolated between budgets); returns one row per budget.
     """
     budgets = sorted(float(b) for b in budgets)
-    costs = {"mlp_costs": target.mlp_costs.tolist(), "head_costs": target.head_costs.tolist()}
+    costs = target.calibration_costs()
     router.eval()
     device = model.embed_tokens.weight.device
     batch = blocks.to(device)
@@ -434,7 +438,7 @@ def calibrate_dynamic_measured(
     whose measurement came nearest the goal.  Stores the offsets; returns one row per budget.
     """
     budgets = sorted(float(b) for b in budgets)
-    costs = {"mlp_costs": target.mlp_costs.tolist(), "head_costs": target.head_costs.tolist()}
+    costs = target.calibration_costs()
     router.eval()
     device = model.embed_tokens.weight.device
     chunks = [c.to(device) for c in blocks.split(batch_size) if c.shape[0] == batch_size]

@@ -123,8 +123,9 @@ def measure_speed(model: FlextronModel, budgets: list[float], prompt_len: int = 
     device = model.embed_tokens.weight.device
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=generator).to(device)
     rows = []
-    with torch.no_grad():
-        hf = hf_twin(model) if compare_hf else None
+    hf = hf_twin(model) if compare_hf else None
+    # inference_mode, as generation runs: under no_grad each custom-op call also passes autograd.
+    with torch.inference_mode():
         for budget in budgets:
             arch = model.arch_for_budget(budget)
             prefill = best_time(lambda arch=arch: model(prompt, arch, last_only=True), repeats, now)
