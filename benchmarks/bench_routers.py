@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from flextron.budget import BudgetResolver, dynamic_perplexity
+from flextron.budget import BudgetResolver, dynamic_perplexity, parse_shape
+from flextron.config import ArchConfig
 from flextron.data import load_blocks
 from flextron.evaluate import frontier_perplexity, pareto_frontier, perplexity
 from flextron.latency import measure_latency, median_times_ms
@@ -43,7 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--timing-blocks", type=int, default=2,
                         help="held-out batches of the LUT shape per timing (dynamic widths depend on text)")
-    parser.add_argument("--speedup-batch", type=int, default=4, help="batch of the dynamic speedup test")
+    parser.add_argument("--latency-shape", default=None,
+                        help="PHASE:BATCHxLENGTH the budgets refer to and the timings run at, e.g. "
+                             "decode:1x256 (one step at that context); default: the routers' shape")
+    parser.add_argument("--speedup-batch", type=int, default=4,
+                        help="batch of the dynamic speedup test (prefill shapes only)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="runs/routers")
     parser.add_argument("--label", default=None, help="name this run's rows ROUTING-LABEL (e.g. static-e2e)")
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = FlextronModel.from_pretrained(args.model)
-    resolver = BudgetResolver(model, args.model)
+    resolver = BudgetResolver(model, args.model, parse_shape(args.latency_shape) if args.latency_shape else None)
     if resolver.table is None:
         raise SystemExit(f"{args.model} has no latency table: run flextron profile first")
     phase, batch, length = resolver.shape
@@ -100,23 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     selections = [(routing, budget, resolver.select(budget=budget, routing=routing))
                   for routing in args.routings.split(",") for budget in budgets]
     # Timed on held-out text: the dynamic router's widths depend on the tokens (static ones do not).
-    timing_text = load_blocks(model.tokenizer, None, length, batch * args.timing_blocks, split="eval")
+    # Decode: a prompt of `length` tokens fills the cache, then its next token is the timed step.
+    tokens = length if phase == "prefill" else length + 1
+    timing_text = load_blocks(model.tokenizer, None, tokens, batch * args.timing_blocks, split="eval")
     if timing_text.shape[0] < batch * args.timing_blocks:
         raise SystemExit(f"not enough held-out text for {args.timing_blocks} timing batches of "
-                         f"{batch}x{length}")
-    chunks = timing_text.split(batch)  # timing_blocks x (batch, length)
-
-    def forward(selection) -> Callable[[], object]:
-        # Dynamic: one session per chunk, heads fixed at its first call, as in generation.
-        sessions = [selection.session(batch) for _ in chunks]
-        return lambda: [model(ids, selection.arch, last_only=True, router=session)
-                        for ids, session in zip(chunks, sessions, strict=True)]
-
-    functions = {i: forward(s) for i, (_, _, s) in enumerate(selections)}
-    # The dense full model in the same round: a budget is a fraction of its latency, and the
-    # fraction measured against it holds even when a shared machine drifts from the LUT.
-    functions["full"] = lambda: [model(ids, last_only=True) for ids in chunks]
+                         f"{batch}x{tokens}")
+    chunks = timing_text.split(batch)  # timing_blocks x (batch, tokens)
     with torch.inference_mode():
+        functions = {i: timed_forward(model, chunks, phase, s.arch, s.session)
+                     for i, (_, _, s) in enumerate(selections)}
+        # The dense full model in the same round: a budget is a fraction of its latency, and the
+        # fraction measured against it holds even when a shared machine drifts from the LUT.
+        functions["full"] = timed_forward(model, chunks, phase, None, lambda _: None)
         times = {key: ms / len(chunks) for key, ms in
                  median_times_ms(functions, torch.device("cpu"), args.repeats, 2, clock).items()}
     print(f"dense full model: {times['full']:.2f} ms measured, {full_ms:.2f} ms in the LUT "
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({100 * row['fraction_error']:+.1f}%) ppl {ppl:8.2f}", file=sys.stderr, flush=True)
     compare_to_uniform(rows)
     speedup = dynamic_speedup(model, resolver, args.speedup_batch, length, args.repeats, budgets,
-                              clock) if args.speedup_batch > 0 else []
+                              clock) if args.speedup_batch > 0 and phase == "prefill" else []
     summary = {"shape": resolver.shape, "full_ms_lut": full_ms, "full_ms_measured": times["full"],
                "timing_blocks": args.timing_blocks, "device": resolver.table.device_name,
                "clock": clock, "model": args.model, "rows": rows, "dynamic_speedup": speedup,
@@ -150,6 +151,33 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, out / "routers_pareto.png")
     print(markdown(rows, speedup))
     return 0
+
+
+def timed_forward(model: FlextronModel, chunks: tuple[torch.Tensor, ...], phase: str,
+                  arch: ArchConfig | None, session: Callable[[int], object]) -> Callable[[], object]:
+    """What one timing runs: each chunk (batch, tokens) through `arch` or a fresh routing session
+    per chunk (`session(batch)`; dynamic heads are fixed at its first call, as in generation),
+    last-position logits.  Prefill: the whole chunk.  Decode: the chunk but its last token is
+    prefilled into a KV cache here, untimed; the timed call decodes that last token, at the
+    same context every time."""
+    sessions = [session(ids.shape[0]) for ids in chunks]
+    if phase == "prefill":
+        return lambda: [model(ids, arch, last_only=True, router=routing)
+                        for ids, routing in zip(chunks, sessions, strict=True)]
+    caches = []
+    for ids, routing in zip(chunks, sessions, strict=True):
+        caches.append(model.new_kv_cache(ids.shape[0], ids.shape[1]))
+        model(ids[:, :-1], arch, caches[-1], last_only=True, router=routing)
+    context = chunks[0].shape[1] - 1
+
+    def step() -> list[torch.Tensor]:
+        outputs = []
+        for ids, routing, cache in zip(chunks, sessions, caches, strict=True):
+            cache.length = context  # every timed step decodes at the same context
+            outputs.append(model(ids[:, -1:], arch, cache, last_only=True, router=routing))
+        return outputs
+
+    return step
 
 
 def compare_to_uniform(rows: list[dict]) -> None:

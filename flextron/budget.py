@@ -45,6 +45,27 @@ def parse_shape(text: str) -> tuple[str, int, int]:
     return phase, batch, length
 
 
+def format_shape(shape: tuple[str, int, int]) -> str:
+    """("prefill", 1, 128) -> "prefill:1x128" (parse_shape's form)."""
+    phase, batch, length = shape
+    return f"{phase}:{batch}x{length}"
+
+
+def saved_shape(meta: dict) -> tuple[str, int, int]:
+    """routers.json's latency_shape {"phase", "batch", "length"} as a shape tuple."""
+    return meta["phase"], int(meta["batch"]), int(meta["length"])
+
+
+def reference_shape(table: LatencyTable | None, router_shape: tuple[str, int, int] | None
+                    ) -> tuple[str, int, int]:
+    """The shape budgets refer to by default: the routers', else the table's first prefill shape."""
+    if router_shape is not None:
+        return router_shape
+    if table is not None and table.shapes("prefill"):
+        return ("prefill", *table.shapes("prefill")[0])
+    return DEFAULT_SHAPE
+
+
 def uniform_arch_for_latency(model: FlextronModel, table: LatencyTable, target_ms: float,
                              shape: tuple[str, int, int], mlp_choices: Sequence[int] | None = None,
                              head_choices: Sequence[int] | None = None) -> ArchConfig:
@@ -185,11 +206,9 @@ class BudgetResolver:
             self.routers, router_shape = load_routers(directory, model.config)
             for router in self.routers.values():
                 router.to(device)
-        if shape is None and router_shape is not None:
-            shape = (router_shape["phase"], router_shape["batch"], router_shape["length"])
-        if shape is None and self.table is not None and self.table.shapes("prefill"):
-            shape = ("prefill", *self.table.shapes("prefill")[0])
-        self.shape = shape or DEFAULT_SHAPE
+        # What the routers were trained (the dynamic one calibrated) for.
+        self.router_shape = None if router_shape is None else saved_shape(router_shape)
+        self.shape = shape or reference_shape(self.table, self.router_shape)
 
     def _router(self, kind: str) -> StaticRouter | DynamicRouter:
         if kind not in self.routers:
@@ -217,6 +236,13 @@ class BudgetResolver:
             budget = self.table.check_target(latency_ms, self.model.config, *self.shape, **choices)
         budget = check_budget(1.0 if budget is None else budget)
         if routing == "dynamic":
+            # Its calibration offsets put a budget on that shape's latency; another shape's budget
+            # would silently get that shape's widths (static choices are refit to any shape below).
+            if self.router_shape is not None and tuple(self.shape) != self.router_shape:
+                raise ValueError(
+                    f"the dynamic router is calibrated for {format_shape(self.router_shape)}, not "
+                    f"{format_shape(self.shape)}: recalibrate it with `flextron train-router --kind dynamic "
+                    f"--mode calibrate --latency-shape {format_shape(self.shape)}` (or leave --latency-shape out)")
             router.encoder(budget)  # ValueError outside the trained range, now rather than at the forward
             return Selection("dynamic", budget, router=router)
         if routing == "static":

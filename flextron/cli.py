@@ -405,7 +405,14 @@ def profile(args: argparse.Namespace) -> None:
     LATENCY_SHAPE,
 )
 def train_router(args: argparse.Namespace) -> None:
-    from flextron.budget import parse_shape, static_init_archs, uniform_init_archs
+    from flextron.budget import (
+        format_shape,
+        parse_shape,
+        reference_shape,
+        saved_shape,
+        static_init_archs,
+        uniform_init_archs,
+    )
     from flextron.data import load_blocks
     from flextron.latency import LatencyTable
     from flextron.nn.routers import (
@@ -429,8 +436,17 @@ def train_router(args: argparse.Namespace) -> None:
     directory = _flextron_dir(args.model)
     model = _load(args.model)
     table = LatencyTable.load(directory, model.embed_tokens.weight.device)
-    phase, batch, length = parse_shape(args.latency_shape) if args.latency_shape else ("prefill",
-                                                                                         *table.shapes("prefill")[0])
+    existing, existing_shape = load_routers(directory, model.config)
+    existing_shape = None if existing_shape is None else saved_shape(existing_shape)
+    # One shape per directory: by default the routers' own, so retraining keeps it.
+    shape = parse_shape(args.latency_shape) if args.latency_shape else reference_shape(table, existing_shape)
+    phase, batch, length = shape
+    recalibrated = args.kind == "dynamic" and args.mode != "joint"
+    if "dynamic" in existing and existing_shape not in (None, shape) and not recalibrated:
+        raise ValueError(f"{directory}'s dynamic router is calibrated for {format_shape(existing_shape)}; "
+                         f"training at {format_shape(shape)} would mislabel it: use --latency-shape "
+                         f"{format_shape(existing_shape)}, or recalibrate the dynamic router at the new "
+                         "shape afterwards (--kind dynamic --mode calibrate)")
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer: training text cannot be tokenized")
     blocks = load_blocks(model.tokenizer, args.data, args.seq_len, split="train")
@@ -438,16 +454,15 @@ def train_router(args: argparse.Namespace) -> None:
     if args.mode in ("joint", "calibrate"):
         if args.mode == "calibrate" and args.kind != "dynamic":
             raise ValueError("--mode calibrate applies to the dynamic router (--kind dynamic)")
-        trained, _ = load_routers(directory, model.config)
-        if args.kind not in trained:
+        if args.kind not in existing:
             raise ValueError(f"--mode {args.mode} needs a trained {args.kind} router; {directory} has none")
-        router = trained[args.kind]
+        router = existing[args.kind]
         args.budgets = list(router.encoder.budgets)
     elif args.init == "static":
         if args.kind != "dynamic":
             raise ValueError("--init static starts a dynamic router (--kind dynamic) at the static router's "
                              "configurations")
-        static = load_routers(directory, model.config)[0].get("static")
+        static = existing.get("static")
         if static is None:
             raise ValueError(f"--init static needs a trained static router in {directory}: run "
                              "`flextron train-router --kind static` first")
@@ -539,8 +554,7 @@ def train_router(args: argparse.Namespace) -> None:
             logs["calibration"] = calibrate_dynamic_measured(
                 model, router, target, probe, grid, batch, table.clock, args.calibrate_repeats,
                 progress=report_measured)
-    routers, _ = load_routers(directory, model.config)
-    routers[args.kind] = router
+    routers = {**existing, args.kind: router}
     save_routers(directory, routers, {"phase": phase, "batch": batch, "length": length})
     print(f"saved the {args.kind} router to {directory}")
     if isinstance(router, StaticRouter):

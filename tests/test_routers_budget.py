@@ -92,6 +92,18 @@ def test_dynamic_selection_gives_fresh_sessions(model_dir) -> None:
         assert torch.equal(model(ids, router=first), model(ids, router=second))
 
 
+def test_dynamic_router_is_refused_at_a_shape_it_was_not_calibrated_for(model_dir) -> None:
+    model, path, _ = model_dir
+    resolver = BudgetResolver(model, path, shape=("decode", 1, 64))
+    assert resolver.router_shape == ("prefill", 1, 16)
+    with pytest.raises(ValueError, match=r"calibrated for prefill:1x16, not decode:1x64: recalibrate"):
+        resolver.select(budget=0.7, routing="dynamic")
+    # Static choices are refit to the requested shape's latency.
+    selection = resolver.select(budget=0.75, routing="static")
+    full = resolver.table.predict(model.full_arch(), "decode", 1, 64)
+    assert selection.predicted_ms == pytest.approx(0.75 * full, rel=0.05)
+
+
 def test_without_table_or_routers(tmp_path) -> None:
     model = tiny_flextron()
     resolver = BudgetResolver(model, None)
@@ -302,6 +314,24 @@ def test_cli_profile_train_router_and_budget_driven_commands(tmp_path, capsys, m
     assert load_model(tmp_path / "small").num_parameters() == model.num_parameters(chosen)
     with pytest.raises(SystemExit):  # export takes static configurations only
         main(["export", "--model", str(out), "--out", str(tmp_path / "bad"), "--routing", "dynamic"])
+    # One latency shape per directory: training the static router at another shape would mislabel
+    # the dynamic router's calibration; recalibrating the dynamic router moves the directory to it.
+    capsys.readouterr()
+    decode = ["--latency-shape", "decode:1x32"]
+    assert main(["train-router", "--model", str(out), "--steps", "1", "--finetune-steps", "0", *decode,
+                 *common]) == 2
+    assert "calibrated for prefill:1x16" in capsys.readouterr().err
+    assert main(["train-router", "--model", str(out), "--kind", "dynamic", "--mode", "calibrate",
+                 "--calibrate-blocks", "1", *decode, *common]) == 0
+    assert load_routers(out, tiny_flextron().config)[1] == {"phase": "decode", "batch": 1, "length": 32}
+    assert main(["train-router", "--model", str(out), "--steps", "1", "--finetune-steps", "0",
+                 *common]) == 0  # the static router, by default at the directory's shape
+    assert load_routers(out, tiny_flextron().config)[1]["phase"] == "decode"
+    generate = ["generate", "--model", str(out), "--routing", "dynamic", "--budget", "0.8",
+                "--max-new-tokens", "2", "hi"]
+    assert main(generate) == 0
+    assert main([*generate, "--latency-shape", "prefill:1x16"]) == 2
+    assert "calibrated for decode:1x32, not prefill:1x16" in capsys.readouterr().err
 
 
 def test_fit_to_latency_nudges_the_router_configuration_into_the_band(model_dir) -> None:
