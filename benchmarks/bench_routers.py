@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = FlextronModel.from_pretrained(args.model)
-    resolver = BudgetResolver(model, args.model, parse_shape(args.latency_shape) if args.latency_shape else None)
+    shape = parse_shape(args.latency_shape) if args.latency_shape else None
+    resolver = BudgetResolver(model, args.model, shape)
     if resolver.table is None:
         raise SystemExit(f"{args.model} has no latency table: run flextron profile first")
     phase, batch, length = resolver.shape

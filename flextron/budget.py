@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,31 +228,39 @@ class BudgetResolver:
         if routing == "auto":
             routing = "static" if "static" in self.routers else "uniform"
         router = None if routing == "uniform" else self._router(routing)
-        if latency_ms is not None:
-            if self.table is None:
-                raise ValueError("a latency target needs the model's latency table: run `flextron profile` "
-                                 "on a Flextron directory first")
-            choices = {} if router is None else {"mlp_choices": router.mlp_choices,
-                                                 "head_choices": router.head_choices}
-            budget = self.table.check_target(latency_ms, self.model.config, *self.shape, **choices)
-        budget = check_budget(1.0 if budget is None else budget)
-        if routing == "dynamic":
+        if routing == "dynamic" and self.router_shape is not None and tuple(self.shape) != self.router_shape:
             # Its calibration offsets put a budget on that shape's latency; another shape's budget
             # would silently get that shape's widths (static choices are refit to any shape below).
-            if self.router_shape is not None and tuple(self.shape) != self.router_shape:
-                raise ValueError(
-                    f"the dynamic router is calibrated for {format_shape(self.router_shape)}, not "
-                    f"{format_shape(self.shape)}: recalibrate it with `flextron train-router --kind dynamic "
-                    f"--mode calibrate --latency-shape {format_shape(self.shape)}` (or leave --latency-shape out)")
+            raise ValueError(
+                f"the dynamic router is calibrated for {format_shape(self.router_shape)}, not "
+                f"{format_shape(self.shape)}: recalibrate it with `flextron train-router --kind dynamic "
+                f"--mode calibrate --latency-shape {format_shape(self.shape)}` "
+                "(or leave --latency-shape out)")
+        if self.table is not None:
+            choices = {} if router is None else {"mlp_choices": router.mlp_choices,
+                                                 "head_choices": router.head_choices}
+            full = self.table.predict(self.model.full_arch(), *self.shape)
+            if latency_ms is not None:
+                budget = self.table.check_target(latency_ms, self.model.config, *self.shape, **choices)
+            elif budget is not None:
+                # A budget below the smallest sub-network runs, but cannot be met: say so, with the range.
+                low = self.table.latency_range(self.model.config, *self.shape, **choices)[0]
+                if check_budget(budget) * full < low:
+                    warnings.warn(f"budget {budget:g} ({budget * full:.2f} ms) is below the smallest "
+                                  f"sub-network's {low:.2f} ms at {format_shape(self.shape)}: the achievable "
+                                  f"budgets are {low / full:.3f} to 1", stacklevel=2)
+        elif latency_ms is not None:
+            raise ValueError("a latency target needs the model's latency table: run `flextron profile` "
+                             "on a Flextron directory first")
+        budget = check_budget(1.0 if budget is None else budget)
+        if routing == "dynamic":
             router.encoder(budget)  # ValueError outside the trained range, now rather than at the forward
             return Selection("dynamic", budget, router=router)
         if routing == "static":
             arch = router.arch(budget)
             if self.table is not None:
-                full = self.table.predict(self.model.full_arch(), *self.shape)
                 arch = fit_to_latency(router, budget, self.table, budget * full, self.shape)
         elif self.table is not None:
-            full = self.table.predict(self.model.full_arch(), *self.shape)
             arch = uniform_arch_for_latency(self.model, self.table, budget * full, self.shape)
         else:
             arch = self.model.arch_for_budget(budget)

@@ -211,7 +211,8 @@ class LatencyTable:
             raise ValueError(
                 f"latency target {target_ms:.3f} ms is not achievable for {phase} (batch {batch}, "
                 f"length {length}) on {self.device_name}: the achievable range is "
-                f"{low:.3f} ms (smallest sub-network) to {high:.3f} ms (full model)"
+                f"{low:.3f} ms (smallest sub-network) to {high:.3f} ms (full model), "
+                f"budgets {low / high:.3f} to 1"
             )
         return target_ms / high
 

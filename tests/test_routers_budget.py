@@ -78,7 +78,10 @@ def test_static_router_interpolates_between_trained_budgets_and_rejects_others(m
     weights = routers["static"].encoder(0.6)
     assert torch.allclose(weights, torch.tensor([[0.6, 0.4, 0.0]]))
     with pytest.raises(ValueError, match=r"trained range \[0.5, 1\]"):
-        resolver.select(budget=0.3)
+        resolver.select(budget=0.45)
+    # Below the smallest sub-network a budget runs (the smallest), but says it cannot be met.
+    with pytest.warns(UserWarning, match=r"budget 0.3 \(4.20 ms\) is below .* 6.00 ms .* are 0.429 to 1"):
+        assert resolver.select(budget=0.3, routing="uniform").predicted_ms == pytest.approx(6.0)
 
 
 def test_dynamic_selection_gives_fresh_sessions(model_dir) -> None:
