@@ -20,16 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from flextron.budget import BudgetResolver, dynamic_perplexity, parse_shape
-from flextron.config import ArchConfig
 from flextron.data import load_blocks
 from flextron.evaluate import frontier_perplexity, pareto_frontier, perplexity
-from flextron.latency import measure_latency, median_times_ms
+from flextron.latency import measure_latency, median_times_ms, timed_forward
 from flextron.model import FlextronModel
 
 
@@ -114,11 +112,12 @@ def main(argv: list[str] | None = None) -> int:
                          f"{batch}x{tokens}")
     chunks = timing_text.split(batch)  # timing_blocks x (batch, tokens)
     with torch.inference_mode():
-        functions = {i: timed_forward(model, chunks, phase, s.arch, s.session)
+        # Dynamic: one session per chunk, heads fixed at its first call, as in generation.
+        functions = {i: timed_forward(model, chunks, phase, s.arch, [s.session(batch) for _ in chunks])
                      for i, (_, _, s) in enumerate(selections)}
         # The dense full model in the same round: a budget is a fraction of its latency, and the
         # fraction measured against it holds even when a shared machine drifts from the LUT.
-        functions["full"] = timed_forward(model, chunks, phase, None, lambda _: None)
+        functions["full"] = timed_forward(model, chunks, phase)
         times = {key: ms / len(chunks) for key, ms in
                  median_times_ms(functions, torch.device("cpu"), args.repeats, 2, clock).items()}
     print(f"dense full model: {times['full']:.2f} ms measured, {full_ms:.2f} ms in the LUT "
@@ -152,33 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, out / "routers_pareto.png")
     print(markdown(rows, speedup))
     return 0
-
-
-def timed_forward(model: FlextronModel, chunks: tuple[torch.Tensor, ...], phase: str,
-                  arch: ArchConfig | None, session: Callable[[int], object]) -> Callable[[], object]:
-    """What one timing runs: each chunk (batch, tokens) through `arch` or a fresh routing session
-    per chunk (`session(batch)`; dynamic heads are fixed at its first call, as in generation),
-    last-position logits.  Prefill: the whole chunk.  Decode: the chunk but its last token is
-    prefilled into a KV cache here, untimed; the timed call decodes that last token, at the
-    same context every time."""
-    sessions = [session(ids.shape[0]) for ids in chunks]
-    if phase == "prefill":
-        return lambda: [model(ids, arch, last_only=True, router=routing)
-                        for ids, routing in zip(chunks, sessions, strict=True)]
-    caches = []
-    for ids, routing in zip(chunks, sessions, strict=True):
-        caches.append(model.new_kv_cache(ids.shape[0], ids.shape[1]))
-        model(ids[:, :-1], arch, caches[-1], last_only=True, router=routing)
-    context = chunks[0].shape[1] - 1
-
-    def step() -> list[torch.Tensor]:
-        outputs = []
-        for ids, routing, cache in zip(chunks, sessions, caches, strict=True):
-            cache.length = context  # every timed step decodes at the same context
-            outputs.append(model(ids[:, -1:], arch, cache, last_only=True, router=routing))
-        return outputs
-
-    return step
 
 
 def compare_to_uniform(rows: list[dict]) -> None:

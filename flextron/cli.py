@@ -513,7 +513,9 @@ def train_router(args: argparse.Namespace) -> None:
     elif args.mode == "end-to-end":
         logs["end_to_end"] = train_end_to_end(model, router, target, blocks, config, progress=show).rows
     if isinstance(router, DynamicRouter) and (args.calibrate_blocks > 0 or args.mode == "calibrate"):
-        probe = load_blocks(model.tokenizer, args.data, length, max(args.calibrate_blocks, 1), split="train")
+        # Decode: each block is a context of `length` tokens and the token decoded after it.
+        tokens = length if phase == "prefill" else length + 1
+        probe = load_blocks(model.tokenizer, args.data, tokens, max(args.calibrate_blocks, 1), split="train")
         low, high = min(args.budgets), max(args.budgets)
         grid = sorted({*args.budgets, *(round(b / 10, 1) for b in range(1, 11) if low <= b / 10 <= high)})
 
@@ -529,13 +531,17 @@ def train_router(args: argparse.Namespace) -> None:
             values = [float(v) for v in args.calibrate_overhead.split(",")]
             overhead = (values[0], values[1] if len(values) > 1 else 0.0)
         logs["calibration"] = calibrate_dynamic(model, router, target, probe, grid, overhead, progress=report)
+        # Timed in chunks of the shape's batch: prefill one (its tokens spread over the widths),
+        # decode all (one token each is timed).
+        chunks = probe[:probe.shape[0] // batch * batch].view(-1, batch, tokens)
         for _ in range(2 if args.calibrate_by == "lut" and args.calibrate_overhead == "auto"
-                       and phase == "prefill" and probe.shape[0] >= batch else 0):
+                       and chunks.shape[0] > 0 else 0):
             # Measure what the routed path costs beyond the LUT at the calibrated budgets, then
             # calibrate again with it; twice, since the overhead depends on how the tokens spread
             # over widths (more groups, more small GEMMs), which the calibration changes.
-            overhead, measured = measure_routing_overhead(model, router, target, probe[:batch], grid,
-                                                          table.clock)
+            overhead, measured = measure_routing_overhead(
+                model, router, target, chunks[:1] if phase == "prefill" else chunks, grid, table.clock,
+                phase=phase)
             pairs = ", ".join(f"{r['measured_ms']:.1f}/{r['lut_ms']:.1f}" for r in measured)
             print(f"routing overhead: {overhead[0]:.2f} ms + {100 * overhead[1]:.1f}% of the LUT latency "
                   f"(measured/LUT ms: {pairs})", file=sys.stderr)

@@ -513,6 +513,37 @@ def measure_latency(
     return [times[i] for i in range(len(archs))]
 
 
+def timed_forward(model: FlextronModel, chunks: Sequence[torch.Tensor], phase: str,
+                  arch: ArchConfig | None = None, sessions: Sequence[object] | None = None
+                  ) -> Callable[[], list[torch.Tensor]]:
+    """What one timing of real text runs, last-position logits as generation computes them.
+
+    chunks: token ids (batch, tokens) each; arch, or one routing session per chunk (dynamic
+    heads are fixed at a session's first call, as in generation).  Prefill: each whole chunk.
+    Decode: each chunk but its last token is prefilled into a KV cache here, untimed; the
+    returned function decodes that last token, at the same context on every call.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    sessions = list(sessions) if sessions is not None else [None] * len(chunks)
+    if phase == "prefill":
+        return lambda: [model(ids, arch, last_only=True, router=routing)
+                        for ids, routing in zip(chunks, sessions, strict=True)]
+    caches = []
+    for ids, routing in zip(chunks, sessions, strict=True):
+        caches.append(model.new_kv_cache(ids.shape[0], ids.shape[1]))
+        model(ids[:, :-1], arch, caches[-1], last_only=True, router=routing)
+
+    def step() -> list[torch.Tensor]:
+        outputs = []
+        for ids, routing, cache in zip(chunks, sessions, caches, strict=True):
+            cache.length = ids.shape[1] - 1  # every timed step decodes at the same context
+            outputs.append(model(ids[:, -1:], arch, cache, last_only=True, router=routing))
+        return outputs
+
+    return step
+
+
 def check_table(
     model: FlextronModel, table: LatencyTable, count: int = 10, phase: str = "prefill", batch: int = 1,
     length: int = 128, repeats: int = 15, seed: int = 0,

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from flextron.latency import LatencyTable, median_times_ms
+from flextron.latency import LatencyTable, median_times_ms, timed_forward
 from flextron.model import FlextronModel
 from flextron.nn.routers import (
     DynamicRouter,
@@ -343,10 +343,15 @@ def _bisect_offset(latency: Callable[[float], float], goal: float, start: float,
 
 def _lut_latency_of_choices(model: FlextronModel, router: DynamicRouter, target: LatencyTarget,
                             batch: torch.Tensor, budget: float) -> float:
-    """LUT latency (ms) of the dynamic router's argmax choices on `batch` at `budget`: the mean
-    over sequences of each layer's MLP cost (mean over tokens) plus the per-sequence head costs."""
+    """LUT latency (ms) of the dynamic router's argmax choices on `batch` at `budget`."""
     session = router.session(budget, batch.shape[0])
     model(batch, router=session, last_only=True)
+    return _session_lut_ms(session, target)
+
+
+def _session_lut_ms(session, target: LatencyTarget) -> float:
+    """LUT latency (ms) of a routing session's latest call: the mean over sequences of each
+    layer's MLP cost (mean over the call's tokens) plus the per-sequence head costs."""
     _, mlp, heads = _features(session)
     return float(target.latency(mlp, heads).mean())
 
@@ -376,6 +381,8 @@ def calibrate_dynamic(
     more expensive, so the latency falls with δ and bisection applies.  The offsets are
     stored in the router (interpolated between budgets); returns one row per budget.
     """
+    if not 1 + overhead[1] > 0:
+        raise ValueError(f"the overhead's fraction of the LUT latency must be > -1, got {overhead[1]}")
     budgets = sorted(float(b) for b in budgets)
     costs = target.calibration_costs()
     router.eval()
@@ -490,34 +497,39 @@ def measure_routing_overhead(
     budgets: Sequence[float],
     clock: str = "wall",
     repeats: int = 7,
+    phase: str = "prefill",
 ) -> tuple[tuple[float, float], list[dict]]:
     """What dynamic routing costs beyond the LUT: ((fixed ms, fraction), rows).
 
-    For each budget, the routed forward on `ids` (the reference shape: a prefill batch,
-    last-position logits as generation runs it) is timed (median, round-robin, together
-    with the full dense model) and compared with the LUT latency of its choices; a
-    least-squares line measured − LUT = fixed + fraction × LUT is fitted (a constant alone
-    from one budget).  Times are rescaled by LUT full / measured full of the same round:
-    on a shared machine even CPU time inflates with the neighbours' load (shared caches,
-    memory bandwidth), and the ratio to the dense model is what stays put.
+    ids: (N, B, T) token ids, N chunks of the reference shape's batch (prefill: T its length;
+    decode: its context + 1, `timed_forward`).  For each budget the routed forward of every
+    chunk (last-position logits as generation runs it) is timed (median, round-robin, together
+    with the full dense model) and compared with the LUT latency of the choices the timed
+    calls made; a least-squares line measured − LUT = fixed + fraction × LUT is fitted (a
+    constant alone from one budget).  Times are rescaled by LUT full / measured full of the
+    same round: on a shared machine even CPU time inflates with the neighbours' load (shared
+    caches, memory bandwidth), and the ratio to the dense model is what stays put.
     """
     device = model.embed_tokens.weight.device
-    batch = ids.to(device)
+    chunks = list(ids.to(device))
     router.eval()
-    predicted = {budget: _lut_latency_of_choices(model, router, target, batch, budget) for budget in budgets}
-
-    def forward(budget: float) -> Callable[[], object]:
-        return lambda: model(batch, router=router.session(budget, batch.shape[0]), last_only=True)
-
-    functions = {b: forward(b) for b in budgets}
-    functions["full"] = lambda: model(batch, last_only=True)
+    sessions = {b: [router.session(b, chunk.shape[0]) for chunk in chunks] for b in budgets}
+    functions: dict = {b: timed_forward(model, chunks, phase, sessions=sessions[b]) for b in budgets}
+    functions["full"] = timed_forward(model, chunks, phase)
     measured = median_times_ms(functions, device, repeats, 2, clock)
     scale = target.full_ms / measured["full"]
+    # A session keeps its latest call's choices: those of the timed forward (decode: its token).
+    predicted = {b: sum(_session_lut_ms(s, target) for s in sessions[b]) / len(chunks) for b in budgets}
     rows = [{"budget": b, "lut_ms": predicted[b], "measured_ms": measured[b] * scale,
-             "raw_ms": measured[b], "full_raw_ms": measured["full"]} for b in budgets]
+             "raw_ms": measured[b] / len(chunks), "full_raw_ms": measured["full"] / len(chunks)}
+            for b in budgets]
     xs = torch.tensor([r["lut_ms"] for r in rows], dtype=torch.float64)
     ys = torch.tensor([r["measured_ms"] - r["lut_ms"] for r in rows], dtype=torch.float64)
     if len(rows) < 2 or float(xs.max() - xs.min()) < 1e-6:
         return (float(ys.mean()), 0.0), rows
     fraction = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum())
+    if 1 + fraction < 0.5:
+        # Measured latency that barely grows with the LUT's (noise over a narrow LUT range, e.g.
+        # a tiny model) fits a slope near -1, which calibration would divide by: a constant.
+        return (float(ys.mean()), 0.0), rows
     return (float(ys.mean() - fraction * xs.mean()), fraction), rows

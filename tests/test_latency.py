@@ -16,6 +16,7 @@ from flextron.latency import (
     median_times_ms,
     profile_latency,
     random_archs,
+    timed_forward,
 )
 from flextron.nn.routers import expected_latency, latency_loss
 from tests.tiny_models import tiny_flextron
@@ -199,3 +200,19 @@ def test_cpu_clock_needs_one_cpu_thread() -> None:
         median_times_ms({"a": lambda: None}, torch.device("cpu"), clock="cpu")
     with pytest.raises(ValueError, match="clock must be one of"):
         median_times_ms({"a": lambda: None}, torch.device("cpu"), clock="gpu")
+
+
+def test_timed_forward_runs_last_position_logits_and_decodes_the_last_token_at_a_fixed_context() -> None:
+    model = tiny_flextron()
+    ids = torch.randint(3, 300, (2, 9))
+    arch = model.arch_for_budget(0.5)
+    with torch.inference_mode():
+        expected = model(ids, arch)[:, -1]
+        prefill = timed_forward(model, (ids,), "prefill", arch)
+        torch.testing.assert_close(prefill()[0][:, -1], expected)
+        # Decode: the first 8 tokens are prefilled once; every call decodes the 9th at context 8.
+        step = timed_forward(model, (ids,), "decode", arch)
+        for _ in range(2):
+            torch.testing.assert_close(step()[0][:, -1], expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="phase must be one of"):
+        timed_forward(model, (ids,), "train")

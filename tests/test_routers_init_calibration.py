@@ -10,6 +10,7 @@ from flextron.config import ArchConfig
 from flextron.nn.routers import DynamicRouter, StaticRouter, load_routers, save_routers
 from flextron.routing import (
     LatencyTarget,
+    _lut_latency_of_choices,
     calibrate_dynamic,
     calibrate_dynamic_measured,
     measure_routing_overhead,
@@ -194,19 +195,61 @@ def test_set_calibration_rejects_bad_input() -> None:
     assert torch.equal(router.offsets(torch.tensor([0.5, 1.0])), torch.zeros(2))
 
 
-def test_measured_routing_overhead_is_a_line_through_measured_minus_lut() -> None:
+def stub_timer(times: dict):
+    """median_times_ms that runs every function once (the sessions make their choices) and
+    returns the given times."""
+    def timer(functions, *_):
+        for function in functions.values():
+            function()
+        return {key: times[key] for key in functions}
+    return timer
+
+
+def test_measured_routing_overhead_is_a_line_through_measured_minus_lut(monkeypatch) -> None:
     torch.manual_seed(0)
     model, table = tiny_flextron(), synthetic_table()
     router = DynamicRouter(model.config, [0.5, 1.0], hidden_size=8)
     target = LatencyTarget.from_table(table, router, model, *SHAPE)
     calibrate_dynamic(model, router, target, blocks(), [0.5, 1.0])
-    (fixed, fraction), rows = measure_routing_overhead(model, router, target, blocks(1), [0.5, 1.0],
-                                                       repeats=2)
+    # Routed forwards "take" 0.55 and 1.2 of the dense model's time: an overhead that grows.
+    monkeypatch.setattr("flextron.routing.median_times_ms", stub_timer({0.5: 5.5, 1.0: 12.0, "full": 10.0}))
+    (fixed, fraction), rows = measure_routing_overhead(model, router, target, blocks(1)[None], [0.5, 1.0])
     assert [r["budget"] for r in rows] == [0.5, 1.0]
+    assert [r["measured_ms"] / target.full_ms for r in rows] == [pytest.approx(0.55), pytest.approx(1.2)]
+    assert fraction > -0.5
     for row in rows:
-        assert row["measured_ms"] > 0 and row["lut_ms"] > 0
         # Two points: the line passes through both.
         assert row["measured_ms"] - row["lut_ms"] == pytest.approx(fixed + fraction * row["lut_ms"], abs=1e-6)
+    # Measured times that do not grow with the LUT's (noise on a tiny model) would fit a slope
+    # near -1, which calibration divides by: a constant overhead instead.
+    monkeypatch.setattr("flextron.routing.median_times_ms", stub_timer({0.5: 6.0, 1.0: 6.0, "full": 10.0}))
+    (fixed, fraction), rows = measure_routing_overhead(model, router, target, blocks(1)[None], [0.5, 1.0])
+    assert fraction == 0.0
+    assert fixed == pytest.approx(sum(r["measured_ms"] - r["lut_ms"] for r in rows) / 2)
+    with pytest.raises(ValueError, match="must be > -1"):
+        calibrate_dynamic(model, router, target, blocks(), [0.5], overhead=(0.0, -1.0))
+    # The LUT latency is that of the choices of the timed forward itself.
+    assert rows[0]["lut_ms"] == pytest.approx(_lut_latency_of_choices(model, router, target, blocks(1), 0.5))
+
+
+def test_routing_overhead_at_a_decode_shape_prices_the_choices_of_the_decoded_tokens() -> None:
+    torch.manual_seed(0)
+    model, table = tiny_flextron(), synthetic_table()
+    router = DynamicRouter(model.config, [0.5, 1.0], hidden_size=8)
+    target = LatencyTarget.from_table(table, router, model, "decode", 1, 64)
+    ids = blocks(3, 65)[:, None]  # 3 chunks of 1 sequence: a 64-token context, then the timed token
+    _, rows = measure_routing_overhead(model, router, target, ids, [0.5, 1.0], repeats=2, phase="decode")
+    for row, budget in zip(rows, (0.5, 1.0), strict=True):
+        # Each chunk's timed step routes one token: its choices, priced at the decode costs.
+        expected = []
+        for chunk in ids:
+            session, cache = router.session(budget, 1), model.new_kv_cache(1, 65)
+            with torch.inference_mode():
+                model(chunk[:, :-1], kv_cache=cache, router=session)
+                model(chunk[:, -1:], kv_cache=cache, router=session)
+            assert session.mlp_probs[0].shape[0] == 1  # the usage of the latest call: one token
+            expected.append(float(target.latency(*session.usage()).mean()))
+        assert row["lut_ms"] == pytest.approx(sum(expected) / len(expected))
 
 
 def test_dynamic_init_bias_peaks_at_the_configuration_so_calibration_steps_one_width_at_a_time() -> None:
