@@ -427,6 +427,7 @@ def train_router(args: argparse.Namespace) -> None:
         RouterTrainingConfig,
         calibrate_dynamic,
         calibrate_dynamic_measured,
+        calibration_grid,
         measure_routing_overhead,
         train_end_to_end,
         train_router_surrogate,
@@ -516,8 +517,12 @@ def train_router(args: argparse.Namespace) -> None:
         # Decode: each block is a context of `length` tokens and the token decoded after it.
         tokens = length if phase == "prefill" else length + 1
         probe = load_blocks(model.tokenizer, args.data, tokens, max(args.calibrate_blocks, 1), split="train")
-        low, high = min(args.budgets), max(args.budgets)
-        grid = sorted({*args.budgets, *(round(b / 10, 1) for b in range(1, 11) if low <= b / 10 <= high)})
+        smallest = table.latency_range(model.config, phase, batch, length, router.mlp_choices,
+                                       router.head_choices)[0] / target.full_ms
+        grid, below = calibration_grid(args.budgets, smallest)
+        if below:
+            print(f"budgets {below} are below the smallest sub-network ({smallest:.3f} of the full model "
+                  f"at {format_shape(shape)}): calibrating from {grid[0]:g}", file=sys.stderr)
 
         def report(row: dict) -> None:
             print(f"calibrated budget {row['budget']:g}: offset {row['offset']:+.4f}, "

@@ -356,6 +356,19 @@ def _session_lut_ms(session, target: LatencyTarget) -> float:
     return float(target.latency(mlp, heads).mean())
 
 
+def calibration_grid(trained: Sequence[float], smallest: float) -> tuple[list[float], list[float]]:
+    """(the budgets to calibrate, those left out): the trained budgets and every 0.1 between,
+    from the smallest sub-network's budget up.  Below it a budget cannot be met and bisecting
+    it only saturates (decode on a CPU: the smallest is about half the full model), so the
+    grid starts at the smallest instead (unless no budget is reachable: then all are kept)."""
+    low, high = min(trained), max(trained)
+    grid = sorted({*trained, *(round(b / 10, 1) for b in range(1, 11) if low <= b / 10 <= high)})
+    if not grid[0] < smallest <= grid[-1]:
+        return grid, []
+    below = [b for b in grid if b < smallest]
+    return sorted({math.ceil(smallest * 1000) / 1000, *(b for b in grid if b >= smallest)}), below
+
+
 @torch.no_grad()
 def calibrate_dynamic(
     model: FlextronModel,

@@ -13,6 +13,7 @@ from flextron.routing import (
     _lut_latency_of_choices,
     calibrate_dynamic,
     calibrate_dynamic_measured,
+    calibration_grid,
     measure_routing_overhead,
 )
 from tests.test_latency import synthetic_table
@@ -277,3 +278,10 @@ def test_dynamic_init_bias_peaks_at_the_configuration_so_calibration_steps_one_w
     # As the offset grows the width steps through every narrower choice in turn (a one-hot
     # bias would jump from 256 straight to 64, where every other choice ties).
     assert visited == [{256}, {192}, {128}, {64}]
+
+
+def test_calibration_grid_starts_at_the_smallest_reachable_budget() -> None:
+    assert calibration_grid([0.3, 0.5, 1.0], 0.17) == ([0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], [])
+    assert calibration_grid([0.3, 0.5, 1.0], 0.5281) == ([0.529, 0.6, 0.7, 0.8, 0.9, 1.0], [0.3, 0.4, 0.5])
+    # Nothing reachable (a noisy table of a tiny model): all kept, calibration saturates.
+    assert calibration_grid([0.5, 1.0], 1.07)[1] == []
