@@ -2,9 +2,11 @@
 
 For each budget, three ways to pick the sub-network (flextron.budget): uniform widths
 (nearest LUT latency), the static router, the dynamic router.  Each is timed on this
-device (median over repeats, round-robin, prefill at the LUT reference shape, last-position
-logits as generation runs it) and scored (perplexity on held-out built-in text).  Then the
-dynamic router's real speedup at equal batch: full model vs dynamic routing, both timed.
+device (median over repeats, round-robin with the dense full model, on held-out text at the
+LUT reference shape: a prefill, or with --latency-shape decode:BxL one cached decode step at
+that context; last-position logits as generation runs it) and scored (perplexity on held-out
+built-in text).  Then, at prefill shapes, the dynamic router's real speedup at equal batch:
+full model vs dynamic routing, both timed.
 
     flextron convert --model default --out runs/smol
     flextron profile --model runs/smol --threads 1

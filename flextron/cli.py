@@ -442,6 +442,9 @@ def train_router(args: argparse.Namespace) -> None:
     # One shape per directory: by default the routers' own, so retraining keeps it.
     shape = parse_shape(args.latency_shape) if args.latency_shape else reference_shape(table, existing_shape)
     phase, batch, length = shape
+    if args.kind == "dynamic" and args.calibrate_by == "measured" and phase != "prefill":
+        # Refused before training: a decode step times one token's choices (use the LUT + overhead).
+        raise ValueError(f"--calibrate-by measured times prefill shapes; the budgets refer to {phase}")
     recalibrated = args.kind == "dynamic" and args.mode != "joint"
     if "dynamic" in existing and existing_shape not in (None, shape) and not recalibrated:
         raise ValueError(f"{directory}'s dynamic router is calibrated for {format_shape(existing_shape)}; "
@@ -529,8 +532,6 @@ def train_router(args: argparse.Namespace) -> None:
                   f"LUT {row['lut_ms']:.2f} ms (goal {row['goal_ms']:.2f}, uncalibrated "
                   f"{row['uncalibrated_ms']:.2f})", file=sys.stderr)
 
-        if args.calibrate_by == "measured" and phase != "prefill":
-            raise ValueError(f"--calibrate-by measured times prefill shapes; the budgets refer to {phase}")
         overhead = (0.0, 0.0)
         if args.calibrate_by == "lut" and args.calibrate_overhead not in ("auto", "none"):
             values = [float(v) for v in args.calibrate_overhead.split(",")]

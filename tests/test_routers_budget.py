@@ -334,8 +334,11 @@ def test_cli_profile_train_router_and_budget_driven_commands(tmp_path, capsys, m
     assert main(["train-router", "--model", str(out), "--steps", "1", "--finetune-steps", "0", *decode,
                  *common]) == 2
     assert "calibrated for prefill:1x16" in capsys.readouterr().err
-    assert main(["train-router", "--model", str(out), "--kind", "dynamic", "--mode", "calibrate",
-                 "--calibrate-blocks", "1", *decode, *common]) == 0
+    calibrate = ["train-router", "--model", str(out), "--kind", "dynamic", "--mode", "calibrate",
+                 "--calibrate-blocks", "1", *decode, *common]
+    assert main([*calibrate, "--calibrate-by", "measured"]) == 2  # refused before any work
+    assert "measured times prefill shapes" in capsys.readouterr().err
+    assert main(calibrate) == 0
     assert load_routers(out, tiny_flextron().config)[1] == {"phase": "decode", "batch": 1, "length": 64}
     assert main(["train-router", "--model", str(out), "--steps", "1", "--finetune-steps", "0",
                  *common]) == 0  # the static router, by default at the directory's shape

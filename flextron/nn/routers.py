@@ -427,8 +427,8 @@ class DynamicRouter(nn.Module):
         """x: (B, T, D) and `mlp_budget_terms` -> features (B*T, H+K+1)."""
         budget_hidden, extra, _ = terms
         # ops.nested_linear, not nn.Linear: at decode (one row) it streams the weight through the
-        # few-row kernel; a BLAS GEMV read it at a third of the bandwidth, 1.2 of the 4.6 ms the
-        # routed path cost a SmolLM2 decode step beyond the dense model.
+        # few-row kernel; a BLAS GEMV read it at a third of the bandwidth, 1.1 of the 5.4 ms the
+        # routed path cost a SmolLM2 decode step beyond the dense model (docs/routers.md).
         first = self.mlp_in[layer]
         hidden = ops.nested_linear(x, first.weight, first.bias)  # (B, T, H)
         hidden = hidden + budget_hidden[:, None].to(x.dtype)
