@@ -41,9 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--routings", default="uniform,static,dynamic")
     parser.add_argument("--eval-blocks", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--timing-blocks", type=int, default=2,
-                        help="held-out batches of the LUT shape per timing (dynamic widths depend on text)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repeats (median); default 9 at prefill, 21 at decode (noisier)")
+    parser.add_argument("--timing-blocks", type=int, default=None,
+                        help="held-out batches of the LUT shape per timing (dynamic widths depend on text); "
+                             "default 2 at prefill, 4 at decode (one token each)")
     parser.add_argument("--latency-shape", default=None,
                         help="PHASE:BATCHxLENGTH the budgets refer to and the timings run at, e.g. "
                              "decode:1x256 (one step at that context); default: the routers' shape")
@@ -96,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     if resolver.table is None:
         raise SystemExit(f"{args.model} has no latency table: run flextron profile first")
     phase, batch, length = resolver.shape
+    if args.repeats is None:
+        args.repeats = 21 if phase == "decode" else 9
+    if args.timing_blocks is None:
+        args.timing_blocks = 4 if phase == "decode" else 2
     full_ms = resolver.table.predict(model.full_arch(), phase, batch, length)
     clock = resolver.table.clock
     blocks = load_blocks(model.tokenizer, None, args.seq_len, args.eval_blocks, split="eval")

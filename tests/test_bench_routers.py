@@ -61,10 +61,10 @@ def test_bench_routers_at_a_decode_shape_times_one_cached_step(tmp_path):
                  {"phase": "prefill", "batch": 1, "length": 16})
     out = tmp_path / "out"
     args = ["--model", str(tmp_path / "model"), "--budgets", "0.8,1.0", "--routings", "uniform,static",
-            "--latency-shape", "decode:1x64", "--eval-blocks", "2", "--seq-len", "16", "--repeats", "2",
-            "--timing-blocks", "1", "--out", str(out)]
+            "--latency-shape", "decode:1x64", "--eval-blocks", "2", "--seq-len", "16", "--out", str(out)]
     assert load_bench().main(args) == 0
     summary = json.loads((out / "routers.json").read_text())
     assert summary["shape"] == ["decode", 1, 64] and summary["dynamic_speedup"] == []
+    assert summary["timing_blocks"] == 4  # the decode default: one timed token per block
     full = synthetic_table().predict(model.full_arch(), "decode", 1, 64)
     assert summary["full_ms_lut"] == pytest.approx(full)
