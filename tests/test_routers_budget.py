@@ -78,7 +78,7 @@ def test_static_router_interpolates_between_trained_budgets_and_rejects_others(m
     assert selection.predicted_ms == pytest.approx(0.6 * 14.0, rel=0.05)
     weights = routers["static"].encoder(0.6)
     assert torch.allclose(weights, torch.tensor([[0.6, 0.4, 0.0]]))
-    with pytest.raises(ValueError, match=r"trained range \[0.5, 1\]"):
+    with pytest.raises(ValueError, match=r"budget 0.45 outside the router.s trained range \[0.5, 1\]"):
         resolver.select(budget=0.45)
     # Below the smallest sub-network a budget runs (the smallest), but says it cannot be met.
     with pytest.warns(UserWarning, match=r"budget 0.3 \(4.20 ms\) is below .* 6.00 ms .* are 0.429 to 1"):

@@ -97,7 +97,8 @@ class BudgetEncoder(nn.Module):
         low, high = self.budgets[0], self.budgets[-1]
         if bool(((values < low - 1e-9) | (values > high + 1e-9)).any()):
             raise ValueError(
-                f"budget {values.tolist()} outside the router's trained range [{low:g}, {high:g}] "
+                f"budget {', '.join(f'{v:.4g}' for v in values.tolist())} outside the router's trained "
+                f"range [{low:g}, {high:g}] "
                 f"(trained budgets {self.budgets})"
             )
         if len(self.budgets) == 1:
