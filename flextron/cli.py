@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -695,7 +696,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.function(args)
+        with warnings.catch_warnings():
+            # Our warnings (a budget out of reach, a table from another device) as one line each,
+            # like the errors, not with the source line that raised them.
+            warnings.showwarning = lambda message, category, *_: print(
+                f"flextron {args.command}: warning: {message}", file=sys.stderr)
+            args.function(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"flextron {args.command}: error: {error}", file=sys.stderr)
         return 2

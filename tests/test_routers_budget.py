@@ -348,6 +348,10 @@ def test_cli_profile_train_router_and_budget_driven_commands(tmp_path, capsys, m
     assert main(generate) == 0
     assert main([*generate, "--latency-shape", "prefill:1x16"]) == 2
     assert "calibrated for decode:1x64, not prefill:1x16" in capsys.readouterr().err
+    # A budget out of reach runs (the smallest sub-network) with a one-line warning.
+    assert main(["generate", "--model", str(out), "--routing", "uniform", "--budget", "0.3",
+                 "--max-new-tokens", "1", "hi"]) == 0
+    assert "flextron generate: warning: budget 0.3 (0.26 ms) is below" in capsys.readouterr().err
 
 
 def test_fit_to_latency_nudges_the_router_configuration_into_the_band(model_dir) -> None:
