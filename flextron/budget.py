@@ -52,9 +52,9 @@ def format_shape(shape: tuple[str, int, int]) -> str:
     return f"{phase}:{batch}x{length}"
 
 
-def saved_shape(meta: dict) -> tuple[str, int, int]:
-    """routers.json's latency_shape {"phase", "batch", "length"} as a shape tuple."""
-    return meta["phase"], int(meta["batch"]), int(meta["length"])
+def saved_shape(meta: dict | None) -> tuple[str, int, int] | None:
+    """routers.json's latency_shape {"phase", "batch", "length"} as a shape tuple (None: none saved)."""
+    return None if meta is None else (meta["phase"], int(meta["batch"]), int(meta["length"]))
 
 
 def reference_shape(table: LatencyTable | None, router_shape: tuple[str, int, int] | None
@@ -208,7 +208,7 @@ class BudgetResolver:
             for router in self.routers.values():
                 router.to(device)
         # What the routers were trained (the dynamic one calibrated) for.
-        self.router_shape = None if router_shape is None else saved_shape(router_shape)
+        self.router_shape = saved_shape(router_shape)
         self.shape = shape or reference_shape(self.table, self.router_shape)
 
     def _router(self, kind: str) -> StaticRouter | DynamicRouter:

@@ -438,8 +438,8 @@ def train_router(args: argparse.Namespace) -> None:
     directory = _flextron_dir(args.model)
     model = _load(args.model)
     table = LatencyTable.load(directory, model.embed_tokens.weight.device)
-    existing, existing_shape = load_routers(directory, model.config)
-    existing_shape = None if existing_shape is None else saved_shape(existing_shape)
+    existing, existing_meta = load_routers(directory, model.config)
+    existing_shape = saved_shape(existing_meta)
     # One shape per directory: by default the routers' own, so retraining keeps it.
     shape = parse_shape(args.latency_shape) if args.latency_shape else reference_shape(table, existing_shape)
     phase, batch, length = shape
@@ -478,10 +478,10 @@ def train_router(args: argparse.Namespace) -> None:
                               hidden_size=args.hidden_size)
     if args.init != "random" and args.mode in ("surrogate", "end-to-end"):
         if args.init == "static":
-            starts = static_init_archs(model, table, static, args.budgets, (phase, batch, length))
+            starts = static_init_archs(model, table, static, args.budgets, shape)
         else:
             probe = blocks[:args.sm_probe_blocks] if args.init == "best-uniform" else None
-            starts = uniform_init_archs(model, table, router, (phase, batch, length), probe)
+            starts = uniform_init_archs(model, table, router, shape, probe)
         router.init_to_archs(starts, args.init_margin)
         for budget, arch in starts.items():
             layers = len(arch.heads)

@@ -474,12 +474,11 @@ def calibrate_dynamic_measured(
     def measured(budget: float, offset: float) -> float:
         router.set_calibration([budget], [offset], **costs)
 
-        def routed(ids: torch.Tensor) -> Callable[[], object]:
-            session = router.session(budget, ids.shape[0])
-            return lambda: model(ids, router=session, last_only=True)
-
-        functions: dict = {index: routed(ids) for index, ids in enumerate(chunks)}
-        functions["full"] = lambda: model(chunks[0], last_only=True)
+        # Each chunk timed on its own, through one session (heads fixed at its first call).
+        functions: dict = {index: timed_forward(model, [ids], "prefill",
+                                                sessions=[router.session(budget, batch_size)])
+                           for index, ids in enumerate(chunks)}
+        functions["full"] = timed_forward(model, chunks[:1], "prefill")
         times = timer(functions)
         raw = sum(times[index] for index in range(len(chunks))) / len(chunks)
         value = raw / times["full"] * target.full_ms

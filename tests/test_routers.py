@@ -99,8 +99,8 @@ def test_dynamic_router_routes_each_token_through_its_width() -> None:
         cos, sin = model.rotary(torch.arange(8), x.dtype)
         x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, session.heads[0])
         normed = layer.post_attention_layernorm(x).reshape(16, -1)
-        features, weight = router.mlp_features(0, layer.post_attention_layernorm(x), session.budget_weights,
-                                               session.offsets, session.mlp_costs)
+        terms = router.mlp_budget_terms(0, session.budget_weights, session.offsets, session.mlp_costs)
+        features, weight = router.mlp_token_features(0, layer.post_attention_layernorm(x), terms), terms[2]
         choice = ops.route(features, weight, None, 1.0, True)[0]
         assert torch.equal(choice, session.mlp_choice[0])
         mlp = layer.mlp

@@ -402,26 +402,21 @@ class DynamicRouter(nn.Module):
         return DynamicRouting(self, weights.expand(batch_size, -1), offsets, self.costs(weights.device),
                               sampling)
 
-    def mlp_features(self, layer: int, x: torch.Tensor, budget_weights: torch.Tensor, offsets: torch.Tensor,
-                     mlp_costs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, T, D), budget_weights: (B, K), offsets: (B,), mlp_costs: (Cm,) (`costs`)
-        -> (features (B*T, H+K+1), weight (Cm, H+K+1)).
-
-        logits = features @ weight^T = hidden W_out^T + budget_weights @ mlp_bias - offset * costs:
-        one matrix product, so that `ops.route` fuses it with the argmax and the grouping.
-        """
-        terms = self.mlp_budget_terms(layer, budget_weights, offsets, mlp_costs)
-        return self.mlp_token_features(layer, x, terms), terms[2].to(x.dtype)
-
     def mlp_budget_terms(self, layer: int, budget_weights: torch.Tensor, offsets: torch.Tensor,
                          mlp_costs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The parts of `mlp_features` that depend on the budget, not on the tokens (a routing
-        session computes them once): (budget hidden term (B, H), budget features (B, K+1),
-        weight (Cm, H+K+1))."""
+        """budget_weights: (B, K), offsets: (B,), mlp_costs: (Cm,) (`costs`) -> the parts of a
+        layer's MLP routing that depend on the budget, not on the tokens (a routing session
+        computes them once): (budget hidden term (B, H), budget features (B, K+1), weight
+        (Cm, H+K+1)), in budget_weights' dtype.
+
+        With `mlp_token_features`, logits = features @ weight^T = hidden W_out^T + budget_weights
+        @ mlp_bias - offset * costs: one matrix product, so that `ops.route` fuses it with the
+        argmax and the grouping.
+        """
         budget_hidden = self.mlp_budget[layer](budget_weights)
         extra = torch.cat([budget_weights, offsets[:, None].to(budget_weights)], 1)
         weight = torch.cat([self.mlp_out[layer], self.mlp_bias[layer].T, -mlp_costs[:, None].to(extra)], 1)
-        return budget_hidden, extra, weight
+        return budget_hidden, extra, weight.to(extra)
 
     def mlp_token_features(self, layer: int, x: torch.Tensor,
                            terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -491,7 +486,6 @@ class DynamicRouting:
         if terms is None:
             budget = self.budget_weights.to(x.dtype)
             terms = router.mlp_budget_terms(layer, budget, self.offsets, self.mlp_costs)
-            terms = (*terms[:2], terms[2].to(x.dtype))
             if not torch.is_grad_enabled():
                 self.mlp_terms[layer] = terms
         features, weight = router.mlp_token_features(layer, x, terms), terms[2]
