@@ -9,7 +9,11 @@ DEPS    := $(VENV)/.deps-installed
 BUILT   := $(VENV)/.flextron-built
 export MAX_JOBS ?= 2
 
-.PHONY: deps build test test-all demo bench lint clean
+CORPUS  := data/general
+# Debian packages whose text the general-English corpus is built from (flextron/corpus.py).
+CORPUS_PACKAGES := dict-gcide wordnet-base fortunes
+
+.PHONY: deps build test test-all demo bench lint clean corpus
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -40,6 +44,17 @@ demo: build
 
 bench: build
 	$(PYTHON) benchmarks/bench_ops.py --device cpu
+
+# The general-English corpus (train + held-out JSONL, about 9M + 0.45M SmolLM2 tokens).
+corpus: $(CORPUS)/corpus.json
+
+$(CORPUS)/corpus.json: | build
+	@dpkg -s $(CORPUS_PACKAGES) >/dev/null 2>&1 || { \
+	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+	        DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(CORPUS_PACKAGES); \
+	    else echo "corpus: run as root or install: sudo apt-get install $(CORPUS_PACKAGES)" >&2; exit 2; fi; }
+	rm -rf $(CORPUS)
+	$(VENV)/bin/flextron corpus --out $(CORPUS)
 
 lint: $(DEPS)
 	$(VENV)/bin/ruff check flextron tests benchmarks

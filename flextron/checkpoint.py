@@ -22,6 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from flextron.budget_configs import FILE as BUDGET_CONFIGS_FILE
+from flextron.budget_configs import BudgetConfigs
 from flextron.config import ModelConfig
 from flextron.model import FlextronModel
 
@@ -89,6 +91,10 @@ def save_pretrained(model: FlextronModel, path: str | os.PathLike) -> None:
         save_safetensors_atomic(path / IMPORTANCE_FILE, model.importance)
     # Tied weights are one tensor: store it once, under embed_tokens.
     save_safetensors_atomic(path / WEIGHTS_FILE, model.state_dict(), {"format": "pt"})
+    if model.budget_configs is not None:  # re-fingerprinted: they belong to these weights now
+        model.budget_configs.save(path, model, model.config)
+    else:
+        (path / BUDGET_CONFIGS_FILE).unlink(missing_ok=True)
     # config.json last: its presence marks a complete checkpoint.
     meta = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict()}
     write_json_atomic(path / CONFIG_FILE, meta)
@@ -138,6 +144,7 @@ def load_pretrained(path: str | os.PathLike) -> FlextronModel:
             model.importance = load_file(importance_file)
         except (SafetensorError, OSError) as error:
             raise ValueError(f"{importance_file}: corrupt safetensors file ({error})") from error
+    model.budget_configs = BudgetConfigs.load(path, model, config)
     if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 

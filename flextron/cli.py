@@ -132,6 +132,10 @@ def info(args: argparse.Namespace) -> None:
     arg("--samples", type=int, default=32, help="calibration blocks"),
     arg("--seq-len", type=int, default=256, help="tokens per calibration block"),
     arg("--batch-size", type=int, default=4),
+    arg("--budgets", type=parse_budgets, default=[0.25, 0.5, 0.75],
+        help="budgets whose configurations are chosen by calibration loss (see choose-budgets)"),
+    arg("--budget-samples", type=int, default=8,
+        help="calibration blocks for choosing the budgets' configurations (0: keep the fixed rule)"),
 )
 def convert(args: argparse.Namespace) -> None:
     from flextron.convert import convert as convert_model
@@ -143,8 +147,56 @@ def convert(args: argparse.Namespace) -> None:
     blocks = load_blocks(model.tokenizer, args.calib, args.seq_len, args.samples, split="train")
     print(f"calibrating on {blocks.shape[0]} x {blocks.shape[1]} tokens", file=sys.stderr)
     convert_model(model, blocks, args.batch_size)
+    if args.budget_samples > 0:
+        _choose_budgets(model, blocks[: args.budget_samples], args.budgets, args.batch_size, args.calib)
     model.save_pretrained(args.out)
     print(f"saved the converted model (and importance.safetensors) to {args.out}")
+
+
+def _choose_budgets(model, blocks, budgets: list[float], batch_size: int, source: str) -> None:
+    from flextron.budget_configs import choose_budget_configs
+
+    print(f"choosing budget configurations on {blocks.shape[0]} x {blocks.shape[1]} tokens", file=sys.stderr)
+    model.budget_configs = choose_budget_configs(model, blocks, budgets, batch_size, source)
+    for entry in model.budget_configs.entries:
+        arch = entry["arch"]
+        shape = (f"MLP {arch['mlp_widths'][0]}, heads {arch['heads'][0]}" if len(set(arch["mlp_widths"])) == 1
+                 else "per-layer")
+        print(f"budget {entry['budget']:g}: {shape}, {entry['parameters'] / 1e6:.1f}M parameters, "
+              f"calibration loss {entry['loss']:.3f} (fixed rule {entry['rule_loss']:.3f})")
+
+
+@command(
+    "choose-budgets", "choose each budget's configuration by calibration loss; saves budget_configs.json",
+    arg("--model", required=True, help="a Flextron directory (from convert or train)"),
+    arg("--data", default="builtin", help="calibration text: builtin | file | dir | .jsonl | saved dataset"),
+    arg("--budgets", type=parse_budgets, default=[0.25, 0.5, 0.75]),
+    arg("--samples", type=int, default=8, help="calibration blocks"),
+    arg("--seq-len", type=int, default=256, help="tokens per calibration block"),
+    arg("--batch-size", type=int, default=4),
+)
+def choose_budgets(args: argparse.Namespace) -> None:
+    from flextron.data import load_blocks
+
+    _flextron_dir(args.model)
+    model = _load(args.model)
+    blocks = load_blocks(model.tokenizer, args.data, args.seq_len, args.samples, split="train")
+    _choose_budgets(model, blocks, args.budgets, args.batch_size, args.data)
+    model.budget_configs.save(args.model, model, model.config)
+    print(f"saved {args.model}/budget_configs.json")
+
+
+@command(
+    "corpus", "build the general-English corpus (train + held-out JSONL) from installed Debian packages",
+    arg("--out", required=True, help="a new directory"),
+)
+def corpus(args: argparse.Namespace) -> None:
+    from flextron.corpus import build_corpus
+
+    manifest = build_corpus(args.out)
+    for name, entry in manifest["files"].items():
+        print(f"{name}: {entry['documents']} documents, {entry['words']} words ({entry['licence']}, "
+              f"Debian package {entry['package']})")
 
 
 @command(

@@ -305,6 +305,12 @@ def arch_for_budget(config: ModelConfig, budget: float) -> ArchConfig:
     return ArchConfig(tuple(widths), tuple(head_counts))
 
 
+def layer_weights(config: ModelConfig, arch: ArchConfig) -> int:
+    """Attention and MLP weight entries of the layers that `arch` runs (what a budget counts)."""
+    return sum(_attention_weights(config, heads) + 3 * config.hidden_size * width
+               for width, heads in zip(arch.mlp_widths, arch.heads, strict=True))
+
+
 def count_parameters(config: ModelConfig, arch: ArchConfig | None = None) -> int:
     """Parameters the sub-network `arch` uses (embeddings counted once when tied)."""
     arch = arch or ArchConfig.full(config)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -33,19 +34,19 @@ def builtin_texts(split: str = "train") -> list[str]:
     return [text for index, text in enumerate(texts) if (index % HELD_OUT_EVERY == 0) == held_out]
 
 
-def _jsonl_texts(path: Path) -> list[str]:
-    texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not valid JSON ({error})") from error
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}:{number}: expected an object with a string \"text\" field")
-        texts.append(record["text"])
-    return texts
+def _jsonl_texts(path: Path) -> Iterator[str]:
+    # Streamed line by line: a large JSONL corpus is never read into memory at once.
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error})") from error
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{number}: expected an object with a string \"text\" field")
+            yield record["text"]
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -66,58 +67,91 @@ def _dataset_texts(path: Path) -> list[str]:
     return list(dataset["text"])
 
 
-def read_texts(source: str | os.PathLike | None, split: str = "train") -> list[str]:
-    """Texts from a source (see the module docstring); None or "builtin" = the built-in corpus.
-
-    Raises ValueError when the source holds no text at all.
-    """
+def iter_texts(source: str | os.PathLike | None, split: str = "train") -> Iterator[str]:
+    """Texts from a source (see the module docstring), one at a time; None or "builtin" = the
+    built-in corpus.  Raises ValueError when the source holds no text at all."""
     if source is None or str(source) == "builtin":
-        return builtin_texts(split)
+        yield from builtin_texts(split)
+        return
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"text source not found: {path}")
-    if path.is_dir():
-        if _is_saved_dataset(path):
-            texts = _dataset_texts(path)
-        else:
-            texts = []
-            for file in sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md", ".jsonl")):
-                texts += _jsonl_texts(file) if file.suffix == ".jsonl" else [file.read_text(encoding="utf-8")]
-    elif path.suffix == ".jsonl":
-        texts = _jsonl_texts(path)
+    if path.is_dir() and _is_saved_dataset(path):
+        texts: Iterator[str] = iter(_dataset_texts(path))
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md", ".jsonl"))
+        texts = (text for file in files for text in _file_texts(file))
     else:
-        texts = [path.read_text(encoding="utf-8")]
-    texts = [text for text in texts if text.strip()]
-    if not texts:
-        raise ValueError(f"no text found in {path}")
-    return texts
-
-
-def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
-    """One stream of token ids (N,) int64: each text followed by the EOS token."""
-    if not texts:
-        raise ValueError("no texts to tokenize")
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
+        texts = _file_texts(path)
+    empty = True
     for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
-        if eos is not None:
-            ids.append(eos)
-    if not ids:
+        if text.strip():
+            empty = False
+            yield text
+    if empty:
+        raise ValueError(f"no text found in {path}")
+
+
+def _file_texts(path: Path) -> Iterator[str]:
+    if path.suffix == ".jsonl":
+        return _jsonl_texts(path)
+    return iter([path.read_text(encoding="utf-8")])
+
+
+def read_texts(source: str | os.PathLike | None, split: str = "train") -> list[str]:
+    """All texts of a source as a list (see iter_texts)."""
+    return list(iter_texts(source, split))
+
+
+TOKENIZE_BATCH = 256  # texts per tokenizer call: fast batched encoding, bounded memory
+
+
+def tokenize(tokenizer, texts: Iterable[str]) -> torch.Tensor:
+    """One stream of token ids (N,) int64: each text followed by the EOS token.
+
+    Texts are consumed lazily and ids kept as int32 chunks, so memory stays near 4 bytes
+    per token (a Python list of ints costs about ten times that).
+    """
+    eos = tokenizer.eos_token_id
+    chunks: list[torch.Tensor] = []
+    batch: list[str] = []
+
+    def flush() -> None:
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            chunks.append(torch.tensor(ids + ([eos] if eos is not None else []), dtype=torch.int32))
+        batch.clear()
+
+    seen = False
+    for text in texts:
+        seen = True
+        batch.append(text)
+        if len(batch) == TOKENIZE_BATCH:
+            flush()
+    if not seen:
+        raise ValueError("no texts to tokenize")
+    if batch:
+        flush()
+    ids = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.int32)
+    if ids.numel() == 0:
         raise ValueError("the texts tokenized to nothing (empty text?)")
-    return torch.tensor(ids, dtype=torch.int64)
+    return ids.to(torch.int64)
 
 
 def pack(ids: torch.Tensor, block_size: int, max_blocks: int | None = None) -> torch.Tensor:
-    """Cut a token stream (N,) into consecutive blocks (num_blocks, block_size); the tail is dropped."""
+    """Cut a token stream (N,) into consecutive blocks (num_blocks, block_size); the tail is dropped.
+
+    With max_blocks, at most that many blocks, evenly spaced over the stream: a sample of a
+    large source covers all of it, not just its first documents.
+    """
     if block_size < 2:
         raise ValueError(f"block_size must be at least 2, got {block_size}")
     num_blocks = ids.numel() // block_size
-    if max_blocks is not None:
-        num_blocks = min(num_blocks, max_blocks)
     if num_blocks == 0:
         raise ValueError(f"only {ids.numel()} tokens: not enough text for one block of {block_size}")
-    return ids[: num_blocks * block_size].view(num_blocks, block_size)
+    blocks = ids[: num_blocks * block_size].view(num_blocks, block_size)
+    if max_blocks is not None and max_blocks < num_blocks:
+        blocks = blocks[torch.linspace(0, num_blocks - 1, max_blocks).round().long()]
+    return blocks
 
 
 def load_blocks(
@@ -128,4 +162,4 @@ def load_blocks(
     split: str = "train",
 ) -> torch.Tensor:
     """Tokenized, packed blocks (num_blocks, block_size) from a source (default: built-in)."""
-    return pack(tokenize(tokenizer, read_texts(source, split)), block_size, max_blocks)
+    return pack(tokenize(tokenizer, iter_texts(source, split)), block_size, max_blocks)

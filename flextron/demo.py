@@ -1,6 +1,7 @@
 """`flextron demo`: the embedded SmolLM2-135M-Instruct end to end, in a few minutes on a CPU.
 
-Load the GGUF -> convert (importance on built-in calibration text, permute) -> save ->
+Load the GGUF -> convert (importance on built-in calibration text, permute) -> choose each
+budget's configuration by calibration loss -> save ->
 perplexity at each budget on held-out built-in text (table, JSON, PNG) -> answer a prompt
 at two budgets, streaming.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from flextron.budget_configs import choose_budget_configs
 from flextron.convert import convert
 from flextron.data import load_blocks
 from flextron.evaluate import archs_for_budgets, evaluate_archs, format_table, write_results
@@ -20,6 +22,7 @@ from flextron.generate import generate_text
 from flextron.loading import load_default
 
 CALIB_SEQ_LEN = EVAL_SEQ_LEN = 256
+BUDGET_SAMPLES = 8  # calibration blocks that choose each budget's configuration
 MIN_NEW_TOKENS = 4  # untrained small budgets tend to answer with EOS at once: show what they say
 
 
@@ -49,6 +52,10 @@ def run_demo(
          f"{calib_samples} x {CALIB_SEQ_LEN} built-in calibration tokens")
     calibration = load_blocks(model.tokenizer, "builtin", CALIB_SEQ_LEN, calib_samples, split="train")
     convert(model, calibration, batch_size=4)
+    step("choosing each budget's configuration by calibration loss (flextron.budget_configs)")
+    model.budget_configs = choose_budget_configs(
+        model, calibration[:BUDGET_SAMPLES], [b for b in budgets if b < 1], source="builtin"
+    )
     model.save_pretrained(out / "model")
     step(f"saved the converted model to {out / 'model'}")
 

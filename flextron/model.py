@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from flextron import ops
-from flextron.config import ArchConfig, ModelConfig, arch_for_budget, count_parameters
+from flextron.budget_configs import BudgetConfigs, resolve_budget
+from flextron.config import ArchConfig, ModelConfig, count_parameters
 from flextron.nn.elastic import ElasticAttention, ElasticMLP, KVCache
 from flextron.nn.rope import RotaryEmbedding
 
@@ -103,6 +104,7 @@ class FlextronModel(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.tokenizer = None  # a transformers tokenizer, when loaded with one
         self.importance: dict[str, torch.Tensor] = {}  # conversion scores, when converted
+        self.budget_configs: BudgetConfigs | None = None  # measured choices (budget_configs.json)
 
     # ---- configurations
 
@@ -110,8 +112,9 @@ class FlextronModel(nn.Module):
         return ArchConfig.full(self.config)
 
     def arch_for_budget(self, budget: float) -> ArchConfig:
-        """The uniform configuration for a budget in (0, 1]; see flextron.config.arch_for_budget."""
-        return arch_for_budget(self.config, budget)
+        """The configuration for a budget in (0, 1]: the measured choice where budget_configs
+        holds one (flextron.budget_configs), else the fixed rule (flextron.config.arch_for_budget)."""
+        return resolve_budget(self.config, budget, self.budget_configs)
 
     def num_parameters(self, arch: ArchConfig | None = None) -> int:
         """Parameters the sub-network uses (tied embeddings counted once)."""

@@ -15,7 +15,9 @@ class CharTokenizer:
 
     eos_token_id = 0
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+    def __call__(self, text: str | list[str], add_special_tokens: bool = False) -> dict:
+        if isinstance(text, list):  # batched, as Hugging Face tokenizers accept
+            return {"input_ids": [self(t)["input_ids"] for t in text]}
         return {"input_ids": [1 + ord(c) % 200 for c in text]}
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flextron.data import load_blocks, pack, read_texts, tokenize
+from flextron.data import iter_texts, load_blocks, pack, tokenize
 
 
 @dataclass
@@ -41,7 +41,7 @@ def load_train_data(
         train = load_blocks(tokenizer, "builtin", block_size, split="train")
         val = load_blocks(tokenizer, "builtin", block_size, max_val_blocks, split="eval")
         return TrainData(train, val if val_fraction > 0 else val[:0])
-    blocks = pack(tokenize(tokenizer, read_texts(source)), block_size)
+    blocks = pack(tokenize(tokenizer, iter_texts(source)), block_size)
     return split_blocks(blocks, val_fraction, max_val_blocks)
 
 

@@ -3,8 +3,8 @@
 The first demo run trains the converted model for a few steps (distillation from its
 frozen copy, the default sampling) and keeps the checkpoint under
 ~/.cache/flextron/demo-elastic-<key>/ (or $FLEXTRON_CACHE); later runs load it in seconds.
-The key hashes the conversion (its neuron/head orders) and the training settings, so a
-different conversion or setting trains afresh.
+The key hashes the conversion (its neuron/head orders and chosen budget configurations) and
+the training settings, so a different conversion or setting trains afresh.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def cache_key(model: FlextronModel, config: TrainConfig) -> str:
     for name in sorted(model.importance):
         if name.endswith(".order"):
             digest.update(model.importance[name].numpy().tobytes())
+    if model.budget_configs is not None:  # training samples the budgets' chosen configurations
+        digest.update(json.dumps([e["arch"] for e in model.budget_configs.entries]).encode())
     return digest.hexdigest()[:16]
 
 

@@ -1,7 +1,8 @@
 """Sub-network sampling for elastic training: one configuration per micro-batch.
 
 With probability `p_full` the full model; otherwise, by `rule`:
-  "budget": a uniform configuration for a budget drawn from `budgets` (flextron.config's rule);
+  "budget": the configuration of a budget drawn from `budgets`, as `arch_for_budget` resolves
+            it (the model's measured choices, flextron.budget_configs; default: the fixed rule);
   "random": per layer, an MLP width and a head count drawn independently from the allowed
             choices at or above `min_fraction` of the layer's size;
   "mixed":  "budget" or "random" with equal probability.
@@ -12,9 +13,12 @@ one would have.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from flextron.config import ArchConfig, ModelConfig, arch_for_budget, check_budget
+from flextron.config import ArchConfig, ModelConfig, check_budget
+from flextron.config import arch_for_budget as fixed_rule
 
 RULES = ("budget", "random", "mixed")
 
@@ -30,6 +34,7 @@ class SubnetSampler:
         budgets: tuple[float, ...] = (0.25, 0.5, 0.75),
         min_fraction: float = 0.25,
         seed: int = 0,
+        arch_for_budget: Callable[[float], ArchConfig] | None = None,
     ) -> None:
         if rule not in RULES:
             raise ValueError(f"unknown budget rule {rule!r}; choose one of {RULES}")
@@ -40,6 +45,7 @@ class SubnetSampler:
         self.budgets = tuple(check_budget(b) for b in budgets)
         self.min_fraction = check_budget(min_fraction)
         self.config, self.rule, self.p_full, self.seed = config, rule, p_full, seed
+        self.arch_for_budget = arch_for_budget or (lambda budget: fixed_rule(config, budget))
         layers = range(config.num_layers)
         # Allowed choices per layer, restricted to >= min_fraction of the layer's size.
         self.mlp_choices = [
@@ -68,7 +74,7 @@ class SubnetSampler:
             return ArchConfig.full(self.config)
         rule = self.rule if self.rule != "mixed" else pick(["budget", "random"])
         if rule == "budget":
-            return arch_for_budget(self.config, pick(list(self.budgets)))
+            return self.arch_for_budget(pick(list(self.budgets)))
         return ArchConfig(
             tuple(pick(choices) for choices in self.mlp_choices),
             tuple(pick(choices) for choices in self.head_choices),
@@ -79,6 +85,6 @@ class SubnetSampler:
         if arch == ArchConfig.full(self.config):
             return "full"
         for budget in self.budgets:
-            if arch == arch_for_budget(self.config, budget):
+            if arch == self.arch_for_budget(budget):
                 return f"budget {budget:g}"
         return "random"

@@ -195,7 +195,8 @@ def train(
     order = BatchOrder(data.train.shape[0], config.batch_size, config.seed)  # checks batch <= data
     local_batch = config.batch_size // context.world_size
     sampler = SubnetSampler(
-        student.config, config.rule, config.p_full, config.budgets, config.min_fraction, config.seed
+        student.config, config.rule, config.p_full, config.budgets, config.min_fraction, config.seed,
+        student.arch_for_budget,
     )
 
     teacher.to(device).eval().requires_grad_(False)

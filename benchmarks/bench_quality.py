@@ -1,0 +1,259 @@
+"""Quality on general English held-out text: every budget measured twice, beside two baselines.
+
+    make corpus                                   # data/general: train + held-out text
+    PYTHONPATH=. python benchmarks/bench_quality.py --model runs/recipe/final \
+        --converted runs/recipe/converted --baseline-b runs/recipe/baseline-b \
+        --json benchmarks/results/bench_quality.json --plot docs/images/quality.png
+
+Held-out text: the prose fortune files of Debian's `fortunes` package (BSD licence; see
+flextron/corpus.py), disjoint from every training set (13-gram decontamination).  Perplexity
+over `--blocks` x `--seq-len` tokens, evenly spaced over it.  Rows, per budget:
+
+  flextron     the model at the budget, run by flextron
+  hf           the same budget through `flextron export` and transformers.AutoModelForCausalLM
+               (an implementation this project did not write); the two must agree
+  dense        the original model (the GGUF, through transformers) - the ratios' denominator
+  rule / chosen  the converted, untrained model at the fixed rule's configuration and at the
+               quality-aware choice (budget_configs.json): the choice must win before training
+  baseline_a   naive one-shot prune: the converted model (activation importance) with every head
+               and the widest MLP within the budget's parameters, no training
+  baseline_b   a separately pruned-and-distilled model per budget (`flextron train --p-full 0
+               --budgets B` from the converted model, with an equal share of the Flextron run's
+               tokens), at the same configuration
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from flextron.config import ArchConfig, count_parameters
+from flextron.data import load_blocks
+from flextron.loading import default_gguf_path
+from flextron.model import FlextronModel
+
+TARGETS = {1.0: 1.03, 0.75: 1.6, 0.5: 3.0, 0.25: 10.0}  # perplexity vs dense, through the HF export
+
+
+def nll_sum(logits: torch.Tensor, batch: torch.Tensor) -> float:
+    """Summed next-token cross-entropy of logits (B, S, V) on batch (B, S)."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
+    ).item()
+
+
+@torch.no_grad()
+def perplexity_of(forward, blocks: torch.Tensor, batch_size: int = 4) -> float:
+    """exp(mean next-token loss) of `forward(batch) -> logits` over blocks (N, S)."""
+    total = sum(nll_sum(forward(batch), batch) for batch in blocks.split(batch_size))
+    return math.exp(total / (blocks.shape[0] * (blocks.shape[1] - 1)))
+
+
+def flextron_ppl(model: FlextronModel, blocks: torch.Tensor, arch: ArchConfig) -> float:
+    return perplexity_of(lambda batch: model(batch, arch), blocks)
+
+
+def hf_ppl(directory: str | Path, blocks: torch.Tensor, gguf_file: str | None = None) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(directory),
+        gguf_file=gguf_file,
+        dtype=torch.float32,
+        trust_remote_code=False,
+        local_files_only=True,
+    ).eval()
+    return perplexity_of(lambda batch: model(batch).logits, blocks)
+
+
+def export_cli(model_dir: str, budget: float, out: Path) -> None:
+    """`flextron export --format hf`, as a user runs it."""
+    command = [
+        sys.executable,
+        "-m",
+        "flextron",
+        "export",
+        "--model",
+        model_dir,
+        "--budget",
+        f"{budget:g}",
+        "--format",
+        "hf",
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip().splitlines()[-1:]}")
+
+
+def naive_prune_arch(model: FlextronModel, parameters: int) -> ArchConfig:
+    """Every head, the widest uniform MLP whose sub-network has at most `parameters`."""
+    config = model.config
+    widths = [
+        w
+        for w in config.mlp_choices()
+        if count_parameters(config, ArchConfig.uniform(config, w, config.num_heads)) <= parameters
+    ]
+    return ArchConfig.uniform(config, max(widths or config.mlp_choices()[:1]), config.num_heads)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="the trained Flextron directory")
+    parser.add_argument(
+        "--converted",
+        required=True,
+        help="the converted, untrained Flextron directory (with budget_configs.json)",
+    )
+    parser.add_argument(
+        "--baseline-b", help="a directory holding one trained run per budget: b0.75/, b0.5/ ..."
+    )
+    parser.add_argument("--heldout", default="data/general/heldout")
+    parser.add_argument("--budgets", default="1,0.75,0.5,0.25")
+    parser.add_argument("--blocks", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--json", default="benchmarks/results/bench_quality.json")
+    parser.add_argument("--plot", default="docs/images/quality.png")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - start:6.0f}s] {message}", file=sys.stderr, flush=True)
+
+    budgets = [float(b) for b in args.budgets.split(",")]
+    model = FlextronModel.from_pretrained(args.model)
+    converted = FlextronModel.from_pretrained(args.converted)
+    blocks = load_blocks(model.tokenizer, args.heldout, args.seq_len, args.blocks)
+    log(f"held-out: {blocks.shape[0]} x {blocks.shape[1]} tokens from {args.heldout}")
+    gguf = default_gguf_path()
+    dense = hf_ppl(gguf.parent, blocks, gguf.name)
+    log(f"dense (transformers on {gguf.name}): {dense:.2f}")
+
+    rows = []
+    for budget in budgets:
+        arch = model.arch_for_budget(budget)
+        row: dict = {
+            "budget": budget,
+            "arch": arch.to_dict(),
+            "parameters": model.num_parameters(arch),
+            "flextron": flextron_ppl(model, blocks, arch),
+        }
+        with tempfile.TemporaryDirectory() as scratch:
+            export_cli(args.model, budget, Path(scratch) / "export")
+            row["hf"] = hf_ppl(Path(scratch) / "export", blocks)
+        row["agreement"] = abs(row["hf"] / row["flextron"] - 1)
+        row["ratio"] = row["hf"] / dense
+        if budget < 1.0:
+            from flextron.config import arch_for_budget
+
+            rule = arch_for_budget(converted.config, budget)
+            chosen = converted.arch_for_budget(budget)
+            row["rule"] = {
+                "arch": rule.to_dict(),
+                "parameters": converted.num_parameters(rule),
+                "perplexity": flextron_ppl(converted, blocks, rule),
+            }
+            row["chosen"] = {
+                "arch": chosen.to_dict(),
+                "parameters": converted.num_parameters(chosen),
+                "perplexity": row["rule"]["perplexity"]
+                if chosen == rule
+                else flextron_ppl(converted, blocks, chosen),
+            }
+            naive = naive_prune_arch(converted, row["parameters"])
+            row["baseline_a"] = {
+                "arch": naive.to_dict(),
+                "parameters": converted.num_parameters(naive),
+                "perplexity": flextron_ppl(converted, blocks, naive),
+            }
+            run = Path(args.baseline_b or "") / f"b{budget:g}" / "checkpoints"
+            if args.baseline_b and (run / "latest.json").is_file():
+                checkpoint = run / json.loads((run / "latest.json").read_text())["path"]
+                trained = FlextronModel.from_pretrained(checkpoint)
+                row["baseline_b"] = {
+                    "checkpoint": str(checkpoint),
+                    "parameters": trained.num_parameters(arch),
+                    "perplexity": flextron_ppl(trained, blocks, arch),
+                }
+        row["target"] = TARGETS.get(budget)
+        rows.append(row)
+        log(json.dumps({k: v for k, v in row.items() if k != "arch"}))
+
+    result = {
+        "heldout": {"source": args.heldout, "blocks": blocks.shape[0], "seq_len": blocks.shape[1]},
+        "model": args.model,
+        "converted": args.converted,
+        "dense": dense,
+        "rows": rows,
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(format_table(rows, dense))
+    plot(rows, dense, args.plot)
+    log(f"wrote {args.json} and {args.plot}")
+
+
+def format_table(rows: list[dict], dense: float) -> str:
+    def cell(row: dict, key: str) -> str:
+        return f"{row[key]['perplexity']:.1f}" if key in row else "-"
+
+    lines = [
+        f"dense (transformers): {dense:.2f}",
+        "| budget | params | flextron | HF export | vs dense | target | rule (untrained) | chosen "
+        "(untrained) | baseline a | baseline b |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['budget']:g} | {row['parameters'] / 1e6:.1f}M | {row['flextron']:.1f} | "
+            f"{row['hf']:.1f} | "
+            f"{row['ratio']:.2f}x | {row['target']}x | {cell(row, 'rule')} | {cell(row, 'chosen')} | "
+            f"{cell(row, 'baseline_a')} | {cell(row, 'baseline_b')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], dense: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from flextron.checkpoint import save_figure_atomic
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    millions = [r["parameters"] / 1e6 for r in rows]
+    axes.plot(millions, [r["hf"] for r in rows], "o-", label="Flextron (HF export, transformers)")
+    axes.plot(millions, [r["flextron"] for r in rows], "x", color="k", label="Flextron (flextron)")
+    for key, style, label in (
+        ("chosen", "s--", "quality-aware choice, untrained"),
+        ("rule", "v:", "fixed rule, untrained"),
+        ("baseline_a", "^-.", "(a) one-shot MLP prune"),
+        ("baseline_b", "D-", "(b) pruned + distilled per budget"),
+    ):
+        points = [(r[key]["parameters"] / 1e6, r[key]["perplexity"]) for r in rows if key in r]
+        if points:
+            axes.plot(*zip(*points, strict=True), style, label=label)
+    axes.axhline(dense, color="grey", linewidth=0.8, label=f"dense SmolLM2 ({dense:.1f})")
+    axes.set_yscale("log")
+    axes.set_xlabel("parameters (M)")
+    axes.set_ylabel("perplexity, general-English held-out text")
+    axes.legend(fontsize=7)
+    axes.grid(alpha=0.3)
+    save_figure_atomic(figure, path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

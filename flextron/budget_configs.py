@@ -1,0 +1,224 @@
+"""Quality-aware budget configurations: for each budget, the sub-network with the lowest
+measured calibration loss among those that fit it.
+
+Where heads or MLP neurons should go first differs by budget and by model (on SmolLM2 at
+0.75, keeping all 9 heads and narrowing the MLPs beats the fixed rule's 6 heads), so the
+fixed rule of flextron.config.arch_for_budget is only the fallback.  A budget b is a
+fraction of the layers' weights; a configuration fits it when its layers hold at most
+b x the full layers' weights plus half an MLP width step per layer (the rounding the fixed
+rule itself allows).  Candidates per budget: for every allowed head count, the widest
+uniform MLP width that fits, plus the fixed rule's configuration.  Each candidate's loss is
+next-token cross-entropy on calibration blocks.
+
+The choices are saved as budget_configs.json in the model directory:
+    {"format": "flextron-budget-configs", "version": 1,
+     "model": <hash of config.json's model fields>, "weights": <weights fingerprint>,
+     "calibration": {"source": ..., "blocks": N, "seq_len": S},
+     "budgets": [{"budget": 0.75, "arch": {...}, "loss": ..., "rule_loss": ...,
+                  "parameters": ..., "candidates": [{"arch", "loss", "parameters"}, ...]}]}
+A file made for another model or other weights is refused (ValueError), never ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flextron.config import ArchConfig, ModelConfig, arch_for_budget, check_budget, layer_weights
+
+FILE = "budget_configs.json"
+FORMAT, VERSION = "flextron-budget-configs", 1
+DEFAULT_BUDGETS = (0.25, 0.5, 0.75)
+
+
+def weight_limit(config: ModelConfig, budget: float) -> float:
+    """The most layer weights a configuration for `budget` may hold."""
+    full = layer_weights(config, ArchConfig.full(config))
+    half_step = 1.5 * config.hidden_size * config.mlp_granularity * config.num_layers
+    return budget * full + half_step
+
+
+def smallest_budget(config: ModelConfig) -> float:
+    """The smallest budget some configuration fits: every layer at its narrowest choices."""
+    layers = range(config.num_layers)
+    smallest = ArchConfig(
+        tuple(config.mlp_choices(i)[0] for i in layers), tuple(config.head_choices(i)[0] for i in layers)
+    )
+    full = layer_weights(config, ArchConfig.full(config))
+    return (layer_weights(config, smallest) - weight_limit(config, 0.0)) / full
+
+
+def resolve_budget(config: ModelConfig, budget: float, saved: BudgetConfigs | None) -> ArchConfig:
+    """The configuration serving `budget`: the measured choice where one is saved, else the
+    fixed rule; ValueError naming the achievable budgets when no configuration fits."""
+    budget = check_budget(budget)
+    lowest = smallest_budget(config)
+    if budget < lowest - 1e-9:
+        raise ValueError(
+            f"no configuration fits budget {budget:g}: the achievable budgets are "
+            f"{math.ceil(lowest * 100) / 100:g} to 1"
+        )
+    chosen = saved.arch_for_budget(config, budget) if saved is not None else None
+    return chosen or arch_for_budget(config, budget)
+
+
+def fits(config: ModelConfig, arch: ArchConfig, budget: float) -> bool:
+    return layer_weights(config, arch) <= weight_limit(config, budget)
+
+
+def candidate_archs(config: ModelConfig, budget: float) -> list[ArchConfig]:
+    """The fixed rule's configuration, then per head count the widest uniform MLP that fits."""
+    candidates = [arch_for_budget(config, budget)]
+    limit = weight_limit(config, budget)
+    for heads in config.head_choices():
+        fitting = [
+            w
+            for w in config.mlp_choices()
+            if layer_weights(config, ArchConfig.uniform(config, w, heads)) <= limit
+        ]
+        if fitting:
+            arch = ArchConfig.uniform(config, max(fitting), heads)
+            if arch not in candidates:
+                candidates.append(arch)
+    return candidates
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the weights that survives fp32 <-> bf16 loading: up to 256 evenly spaced
+    values of every tensor, rounded to bf16."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 256)][:256].to("cpu", torch.bfloat16)
+        digest.update(name.encode())
+        digest.update(sample.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def config_hash(config: ModelConfig) -> str:
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class BudgetConfigs:
+    """Chosen configuration per budget, with the evidence (losses) behind each choice."""
+
+    entries: list[dict]  # sorted by budget: {"budget", "arch", "loss", "rule_loss", "parameters", ...}
+    calibration: dict = field(default_factory=dict)
+
+    def budgets(self) -> list[float]:
+        return [entry["budget"] for entry in self.entries]
+
+    def arch_for_budget(self, config: ModelConfig, budget: float) -> ArchConfig | None:
+        """The measured choice for a saved budget; None for any other budget."""
+        budget = check_budget(budget)
+        for entry in self.entries:
+            if abs(entry["budget"] - budget) < 1e-9:
+                return ArchConfig.from_dict(entry["arch"])
+        return None
+
+    def to_json(self, model: torch.nn.Module, config: ModelConfig) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": config_hash(config),
+            "weights": fingerprint(model),
+            "calibration": self.calibration,
+            "budgets": self.entries,
+        }
+
+    @classmethod
+    def from_json(
+        cls, data: object, model: torch.nn.Module, config: ModelConfig, path: Path
+    ) -> BudgetConfigs:
+        """Validate a loaded budget_configs.json against the model; ValueError names the problem."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f'{path}: not a budget configurations file (no "format": "{FORMAT}")')
+        if data.get("version") != VERSION:
+            raise ValueError(f"{path}: unsupported version {data.get('version')!r}")
+        redo = "rerun `flextron choose-budgets --model DIR` or delete the file"
+        if data.get("model") != config_hash(config):
+            raise ValueError(f"{path} was made for another model (config hash differs): {redo}")
+        if data.get("weights") != fingerprint(model):
+            raise ValueError(f"{path} is stale: it was chosen for other weights: {redo}")
+        entries = data.get("budgets")
+        if not isinstance(entries, list) or not entries:
+            raise ValueError(f'{path}: "budgets" must be a non-empty list')
+        for entry in entries:
+            try:
+                budget = check_budget(entry["budget"])
+                arch = ArchConfig.from_dict(entry["arch"])
+                arch.validate(config)
+            except (KeyError, TypeError, ValueError) as error:
+                raise ValueError(f"{path}: bad entry {str(entry)[:80]}: {error}") from error
+            if not fits(config, arch, budget):
+                raise ValueError(f"{path}: the configuration saved for budget {budget:g} does not fit it")
+        return cls(sorted(entries, key=lambda e: e["budget"]), data.get("calibration", {}))
+
+    def save(self, directory: str | os.PathLike, model: torch.nn.Module, config: ModelConfig) -> None:
+        from flextron.checkpoint import write_json_atomic
+
+        write_json_atomic(Path(directory) / FILE, self.to_json(model, config))
+
+    @classmethod
+    def load(
+        cls, directory: str | os.PathLike, model: torch.nn.Module, config: ModelConfig
+    ) -> BudgetConfigs | None:
+        """The directory's choices, None when it has none; ValueError when they do not match."""
+        path = Path(directory) / FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path}: corrupt JSON ({error})") from error
+        return cls.from_json(data, model, config, path)
+
+
+@torch.no_grad()
+def calibration_loss(model, blocks: torch.Tensor, arch: ArchConfig, batch_size: int = 4) -> float:
+    """Mean next-token cross-entropy (nats) of `arch` on blocks (N, S)."""
+    from flextron.evaluate import perplexity
+
+    return math.log(perplexity(model, blocks, arch, batch_size)[0])
+
+
+def choose_budget_configs(
+    model,
+    blocks: torch.Tensor,
+    budgets=DEFAULT_BUDGETS,
+    batch_size: int = 4,
+    source: str = "",
+    progress: bool = True,
+) -> BudgetConfigs:
+    """Measure every candidate of every budget on `blocks` (N, S) and keep the best of each."""
+    from tqdm.auto import tqdm
+
+    config = model.config
+    entries = []
+    for budget in tqdm(sorted({check_budget(b) for b in budgets}), desc="budgets", disable=not progress):
+        measured = []
+        for arch in candidate_archs(config, budget):
+            loss = calibration_loss(model, blocks, arch, batch_size)
+            measured.append({"arch": arch.to_dict(), "loss": loss, "parameters": model.num_parameters(arch)})
+        rule = measured[0]
+        best = min(measured, key=lambda m: m["loss"])
+        entries.append(
+            {
+                "budget": budget,
+                "arch": best["arch"],
+                "loss": best["loss"],
+                "rule_loss": rule["loss"],
+                "parameters": best["parameters"],
+                "candidates": measured,
+            }
+        )
+    return BudgetConfigs(
+        entries, {"source": source, "blocks": int(blocks.shape[0]), "seq_len": int(blocks.shape[1])}
+    )

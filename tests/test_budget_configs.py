@@ -1,0 +1,106 @@
+"""Quality-aware budget configurations: the choice, its file, and its use by every caller."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flextron.budget_configs import (
+    FILE,
+    calibration_loss,
+    candidate_archs,
+    choose_budget_configs,
+    fits,
+    resolve_budget,
+    smallest_budget,
+)
+from flextron.config import ArchConfig, arch_for_budget
+from flextron.model import FlextronModel
+from flextron.train.sampling import SubnetSampler
+from tests.tiny_models import tiny_flextron
+
+
+@pytest.fixture
+def model_and_blocks():
+    torch.manual_seed(0)
+    model = tiny_flextron(seed=3)
+    blocks = torch.randint(3, 300, (4, 32))
+    return model, blocks
+
+
+def test_candidates_fit_and_include_the_fixed_rule(model_and_blocks) -> None:
+    model, _ = model_and_blocks
+    for budget in (0.25, 0.5, 0.75):
+        candidates = candidate_archs(model.config, budget)
+        assert candidates[0] == arch_for_budget(model.config, budget)
+        assert all(fits(model.config, arch, budget) for arch in candidates)
+        if budget >= 0.5:  # heads-first and MLP-first both tried where both fit
+            assert len({arch.heads for arch in candidates}) >= 2
+
+
+def test_choice_has_calibration_loss_no_higher_than_the_fixed_rule(model_and_blocks) -> None:
+    model, blocks = model_and_blocks
+    chosen = choose_budget_configs(model, blocks, (0.25, 0.5, 0.75), progress=False)
+    for entry in chosen.entries:
+        rule = arch_for_budget(model.config, entry["budget"])
+        assert entry["loss"] <= calibration_loss(model, blocks, rule) + 1e-9
+        assert entry["loss"] == min(c["loss"] for c in entry["candidates"])
+        assert entry["rule_loss"] == pytest.approx(calibration_loss(model, blocks, rule))
+
+
+def test_saved_choices_are_used_and_survive_save_and_training_checkpoints(model_and_blocks, tmp_path) -> None:
+    model, blocks = model_and_blocks
+    model.budget_configs = choose_budget_configs(model, blocks, (0.5,), progress=False)
+    # Force a choice that differs from the fixed rule, to see that callers use the file.
+    other = next(a for a in candidate_archs(model.config, 0.5) if a != arch_for_budget(model.config, 0.5))
+    model.budget_configs.entries[0]["arch"] = other.to_dict()
+    assert model.arch_for_budget(0.5) == other
+    assert model.arch_for_budget(0.75) == arch_for_budget(model.config, 0.75)  # not saved: the rule
+    model.save_pretrained(tmp_path / "m")
+    loaded = FlextronModel.from_pretrained(tmp_path / "m")
+    assert loaded.arch_for_budget(0.5) == other
+    sampler = SubnetSampler(loaded.config, p_full=0.0, budgets=(0.5,), arch_for_budget=loaded.arch_for_budget)
+    assert sampler.sample(0) == other and sampler.describe(other) == "budget 0.5"
+    # Changed weights (as after training) are re-fingerprinted when saved.
+    with torch.no_grad():
+        loaded.layers[0].mlp.up_proj.weight.mul_(1.5)
+    loaded.save_pretrained(tmp_path / "trained")
+    assert FlextronModel.from_pretrained(tmp_path / "trained").arch_for_budget(0.5) == other
+
+
+def test_stale_and_foreign_files_are_refused(model_and_blocks, tmp_path) -> None:
+    model, blocks = model_and_blocks
+    model.budget_configs = choose_budget_configs(model, blocks, (0.5,), progress=False)
+    model.save_pretrained(tmp_path / "a")
+    # Stale: the weights changed after the choice, and the file was not rewritten.
+    weights = FlextronModel.from_pretrained(tmp_path / "a")
+    weights.budget_configs = None
+    with torch.no_grad():
+        weights.layers[1].self_attn.q_proj.weight.add_(0.5)
+    weights.save_pretrained(tmp_path / "b")
+    assert not (tmp_path / "b" / FILE).exists()
+    (tmp_path / "b" / FILE).write_text((tmp_path / "a" / FILE).read_text())
+    with pytest.raises(ValueError, match="stale"):
+        FlextronModel.from_pretrained(tmp_path / "b")
+    # Foreign: made for another architecture.
+    tiny_flextron(seed=1, num_hidden_layers=3).save_pretrained(tmp_path / "c")
+    (tmp_path / "c" / FILE).write_text((tmp_path / "a" / FILE).read_text())
+    with pytest.raises(ValueError, match="another model"):
+        FlextronModel.from_pretrained(tmp_path / "c")
+    (tmp_path / "c" / FILE).write_text("[1, 2")
+    with pytest.raises(ValueError, match="corrupt JSON"):
+        FlextronModel.from_pretrained(tmp_path / "c")
+    (tmp_path / "c" / FILE).write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="not a budget configurations file"):
+        FlextronModel.from_pretrained(tmp_path / "c")
+
+
+def test_a_budget_that_nothing_fits_names_the_achievable_budgets(model_and_blocks) -> None:
+    model, _ = model_and_blocks
+    lowest = smallest_budget(model.config)
+    assert 0 < lowest < 0.5
+    with pytest.raises(ValueError, match=r"no configuration fits budget 0.01: the achievable budgets are"):
+        model.arch_for_budget(0.01)
+    assert resolve_budget(model.config, 1.0, None) == ArchConfig.full(model.config)

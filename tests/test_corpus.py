@@ -1,0 +1,107 @@
+"""The general-English corpus builder: parsing, decontamination, manifest and its errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from flextron.corpus import Source, build_corpus, check_sources, read_fortunes, read_gcide, read_wordnet
+from flextron.data import read_texts
+
+GCIDE = """00-database-short
+   The Collaborative International Dictionary of English
+
+Affect \\Af*fect"\\, v. t. [L. affectus, p. p. of afficere.]
+   1. To act upon; to produce an effect or change upon.
+      [1913 Webster]
+
+            As might affect the earth with cold heat. --Milton.
+      [1913 Webster]
+
+Noun \\Noun\\, n.
+   [1913 Webster]
+
+"""
+
+WORDNET = """  1 This software and database is being provided to you
+00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 | that which is perceived or known to exist
+00001930 03 n 02 physical_entity 0 thing 0 001 @ 00001740 n 0000 | an entity that exists; "a thing"
+"""
+
+FORTUNES = (
+    "A bore is a man who talks so much about himself that you can't talk.\n%\nShort.\n%\n"
+    "The quick brown fox jumps over the lazy dog while the cat sleeps under the warm sun today.\n"
+)
+
+
+@pytest.fixture
+def sources(tmp_path):
+    gcide = tmp_path / "gcide.dict.dz"
+    with gzip.open(gcide, "wt") as file:
+        file.write(GCIDE)
+    wordnet = tmp_path / "data.noun"
+    wordnet.write_text(WORDNET)
+    fortunes = tmp_path / "fortunes"
+    fortunes.mkdir()
+    (fortunes / "people").write_text(FORTUNES)
+    return (
+        Source("gcide", "dict-gcide", str(gcide), "GPL-2.0-or-later", "train", read_gcide),
+        Source("wordnet-noun", "wordnet-base", str(wordnet), "WordNet-3.0", "train", read_wordnet),
+        Source("fortunes", "fortunes", str(fortunes), "BSD-4-Clause", "heldout", read_fortunes),
+    )
+
+
+def test_readers_turn_each_source_into_prose(sources) -> None:
+    gcide, wordnet, fortunes = sources
+    entries = list(read_gcide(Path(gcide.path)))
+    assert entries[0].startswith("Affect: v. t. 1. To act upon;")
+    assert "As might affect the earth with cold heat." in entries[0] + " ".join(entries)
+    assert all("1913 Webster" not in e and "--Milton" not in e and "\\" not in e for e in entries)
+    assert not any(e.startswith("Noun") for e in entries)  # labels only: no prose
+    glosses = list(read_wordnet(Path(wordnet.path)))
+    assert glosses == [
+        "entity (noun): that which is perceived or known to exist",
+        'physical entity, thing (noun): an entity that exists; "a thing"',
+    ]
+    assert len(list(read_fortunes(Path(fortunes.path)))) == 2  # "Short." is dropped
+
+
+def test_build_writes_jsonl_a_manifest_and_drops_overlapping_training_text(sources, tmp_path) -> None:
+    gcide, wordnet, fortunes = sources
+    # A training document repeating a held-out sentence must be dropped.
+    with open(wordnet.path, "a") as file:
+        file.write(
+            "00002000 03 n 01 fox 0 000 | the quick brown fox jumps over the lazy dog while the cat "
+            "sleeps under the warm sun\n"
+        )
+    manifest = build_corpus(tmp_path / "corpus", sources)
+    files = manifest["files"]
+    assert files["train/wordnet-noun.jsonl"]["dropped_overlapping"] == 1
+    assert files["train/wordnet-noun.jsonl"]["documents"] == 2
+    assert files["heldout/fortunes.jsonl"]["licence"] == "BSD-4-Clause"
+    assert json.loads((tmp_path / "corpus" / "corpus.json").read_text()) == manifest
+    train = read_texts(tmp_path / "corpus" / "train")
+    assert not any("quick brown fox" in text for text in train)
+    assert len(read_texts(tmp_path / "corpus" / "heldout")) == 2
+
+
+def test_clear_errors_for_missing_sources_empty_text_and_an_existing_output(sources, tmp_path) -> None:
+    missing = Source("gcide", "dict-gcide", str(tmp_path / "nope.dz"), "GPL", "train", read_gcide)
+    with pytest.raises(
+        ValueError,
+        match=r"corpus source not found: .*nope.dz \(install with: apt-get install "
+        r"dict-gcide",
+    ):
+        check_sources((missing,))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_text = (*sources[:2], Source("fortunes", "fortunes", str(empty), "BSD", "heldout", read_fortunes))
+    with pytest.raises(ValueError, match="fortunes.jsonl: the source gave no text"):
+        build_corpus(tmp_path / "out", no_text)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ValueError, match="already exists"):
+        build_corpus(tmp_path / "taken", sources)
