@@ -104,3 +104,57 @@ def test_a_budget_that_nothing_fits_names_the_achievable_budgets(model_and_block
     with pytest.raises(ValueError, match=r"no configuration fits budget 0.01: the achievable budgets are"):
         model.arch_for_budget(0.01)
     assert resolve_budget(model.config, 1.0, None) == ArchConfig.full(model.config)
+
+
+def test_cli_convert_saves_choices_that_export_and_info_use(tmp_path, capsys) -> None:
+    from flextron.cli import main
+    from tests.tiny_models import tiny_hf_dir
+
+    tiny_hf_dir(tmp_path / "hf", kv_heads=2)
+    out = tmp_path / "converted"
+    argv = [
+        "convert",
+        "--model",
+        str(tmp_path / "hf"),
+        "--out",
+        str(out),
+        "--samples",
+        "4",
+        "--seq-len",
+        "32",
+    ]
+    assert main([*argv, "--budgets", "0.5"]) == 0
+    assert "budget 0.5:" in capsys.readouterr().out
+    saved = json.loads((out / FILE).read_text())
+    assert [entry["budget"] for entry in saved["budgets"]] == [0.5]
+    # Point 0.5 at another candidate that fits: export and info must follow the file.
+    model = FlextronModel.from_pretrained(out)
+    other = next(a for a in candidate_archs(model.config, 0.5) if a != model.arch_for_budget(0.5))
+    saved["budgets"][0]["arch"] = other.to_dict()
+    (out / FILE).write_text(json.dumps(saved))
+    assert main(["export", "--model", str(out), "--budget", "0.5", "--out", str(tmp_path / "small")]) == 0
+    exported = json.loads((tmp_path / "small" / "config.json").read_text())
+    assert (exported["intermediate_size"], exported["num_attention_heads"]) == (
+        other.mlp_widths[0],
+        other.heads[0],
+    )
+    assert main(["info", "--model", str(out), "--budgets", "0.5"]) == 0
+    assert f"budget 0.5: MLP {other.mlp_widths[0]}, heads {other.heads[0]}" in capsys.readouterr().out
+    # choose-budgets measures again and rewrites the file.
+    assert (
+        main(
+            [
+                "choose-budgets",
+                "--model",
+                str(out),
+                "--budgets",
+                "0.25,0.5",
+                "--samples",
+                "2",
+                "--seq-len",
+                "32",
+            ]
+        )
+        == 0
+    )
+    assert [e["budget"] for e in json.loads((out / FILE).read_text())["budgets"]] == [0.25, 0.5]

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The general-English recipe on the embedded SmolLM2-135M-Instruct, end to end:
+#
+#   bash benchmarks/recipe_general.sh                 # OUT=runs/recipe STEPS=160
+#   STOP_AFTER=40 bash benchmarks/recipe_general.sh   # in slices: rerun until it prints the table
+#
+#   1. corpus     make corpus (Debian packages -> data/general: ~9.3M training tokens + held-out)
+#   2. convert    importance ranking and the budgets' configurations chosen on general text
+#   3. train      elastic distillation: STEPS x 4 blocks x 256 tokens, budgets 0.25/0.5/0.75
+#   4. baselines  (b): one pruned-and-distilled run per budget, STEPS/3 steps each (equal share)
+#   5. bench      benchmarks/bench_quality.py (flextron and the transformers export, baselines)
+#
+# Every stage skips what is done, and training resumes, so the recipe can be run in slices of
+# STOP_AFTER steps.  Timings on the 2-core machine: docs/quality.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/recipe}
+STEPS=${STEPS:-160}
+STOP_AFTER=${STOP_AFTER:-0}
+PY=${PYTHON:-.venv/bin/python}
+TRAIN=(--data data/general/train --seq-len 256 --batch-size 4 --lr 1e-4 --freeze-embeddings
+       --eval-every 0 --save-every 20 --val-blocks 4)
+
+stamp() { echo "[$(date +%H:%M:%S)] $*"; }
+
+# Train (or resume) one run; returns non-zero while steps remain after a STOP_AFTER slice.
+train_run() {
+  local out=$1 steps=$2
+  shift 2
+  local resume=() slice=()
+  [[ -f $out/checkpoints/latest.json ]] && resume=(--resume)
+  [[ $STOP_AFTER -gt 0 ]] && slice=(--stop-after "$STOP_AFTER")
+  "$PY" -m flextron train --model "$OUT/converted" --out "$out" --steps "$steps" --warmup-steps 8 \
+      "${TRAIN[@]}" "$@" "${resume[@]}" "${slice[@]}" || exit 1
+  "$PY" - "$out" "$steps" <<'EOF'
+import json, sys
+latest = json.load(open(f"{sys.argv[1]}/checkpoints/latest.json"))
+sys.exit(0 if latest["step"] >= int(sys.argv[2]) else 3)
+EOF
+}
+
+final_checkpoint() { echo "$1/checkpoints/$("$PY" -c "import json,sys;print(json.load(open(sys.argv[1]))['path'])" "$1/checkpoints/latest.json")"; }
+
+stamp "corpus"; make -s corpus
+if [[ ! -f $OUT/converted/config.json ]]; then
+  stamp "convert"
+  "$PY" -m flextron convert --model default --out "$OUT/converted" --calib data/general/train \
+      --samples 32 --seq-len 256 --budget-samples 8 --budgets 0.25,0.5,0.75
+fi
+stamp "train: $STEPS steps"
+train_run "$OUT/train" "$STEPS" || { stamp "slice done: rerun to continue"; exit 0; }
+for budget in 0.75 0.5 0.25; do
+  stamp "baseline (b) at $budget: $((STEPS / 3)) steps"
+  train_run "$OUT/baseline-b/b$budget" $((STEPS / 3)) --p-full 0 --budgets "$budget" \
+      --eval-budgets "$budget" || { stamp "slice done: rerun to continue"; exit 0; }
+done
+stamp "bench"
+"$PY" benchmarks/bench_quality.py --model "$(final_checkpoint "$OUT/train")" --converted "$OUT/converted" \
+    --baseline-b "$OUT/baseline-b"
+stamp "done"
