@@ -18,7 +18,7 @@
 #
 # Environment: OUT, PYTHON (python3), DEADLINE_S (470), FLEXTRON_CUDA_ARCHS (90a), MAX_JOBS
 # (all cores), CUTLASS_WHEEL (.whl/nvidia_cutlass-*.whl, used when no CUTLASS headers are
-# installed), TEST_TIMEOUT_S (per test, 60), BENCH_S (the benchmark's share, 120),
+# installed), TEST_TIMEOUT_S (per test, 90), BENCH_S (the benchmark's share, 120),
 # SMOKE_S (60), BUILD_S (300).
 set -u
 cd "$(dirname "$0")/.."
@@ -26,7 +26,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
 PYTHON="${PYTHON:-python3}"
 DEADLINE_S="${DEADLINE_S:-470}"
-TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-60}"
+TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-90}"
 BUILD_S="${BUILD_S:-300}" SMOKE_S="${SMOKE_S:-60}" BENCH_S="${BENCH_S:-120}"
 export FLEXTRON_CUDA=1
 export FLEXTRON_CUDA_ARCHS="${FLEXTRON_CUDA_ARCHS:-90a}"
@@ -116,23 +116,35 @@ if [ "$built" -eq 1 ]; then
     "$PYTHON" benchmarks/gpu_smoke.py --json "$WORK/smoke.json"
 
   # The CUDA tests, one op at a time, each test under TEST_TIMEOUT_S (the thread method ends the
-  # run of a file whose test hangs inside a CUDA call, with every thread's stack in the log).
+  # run of a file whose test hangs inside a CUDA call, with every thread's stack in the log;
+  # under xdist the worker is replaced and the file goes on). Each file gets a share of the
+  # time left before the benchmark's reserve in proportion to its number of tests.
   workers=()
-  if "$PYTHON" -c "import xdist" 2>/dev/null; then workers=(-n 4); fi
+  if "$PYTHON" -c "import xdist" 2>/dev/null; then workers=(-n 6); fi
   timeouts=()
   if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then
     timeouts=(--timeout "$TEST_TIMEOUT_S" --timeout-method thread)
   else
     note "tests: pytest-timeout missing, no per-test timeout (only each file's limit)"
   fi
-  files=(nested_linear nested_mlp route routed_nested_mlp varhead_attention speed)
-  for i in "${!files[@]}"; do
-    op="${files[$i]}"
-    remaining=$((${#files[@]} - i))
-    # An even share of what is left before the benchmark's reserve, at least 30 s.
-    share=$(( ($(left) - BENCH_S - 10) / remaining ))
-    [ "$share" -lt 30 ] && share=30
-    step "tests:$op" "$OUT/tests.log" "$share" $((BENCH_S + 10)) \
+  files=(route routed_nested_mlp nested_linear nested_mlp varhead_attention speed)
+  declare -A count
+  paths=()
+  for op in "${files[@]}"; do paths+=("tests/test_cuda_$op.py"); done
+  timeout 60 "$PYTHON" -m pytest -q --collect-only -p no:cacheprovider -m "cuda and not slow" \
+    "${paths[@]}" 2>/dev/null | sed -n 's|^tests/test_cuda_\([a-z_]*\)\.py::.*|\1|p' \
+    | sort | uniq -c >"$WORK/counts.txt"
+  remaining_tests=0
+  for op in "${files[@]}"; do
+    count[$op]=$(awk -v op="$op" '$2 == op {print $1}' "$WORK/counts.txt")
+    count[$op]=${count[$op]:-1}
+    remaining_tests=$((remaining_tests + count[$op]))
+  done
+  for op in "${files[@]}"; do
+    share=$(( ($(left) - BENCH_S - 10) * count[$op] / remaining_tests ))
+    [ "$share" -lt 20 ] && share=20
+    remaining_tests=$((remaining_tests - count[$op]))
+    step "tests:$op (${count[$op]} tests)" "$OUT/tests.log" "$share" $((BENCH_S + 10)) \
       "$PYTHON" -m pytest -q -ra "${workers[@]}" "${timeouts[@]}" -m "cuda and not slow" \
       -p no:cacheprovider --junitxml "$WORK/tests_$op.xml" "tests/test_cuda_$op.py"
   done
