@@ -51,8 +51,8 @@
 // grad_x), col x row (weight gradients), so 6 instantiations. They need D, F and
 // every width multiples of 8 (D > 0: K = 0 GEMMs are not safe), contiguous
 // 16-byte-aligned weights and at most kMaxGroupedChoices choices; otherwise (and
-// for fp32, or when a 2.x kernel does not fit the GPU, with a one-time warning) the
-// op computes the masked full-width MLP with ATen: correct, host-sync free, but at
+// for fp32, or when CUTLASS declines a 2.x kernel, with a one-time warning) the op
+// computes the masked full-width MLP with ATen: correct, host-sync free, but at
 // full-width cost.
 //
 // Versions: v1 grouped forward + masked dense backward; v2 band-form grouped
@@ -68,6 +68,7 @@
 
 #include <limits>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "cpu/checks.h"
@@ -346,17 +347,12 @@ int threadblocks_per_launch() {
   return by_device[device];
 }
 
-template <typename Element>
-bool grouped_kernels_fit() {
-  const bool fit = threadblocks_per_launch<GroupedGemm<Element, RowMajor, ColumnMajor>>() > 0 &&
-                   threadblocks_per_launch<GroupedGemm<Element, RowMajor, RowMajor>>() > 0 &&
-                   threadblocks_per_launch<GroupedGemm<Element, ColumnMajor, RowMajor>>() > 0;
-  if (!fit) {
-    TORCH_WARN_ONCE("routed_nested_mlp: a CUTLASS 2.x grouped GEMM does not fit this GPU's shared "
-                    "memory; using the masked full-width MLP (ATen)");
-  }
-  return fit;
-}
+// Thrown by run_grouped when CUTLASS declines a 2.x grouped GEMM before launching it: the
+// op then computes the masked full-width MLP instead (what the grouped path enqueued
+// before is discarded with its buffers).
+struct GroupedGemmDeclined {
+  std::string reason;
+};
 
 bool can_group(const at::Tensor& x, const std::optional<at::Tensor>& w_gate, const at::Tensor& w_up,
                const at::Tensor& w_down, at::IntArrayRef widths) {
@@ -372,29 +368,29 @@ bool can_group(const at::Tensor& x, const std::optional<at::Tensor>& w_gate, con
   auto dense_aligned = [](const at::Tensor& w) {
     return w.is_contiguous() && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0;
   };
-  if (!dense_aligned(w_up) || !dense_aligned(w_down) || (w_gate.has_value() && !dense_aligned(*w_gate))) {
-    return false;
-  }
-  return x.scalar_type() == at::kBFloat16 ? grouped_kernels_fit<cutlass::bfloat16_t>()
-                                          : grouped_kernels_fit<cutlass::half_t>();
+  return dense_aligned(w_up) && dense_aligned(w_down) && (!w_gate.has_value() || dense_aligned(*w_gate));
 }
 
 // Runs problems [first, first + count) with the 2.x kernel of the given operand layouts:
-// D = A @ B + beta * D.
+// D = A @ B + beta * D. Throws GroupedGemmDeclined, having launched nothing, when CUTLASS
+// cannot run it.
 template <typename Element, typename LayoutA, typename LayoutB>
 void run_grouped(ProblemArrays<Element> problems, int64_t first, int64_t count, float beta,
                  cudaStream_t stream) {
   using Gemm = GroupedGemm<Element, LayoutA, LayoutB>;
-  const int threadblocks = threadblocks_per_launch<Gemm>();  // > 0: can_group checked it
+  const int threadblocks = threadblocks_per_launch<Gemm>();
+  if (threadblocks <= 0) throw GroupedGemmDeclined{"no threadblock fits the GPU's shared memory"};
   typename Gemm::EpilogueOutputOp::Params epilogue(1.0f, beta);  // beta = 0: C is never read
   typename Gemm::Arguments args(problems.sizes + first, static_cast<int>(count), threadblocks,
                                 epilogue, problems.a + first, problems.b + first,
                                 problems.d + first, problems.d + first, problems.lda + first,
                                 problems.ldb + first, problems.ldd + first, problems.ldd + first);
   Gemm gemm;
-  cutlass::Status status = gemm.initialize(args, nullptr, stream);  // device-only: no workspace
-  TORCH_CHECK(status == cutlass::Status::kSuccess, "routed_nested_mlp: CUTLASS grouped GEMM set-up failed: ",
-              cutlassGetStatusString(status));
+  cutlass::Status status = Gemm::can_implement(args);
+  if (status == cutlass::Status::kSuccess) {
+    status = gemm.initialize(args, nullptr, stream);  // device-only schedule: no workspace
+  }
+  if (status != cutlass::Status::kSuccess) throw GroupedGemmDeclined{cutlassGetStatusString(status)};
   status = gemm.run(stream);
   TORCH_CHECK(status == cutlass::Status::kSuccess, "routed_nested_mlp: CUTLASS grouped GEMM failed: ",
               cutlassGetStatusString(status));
@@ -585,6 +581,11 @@ Gradients backward_grouped(const at::Tensor& grad_out, const at::Tensor& x,
           grad_scale};
 }
 
+void warn_declined(const GroupedGemmDeclined& declined) {
+  TORCH_WARN_ONCE("routed_nested_mlp: the CUTLASS 2.x grouped GEMM cannot run (", declined.reason,
+                  "); using the masked full-width MLP (ATen)");
+}
+
 // The masked full-width backward with ATen (fp32, unaligned shapes, many choices).
 Gradients backward_masked(const at::Tensor& grad_out, const at::Tensor& x,
                           const std::optional<at::Tensor>& w_gate, const at::Tensor& w_up,
@@ -634,10 +635,15 @@ at::Tensor routed_nested_mlp_cuda(const at::Tensor& x, const std::optional<at::T
 
   at::Tensor y;
   if (can_group(x, w_gate, w_up, w_down, widths)) {
-    y = x.scalar_type() == at::kBFloat16
-            ? forward_grouped<cutlass::bfloat16_t>(x, w_gate, w_up, w_down, choice_c, widths, act)
-            : forward_grouped<cutlass::half_t>(x, w_gate, w_up, w_down, choice_c, widths, act);
-  } else {  // the masked full-width MLP
+    try {
+      y = x.scalar_type() == at::kBFloat16
+              ? forward_grouped<cutlass::bfloat16_t>(x, w_gate, w_up, w_down, choice_c, widths, act)
+              : forward_grouped<cutlass::half_t>(x, w_gate, w_up, w_down, choice_c, widths, act);
+    } catch (const GroupedGemmDeclined& declined) {
+      warn_declined(declined);
+    }
+  }
+  if (!y.defined()) {  // the masked full-width MLP
     const at::Tensor gate = w_gate.has_value() ? at::mm(x, w_gate->t()) : at::Tensor();
     at::Tensor hidden = at::mm(x, w_up.t());
     activate_(gate, hidden, act);
@@ -664,11 +670,15 @@ routed_nested_mlp_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
   const at::Tensor choice_c = choice.contiguous();
   const Activation act = parse_activation(activation);
   if (tokens > 0 && can_group(x, w_gate, w_up, w_down, widths)) {
-    return x.scalar_type() == at::kBFloat16
-               ? backward_grouped<cutlass::bfloat16_t>(grad_out, x, w_gate, w_up, w_down, choice_c,
-                                                       widths, scale, act)
-               : backward_grouped<cutlass::half_t>(grad_out, x, w_gate, w_up, w_down, choice_c,
-                                                   widths, scale, act);
+    try {
+      return x.scalar_type() == at::kBFloat16
+                 ? backward_grouped<cutlass::bfloat16_t>(grad_out, x, w_gate, w_up, w_down, choice_c,
+                                                         widths, scale, act)
+                 : backward_grouped<cutlass::half_t>(grad_out, x, w_gate, w_up, w_down, choice_c,
+                                                     widths, scale, act);
+    } catch (const GroupedGemmDeclined& declined) {
+      warn_declined(declined);
+    }
   }
   return backward_masked(grad_out, x, w_gate, w_up, w_down, choice_c, widths, scale, act);
 }

@@ -125,7 +125,8 @@ __global__ void to_group_arrays(ProblemArrays<Element> problems, int count,
   groups.stride_d[g] = cute::make_stride(problems.ldd[g], cute::Int<1>{}, cute::Int<0>{});
 }
 
-constexpr int64_t round16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
+constexpr int64_t round_up(int64_t bytes, int64_t to) { return (bytes + to - 1) / to * to; }
+constexpr int64_t round16(int64_t bytes) { return round_up(bytes, 16); }
 
 // Problems [first, first + count) with D = A @ B + beta * D; false (nothing launched,
 // a one-time warning naming CUTLASS's reason) when CUTLASS cannot run them.
@@ -146,17 +147,18 @@ bool run(ProblemArrays<Element> problems, int first, int count, float beta, cuda
   args.hw_info.device_id = at::cuda::current_device();
   args.hw_info.sm_count = props->multiProcessorCount;
   // The workspace (per-SM TMA descriptors, scheduler state) depends on the group count
-  // and SM count only, so it is sized before the arrays exist.
-  const int64_t workspace_bytes = round16(static_cast<int64_t>(Gemm::get_workspace_size(args)));
+  // and SM count only, so it is sized before the arrays exist. It comes first in the
+  // buffer: TMA descriptors need 64-byte alignment, and the allocator's blocks have more.
+  const int64_t workspace_bytes = round_up(static_cast<int64_t>(Gemm::get_workspace_size(args)), 128);
 
-  const int64_t sizes[] = {round16(count * sizeof(typename Config::Shape)),
+  const int64_t sizes[] = {workspace_bytes,
+                           round16(count * sizeof(typename Config::Shape)),
                            round16(count * sizeof(Element*)),
                            round16(count * sizeof(Element*)),
                            round16(count * sizeof(Element*)),
                            round16(count * sizeof(typename Config::StrideA)),
                            round16(count * sizeof(typename Config::StrideB)),
-                           round16(count * sizeof(typename Config::StrideD)),
-                           workspace_bytes};
+                           round16(count * sizeof(typename Config::StrideD))};
   int64_t total = 0;
   for (const int64_t size : sizes) total += size;
   const at::Tensor buffer =
@@ -167,15 +169,15 @@ bool run(ProblemArrays<Element> problems, int first, int count, float beta, cuda
     cursor += sizes[index];
     return at;
   };
+  void* workspace = take(0);
   GroupArrays<Config, Element> groups{
-      reinterpret_cast<typename Config::Shape*>(take(0)),
-      reinterpret_cast<const Element**>(take(1)),
+      reinterpret_cast<typename Config::Shape*>(take(1)),
       reinterpret_cast<const Element**>(take(2)),
-      reinterpret_cast<Element**>(take(3)),
-      reinterpret_cast<typename Config::StrideA*>(take(4)),
-      reinterpret_cast<typename Config::StrideB*>(take(5)),
-      reinterpret_cast<typename Config::StrideD*>(take(6))};
-  void* workspace = take(7);
+      reinterpret_cast<const Element**>(take(3)),
+      reinterpret_cast<Element**>(take(4)),
+      reinterpret_cast<typename Config::StrideA*>(take(5)),
+      reinterpret_cast<typename Config::StrideB*>(take(6)),
+      reinterpret_cast<typename Config::StrideD*>(take(7))};
 
   args.problem_shape = {count, groups.shapes, nullptr};
   args.mainloop = {groups.a, groups.stride_a, groups.b, groups.stride_b};

@@ -171,9 +171,14 @@ at::Tensor varhead_attention_cuda(const at::Tensor& q, const at::Tensor& k, cons
   for (const Bucket& bucket : buckets) {
     at::Tensor k_bucket = gather(k, bucket, bucket.kv_heads);  // (n, hkv, Sk, Dh)
     at::Tensor v_bucket = gather(v, bucket, bucket.kv_heads);
-    if (expand_kv) {  // (n, hq, Sk, Dh)
-      k_bucket = k_bucket.repeat_interleave(s.group, 1);
-      v_bucket = v_bucket.repeat_interleave(s.group, 1);
+    if (expand_kv) {  // (n, hq, Sk, Dh): query head h reads KV head h / group
+      auto expand = [&](const at::Tensor& t) {
+        return t.unsqueeze(2)
+            .expand({t.size(0), bucket.kv_heads, s.group, s.kv_len, s.head_dim})
+            .reshape({t.size(0), bucket.q_heads, s.kv_len, s.head_dim});
+      };
+      k_bucket = expand(k_bucket);
+      v_bucket = expand(v_bucket);
     }
     const at::Tensor attended = at::scaled_dot_product_attention(
         gather(q, bucket, bucket.q_heads), k_bucket, v_bucket, mask, /*dropout_p=*/0.0,
