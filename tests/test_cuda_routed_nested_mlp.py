@@ -431,7 +431,7 @@ def test_hidden_size_zero(dtype, with_scale, sm90_path):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_backward_outputs_are_distinct(dtype):
+def test_backward_outputs_are_distinct(dtype, sm90_path):
     """No two outputs of the backward op are the same tensor (the schema promises fresh
     outputs), also for the empty slots of an absent gate and scale; bf16 runs the grouped path,
     fp32 the masked one."""
