@@ -97,11 +97,14 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32
     directory, name = str(path.parent), path.name
     hf_config = AutoConfig.from_pretrained(directory, gguf_file=name)
     config = ModelConfig.from_hf(hf_config.to_dict())
+    # The tokenizer first: reading it parses the whole GGUF metadata, a transient best kept
+    # apart from the weights' peak.
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     weights = read_gguf(path, config.num_heads, config.num_kv_heads, dtype or torch.float32, device)
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     model = FlextronModel.from_state_dict(config, weights).to(device)
-    model.tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model.tokenizer = tokenizer
     return model
 
 

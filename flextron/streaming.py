@@ -2,7 +2,7 @@
 
 Loading peak memory stays near the weights in the chosen dtype: each tensor is read with
 plain file reads (no memory map whose pages would stay resident) in chunks of at most
-CHUNK_BYTES, converted chunk by chunk into its final tensor, and moved to the device
+CHUNK_BYTES (raw, and float32 once dequantized), converted chunk by chunk into its final tensor, and moved to the device
 before the next one is read.  Safetensors files are read from their documented layout
 (an 8-byte header length, a JSON header, then the raw little-endian data); GGUF files
 through the `gguf` package's reader and dequantizer.
@@ -10,6 +10,7 @@ through the `gguf` package's reader and dequantizer.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CHUNK_BYTES = 16 << 20
+CHUNK_BYTES = 4 << 20
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -48,6 +49,7 @@ def read_safetensors(path: str | os.PathLike, dtype: torch.dtype | None = None,
     """Every tensor of a .safetensors file, floating ones in `dtype` (None: as stored), on `device`."""
     header, base = safetensors_header(path)
     weights = {}
+    scratch = torch.empty(CHUNK_BYTES, dtype=torch.uint8)  # one read buffer for the whole file
     with open(path, "rb") as file:
         for name, info in header.items():
             stored = _SAFETENSORS_DTYPES.get(info["dtype"])
@@ -63,8 +65,8 @@ def read_safetensors(path: str | os.PathLike, dtype: torch.dtype | None = None,
                 if file.readinto(flat.view(torch.uint8).numpy()) != end - start:
                     raise ValueError(f"{path}: truncated file (tensor {name})")
             else:
-                step = max(CHUNK_BYTES // stored.itemsize, 1)
-                buffer = torch.empty(min(step, flat.numel()), dtype=stored)
+                step = CHUNK_BYTES // stored.itemsize
+                buffer = scratch.view(stored)
                 for first in range(0, flat.numel(), step):
                     chunk = buffer[:min(step, flat.numel() - first)]
                     if file.readinto(chunk.view(torch.uint8).numpy()) != chunk.numel() * stored.itemsize:
@@ -97,7 +99,7 @@ def gguf_name(name: str) -> str:
 def _unpermute_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Undo llama.cpp's per-head row interleave of q/k (rows (heads * hd,), any trailing dims)."""
     rows = weight.shape[0]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
 def read_gguf(path: str | os.PathLike, num_heads: int, num_kv_heads: int, dtype: torch.dtype = torch.float32,
@@ -106,22 +108,27 @@ def read_gguf(path: str | os.PathLike, num_heads: int, num_kv_heads: int, dtype:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    weights = {}
+    # The reader holds every metadata field (the whole vocabulary) as numpy objects: keep only
+    # the tensor layout, and let it go before the weights are allocated.
     reader = GGUFReader(path)
+    layout = [(t.name, t.tensor_type, tuple(int(n) for n in reversed(t.shape.tolist())), t.n_bytes,
+               t.data_offset) for t in reader.tensors]  # GGUF lists dims innermost first
+    del reader
+    gc.collect()
+    weights = {}
     with open(path, "rb") as file:
-        for info in reader.tensors:
-            name = gguf_name(info.name)
-            shape = tuple(int(n) for n in reversed(info.shape.tolist()))  # GGUF lists dims innermost first
-            rows = shape[0] if len(shape) > 1 else 1
-            row_bytes = info.n_bytes // rows
+        for gguf_tensor, qtype, shape, n_bytes, offset in layout:
+            name = gguf_name(gguf_tensor)
             tensor = torch.empty(shape, dtype=dtype)
-            matrix = tensor.view(rows, -1)  # (rows, columns)
-            step = max(CHUNK_BYTES // max(row_bytes, 1), 1)
+            matrix = tensor.view(shape[0] if len(shape) > 1 else 1, -1)  # (rows, columns)
+            rows, row_bytes = matrix.shape[0], n_bytes // matrix.shape[0]
+            # Chunks bound both the raw bytes read and their float32 dequantization.
+            step = max(CHUNK_BYTES // max(row_bytes, 4 * matrix.shape[1]), 1)
             for first in range(0, rows, step):
                 count = min(step, rows - first)
-                file.seek(info.data_offset + first * row_bytes)
+                file.seek(offset + first * row_bytes)
                 raw = np.fromfile(file, dtype=np.uint8, count=count * row_bytes).reshape(count, row_bytes)
-                values = dequantize(raw, info.tensor_type).reshape(count, -1)  # (count, columns) fp32
+                values = dequantize(raw, qtype).reshape(count, -1)  # (count, columns) float32
                 matrix[first:first + count].copy_(torch.from_numpy(np.ascontiguousarray(values)))
             if name.endswith(("q_proj.weight", "q_proj.bias")):
                 tensor = _unpermute_rope(tensor, num_heads)
