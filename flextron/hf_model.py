@@ -47,7 +47,8 @@ class FlextronConfig(PretrainedConfig):
 
     model_type = MODEL_TYPE
 
-    def __init__(self, model: dict | None = None, format: str = FORMAT, version: int = VERSION, **kwargs) -> None:
+    def __init__(self, model: dict | None = None, format: str = FORMAT, version: int = VERSION,
+                 **kwargs) -> None:
         self.model = model
         self.format, self.version = format, version
         self.use_cache = kwargs.pop("use_cache", True)
@@ -183,15 +184,16 @@ class FlextronForCausalLM(PreTrainedModel, GenerationMixin):
             logits = logits[:, -logits_to_keep:]
         loss = None
         if labels is not None:
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
-            )
+            targets = labels[:, 1:].flatten().to(logits.device)  # next-token targets; -100: ignored
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets,
+                                                     ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
     # ---- checkpoints
 
     @classmethod
-    def from_flextron(cls, model: FlextronModel, source: str | os.PathLike | None = None) -> FlextronForCausalLM:
+    def from_flextron(cls, model: FlextronModel, source: str | os.PathLike | None = None
+                      ) -> FlextronForCausalLM:
         """Wrap an in-memory FlextronModel (sharing its weights) at the full sub-network."""
         config = FlextronConfig(model=model.config.to_dict())
         wrapper = cls(config, model.eval())

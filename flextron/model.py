@@ -175,9 +175,11 @@ class FlextronModel(nn.Module):
             cos, sin = self.rotary(torch.arange(start, end, device=input_ids.device), x.dtype)  # (T, hd)
         else:
             cos, sin = self.rotary(position_ids.flatten(), x.dtype)  # (B*T, hd)
-            cos, sin = (t.view(*position_ids.shape, 1, -1).transpose(1, 2) for t in (cos, sin))  # (B, 1, T, hd)
+            # (B, 1, T, hd): one row of positions per sequence, broadcast over the heads.
+            cos, sin = (t.view(*position_ids.shape, 1, -1).transpose(1, 2) for t in (cos, sin))
         for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, arch.mlp_widths[index], arch.heads[index], kv_cache, index, router, key_mask)
+            x = layer(x, cos, sin, arch.mlp_widths[index], arch.heads[index], kv_cache, index, router,
+                      key_mask)
         if kv_cache is not None:
             kv_cache.length = end
         if last_only:

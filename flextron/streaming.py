@@ -2,10 +2,10 @@
 
 Loading peak memory stays near the weights in the chosen dtype: each tensor is read with
 plain file reads (no memory map whose pages would stay resident) in chunks of at most
-CHUNK_BYTES (raw, and float32 once dequantized), converted chunk by chunk into its final tensor, and moved to the device
-before the next one is read.  Safetensors files are read from their documented layout
-(an 8-byte header length, a JSON header, then the raw little-endian data); GGUF files
-through the `gguf` package's reader and dequantizer.
+CHUNK_BYTES (raw, and float32 once dequantized), converted chunk by chunk into its final
+tensor, and moved to the device before the next one is read.  Safetensors files are read
+from their documented layout (an 8-byte header length, a JSON header, then the raw
+little-endian data); GGUF files through the `gguf` package's reader and dequantizer.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def gguf_name(name: str) -> str:
 def _unpermute_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Undo llama.cpp's per-head row interleave of q/k (rows (heads * hd,), any trailing dims)."""
     rows = weight.shape[0]
-    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+    halves = weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:])  # (heads, hd / 2, 2, ...)
+    return halves.transpose(1, 2).reshape(weight.shape)
 
 
 def read_gguf(path: str | os.PathLike, num_heads: int, num_kv_heads: int, dtype: torch.dtype = torch.float32,

@@ -71,7 +71,8 @@ def test_left_padded_batch_generates_as_one_by_one(flextron_dir, budget) -> None
     for row, prompt in enumerate(prompts):
         alone = tokenizer(prompt, return_tensors="pt")
         single = model.generate(**alone, max_new_tokens=12, do_sample=False)
-        assert together[row, batch.input_ids.shape[1]:].tolist() == single[0, alone.input_ids.shape[1]:].tolist()
+        new = together[row, batch.input_ids.shape[1]:]
+        assert new.tolist() == single[0, alone.input_ids.shape[1]:].tolist()
 
 
 def test_padded_logits_equal_transformers_llama() -> None:

@@ -31,7 +31,8 @@ def models(tmp_path_factory):
     tiny_hf_dir(root / "hf", kv_heads=2)
     argv = ["--samples", "4", "--seq-len", "32"]
     assert main(["convert", "--model", str(root / "hf"), "--out", str(root / "flextron"), *argv]) == 0
-    assert main(["export", "--model", str(root / "flextron"), "--out", str(root / "half"), "--budget", "0.5"]) == 0
+    argv = ["--model", str(root / "flextron"), "--out", str(root / "half"), "--budget", "0.5"]
+    assert main(["export", *argv]) == 0
     return root
 
 

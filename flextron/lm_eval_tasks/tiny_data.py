@@ -7,4 +7,5 @@ import datasets
 
 def load(**metadata) -> datasets.DatasetDict:
     """lm-eval passes the run's metadata (model arguments and the like); none is needed here."""
-    return datasets.load_dataset("json", data_files={"test": str(Path(__file__).with_name("flextron_tiny.jsonl"))})
+    documents = Path(__file__).with_name("flextron_tiny.jsonl")
+    return datasets.load_dataset("json", data_files={"test": str(documents)})
