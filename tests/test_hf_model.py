@@ -140,3 +140,38 @@ def test_directories_without_model_type_still_load(flextron_dir, tmp_path) -> No
     assert isinstance(FlextronModel.from_pretrained(old), FlextronModel)
     model = FlextronForCausalLM.from_pretrained(old)
     assert model.at(0.5).arch == model.model.arch_for_budget(0.5)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_latency_targets_and_routers(tmp_path) -> None:
+    """A directory with a latency table and routers: views resolve as `flextron generate` does."""
+    from flextron.budget import BudgetResolver
+    from flextron.nn.routers import DynamicRouter, StaticRouter, save_routers
+    from tests.test_latency import synthetic_table
+
+    model = tiny_flextron()
+    model.save_pretrained(tmp_path)
+    synthetic_table().save(tmp_path)
+    torch.manual_seed(0)
+    save_routers(tmp_path, {"static": StaticRouter(model.config, [0.5, 1.0], hidden_size=8),
+                            "dynamic": DynamicRouter(model.config, [0.5, 1.0], hidden_size=8)},
+                 {"phase": "prefill", "batch": 1, "length": 16})
+    wrapper = FlextronForCausalLM.from_pretrained(tmp_path)
+    resolver = BudgetResolver(wrapper.model, tmp_path)
+    full_ms = resolver.table.predict(wrapper.model.full_arch(), *resolver.shape)
+    for routing in ("uniform", "static"):
+        view = wrapper.at(latency_ms=0.6 * full_ms, routing=routing)
+        assert view.arch == resolver.select(None, 0.6 * full_ms, routing).arch
+    dynamic = wrapper.at(0.5, routing="dynamic")
+    assert dynamic.arch is None
+    ids = torch.randint(3, 300, (1, 8))
+    with torch.no_grad():
+        expected = wrapper.model(ids, router=dynamic.selection.session(1))
+        torch.testing.assert_close(dynamic(ids, use_cache=False).logits, expected)
+        # Decoding keeps the prefill's session (its head choice) in the cache.
+        assert dynamic.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                                do_sample=False).shape == (1, 11)
+        padded = torch.ones(2, 8, dtype=torch.long)
+        padded[0, :3] = 0
+        with pytest.raises(ValueError, match="padded"):
+            dynamic(ids.repeat(2, 1), attention_mask=padded)

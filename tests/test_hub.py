@@ -40,22 +40,25 @@ def test_hub_ids_load_offline_from_a_filled_cache(tmp_path) -> None:
         model.save_pretrained(path)
 
     fill_cache(home, "tiny-org/tiny-flextron", write_flextron)
+    # A fresh process: huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when imported.
+    script = """
+import sys
+from transformers import AutoModelForCausalLM
+from flextron.cli import main
+print("info", main(["info", "--model", "tiny-org/tiny-llama", "--budgets", "1"]))
+model = AutoModelForCausalLM.from_pretrained("tiny-org/tiny-flextron").at(0.5)
+print("auto", type(model).__name__, list(model.arch.heads))
+print("missing", main(["info", "--model", "tiny-org/not-cached"]))
+"""
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path.cwd())}
-
-    def run(*argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=300)
-
-    info = run("-m", "flextron", "info", "--model", "tiny-org/tiny-llama", "--budgets", "1")
-    assert info.returncode == 0, info.stderr[-2000:]
-    assert '"hidden_size": 64' in info.stdout
-    auto = run("-c", "import flextron; from transformers import AutoModelForCausalLM; "
-                     "m = AutoModelForCausalLM.from_pretrained('tiny-org/tiny-flextron').at(0.5); "
-                     "print(type(m).__name__, m.arch.heads)")
-    assert auto.returncode == 0, auto.stderr[-2000:]
-    assert auto.stdout.split() == ["FlextronForCausalLM", "(2,", "2)"]
-    missing = run("-m", "flextron", "info", "--model", "tiny-org/not-cached")
-    assert missing.returncode == 2
-    assert missing.stderr.strip().count("\n") == 0 and "Hugging Face cache" in missing.stderr
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '"hidden_size": 64' in result.stdout and "info 0" in result.stdout
+    assert "auto FlextronForCausalLM [2, 2]" in result.stdout
+    assert "missing 2" in result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("flextron info: error:")]
+    assert len(errors) == 1 and "Hugging Face cache" in errors[0]
 
 
 def test_local_paths_are_not_hub_ids(tmp_path, monkeypatch) -> None:

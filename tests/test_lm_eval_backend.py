@@ -17,7 +17,7 @@ from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from flextron.cli import main  # noqa: E402
-from flextron.lm_eval_backend import TASKS_DIR  # noqa: E402
+from flextron.lm_eval_backend import TASKS_DIR, FlextronLM  # noqa: E402
 from flextron.model import FlextronModel  # noqa: E402
 from tests.tiny_models import tiny_hf_dir  # noqa: E402
 
@@ -36,9 +36,15 @@ def models(tmp_path_factory):
     return root
 
 
-def evaluate(model: str, model_args: str) -> dict:
-    return simple_evaluate(model=model, model_args=model_args, tasks=TASKS, task_manager=TaskManager(
-        include_path=str(TASKS_DIR)), log_samples=True, batch_size=4, device="cpu")
+@pytest.fixture(scope="module")
+def tasks() -> TaskManager:
+    """One task index for the module: building it scans all of lm-eval's tasks."""
+    return TaskManager(include_path=str(TASKS_DIR))
+
+
+def evaluate(tasks: TaskManager, model: str, model_args: str) -> dict:
+    return simple_evaluate(model=model, model_args=model_args, tasks=TASKS, task_manager=tasks,
+                           log_samples=True, batch_size=4, device="cpu")
 
 
 def assert_same_results(ours: dict, theirs: dict) -> None:
@@ -56,21 +62,24 @@ def assert_same_results(ours: dict, theirs: dict) -> None:
                     assert abs(value_a - value_b) <= 1e-4, (task, value_a, value_b)
 
 
-def test_full_budget_equals_hf_on_the_source_weights(models) -> None:
-    ours = evaluate("flextron", f"pretrained={models / 'flextron'},budget=1.0")
-    assert_same_results(ours, evaluate("hf", f"pretrained={models / 'hf'},dtype=float32"))
+def test_full_budget_equals_hf_on_the_source_weights(models, tasks) -> None:
+    ours = evaluate(tasks, "flextron", f"pretrained={models / 'flextron'},budget=1.0")
+    assert_same_results(ours, evaluate(tasks, "hf", f"pretrained={models / 'hf'},dtype=float32"))
 
 
-def test_half_budget_equals_hf_on_the_export(models) -> None:
-    ours = evaluate("flextron", f"pretrained={models / 'flextron'},budget=0.5")
-    assert_same_results(ours, evaluate("hf", f"pretrained={models / 'half'},dtype=float32"))
+def test_half_budget_equals_hf_on_the_export(models, tasks) -> None:
+    ours = evaluate(tasks, "flextron", f"pretrained={models / 'flextron'},budget=0.5")
+    assert_same_results(ours, evaluate(tasks, "hf", f"pretrained={models / 'half'},dtype=float32"))
 
 
-def test_latency_target_needs_a_latency_table(models) -> None:
+def test_bad_model_arguments(models) -> None:
     with pytest.raises(ValueError, match="latency table"):
-        evaluate("flextron", f"pretrained={models / 'flextron'},latency_ms=3")
+        FlextronLM(pretrained=str(models / "flextron"), latency_ms=3.0, device="cpu")
+    with pytest.raises(ValueError, match="batch_size 1"):
+        FlextronLM(pretrained=str(models / "flextron"), routing="dynamic", batch_size=4, device="cpu")
 
 
+@pytest.mark.slow  # a fresh process importing lm-eval and indexing its tasks
 def test_command_line_with_an_arch_file(models, tmp_path) -> None:
     model = FlextronModel.from_pretrained(models / "flextron")
     arch = tmp_path / "half.json"
