@@ -80,13 +80,10 @@ def _load(source: str, args: argparse.Namespace | None = None):
 
 def _choose_arch(model, args: argparse.Namespace):
     """The configuration from --arch (a JSON file), else a Selection from --budget / --latency-ms."""
-    from flextron.evaluate import load_arch_file
+    from flextron.evaluate import load_one_arch
 
     if getattr(args, "arch", None):
-        archs = load_arch_file(args.arch)
-        if len(archs) != 1:
-            raise ValueError(f"{args.arch}: expected one configuration, found {len(archs)}")
-        return next(iter(archs.values()))[1]
+        return load_one_arch(args.arch)
     selection = _resolver(model, args).select(args.budget, args.latency_ms, args.routing)
     print(selection.describe(), file=sys.stderr)
     return selection

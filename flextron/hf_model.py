@@ -248,12 +248,9 @@ def _as_arch(arch: ArchConfig | dict | str | os.PathLike) -> ArchConfig:
         return arch
     if isinstance(arch, dict):
         return ArchConfig.from_dict(arch)
-    from flextron.evaluate import load_arch_file
+    from flextron.evaluate import load_one_arch
 
-    archs = load_arch_file(arch)
-    if len(archs) != 1:
-        raise ValueError(f"{arch}: expected one configuration, found {len(archs)}")
-    return next(iter(archs.values()))[1]
+    return load_one_arch(arch)
 
 
 def _dtype_of(dtype: str | torch.dtype | None) -> torch.dtype | None:
