@@ -118,7 +118,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
 
     dtype: the floating-point weights' dtype (None: as stored); device: where they go (None: CPU).
     """
-    from flextron.streaming import read_safetensors  # imported here: streaming is loading's, not saving's
+    from flextron.streaming import iter_safetensors, read_safetensors  # loading's, not saving's
 
     path = Path(path)
     if not path.is_dir():
@@ -152,7 +152,10 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
             model.importance = load_file(importance_file)
         except (SafetensorError, OSError) as error:
             raise ValueError(f"{importance_file}: corrupt safetensors file ({error})") from error
-    model.budget_configs = BudgetConfigs.load(path, model, config)
+    # budget_configs.json fingerprints the weights rounded to bfloat16, which a float16 load
+    # rounds otherwise: check it against the file's weights as stored, read once more.
+    stored = iter_safetensors(weights_file) if dtype == torch.float16 else model
+    model.budget_configs = BudgetConfigs.load(path, stored, config)
     if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 

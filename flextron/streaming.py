@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +47,13 @@ def safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
 def read_safetensors(path: str | os.PathLike, dtype: torch.dtype | None = None,
                      device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of a .safetensors file, floating ones in `dtype` (None: as stored), on `device`."""
+    return dict(iter_safetensors(path, dtype, device))
+
+
+def iter_safetensors(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                     device: str | torch.device | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """read_safetensors one (name, tensor) at a time, in file order."""
     header, base = safetensors_header(path)
-    weights = {}
     scratch = torch.empty(CHUNK_BYTES, dtype=torch.uint8)  # one read buffer for the whole file
     with open(path, "rb") as file:
         for name, info in header.items():
@@ -72,8 +77,7 @@ def read_safetensors(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     if file.readinto(chunk.view(torch.uint8).numpy()) != chunk.numel() * stored.itemsize:
                         raise ValueError(f"{path}: truncated file (tensor {name})")
                     flat[first:first + chunk.numel()].copy_(chunk)
-            weights[name] = tensor if device is None else tensor.to(device)
-    return weights
+            yield name, tensor if device is None else tensor.to(device)
 
 
 # GGUF tensor names (llama.cpp) -> Hugging Face Llama names without the "model." prefix.

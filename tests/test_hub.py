@@ -107,3 +107,21 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys) -> None:
     tiny_hf_dir(tmp_path / "hf")
     assert main(["generate", "--model", str(tmp_path / "hf"), "--device", "cuda", "hi"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_float16_load_keeps_budget_configs(tmp_path) -> None:
+    """budget_configs.json's fingerprint rounds to bfloat16: a float16 load checks the file as stored."""
+    from flextron.budget_configs import FILE, choose_budget_configs
+    from flextron.model import FlextronModel
+
+    model = tiny_flextron()
+    model.budget_configs = choose_budget_configs(model, torch.randint(3, 300, (2, 16)), progress=False)
+    model.save_pretrained(tmp_path)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        loaded = FlextronModel.from_pretrained(tmp_path, dtype)
+        assert loaded.budget_configs is not None and loaded.embed_tokens.weight.dtype == dtype
+    stale = tiny_flextron(seed=1)
+    stale.save_pretrained(tmp_path / "other")
+    (tmp_path / "other" / FILE).write_bytes((tmp_path / FILE).read_bytes())
+    with pytest.raises(ValueError, match="stale"):
+        FlextronModel.from_pretrained(tmp_path / "other", torch.float16)
