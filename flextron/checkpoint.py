@@ -1,7 +1,9 @@
 """Flextron checkpoint directories: save_pretrained / load_pretrained.
 
 Layout:
-    config.json          {"format": "flextron", "version": 1, "model": ModelConfig fields}
+    config.json          {"format": "flextron", "version": 1, "model_type": "flextron",
+                          "model": ModelConfig fields}  (model_type: for transformers' Auto
+                          classes; directories written without it load all the same)
     model.safetensors    the weights (names as in FlextronModel.state_dict())
     importance.safetensors   conversion scores per layer, when converted
     tokenizer files      when the model carries a tokenizer
@@ -96,7 +98,7 @@ def save_pretrained(model: FlextronModel, path: str | os.PathLike) -> None:
     else:
         (path / BUDGET_CONFIGS_FILE).unlink(missing_ok=True)
     # config.json last: its presence marks a complete checkpoint.
-    meta = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict()}
+    meta = {"format": FORMAT, "version": VERSION, "model_type": FORMAT, "model": model.config.to_dict()}
     write_json_atomic(path / CONFIG_FILE, meta)
 
 
@@ -110,8 +112,14 @@ def is_flextron_dir(path: str | os.PathLike) -> bool:
         return False
 
 
-def load_pretrained(path: str | os.PathLike) -> FlextronModel:
-    """Load a directory written by save_pretrained; clear errors for missing or corrupt files."""
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | None = None
+                    ) -> FlextronModel:
+    """Load a directory written by save_pretrained; clear errors for missing or corrupt files.
+
+    dtype: the floating-point weights' dtype (None: as stored); device: where they go (None: CPU).
+    """
+    from flextron.streaming import iter_safetensors, read_safetensors  # loading's, not saving's
+
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
@@ -131,11 +139,11 @@ def load_pretrained(path: str | os.PathLike) -> FlextronModel:
     if not weights_file.is_file():
         raise FileNotFoundError(f"{path}: missing {WEIGHTS_FILE}")
     try:
-        weights = load_file(weights_file)
-    except (SafetensorError, OSError) as error:
+        weights = read_safetensors(weights_file, dtype, device)
+    except (ValueError, OSError) as error:
         raise ValueError(f"{weights_file}: corrupt safetensors file ({error})") from error
     try:
-        model = FlextronModel.from_state_dict(config, weights)
+        model = FlextronModel.from_state_dict(config, weights).to(device)
     except ValueError as error:
         raise ValueError(f"{weights_file} does not match {CONFIG_FILE}: {error}") from error
     importance_file = path / IMPORTANCE_FILE
@@ -144,7 +152,10 @@ def load_pretrained(path: str | os.PathLike) -> FlextronModel:
             model.importance = load_file(importance_file)
         except (SafetensorError, OSError) as error:
             raise ValueError(f"{importance_file}: corrupt safetensors file ({error})") from error
-    model.budget_configs = BudgetConfigs.load(path, model, config)
+    # budget_configs.json fingerprints the weights rounded to bfloat16, which a float16 load
+    # rounds otherwise: check it against the file's weights as stored, read once more.
+    stored = iter_safetensors(weights_file) if dtype == torch.float16 else model
+    model.budget_configs = BudgetConfigs.load(path, stored, config)
     if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 

@@ -8,7 +8,8 @@ decorator:
         print(f"hello {args.name}")
 
 Model sources (--model): "default" (the embedded SmolLM2-135M-Instruct), a .gguf file, a
-Hugging Face directory, or a Flextron directory (from convert / save_pretrained).
+Hugging Face directory, a Flextron directory (from convert / save_pretrained), or a hub id
+ORG/NAME (from the Hugging Face cache, else downloaded; HF_HUB_OFFLINE=1: the cache only).
 """
 
 from __future__ import annotations
@@ -40,7 +41,18 @@ def command(name: str, help: str, *arguments: tuple[tuple[str, ...], dict[str, A
     return register
 
 
-MODEL = arg("--model", default="default", help="default | FILE.gguf | HF or Flextron directory")
+MODEL = arg("--model", default="default", help="default | FILE.gguf | HF or Flextron directory | ORG/NAME")
+
+
+def load_options() -> tuple[tuple[tuple[str, ...], dict[str, Any]], ...]:
+    """--dtype and --device, for every command that loads a model (read by _load)."""
+    from flextron.hub import DEVICES, DTYPES
+
+    return (
+        arg("--dtype", choices=tuple(DTYPES), default="float32",
+            help="weights and activations (loaded tensor by tensor into this dtype)"),
+        arg("--device", choices=DEVICES, default="cpu"),
+    )
 
 
 def parse_budgets(text: str) -> list[float]:
@@ -52,11 +64,15 @@ def parse_budgets(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(str(error)) from error
 
 
-def _load(source: str):
+def _load(source: str, args: argparse.Namespace | None = None):
+    """The model from --model, in the --dtype and on the --device of `args` (when it has them)."""
+    from flextron.hub import check_device, parse_dtype
     from flextron.loading import load_model
 
+    dtype = parse_dtype(getattr(args, "dtype", "float32"))
+    device = check_device(getattr(args, "device", None) or "cpu")
     start = time.perf_counter()
-    model = load_model(source)
+    model = load_model(source, dtype, device)
     seconds, millions = time.perf_counter() - start, model.num_parameters() / 1e6
     print(f"loaded {source} in {seconds:.1f}s: {millions:.1f}M parameters", file=sys.stderr)
     return model
@@ -64,13 +80,10 @@ def _load(source: str):
 
 def _choose_arch(model, args: argparse.Namespace):
     """The configuration from --arch (a JSON file), else a Selection from --budget / --latency-ms."""
-    from flextron.evaluate import load_arch_file
+    from flextron.evaluate import load_one_arch
 
     if getattr(args, "arch", None):
-        archs = load_arch_file(args.arch)
-        if len(archs) != 1:
-            raise ValueError(f"{args.arch}: expected one configuration, found {len(archs)}")
-        return next(iter(archs.values()))[1]
+        return load_one_arch(args.arch)
     selection = _resolver(model, args).select(args.budget, args.latency_ms, args.routing)
     print(selection.describe(), file=sys.stderr)
     return selection
@@ -127,6 +140,7 @@ def info(args: argparse.Namespace) -> None:
 @command(
     "convert", "rank neurons/heads on calibration text, permute, save a Flextron directory",
     MODEL,
+    *load_options(),
     arg("--out", required=True, help="output directory"),
     arg("--calib", default="builtin", help="calibration text: builtin | file | dir | .jsonl | saved dataset"),
     arg("--samples", type=int, default=32, help="calibration blocks"),
@@ -141,7 +155,7 @@ def convert(args: argparse.Namespace) -> None:
     from flextron.convert import convert as convert_model
     from flextron.data import load_blocks
 
-    model = _load(args.model)
+    model = _load(args.model, args)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer: calibration text cannot be tokenized")
     blocks = load_blocks(model.tokenizer, args.calib, args.seq_len, args.samples, split="train")
@@ -202,6 +216,7 @@ def corpus(args: argparse.Namespace) -> None:
 @command(
     "eval", "perplexity at several budgets or configurations: table, JSON, PNG plot",
     MODEL,
+    *load_options(),
     arg("--data", default="builtin", help="builtin (held-out split) | file | dir | .jsonl | saved dataset"),
     arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25], help="comma-separated, in (0, 1]"),
     arg("--arch", help="JSON file: a configuration or a {name: configuration} map (instead of budgets)"),
@@ -225,7 +240,7 @@ def evaluate(args: argparse.Namespace) -> None:
         write_results,
     )
 
-    model = _load(args.model)
+    model = _load(args.model, args)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer: evaluation text cannot be tokenized")
     blocks = load_blocks(model.tokenizer, args.data, args.seq_len, args.max_blocks, split="eval")
@@ -249,6 +264,7 @@ def evaluate(args: argparse.Namespace) -> None:
 @command(
     "generate", "answer a prompt at a budget, streaming the tokens",
     MODEL,
+    *load_options(),
     arg("prompt"),
     arg("--budget", type=float, default=None, help="fraction of the full model (default 1)"),
     arg("--latency-ms", type=float, default=None, help="latency target (needs the model's latency table)"),
@@ -266,7 +282,7 @@ def generate(args: argparse.Namespace) -> None:
     from flextron.config import ArchConfig
     from flextron.generate import generate_text
 
-    model = _load(args.model)
+    model = _load(args.model, args)
     choice = _choose_arch(model, args)
     arch = choice if isinstance(choice, ArchConfig) else choice.arch
     router = None if isinstance(choice, ArchConfig) else choice.session(1)
@@ -284,6 +300,7 @@ def generate(args: argparse.Namespace) -> None:
 @command(
     "export", "write one sub-network as a standalone model (HF Llama when uniform)",
     MODEL,
+    *load_options(),
     arg("--out", required=True),
     arg("--budget", type=float, default=None, help="fraction of the full model (default 1)"),
     arg("--latency-ms", type=float, default=None, help="latency target (needs the model's latency table)"),
@@ -298,7 +315,7 @@ def export(args: argparse.Namespace) -> None:
     from flextron.config import ArchConfig
     from flextron.export import export as export_model
 
-    model = _load(args.model)
+    model = _load(args.model, args)
     choice = _choose_arch(model, args)
     arch = choice if isinstance(choice, ArchConfig) else choice.arch
     used = export_model(model, arch, args.out, args.format)
@@ -338,6 +355,7 @@ def _flextron_dir(path: str) -> Path:
 @command(
     "bench", "prefill and decode tokens/s at several budgets, optionally against transformers",
     MODEL,
+    *load_options(),
     arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25], help="comma-separated, in (0, 1]"),
     arg("--prompt-len", type=int, default=128, help="prompt tokens (batch 1)"),
     arg("--new-tokens", type=int, default=32, help="greedy decode steps after the prompt"),
@@ -353,7 +371,7 @@ def bench(args: argparse.Namespace) -> None:
     from flextron.speed import format_speed_table, measure_speed, rows_to_json
 
     _set_threads(args.threads)
-    model = _load(args.model).eval()
+    model = _load(args.model, args).eval()
     rows = measure_speed(model, args.budgets, args.prompt_len, args.new_tokens, args.repeats, args.clock,
                          compare_hf=args.hf)
     print(f"batch 1, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.clock} clock:")
@@ -366,6 +384,7 @@ def bench(args: argparse.Namespace) -> None:
 @command(
     "profile", "measure the latency lookup table of every MLP width and head count; save it in the model dir",
     arg("--model", required=True, help="a Flextron directory (from convert)"),
+    *load_options(),
     arg("--prefill", type=_parse_shapes, default=[(1, 128)], help="BATCHxLENGTH shapes, comma-separated"),
     arg("--decode", type=_parse_shapes, default=[(1, 256)], help="BATCHxCONTEXT shapes, comma-separated"),
     arg("--repeats", type=int, default=9, help="timed repeats per component (the median is kept)"),
@@ -380,7 +399,7 @@ def profile(args: argparse.Namespace) -> None:
 
     _set_threads(args.threads)
     directory = _flextron_dir(args.model)
-    model = _load(args.model)
+    model = _load(args.model, args)
     table = profile_latency(model, args.prefill, args.decode, repeats=args.repeats,
                             progress=lambda text: print(text, file=sys.stderr), clock=args.clock)
     written = table.save(directory)
@@ -748,6 +767,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if isinstance(getattr(args, "model", None), str):
+            from flextron.hub import resolve_model_dir
+
+            args.model = resolve_model_dir(args.model)  # a hub id becomes its cached directory
         with warnings.catch_warnings():
             # Our warnings (a budget out of reach, a table from another device) as one line each,
             # like the errors, not with the source line that raised them.

@@ -136,6 +136,14 @@ def load_arch_file(path: str | os.PathLike) -> dict[str, tuple[float | None, Arc
     return {name: (None, ArchConfig.from_dict(arch)) for name, arch in data.items()}
 
 
+def load_one_arch(path: str | os.PathLike) -> ArchConfig:
+    """The single configuration of a JSON file (ValueError when it holds several)."""
+    archs = load_arch_file(path)
+    if len(archs) != 1:
+        raise ValueError(f"{path}: expected one configuration, found {len(archs)}")
+    return next(iter(archs.values()))[1]
+
+
 def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """(latency, perplexity) points -> the Pareto frontier, fastest first: the points that no
     other point beats on both (a slower point is kept only when its perplexity is lower)."""
