@@ -6,7 +6,7 @@ KL is the forward KL (teacher as the target distribution), averaged over tokens;
 factor keeps its gradient scale independent of the temperature (Hinton et al., 2015).
 
 The loss and its gradient are computed together, a few rows of the (tokens, vocabulary)
-logits at a time, in fp32: the gradient w.r.t. the student's logits,
+logits at a time, in fp32 (or the logits' wider dtype): the gradient w.r.t. the student's logits,
 T * (softmax(student / T) - softmax(teacher / T)) / N  (+ alpha * (softmax(student) - onehot) / N),
 is all the backward needs.  On a 49k vocabulary this replaces a dozen passes over
 several full-size fp32 tensors (log-softmaxes, KL terms and their backward) with one pass
@@ -30,19 +30,19 @@ class _DistillationLoss(torch.autograd.Function):
         rows, vocab = student.shape
         needs_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(student) if needs_grad else None  # (N, V), the student's dtype
-        kd = student.new_zeros((), dtype=torch.float32)
-        ce = student.new_zeros((), dtype=torch.float32)
+        dtype = torch.promote_types(student.dtype, torch.float32)  # bf16 logits: fp32 softmaxes
+        kd, ce = student.new_zeros((), dtype=dtype), student.new_zeros((), dtype=dtype)
         for start in range(0, rows, chunk_rows):
             end = min(start + chunk_rows, rows)
-            logits, target = student[start:end].float(), targets[start:end, None]  # (c, V), (c, 1)
-            teacher_logits = teacher[start:end].float()
+            logits, target = student[start:end].to(dtype), targets[start:end, None]  # (c, V), (c, 1)
+            teacher_logits = teacher[start:end].to(dtype)
             if temperature != 1:
                 logits, teacher_logits = logits / temperature, teacher_logits / temperature
             log_q = torch.log_softmax(logits, -1)  # the student at temperature T
             log_p = torch.log_softmax(teacher_logits, -1)  # the teacher
             p = log_p.exp()
             kd += torch.sub(log_p, log_q).mul_(p).sum()
-            log_q1 = log_q if temperature == 1 else torch.log_softmax(student[start:end].float(), -1)
+            log_q1 = log_q if temperature == 1 else torch.log_softmax(student[start:end].to(dtype), -1)
             ce -= log_q1.gather(1, target).sum()
             if grad is None:
                 continue
