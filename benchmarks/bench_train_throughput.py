@@ -120,7 +120,8 @@ def main() -> None:
     gemm = (gemm_before + gemm_after) / 2
 
     sampler = SubnetSampler(
-        student.config, config.rule, config.p_full, config.budgets, config.min_fraction, config.seed
+        student.config, config.rule, config.p_full, config.budgets, config.min_fraction, config.seed,
+        student.arch_for_budget,
     )
     acc = args.accumulation_steps
     steps = []
