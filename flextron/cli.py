@@ -684,6 +684,8 @@ def train_router(args: argparse.Namespace) -> None:
     arg("--stop-after", type=int, default=None, help="stop (checkpointed) after N steps; --resume later"),
     arg("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available"),
     arg("--fsdp", action="store_true", help="shard with FSDP2 (under torchrun)"),
+    arg("--threads", type=int, default=None,
+        help="CPU threads (default: torch's; 1 is faster when other jobs share the cores)"),
 )
 def train(args: argparse.Namespace) -> None:
     import copy
@@ -700,6 +702,7 @@ def train(args: argparse.Namespace) -> None:
         budgets=tuple(args.budgets), bf16=args.bf16, eval_every=args.eval_every,
         eval_budgets=tuple(args.eval_budgets), save_every=args.save_every, seed=args.seed,
     )
+    _set_threads(args.threads)
     context = init_distributed(args.device, args.fsdp)
     try:
         model = _load(args.model)

@@ -45,9 +45,11 @@ class ElasticMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, width: int) -> torch.Tensor:
         """x: (B, T, D) -> (B, T, D) through the first `width` neurons."""
-        if self.gate_proj.bias is None:
+        if self.gate_proj.bias is None and not torch.is_grad_enabled():
             # Fused: the (B, T, width) hidden activations never reach memory as a whole.
             return ops.nested_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, width)
+        # With autograd, the unfused form keeps its activations for the backward, where the
+        # fused op would recompute two of its three GEMMs to save memory.
         hidden = nn.functional.silu(self.gate_proj(x, width)) * self.up_proj(x, width)  # (B, T, width)
         return self.down_proj(hidden, in_features=width)
 
