@@ -108,7 +108,8 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Fl
         config = ModelConfig.from_hf(hf_config.to_dict())
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
-    hf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32, **LOCAL_ONLY)
+    hf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32,
+                                                    **LOCAL_ONLY)
     model = model_from_hf_weights(config, hf_model.state_dict(), dtype)
     model.tokenizer = load_local_tokenizer(directory, name)
     return model
