@@ -246,9 +246,10 @@ class BudgetResolver:
                 # A budget below the smallest sub-network runs, but cannot be met: say so, with the range.
                 low = self.table.latency_range(self.model.config, *self.shape, **choices)[0]
                 if low > full:
-                    warnings.warn(f"the latency table predicts the smallest sub-network ({low:.2f} ms) slower "
-                                  f"than the full model ({full:.2f} ms) at {format_shape(self.shape)}: budget "
-                                  f"{budget:g} cannot be met as asked; {REPROFILE}", stacklevel=2)
+                    warnings.warn(f"the latency table predicts the smallest sub-network ({low:.2f} ms) "
+                                  f"slower than the full model ({full:.2f} ms) at "
+                                  f"{format_shape(self.shape)}: budget {budget:g} cannot be met as asked; "
+                                  f"{REPROFILE}", stacklevel=2)
                 elif check_budget(budget) * full < low:
                     warnings.warn(f"budget {budget:g} ({budget * full:.2f} ms) is below the smallest "
                                   f"sub-network's {low:.2f} ms at {format_shape(self.shape)}: the achievable "

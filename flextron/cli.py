@@ -882,7 +882,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; bad input exits with status 2 and a one-line error."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:  # a usage error (already printed, one line) or --help
+        return exit.code if isinstance(exit.code, int) else 2
     try:
         with warnings.catch_warnings():
             # Our warnings (a budget out of reach, a table from another device) as one line each,

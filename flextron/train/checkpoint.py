@@ -37,10 +37,10 @@ from flextron.outputs import fsync_dir, fsync_tree, remove_stale
 
 LATEST = "latest.json"
 TRAINER_FILE, OPTIMIZER_FILE, RNG_FILE = "trainer.json", "optimizer.safetensors", "rng.safetensors"
-# trainer.json fields a resume reads, and their JSON types.
-TRAINER_FIELDS = {"step": (int, "an integer"), "scheduler": (dict, "an object"), "data": (dict, "an object"),
-                  "config": (dict, "an object"), "num_train_blocks": (int, "an integer"),
-                  "optimizer_param_groups": (list, "a list")}
+# trainer.json fields (and their JSON types): every checkpoint's, and those a training resume reads.
+CHECKPOINT_FIELDS = {"step": (int, "an integer"), "optimizer_param_groups": (list, "a list")}
+RESUME_FIELDS = {**CHECKPOINT_FIELDS, "scheduler": (dict, "an object"), "data": (dict, "an object"),
+                 "config": (dict, "an object"), "num_train_blocks": (int, "an integer")}
 TEMP_PREFIX = ".tmp-"  # then the PID: .tmp-PID-step-XXXXXX-...
 
 
@@ -144,8 +144,8 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return path
 
 
-def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint's trainer.json, checked: ValueError naming the file and a missing field."""
+def read_trainer_state(path: str | os.PathLike, fields: dict = CHECKPOINT_FIELDS) -> dict[str, Any]:
+    """A checkpoint's trainer.json with `fields` checked: ValueError naming the file and the field."""
     trainer_file = Path(path) / TRAINER_FILE
     try:
         trainer_state = json.loads(trainer_file.read_text())
@@ -153,7 +153,7 @@ def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: incomplete or corrupt training checkpoint ({error})") from error
     if not isinstance(trainer_state, dict):
         raise ValueError(f"{trainer_file}: expected a JSON object")
-    for name, (kind, expected) in TRAINER_FIELDS.items():
+    for name, (kind, expected) in fields.items():
         if not isinstance(trainer_state.get(name), kind):
             raise ValueError(f"{trainer_file}: field {name!r} is missing or not {expected}")
     return trainer_state
@@ -162,15 +162,16 @@ def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
 def resumed_step(root: str | os.PathLike) -> int | None:
     """The step a resume from `root` would continue at (None: no checkpoint yet)."""
     checkpoint = latest_checkpoint(root)
-    return None if checkpoint is None else read_trainer_state(checkpoint)["step"]
+    return None if checkpoint is None else read_trainer_state(checkpoint, RESUME_FIELDS)["step"]
 
 
 def load_training_state(
-    path: str | os.PathLike,
+    path: str | os.PathLike, fields: dict = CHECKPOINT_FIELDS,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
-    """(trainer_state, optimizer_state, rng_states) of a checkpoint directory (weights: from_pretrained)."""
+    """(trainer_state, optimizer_state, rng_states) of a checkpoint directory (weights: from_pretrained);
+    trainer.json must hold `fields`."""
     path = Path(path)
-    trainer_state = read_trainer_state(path)
+    trainer_state = read_trainer_state(path, fields)
     try:
         optimizer_tensors = load_file(path / OPTIMIZER_FILE)
         rng = load_file(path / RNG_FILE)

@@ -26,7 +26,13 @@ from tqdm.auto import tqdm
 from flextron.config import check_budget
 from flextron.evaluate import perplexity
 from flextron.model import FlextronModel
-from flextron.train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, set_rng_states
+from flextron.train.checkpoint import (
+    RESUME_FIELDS,
+    latest_checkpoint,
+    load_training_state,
+    save_checkpoint,
+    set_rng_states,
+)
 from flextron.train.data import BatchOrder, TrainData
 from flextron.train.distributed import DistContext
 from flextron.train.loss import distillation_loss
@@ -242,7 +248,7 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     start_step = 0
     if checkpoint is not None:
-        trainer_state, optimizer_state, rng = load_training_state(checkpoint)
+        trainer_state, optimizer_state, rng = load_training_state(checkpoint, RESUME_FIELDS)
         _check_resume(trainer_state["config"], config, data.train.shape[0], trainer_state["num_train_blocks"])
         weights = FlextronModel.from_pretrained(checkpoint).state_dict()
         context.load_full_state(model, optimizer, weights, optimizer_state)
