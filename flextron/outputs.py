@@ -122,9 +122,9 @@ def check_output_dir(path: str | os.PathLike, flag: str = "--out", overwrite: bo
     source model's path, a path inside it, or one that holds it (`sources`, always); an
     unwritable place.
     """
-    path = Path(path)
-    if str(path) == "":
+    if not str(path):
         raise ValueError(f"{flag} must not be empty")
+    path = Path(path)
     _overlap(path, sources, flag)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file, not a directory")
@@ -142,9 +142,9 @@ def check_output_file(path: str | os.PathLike | None, flag: str) -> Path | None:
     """ValueError unless a file can be written at `path` (None: no output asked for)."""
     if path is None:
         return None
+    if not str(path) or Path(path).is_dir():
+        raise ValueError(f"{flag} {path!r}: expected a file name, got a directory")
     path = Path(path)
-    if str(path) == "" or path.is_dir():
-        raise ValueError(f"{flag} {path}: expected a file name, got a directory")
     if path.exists() and not os.access(path, os.W_OK):
         raise ValueError(f"{flag} {path}: the file is not writable")
     parent = _nearest_existing(path.absolute(), flag)
