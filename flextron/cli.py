@@ -797,9 +797,10 @@ def train(args: argparse.Namespace) -> None:
     from flextron.train import train as train_model
     from flextron.train.checkpoint import resumed_step
     from flextron.train.distributed import shutdown_distributed
-    from flextron.train.rundir import check_run_dir
+    from flextron.train.rundir import check_run_dir, check_unlocked
     from flextron.train.trainer import check_resume_steps
 
+    check_unlocked(args.out)
     check_run_dir(args.out, args.resume, args.overwrite)
     if args.resume:  # the checkpoint's step, read before anything is loaded
         step = resumed_step(Path(args.out) / "checkpoints")

@@ -30,12 +30,14 @@ class RunLockedError(ValueError):
     """Another process holds the run directory's lock."""
 
 
-def _holder(path: Path) -> str:
+def _locked(directory: Path) -> RunLockedError:
     try:
-        pid = path.read_text().strip()
+        pid = (Path(directory) / LOCK_FILE).read_text().strip()
     except OSError:
         pid = ""
-    return f"PID {pid}" if pid.isdigit() else "an unknown process"
+    holder = f"PID {pid}" if pid.isdigit() else "an unknown process"
+    return RunLockedError(f"{directory} is in use by another training run ({holder}): wait for it to finish, "
+                          "or choose another --out")
 
 
 @contextlib.contextmanager
@@ -53,8 +55,7 @@ def run_lock(directory: str | os.PathLike) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunLockedError(f"{directory} is in use by another training run ({_holder(path)}): wait for "
-                                 "it to finish, or choose another --out") from None
+            raise _locked(directory) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         _held[key] = [fd, 1]
@@ -64,6 +65,21 @@ def run_lock(directory: str | os.PathLike) -> Iterator[Path]:
         _held[key][1] -= 1
         if _held[key][1] == 0:
             os.close(_held.pop(key)[0])  # closing the file releases the lock
+
+
+def check_unlocked(directory: str | os.PathLike) -> None:
+    """RunLockedError when another process holds `directory`'s lock (creates nothing): lets a
+    command stop at once, before loading anything; the run itself then takes the lock."""
+    path = Path(directory) / LOCK_FILE
+    if Path(directory).resolve() in _held or not path.is_file():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _locked(directory) from None
+    finally:
+        os.close(fd)
 
 
 def holds_run(directory: str | os.PathLike) -> bool:
