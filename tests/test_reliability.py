@@ -29,9 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
        "OMP_NUM_THREADS": "1"}
 
+# transformers runs a copy from its module cache: the marker's path is written into the code.
 CUSTOM_CODE = """
 from pathlib import Path
-Path(__file__).with_name("CODE-RAN").write_text("the model directory's code ran")
+Path({marker!r}).write_text("the model directory's code ran")
 from transformers import PreTrainedTokenizerFast
 class CustomTokenizer(PreTrainedTokenizerFast):
     pass
@@ -54,12 +55,12 @@ def dead_pid() -> int:
     return child.pid
 
 
-def run_in_terminal(argv: list[str], answer: bytes, timeout: float = 120) -> tuple[int, str]:
+def run_in_terminal(argv: list[str], answer: bytes, env: dict, timeout: float = 120) -> tuple[int, str]:
     """Run argv on a pseudo-terminal, typing `answer` at every "[y/N]" prompt; (status, output)."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: stdin, stdout and stderr are the terminal
         os.chdir(REPO)
-        os.execve(sys.executable, [sys.executable, *argv], ENV)
+        os.execve(sys.executable, [sys.executable, *argv], env)
     output, deadline = b"", time.monotonic() + timeout
     while time.monotonic() < deadline:
         ready, _, _ = select.select([fd], [], [], 1.0)
@@ -86,14 +87,15 @@ def run_in_terminal(argv: list[str], answer: bytes, timeout: float = 120) -> tup
 def test_custom_code_is_refused_even_when_the_terminal_says_yes(tmp_path, config_file) -> None:
     crafted = tmp_path / "crafted"
     tiny_hf_dir(crafted)
-    (crafted / "custom_tok.py").write_text(CUSTOM_CODE)
+    (crafted / "custom_tok.py").write_text(CUSTOM_CODE.format(marker=str(crafted / "CODE-RAN")))
     data = json.loads((crafted / config_file).read_text())
     data["auto_map"] = {"AutoTokenizer": ["custom_tok.CustomTokenizer", "custom_tok.CustomTokenizer"],
                         "AutoConfig": "custom_tok.CustomConfig"}
     if config_file == "tokenizer_config.json":
         data["tokenizer_class"] = "CustomTokenizer"
     (crafted / config_file).write_text(json.dumps(data))
-    status, output = run_in_terminal(["-m", "flextron", "generate", "--model", str(crafted), "hi"], b"y\n")
+    env = {**ENV, "HF_MODULES_CACHE": str(tmp_path / "modules")}  # where transformers copies run code
+    status, output = run_in_terminal(["-m", "flextron", "generate", "--model", str(crafted), "hi"], b"y\n", env)
     assert not (crafted / "CODE-RAN").exists(), output
     assert status == 2, output
     assert "auto_map" in output and "Traceback" not in output
@@ -108,7 +110,7 @@ def test_custom_code_is_refused_even_when_the_terminal_says_yes(tmp_path, config
         assert not (crafted / "CODE-RAN").exists()
         # ... while a plain call, answered `y` on a terminal, would have run it: the attack is real.
         attack = f"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained({str(crafted)!r})"
-        run_in_terminal(["-c", attack], b"y\n")
+        run_in_terminal(["-c", attack], b"y\n", env)
         assert (crafted / "CODE-RAN").exists()
 
 
