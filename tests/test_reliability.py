@@ -95,7 +95,8 @@ def test_custom_code_is_refused_even_when_the_terminal_says_yes(tmp_path, config
         data["tokenizer_class"] = "CustomTokenizer"
     (crafted / config_file).write_text(json.dumps(data))
     env = {**ENV, "HF_MODULES_CACHE": str(tmp_path / "modules")}  # where transformers copies run code
-    status, output = run_in_terminal(["-m", "flextron", "generate", "--model", str(crafted), "hi"], b"y\n", env)
+    argv = ["-m", "flextron", "generate", "--model", str(crafted), "hi"]
+    status, output = run_in_terminal(argv, b"y\n", env)
     assert not (crafted / "CODE-RAN").exists(), output
     assert status == 2, output
     assert "auto_map" in output and "Traceback" not in output
