@@ -514,6 +514,17 @@ def profile(args: argparse.Namespace) -> None:
         write_json_atomic(Path(args.json), {"device": table.device_name, "checks": rows})
 
 
+def _overhead_text(text: str) -> str:
+    """--calibrate-overhead: auto, none, or MS[,FRACTION] (non-negative numbers)."""
+    if text not in ("auto", "none"):
+        parts = text.split(",")
+        if len(parts) > 2:
+            raise argparse.ArgumentTypeError(f"expected auto, none or MS[,FRACTION], got {text!r}")
+        for part in parts:
+            non_negative_float(part)
+    return text
+
+
 @command(
     "train-router", "train a static or dynamic router: surrogate-model loop then joint fine-tuning, or e2e",
     arg("--model", required=True, help="a Flextron directory with a latency table (flextron profile)"),
@@ -555,7 +566,7 @@ def profile(args: argparse.Namespace) -> None:
     arg("--calibrate-blocks", type=non_negative_int, default=4,
         help="dynamic: blocks of training text on which each budget's latency offset is calibrated "
              "(0: none)"),
-    arg("--calibrate-overhead", default="auto",
+    arg("--calibrate-overhead", type=_overhead_text, default="auto",
         help="dynamic: the routed path's cost beyond the LUT (router, grouping tokens): auto (measured with "
              "the table's clock, prefill shapes), none, or MS[,FRACTION] (MS + FRACTION x LUT ms); "
              "--calibrate-by lut only"),

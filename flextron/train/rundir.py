@@ -19,6 +19,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from flextron.outputs import check_output_dir
+
 LOCK_FILE = ".lock"
 RUN_FILES = ("metrics.jsonl", "metrics.png")
 CHECKPOINTS = "checkpoints"
@@ -92,9 +94,8 @@ def holds_run(directory: str | os.PathLike) -> bool:
 
 def check_run_dir(directory: str | os.PathLike, resume: bool, overwrite: bool) -> None:
     """ValueError unless a run may be written to `directory` (see the module docstring)."""
+    check_output_dir(directory, "--out", overwrite=True)  # a directory, writable (its other files stay)
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"--out {directory} is a file, not a directory")
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out, --overwrite replaces it: choose one")
     if not resume and not overwrite and holds_run(directory):
