@@ -91,4 +91,5 @@ def test_two_gloo_ranks_equal_one_process(single_run, tmp_path, mode: str) -> No
     ]
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-6)
     # Rank 0 alone writes: one metrics log, one checkpoint directory (and it alone held the run's lock).
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "checkpoints", "metrics.jsonl", "metrics.png"]
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == [".lock", "checkpoints", "metrics.jsonl", "metrics.png"]
