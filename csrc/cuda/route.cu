@@ -23,9 +23,9 @@
 //      choice c in earlier tiles.
 //   3. scatter: slot = base[choice][tile] + rank; perm[slot] = t, inv_perm[t] = slot.
 //
-// Bit-equality with the CPU's sequential strict-'>' scan: the argmax is a
-// reduction under a total order (NaN at index 0 wins, NaN elsewhere never wins,
-// otherwise the larger value, ties to the lower index), which equals that scan.
+// Bit-equality with the CPU's sequential scan: the argmax is a reduction under a
+// total order (a NaN beats every number, the first NaN wins; otherwise the larger
+// value, ties to the lower index), which equals that scan and torch.argmax.
 // Probabilities use expf and a sequential sum, so they may differ from the CPU's
 // in the last bits (softmax is not part of the bit-equality promise).
 // Router logits from hidden states (weight given) come from at::mm first.
@@ -47,7 +47,7 @@ namespace {
 constexpr int kWarp = grouping::kTile;
 constexpr int kWarpsPerBlock = 8;
 
-// An argmax candidate: tier 2 = NaN at index 0, 1 = a number, 0 = NaN elsewhere.
+// An argmax candidate: tier 2 = NaN, 1 = a number.
 struct Candidate {
   int tier;
   float value;
@@ -56,7 +56,7 @@ struct Candidate {
 
 __device__ Candidate make_candidate(float value, int64_t index) {
   const bool nan = isnan(value);
-  return {nan ? (index == 0 ? 2 : 0) : 1, value, index};
+  return {nan ? 2 : 1, value, index};
 }
 
 __device__ bool beats(const Candidate& a, const Candidate& b) {
@@ -95,7 +95,8 @@ __global__ void route_tokens(const scalar_t* __restrict__ logits, const float* _
 
     float* p = probs + t * choices;
     if (hard) {  // the forward value is the one-hot; the soft gradient is in ops.py
-      for (int64_t c = 0; c < choices; ++c) p[c] = c == best.index ? 1.f : 0.f;
+      // A NaN row's soft part, and so its straight-through value, is NaN (as in the reference).
+      for (int64_t c = 0; c < choices; ++c) p[c] = best.tier == 2 ? NAN : c == best.index ? 1.f : 0.f;
     } else {
       float total = 0.f;
       for (int64_t c = 0; c < choices; ++c) {
