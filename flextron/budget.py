@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from flextron.config import ArchConfig, check_budget
-from flextron.latency import LUT_FILE, PHASES, LatencyTable
+from flextron.latency import LUT_FILE, PHASES, REPROFILE, LatencyTable
 from flextron.model import FlextronModel
 from flextron.nn.routers import DynamicRouter, DynamicRouting, StaticRouter, load_routers
 
@@ -245,7 +245,12 @@ class BudgetResolver:
             elif budget is not None:
                 # A budget below the smallest sub-network runs, but cannot be met: say so, with the range.
                 low = self.table.latency_range(self.model.config, *self.shape, **choices)[0]
-                if check_budget(budget) * full < low:
+                if low > full:
+                    warnings.warn(f"the latency table predicts the smallest sub-network ({low:.2f} ms) "
+                                  f"slower than the full model ({full:.2f} ms) at "
+                                  f"{format_shape(self.shape)}: budget {budget:g} cannot be met as asked; "
+                                  f"{REPROFILE}", stacklevel=2)
+                elif check_budget(budget) * full < low:
                     warnings.warn(f"budget {budget:g} ({budget * full:.2f} ms) is below the smallest "
                                   f"sub-network's {low:.2f} ms at {format_shape(self.shape)}: the achievable "
                                   f"budgets are {low / full:.3f} to 1", stacklevel=2)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,15 +90,22 @@ def candidate_archs(config: ModelConfig, budget: float) -> list[ArchConfig]:
     return candidates
 
 
-def fingerprint(model: torch.nn.Module) -> str:
+Weights = torch.nn.Module | Iterable[tuple[str, torch.Tensor]]
+
+
+def fingerprint(weights: Weights) -> str:
     """A short hash of the weights that survives fp32 <-> bf16 loading: up to 256 evenly spaced
-    values of every tensor, rounded to bf16."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    values of every tensor, rounded to bf16.  weights: a model, or its (name, tensor) pairs
+    (sampled one at a time: a file can stream them)."""
+    items = weights.state_dict().items() if isinstance(weights, torch.nn.Module) else weights
+    samples = {}
+    for name, tensor in items:
         flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 256)][:256].to("cpu", torch.bfloat16)
+        samples[name] = flat[:: max(1, flat.numel() // 256)][:256].to("cpu", torch.bfloat16, copy=True)
+    digest = hashlib.sha256()
+    for name in sorted(samples):
         digest.update(name.encode())
-        digest.update(sample.view(torch.int16).numpy().tobytes())
+        digest.update(samples[name].view(torch.int16).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -135,7 +143,7 @@ class BudgetConfigs:
 
     @classmethod
     def from_json(
-        cls, data: object, model: torch.nn.Module, config: ModelConfig, path: Path
+        cls, data: object, model: Weights, config: ModelConfig, path: Path
     ) -> BudgetConfigs:
         """Validate a loaded budget_configs.json against the model; ValueError names the problem."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -168,7 +176,7 @@ class BudgetConfigs:
 
     @classmethod
     def load(
-        cls, directory: str | os.PathLike, model: torch.nn.Module, config: ModelConfig
+        cls, directory: str | os.PathLike, model: Weights, config: ModelConfig
     ) -> BudgetConfigs | None:
         """The directory's choices, None when it has none; ValueError when they do not match."""
         path = Path(directory) / FILE

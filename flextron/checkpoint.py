@@ -1,14 +1,18 @@
 """Flextron checkpoint directories: save_pretrained / load_pretrained.
 
 Layout:
-    config.json          {"format": "flextron", "version": 1, "model": ModelConfig fields}
+    config.json          {"format": "flextron", "version": 1, "model_type": "flextron",
+                          "model": ModelConfig fields}  (model_type: for transformers' Auto
+                          classes; directories written without it load all the same)
     model.safetensors    the weights (names as in FlextronModel.state_dict())
     importance.safetensors   conversion scores per layer, when converted
     tokenizer files      when the model carries a tokenizer
 
-Every file is written to a temporary name and moved into place with os.replace, so a
-crash never leaves a half-written file under the final name.  Only safetensors and JSON
-are read: nothing is unpickled.
+Every file is written to a temporary name, flushed to disk (fsync), and moved into place
+with os.replace (then the directory is flushed), so neither a crash nor a power loss leaves
+a half-written file under the final name.  Temporary names carry the writer's PID
+(.NAME.PID-XXXX.tmp).  Only safetensors and JSON are read: nothing is unpickled, and no
+code shipped with a model directory is run.
 """
 
 from __future__ import annotations
@@ -25,14 +29,22 @@ from safetensors.torch import load_file, save_file
 from flextron.budget_configs import FILE as BUDGET_CONFIGS_FILE
 from flextron.budget_configs import BudgetConfigs
 from flextron.config import ModelConfig
+from flextron.local_hf import load_local_tokenizer
 from flextron.model import FlextronModel
+from flextron.outputs import fsync_dir, fsync_file
 
 FORMAT, VERSION = "flextron", 1
 CONFIG_FILE, WEIGHTS_FILE, IMPORTANCE_FILE = "config.json", "model.safetensors", "importance.safetensors"
 
 
+def temp_prefix(final: Path) -> str:
+    """The start of `final`'s temporary names (followed by the writer's PID)."""
+    return f".{final.name}."
+
+
 def _atomic_path(final: Path) -> Path:
-    handle, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    handle, name = tempfile.mkstemp(dir=final.parent, prefix=f"{temp_prefix(final)}{os.getpid()}-",
+                                    suffix=".tmp")
     os.close(handle)
     # mkstemp makes the file private (0600); give it the permissions a plain open() would.
     umask = os.umask(0)
@@ -41,10 +53,20 @@ def _atomic_path(final: Path) -> Path:
     return Path(name)
 
 
+def _publish_file(temp: Path, path: Path) -> None:
+    # Data on disk before the name: a power loss cannot leave `path` renamed but empty.
+    fsync_file(temp)
+    os.replace(temp, path)
+    fsync_dir(path.parent)
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     temp = _atomic_path(path)
-    temp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temp, path)
+    try:
+        temp.write_text(json.dumps(data, indent=2) + "\n")
+        _publish_file(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def save_figure_atomic(figure, path: str | os.PathLike, dpi: int) -> None:
@@ -56,7 +78,7 @@ def save_figure_atomic(figure, path: str | os.PathLike, dpi: int) -> None:
     temp = _atomic_path(path)
     try:
         figure.savefig(temp, dpi=dpi, format="png")
-        os.replace(temp, path)
+        _publish_file(temp, path)
     finally:
         plt.close(figure)
         temp.unlink(missing_ok=True)
@@ -68,7 +90,7 @@ def save_safetensors_atomic(
     temp = _atomic_path(path)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(temp), metadata)
-        os.replace(temp, path)
+        _publish_file(temp, path)
     finally:
         temp.unlink(missing_ok=True)
 
@@ -78,7 +100,9 @@ def save_tokenizer_atomic(tokenizer, path: Path) -> None:
     with tempfile.TemporaryDirectory(dir=path) as scratch:
         tokenizer.save_pretrained(scratch)
         for item in Path(scratch).iterdir():
+            fsync_file(item)
             os.replace(item, path / item.name)
+    fsync_dir(path)
 
 
 def save_pretrained(model: FlextronModel, path: str | os.PathLike) -> None:
@@ -96,7 +120,7 @@ def save_pretrained(model: FlextronModel, path: str | os.PathLike) -> None:
     else:
         (path / BUDGET_CONFIGS_FILE).unlink(missing_ok=True)
     # config.json last: its presence marks a complete checkpoint.
-    meta = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict()}
+    meta = {"format": FORMAT, "version": VERSION, "model_type": FORMAT, "model": model.config.to_dict()}
     write_json_atomic(path / CONFIG_FILE, meta)
 
 
@@ -105,13 +129,20 @@ def is_flextron_dir(path: str | os.PathLike) -> bool:
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text()).get("format") == FORMAT
-    except json.JSONDecodeError:
+        meta = json.loads(config.read_text())
+    except (OSError, ValueError):
         return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
-def load_pretrained(path: str | os.PathLike) -> FlextronModel:
-    """Load a directory written by save_pretrained; clear errors for missing or corrupt files."""
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | None = None
+                    ) -> FlextronModel:
+    """Load a directory written by save_pretrained; clear errors for missing or corrupt files.
+
+    dtype: the floating-point weights' dtype (None: as stored); device: where they go (None: CPU).
+    """
+    from flextron.streaming import iter_safetensors, read_safetensors  # loading's, not saving's
+
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
@@ -120,22 +151,25 @@ def load_pretrained(path: str | os.PathLike) -> FlextronModel:
         raise FileNotFoundError(f"{path}: missing {CONFIG_FILE}")
     try:
         meta = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # bad JSON or bad UTF-8
         raise ValueError(f"{config_file}: corrupt JSON ({error})") from error
-    if meta.get("format") != FORMAT or "model" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
         raise ValueError(f"{config_file}: not a Flextron checkpoint (no \"format\": \"{FORMAT}\")")
     if meta.get("version") != VERSION:
         raise ValueError(f"{config_file}: unsupported checkpoint version {meta.get('version')!r}")
-    config = ModelConfig.from_dict(meta["model"])
+    try:
+        config = ModelConfig.from_dict(meta["model"])
+    except ValueError as error:
+        raise ValueError(f"{config_file}: {error}") from error
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():
         raise FileNotFoundError(f"{path}: missing {WEIGHTS_FILE}")
     try:
-        weights = load_file(weights_file)
-    except (SafetensorError, OSError) as error:
+        weights = read_safetensors(weights_file, dtype, device)
+    except (ValueError, OSError) as error:
         raise ValueError(f"{weights_file}: corrupt safetensors file ({error})") from error
     try:
-        model = FlextronModel.from_state_dict(config, weights)
+        model = FlextronModel.from_state_dict(config, weights).to(device)
     except ValueError as error:
         raise ValueError(f"{weights_file} does not match {CONFIG_FILE}: {error}") from error
     importance_file = path / IMPORTANCE_FILE
@@ -144,9 +178,9 @@ def load_pretrained(path: str | os.PathLike) -> FlextronModel:
             model.importance = load_file(importance_file)
         except (SafetensorError, OSError) as error:
             raise ValueError(f"{importance_file}: corrupt safetensors file ({error})") from error
-    model.budget_configs = BudgetConfigs.load(path, model, config)
-    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        model.tokenizer = AutoTokenizer.from_pretrained(str(path))
+    # budget_configs.json fingerprints the weights rounded to bfloat16, which a float16 load
+    # rounds otherwise: check it against the file's weights as stored, read once more.
+    stored = iter_safetensors(weights_file) if dtype == torch.float16 else model
+    model.budget_configs = BudgetConfigs.load(path, stored, config)
+    model.tokenizer = load_local_tokenizer(path)
     return model.eval()

@@ -8,7 +8,8 @@ decorator:
         print(f"hello {args.name}")
 
 Model sources (--model): "default" (the embedded SmolLM2-135M-Instruct), a .gguf file, a
-Hugging Face directory, or a Flextron directory (from convert / save_pretrained).
+Hugging Face directory, a Flextron directory (from convert / save_pretrained), or a hub id
+ORG/NAME (from the Hugging Face cache, else downloaded; HF_HUB_OFFLINE=1: the cache only).
 """
 
 from __future__ import annotations
@@ -21,6 +22,19 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from flextron.cliargs import (
+    OneLineParser,
+    float_in,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    unit_float,
+)
+
+budget_float = float_in(0.0, 1.0, low_open=True)
+fraction_float = float_in(0.0, 1.0, high_open=True)
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, tuple]] = {}
 
@@ -40,37 +54,91 @@ def command(name: str, help: str, *arguments: tuple[tuple[str, ...], dict[str, A
     return register
 
 
-MODEL = arg("--model", default="default", help="default | FILE.gguf | HF or Flextron directory")
+MODEL = arg("--model", default="default", help="default | FILE.gguf | HF or Flextron directory | ORG/NAME")
+
+
+def load_options() -> tuple[tuple[tuple[str, ...], dict[str, Any]], ...]:
+    """--dtype and --device, for every command that loads a model (read by _load)."""
+    from flextron.hub import DEVICES, DTYPES
+
+    return (
+        arg("--dtype", choices=tuple(DTYPES), default="float32",
+            help="weights and activations (loaded tensor by tensor into this dtype)"),
+        arg("--device", choices=DEVICES, default="cpu"),
+    )
 
 
 def parse_budgets(text: str) -> list[float]:
-    from flextron.config import check_budget
-
-    try:
-        return [check_budget(float(part)) for part in text.split(",") if part.strip()]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from error
+    budgets = [budget_float(part) for part in text.split(",") if part.strip()]
+    if not budgets:
+        raise argparse.ArgumentTypeError("expected comma-separated budgets in (0, 1], got none")
+    return budgets
 
 
-def _load(source: str):
+def _load(source: str, args: argparse.Namespace | None = None, *checks: Callable[[Any], None]):
+    """The model from --model, in the --dtype and on the --device of `args` (when it has them);
+    `checks` (functions of the model, raising ValueError) run before it is announced, so that a
+    request the model cannot serve ends in one line."""
+    from flextron.hub import check_device, parse_dtype
     from flextron.loading import load_model
 
+    dtype = parse_dtype(getattr(args, "dtype", "float32"))
+    device = check_device(getattr(args, "device", None) or "cpu")
     start = time.perf_counter()
-    model = load_model(source)
+    model = load_model(source, dtype, device)
+    for check in checks:
+        check(model)
     seconds, millions = time.perf_counter() - start, model.num_parameters() / 1e6
     print(f"loaded {source} in {seconds:.1f}s: {millions:.1f}M parameters", file=sys.stderr)
     return model
 
 
+def _sources(model: str) -> list[str]:
+    """The paths of a --model source that outputs must stay clear of (none for the embedded default)."""
+    return [] if model == "default" else [model]
+
+
+def _fits_context(flag: str, tokens: int, extra: int = 0) -> Callable[[Any], None]:
+    """A _load check: `tokens` (+ `extra`) must fit the model's context."""
+    def check(model) -> None:
+        context = model.config.max_position_embeddings
+        if tokens + extra > context:
+            raise ValueError(f"{flag} {tokens} does not fit the model's context of {context} tokens"
+                             + (f" (with {extra} more)" if extra else ""))
+    return check
+
+
+def _shape_fits(args: argparse.Namespace) -> Callable[[Any], None]:
+    """A _load check: --latency-shape within the model's context (a decode step adds one token)."""
+    def check(model) -> None:
+        if getattr(args, "latency_shape", None):
+            from flextron.budget import parse_shape
+
+            phase, _, length = parse_shape(args.latency_shape)
+            _fits_context("--latency-shape length", length, int(phase == "decode"))(model)
+    return check
+
+
+def _arch_fits(args: argparse.Namespace) -> Callable[[Any], None]:
+    """A _load check: every --arch configuration fits the model."""
+    def check(model) -> None:
+        if getattr(args, "arch", None):
+            from flextron.evaluate import load_arch_file
+
+            for name, (_, arch) in load_arch_file(args.arch).items():
+                try:
+                    arch.validate(model.config)
+                except ValueError as error:
+                    raise ValueError(f"--arch {args.arch} ({name}): {error}") from error
+    return check
+
+
 def _choose_arch(model, args: argparse.Namespace):
     """The configuration from --arch (a JSON file), else a Selection from --budget / --latency-ms."""
-    from flextron.evaluate import load_arch_file
+    from flextron.evaluate import load_one_arch
 
     if getattr(args, "arch", None):
-        archs = load_arch_file(args.arch)
-        if len(archs) != 1:
-            raise ValueError(f"{args.arch}: expected one configuration, found {len(archs)}")
-        return next(iter(archs.values()))[1]
+        return load_one_arch(args.arch)
     selection = _resolver(model, args).select(args.budget, args.latency_ms, args.routing)
     print(selection.describe(), file=sys.stderr)
     return selection
@@ -78,18 +146,38 @@ def _choose_arch(model, args: argparse.Namespace):
 
 # ---- budgets and latency targets (routers, issue 6)
 
+def _shape_text(text: str) -> str:
+    from flextron.budget import parse_shape
+
+    try:
+        parse_shape(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+    return text
+
+
 ROUTING = arg("--routing", choices=("auto", "uniform", "static", "dynamic"), default="auto",
               help="auto: the static router when the model has one, else uniform widths")
-LATENCY_SHAPE = arg("--latency-shape", default=None,
+LATENCY_SHAPE = arg("--latency-shape", type=_shape_text, default=None,
                     help="the shape budgets refer to, e.g. prefill:1x128 (default: the routers', else the "
                          "latency table's first prefill shape)")
 
 
 def parse_numbers(text: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from error
+    numbers = [positive_float(part) for part in text.split(",") if part.strip()]
+    if not numbers:
+        raise argparse.ArgumentTypeError("expected comma-separated positive numbers, got none")
+    return numbers
+
+
+def _preflight_arch(args: argparse.Namespace, single: bool) -> None:
+    """Read --arch before anything is loaded: a bad file is a one-line error at once."""
+    if getattr(args, "arch", None):
+        from flextron.evaluate import load_arch_file
+
+        archs = load_arch_file(args.arch)
+        if single and len(archs) != 1:
+            raise ValueError(f"{args.arch}: expected one configuration, found {len(archs)}")
 
 
 def _resolver(model, args: argparse.Namespace):
@@ -127,21 +215,25 @@ def info(args: argparse.Namespace) -> None:
 @command(
     "convert", "rank neurons/heads on calibration text, permute, save a Flextron directory",
     MODEL,
-    arg("--out", required=True, help="output directory"),
+    *load_options(),
+    arg("--out", required=True, help="output directory (new or empty; see --overwrite)"),
+    arg("--overwrite", action="store_true", help="replace a non-empty --out directory"),
     arg("--calib", default="builtin", help="calibration text: builtin | file | dir | .jsonl | saved dataset"),
-    arg("--samples", type=int, default=32, help="calibration blocks"),
-    arg("--seq-len", type=int, default=256, help="tokens per calibration block"),
-    arg("--batch-size", type=int, default=4),
+    arg("--samples", type=positive_int, default=32, help="calibration blocks"),
+    arg("--seq-len", type=positive_int, default=256, help="tokens per calibration block"),
+    arg("--batch-size", type=positive_int, default=4),
     arg("--budgets", type=parse_budgets, default=[0.25, 0.5, 0.75],
         help="budgets whose configurations are chosen by calibration loss (see choose-budgets)"),
-    arg("--budget-samples", type=int, default=8,
+    arg("--budget-samples", type=non_negative_int, default=8,
         help="calibration blocks for choosing the budgets' configurations (0: keep the fixed rule)"),
 )
 def convert(args: argparse.Namespace) -> None:
     from flextron.convert import convert as convert_model
     from flextron.data import load_blocks
+    from flextron.outputs import check_output_dir, staged_output
 
-    model = _load(args.model)
+    check_output_dir(args.out, overwrite=args.overwrite, sources=_sources(args.model))
+    model = _load(args.model, args, _fits_context("--seq-len", args.seq_len))
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer: calibration text cannot be tokenized")
     blocks = load_blocks(model.tokenizer, args.calib, args.seq_len, args.samples, split="train")
@@ -149,7 +241,8 @@ def convert(args: argparse.Namespace) -> None:
     convert_model(model, blocks, args.batch_size)
     if args.budget_samples > 0:
         _choose_budgets(model, blocks[: args.budget_samples], args.budgets, args.batch_size, args.calib)
-    model.save_pretrained(args.out)
+    with staged_output(args.out, args.overwrite) as staged:
+        model.save_pretrained(staged)
     print(f"saved the converted model (and importance.safetensors) to {args.out}")
 
 
@@ -171,15 +264,18 @@ def _choose_budgets(model, blocks, budgets: list[float], batch_size: int, source
     arg("--model", required=True, help="a Flextron directory (from convert or train)"),
     arg("--data", default="builtin", help="calibration text: builtin | file | dir | .jsonl | saved dataset"),
     arg("--budgets", type=parse_budgets, default=[0.25, 0.5, 0.75]),
-    arg("--samples", type=int, default=8, help="calibration blocks"),
-    arg("--seq-len", type=int, default=256, help="tokens per calibration block"),
-    arg("--batch-size", type=int, default=4),
+    arg("--samples", type=positive_int, default=8, help="calibration blocks"),
+    arg("--seq-len", type=positive_int, default=256, help="tokens per calibration block"),
+    arg("--batch-size", type=positive_int, default=4),
 )
 def choose_budgets(args: argparse.Namespace) -> None:
+    from flextron.budget_configs import FILE
     from flextron.data import load_blocks
+    from flextron.outputs import check_output_file
 
-    _flextron_dir(args.model)
-    model = _load(args.model)
+    directory = _flextron_dir(args.model)
+    check_output_file(directory / FILE, "--model")
+    model = _load(args.model, None, _fits_context("--seq-len", args.seq_len))
     blocks = load_blocks(model.tokenizer, args.data, args.seq_len, args.samples, split="train")
     _choose_budgets(model, blocks, args.budgets, args.batch_size, args.data)
     model.budget_configs.save(args.model, model, model.config)
@@ -192,7 +288,9 @@ def choose_budgets(args: argparse.Namespace) -> None:
 )
 def corpus(args: argparse.Namespace) -> None:
     from flextron.corpus import build_corpus
+    from flextron.outputs import check_output_dir
 
+    check_output_dir(args.out)
     manifest = build_corpus(args.out)
     for name, entry in manifest["files"].items():
         print(f"{name}: {entry['documents']} documents, {entry['words']} words ({entry['licence']}, "
@@ -202,6 +300,7 @@ def corpus(args: argparse.Namespace) -> None:
 @command(
     "eval", "perplexity at several budgets or configurations: table, JSON, PNG plot",
     MODEL,
+    *load_options(),
     arg("--data", default="builtin", help="builtin (held-out split) | file | dir | .jsonl | saved dataset"),
     arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25], help="comma-separated, in (0, 1]"),
     arg("--arch", help="JSON file: a configuration or a {name: configuration} map (instead of budgets)"),
@@ -209,9 +308,9 @@ def corpus(args: argparse.Namespace) -> None:
         help="comma-separated latency targets (instead of budgets)"),
     ROUTING,
     LATENCY_SHAPE,
-    arg("--seq-len", type=int, default=512),
-    arg("--max-blocks", type=int, default=None, help="evaluate at most this many blocks"),
-    arg("--batch-size", type=int, default=2),
+    arg("--seq-len", type=positive_int, default=512),
+    arg("--max-blocks", type=positive_int, default=None, help="evaluate at most this many blocks"),
+    arg("--batch-size", type=positive_int, default=2),
     arg("--json", default=None, help="write the results here"),
     arg("--plot", default=None, help="write a PNG plot of perplexity vs parameters here"),
 )
@@ -224,8 +323,14 @@ def evaluate(args: argparse.Namespace) -> None:
         load_arch_file,
         write_results,
     )
+    from flextron.outputs import check_output_file
 
-    model = _load(args.model)
+    check_output_file(args.json, "--json")
+    check_output_file(args.plot, "--plot")
+    _preflight_arch(args, single=False)
+    model = _load(
+        args.model, args, _fits_context("--seq-len", args.seq_len), _shape_fits(args), _arch_fits(args)
+    )
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer: evaluation text cannot be tokenized")
     blocks = load_blocks(model.tokenizer, args.data, args.seq_len, args.max_blocks, split="eval")
@@ -249,16 +354,18 @@ def evaluate(args: argparse.Namespace) -> None:
 @command(
     "generate", "answer a prompt at a budget, streaming the tokens",
     MODEL,
+    *load_options(),
     arg("prompt"),
-    arg("--budget", type=float, default=None, help="fraction of the full model (default 1)"),
-    arg("--latency-ms", type=float, default=None, help="latency target (needs the model's latency table)"),
+    arg("--budget", type=budget_float, default=None, help="fraction of the full model (default 1)"),
+    arg("--latency-ms", type=positive_float, default=None,
+        help="latency target (needs the model's latency table)"),
     ROUTING,
     LATENCY_SHAPE,
     arg("--arch", help="JSON file with one configuration (instead of --budget)"),
-    arg("--max-new-tokens", type=int, default=128),
-    arg("--min-new-tokens", type=int, default=0, help="no special token (EOS) before this many"),
-    arg("--temperature", type=float, default=0.0, help="0 = greedy"),
-    arg("--top-p", type=float, default=1.0),
+    arg("--max-new-tokens", type=positive_int, default=128),
+    arg("--min-new-tokens", type=non_negative_int, default=0, help="no special token (EOS) before this many"),
+    arg("--temperature", type=non_negative_float, default=0.0, help="0 = greedy"),
+    arg("--top-p", type=budget_float, default=1.0),
     arg("--seed", type=int, default=None),
     arg("--no-chat", action="store_true", help="do not apply the chat template"),
 )
@@ -266,7 +373,13 @@ def generate(args: argparse.Namespace) -> None:
     from flextron.config import ArchConfig
     from flextron.generate import generate_text
 
-    model = _load(args.model)
+    if args.min_new_tokens > args.max_new_tokens:
+        raise ValueError(f"--min-new-tokens {args.min_new_tokens} is more than --max-new-tokens "
+                         f"{args.max_new_tokens}")
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty")
+    _preflight_arch(args, single=True)
+    model = _load(args.model, args, _shape_fits(args), _arch_fits(args))
     choice = _choose_arch(model, args)
     arch = choice if isinstance(choice, ArchConfig) else choice.arch
     router = None if isinstance(choice, ArchConfig) else choice.session(1)
@@ -284,9 +397,12 @@ def generate(args: argparse.Namespace) -> None:
 @command(
     "export", "write one sub-network as a standalone model (HF Llama when uniform)",
     MODEL,
-    arg("--out", required=True),
-    arg("--budget", type=float, default=None, help="fraction of the full model (default 1)"),
-    arg("--latency-ms", type=float, default=None, help="latency target (needs the model's latency table)"),
+    *load_options(),
+    arg("--out", required=True, help="output directory (new or empty; see --overwrite)"),
+    arg("--overwrite", action="store_true", help="replace a non-empty --out directory"),
+    arg("--budget", type=budget_float, default=None, help="fraction of the full model (default 1)"),
+    arg("--latency-ms", type=positive_float, default=None,
+        help="latency target (needs the model's latency table)"),
     arg("--routing", choices=("auto", "uniform", "static"), default="auto",
         help="static configurations only: auto = the static router when present, else uniform"),
     LATENCY_SHAPE,
@@ -297,11 +413,15 @@ def generate(args: argparse.Namespace) -> None:
 def export(args: argparse.Namespace) -> None:
     from flextron.config import ArchConfig
     from flextron.export import export as export_model
+    from flextron.outputs import check_output_dir, staged_output
 
-    model = _load(args.model)
+    check_output_dir(args.out, overwrite=args.overwrite, sources=_sources(args.model))
+    _preflight_arch(args, single=True)
+    model = _load(args.model, args, _shape_fits(args), _arch_fits(args))
     choice = _choose_arch(model, args)
     arch = choice if isinstance(choice, ArchConfig) else choice.arch
-    used = export_model(model, arch, args.out, args.format)
+    with staged_output(args.out, args.overwrite) as staged:
+        used = export_model(model, arch, staged, args.format)
     print(f"exported a {model.num_parameters(arch) / 1e6:.1f}M-parameter sub-network as {used} to {args.out}")
 
 
@@ -313,8 +433,8 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
         shapes = [tuple(int(v) for v in part.lower().split("x")) for part in text.split(",") if part.strip()]
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"shapes must look like 1x128,4x128, got {text!r}") from error
-    if any(len(shape) != 2 for shape in shapes):
-        raise argparse.ArgumentTypeError(f"shapes must look like 1x128,4x128, got {text!r}")
+    if not shapes or any(len(shape) != 2 or min(shape) < 1 for shape in shapes):
+        raise argparse.ArgumentTypeError(f"shapes must look like 1x128,4x128 (positive sizes), got {text!r}")
     return shapes
 
 
@@ -338,11 +458,12 @@ def _flextron_dir(path: str) -> Path:
 @command(
     "bench", "prefill and decode tokens/s at several budgets, optionally against transformers",
     MODEL,
+    *load_options(),
     arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25], help="comma-separated, in (0, 1]"),
-    arg("--prompt-len", type=int, default=128, help="prompt tokens (batch 1)"),
-    arg("--new-tokens", type=int, default=32, help="greedy decode steps after the prompt"),
-    arg("--repeats", type=int, default=3),
-    arg("--threads", type=int, default=None, help="CPU threads (default: torch's)"),
+    arg("--prompt-len", type=positive_int, default=128, help="prompt tokens (batch 1)"),
+    arg("--new-tokens", type=positive_int, default=32, help="greedy decode steps after the prompt"),
+    arg("--repeats", type=positive_int, default=3),
+    arg("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)"),
     arg("--clock", choices=["wall", "cpu"], default="wall",
         help="wall time, or process CPU time (one thread: for a shared, busy machine)"),
     arg("--hf", action="store_true", help="also time transformers' LlamaForCausalLM on the same weights"),
@@ -350,10 +471,12 @@ def _flextron_dir(path: str) -> Path:
 )
 def bench(args: argparse.Namespace) -> None:
     from flextron.checkpoint import write_json_atomic
+    from flextron.outputs import check_output_file
     from flextron.speed import format_speed_table, measure_speed, rows_to_json
 
+    check_output_file(args.json, "--json")
     _set_threads(args.threads)
-    model = _load(args.model).eval()
+    model = _load(args.model, args, _fits_context("--prompt-len", args.prompt_len, args.new_tokens)).eval()
     rows = measure_speed(model, args.budgets, args.prompt_len, args.new_tokens, args.repeats, args.clock,
                          compare_hf=args.hf)
     print(f"batch 1, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.clock} clock:")
@@ -366,21 +489,28 @@ def bench(args: argparse.Namespace) -> None:
 @command(
     "profile", "measure the latency lookup table of every MLP width and head count; save it in the model dir",
     arg("--model", required=True, help="a Flextron directory (from convert)"),
+    *load_options(),
     arg("--prefill", type=_parse_shapes, default=[(1, 128)], help="BATCHxLENGTH shapes, comma-separated"),
     arg("--decode", type=_parse_shapes, default=[(1, 256)], help="BATCHxCONTEXT shapes, comma-separated"),
-    arg("--repeats", type=int, default=9, help="timed repeats per component (the median is kept)"),
-    arg("--threads", type=int, default=None, help="CPU threads (default: torch's); use the same later"),
-    arg("--check", type=int, default=10, help="random configurations: predicted vs measured (0: skip)"),
+    arg("--repeats", type=positive_int, default=9, help="timed repeats per component (the median is kept)"),
+    arg("--threads", type=positive_int, default=None,
+        help="CPU threads (default: torch's); use the same later"),
+    arg("--check", type=non_negative_int, default=10,
+        help="random configurations: predicted vs measured (0: skip)"),
     arg("--clock", choices=("wall", "cpu"), default="wall",
         help="cpu: process CPU time (one thread only): latency on a dedicated core of a shared machine"),
     arg("--json", default=None, help="write the check rows here"),
 )
 def profile(args: argparse.Namespace) -> None:
-    from flextron.latency import check_table, profile_latency
+    from flextron.latency import LUT_FILE, check_table, profile_latency
+    from flextron.outputs import check_output_file
 
+    check_output_file(args.json, "--json")
     _set_threads(args.threads)
     directory = _flextron_dir(args.model)
-    model = _load(args.model)
+    check_output_file(directory / LUT_FILE, "--model")
+    longest = max([length for _, length in args.prefill] + [length + 1 for _, length in args.decode])
+    model = _load(args.model, args, _fits_context("--prefill/--decode length", longest))
     table = profile_latency(model, args.prefill, args.decode, repeats=args.repeats,
                             progress=lambda text: print(text, file=sys.stderr), clock=args.clock)
     written = table.save(directory)
@@ -389,6 +519,7 @@ def profile(args: argparse.Namespace) -> None:
         low, high = table.latency_range(model.config, entry.phase, entry.batch, entry.length)
         print(f"{entry.phase:>7} batch {entry.batch} length {entry.length}: full model {high:.2f} ms, "
               f"smallest sub-network {low:.2f} ms, fixed {entry.fixed_ms:.2f} ms")
+    table.check_monotone()
     rows = []
     for entry in table.entries if args.check > 0 else []:
         checked = check_table(model, table, args.check, entry.phase, entry.batch, entry.length, args.repeats)
@@ -397,11 +528,25 @@ def profile(args: argparse.Namespace) -> None:
               f"{args.check} random configurations: errors (%) {', '.join(f'{e:+.1f}' for e in errors)}; "
               f"max |error| {max(abs(e) for e in errors):.1f}%")
         rows += checked
+    if rows:
+        table.record_check(rows)  # stored in the table, with a warning when it is off by more than 10%
+        table.save(directory)
     if args.json:
         from flextron.checkpoint import write_json_atomic
 
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(args.json), {"device": table.device_name, "checks": rows})
+
+
+def _overhead_text(text: str) -> str:
+    """--calibrate-overhead: auto, none, or MS[,FRACTION] (non-negative numbers)."""
+    if text not in ("auto", "none"):
+        parts = text.split(",")
+        if len(parts) > 2:
+            raise argparse.ArgumentTypeError(f"expected auto, none or MS[,FRACTION], got {text!r}")
+        for part in parts:
+            non_negative_float(part)
+    return text
 
 
 @command(
@@ -414,34 +559,38 @@ def profile(args: argparse.Namespace) -> None:
              "from the directory's trained router of --kind; calibrate: only the dynamic router's "
              "latency calibration, of the directory's trained dynamic router"),
     arg("--budgets", type=parse_budgets, default=[0.3, 0.5, 0.7, 1.0], help="trained budgets"),
-    arg("--steps", type=int, default=200, help="SM-loop (or end-to-end) steps"),
-    arg("--finetune-steps", type=int, default=50,
+    arg("--steps", type=positive_int, default=200, help="SM-loop (or end-to-end) steps"),
+    arg("--finetune-steps", type=non_negative_int, default=50,
         help="joint LLM + router fine-tuning steps after the SM loop (0: keep the LLM; saves the model)"),
     arg("--data", default="builtin", help="training text: builtin | file | dir | .jsonl | saved dataset"),
-    arg("--seq-len", type=int, default=128),
-    arg("--batch-size", type=int, default=2),
-    arg("--latency-weight", type=float, default=1.0, help="λ of the latency loss"),
-    arg("--router-lr", type=float, default=1e-3),
-    arg("--model-lr", type=float, default=1e-5),
-    arg("--sm-threshold", type=float, default=0.05, help="router steps only while the SM's error is below"),
-    arg("--sm-updates", type=int, default=4, help="SM minibatch steps per LLM step"),
-    arg("--tau", type=float, nargs=2, default=(1.0, 0.1), metavar=("START", "END"),
+    arg("--seq-len", type=positive_int, default=128),
+    arg("--batch-size", type=positive_int, default=2),
+    arg("--latency-weight", type=non_negative_float, default=1.0, help="λ of the latency loss"),
+    arg("--router-lr", type=positive_float, default=1e-3),
+    arg("--model-lr", type=positive_float, default=1e-5),
+    arg("--sm-threshold", type=positive_float, default=0.05,
+        help="router steps only while the SM's error is below"),
+    arg("--sm-updates", type=positive_int, default=4, help="SM minibatch steps per LLM step"),
+    arg("--tau", type=positive_float, nargs=2, default=(1.0, 0.1), metavar=("START", "END"),
         help="Gumbel-softmax temperature, annealed exponentially from START to END"),
     arg("--loss", choices=("kd", "lm"), default="kd"),
-    arg("--mlp-choices", type=int, default=8, help="MLP widths the router picks from (smallest to full)"),
-    arg("--hidden-size", type=int, default=128, help="router width"),
+    arg("--mlp-choices", type=positive_int, default=8,
+        help="MLP widths the router picks from (smallest to full)"),
+    arg("--hidden-size", type=positive_int, default=128, help="router width"),
     arg("--init", choices=("best-uniform", "uniform", "static", "random"), default="best-uniform",
         help="best-uniform: each trained budget starts at the uniform configuration of lowest perplexity "
              "on --sm-probe-blocks training blocks among those within 5%% of its latency (parity with "
              "uniform widths); uniform: at the one nearest its latency; static (--kind dynamic): at the "
              "directory's static router's configuration, with its choices; random: plain random "
              "initialisation"),
-    arg("--init-margin", type=float, default=3.0, help="logit margin of the initial configuration"),
-    arg("--sm-probe-blocks", type=int, default=2, help="blocks of the fixed batch whose loss the SM learns"),
-    arg("--calibrate-blocks", type=int, default=4,
+    arg("--init-margin", type=non_negative_float, default=3.0,
+        help="logit margin of the initial configuration"),
+    arg("--sm-probe-blocks", type=positive_int, default=2,
+        help="blocks of the fixed batch whose loss the SM learns"),
+    arg("--calibrate-blocks", type=non_negative_int, default=4,
         help="dynamic: blocks of training text on which each budget's latency offset is calibrated "
              "(0: none)"),
-    arg("--calibrate-overhead", default="auto",
+    arg("--calibrate-overhead", type=_overhead_text, default="auto",
         help="dynamic: the routed path's cost beyond the LUT (router, grouping tokens): auto (measured with "
              "the table's clock, prefill shapes), none, or MS[,FRACTION] (MS + FRACTION x LUT ms); "
              "--calibrate-by lut only"),
@@ -450,9 +599,9 @@ def profile(args: argparse.Namespace) -> None:
              "(+ --calibrate-overhead); measured: start there (no overhead), then bisect on the routed "
              "forward timed with the table's clock at the LUT shape (prefill only), as a ratio to the "
              "dense full model timed in the same round x its LUT latency (minutes on CPU)"),
-    arg("--calibrate-repeats", type=int, default=5,
+    arg("--calibrate-repeats", type=positive_int, default=5,
         help="dynamic, --calibrate-by measured: timed repeats per bisection step (median)"),
-    arg("--threads", type=int, default=None),
+    arg("--threads", type=positive_int, default=None),
     arg("--seed", type=int, default=0),
     arg("--log", default=None, help="write the per-step log here (JSON)"),
     LATENCY_SHAPE,
@@ -475,6 +624,7 @@ def train_router(args: argparse.Namespace) -> None:
         load_routers,
         save_routers,
     )
+    from flextron.outputs import check_output_file
     from flextron.routing import (
         LatencyTarget,
         RouterTrainingConfig,
@@ -486,9 +636,11 @@ def train_router(args: argparse.Namespace) -> None:
         train_router_surrogate,
     )
 
+    check_output_file(args.log, "--log")
     _set_threads(args.threads)
     directory = _flextron_dir(args.model)
-    model = _load(args.model)
+    check_output_file(directory / "routers.json", "--model")
+    model = _load(args.model, None, _fits_context("--seq-len", args.seq_len), _shape_fits(args))
     table = LatencyTable.load(directory, model.embed_tokens.weight.device)
     existing, existing_meta = load_routers(directory, model.config)
     existing_shape = saved_shape(existing_meta)
@@ -639,39 +791,58 @@ def train_router(args: argparse.Namespace) -> None:
     arg("--model", default="default", help="a converted Flextron directory (flextron convert) or any source"),
     arg("--out", required=True, help="run directory: metrics.jsonl, metrics.png, checkpoints/"),
     arg("--data", default="builtin", help="builtin | file | dir | .jsonl | saved dataset"),
-    arg("--seq-len", type=int, default=256, help="tokens per training block"),
-    arg("--val-fraction", type=float, default=0.1, help="validation share (builtin: its held-out split)"),
-    arg("--val-blocks", type=int, default=8, help="at most this many validation blocks"),
-    arg("--steps", type=int, default=100),
-    arg("--batch-size", type=int, default=4, help="blocks per micro-batch, global across ranks"),
-    arg("--accumulation-steps", type=int, default=1),
-    arg("--lr", type=float, default=1e-4),
-    arg("--warmup-steps", type=int, default=10),
-    arg("--min-lr-ratio", type=float, default=0.1),
-    arg("--weight-decay", type=float, default=0.01),
-    arg("--clip-grad-norm", type=float, default=1.0),
-    arg("--temperature", type=float, default=1.0, help="KD softmax temperature"),
-    arg("--alpha", type=float, default=0.0, help="weight of the LM (cross-entropy) loss next to KD"),
-    arg("--rule", default="budget", help="sub-network sampling: budget | random | mixed"),
-    arg("--p-full", type=float, default=1 / 3, help="probability of training the full model"),
+    arg("--seq-len", type=positive_int, default=256, help="tokens per training block"),
+    arg("--val-fraction", type=fraction_float, default=0.1,
+        help="validation share (builtin: its held-out split)"),
+    arg("--val-blocks", type=non_negative_int, default=8, help="at most this many validation blocks"),
+    arg("--steps", type=positive_int, default=100),
+    arg("--batch-size", type=positive_int, default=4, help="blocks per micro-batch, global across ranks"),
+    arg("--accumulation-steps", type=positive_int, default=1),
+    arg("--lr", type=positive_float, default=1e-4),
+    arg("--warmup-steps", type=non_negative_int, default=10),
+    arg("--min-lr-ratio", type=unit_float, default=0.1),
+    arg("--weight-decay", type=non_negative_float, default=0.01),
+    arg("--clip-grad-norm", type=positive_float, default=1.0),
+    arg("--temperature", type=positive_float, default=1.0, help="KD softmax temperature"),
+    arg("--alpha", type=non_negative_float, default=0.0,
+        help="weight of the LM (cross-entropy) loss next to KD"),
+    arg("--rule", choices=("budget", "random", "mixed"), default="budget", help="sub-network sampling"),
+    arg("--p-full", type=unit_float, default=1 / 3, help="probability of training the full model"),
     arg("--budgets", type=parse_budgets, default=[0.25, 0.5, 0.75], help="budgets the budget rule samples"),
     arg("--eval-budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25]),
-    arg("--eval-every", type=int, default=50, help="validate every N steps (0: start and end only)"),
-    arg("--save-every", type=int, default=100, help="checkpoint every N steps (0: at the end only)"),
+    arg("--eval-every", type=non_negative_int, default=50,
+        help="validate every N steps (0: start and end only)"),
+    arg("--save-every", type=non_negative_int, default=100,
+        help="checkpoint every N steps (0: at the end only)"),
     arg("--bf16", action="store_true", help="bfloat16 autocast for the forward passes"),
     arg("--freeze-embeddings", action="store_true", help="do not train the embedding / tied LM head"),
     arg("--seed", type=int, default=0),
     arg("--resume", action="store_true", help="continue from OUT/checkpoints/latest.json"),
-    arg("--stop-after", type=int, default=None, help="stop (checkpointed) after N steps; --resume later"),
+    arg("--overwrite", action="store_true",
+        help="replace the run already in --out (its metrics and checkpoints)"),
+    arg("--stop-after", type=positive_int, default=None,
+        help="stop (checkpointed) after N steps; --resume later"),
     arg("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available"),
     arg("--fsdp", action="store_true", help="shard with FSDP2 (under torchrun)"),
+    arg("--threads", type=int, default=None,
+        help="CPU threads (default: torch's; 1 is faster when other jobs share the cores)"),
 )
 def train(args: argparse.Namespace) -> None:
     import copy
 
     from flextron.train import NonFiniteLossError, TrainConfig, init_distributed, load_train_data
     from flextron.train import train as train_model
+    from flextron.train.checkpoint import resumed_step
     from flextron.train.distributed import shutdown_distributed
+    from flextron.train.rundir import check_run_dir, check_unlocked
+    from flextron.train.trainer import check_resume_steps
+
+    check_unlocked(args.out)
+    check_run_dir(args.out, args.resume, args.overwrite)
+    if args.resume:  # the checkpoint's step, read before anything is loaded
+        step = resumed_step(Path(args.out) / "checkpoints")
+        if step is not None:
+            check_resume_steps(step, args.steps, args.stop_after)
 
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, accumulation_steps=args.accumulation_steps, lr=args.lr,
@@ -681,9 +852,10 @@ def train(args: argparse.Namespace) -> None:
         budgets=tuple(args.budgets), bf16=args.bf16, eval_every=args.eval_every,
         eval_budgets=tuple(args.eval_budgets), save_every=args.save_every, seed=args.seed,
     )
+    _set_threads(args.threads)
     context = init_distributed(args.device, args.fsdp)
     try:
-        model = _load(args.model)
+        model = _load(args.model, None, _fits_context("--seq-len", args.seq_len, 1))
         if model.tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer: training text cannot be tokenized")
         if not model.importance:
@@ -698,7 +870,7 @@ def train(args: argparse.Namespace) -> None:
         teacher = copy.deepcopy(model)  # the frozen original: also the teacher of a resumed run
         try:
             result = train_model(model, teacher, data, config, args.out, args.resume, context,
-                                 stop_after=args.stop_after)
+                                 stop_after=args.stop_after, overwrite=args.overwrite)
         except NonFiniteLossError as error:
             raise SystemExit(f"flextron train: error: {error}") from error
     finally:
@@ -714,15 +886,18 @@ def train(args: argparse.Namespace) -> None:
     "demo", "the embedded SmolLM2 end to end: convert, perplexity per budget, plot, answers",
     arg("--out", default="runs/demo", help="directory for the converted model, table, JSON and plot"),
     arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25]),
-    arg("--calib-samples", type=int, default=16),
-    arg("--eval-blocks", type=int, default=12, help="held-out blocks of 256 tokens"),
+    arg("--calib-samples", type=positive_int, default=16),
+    arg("--eval-blocks", type=positive_int, default=12, help="held-out blocks of 256 tokens"),
     arg("--prompt", default="What is the capital of France? Answer in one sentence."),
-    arg("--max-new-tokens", type=int, default=40),
-    arg("--train-steps", type=int, default=40, help="elastic-training steps, trained once, cached (0: none)"),
+    arg("--max-new-tokens", type=positive_int, default=40),
+    arg("--train-steps", type=non_negative_int, default=40,
+        help="elastic-training steps, trained once, cached (0: none)"),
 )
 def demo(args: argparse.Namespace) -> None:
     from flextron.demo import run_demo
+    from flextron.outputs import check_output_dir
 
+    check_output_dir(args.out, overwrite=True)  # a cache: reused, never replaced wholesale
     run_demo(
         Path(args.out), args.budgets, args.calib_samples, args.eval_blocks, args.prompt, args.max_new_tokens,
         args.train_steps,
@@ -733,7 +908,7 @@ def demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flextron", description="Flextron: many-in-one elastic LLMs")
+    parser = OneLineParser(prog="flextron", description="Flextron: many-in-one elastic LLMs")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (function, help, arguments) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help, description=help)
@@ -746,16 +921,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; bad input exits with status 2 and a one-line error."""
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:  # a usage error (already printed, one line) or --help
+        return exit.code if isinstance(exit.code, int) else 2
+    try:
+        if isinstance(getattr(args, "model", None), str):
+            from flextron.hub import resolve_model_dir
+
+            args.model = resolve_model_dir(args.model)  # a hub id becomes its cached directory
         with warnings.catch_warnings():
             # Our warnings (a budget out of reach, a table from another device) as one line each,
             # like the errors, not with the source line that raised them.
             warnings.showwarning = lambda message, category, *_: print(
                 f"flextron {args.command}: warning: {message}", file=sys.stderr)
             args.function(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"flextron {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:
+        # Bad input, unreadable or unwritable files (a full disk, a read-only place): one line.
+        message = str(error) if isinstance(error, ValueError) or not error.strerror else (
+            f"{error.strerror}: {error.filename}" if error.filename else error.strerror)
+        print(f"flextron {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     return 0
 

@@ -24,6 +24,27 @@ from typing import Any
 # Hugging Face model types whose checkpoints map onto our decoder one to one.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+               "head_dim", "max_position_embeddings")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _hf_field(hf: dict[str, Any], name: str, check, expected: str, default: Any = dataclasses.MISSING) -> Any:
+    """A Hugging Face config field, checked: ValueError naming the field when missing or mistyped."""
+    if name not in hf or hf[name] is None:
+        if default is dataclasses.MISSING:
+            raise ValueError(f"field {name!r} is missing")
+        return default
+    if not check(hf[name]):
+        raise ValueError(f"field {name!r} must be {expected}, got {hf[name]!r}")
+    return hf[name]
 
 
 @dataclass
@@ -58,10 +79,30 @@ class ModelConfig:
     layer_num_heads: list[int] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+        for name in SIZE_FIELDS:
+            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 < value < math.inf:
+                raise ValueError(f"ModelConfig.{name} must be a positive number, got {value!r}")
+            setattr(self, name, float(value))
+        for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            ids = value if name == "eos_token_id" and isinstance(value, list) else [value]
+            if value is not None and not all(_is_int(i) for i in ids):
+                raise ValueError(f"ModelConfig.{name} must be a token id (or null), got {value!r}")
+        if not isinstance(self.rope_scaling, dict) or not isinstance(self.rope_scaling.get("rope_type",
+                                                                                         "default"), str):
+            raise ValueError(f"ModelConfig.rope_scaling must be an object with a string rope_type, got "
+                             f"{self.rope_scaling!r}")
+        for name in ("layer_intermediate_sizes", "layer_num_heads"):
+            sizes = getattr(self, name)
+            if sizes is not None and (not isinstance(sizes, list) or not all(_is_int(v) for v in sizes)):
+                raise ValueError(f"ModelConfig.{name} must be a list of integers (or null), got {sizes!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"ModelConfig: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
@@ -126,7 +167,10 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
-        """From a Hugging Face config.json dict (llama, mistral or qwen2)."""
+        """From a Hugging Face config.json dict (llama, mistral or qwen2); ValueError naming the
+        field that is missing or of the wrong type."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"expected a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -138,28 +182,42 @@ class ModelConfig:
             raise ValueError(f"unsupported hidden_act {act!r}: the Llama-family decoder uses silu (SwiGLU)")
         if hf.get("sliding_window") and hf.get("use_sliding_window", model_type == "mistral"):
             raise ValueError("sliding-window attention is not supported")
-        heads = hf["num_attention_heads"]
+        def size(name: str, default: Any = dataclasses.MISSING) -> int:
+            return _hf_field(hf, name, lambda v: _is_int(v) and v > 0, "a positive integer", default)
+
+        def number(name: str, default: float) -> float:
+            return float(_hf_field(hf, name, lambda v: _is_number(v) and 0 < v < math.inf,
+                                   "a positive number", default))
+
+        def flag(name: str) -> bool:
+            return _hf_field(hf, name, lambda v: isinstance(v, bool), "true or false", False)
+
+        heads, hidden = size("num_attention_heads"), size("hidden_size")
         # Old configs: rope_theta + rope_scaling; transformers >= 5: rope_parameters.
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            name = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+            raise ValueError(f"field {name!r} must be an object or null, got {rope!r}")
+        rope = dict(rope)
+        rope_theta = rope.pop("rope_theta", number("rope_theta", 10000.0))
         rope.setdefault("rope_type", rope.pop("type", "default"))
-        attention_bias = bool(hf.get("attention_bias", False))
+        attention_bias = flag("attention_bias")
         return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
+            vocab_size=size("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=size("intermediate_size"),
+            num_layers=size("num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            num_kv_heads=size("num_key_value_heads", heads),
+            head_dim=size("head_dim", hidden // heads),
+            max_position_embeddings=size("max_position_embeddings", 2048),
+            rms_norm_eps=number("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=rope,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_word_embeddings=flag("tie_word_embeddings"),
             qkv_bias=True if model_type == "qwen2" else attention_bias,
             o_bias=attention_bias and model_type != "qwen2",
-            mlp_bias=bool(hf.get("mlp_bias", False)),
+            mlp_bias=flag("mlp_bias"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
@@ -202,10 +260,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """From to_dict's form; ValueError naming a missing, unknown or mistyped field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"ModelConfig: expected a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"ModelConfig: unknown fields {sorted(unknown)}")
+        missing = [name for name in SIZE_FIELDS[:-1] if name not in data]
+        if missing:
+            raise ValueError(f"ModelConfig: missing fields {missing}")
         return cls(**data)
 
 
@@ -258,9 +322,16 @@ class ArchConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ArchConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"ArchConfig: expected an object with mlp_widths and heads, got {data!r}")
         missing = {"mlp_widths", "heads"} - set(data)
         if missing:
             raise ValueError(f"ArchConfig: missing {sorted(missing)}")
+        for name in ("mlp_widths", "heads"):
+            values = data[name]
+            # Whole numbers only: a fractional width would be silently truncated.
+            if not isinstance(values, list) or not values or not all(_is_int(v) for v in values):
+                raise ValueError(f"ArchConfig.{name} must be a non-empty list of integers, got {values!r}")
         return cls(tuple(data["mlp_widths"]), tuple(data["heads"]))
 
 

@@ -129,11 +129,22 @@ def load_arch_file(path: str | os.PathLike) -> dict[str, tuple[float | None, Arc
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: cannot read a configuration ({error})") from error
-    if isinstance(data, dict) and "mlp_widths" in data:
-        return {Path(path).stem: (None, ArchConfig.from_dict(data))}
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{path}: expected a configuration or a non-empty map of named configurations")
-    return {name: (None, ArchConfig.from_dict(arch)) for name, arch in data.items()}
+    try:
+        if "mlp_widths" in data:
+            return {Path(path).stem: (None, ArchConfig.from_dict(data))}
+        return {name: (None, ArchConfig.from_dict(arch)) for name, arch in data.items()}
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
+
+
+def load_one_arch(path: str | os.PathLike) -> ArchConfig:
+    """The single configuration of a JSON file (ValueError when it holds several)."""
+    archs = load_arch_file(path)
+    if len(archs) != 1:
+        raise ValueError(f"{path}: expected one configuration, found {len(archs)}")
+    return next(iter(archs.values()))[1]
 
 
 def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -11,7 +11,11 @@ from collections.abc import Callable, Iterator
 import torch
 
 from flextron.config import ArchConfig
+from flextron.limits import check_size, time_limit
 from flextron.model import FlextronModel, LayerRouter
+
+TEMPLATE_SECONDS = 5.0  # chat-template rendering (real templates take milliseconds)
+TEMPLATE_CHARS = 1 << 20  # template text, and what it renders beyond the prompt
 
 
 def sample_next(
@@ -77,13 +81,23 @@ def stream_tokens(
 
 
 def chat_prompt_ids(tokenizer, prompt: str, chat: bool = True) -> list[int]:
-    """Token ids for a user prompt, through the tokenizer's chat template when it has one."""
+    """Token ids for a user prompt, through the tokenizer's chat template when it has one.
+
+    The template comes with the model's files: its rendering is bounded in time
+    (TEMPLATE_SECONDS) and size (TEMPLATE_CHARS, for the template and for what it renders).
+    """
     if not prompt.strip():
         raise ValueError("empty prompt")
-    if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+    template = getattr(tokenizer, "chat_template", None) if chat else None
+    if template:
+        if not isinstance(template, str):
+            raise ValueError("the tokenizer's chat template is not a single template string")
+        check_size(template, TEMPLATE_CHARS, "the chat template")
+        with time_limit(TEMPLATE_SECONDS, "the chat template"):
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        check_size(text, TEMPLATE_CHARS + len(prompt), "the chat template's output")
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(prompt)["input_ids"]
 

@@ -48,6 +48,10 @@ LUT_FILE = "latency.json"
 PHASES = ("prefill", "decode")
 CLOCKS = ("wall", "cpu")
 FORMAT, VERSION = "flextron-latency", 1
+CHECK_TOLERANCE = 0.10  # a table whose own check is off by more is flagged
+MONOTONE_SLACK = 0.05  # a wider choice may time up to 5% below a narrower one (timing noise)
+REPROFILE = ("re-profile with more --repeats, one thread (--threads 1, or --clock cpu), on an otherwise "
+             "idle machine")
 
 
 def device_name(device: torch.device) -> str:
@@ -114,6 +118,8 @@ class LatencyTable:
     threads: int = 1  # CPU threads (torch.get_num_threads()) during profiling
     clock: str = "wall"  # "wall" or "cpu" (process CPU time, one thread); see median_times_ms
     entries: list[ShapeCosts] = field(default_factory=list)
+    # The self-check per shape: {"phase", "batch", "length", "errors": relative errors of random configs}
+    checks: list[dict[str, Any]] = field(default_factory=list)
 
     # ---- lookups
 
@@ -207,6 +213,12 @@ class LatencyTable:
     ) -> float:
         """The target's budget (fraction of the full model's latency); ValueError outside the range."""
         low, high = self.latency_range(config, phase, batch, length, mlp_choices, head_choices)
+        if low > high:
+            raise ValueError(
+                f"latency target {target_ms:.3f} ms cannot be resolved for {phase} (batch {batch}, length "
+                f"{length}): the latency table predicts the smallest sub-network ({low:.3f} ms) slower than "
+                f"the full model ({high:.3f} ms); {REPROFILE}"
+            )
         if not math.isfinite(target_ms) or not low <= target_ms <= high:
             raise ValueError(
                 f"latency target {target_ms:.3f} ms is not achievable for {phase} (batch {batch}, "
@@ -224,6 +236,7 @@ class LatencyTable:
             "device_name": self.device_name, "dtype": self.dtype, "num_layers": self.num_layers,
             "num_heads": self.num_heads, "intermediate_size": self.intermediate_size,
             "threads": self.threads, "clock": self.clock, "entries": [e.to_dict() for e in self.entries],
+            "checks": self.checks,
         }
 
     @classmethod
@@ -234,6 +247,7 @@ class LatencyTable:
             data["device_type"], data["device_name"], data["dtype"], int(data["num_layers"]),
             int(data["num_heads"]), int(data["intermediate_size"]), int(data.get("threads", 1)),
             data.get("clock", "wall"), [ShapeCosts.from_dict(e) for e in data["entries"]],
+            list(data.get("checks", [])),
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -259,11 +273,54 @@ class LatencyTable:
             raise FileNotFoundError(f"no latency table at {path}; run `flextron profile` first")
         try:
             table = cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}: corrupt latency table ({error})") from error
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{path}: corrupt latency table ({error!r})") from error
         if device is not None:
             table.check_device(torch.device(device))
+        table.check_monotone()
+        table.check_accuracy()
         return table
+
+    # ---- quality
+
+    def check_monotone(self) -> list[str]:
+        """Warn (and return them) about rows where a wider choice costs less than a narrower one
+        (beyond MONOTONE_SLACK): budgets between them resolve poorly, and when the smallest
+        sub-network is predicted slower than the full model, latency targets cannot be met."""
+        rows = []
+        for entry in self.entries:
+            for kind, costs in (("MLP width", entry.mlp_ms), ("heads", entry.attention_ms)):
+                keys = sorted(costs)
+                for narrow, wide in zip(keys, keys[1:], strict=False):
+                    if costs[wide] < costs[narrow] * (1 - MONOTONE_SLACK):
+                        rows.append(f"{entry.phase} {entry.batch}x{entry.length} {kind} {wide} "
+                                    f"({costs[wide]:.3f} ms) < {narrow} ({costs[narrow]:.3f} ms)")
+        if rows:
+            shown = "; ".join(rows[:4]) + (f"; and {len(rows) - 4} more" if len(rows) > 4 else "")
+            warnings.warn(f"the latency table is not monotone in cost: {shown}; {REPROFILE}", stacklevel=2)
+        return rows
+
+    def record_check(self, rows: list[dict[str, Any]]) -> None:
+        """Store check_table's rows (their relative errors per shape) and warn when off by more
+        than CHECK_TOLERANCE."""
+        by_shape: dict[tuple[str, int, int], list[float]] = {}
+        for row in rows:
+            by_shape.setdefault((row["phase"], row["batch"], row["length"]), []).append(row["error"])
+        self.checks = [{"phase": phase, "batch": batch, "length": length, "errors": errors}
+                       for (phase, batch, length), errors in by_shape.items()]
+        self.check_accuracy()
+
+    def check_accuracy(self) -> None:
+        """Warn when the stored self-check found predictions off by more than CHECK_TOLERANCE."""
+        for check in self.checks:
+            worst = max((abs(e) for e in check["errors"]), default=0.0)
+            if worst > CHECK_TOLERANCE:
+                low, high = min(check["errors"]), max(check["errors"])
+                warnings.warn(
+                    f"the latency table's own check is off by up to {100 * worst:.0f}% at {check['phase']} "
+                    f"{check['batch']}x{check['length']} (errors {100 * low:+.0f}% to {100 * high:+.0f}%, "
+                    f"limit {100 * CHECK_TOLERANCE:.0f}%): its predictions are unreliable; {REPROFILE}",
+                    stacklevel=2)
 
     def check_device(self, device: torch.device) -> None:
         """Warn when this table was measured on another device type (or CPU thread count):
@@ -277,7 +334,8 @@ class LatencyTable:
         elif device.type == "cpu" and torch.get_num_threads() != self.threads:
             warnings.warn(
                 f"the latency table was measured with {self.threads} CPU threads, this process uses "
-                f"{torch.get_num_threads()}: latency predictions will be off (set --threads)",
+                f"{torch.get_num_threads()}: latency predictions will be off (run with OMP_NUM_THREADS="
+                f"{self.threads}, or --threads {self.threads} where the command has it)",
                 stacklevel=3,
             )
 

@@ -80,10 +80,11 @@ class DecoderLayer(nn.Module):
         kv_cache: KVCache | None,
         layer: int,
         router: LayerRouter | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, T, D) -> (B, T, D).  With a router, it runs both sublayers' choices."""
         if router is None:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, heads, kv_cache, layer)
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, heads, kv_cache, layer, key_mask)
             return x + self.mlp(self.post_attention_layernorm(x), mlp_width)
         x = x + router.attention(layer, self.self_attn, self.input_layernorm(x), cos, sin, kv_cache)
         return x + router.mlp(layer, self.mlp, self.post_attention_layernorm(x))
@@ -141,12 +142,16 @@ class FlextronModel(nn.Module):
         kv_cache: KVCache | None = None,
         last_only: bool = False,
         router: LayerRouter | None = None,
+        position_ids: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids: (B, T) int64 -> logits (B, T, V), or (B, 1, V) with last_only.
 
         arch: the sub-network (default: full).  kv_cache: positions continue from
         kv_cache.length, and the cache is extended by T.  router: chooses every layer's
         sub-network instead of `arch` (dynamic routing; see flextron.nn.routers).
+        Padded batches: position_ids (B, T) gives each token's RoPE position, and key_mask
+        (B, S) bool marks the real (not padding) tokens among the S = cached + T keys.
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(
@@ -163,11 +168,18 @@ class FlextronModel(nn.Module):
             arch = self.full_arch()
         else:
             arch.validate(self.config)
+        if key_mask is not None and router is not None:
+            raise ValueError("dynamic routing chooses heads from whole sequences: it takes no padded batches")
         x = self.embed_tokens(input_ids)  # (B, T, D)
-        positions = torch.arange(start, end, device=input_ids.device)
-        cos, sin = self.rotary(positions, x.dtype)  # (T, hd)
+        if position_ids is None:
+            cos, sin = self.rotary(torch.arange(start, end, device=input_ids.device), x.dtype)  # (T, hd)
+        else:
+            cos, sin = self.rotary(position_ids.flatten(), x.dtype)  # (B*T, hd)
+            # (B, 1, T, hd): one row of positions per sequence, broadcast over the heads.
+            cos, sin = (t.view(*position_ids.shape, 1, -1).transpose(1, 2) for t in (cos, sin))
         for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, arch.mlp_widths[index], arch.heads[index], kv_cache, index, router)
+            x = layer(x, cos, sin, arch.mlp_widths[index], arch.heads[index], kv_cache, index, router,
+                      key_mask)
         if kv_cache is not None:
             kv_cache.length = end
         if last_only:
@@ -201,8 +213,10 @@ class FlextronModel(nn.Module):
         save_pretrained(self, path)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> FlextronModel:
-        """Load a directory written by save_pretrained (or flextron convert / export)."""
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                        device: str | None = None) -> FlextronModel:
+        """Load a directory written by save_pretrained (or flextron convert / export), its
+        floating-point weights in `dtype` (None: as stored) on `device` (None: CPU)."""
         from flextron.checkpoint import load_pretrained  # imported here: checkpoint imports this module
 
-        return load_pretrained(path)
+        return load_pretrained(path, dtype, device)

@@ -76,6 +76,18 @@ def _nested_linear_fake(x, weight, bias, out_features, in_features):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+def _prefix_product(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """a @ b in the leading (rows, cols) block of a tensor shaped like `like` (its leading
+    dims flattened), zeros elsewhere.  A full block is the product itself; a partial one is
+    accumulated in place into zeros, with no full-size temporary and copy."""
+    rows, cols = like.numel() // like.shape[-1], like.shape[-1]
+    if (a.shape[0], b.shape[1]) == (rows, cols):
+        return (a @ b).view(like.shape)
+    out = like.new_zeros(like.shape)
+    out.view(rows, cols)[: a.shape[0], : b.shape[1]].addmm_(a, b)
+    return out
+
+
 def _nested_linear_setup(ctx, inputs, output):
     x, weight, bias, out_features, in_features = inputs
     ctx.save_for_backward(x, weight)
@@ -90,12 +102,10 @@ def _nested_linear_backward(ctx, grad_y):
     x2 = x.reshape(-1, x.shape[-1])[:, :in_f]  # (N, in)
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_x = x.new_zeros(x.shape)
-        grad_x[..., :in_f] = (grad_y2 @ weight[:out_f, :in_f]).reshape(*x.shape[:-1], in_f)
+        grad_x = _prefix_product(grad_y2, weight[:out_f, :in_f], x)
     if ctx.needs_input_grad[1]:
         # The inactive part of the weight gets an exactly-zero gradient.
-        grad_w = weight.new_zeros(weight.shape)
-        grad_w[:out_f, :in_f] = grad_y2.T @ x2
+        grad_w = _prefix_product(grad_y2.T, x2, weight)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = weight.new_zeros(weight.shape[0])
         grad_b[:out_f] = grad_y2.sum(0)

@@ -33,10 +33,19 @@ def clock_function(clock: str) -> Callable[[], float]:
     return CLOCKS[clock]
 
 
+def synchronize() -> None:
+    """Wait for queued CUDA work (a no-op where CUDA is not in use): CUDA ops return before
+    their kernels finish, so a clock read without this measures only the launches."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def elapsed(function: Callable[[], object], now: Callable[[], float]) -> float:
-    """Seconds one call of `function` takes."""
+    """Seconds one call of `function` takes, its CUDA work included."""
+    synchronize()
     start = now()
     function()
+    synchronize()
     return now() - start
 
 

@@ -108,8 +108,8 @@ def test_export_per_layer_arch_file(converted, tmp_path) -> None:
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["generate", "--budget", "1.5", "hi"], "budget must be a number in (0, 1]"),
-        (["eval", "--data", "{empty}"], "no text found"),
+        (["generate", "--budget", "1.5", "hi"], "--budget: expected a number in (0, 1]"),
+        (["eval", "--data", "{empty}", "--seq-len", "64"], "no text found"),
         (["info", "--model", "{nowhere}"], "model not found"),
     ],
 )

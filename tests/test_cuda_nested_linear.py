@@ -130,9 +130,56 @@ def test_weight_prefix_is_read_in_place():
     assert torch.cuda.max_memory_allocated() - before < 1 << 20
 
 
+@pytest.fixture(params=["auto", "cutlass", "cublas"])
+def prefix_gemm(request, monkeypatch):
+    """Runs a test under each FLEXTRON_PREFIX_GEMM setting (which GEMM nested_linear and
+    nested_mlp run)."""
+    monkeypatch.setenv("FLEXTRON_PREFIX_GEMM", request.param)
+    return request.param
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + [(4096, 1024, 512, 1024, 264), (16, 2048, 1024, 1536, 1024)])
+def test_every_gemm_path_matches_reference(dtype, shape, prefix_gemm):
+    """Each forced path and auto, with a bias; adds a many-tile case with a K tail (in = 264)
+    and a decode-sized one."""
+    test_forward_matches_reference(dtype, shape, with_bias=True)
+
+
+def _runs_cutlass(dtype, rows) -> bool:
+    x = torch.randn(rows, 256, device="cuda", dtype=dtype)
+    weight = torch.randn(256, 256, device="cuda", dtype=dtype)
+    names = _cuda_kernel_names(lambda: ops.nested_linear(x, weight, None, 128, 192))
+    return any("cutlass::gemm::kernel::Gemm<" in name for name in names)
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_aligned_shapes_run_cutlass(dtype):
+def test_gemm_dispatch(dtype, prefix_gemm):
+    """auto: CUTLASS for fp32; for 16-bit types cuBLAS on compute capability 9.x (its wgmma
+    kernels) and for decode-sized M (<= 16 rows), CUTLASS otherwise. The forced settings win."""
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    for rows in (64, 16, 1):
+        if prefix_gemm == "auto":
+            expected = dtype == torch.float32 or (rows > 16 and not hopper)
+        else:
+            expected = prefix_gemm == "cutlass"
+        assert _runs_cutlass(dtype, rows) == expected, rows
+
+
+@needs_cuda
+def test_unknown_gemm_setting_is_an_error(monkeypatch):
+    monkeypatch.setenv("FLEXTRON_PREFIX_GEMM", "fast")
+    x = torch.randn(4, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="FLEXTRON_PREFIX_GEMM must be auto, cutlass or cublas"):
+        ops.nested_linear(x, torch.randn(8, 8, device="cuda"), None, 8, 8)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_aligned_shapes_run_cutlass(dtype, monkeypatch):
+    monkeypatch.setenv("FLEXTRON_PREFIX_GEMM", "cutlass")
     x = torch.randn(64, 256, device="cuda", dtype=dtype)
     weight = torch.randn(256, 256, device="cuda", dtype=dtype)
     names = _cuda_kernel_names(lambda: ops.nested_linear(x, weight, None, 128, 192))

@@ -120,7 +120,8 @@ def test_weight_prefix_is_read_in_place():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_aligned_shapes_run_cutlass_and_one_activation_pass(dtype):
+def test_aligned_shapes_run_cutlass_and_one_activation_pass(dtype, monkeypatch):
+    monkeypatch.setenv("FLEXTRON_PREFIX_GEMM", "cutlass")  # auto takes cuBLAS on Hopper
     x, w_gate, w_up, w_down = make_inputs((64,), 256, 512, dtype=dtype, device="cuda")
     names = _cuda_kernel_names(lambda: ops.nested_mlp(x, w_gate, w_up, w_down, 192, "swiglu"))
     assert sum("cutlass::gemm::kernel::Gemm<" in name for name in names) == 3, names
@@ -162,3 +163,15 @@ def test_bad_input_names_the_argument():
         ops.nested_mlp(x, None, w_up, w_down, 64, "swiglu")
     with pytest.raises(RuntimeError, match="activation must be"):
         ops.nested_mlp(x, None, w_up, w_down, 64, "silu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", ["cutlass", "cublas"])
+@pytest.mark.parametrize("lead", [(2048,), (3,)])
+def test_each_gemm_path_with_k_tails(dtype, path, lead, monkeypatch):
+    """Each forced GEMM (FLEXTRON_PREFIX_GEMM) on many tiles and on decode-sized M, with K
+    tails: K = D = 264 in the up/gate GEMMs, K = width = 712 in the down GEMM."""
+    monkeypatch.setenv("FLEXTRON_PREFIX_GEMM", path)
+    inputs = make_inputs(lead, 264, 1024, "swiglu", dtype=dtype, seed=5, device="cuda")
+    check_against_reference(inputs, 712, "swiglu")

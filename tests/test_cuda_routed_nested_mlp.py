@@ -3,11 +3,18 @@
 Tolerances by comparison: our error against an fp64 reference stays within twice PyTorch's
 own error at the same precision (plus a small floor).  Every test but the build check skips
 without a GPU; the skip condition is a string, so nothing touches CUDA at import.
-An out-of-range choice trips a device-side assert (it would poison the CUDA context), so
-that case is not tested here.
+An out-of-range choice trips a device-side assert, which poisons the CUDA context: that
+case runs in a child process.  The cases that reach the kernels' risky paths (many tiles per
+CTA, K tails, D = 0) run with the sm90 path on and off (FLEXTRON_DISABLE_SM90).
 """
 
 from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -155,8 +162,8 @@ def _grouped_launches(names: list[str]) -> tuple[int, int]:
 @pytest.mark.parametrize("disable_sm90", [False, True])
 def test_aligned_16bit_shapes_run_grouped_cutlass(dtype, disable_sm90, monkeypatch):
     """Forward: 2 grouped launches (up+gate, down); backward: recompute up+gate, grad_hidden,
-    grad_x (up, then gate with beta = 1), all weight-gradient bands: 5 launches, the
-    row x col ones (2 forward, 1 backward) on the sm90a kernel where it runs."""
+    grad_x (up, then gate with beta = 1), all weight-gradient bands: 5 launches, all on the
+    sm90a kernel where it runs."""
     if disable_sm90:
         monkeypatch.setenv("FLEXTRON_DISABLE_SM90", "1")
     sm90 = _runs_sm90_path() and not disable_sm90
@@ -168,7 +175,7 @@ def test_aligned_16bit_shapes_run_grouped_cutlass(dtype, disable_sm90, monkeypat
     leaves = [t.clone().requires_grad_() for t in (x, w_gate, w_up, w_down, scale)]
     y = ops.routed_nested_mlp(leaves[0], *leaves[1:4], choice, widths, leaves[4])
     backward = _grouped_launches(_cuda_kernel_names(lambda: y.backward(torch.ones_like(y))))
-    assert backward == ((4, 1) if sm90 else (5, 0)), backward
+    assert backward == ((0, 5) if sm90 else (5, 0)), backward
     # Either kernel family matches the reference.
     args = (x, w_gate, w_up, w_down, choice, widths, scale)
     _assert_as_accurate_as_torch(
@@ -334,3 +341,128 @@ def test_outputs_fully_written_over_poisoned_memory(dtype, choices_used):
     for name, ours, expected in zip(("y", "x", "gate", "up", "down", "scale"), poisoned, clean, strict=True):
         assert torch.isfinite(ours).all(), name
         torch.testing.assert_close(ours, expected, rtol=0, atol=0, msg=name)
+
+
+@pytest.fixture(params=["sm90", "no_sm90"])
+def sm90_path(request, monkeypatch):
+    """Runs a test with the sm90a kernels allowed and with FLEXTRON_DISABLE_SM90=1 (the same
+    path twice on GPUs other than sm_90)."""
+    if request.param == "no_sm90":
+        monkeypatch.setenv("FLEXTRON_DISABLE_SM90", "1")
+    else:
+        monkeypatch.delenv("FLEXTRON_DISABLE_SM90", raising=False)
+    return request.param
+
+
+def _check_against_fp32(args, activation):
+    """Forward and backward within twice the error of the same-dtype reference, both measured
+    against an fp32 reference (fp64 would be slow at these sizes)."""
+    as_fp32 = [t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args]
+    x, w_gate, w_up, w_down, choice, widths, scale = args
+    _assert_as_accurate_as_torch(
+        ops.routed_nested_mlp(*args, activation),
+        reference.routed_nested_mlp(*args, activation),
+        reference.routed_nested_mlp(*as_fp32, activation).double(),
+    )
+    grad_y = torch.randn(x.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(9))
+    differentiable = [x, w_gate, w_up, w_down, scale]
+    ours = _grads(ops.routed_nested_mlp, differentiable, choice, widths, activation, grad_y)
+    theirs = _grads(reference.routed_nested_mlp, differentiable, choice, widths, activation, grad_y)
+    exact = _grads(reference.routed_nested_mlp, as_fp32[:4] + as_fp32[6:], choice, widths, activation, grad_y)
+    labels = ("x", "w_gate", "w_up", "w_down", "scale")
+    names = [name for name, t in zip(labels, differentiable, strict=True) if t is not None]
+    for name, our_grad, their_grad, exact_grad in zip(names, ours, theirs, exact, strict=True):
+        assert torch.isfinite(our_grad).all(), name
+        _assert_as_accurate_as_torch(our_grad, their_grad, exact_grad.double())
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_multi_tile_grouped_gemms(dtype, sm90_path):
+    """Hundreds of 128x128 tiles per launch, more than one per persistent CTA: CTAs move to
+    further tiles and across groups (TMA descriptor updates, pipeline phases, the 2.x
+    scheduler's grid-stride loop). All four groups are used."""
+    tokens, hidden, ffn, widths = 4096, 512, 2048, [2048, 1536, 1024, 512]
+    args = _inputs(tokens, hidden, ffn, widths, "swiglu", dtype, seed=11)
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    choice = torch.randint(0, len(widths), (tokens,), device="cuda", generator=gen)
+    _check_against_fp32((*args[:4], choice, widths, args[6]), "swiglu")
+
+
+# (tokens, hidden, ffn, widths): K tails in every GEMM: K = D = 72 (up/gate, grad_hidden), K =
+# a width of 200, 136 or 40 (down, grad_x), K = a group's row count (weight-gradient bands).
+K_TAILS = [
+    (333, 72, 200, [200, 136, 40]),
+    (1000, 72, 200, [200, 136, 40]),
+    (129, 136, 72, [72, 40, 8]),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", K_TAILS)
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_k_tails(dtype, case, activation, sm90_path):
+    tokens, hidden, ffn, widths = case
+    args = _inputs(tokens, hidden, ffn, widths, activation, dtype, seed=13)
+    gen = torch.Generator(device="cuda").manual_seed(14)
+    choice = torch.randint(0, len(widths), (tokens,), device="cuda", generator=gen)
+    _check_against_fp32((*args[:4], choice, widths, args[6]), activation)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_hidden_size_zero(dtype, with_scale, sm90_path):
+    """D = 0 with tokens: the output and grad_x are empty, the weight gradients empty or zero,
+    grad_scale zero (the unscaled output is empty)."""
+    tokens, ffn, widths = 50, 128, [128, 64]
+    choice = torch.arange(tokens, device="cuda") % len(widths)
+    scale = torch.rand(tokens, device="cuda").to(dtype) if with_scale else None
+    tensors = [torch.empty(tokens, 0), torch.empty(ffn, 0), torch.empty(ffn, 0), torch.empty(0, ffn), scale]
+    leaves = [t if t is None else t.to("cuda", dtype).requires_grad_() for t in tensors]
+    y = ops.routed_nested_mlp(leaves[0], *leaves[1:4], choice, widths, leaves[4], "swiglu")
+    assert y.shape == (50, 0)
+    y.sum().backward()
+    for leaf in leaves:
+        if leaf is not None:
+            assert leaf.grad.shape == leaf.shape and not leaf.grad.any()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_backward_outputs_are_distinct(dtype, sm90_path):
+    """No two outputs of the backward op are the same tensor (the schema promises fresh
+    outputs), also for the empty slots of an absent gate and scale; bf16 runs the grouped path,
+    fp32 the masked one."""
+    x, _, w_up, w_down, choice, widths, _ = _inputs(40, 64, 128, [128, 64], "relu", dtype)
+    grads = torch.ops.flextron.routed_nested_mlp_backward(
+        torch.ones_like(x), x, None, w_up, w_down, choice, widths, None, "relu"
+    )
+    assert len({g._cdata for g in grads}) == 5
+
+
+@needs_cuda
+@pytest.mark.parametrize("tokens,ffn,widths", [(40, 37, [37, 20, 7]), (40, 128, [128, 64])])
+def test_out_of_range_choice_trips_a_device_assert_on_the_masked_path(tokens, ffn, widths):
+    """fp32 (and odd sizes) take the masked path; an out-of-range choice must fail loudly there,
+    as on the grouped path, instead of reading past the widths. The assert poisons the CUDA
+    context, so the op runs in a child process."""
+    script = textwrap.dedent(f"""
+        import torch
+        from flextron import ops
+        x = torch.randn({tokens}, 16, device="cuda")
+        w_up = torch.randn({ffn}, 16, device="cuda")
+        w_down = torch.randn(16, {ffn}, device="cuda")
+        choice = torch.zeros({tokens}, dtype=torch.int64, device="cuda")
+        choice[3] = {len(widths)}
+        ops.routed_nested_mlp(x, None, w_up, w_down, choice, {widths}, None, "relu")
+        torch.cuda.synchronize()
+        print("no error")
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode != 0 and "no error" not in result.stdout, result.stdout
+    assert re.search("device-side assert|choice out of range", result.stderr), result.stderr[-2000:]

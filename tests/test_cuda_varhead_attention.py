@@ -176,3 +176,29 @@ def test_bad_input_names_the_argument():
         ops.varhead_attention(q, k[:, :, :3], v[:, :, :3], heads, True)
     with pytest.raises(RuntimeError, match="grad_out has shape"):
         torch.ops.flextron.varhead_attention_backward(q[:, :1], q, k, v, heads, True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [True, False])
+def test_cuda_graph_capture_with_scattered_buckets(causal):
+    """With heads on the CPU the forward captures into a CUDA graph, scattered buckets (their
+    sequence index on the device) and chunked GQA prefill (Sq != Sk, Sq >= Dh: KV expanded)
+    included; replays with new q, k, v match eager runs."""
+    heads = torch.tensor([6, 2, 6, 2, 4])
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(5, h, s, 16, device="cuda", generator=gen) for h, s in ((6, 40), (2, 48), (2, 48)))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.varhead_attention(q, k, v, heads, causal)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.varhead_attention(q, k, v, heads, causal)
+    for _ in range(2):
+        for t in (q, k, v):
+            t.copy_(torch.randn(t.shape, device="cuda", generator=gen))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, ops.varhead_attention(q, k, v, heads, causal))

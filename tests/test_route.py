@@ -109,6 +109,26 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(grad, grad_eager)
 
 
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("weight", [False, True])
+def test_nan_logits_follow_the_reference(hard, weight):
+    """A NaN logit is the row's choice (the first NaN), and its probabilities are all NaN."""
+    inp, _, gumbel = make_inputs(64, 5)
+    inp[::3, 2] = float("nan")
+    inp[::6, 4] = float("nan")  # two NaNs in a row: the first one is chosen
+    inp[1::9, 0] = float("nan")
+    projection = torch.eye(5) if weight else None
+    for noise in (None, gumbel):
+        out = ops.route(inp, projection, noise, 0.7, hard)
+        ref = reference.route(inp, projection, noise, 0.7, hard)
+        for i in INDEX_OUTPUTS:
+            assert torch.equal(out[i], ref[i]), f"output {i} differs"
+        torch.testing.assert_close(out[1], ref[1], equal_nan=True)
+    if not weight:  # (through the projection, NaN * 0 spreads a NaN over its whole row)
+        assert out[0][::3].eq(2).all() and out[0][1::9].eq(0).all()
+    assert out[1][::3].isnan().all() and not out[1][2::3].isnan().any()
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -119,6 +139,9 @@ def test_torch_compile_fullgraph():
         (dict(weight=torch.randn(4, 7)), "weight"),
         (dict(weight=torch.randn(4, 3).double()), "weight"),
         (dict(input=torch.randn(5, 0)), "choice"),
+        (dict(noise=torch.randn(5, 3).double()), "noise must be float32 or the input's dtype"),
+        (dict(noise=torch.zeros(5, 3, dtype=torch.int64)), "noise must be float32 or the input's dtype"),
+        (dict(input=torch.randn(5, 3).bfloat16(), noise=torch.randn(5, 3).half()), "noise must be"),
     ],
 )
 def test_bad_input_names_the_argument(kwargs, match):

@@ -113,7 +113,7 @@ def test_sigkill_while_saving_leaves_the_last_good_checkpoint(tmp_path, point: s
         child.kill()
         child.wait()
     assert child.returncode == -signal.SIGKILL
-    assert any(p.name.startswith(".tmp-step-") for p in tmp_path.iterdir())  # the interrupted save
+    assert any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())  # the interrupted save
     path = latest_checkpoint(tmp_path)
     assert path.name == "step-000001"
     load_training_state(path)
@@ -122,5 +122,5 @@ def test_sigkill_while_saving_leaves_the_last_good_checkpoint(tmp_path, point: s
         assert torch.equal(loaded.state_dict()[name], value), name
     # The next save cleans up after the killed one.
     save_checkpoint(tmp_path, 3, loaded, torch.optim.AdamW(loaded.parameters()).state_dict(), {})
-    assert not any(p.name.startswith(".tmp-step-") for p in tmp_path.iterdir())
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
     assert latest_checkpoint(tmp_path).name == "step-000003"

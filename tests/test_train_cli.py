@@ -71,6 +71,7 @@ def test_train_stop_and_resume(converted, tmp_path, capsys) -> None:
     assert "validation perplexity: budget 1:" in capsys.readouterr().out
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert all(r["step_seconds"] > 0 for r in records if "loss" in r)  # whole-step wall time
     assert [r["step"] for r in records if "val" in r] == [0, 2, 4]
     assert (tmp_path / "metrics.png").is_file()
     trained = FlextronModel.from_pretrained(tmp_path / "checkpoints" / "step-000004")
@@ -80,9 +81,10 @@ def test_train_stop_and_resume(converted, tmp_path, capsys) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--rule", "latency"], "unknown budget rule 'latency'"),
+        (["--rule", "latency"], "invalid choice: 'latency'"),
         (["--batch-size", "500"], "batch size 500 is larger than the data"),
-        (["--p-full", "2"], "p_full must be in [0, 1]"),
+        (["--p-full", "2"], "--p-full: expected a number in [0, 1]"),
+        (["--threads", "0"], "--threads must be >= 1"),
     ],
 )
 def test_bad_settings_are_clear_errors(converted, tmp_path, capsys, extra, message) -> None:

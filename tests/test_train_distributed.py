@@ -90,5 +90,6 @@ def test_two_gloo_ranks_equal_one_process(single_run, tmp_path, mode: str) -> No
         for out in (single_out, tmp_path)
     ]
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-6)
-    # Rank 0 alone writes: one metrics log, one checkpoint directory.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "metrics.jsonl", "metrics.png"]
+    # Rank 0 alone writes: one metrics log, one checkpoint directory (and it alone held the run's lock).
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == [".lock", "checkpoints", "metrics.jsonl", "metrics.png"]

@@ -116,6 +116,9 @@ inline void check_route_args(const char* op, const at::Tensor& input,
                 at::IntArrayRef(expected), ", got ", noise->sizes());
     TORCH_CHECK(noise->device() == input.device(), op, ": noise is on ", noise->device(),
                 " but input is on ", input.device());
+    TORCH_CHECK(noise->scalar_type() == at::kFloat || noise->scalar_type() == input.scalar_type(), op,
+                ": noise must be float32 or the input's dtype (", input.scalar_type(), "), got ",
+                noise->scalar_type());
   }
 }
 

@@ -1,8 +1,12 @@
 // route on the CPU: logits (optionally from the fused router projection), argmax
 // with ties to the lowest index, softmax probabilities, and a stable counting
-// sort of tokens by choice. The counting sort is bit-equal to
+// sort of tokens by choice. NaN as in reference.route (torch.argmax / softmax): the
+// first NaN of a row is its choice, and the row's probabilities are all NaN. The counting sort is bit-equal to
 // torch.sort(choice, stable=True): tokens keep their order within a choice.
 #include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
 
 #include "checks.h"
 #include "ops.h"
@@ -30,13 +34,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu
     for (int64_t t = begin; t < end; ++t) {
       const float* row = z_ptr + t * choices;
       int64_t best = 0;
-      for (int64_t c = 1; c < choices; ++c) {
-        if (row[c] > row[best]) best = c;  // strict: ties keep the lowest index
+      for (int64_t c = 1; c < choices && !std::isnan(row[best]); ++c) {
+        // A NaN beats every number; otherwise strict: ties keep the lowest index.
+        if (std::isnan(row[c]) || row[c] > row[best]) best = c;
       }
       choice_ptr[t] = best;
       float* p = probs_ptr + t * choices;
       if (hard) {  // forward value is the one-hot; the gradient is the soft one (see ops.py)
-        for (int64_t c = 0; c < choices; ++c) p[c] = c == best ? 1.f : 0.f;
+        const float nan = std::numeric_limits<float>::quiet_NaN();  // a NaN row's soft part is NaN
+        for (int64_t c = 0; c < choices; ++c) p[c] = std::isnan(row[best]) ? nan : c == best ? 1.f : 0.f;
         continue;
       }
       float total = 0.f;

@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <cutlass/gemm_coord.h>
+#include <cutlass/layout/matrix.h>
 
 #include <cstdint>
 
@@ -47,12 +48,15 @@ namespace sm90 {
 // kernels of this build run on, and FLEXTRON_DISABLE_SM90 is not set.
 bool grouped_gemm_usable();
 
-// Problems [first, first + count): A row-major, B column-major (a K-major
-// weight prefix), D row-major, fp32 accumulation, alpha = 1, beta = 0.
-// Instantiated for cutlass::bfloat16_t and cutlass::half_t.
-template <typename Element>
-void grouped_gemm_row_col(ProblemArrays<Element> problems, int first, int count,
-                          cudaStream_t stream);
+// Problems [first, first + count): D (row-major) = A @ B + beta * D, fp32
+// accumulation, alpha = 1. Instantiated for cutlass::bfloat16_t and cutlass::half_t
+// with (LayoutA, LayoutB) = (RowMajor, ColumnMajor), (RowMajor, RowMajor) (the only
+// pair that takes beta != 0) and (ColumnMajor, RowMajor). Returns false, having
+// launched nothing, when CUTLASS cannot run the problems (a one-time warning says
+// why): the caller then runs the 2.x kernel.
+template <typename Element, typename LayoutA, typename LayoutB>
+bool grouped_gemm(ProblemArrays<Element> problems, int first, int count, float beta,
+                  cudaStream_t stream);
 }  // namespace sm90
 #endif
 

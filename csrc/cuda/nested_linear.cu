@@ -24,7 +24,19 @@
 // in and out multiples of 8. Otherwise, and when x or weight has a non-unit
 // inner stride (e.g. a transposed weight), the op falls back to at::addmm on the
 // same strided views: cuBLAS takes leading dimensions too, so the fallback is
-// still copy-free on the weight.
+// still copy-free on the weight. A CUTLASS can_implement or initialize failure
+// falls back the same way, with a one-time warning naming CUTLASS's reason.
+//
+// Which GEMM runs (FLEXTRON_PREFIX_GEMM=auto|cutlass|cublas forces one, read per
+// call so that benchmarks and tests can compare them):
+//   - auto, 16-bit on compute capability 9.x: cuBLAS on the prefix views. Its
+//     Hopper kernels use wgmma/TMA; the sm80 mma.sync kernel above reaches only
+//     part of an H100/H200's rate, and no CUTLASS 3.x dense kernel is built here.
+//   - auto, decode-sized M (<= kDecodeRows rows), any dtype but fp32: cuBLAS,
+//     whose heuristics pick small-M tiles and split-K; the fixed 128x128 tile
+//     above would fill only out/128 SMs.
+//   - auto otherwise, and cutlass: the CUTLASS kernels above (fp32 always takes
+//     the exact SIMT kernel under auto, whatever the shape).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -32,6 +44,8 @@
 #include <cutlass/epilogue/thread/linear_combination.h>
 #include <cutlass/gemm/device/gemm.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "cpu/checks.h"
@@ -57,8 +71,11 @@ using TensorOpGemm = cutlass::gemm::device::Gemm<
 using SimtGemm = cutlass::gemm::device::Gemm<float, RowMajor, float, ColumnMajor, float, RowMajor,
                                              float, cutlass::arch::OpClassSimt, cutlass::arch::Sm80>;
 
+constexpr int64_t kDecodeRows = 16;
+
 // y (M, out) = x2 (M, >=in)[:, :in] @ w[:out, :in]^T (+ bias[:out]) when this
-// kernel's alignment allows; returns false (nothing launched) otherwise.
+// kernel's alignment allows and CUTLASS accepts the problem; returns false (nothing
+// launched) otherwise.
 template <typename Gemm>
 bool try_gemm(const at::Tensor& x2, const at::Tensor& w, const std::optional<at::Tensor>& bias,
               at::Tensor& y, int64_t in, int64_t out, const char* op) {
@@ -86,19 +103,57 @@ bool try_gemm(const at::Tensor& x2, const at::Tensor& w, const std::optional<at:
       {1.0f, bias.has_value() ? 1.0f : 0.0f});
 
   Gemm gemm;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   cutlass::Status status = gemm.can_implement(args);
-  TORCH_CHECK(status == cutlass::Status::kSuccess,
-              op, ": CUTLASS cannot run this problem: ", cutlassGetStatusString(status));
   const size_t workspace_bytes = Gemm::get_workspace_size(args);
   at::Tensor workspace;
   if (workspace_bytes > 0) {
     workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, x2.options().dtype(at::kByte));
   }
-  status = gemm(args, workspace_bytes > 0 ? workspace.data_ptr() : nullptr,
-                at::cuda::getCurrentCUDAStream());
+  if (status == cutlass::Status::kSuccess) {
+    status = gemm.initialize(args, workspace_bytes > 0 ? workspace.data_ptr() : nullptr, stream);
+  }
+  if (status != cutlass::Status::kSuccess) {  // nothing launched yet: cuBLAS takes over
+    TORCH_WARN_ONCE(op, ": the CUTLASS GEMM cannot run (", cutlassGetStatusString(status),
+                    "); using cuBLAS");
+    return false;
+  }
+  status = gemm.run(stream);
   TORCH_CHECK(status == cutlass::Status::kSuccess,
               op, ": CUTLASS GEMM failed: ", cutlassGetStatusString(status));
   return true;
+}
+
+bool try_cutlass(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
+                 const std::optional<at::Tensor>& bias, int64_t out, int64_t in, const char* op) {
+  switch (x.scalar_type()) {
+    case at::kBFloat16:
+      return try_gemm<TensorOpGemm<cutlass::bfloat16_t>>(x, weight, bias, y, in, out, op);
+    case at::kHalf:
+      return try_gemm<TensorOpGemm<cutlass::half_t>>(x, weight, bias, y, in, out, op);
+    default:  // float32 (check_float allows nothing else)
+      return try_gemm<SimtGemm>(x, weight, bias, y, in, out, op);
+  }
+}
+
+enum class PrefixGemm { kAuto, kCutlass, kCublas };
+
+PrefixGemm forced_prefix_gemm() {
+  const char* value = std::getenv("FLEXTRON_PREFIX_GEMM");
+  if (value == nullptr || std::strcmp(value, "auto") == 0 || *value == '\0') return PrefixGemm::kAuto;
+  if (std::strcmp(value, "cutlass") == 0) return PrefixGemm::kCutlass;
+  TORCH_CHECK(std::strcmp(value, "cublas") == 0,
+              "FLEXTRON_PREFIX_GEMM must be auto, cutlass or cublas, got '", value, "'");
+  return PrefixGemm::kCublas;
+}
+
+// Whether the CUTLASS kernel should run (see the top of the file).
+bool use_cutlass(const at::Tensor& x, int64_t rows) {
+  const PrefixGemm forced = forced_prefix_gemm();
+  if (forced != PrefixGemm::kAuto) return forced == PrefixGemm::kCutlass;
+  if (x.scalar_type() == at::kFloat) return true;
+  if (rows <= kDecodeRows) return false;
+  return at::cuda::getCurrentDeviceProperties()->major != 9;  // ATen caches the properties
 }
 
 }  // namespace
@@ -106,20 +161,8 @@ bool try_gemm(const at::Tensor& x2, const at::Tensor& w, const std::optional<at:
 void prefix_gemm_out(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
                      const std::optional<at::Tensor>& bias, int64_t out, int64_t in,
                      const char* op) {
-  bool done;
-  switch (x.scalar_type()) {
-    case at::kBFloat16:
-      done = try_gemm<TensorOpGemm<cutlass::bfloat16_t>>(x, weight, bias, y, in, out, op);
-      break;
-    case at::kHalf:
-      done = try_gemm<TensorOpGemm<cutlass::half_t>>(x, weight, bias, y, in, out, op);
-      break;
-    default:  // float32 (check_float allows nothing else)
-      done = try_gemm<SimtGemm>(x, weight, bias, y, in, out, op);
-      break;
-  }
-  if (done) return;
-  // Misaligned or non-unit inner strides: cuBLAS on the same strided views.
+  if (use_cutlass(x, x.size(0)) && try_cutlass(y, x, weight, bias, out, in, op)) return;
+  // cuBLAS on the same strided views (chosen, misaligned, or CUTLASS declined).
   const at::Tensor x_prefix = x.narrow(1, 0, in);
   const at::Tensor w_prefix = weight.narrow(0, 0, out).narrow(1, 0, in);
   if (bias.has_value()) {

@@ -4,11 +4,12 @@
 //
 // Why not at::argmax + at::sort: the router runs once per layer per step, on
 // few choices (C ~ 8) and many tokens, so launches and passes over T matter more
-// than arithmetic. route_tokens gives a warp a tile of 32 consecutive tokens: it
-// does each token's argmax/softmax across its lanes, lane j keeps token j's
-// choice, and the tile is then ranked in place (grouping::rank_tile: ballot
-// ranks and per-tile counts); grouping::finish_groups scans the counts and
-// scatters perm/inv_perm/offsets. No atomics, no host sync.
+// than arithmetic. route_tokens gives a warp a tile of 32 consecutive tokens and
+// each lane one token: lane j scans token j's C logits for the argmax and
+// softmax (with C ~ 8, spreading one token over the lanes would idle most of
+// them), and the tile is then ranked in place (grouping::rank_tile: ballot ranks
+// and per-tile counts); grouping::finish_groups scans the counts and scatters
+// perm/inv_perm/offsets. No atomics, no host sync.
 //
 // The grouping (declared in grouping.cuh, defined at the end of this file) is a
 // counting sort shared with routed_nested_mlp, bit-equal to
@@ -22,10 +23,10 @@
 //      choice c in earlier tiles.
 //   3. scatter: slot = base[choice][tile] + rank; perm[slot] = t, inv_perm[t] = slot.
 //
-// Bit-equality with the CPU's sequential strict-'>' scan: the argmax is a
-// reduction under a total order (NaN at index 0 wins, NaN elsewhere never wins,
-// otherwise the larger value, ties to the lower index), which equals that scan.
-// Probabilities use expf and a warp-tree sum, so they may differ from the CPU's
+// Bit-equality with the CPU's sequential scan: the argmax is a reduction under a
+// total order (a NaN beats every number, the first NaN wins; otherwise the larger
+// value, ties to the lower index), which equals that scan and torch.argmax.
+// Probabilities use expf and a sequential sum, so they may differ from the CPU's
 // in the last bits (softmax is not part of the bit-equality promise).
 // Router logits from hidden states (weight given) come from at::mm first.
 #include <ATen/Dispatch.h>
@@ -45,9 +46,8 @@ namespace {
 
 constexpr int kWarp = grouping::kTile;
 constexpr int kWarpsPerBlock = 8;
-constexpr unsigned kFullMask = 0xffffffffu;
 
-// An argmax candidate: tier 2 = NaN at index 0, 1 = a number, 0 = NaN elsewhere.
+// An argmax candidate: tier 2 = NaN, 1 = a number.
 struct Candidate {
   int tier;
   float value;
@@ -56,7 +56,7 @@ struct Candidate {
 
 __device__ Candidate make_candidate(float value, int64_t index) {
   const bool nan = isnan(value);
-  return {nan ? (index == 0 ? 2 : 0) : 1, value, index};
+  return {nan ? 2 : 1, value, index};
 }
 
 __device__ bool beats(const Candidate& a, const Candidate& b) {
@@ -77,42 +77,34 @@ __global__ void route_tokens(const scalar_t* __restrict__ logits, const float* _
   const int in_tile = tokens - first < kWarp ? static_cast<int>(tokens - first) : kWarp;
   int64_t my_choice = -1;  // lane j: the choice of token first + j
 
-  for (int j = 0; j < in_tile; ++j) {
-    const int64_t t = first + j;
+  if (lane < in_tile) {  // lane j routes token first + j on its own: a scan over the choices
+    const int64_t t = first + lane;
     const scalar_t* row = logits + t * choices;
     const float* noise_row = noise == nullptr ? nullptr : noise + t * choices;
-    Candidate best{-1, 0.f, 0};
-    for (int64_t c = lane; c < choices; c += kWarp) {
-      const float z = noise_row == nullptr ? static_cast<float>(row[c])
-                                           : static_cast<float>(row[c]) + noise_row[c];
-      const Candidate here = make_candidate(z, c);
-      if (best.tier < 0 || beats(here, best)) best = here;
+    auto logit = [&](int64_t c) {
+      const float z = static_cast<float>(row[c]);
+      return noise_row == nullptr ? z : z + noise_row[c];
+    };
+    Candidate best = make_candidate(logit(0), 0);
+    for (int64_t c = 1; c < choices; ++c) {
+      const Candidate here = make_candidate(logit(c), c);
+      if (beats(here, best)) best = here;
     }
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-      Candidate other{__shfl_xor_sync(kFullMask, best.tier, offset),
-                      __shfl_xor_sync(kFullMask, best.value, offset),
-                      __shfl_xor_sync(kFullMask, best.index, offset)};
-      if (other.tier >= 0 && (best.tier < 0 || beats(other, best))) best = other;
-    }
-    if (lane == j) my_choice = best.index;
-    if (lane == 0) choice_out[t] = best.index;
+    my_choice = best.index;
+    choice_out[t] = best.index;
 
     float* p = probs + t * choices;
     if (hard) {  // the forward value is the one-hot; the soft gradient is in ops.py
-      for (int64_t c = lane; c < choices; c += kWarp) p[c] = c == best.index ? 1.f : 0.f;
-      continue;
+      // A NaN row's soft part, and so its straight-through value, is NaN (as in the reference).
+      for (int64_t c = 0; c < choices; ++c) p[c] = best.tier == 2 ? NAN : c == best.index ? 1.f : 0.f;
+    } else {
+      float total = 0.f;
+      for (int64_t c = 0; c < choices; ++c) {
+        p[c] = expf((logit(c) - best.value) * inv_tau);
+        total += p[c];
+      }
+      for (int64_t c = 0; c < choices; ++c) p[c] /= total;
     }
-    float total = 0.f;
-    for (int64_t c = lane; c < choices; c += kWarp) {
-      const float z = noise_row == nullptr ? static_cast<float>(row[c])
-                                           : static_cast<float>(row[c]) + noise_row[c];
-      p[c] = expf((z - best.value) * inv_tau);
-      total += p[c];
-    }
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-      total += __shfl_xor_sync(kFullMask, total, offset);
-    }
-    for (int64_t c = lane; c < choices; c += kWarp) p[c] /= total;
   }
 
   grouping::rank_tile(lane, in_tile, my_choice, first, tile, tiles, rank, counts);

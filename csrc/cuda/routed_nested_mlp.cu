@@ -18,9 +18,11 @@
 //   3. activate_rows: hidden = act(gate, up) in place of up, on each row's prefix.
 //   4. grouped GEMM: y_sorted[rows] = hidden[rows, :widths[c]] @ w_down[:, :widths[c]]^T.
 //   5. y = y_sorted[inv_perm] (* scale).
-// On sm_90 devices, when the build includes 90a, steps 2 and 4 run the CUTLASS
-// 3.x ptr-array grouped GEMM (TMA + wgmma, routed_nested_mlp_sm90.cu) on the
-// same problem arrays; elsewhere the CUTLASS 2.x GemmGrouped below.
+// On sm_90 devices, when the build includes 90a, every grouped GEMM (forward
+// and backward) runs the CUTLASS 3.x ptr-array kernel (TMA + wgmma,
+// sm90_grouped_gemm.cuh) on the same problem arrays; elsewhere, with
+// FLEXTRON_DISABLE_SM90 set, or when CUTLASS declines the 3.x kernel (a one-time
+// warning), the CUTLASS 2.x GemmGrouped below.
 //
 // Backward, in the band form (DESIGN §3): in sorted order neuron band j,
 // [widths[j+1], widths[j]), is used by the prefix of rows [0, offsets[j+1]).
@@ -47,12 +49,15 @@
 // 128x128x32 tiles, 4 stages, 16-byte accesses), one GemmGrouped per (dtype,
 // operand layouts): row x col (forward, recompute), row x row (grad_hidden,
 // grad_x), col x row (weight gradients), so 6 instantiations. They need D, F and
-// every width multiples of 8, contiguous 16-byte-aligned weights and at most
-// kMaxGroupedChoices choices; otherwise (and for fp32) the op computes the masked
-// full-width MLP with ATen: correct, host-sync free, but at full-width cost.
+// every width multiples of 8 (D > 0: K = 0 GEMMs are not safe), contiguous
+// 16-byte-aligned weights and at most kMaxGroupedChoices choices; otherwise (and
+// for fp32, or when CUTLASS declines a 2.x kernel, with a one-time warning) the op
+// computes the masked full-width MLP with ATen: correct, host-sync free, but at
+// full-width cost.
 //
-// Versions: v1 grouped forward + masked dense backward; v2 (current) band-form
-// grouped backward, sm90a ptr-array forward.
+// Versions: v1 grouped forward + masked dense backward; v2 band-form grouped
+// backward, sm90a ptr-array forward; v3 (current) sm90a ptr-array backward too,
+// fallbacks 3.x -> 2.x -> ATen.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -62,6 +67,9 @@
 #include <cutlass/gemm/kernel/default_gemm_grouped.h>
 
 #include <limits>
+#include <mutex>
+#include <string>
+#include <vector>
 
 #include "cpu/checks.h"
 #include "cpu/mlp_kernels.h"
@@ -314,18 +322,45 @@ __global__ void zero_unused_neurons(const int64_t* __restrict__ offsets, WidthTa
   for (int64_t j = threadIdx.x; j < hidden; j += blockDim.x) grad[row * hidden + j] = zero;
 }
 
-// mask[t, j] = j < widths[choice[t]]: (T, F) bool, one thread per element.
+// mask[t, j] = j < widths[choice[t]]: (T, F) bool, one thread per element. A choice out
+// of [0, choices) trips a device-side assert, as on the grouped path.
 __global__ void fill_width_mask(const int64_t* __restrict__ choice, Widths<kMaxMaskChoices> widths,
-                                int64_t tokens, int64_t ffn, bool* __restrict__ mask) {
+                                int64_t choices, int64_t tokens, int64_t ffn,
+                                bool* __restrict__ mask) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= tokens * ffn) return;
-  mask[i] = i % ffn < widths.width[choice[i / ffn]];
+  const int64_t c = choice[i / ffn];
+  CUDA_KERNEL_ASSERT(c >= 0 && c < choices && "choice out of range");
+  mask[i] = c >= 0 && c < choices && i % ffn < widths.width[c];
 }
+
+// The 2.x kernel's resident threadblocks per launch on the current device (occupancy x
+// SMs; 0 when a threadblock does not fit): queried once per device, not per call.
+template <typename Gemm>
+int threadblocks_per_launch() {
+  static std::mutex mutex;
+  static std::vector<int> by_device;  // -1: not queried yet
+  const int device = at::cuda::current_device();
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (static_cast<int>(by_device.size()) <= device) by_device.resize(device + 1, -1);
+  if (by_device[device] < 0) by_device[device] = Gemm::sufficient();
+  return by_device[device];
+}
+
+// Thrown by run_grouped when CUTLASS declines a 2.x grouped GEMM before launching it: the
+// op then computes the masked full-width MLP instead (what the grouped path enqueued
+// before is discarded with its buffers).
+struct GroupedGemmDeclined {
+  std::string reason;
+};
 
 bool can_group(const at::Tensor& x, const std::optional<at::Tensor>& w_gate, const at::Tensor& w_up,
                const at::Tensor& w_down, at::IntArrayRef widths) {
   if (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kHalf) return false;
   if (static_cast<int64_t>(widths.size()) > kMaxGroupedChoices) return false;
+  // D = 0 would make K = 0 problems (up/gate, grad_hidden), which grouped GEMMs read out of
+  // bounds on; the masked path's ATen GEMMs handle it.
+  if (x.size(1) == 0) return false;
   if (x.size(1) % kAlignment != 0 || w_up.size(0) % kAlignment != 0) return false;
   for (const int64_t width : widths) {
     if (width % kAlignment != 0) return false;
@@ -337,39 +372,43 @@ bool can_group(const at::Tensor& x, const std::optional<at::Tensor>& w_gate, con
 }
 
 // Runs problems [first, first + count) with the 2.x kernel of the given operand layouts:
-// D = A @ B + beta * D.
+// D = A @ B + beta * D. Throws GroupedGemmDeclined, having launched nothing, when CUTLASS
+// cannot run it.
 template <typename Element, typename LayoutA, typename LayoutB>
 void run_grouped(ProblemArrays<Element> problems, int64_t first, int64_t count, float beta,
                  cudaStream_t stream) {
   using Gemm = GroupedGemm<Element, LayoutA, LayoutB>;
-  const int threadblocks = Gemm::sufficient();
-  TORCH_CHECK(threadblocks > 0, "routed_nested_mlp: no threadblock fits this GPU's shared memory");
+  const int threadblocks = threadblocks_per_launch<Gemm>();
+  if (threadblocks <= 0) throw GroupedGemmDeclined{"no threadblock fits the GPU's shared memory"};
   typename Gemm::EpilogueOutputOp::Params epilogue(1.0f, beta);  // beta = 0: C is never read
   typename Gemm::Arguments args(problems.sizes + first, static_cast<int>(count), threadblocks,
                                 epilogue, problems.a + first, problems.b + first,
                                 problems.d + first, problems.d + first, problems.lda + first,
                                 problems.ldb + first, problems.ldd + first, problems.ldd + first);
   Gemm gemm;
-  cutlass::Status status = gemm.initialize(args, nullptr, stream);  // device-only: no workspace
-  TORCH_CHECK(status == cutlass::Status::kSuccess, "routed_nested_mlp: CUTLASS grouped GEMM set-up failed: ",
-              cutlassGetStatusString(status));
+  cutlass::Status status = Gemm::can_implement(args);
+  if (status == cutlass::Status::kSuccess) {
+    status = gemm.initialize(args, nullptr, stream);  // device-only schedule: no workspace
+  }
+  if (status != cutlass::Status::kSuccess) throw GroupedGemmDeclined{cutlassGetStatusString(status)};
   status = gemm.run(stream);
   TORCH_CHECK(status == cutlass::Status::kSuccess, "routed_nested_mlp: CUTLASS grouped GEMM failed: ",
               cutlassGetStatusString(status));
 }
 
-// The up/gate (and forward down) GEMMs: the sm90a ptr-array kernel where it runs.
-template <typename Element>
-void run_row_col(ProblemArrays<Element> problems, int64_t first, int64_t count,
-                 cudaStream_t stream) {
+// Problems [first, first + count) on the sm90a ptr-array kernel where it runs, else
+// (or when CUTLASS declines it) on the 2.x kernel of the same operand layouts.
+template <typename Element, typename LayoutA, typename LayoutB>
+void run_problems(ProblemArrays<Element> problems, int64_t first, int64_t count, float beta,
+                  cudaStream_t stream) {
 #ifdef FLEXTRON_WITH_SM90
-  if (sm90::grouped_gemm_usable()) {
-    sm90::grouped_gemm_row_col<Element>(problems, static_cast<int>(first),
-                                        static_cast<int>(count), stream);
+  if (sm90::grouped_gemm_usable() &&
+      sm90::grouped_gemm<Element, LayoutA, LayoutB>(problems, static_cast<int>(first),
+                                                    static_cast<int>(count), beta, stream)) {
     return;
   }
 #endif
-  run_grouped<Element, RowMajor, ColumnMajor>(problems, first, count, 0.f, stream);
+  run_grouped<Element, LayoutA, LayoutB>(problems, first, count, beta, stream);
 }
 
 template <typename Element>
@@ -421,7 +460,7 @@ at::Tensor width_mask(const at::Tensor& choice, at::IntArrayRef widths, int64_t 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = (mask.numel() + 255) / 256;
   fill_width_mask<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-      choice.data_ptr<int64_t>(), width_table<kMaxMaskChoices>(widths), tokens, ffn,
+      choice.data_ptr<int64_t>(), width_table<kMaxMaskChoices>(widths), choices, tokens, ffn,
       mask.data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return mask;
@@ -452,12 +491,12 @@ at::Tensor forward_grouped(const at::Tensor& x, const std::optional<at::Tensor>&
                                                          problems);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  run_row_col<Element>(problems, 0, projections * choices, stream);
+  run_problems<Element, RowMajor, ColumnMajor>(problems, 0, projections * choices, 0.f, stream);
   activate_rows<Element><<<static_cast<unsigned>(tokens), 128, 0, stream>>>(
       ops.gate, ops.up, ops.up, choice.data_ptr<int64_t>(), groups.perm.data_ptr<int64_t>(), table,
       ffn, activation);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  run_row_col<Element>(problems, projections * choices, choices, stream);
+  run_problems<Element, RowMajor, ColumnMajor>(problems, projections * choices, choices, 0.f, stream);
   return y_sorted.index_select(0, groups.inv_perm);
 }
 
@@ -510,26 +549,26 @@ Gradients backward_grouped(const at::Tensor& grad_out, const at::Tensor& x,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // 1. Recompute up/gate and hidden.
-  run_row_col<Element>(problems, 0, projections * choices, stream);
+  run_problems<Element, RowMajor, ColumnMajor>(problems, 0, projections * choices, 0.f, stream);
   const int64_t* choice_ptr = choice.data_ptr<int64_t>();
   const int64_t* perm = groups.perm.data_ptr<int64_t>();
   activate_rows<Element><<<static_cast<unsigned>(tokens), 128, 0, stream>>>(
       ops.gate, ops.up, ops.hidden, choice_ptr, perm, table, ffn, activation);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // 2-3. grad_hidden, then grad_scale and the activation's backward.
-  run_grouped<Element, RowMajor, RowMajor>(problems, layout.grad_hidden(), choices, 0.f, stream);
+  run_problems<Element, RowMajor, RowMajor>(problems, layout.grad_hidden(), choices, 0.f, stream);
   backward_rows<Element><<<static_cast<unsigned>(tokens), kRowThreads, 0, stream>>>(
       ops.gate, ops.up, ops.hidden, ops.grad_hidden, ops.grad_sorted, elements<Element>(scale_x),
       scale.has_value() ? grad_scale_f.data_ptr<float>() : nullptr, choice_ptr, perm, table, ffn,
       hidden, activation);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // 4. grad_x = grad_up @ w_up (+ grad_gate @ w_gate).
-  run_grouped<Element, RowMajor, RowMajor>(problems, layout.grad_x_up(), choices, 0.f, stream);
+  run_problems<Element, RowMajor, RowMajor>(problems, layout.grad_x_up(), choices, 0.f, stream);
   if (w_gate.has_value()) {
-    run_grouped<Element, RowMajor, RowMajor>(problems, layout.grad_x_gate(), choices, 1.f, stream);
+    run_problems<Element, RowMajor, RowMajor>(problems, layout.grad_x_gate(), choices, 1.f, stream);
   }
   // 5-6. Weight gradients band by band, zeros for the unused neurons.
-  run_grouped<Element, ColumnMajor, RowMajor>(problems, layout.bands(), (projections + 1) * choices,
+  run_problems<Element, ColumnMajor, RowMajor>(problems, layout.bands(), (projections + 1) * choices,
                                               0.f, stream);
   const dim3 zero_grid(static_cast<unsigned>(std::max(hidden, ffn)), projections + 1);
   zero_unused_neurons<Element><<<zero_grid, 256, 0, stream>>>(
@@ -542,13 +581,17 @@ Gradients backward_grouped(const at::Tensor& grad_out, const at::Tensor& x,
           grad_scale};
 }
 
+void warn_declined(const GroupedGemmDeclined& declined) {
+  TORCH_WARN_ONCE("routed_nested_mlp: the CUTLASS 2.x grouped GEMM cannot run (", declined.reason,
+                  "); using the masked full-width MLP (ATen)");
+}
+
 // The masked full-width backward with ATen (fp32, unaligned shapes, many choices).
 Gradients backward_masked(const at::Tensor& grad_out, const at::Tensor& x,
                           const std::optional<at::Tensor>& w_gate, const at::Tensor& w_up,
                           const at::Tensor& w_down, const at::Tensor& choice,
                           at::IntArrayRef widths, const std::optional<at::Tensor>& scale,
                           Activation activation) {
-  const at::Tensor empty = at::empty({0}, x.options());
   // Recompute the masked hidden activations at full width (T, F).
   const at::Tensor mask = width_mask(choice, widths, w_up.size(0));
   const at::Tensor gate = w_gate.has_value() ? at::mm(x, w_gate->t()) : at::Tensor();
@@ -557,7 +600,7 @@ Gradients backward_masked(const at::Tensor& grad_out, const at::Tensor& x,
   activation_out(hidden, gate, up, activation);
   hidden.masked_fill_(mask.logical_not(), 0);
 
-  at::Tensor grad_scale = empty;
+  at::Tensor grad_scale = at::empty({0}, x.options());  // absent slots get distinct tensors
   at::Tensor grad_mlp = grad_out;  // gradient w.r.t. the unscaled MLP output (T, D)
   if (scale.has_value()) {
     const at::Tensor mlp_out = at::mm(hidden, w_down.t());
@@ -569,8 +612,8 @@ Gradients backward_masked(const at::Tensor& grad_out, const at::Tensor& x,
   activation_backward_(gate, up, grad_hidden, activation);  // up, gate <- their gradients
   at::Tensor grad_x = at::mm(up, w_up);
   if (gate.defined()) grad_x.addmm_(gate, *w_gate);
-  return {grad_x, gate.defined() ? at::mm(gate.t(), x) : empty, at::mm(up.t(), x), grad_w_down,
-          grad_scale};
+  return {grad_x, gate.defined() ? at::mm(gate.t(), x) : at::empty({0}, x.options()),
+          at::mm(up.t(), x), grad_w_down, grad_scale};
 }
 
 }  // namespace
@@ -592,10 +635,15 @@ at::Tensor routed_nested_mlp_cuda(const at::Tensor& x, const std::optional<at::T
 
   at::Tensor y;
   if (can_group(x, w_gate, w_up, w_down, widths)) {
-    y = x.scalar_type() == at::kBFloat16
-            ? forward_grouped<cutlass::bfloat16_t>(x, w_gate, w_up, w_down, choice_c, widths, act)
-            : forward_grouped<cutlass::half_t>(x, w_gate, w_up, w_down, choice_c, widths, act);
-  } else {  // the masked full-width MLP
+    try {
+      y = x.scalar_type() == at::kBFloat16
+              ? forward_grouped<cutlass::bfloat16_t>(x, w_gate, w_up, w_down, choice_c, widths, act)
+              : forward_grouped<cutlass::half_t>(x, w_gate, w_up, w_down, choice_c, widths, act);
+    } catch (const GroupedGemmDeclined& declined) {
+      warn_declined(declined);
+    }
+  }
+  if (!y.defined()) {  // the masked full-width MLP
     const at::Tensor gate = w_gate.has_value() ? at::mm(x, w_gate->t()) : at::Tensor();
     at::Tensor hidden = at::mm(x, w_up.t());
     activate_(gate, hidden, act);
@@ -622,11 +670,15 @@ routed_nested_mlp_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
   const at::Tensor choice_c = choice.contiguous();
   const Activation act = parse_activation(activation);
   if (tokens > 0 && can_group(x, w_gate, w_up, w_down, widths)) {
-    return x.scalar_type() == at::kBFloat16
-               ? backward_grouped<cutlass::bfloat16_t>(grad_out, x, w_gate, w_up, w_down, choice_c,
-                                                       widths, scale, act)
-               : backward_grouped<cutlass::half_t>(grad_out, x, w_gate, w_up, w_down, choice_c,
-                                                   widths, scale, act);
+    try {
+      return x.scalar_type() == at::kBFloat16
+                 ? backward_grouped<cutlass::bfloat16_t>(grad_out, x, w_gate, w_up, w_down, choice_c,
+                                                         widths, scale, act)
+                 : backward_grouped<cutlass::half_t>(grad_out, x, w_gate, w_up, w_down, choice_c,
+                                                     widths, scale, act);
+    } catch (const GroupedGemmDeclined& declined) {
+      warn_declined(declined);
+    }
   }
   return backward_masked(grad_out, x, w_gate, w_up, w_down, choice_c, widths, scale, act);
 }

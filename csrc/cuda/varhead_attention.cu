@@ -15,12 +15,23 @@
 //   configuration: one bucket) q, k and v are read through zero-copy views
 //   (q[b0:b1, :hq], with the caller's strides, e.g. the transposed views of
 //   (B, S, H, Dh) projections); a scattered bucket is gathered (index_select of
-//   the active heads only) and its results scattered back.
+//   the active heads only) and its results scattered back. Its sequence index
+//   reaches the device as a kernel argument (write_index), not as a copy from
+//   pageable memory: no synchronisation, and a CUDA graph captures it. With heads
+//   on the CPU the whole op is graph-capturable (the graph keeps the head counts
+//   it was captured with).
 // - Forward: at::scaled_dot_product_attention with enable_gqa, so PyTorch picks
 //   its flash / memory-efficient / math kernel for the bucket. Causal masks are
 //   aligned bottom-right (query i sees keys j <= i + Sk - Sq): is_causal when
 //   Sq == Sk, no mask when Sq == 1 (decode: every key is visible), else an explicit
-//   (Sq, Sk) boolean mask (SDPA's is_causal is top-left aligned when Sq != Sk).
+//   (Sq, Sk) boolean mask (SDPA's is_causal is top-left aligned when Sq != Sk, and
+//   its flash kernel refuses non-square causal attention). A mask keeps SDPA off
+//   flash, and its memory-efficient kernel takes a mask but not GQA, so with a mask
+//   and Sq >= Dh (chunked prefill) the bucket's KV heads are expanded to its query
+//   heads (a copy of n x hq x Sk x Dh elements, no larger than the Sq x Sk scores
+//   the math kernel would otherwise materialise per head) and SDPA runs as MHA on
+//   its memory-efficient kernel. Short query blocks (Sq < Dh: speculative decode)
+//   keep GQA on the math kernel, which is cheaper there than the copy.
 //   The active heads h of the bucket's hq are copied into the zero-filled output.
 // - Backward: recomputes attention per bucket with ATen batched GEMMs in fp32
 //   (the CPU kernel's formulas: P recomputed, dS = P * (dP - rowsum(P * dP)),
@@ -33,6 +44,7 @@
 // Versions: v1 (current) SDPA forward + fp32 ATen recompute backward. Next: the
 // fused flash backward (needs the forward's logsumexp saved, so a schema change).
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -52,6 +64,32 @@ constexpr const char* kOp = "varhead_attention";
 // The most fp32 score elements (bucket sequences x heads x query rows x keys) the
 // backward holds per block: 128 MiB per score-sized buffer (three live at once).
 constexpr int64_t kScoreElements = int64_t{1} << 25;
+
+constexpr int kIndexChunk = 64;  // sequence indices per write_index launch
+
+struct IndexChunk {
+  int64_t value[kIndexChunk];
+};
+
+// out[i] = chunk.value[i] for i < count: the values travel as a kernel argument.
+__global__ void write_index(IndexChunk chunk, int count, int64_t* __restrict__ out) {
+  if (static_cast<int>(threadIdx.x) < count) out[threadIdx.x] = chunk.value[threadIdx.x];
+}
+
+// `values` as a (n,) int64 tensor on `device`, written by kernels (see the top of the file).
+at::Tensor device_index(const std::vector<int64_t>& values, const at::Device& device) {
+  const auto n = static_cast<int64_t>(values.size());
+  at::Tensor index = at::empty({n}, at::TensorOptions().dtype(at::kLong).device(device));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  for (int64_t first = 0; first < n; first += kIndexChunk) {
+    const int count = static_cast<int>(std::min<int64_t>(kIndexChunk, n - first));
+    IndexChunk chunk{};
+    std::copy_n(values.begin() + first, count, chunk.value);
+    write_index<<<1, kIndexChunk, 0, stream>>>(chunk, count, index.data_ptr<int64_t>() + first);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return index;
+}
 
 // The sequences of one head count, and the heads they compute.
 struct Bucket {
@@ -84,7 +122,7 @@ std::vector<Bucket> make_buckets(const AttentionShape& s, const at::Tensor& q,
     bucket.kv_heads = (h + s.group - 1) / s.group;
     bucket.q_heads = bucket.kv_heads * s.group;
     if (sequences.back() - sequences.front() + 1 != static_cast<int64_t>(sequences.size())) {
-      bucket.index = at::tensor(sequences, at::kLong).to(q.device());
+      bucket.index = device_index(sequences, q.device());
     }
     bucket.sequences = std::move(sequences);
     buckets.push_back(std::move(bucket));
@@ -128,11 +166,23 @@ at::Tensor varhead_attention_cuda(const at::Tensor& q, const at::Tensor& k, cons
   if (causal && s.q_len != s.kv_len && s.q_len > 1) {
     mask = at::ones({s.q_len, s.kv_len}, q.options().dtype(at::kBool)).tril(s.kv_len - s.q_len);
   }
+  // With a mask, GQA as MHA on the memory-efficient kernel (see the top of the file).
+  const bool expand_kv = mask.has_value() && s.group > 1 && s.q_len >= s.head_dim;
   for (const Bucket& bucket : buckets) {
+    at::Tensor k_bucket = gather(k, bucket, bucket.kv_heads);  // (n, hkv, Sk, Dh)
+    at::Tensor v_bucket = gather(v, bucket, bucket.kv_heads);
+    if (expand_kv) {  // (n, hq, Sk, Dh): query head h reads KV head h / group
+      auto expand = [&](const at::Tensor& t) {
+        return t.unsqueeze(2)
+            .expand({t.size(0), bucket.kv_heads, s.group, s.kv_len, s.head_dim})
+            .reshape({t.size(0), bucket.q_heads, s.kv_len, s.head_dim});
+      };
+      k_bucket = expand(k_bucket);
+      v_bucket = expand(v_bucket);
+    }
     const at::Tensor attended = at::scaled_dot_product_attention(
-        gather(q, bucket, bucket.q_heads), gather(k, bucket, bucket.kv_heads),
-        gather(v, bucket, bucket.kv_heads), mask, /*dropout_p=*/0.0, square_causal, s.scale,
-        /*enable_gqa=*/true);  // (n, hq, Sq, Dh)
+        gather(q, bucket, bucket.q_heads), k_bucket, v_bucket, mask, /*dropout_p=*/0.0,
+        square_causal, s.scale, /*enable_gqa=*/!expand_kv);  // (n, hq, Sq, Dh)
     scatter(out, bucket, bucket.heads, attended.narrow(1, 0, bucket.heads));
   }
   return out;

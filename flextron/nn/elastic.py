@@ -45,9 +45,11 @@ class ElasticMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, width: int) -> torch.Tensor:
         """x: (B, T, D) -> (B, T, D) through the first `width` neurons."""
-        if self.gate_proj.bias is None:
+        if self.gate_proj.bias is None and not torch.is_grad_enabled():
             # Fused: the (B, T, width) hidden activations never reach memory as a whole.
             return ops.nested_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, width)
+        # With autograd, the unfused form keeps its activations for the backward, where the
+        # fused op would recompute two of its three GEMMs to save memory.
         hidden = nn.functional.silu(self.gate_proj(x, width)) * self.up_proj(x, width)  # (B, T, width)
         return self.down_proj(hidden, in_features=width)
 
@@ -124,11 +126,14 @@ class ElasticAttention(nn.Module):
         heads: int | torch.Tensor,
         kv_cache: KVCache | None = None,
         layer: int = 0,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, T, D) -> (B, T, D).
 
         heads: the number of query heads, one int for the batch or (B,) int64 per sequence
-        (inactive heads contribute nothing).  cos, sin: (T, hd) for the new positions.
+        (inactive heads contribute nothing).  cos, sin: (T, hd) for the new positions, or
+        (B, 1, T, hd) per sequence.  key_mask: (B, S) bool, False at padding keys (S: cached
+        + new positions); None: no padding.
         """
         B, T, _ = x.shape
         if isinstance(heads, torch.Tensor):
@@ -147,6 +152,28 @@ class ElasticAttention(nn.Module):
             k, v = kv_cache.update(layer, k, v)  # (B, kvh, S, hd)
         if per_sequence is None:
             per_sequence = torch.full((B,), most, dtype=torch.int64, device=x.device)
-        y = ops.varhead_attention(q, k, v, per_sequence, causal=True)  # (B, qh, T, hd)
+        if key_mask is None:
+            y = ops.varhead_attention(q, k, v, per_sequence, causal=True)  # (B, qh, T, hd)
+        else:
+            y = _padded_attention(q, k, v, per_sequence, key_mask)
         y = y.transpose(1, 2).reshape(B, T, q_heads * hd)
         return self.o_proj(y, in_features=q_heads * hd)
+
+
+def _padded_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor, key_mask: torch.Tensor
+) -> torch.Tensor:
+    """Causal GQA attention that skips padding keys: q (B, qh, T, hd), k, v (B, kvh, S, hd),
+    heads (B,), key_mask (B, S) bool -> (B, qh, T, hd), inactive heads zero.
+
+    The kernels take no mask, so padded batches run PyTorch's SDPA.  The T queries are the
+    last T of the S positions; a padding query also sees itself, so that no row is empty.
+    """
+    T, S = q.shape[2], k.shape[2]
+    query_at = torch.arange(S - T, S, device=q.device)[:, None]  # (T, 1)
+    key_at = torch.arange(S, device=q.device)[None, :]  # (1, S)
+    allowed = (key_at <= query_at) & key_mask.to(q.device, torch.bool)[:, None, :]  # (B, T, S)
+    allowed = allowed | (key_at == query_at)
+    y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=True)
+    active = torch.arange(q.shape[1], device=q.device)[None, :] < heads[:, None]  # (B, qh)
+    return y * active[:, :, None, None].to(y.dtype)

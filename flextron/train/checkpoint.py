@@ -9,10 +9,13 @@ Layout under the run directory:
         trainer.json            step, scheduler, data position, optimizer param_groups, config
     checkpoints/latest.json     {"step": 100, "path": "step-000100"}
 
-A checkpoint is written into a temporary directory, moved into place with one rename,
-and only then does latest.json (itself replaced atomically) point at it.  A process
-killed at any moment leaves latest.json naming the last complete checkpoint; stray
-temporary directories are ignored and removed by the next save.
+A checkpoint is written into a temporary directory (.tmp-PID-step-XXXXXX-...), flushed to
+disk (every file, then the directory: fsync), moved into place with one rename (the
+parent flushed again), and only then does latest.json (itself flushed and replaced
+atomically) point at it.  A process killed, or a machine losing power, at any moment
+leaves latest.json naming the last complete checkpoint.  Stray temporary files of a save
+(checkpoint directories, latest.json temporaries) are removed by the next save: this
+process's own, and those whose process is gone; another live process's are left alone.
 """
 
 from __future__ import annotations
@@ -28,12 +31,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from flextron.checkpoint import save_pretrained, save_safetensors_atomic, write_json_atomic
+from flextron.checkpoint import save_pretrained, save_safetensors_atomic, temp_prefix, write_json_atomic
 from flextron.model import FlextronModel
+from flextron.outputs import fsync_dir, fsync_tree, remove_stale
 
 LATEST = "latest.json"
 TRAINER_FILE, OPTIMIZER_FILE, RNG_FILE = "trainer.json", "optimizer.safetensors", "rng.safetensors"
-TEMP_PREFIX = ".tmp-step-"
+# trainer.json fields (and their JSON types): every checkpoint's, and those a training resume reads.
+CHECKPOINT_FIELDS = {"step": (int, "an integer"), "optimizer_param_groups": (list, "a list")}
+RESUME_FIELDS = {**CHECKPOINT_FIELDS, "scheduler": (dict, "an object"), "data": (dict, "an object"),
+                 "config": (dict, "an object"), "num_train_blocks": (int, "an integer")}
+TEMP_PREFIX = ".tmp-"  # then the PID: .tmp-PID-step-XXXXXX-...
 
 
 def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -84,9 +92,11 @@ def _write_files(
 
 
 def _publish(temp: Path, final: Path) -> None:
+    fsync_tree(temp)  # contents on disk before the rename makes them the checkpoint
     if final.exists():  # a checkpoint of this step from an earlier, interrupted run
         shutil.rmtree(final)
     os.replace(temp, final)
+    fsync_dir(final.parent)
 
 
 def save_checkpoint(
@@ -100,10 +110,11 @@ def save_checkpoint(
     """Write checkpoint `step` under root, point latest.json at it, keep the newest `keep`."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for stray in root.glob(f"{TEMP_PREFIX}*"):  # left by a killed save
-        shutil.rmtree(stray, ignore_errors=True)
+    # Left by a killed save: this process's, or a dead one's.
+    remove_stale(root, TEMP_PREFIX)
+    remove_stale(root, temp_prefix(root / LATEST))
     name = f"step-{step:06d}"
-    temp = Path(tempfile.mkdtemp(dir=root, prefix=f"{TEMP_PREFIX}{step:06d}-"))
+    temp = Path(tempfile.mkdtemp(dir=root, prefix=f"{TEMP_PREFIX}{os.getpid()}-step-{step:06d}-"))
     _write_files(temp, model, optimizer_state, {**trainer_state, "step": step})
     _publish(temp, root / name)
     write_json_atomic(root / LATEST, {"step": step, "path": name})
@@ -120,24 +131,51 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     if not latest.is_file():
         return None
     try:
-        path = root / json.loads(latest.read_text())["path"]
-    except (json.JSONDecodeError, KeyError) as error:
+        data = json.loads(latest.read_text())
+    except ValueError as error:
         raise ValueError(f"{latest}: corrupt ({error})") from error
+    name = data.get("path") if isinstance(data, dict) else None
+    # Only a checkpoint name of this directory: never a path elsewhere.
+    if not isinstance(name, str) or not name.startswith("step-") or Path(name).name != name:
+        raise ValueError(f'{latest}: expected an object {{"step": N, "path": "step-NNNNNN"}}, got {data!r}')
+    path = root / name
     if not path.is_dir():
         raise ValueError(f"{latest} points to {path.name}, which does not exist")
     return path
 
 
-def load_training_state(
-    path: str | os.PathLike,
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
-    """(trainer_state, optimizer_state, rng_states) of a checkpoint directory (weights: from_pretrained)."""
-    path = Path(path)
+def read_trainer_state(path: str | os.PathLike, fields: dict = CHECKPOINT_FIELDS) -> dict[str, Any]:
+    """A checkpoint's trainer.json with `fields` checked: ValueError naming the file and the field."""
+    trainer_file = Path(path) / TRAINER_FILE
     try:
-        trainer_state = json.loads((path / TRAINER_FILE).read_text())
+        trainer_state = json.loads(trainer_file.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: incomplete or corrupt training checkpoint ({error})") from error
+    if not isinstance(trainer_state, dict):
+        raise ValueError(f"{trainer_file}: expected a JSON object")
+    for name, (kind, expected) in fields.items():
+        if not isinstance(trainer_state.get(name), kind):
+            raise ValueError(f"{trainer_file}: field {name!r} is missing or not {expected}")
+    return trainer_state
+
+
+def resumed_step(root: str | os.PathLike) -> int | None:
+    """The step a resume from `root` would continue at (None: no checkpoint yet)."""
+    checkpoint = latest_checkpoint(root)
+    return None if checkpoint is None else read_trainer_state(checkpoint, RESUME_FIELDS)["step"]
+
+
+def load_training_state(
+    path: str | os.PathLike, fields: dict = CHECKPOINT_FIELDS,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """(trainer_state, optimizer_state, rng_states) of a checkpoint directory (weights: from_pretrained);
+    trainer.json must hold `fields`."""
+    path = Path(path)
+    trainer_state = read_trainer_state(path, fields)
+    try:
         optimizer_tensors = load_file(path / OPTIMIZER_FILE)
         rng = load_file(path / RNG_FILE)
-    except (OSError, json.JSONDecodeError, SafetensorError) as error:
+    except (OSError, SafetensorError) as error:
         raise ValueError(f"{path}: incomplete or corrupt training checkpoint ({error})") from error
     param_groups = trainer_state.pop("optimizer_param_groups")
     return trainer_state, unflatten_optimizer_state(optimizer_tensors, param_groups), rng

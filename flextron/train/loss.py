@@ -4,12 +4,65 @@
 
 KL is the forward KL (teacher as the target distribution), averaged over tokens; the T^2
 factor keeps its gradient scale independent of the temperature (Hinton et al., 2015).
+
+The loss and its gradient are computed together, a few rows of the (tokens, vocabulary)
+logits at a time, in fp32 (or the logits' wider dtype): the gradient w.r.t. the student's logits,
+T * (softmax(student / T) - softmax(teacher / T)) / N  (+ alpha * (softmax(student) - onehot) / N),
+is all the backward needs.  On a 49k vocabulary this replaces a dozen passes over
+several full-size fp32 tensors (log-softmaxes, KL terms and their backward) with one pass
+over cache-sized chunks and a single stored gradient.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+# Logits per chunk (8 MiB of fp32 per temporary): small enough to stay in cache, big enough
+# that each op's thread fork/join is amortised (on a loaded machine those joins dominate).
+CHUNK_ELEMENTS = 1 << 21
+
+
+class _DistillationLoss(torch.autograd.Function):
+    """(kd, ce) of (N, V) logits; the backward scales the gradient kept from the forward."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, targets, temperature, alpha, chunk_rows):
+        rows, vocab = student.shape
+        needs_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(student) if needs_grad else None  # (N, V), the student's dtype
+        dtype = torch.promote_types(student.dtype, torch.float32)  # bf16 logits: fp32 softmaxes
+        kd, ce = student.new_zeros((), dtype=dtype), student.new_zeros((), dtype=dtype)
+        for start in range(0, rows, chunk_rows):
+            end = min(start + chunk_rows, rows)
+            logits, target = student[start:end].to(dtype), targets[start:end, None]  # (c, V), (c, 1)
+            teacher_logits = teacher[start:end].to(dtype)
+            if temperature != 1:
+                logits, teacher_logits = logits / temperature, teacher_logits / temperature
+            log_q = torch.log_softmax(logits, -1)  # the student at temperature T
+            log_p = torch.log_softmax(teacher_logits, -1)  # the teacher
+            p = log_p.exp()
+            kd += torch.sub(log_p, log_q).mul_(p).sum()
+            log_q1 = log_q if temperature == 1 else torch.log_softmax(student[start:end].to(dtype), -1)
+            ce -= log_q1.gather(1, target).sum()
+            if grad is None:
+                continue
+            q = log_q.exp_()  # softmax(student / T), in place
+            # Out of place only when q is needed again below (as softmax(student) for the CE).
+            chunk_grad = (q.sub(p) if alpha and temperature == 1 else q.sub_(p)).mul_(temperature / rows)
+            if alpha:
+                q1 = q if temperature == 1 else log_q1.exp_()
+                q1.scatter_add_(1, target, q1.new_full(target.shape, -1.0))  # softmax - onehot
+                chunk_grad.add_(q1, alpha=alpha / rows)
+            grad[start:end] = chunk_grad
+        kd, ce = kd * temperature**2 / rows, ce / rows
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(ce)
+        return kd + alpha * ce if alpha else kd, kd.detach(), ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_kd, grad_ce):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None
 
 
 def distillation_loss(
@@ -21,7 +74,8 @@ def distillation_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """student_logits, teacher_logits: (B, T, V); targets: (B, T) next-token ids.
 
-    Returns the scalar loss and its parts {"kd", "ce"} as floats for logging.
+    Returns the scalar loss and its parts {"kd", "ce"} as floats for logging.  The teacher's
+    logits are a fixed target: no gradient flows into them.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -31,18 +85,12 @@ def distillation_loss(
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     vocab = student_logits.shape[-1]
-    # fp32 for the softmaxes: bf16 log-probabilities lose the tail the KL depends on.
-    student = student_logits.float().reshape(-1, vocab)  # (N, V)
-    teacher = teacher_logits.float().reshape(-1, vocab)
-    kd = (
-        F.kl_div(
-            F.log_softmax(student / temperature, -1),
-            F.log_softmax(teacher / temperature, -1),
-            reduction="batchmean",
-            log_target=True,
-        )
-        * temperature**2
+    loss, kd, ce = _DistillationLoss.apply(
+        student_logits.reshape(-1, vocab),  # (N, V)
+        teacher_logits.reshape(-1, vocab),
+        targets.reshape(-1),
+        float(temperature),
+        float(alpha),
+        max(1, CHUNK_ELEMENTS // vocab),
     )
-    ce = F.cross_entropy(student, targets.reshape(-1))
-    loss = kd + alpha * ce if alpha else kd
     return loss, {"kd": kd.item(), "ce": ce.item()}

@@ -26,11 +26,18 @@ from tqdm.auto import tqdm
 from flextron.config import check_budget
 from flextron.evaluate import perplexity
 from flextron.model import FlextronModel
-from flextron.train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, set_rng_states
+from flextron.train.checkpoint import (
+    RESUME_FIELDS,
+    latest_checkpoint,
+    load_training_state,
+    save_checkpoint,
+    set_rng_states,
+)
 from flextron.train.data import BatchOrder, TrainData
 from flextron.train.distributed import DistContext
 from flextron.train.loss import distillation_loss
 from flextron.train.metrics import MetricsLog, plot_metrics, read_metrics
+from flextron.train.rundir import check_run_dir, clear_run, run_lock
 from flextron.train.sampling import RULES, SubnetSampler
 
 # Settings a resumed run must share with the run it continues, or it would not continue it.
@@ -129,8 +136,9 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    # foreach=False: the same per-tensor arithmetic on every device count, for exact resumes.
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, foreach=False)
+    # fused: one elementwise kernel per tensor (a loop of separate ops made AdamW a large
+    # share of a CPU step), and the same arithmetic per element on every device count.
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=True)
 
 
 @torch.no_grad()
@@ -155,6 +163,14 @@ def _check_resume(saved: dict[str, Any], config: TrainConfig, num_blocks: int, s
         )
 
 
+def check_resume_steps(step: int, steps: int, stop_after: int | None) -> None:
+    """ValueError unless a run at `step` can continue to `steps` (and stop after `stop_after`)."""
+    if steps < step:
+        raise ValueError(f"--steps {steps} is below the resumed run's step {step}: give at least {step}")
+    if stop_after is not None and stop_after <= step:
+        raise ValueError(f"--stop-after {stop_after}: the resumed run is already at step {step}")
+
+
 def train(
     student: FlextronModel,
     teacher: FlextronModel,
@@ -165,6 +181,7 @@ def train(
     context: DistContext | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train `student` in place (elastic, distilled from the frozen `teacher`); write
     out/metrics.jsonl, out/metrics.png and out/checkpoints/.  With resume, continue from
@@ -172,12 +189,36 @@ def train(
     this call (validated and checkpointed) once that many steps are done in total, to be
     resumed later (time-limited jobs); the schedule still spans config.steps.
 
+    The main process holds out's lock throughout (flextron.train.rundir); an out that
+    already holds a run is refused unless resumed, or replaced with overwrite.
+
     data.train: (N, S) token blocks; each micro-batch feeds S - 1 tokens per block and
     predicts the next ones.  Returns {"steps": steps done, "tokens": trained in this call,
     "seconds", "val": the last validation}.
     """
     context = context or DistContext()
-    out = Path(out)
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"stop_after must be at least 1, got {stop_after}")
+    if not context.is_main:
+        return _train(student, teacher, data, config, Path(out), resume, context, progress, stop_after)
+    with run_lock(out):
+        check_run_dir(out, resume, overwrite)
+        if overwrite:
+            clear_run(out)
+        return _train(student, teacher, data, config, Path(out), resume, context, progress, stop_after)
+
+
+def _train(
+    student: FlextronModel,
+    teacher: FlextronModel,
+    data: TrainData,
+    config: TrainConfig,
+    out: Path,
+    resume: bool,
+    context: DistContext,
+    progress: bool,
+    stop_after: int | None,
+) -> dict[str, Any]:
     device = context.device
     if config.batch_size % context.world_size:
         raise ValueError(f"batch size {config.batch_size} is not divisible by {context.world_size} ranks")
@@ -208,14 +249,19 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     start_step = 0
     if checkpoint is not None:
-        trainer_state, optimizer_state, rng = load_training_state(checkpoint)
+        trainer_state, optimizer_state, rng = load_training_state(checkpoint, RESUME_FIELDS)
         _check_resume(trainer_state["config"], config, data.train.shape[0], trainer_state["num_train_blocks"])
         weights = FlextronModel.from_pretrained(checkpoint).state_dict()
         context.load_full_state(model, optimizer, weights, optimizer_state)
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        order.load_state_dict(trainer_state["data"])
-        set_rng_states(rng)
         start_step = trainer_state["step"]
+        check_resume_steps(start_step, config.steps, stop_after)
+        try:
+            scheduler.load_state_dict(trainer_state["scheduler"])
+            order.load_state_dict(trainer_state["data"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{checkpoint / 'trainer.json'}: corrupt scheduler or data state ({error!r})") \
+                from error
+        set_rng_states(rng)
     log = MetricsLog(out / "metrics.jsonl") if context.is_main else None
     if log is not None:
         if checkpoint is None:
@@ -270,6 +316,7 @@ def train(
         disable=not (progress and context.is_main),
     )
     for step in bar:
+        step_started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         losses, parts, labels, seconds = [], [], [], []
         for micro in range(config.accumulation_steps):
@@ -277,7 +324,7 @@ def train(
             blocks = data.train[order.next()][context.rank * local_batch : (context.rank + 1) * local_batch]
             blocks = blocks.to(device)
             inputs, targets = blocks[:, :-1], blocks[:, 1:]  # (b, S - 1) each
-            with torch.no_grad(), autocast:
+            with torch.inference_mode(), autocast:
                 teacher_logits = teacher(inputs)  # (b, S - 1, V)
             tick = time.perf_counter()
             last = micro == config.accumulation_steps - 1
@@ -307,6 +354,7 @@ def train(
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
+        step_seconds = time.perf_counter() - step_started
         done = step + 1
         loss_value = sum(losses) / len(losses)
         if log is not None:
@@ -320,6 +368,7 @@ def train(
                     "grad_norm": grad_norm,
                     "archs": labels,
                     "student_seconds": seconds,
+                    "step_seconds": step_seconds,
                     "tokens": done * tokens_per_step,
                 }
             )
