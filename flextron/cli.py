@@ -892,15 +892,21 @@ def train(args: argparse.Namespace) -> None:
     arg("--max-new-tokens", type=positive_int, default=40),
     arg("--train-steps", type=non_negative_int, default=40,
         help="elastic-training steps, trained once, cached (0: none)"),
+    arg("--corpus", default=None,
+        help="a `flextron corpus` directory: calibrate and train on its train/ text, measure on heldout/ "
+             "(default: the built-in Python documentation)"),
 )
 def demo(args: argparse.Namespace) -> None:
     from flextron.demo import run_demo
     from flextron.outputs import check_output_dir
 
+    corpus = None if args.corpus is None else Path(args.corpus)
+    if corpus is not None and not (corpus / "corpus.json").is_file():
+        raise ValueError(f"--corpus {corpus}: not a corpus directory (build one with `make corpus`)")
     check_output_dir(args.out, overwrite=True)  # a cache: reused, never replaced wholesale
     run_demo(
         Path(args.out), args.budgets, args.calib_samples, args.eval_blocks, args.prompt, args.max_new_tokens,
-        args.train_steps,
+        args.train_steps, corpus,
     )
 
 

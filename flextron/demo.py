@@ -1,9 +1,10 @@
 """`flextron demo`: the embedded SmolLM2-135M-Instruct end to end, in a few minutes on a CPU.
 
-Load the GGUF -> convert (importance on built-in calibration text, permute) -> choose each
-budget's configuration by calibration loss -> save ->
-perplexity at each budget on held-out built-in text (table, JSON, PNG) -> answer a prompt
-at two budgets, streaming.
+Load the GGUF -> convert (importance on calibration text, permute) -> choose each budget's
+configuration by calibration loss -> save -> perplexity at each budget on held-out text
+(table, JSON, PNG) -> a short elastic-training phase -> answer a prompt at two budgets.
+`make demo` uses the general-English corpus (`make corpus`); without --corpus the text is
+the built-in Python documentation.
 """
 
 from __future__ import annotations
@@ -34,12 +35,17 @@ def run_demo(
     prompt: str = "What is the capital of France? Answer in one sentence.",
     max_new_tokens: int = 40,
     train_steps: int = 0,
+    corpus: Path | None = None,
 ) -> list[dict]:
     """Run the demo, writing out/model, out/results.json and out/perplexity.png; returns the rows.
 
     train_steps > 0 adds an elastic-training phase (trained once, then cached; see
     flextron.train.demo) and writes out/results_trained.json and out/perplexity_trained.png.
+    corpus: a directory from `flextron corpus` (calibration and training on its train/ text,
+    perplexity on its heldout/ text); None: the built-in Python documentation.
     """
+    train_text, held_out_text = ("builtin", "builtin") if corpus is None else (corpus / "train",
+                                                                               corpus / "heldout")
     start = time.perf_counter()
 
     def step(message: str) -> None:
@@ -49,17 +55,17 @@ def run_demo(
     step("loading the embedded SmolLM2-135M-Instruct (GGUF, dequantized to fp32)")
     model = load_default()
     step(f"{model.num_parameters() / 1e6:.1f}M parameters, {model.config.num_layers} layers; converting on "
-         f"{calib_samples} x {CALIB_SEQ_LEN} built-in calibration tokens")
-    calibration = load_blocks(model.tokenizer, "builtin", CALIB_SEQ_LEN, calib_samples, split="train")
+         f"{calib_samples} x {CALIB_SEQ_LEN} calibration tokens of {train_text}")
+    calibration = load_blocks(model.tokenizer, train_text, CALIB_SEQ_LEN, calib_samples, split="train")
     convert(model, calibration, batch_size=4)
     step("choosing each budget's configuration by calibration loss (flextron.budget_configs)")
     model.budget_configs = choose_budget_configs(
-        model, calibration[:BUDGET_SAMPLES], [b for b in budgets if b < 1], source="builtin"
+        model, calibration[:BUDGET_SAMPLES], [b for b in budgets if b < 1], source=str(train_text)
     )
     model.save_pretrained(out / "model")
     step(f"saved the converted model to {out / 'model'}")
 
-    held_out = load_blocks(model.tokenizer, "builtin", EVAL_SEQ_LEN, eval_blocks, split="eval")
+    held_out = load_blocks(model.tokenizer, held_out_text, EVAL_SEQ_LEN, eval_blocks, split="eval")
     step(f"perplexity on {held_out.numel()} held-out tokens at budgets {budgets}")
     rows = evaluate_archs(model, held_out, archs_for_budgets(model, budgets), batch_size=4)
     print(format_table(rows))
@@ -70,7 +76,7 @@ def run_demo(
         from flextron.train.demo import elastic_phase
 
         step(f"elastic training, {train_steps} steps (distillation from the frozen converted model)")
-        model, checkpoint, cached = elastic_phase(model, train_steps)
+        model, checkpoint, cached = elastic_phase(model, train_steps, str(train_text))
         step(f"{'loaded the cached' if cached else 'trained and cached the'} checkpoint {checkpoint}")
         rows = evaluate_archs(model, held_out, archs_for_budgets(model, budgets), batch_size=4)
         print(format_table(rows))

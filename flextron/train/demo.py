@@ -32,7 +32,7 @@ def cache_root() -> Path:
 def demo_config(steps: int) -> TrainConfig:
     """Small batches and a frozen embedding (recovery per CPU second); lr 1e-4 keeps full width in place."""
     return TrainConfig(
-        steps=steps, batch_size=2, lr=1e-4, warmup_steps=max(1, steps // 20), train_embeddings=False,
+        steps=steps, batch_size=2, lr=5e-5, warmup_steps=max(1, steps // 20), train_embeddings=False,
         eval_every=0, save_every=0, keep_checkpoints=1, eval_budgets=(1.0, 0.5), eval_batch_size=2,
     )
 
@@ -41,8 +41,8 @@ def demo_seq_len(model: FlextronModel) -> int:
     return min(SEQ_LEN, model.config.max_position_embeddings - 1)
 
 
-def cache_key(model: FlextronModel, config: TrainConfig) -> str:
-    settings = {**config.to_dict(), "seq_len": demo_seq_len(model)}
+def cache_key(model: FlextronModel, config: TrainConfig, data: str = "builtin") -> str:
+    settings = {**config.to_dict(), "seq_len": demo_seq_len(model), "data": data}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for name in sorted(model.importance):
         if name.endswith(".order"):
@@ -53,19 +53,20 @@ def cache_key(model: FlextronModel, config: TrainConfig) -> str:
 
 
 def elastic_phase(
-    model: FlextronModel, steps: int, progress: bool = True
+    model: FlextronModel, steps: int, data: str = "builtin", progress: bool = True
 ) -> tuple[FlextronModel, Path, bool]:
-    """Train `model` (converted, with a tokenizer) in place for `steps`, or load the cached result.
+    """Train `model` (converted, with a tokenizer) in place for `steps` on `data` (a flextron.data
+    source), or load the cached result.
 
     Returns (model, the checkpoint directory, whether it came from the cache).
     """
     config = demo_config(steps)
-    run = cache_root() / f"demo-elastic-{cache_key(model, config)}"
+    run = cache_root() / f"demo-elastic-{cache_key(model, config, data)}"
     cached = latest_checkpoint(run / "checkpoints") if (run / "checkpoints").is_dir() else None
     if cached is None:
-        data = load_train_data(model.tokenizer, "builtin", demo_seq_len(model) + 1, max_val_blocks=2)
+        blocks = load_train_data(model.tokenizer, data, demo_seq_len(model) + 1, max_val_blocks=2)
         teacher = copy.deepcopy(model)
-        train(model, teacher, data, config, run, progress=progress)
+        train(model, teacher, blocks, config, run, progress=progress)
         model.eval()
         return model, latest_checkpoint(run / "checkpoints"), False
     with torch.no_grad():
