@@ -80,3 +80,28 @@ def tiny_hf_dir(path, **config) -> LlamaForCausalLM:
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return model
+
+
+def tiny_bpe_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer with real merges (trained on built-in text), digits split
+    individually, special <pad>/<bos>/<eos> (ids 0-2) and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from flextron.data import read_texts
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    backend.train_from_iterator(read_texts("builtin", "train")[:50], trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    return tokenizer
