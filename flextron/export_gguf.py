@@ -2,11 +2,13 @@
 
 Architectures (general.architecture):
 - "llama": uniform Llama and Mistral sub-networks (llama.cpp runs Mistral as Llama).
-- "qwen2": uniform Qwen2 sub-networks (bias on q/k/v).
-- "deci": per-layer configurations.  llama.cpp's "deci" (NVIDIA's Nemotron NAS models) is the
-  Llama block with per-layer feed_forward_length, head_count and head_count_kv arrays and
-  optional biases, which is exactly what a per-layer Flextron configuration is.
-  transformers' gguf_file= loader cannot read it (its classes have one size for all layers).
+- "qwen2": uniform Qwen2 sub-networks that keep every head (bias on q/k/v; llama.cpp's qwen2
+  sizes q and o as hidden x hidden).
+- "deci": per-layer configurations, and Qwen2 ones with fewer heads.  llama.cpp's "deci"
+  (NVIDIA's Nemotron NAS models) is the Llama block with per-layer feed_forward_length,
+  head_count and head_count_kv arrays and optional biases: exactly what a per-layer Flextron
+  configuration is.  transformers' gguf_file= loader cannot read it (its classes have one size
+  for all layers).
 
 RoPE layout: Hugging Face rotates the two halves of each head, (i, i + head_dim/2); llama.cpp's
 "llama" and "deci" rotate adjacent pairs (2i, 2i + 1).  So q/k rows (and biases) are reordered
@@ -75,7 +77,10 @@ def gguf_architecture(config: ModelConfig, arch: ArchConfig) -> str:
     """The llama.cpp architecture that holds this sub-network (see the module docstring)."""
     if not arch.is_uniform:
         return "deci"
-    return "qwen2" if config.model_type == "qwen2" else "llama"
+    if config.model_type != "qwen2":
+        return "llama"
+    # llama.cpp's qwen2 sizes q/o as hidden x hidden: only all heads fit it.
+    return "qwen2" if arch.heads[0] * config.head_dim == config.hidden_size else "deci"
 
 
 def pairs_adjacent(rows: torch.Tensor, heads: int) -> torch.Tensor:
@@ -200,7 +205,7 @@ def write_gguf(
     architecture = gguf_architecture(config, arch)
     divisors = _rope_freq_divisors(config)
     if divisors is not None and architecture == "qwen2":
-        raise ValueError("GGUF export: llama.cpp's qwen2 reads no RoPE frequency factors; use default RoPE")
+        architecture = "deci"  # llama.cpp's qwen2 reads no RoPE frequency factors
     small = slice_model(model, arch)
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_name(name or "flextron sub-network")

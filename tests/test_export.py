@@ -13,7 +13,7 @@ from flextron.convert import convert
 from flextron.export import export
 from flextron.model import FlextronModel
 from tests.test_model import assert_logits_close
-from tests.tiny_models import tiny_flextron
+from tests.tiny_models import tiny_family_model, tiny_flextron
 
 VARIANTS = [dict(kv_heads=2), dict(kv_heads=4, bias=True, tied=True)]
 
@@ -53,34 +53,11 @@ def test_partial_kv_groups_cannot_be_exported(tmp_path) -> None:
         export(model, ArchConfig((64, 64), (3, 3)), tmp_path)
 
 
-def _tiny_family_model(family: str):
-    """A random tiny Qwen2ForCausalLM or MistralForCausalLM (the tiny Llama's sizes) and its twin."""
-    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    from flextron.config import ModelConfig
-    from flextron.loading import model_from_hf_weights
-    from tests.tiny_models import tiny_hf_config
-
-    settings = tiny_hf_config().to_dict()
-    for key in ("attention_bias", "mlp_bias", "model_type", "architectures", "transformers_version"):
-        settings.pop(key, None)
-    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
-                                 "mistral": (MistralConfig, MistralForCausalLM)}[family]
-    torch.manual_seed(0)
-    hf_config = config_class(**settings, sliding_window=None)  # (Mistral v0.2+ have none)
-    hf_config._attn_implementation = "eager"
-    hf = model_class(hf_config).eval()
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            param.copy_(1 + 0.1 * torch.randn_like(param)) if "norm" in name else param.normal_(0, 0.1)
-    return hf, model_from_hf_weights(ModelConfig.from_hf(hf_config.to_dict()), hf.state_dict())
-
-
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])
 def test_qwen2_and_mistral_export_to_their_own_classes(tmp_path, family: str) -> None:
     from transformers import AutoModelForCausalLM
 
-    hf, model = _tiny_family_model(family)
+    hf, model = tiny_family_model(family)
     assert model.config.model_type == family and model.config.qkv_bias == (family == "qwen2")
     convert(model, torch.randint(0, 300, (2, 16)), progress=False)
     arch = model.arch_for_budget(0.5)

@@ -57,6 +57,28 @@ def tiny_flextron(seed: int = 0, **config) -> FlextronModel:
     return flextron_twin(tiny_hf_model(seed, **config))
 
 
+def tiny_family_model(family: str):
+    """A random tiny Qwen2ForCausalLM or MistralForCausalLM (the tiny Llama's sizes) and its twin."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    settings = tiny_hf_config().to_dict()
+    for key in ("attention_bias", "mlp_bias", "model_type", "architectures", "transformers_version"):
+        settings.pop(key, None)
+    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                                 "mistral": (MistralConfig, MistralForCausalLM)}[family]
+    torch.manual_seed(0)
+    hf_config = config_class(**settings, sliding_window=None)  # (Mistral v0.2+ have none)
+    hf_config._attn_implementation = "eager"
+    hf = model_class(hf_config).eval()
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.1 * torch.randn_like(param))
+            else:
+                param.normal_(0, 0.1)
+    return hf, model_from_hf_weights(ModelConfig.from_hf(hf_config.to_dict()), hf.state_dict())
+
+
 def tiny_tokenizer():
     """A byte-level tokenizer (259 ids < the tiny vocab of 300) with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
