@@ -139,7 +139,7 @@ def _pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
     steps = pre_tokenizer.get("pretokenizers", [pre_tokenizer]) if pre_tokenizer else []
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"  # GPT-2's own split (SmolLM2 as transformers reads it from GGUF)
+        return "gpt-2"  # GPT-2's own split (SmolLM2 as transformers reads it from GGUF)
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
         return "smollm"  # GPT-2's split after every digit on its own (SmolLM, SmolLM2)
     if kinds == ["Split", "ByteLevel"]:

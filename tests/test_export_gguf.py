@@ -123,10 +123,13 @@ def test_greedy_32_tokens_at_f32_are_identical(model, llama, tmp_path, shape: st
     assert theirs == ours and len(ours) == 32
 
 
-def test_llama_cpp_tokenizes_like_the_model(model, llama, tmp_path) -> None:
+@pytest.mark.parametrize("split_digits", [True, False], ids=["smollm", "gpt-2"])
+def test_llama_cpp_tokenizes_like_the_model(llama, tmp_path, split_digits: bool) -> None:
+    model = tiny_flextron(kv_heads=2)
+    tokenizer = model.tokenizer = tiny_bpe_tokenizer(split_digits=split_digits)
     export(model, model.arch_for_budget(0.5), tmp_path, format="gguf", gguf_type="f16")
     llm = llama(tmp_path / "model-f16.gguf")
-    tokenizer = model.tokenizer
+    assert llm.metadata["tokenizer.ggml.pre"] == ("smollm" if split_digits else "gpt-2")
     for text in (PROMPT, "  indented\n\tcode = f(x, 42) # done", "<bos>special<eos> tokens"):
         ids = tokenizer(text)["input_ids"]
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids

@@ -104,17 +104,20 @@ def tiny_hf_dir(path, **config) -> LlamaForCausalLM:
     return model
 
 
-def tiny_bpe_tokenizer(vocab_size: int = 300):
+def tiny_bpe_tokenizer(vocab_size: int = 300, split_digits: bool = True):
     """A byte-level BPE tokenizer with real merges (trained on built-in text), digits split
-    individually, special <pad>/<bos>/<eos> (ids 0-2) and a chat template."""
+    individually (SmolLM's pre-tokenizer) or not (GPT-2's), special <pad>/<bos>/<eos> (ids 0-2)
+    and a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from flextron.data import read_texts
 
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits else byte_level
     )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
