@@ -253,3 +253,35 @@ def test_export_command_gguf(tmp_path, capsys) -> None:
     types = {tensor.name: tensor.tensor_type.name for tensor in reader.tensors}
     assert types["blk.0.ffn_up.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
     assert json.loads(json.dumps(reader.fields["general.file_type"].contents())) == 7
+
+
+@pytest.mark.slow
+def test_smollm2_at_half_budget_runs_in_llama_cpp_like_flextron(llama, tmp_path) -> None:
+    """The embedded SmolLM2 (real tokenizer and chat template) at budget 0.5."""
+    from flextron.generate import chat_prompt_ids
+    from flextron.loading import load_model
+
+    model = load_model("default")
+    arch = model.arch_for_budget(0.5)
+    ids = chat_prompt_ids(model.tokenizer, "What is a Python decorator?")
+    with torch.no_grad():
+        reference = model(torch.tensor([ids]), arch)[0]
+    ours = list(stream_tokens(model, ids, arch, max_new_tokens=32))
+    for gguf_type in ("f32", "q8_0"):
+        export(model, arch, tmp_path / gguf_type, format="gguf", gguf_type=gguf_type)
+        llm = llama(tmp_path / gguf_type / f"model-{gguf_type}.gguf")
+        prompt = model.tokenizer.decode(ids)
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
+        error = max_error(llama_logits(llm, ids), reference)
+        if gguf_type == "f32":
+            assert error <= 1e-5
+            theirs = []
+            for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+                theirs.append(token)
+                if len(theirs) == 32:
+                    break
+            assert theirs == ours
+        else:
+            with torch.no_grad():
+                rounded = weights_rounded_to(model, gguf_type)(torch.tensor([ids]), arch)[0]
+            assert error <= 2 * max_error(rounded.numpy(), reference)
