@@ -1,8 +1,9 @@
 """GGUF export, checked by llama.cpp itself (llama-cpp-python) and by transformers' gguf_file= loader.
 
 Tolerances, as a fraction of the largest |logit|:
-- f32: 1e-5.  Both sides compute in fp32 (llama.cpp with an fp32 KV cache); only the order of
-  the sums differs (measured: 7e-7).
+- f32: 1e-4, as the Hugging Face exports are held to.  Both sides compute in fp32 (llama.cpp with
+  an fp32 KV cache); only the order of the sums differs (measured: 7e-7 on the tiny models, 7e-6
+  on SmolLM2's 30 layers).
 - f16, bf16, q8_0: llama.cpp's distance from the fp32 sub-network is at most twice the distance
   that rounding the weights alone causes (flextron run on the file's dequantized weights).  Twice,
   because llama.cpp also rounds the activations to the weights' type before each product (f16,
@@ -24,6 +25,7 @@ from flextron.export_gguf import GGUF_TYPES, encode
 from flextron.generate import stream_tokens
 from tests.tiny_models import tiny_bpe_tokenizer, tiny_family_model, tiny_flextron
 
+F32_TOLERANCE = 1e-4
 PROMPT = "Hello world, 2024 is a year. The quick brown fox jumps over the lazy dog."
 ARCHS = {  # name -> the configuration of a model to export
     "uniform": lambda model: model.arch_for_budget(0.5),
@@ -103,7 +105,7 @@ def test_llama_cpp_logits_match_flextron(model, llama, tmp_path, shape: str, ggu
         rounding_alone = max_error(weights_rounded_to(model, gguf_type)(torch.tensor([ids]), arch)[0].numpy(),
                                    reference)
     if gguf_type == "f32":
-        assert max_error(ours, reference) <= 1e-5
+        assert max_error(ours, reference) <= F32_TOLERANCE
     else:
         assert 0 < rounding_alone and max_error(ours, reference) <= 2 * rounding_alone
 
@@ -181,10 +183,10 @@ def test_qwen2_with_every_head_is_llama_cpp_qwen2_and_round_trips(llama, tmp_pat
     ids = model.tokenizer(PROMPT)["input_ids"]
     with torch.no_grad():
         reference = model(torch.tensor([ids]), arch)[0]
-        assert max_error(llama_logits(llm, ids), reference) <= 1e-5
+        assert max_error(llama_logits(llm, ids), reference) <= F32_TOLERANCE
         back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model-f32.gguf", dtype=torch.float32)
         assert type(back).__name__ == type(hf).__name__
-        assert max_error(back.eval()(torch.tensor([ids])).logits[0].numpy(), reference) <= 1e-5
+        assert max_error(back.eval()(torch.tensor([ids])).logits[0].numpy(), reference) <= F32_TOLERANCE
 
 
 @pytest.mark.parametrize("variant", ["qwen2", "mistral", "llama-bias-tied"])
@@ -203,7 +205,7 @@ def test_families_and_biases_run_in_llama_cpp(llama, tmp_path, variant: str, sha
     assert llm.metadata["general.architecture"] == expected
     ids = model.tokenizer(PROMPT)["input_ids"]
     with torch.no_grad():
-        assert max_error(llama_logits(llm, ids), model(torch.tensor([ids]), arch)[0]) <= 1e-5
+        assert max_error(llama_logits(llm, ids), model(torch.tensor([ids]), arch)[0]) <= F32_TOLERANCE
 
 
 def test_llama3_rope_scaling_goes_in_as_frequency_factors(llama, tmp_path) -> None:
@@ -217,7 +219,7 @@ def test_llama3_rope_scaling_goes_in_as_frequency_factors(llama, tmp_path) -> No
     llm = llama(tmp_path / "model-f32.gguf")
     ids = model.tokenizer(PROMPT)["input_ids"]
     with torch.no_grad():
-        assert max_error(llama_logits(llm, ids), model(torch.tensor([ids]), arch)[0]) <= 1e-5
+        assert max_error(llama_logits(llm, ids), model(torch.tensor([ids]), arch)[0]) <= F32_TOLERANCE
 
 
 @pytest.mark.parametrize(
@@ -274,7 +276,7 @@ def test_smollm2_at_half_budget_runs_in_llama_cpp_like_flextron(llama, tmp_path)
         assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
         error = max_error(llama_logits(llm, ids), reference)
         if gguf_type == "f32":
-            assert error <= 1e-5
+            assert error <= F32_TOLERANCE
             theirs = []
             for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
                 theirs.append(token)
