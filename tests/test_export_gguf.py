@@ -140,6 +140,28 @@ def test_llama_cpp_tokenizes_like_the_model(llama, tmp_path, split_digits: bool)
     assert (llm.token_bos(), llm.token_eos()) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
 
 
+@pytest.mark.parametrize("shape", list(ARCHS))
+def test_q8_0_file_equals_llama_cpps_own_quantization(model, tmp_path, shape: str) -> None:
+    """llama.cpp's quantizer, run on our f32 file, writes the very bytes of our q8_0 file."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    arch = ARCHS[shape](model)
+    for gguf_type in ("f32", "q8_0"):
+        export(model, arch, tmp_path, format="gguf", gguf_type=gguf_type)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = gguf.LlamaFileType.MOSTLY_Q8_0
+    source, target = str(tmp_path / "model-f32.gguf"), str(tmp_path / "llama-q8_0.gguf")
+    assert llama_cpp.llama_model_quantize(source.encode(), target.encode(), ctypes.byref(params)) == 0
+    theirs = {t.name: t for t in gguf.GGUFReader(target).tensors}
+    ours = gguf.GGUFReader(tmp_path / "model-q8_0.gguf").tensors
+    assert {t.name for t in ours} == set(theirs)
+    for tensor in ours:
+        other = theirs[tensor.name]
+        assert tensor.tensor_type == other.tensor_type, tensor.name
+        assert np.asarray(tensor.data).tobytes() == np.asarray(other.data).tobytes(), tensor.name
+
+
 def test_q8_0_is_a_quarter_of_f32_and_the_model_card_says_so(model, tmp_path) -> None:
     arch = model.arch_for_budget(0.5)
     for gguf_type in ("f32", "q8_0"):
