@@ -4,10 +4,12 @@ Tolerances, as a fraction of the largest |logit|:
 - f32: 1e-4, as the Hugging Face exports are held to.  Both sides compute in fp32 (llama.cpp with
   an fp32 KV cache); only the order of the sums differs (measured: 7e-7 on the tiny models, 7e-6
   on SmolLM2's 30 layers).
-- f16, bf16, q8_0: llama.cpp's distance from the fp32 sub-network is at most twice the distance
-  that rounding the weights alone causes (flextron run on the file's dequantized weights).  Twice,
-  because llama.cpp also rounds the activations to the weights' type before each product (f16,
-  bf16, or q8_0 blocks), an error of the same size (measured ratios 1.0-1.3).
+- f16, bf16, q8_0: llama.cpp's distance from the fp32 sub-network is at most ACTIVATION_FACTOR
+  times the distance that rounding the weights alone causes (flextron run on the file's
+  dequantized weights), because llama.cpp also rounds the activations to the weights' type before
+  each product: elementwise for f16 and bf16 (an error of the same size: measured ratios 1.0-1.3),
+  to blocks of 32 sharing one scale for q8_0, which an outlier channel coarsens for its whole
+  block (measured 1.1 on the tiny models, 1.9 on SmolLM2, 2.2 on its unconverted half).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from flextron.generate import stream_tokens
 from tests.tiny_models import tiny_bpe_tokenizer, tiny_family_model, tiny_flextron
 
 F32_TOLERANCE = 1e-4
+ACTIVATION_FACTOR = {"f16": 2, "bf16": 2, "q8_0": 3}
 PROMPT = "Hello world, 2024 is a year. The quick brown fox jumps over the lazy dog."
 ARCHS = {  # name -> the configuration of a model to export
     "uniform": lambda model: model.arch_for_budget(0.5),
@@ -107,7 +110,8 @@ def test_llama_cpp_logits_match_flextron(model, llama, tmp_path, shape: str, ggu
     if gguf_type == "f32":
         assert max_error(ours, reference) <= F32_TOLERANCE
     else:
-        assert 0 < rounding_alone and max_error(ours, reference) <= 2 * rounding_alone
+        assert 0 < rounding_alone
+        assert max_error(ours, reference) <= ACTIVATION_FACTOR[gguf_type] * rounding_alone
 
 
 @pytest.mark.parametrize("shape", list(ARCHS))
@@ -308,4 +312,4 @@ def test_smollm2_at_half_budget_runs_in_llama_cpp_like_flextron(llama, tmp_path)
         else:
             with torch.no_grad():
                 rounded = weights_rounded_to(model, gguf_type)(torch.tensor([ids]), arch)[0]
-            assert error <= 2 * max_error(rounded.numpy(), reference)
+            assert error <= ACTIVATION_FACTOR[gguf_type] * max_error(rounded.numpy(), reference)
