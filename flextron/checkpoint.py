@@ -60,13 +60,17 @@ def _publish_file(temp: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     temp = _atomic_path(path)
     try:
-        temp.write_text(json.dumps(data, indent=2) + "\n")
+        temp.write_text(text)
         _publish_file(temp, path)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def save_figure_atomic(figure, path: str | os.PathLike, dpi: int) -> None:

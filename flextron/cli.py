@@ -395,7 +395,7 @@ def generate(args: argparse.Namespace) -> None:
 
 
 @command(
-    "export", "write one sub-network as a standalone model (HF Llama when uniform)",
+    "export", "write one sub-network as a standalone model: Hugging Face, Flextron or GGUF directory",
     MODEL,
     *load_options(),
     arg("--out", required=True, help="output directory (new or empty; see --overwrite)"),
@@ -407,11 +407,17 @@ def generate(args: argparse.Namespace) -> None:
         help="static configurations only: auto = the static router when present, else uniform"),
     LATENCY_SHAPE,
     arg("--arch", help="JSON file with one configuration (per-layer allowed) instead of --budget"),
-    arg("--format", choices=("auto", "hf", "flextron"), default="auto",
-        help="auto: a Hugging Face Llama directory for uniform configurations, else Flextron"),
+    arg("--format", choices=("auto", "hf", "flextron", "gguf"), default="auto",
+        help="auto: Hugging Face (the source family's class) for uniform configurations, else Flextron"),
+    arg("--max-shard-size", default="5GB", help="hf: split the safetensors above this size (e.g. 500MB)"),
+    arg("--gguf-type", choices=("f32", "f16", "bf16", "q8_0"), default=None,
+        help="gguf weights (default f16)"),
+    arg("--eval-blocks", type=non_negative_int, default=0,
+        help="measure perplexity on this many held-out blocks of 512 tokens for the model card"),
 )
 def export(args: argparse.Namespace) -> None:
     from flextron.config import ArchConfig
+    from flextron.export import ModelCard
     from flextron.export import export as export_model
     from flextron.outputs import check_output_dir, staged_output
 
@@ -420,8 +426,22 @@ def export(args: argparse.Namespace) -> None:
     model = _load(args.model, args, _shape_fits(args), _arch_fits(args))
     choice = _choose_arch(model, args)
     arch = choice if isinstance(choice, ArchConfig) else choice.arch
+    selection = f"configuration file {args.arch}" if isinstance(choice, ArchConfig) else choice.describe()
+    card = ModelCard(source=args.model, selection=selection)
+    if args.eval_blocks > 0:
+        if model.tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer: --eval-blocks needs one")
+        from flextron.data import load_blocks
+        from flextron.evaluate import perplexity
+
+        block = min(512, model.config.max_position_embeddings)
+        blocks = load_blocks(model.tokenizer, "builtin", block, args.eval_blocks, split="eval")
+        card.perplexity = perplexity(model, blocks, arch)[0]
+        card.perplexity_data = f"{blocks.shape[0]} x {blocks.shape[1]} tokens of the built-in held-out text"
+    # The weights keep the --dtype they were loaded in (a bfloat16 export is half a float32 one).
     with staged_output(args.out, args.overwrite) as staged:
-        used = export_model(model, arch, staged, args.format)
+        used = export_model(model, arch, staged, args.format, max_shard_size=args.max_shard_size,
+                            gguf_type=args.gguf_type, card=card)
     print(f"exported a {model.num_parameters(arch) / 1e6:.1f}M-parameter sub-network as {used} to {args.out}")
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 # Hugging Face model types whose checkpoints map onto our decoder one to one.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                "head_dim", "max_position_embeddings")
@@ -66,6 +67,7 @@ class ModelConfig:
     # HF rope_parameters minus rope_theta: {"rope_type": ..., "factor": ..., ...}
     rope_scaling: dict[str, Any] = field(default_factory=lambda: {"rope_type": "default"})
     # ---- structure
+    model_type: str = "llama"  # the Hugging Face family it came from (its class on export)
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # bias on q/k/v_proj (Llama attention_bias, Qwen2)
     o_bias: bool = False  # bias on o_proj (Llama attention_bias only)
@@ -123,6 +125,10 @@ class ModelConfig:
                     f"multiples of {step}; got {sizes}"
                 )
             setattr(self, name, [int(s) for s in sizes])
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"ModelConfig.model_type must be one of {SUPPORTED_MODEL_TYPES}, got {self.model_type!r}"
+            )
         rope_type = self.rope_scaling.get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"unsupported RoPE scaling {rope_type!r}; supported: {ROPE_TYPES}")
@@ -214,6 +220,7 @@ class ModelConfig:
             rms_norm_eps=number("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=rope,
+            model_type=model_type,
             tie_word_embeddings=flag("tie_word_embeddings"),
             qkv_bias=True if model_type == "qwen2" else attention_bias,
             o_bias=attention_bias and model_type != "qwen2",
@@ -224,15 +231,25 @@ class ModelConfig:
         )
 
     def to_hf(self) -> dict[str, Any]:
-        """A Hugging Face LlamaForCausalLM config.json dict (explicit head_dim)."""
+        """A Hugging Face config.json dict for the source family's class: LlamaForCausalLM,
+        MistralForCausalLM or Qwen2ForCausalLM (explicit head_dim, which sub-networks need)."""
         if self.layer_intermediate_sizes is not None or self.layer_num_heads is not None:
-            raise ValueError("a Llama config cannot express per-layer sizes; save a Flextron directory")
-        if self.qkv_bias != self.o_bias:
-            raise ValueError("a Llama config cannot express bias on q/k/v without o_proj (Qwen2-style)")
+            raise ValueError("a Hugging Face config cannot express per-layer sizes (export Flextron or GGUF)")
+        biases = (self.qkv_bias, self.o_bias, self.mlp_bias)
+        expressible = {  # which bias layouts each family's class has
+            "llama": self.qkv_bias == self.o_bias,
+            "mistral": not any(biases),
+            "qwen2": biases == (True, False, False),
+        }
+        if not expressible[self.model_type]:
+            raise ValueError(
+                f"a {self.model_type} config cannot express these biases "
+                f"(q/k/v {self.qkv_bias}, o_proj {self.o_bias}, MLP {self.mlp_bias})"
+            )
         rope = {"rope_theta": self.rope_theta, **self.rope_scaling}
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+        config = {
+            "architectures": [HF_CLASSES[self.model_type]],
+            "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -246,14 +263,17 @@ class ModelConfig:
             "rope_parameters": rope,
             "rope_scaling": None if rope["rope_type"] == "default" else dict(self.rope_scaling),
             "hidden_act": "silu",
-            "attention_bias": self.qkv_bias,
-            "mlp_bias": self.mlp_bias,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
             "torch_dtype": "float32",
         }
+        if self.model_type == "llama":
+            config.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+        else:  # Mistral and Qwen2 read sliding-window settings; conversion refuses sliding windows
+            config.update(sliding_window=None, use_sliding_window=False)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -270,6 +290,8 @@ class ModelConfig:
         missing = [name for name in SIZE_FIELDS[:-1] if name not in data]
         if missing:
             raise ValueError(f"ModelConfig: missing fields {missing}")
+        if "model_type" not in data and data.get("qkv_bias") and not data.get("o_bias"):
+            data = {**data, "model_type": "qwen2"}  # saved before the family was recorded
         return cls(**data)
 
 

@@ -67,12 +67,13 @@ def decode_seconds(model: FlextronModel, prompt: torch.Tensor, arch: ArchConfig,
 
 
 def hf_twin(model: FlextronModel):
-    """transformers' LlamaForCausalLM (its default attention) holding the same weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """transformers' class of the model's family (LlamaForCausalLM, ...; its default attention)
+    holding the same weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from flextron.export import hf_state_dict
 
-    hf = LlamaForCausalLM(LlamaConfig(**model.config.to_hf())).eval()
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**model.config.to_hf())).eval()
     missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
     if unexpected or [k for k in missing if k != "lm_head.weight"]:
         raise RuntimeError(f"weights do not map onto transformers: {missing[:3]} {unexpected[:3]}")

@@ -57,6 +57,28 @@ def tiny_flextron(seed: int = 0, **config) -> FlextronModel:
     return flextron_twin(tiny_hf_model(seed, **config))
 
 
+def tiny_family_model(family: str):
+    """A random tiny Qwen2ForCausalLM or MistralForCausalLM (the tiny Llama's sizes) and its twin."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    settings = tiny_hf_config().to_dict()
+    for key in ("attention_bias", "mlp_bias", "model_type", "architectures", "transformers_version"):
+        settings.pop(key, None)
+    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                                 "mistral": (MistralConfig, MistralForCausalLM)}[family]
+    torch.manual_seed(0)
+    hf_config = config_class(**settings, sliding_window=None)  # (Mistral v0.2+ have none)
+    hf_config._attn_implementation = "eager"
+    hf = model_class(hf_config).eval()
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.1 * torch.randn_like(param))
+            else:
+                param.normal_(0, 0.1)
+    return hf, model_from_hf_weights(ModelConfig.from_hf(hf_config.to_dict()), hf.state_dict())
+
+
 def tiny_tokenizer():
     """A byte-level tokenizer (259 ids < the tiny vocab of 300) with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -80,3 +102,31 @@ def tiny_hf_dir(path, **config) -> LlamaForCausalLM:
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return model
+
+
+def tiny_bpe_tokenizer(vocab_size: int = 300, split_digits: bool = True):
+    """A byte-level BPE tokenizer with real merges (trained on built-in text), digits split
+    individually (SmolLM's pre-tokenizer) or not (GPT-2's), special <pad>/<bos>/<eos> (ids 0-2)
+    and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from flextron.data import read_texts
+
+    backend = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits else byte_level
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    backend.train_from_iterator(read_texts("builtin", "train")[:50], trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    return tokenizer

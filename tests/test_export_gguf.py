@@ -1,0 +1,315 @@
+"""GGUF export, checked by llama.cpp itself (llama-cpp-python) and by transformers' gguf_file= loader.
+
+Tolerances, as a fraction of the largest |logit|:
+- f32: 1e-4, as the Hugging Face exports are held to.  Both sides compute in fp32 (llama.cpp with
+  an fp32 KV cache); only the order of the sums differs (measured: 7e-7 on the tiny models, 7e-6
+  on SmolLM2's 30 layers).
+- f16, bf16, q8_0: llama.cpp's distance from the fp32 sub-network is at most ACTIVATION_FACTOR
+  times the distance that rounding the weights alone causes (flextron run on the file's
+  dequantized weights), because llama.cpp also rounds the activations to the weights' type before
+  each product: elementwise for f16 and bf16 (an error of the same size: measured ratios 1.0-1.3),
+  to blocks of 32 sharing one scale for q8_0, which an outlier channel coarsens for its whole
+  block (measured 1.1 on the tiny models, 1.9 on SmolLM2, 2.2 on its unconverted half).
+"""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from flextron.config import ArchConfig
+from flextron.export import export, slice_model
+from flextron.export_gguf import GGUF_TYPES, encode
+from flextron.generate import stream_tokens
+from tests.tiny_models import tiny_bpe_tokenizer, tiny_family_model, tiny_flextron
+
+F32_TOLERANCE = 1e-4
+ACTIVATION_FACTOR = {"f16": 2, "bf16": 2, "q8_0": 3}
+PROMPT = "Hello world, 2024 is a year. The quick brown fox jumps over the lazy dog."
+ARCHS = {  # name -> the configuration of a model to export
+    "uniform": lambda model: model.arch_for_budget(0.5),
+    "per-layer": lambda _: ArchConfig((64, 192), (4, 2)),
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny GQA model (vocab 300) with a trained byte-level BPE tokenizer."""
+    model = tiny_flextron(kv_heads=2)
+    model.tokenizer = tiny_bpe_tokenizer()
+    return model
+
+
+@pytest.fixture
+def llama(monkeypatch):
+    """Open a GGUF in llama.cpp on the CPU with an fp32 KV cache (its default f16 cache rounds K/V)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_repacking():
+        # llama.cpp's AMX kernels for quantized weights crash on some AMX CPUs (llama-cpp-python
+        # 0.3.36); without the repacked buffers it runs its reference CPU kernels.
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", without_repacking)
+    opened = []
+
+    def load(path):
+        llm = llama_cpp.Llama(
+            model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=1, flash_attn=False,
+            type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+        )
+        opened.append(llm)
+        return llm
+
+    yield load
+    for llm in opened:
+        llm.close()
+
+
+def llama_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.asarray(llm.scores[: len(ids)])  # (T, V)
+
+
+def weights_rounded_to(model, gguf_type: str):
+    """A copy of `model` whose 2-D weights went through the GGUF type and back (as the file holds them)."""
+    rounded = slice_model(model, model.full_arch())
+    with torch.no_grad():
+        for param in rounded.parameters():
+            if param.dim() == 2:
+                data, qtype = encode(param.detach().float(), gguf_type)
+                param.copy_(torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(param.shape)))
+    return rounded
+
+
+def max_error(ours: np.ndarray, reference: torch.Tensor) -> float:
+    return float(np.abs(ours - reference.numpy()).max() / reference.abs().max())
+
+
+@pytest.mark.parametrize("gguf_type", list(GGUF_TYPES))
+@pytest.mark.parametrize("shape", list(ARCHS))
+def test_llama_cpp_logits_match_flextron(model, llama, tmp_path, shape: str, gguf_type: str) -> None:
+    arch = ARCHS[shape](model)
+    export(model, arch, tmp_path, format="gguf", gguf_type=gguf_type)
+    llm = llama(tmp_path / f"model-{gguf_type}.gguf")
+    assert llm.metadata["general.architecture"] == ("llama" if shape == "uniform" else "deci")
+    ids = model.tokenizer(PROMPT)["input_ids"]
+    ours = llama_logits(llm, ids)
+    with torch.no_grad():
+        reference = model(torch.tensor([ids]), arch)[0]  # (T, V)
+        rounding_alone = max_error(weights_rounded_to(model, gguf_type)(torch.tensor([ids]), arch)[0].numpy(),
+                                   reference)
+    if gguf_type == "f32":
+        assert max_error(ours, reference) <= F32_TOLERANCE
+    else:
+        assert 0 < rounding_alone
+        assert max_error(ours, reference) <= ACTIVATION_FACTOR[gguf_type] * rounding_alone
+
+
+@pytest.mark.parametrize("shape", list(ARCHS))
+def test_greedy_32_tokens_at_f32_are_identical(model, llama, tmp_path, shape: str) -> None:
+    arch = ARCHS[shape](model)
+    export(model, arch, tmp_path, format="gguf", gguf_type="f32")
+    llm = llama(tmp_path / "model-f32.gguf")
+    ids = model.tokenizer(PROMPT)["input_ids"]
+    ours = list(stream_tokens(model, ids, arch, max_new_tokens=32))
+    theirs = []
+    for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+        theirs.append(token)
+        if len(theirs) == 32:
+            break
+    assert theirs == ours and len(ours) == 32
+
+
+@pytest.mark.parametrize("split_digits", [True, False], ids=["smollm", "gpt-2"])
+def test_llama_cpp_tokenizes_like_the_model(llama, tmp_path, split_digits: bool) -> None:
+    model = tiny_flextron(kv_heads=2)
+    tokenizer = model.tokenizer = tiny_bpe_tokenizer(split_digits=split_digits)
+    export(model, model.arch_for_budget(0.5), tmp_path, format="gguf", gguf_type="f16")
+    llm = llama(tmp_path / "model-f16.gguf")
+    assert llm.metadata["tokenizer.ggml.pre"] == ("smollm" if split_digits else "gpt-2")
+    for text in (PROMPT, "  indented\n\tcode = f(x, 42) # done", "<bos>special<eos> tokens"):
+        ids = tokenizer(text)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+        assert llm.detokenize(ids, special=True).decode() == tokenizer.decode(ids)
+    assert llm.metadata["tokenizer.chat_template"] == tokenizer.chat_template
+    assert (llm.token_bos(), llm.token_eos()) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+
+
+@pytest.mark.parametrize("shape", list(ARCHS))
+def test_q8_0_file_equals_llama_cpps_own_quantization(model, tmp_path, shape: str) -> None:
+    """llama.cpp's quantizer, run on our f32 file, writes the very bytes of our q8_0 file."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    arch = ARCHS[shape](model)
+    for gguf_type in ("f32", "q8_0"):
+        export(model, arch, tmp_path, format="gguf", gguf_type=gguf_type)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = gguf.LlamaFileType.MOSTLY_Q8_0
+    source, target = str(tmp_path / "model-f32.gguf"), str(tmp_path / "llama-q8_0.gguf")
+    assert llama_cpp.llama_model_quantize(source.encode(), target.encode(), ctypes.byref(params)) == 0
+    theirs = {t.name: t for t in gguf.GGUFReader(target).tensors}
+    ours = gguf.GGUFReader(tmp_path / "model-q8_0.gguf").tensors
+    assert {t.name for t in ours} == set(theirs)
+    for tensor in ours:
+        other = theirs[tensor.name]
+        assert tensor.tensor_type == other.tensor_type, tensor.name
+        assert np.asarray(tensor.data).tobytes() == np.asarray(other.data).tobytes(), tensor.name
+
+
+def test_q8_0_is_a_quarter_of_f32_and_the_model_card_says_so(model, tmp_path) -> None:
+    arch = model.arch_for_budget(0.5)
+    for gguf_type in ("f32", "q8_0"):
+        export(model, arch, tmp_path / gguf_type, format="gguf", gguf_type=gguf_type)
+    sizes = [(tmp_path / t / f"model-{t}.gguf").stat().st_size for t in ("f32", "q8_0")]
+    assert sizes[1] < 0.4 * sizes[0]  # 34 bytes per 32 weights, plus the f32 norms and the vocabulary
+    card = (tmp_path / "q8_0" / "README.md").read_text()
+    assert "llama.cpp GGUF file" in card and "q8_0" in card and "model-q8_0.gguf" in card
+
+
+@pytest.mark.parametrize("gguf_type", ["f32", "f16"])
+def test_round_trip_through_transformers_gguf_loader(model, tmp_path, gguf_type: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    arch = model.arch_for_budget(0.5)
+    export(model, arch, tmp_path, format="gguf", gguf_type=gguf_type)
+    name = f"model-{gguf_type}.gguf"
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=name, dtype=torch.float32).eval()
+    assert hf.num_parameters() == model.num_parameters(arch)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=name)
+    assert tokenizer(PROMPT)["input_ids"] == model.tokenizer(PROMPT)["input_ids"]
+    ids = torch.tensor([model.tokenizer(PROMPT)["input_ids"]])
+    with torch.no_grad():
+        reference = model(ids, arch)
+        if gguf_type == "f32":
+            torch.testing.assert_close(hf(ids).logits, reference, rtol=0, atol=1e-4 * reference.abs().max())
+        else:  # f16 weights, dequantized to fp32 by the loader: exactly flextron on the rounded weights
+            rounded = weights_rounded_to(model, gguf_type)(ids, arch)
+            torch.testing.assert_close(hf(ids).logits, rounded, rtol=0, atol=1e-4 * reference.abs().max())
+
+
+def test_qwen2_with_every_head_is_llama_cpp_qwen2_and_round_trips(llama, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf, model = tiny_family_model("qwen2")
+    model.tokenizer = tiny_bpe_tokenizer()
+    arch = ArchConfig.uniform(model.config, 128, 4)
+    export(model, arch, tmp_path, format="gguf", gguf_type="f32")
+    llm = llama(tmp_path / "model-f32.gguf")
+    assert llm.metadata["general.architecture"] == "qwen2"
+    ids = model.tokenizer(PROMPT)["input_ids"]
+    with torch.no_grad():
+        reference = model(torch.tensor([ids]), arch)[0]
+        assert max_error(llama_logits(llm, ids), reference) <= F32_TOLERANCE
+        back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model-f32.gguf", dtype=torch.float32)
+        assert type(back).__name__ == type(hf).__name__
+        assert max_error(back.eval()(torch.tensor([ids])).logits[0].numpy(), reference) <= F32_TOLERANCE
+
+
+@pytest.mark.parametrize("variant", ["qwen2", "mistral", "llama-bias-tied"])
+@pytest.mark.parametrize("shape", list(ARCHS))
+def test_families_and_biases_run_in_llama_cpp(llama, tmp_path, variant: str, shape: str) -> None:
+    if variant == "llama-bias-tied":
+        model = tiny_flextron(kv_heads=2, bias=True, tied=True)
+    else:
+        model = tiny_family_model(variant)[1]
+    model.tokenizer = tiny_bpe_tokenizer()
+    arch = ARCHS[shape](model)
+    export(model, arch, tmp_path, format="gguf", gguf_type="f32")
+    llm = llama(tmp_path / "model-f32.gguf")
+    # llama.cpp's qwen2 needs every head; fewer go in as deci (Llama-style, with optional biases)
+    expected = "llama" if shape == "uniform" and variant != "qwen2" else "deci"
+    assert llm.metadata["general.architecture"] == expected
+    ids = model.tokenizer(PROMPT)["input_ids"]
+    with torch.no_grad():
+        assert max_error(llama_logits(llm, ids), model(torch.tensor([ids]), arch)[0]) <= F32_TOLERANCE
+
+
+def test_llama3_rope_scaling_goes_in_as_frequency_factors(llama, tmp_path) -> None:
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    model = tiny_flextron(kv_heads=2, rope_parameters={"rope_theta": 10000.0, **scaling})
+    assert model.config.rope_scaling["rope_type"] == "llama3"
+    model.tokenizer = tiny_bpe_tokenizer()
+    arch = model.arch_for_budget(0.5)
+    export(model, arch, tmp_path, format="gguf", gguf_type="f32")
+    llm = llama(tmp_path / "model-f32.gguf")
+    ids = model.tokenizer(PROMPT)["input_ids"]
+    with torch.no_grad():
+        assert max_error(llama_logits(llm, ids), model(torch.tensor([ids]), arch)[0]) <= F32_TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("no tokenizer", "needs the model's tokenizer"),
+        ("no merges", "no BPE merges"),
+        ("yarn", "YaRN"),
+    ],
+)
+def test_gguf_export_refuses_what_llama_cpp_cannot_hold(tmp_path, change: str, message: str) -> None:
+    from tests.tiny_models import tiny_tokenizer
+
+    model = tiny_flextron(kv_heads=2)
+    model.tokenizer = {"no tokenizer": None, "no merges": tiny_tokenizer()}.get(change, tiny_bpe_tokenizer())
+    if change == "yarn":
+        model.config.rope_scaling = {"rope_type": "yarn", "factor": 2.0}
+    with pytest.raises(ValueError, match=message):
+        export(model, model.arch_for_budget(0.5), tmp_path, format="gguf")
+
+
+def test_export_command_gguf(tmp_path, capsys) -> None:
+    from flextron.cli import main
+    from tests.tiny_models import tiny_hf_dir
+
+    tiny_hf_dir(tmp_path / "hf", kv_heads=2)
+    tiny_bpe_tokenizer().save_pretrained(tmp_path / "hf")  # (the default tiny tokenizer has no merges)
+    argv = ["export", "--model", str(tmp_path / "hf"), "--budget", "0.5", "--format", "gguf",
+            "--gguf-type", "q8_0", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert "as gguf" in capsys.readouterr().out
+    reader = gguf.GGUFReader(tmp_path / "out" / "model-q8_0.gguf")
+    types = {tensor.name: tensor.tensor_type.name for tensor in reader.tensors}
+    assert types["blk.0.ffn_up.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+    assert json.loads(json.dumps(reader.fields["general.file_type"].contents())) == 7
+
+
+@pytest.mark.slow
+def test_smollm2_at_half_budget_runs_in_llama_cpp_like_flextron(llama, tmp_path) -> None:
+    """The embedded SmolLM2 (real tokenizer and chat template) at budget 0.5."""
+    from flextron.generate import chat_prompt_ids
+    from flextron.loading import load_model
+
+    model = load_model("default")
+    arch = model.arch_for_budget(0.5)
+    ids = chat_prompt_ids(model.tokenizer, "What is a Python decorator?")
+    with torch.no_grad():
+        reference = model(torch.tensor([ids]), arch)[0]
+    ours = list(stream_tokens(model, ids, arch, max_new_tokens=32))
+    for gguf_type in ("f32", "q8_0"):
+        export(model, arch, tmp_path / gguf_type, format="gguf", gguf_type=gguf_type)
+        llm = llama(tmp_path / gguf_type / f"model-{gguf_type}.gguf")
+        prompt = model.tokenizer.decode(ids)
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
+        error = max_error(llama_logits(llm, ids), reference)
+        if gguf_type == "f32":
+            assert error <= F32_TOLERANCE
+            theirs = []
+            for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+                theirs.append(token)
+                if len(theirs) == 32:
+                    break
+            assert theirs == ours
+        else:
+            with torch.no_grad():
+                rounded = weights_rounded_to(model, gguf_type)(torch.tensor([ids]), arch)[0]
+            assert error <= ACTIVATION_FACTOR[gguf_type] * max_error(rounded.numpy(), reference)
