@@ -1,6 +1,6 @@
 # Set-up and entry points. Everything installs from scratch, idempotently, into .venv.
 #   make test   build (CUDA kernels too where nvcc exists) and run the tests
-#   make demo   convert the embedded SmolLM2 and show it at several budgets
+#   make demo   build the general-English corpus, convert the embedded SmolLM2, show it at several budgets
 # FLEXTRON_CUDA=0 make test   skips the CUDA build for quick local iteration.
 VENV    ?= .venv
 PYTHON  := $(VENV)/bin/python
@@ -44,8 +44,8 @@ test: build
 test-all: build
 	$(PYTHON) -m pytest -q -ra -m ''
 
-demo: build
-	$(VENV)/bin/flextron demo
+demo: build corpus
+	$(VENV)/bin/flextron demo --corpus $(CORPUS)
 
 bench: build
 	$(PYTHON) benchmarks/bench_ops.py --device cpu

@@ -12,7 +12,7 @@ next-token cross-entropy on calibration blocks.
 
 The choices are saved as budget_configs.json in the model directory:
     {"format": "flextron-budget-configs", "version": 1,
-     "model": <hash of config.json's model fields>, "weights": <weights fingerprint>,
+     "model": <hash of the model's sizes (SHAPE_FIELDS)>, "weights": <weights fingerprint>,
      "calibration": {"source": ..., "blocks": N, "seq_len": S},
      "budgets": [{"budget": 0.75, "arch": {...}, "loss": ..., "rule_loss": ...,
                   "parameters": ..., "candidates": [{"arch", "loss", "parameters"}, ...]}]}
@@ -109,8 +109,15 @@ def fingerprint(weights: Weights) -> str:
     return digest.hexdigest()[:16]
 
 
+# The fields that decide which configurations exist; other fields (and fields added to
+# ModelConfig later) do not make saved choices foreign.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim", "layer_intermediate_sizes", "layer_num_heads")
+
+
 def config_hash(config: ModelConfig) -> str:
-    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    shape = {name: getattr(config, name) for name in SHAPE_FIELDS}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -158,3 +158,16 @@ def test_cli_convert_saves_choices_that_export_and_info_use(tmp_path, capsys) ->
         == 0
     )
     assert [e["budget"] for e in json.loads((out / FILE).read_text())["budgets"]] == [0.25, 0.5]
+
+
+def test_model_fields_that_do_not_shape_configurations_keep_the_file_valid(
+    model_and_blocks, tmp_path
+) -> None:
+    import dataclasses
+
+    from flextron.budget_configs import config_hash
+
+    model, _ = model_and_blocks
+    other_eps = dataclasses.replace(model.config, rms_norm_eps=1e-3, pad_token_id=7)
+    assert config_hash(other_eps) == config_hash(model.config)
+    assert config_hash(dataclasses.replace(model.config, num_layers=3)) != config_hash(model.config)
