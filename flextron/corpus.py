@@ -24,10 +24,11 @@ import gzip
 import json
 import os
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from flextron.outputs import staged_output
 
 NGRAM = 13  # words shared with the held-out text that mark a training document as contaminated
 FORMAT = "flextron-corpus"
@@ -207,12 +208,10 @@ def build_corpus(out: str | os.PathLike, sources: tuple[Source, ...] = SOURCES) 
     if out.exists():
         raise ValueError(f"{out} already exists: choose a new directory (or delete it)")
     check_sources(sources)
-    staging = out.parent / f".{out.name}.building"
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "train").mkdir(parents=True)
-    (staging / "heldout").mkdir()
     manifest: dict = {"format": FORMAT, "version": 1, "decontamination_ngram": NGRAM, "files": {}}
-    try:
+    with staged_output(out) as staging:  # the corpus appears only once complete
+        (staging / "train").mkdir(parents=True)
+        (staging / "heldout").mkdir()
         heldout_ngrams: set[int] = set()
         for source in (s for s in sources if s.split == "heldout"):
             documents = list(source.reader(Path(source.path)))  # small (under 1 MB of text)
@@ -238,9 +237,6 @@ def build_corpus(out: str | os.PathLike, sources: tuple[Source, ...] = SOURCES) 
                 "dropped_overlapping": dropped[0],
             }
         (staging / "corpus.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
