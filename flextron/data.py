@@ -117,8 +117,11 @@ def tokenize(tokenizer, texts: Iterable[str]) -> torch.Tensor:
     batch: list[str] = []
 
     def flush() -> None:
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-            chunks.append(torch.tensor(ids + ([eos] if eos is not None else []), dtype=torch.int32))
+        # One int32 chunk per batch of texts (a tensor per text would cost more than its ids).
+        end = [eos] if eos is not None else []
+        encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        flat = [token for ids in encoded for token in ids + end]
+        chunks.append(torch.tensor(flat, dtype=torch.int32))
         batch.clear()
 
     seen = False
