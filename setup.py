@@ -26,7 +26,14 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 DEPENDENCIES = [
-    "numpy", "safetensors", "gguf", "transformers", "huggingface_hub", "accelerate", "tqdm", "matplotlib",
+    "numpy",
+    "safetensors",
+    "gguf",
+    "transformers",
+    "huggingface_hub",
+    "accelerate",
+    "tqdm",
+    "matplotlib",
 ]
 
 
@@ -64,7 +71,13 @@ class CMakeBuild(build_ext):
         build_dir = Path(os.environ.get("FLEXTRON_BUILD_DIR", ROOT / "build" / tag)).resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
         configure = [
-            build_tool("cmake"), "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            build_tool("cmake"),
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
+            "-G",
+            "Ninja",
             f"-DCMAKE_MAKE_PROGRAM={build_tool('ninja')}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DFLEXTRON_CUDA={os.environ.get('FLEXTRON_CUDA', 'auto')}",

@@ -53,8 +53,10 @@ def main() -> None:
         results[name] = evaluate_archs(model, held_out, archs_for_budgets(model, budgets), batch_size=4)
         del model
 
-    print(f"\nperplexity on {held_out.numel()} held-out built-in tokens "
-          f"(calibration: {calibration.numel()} tokens), no training\n")
+    print(
+        f"\nperplexity on {held_out.numel()} held-out built-in tokens "
+        f"(calibration: {calibration.numel()} tokens), no training\n"
+    )
     names = list(results)
     print("| budget | MLP width, heads | parameters (M) | " + " | ".join(names) + " |")
     print("|---" * (3 + len(names)) + "|")
@@ -62,13 +64,23 @@ def main() -> None:
         row = results[names[0]][index]
         arch = row["arch"]
         cells = " | ".join(f"{results[n][index]['perplexity']:.2f}" for n in names)
-        print(f"| {budget:g} | {arch['mlp_widths'][0]}, {arch['heads'][0]} | {row['parameters'] / 1e6:.1f} | "
-              f"{cells} |")
+        print(
+            f"| {budget:g} | {arch['mlp_widths'][0]}, {arch['heads'][0]} | {row['parameters'] / 1e6:.1f} | "
+            f"{cells} |"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"held_out_tokens": held_out.numel(),
-                                               "calibration_tokens": calibration.numel(),
-                                               "results": results}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "held_out_tokens": held_out.numel(),
+                    "calibration_tokens": calibration.numel(),
+                    "results": results,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ print(json.dumps({"dtype": sys.argv[2], "weights_mib": weights / 2**20, "peak_mi
 
 def measure(model: str, dtype: str) -> dict:
     """One load in a fresh process: {"dtype", "weights_mib", "peak_mib", "ratio", "seconds"}."""
-    result = subprocess.run([sys.executable, "-c", CHILD, model, dtype], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, model, dtype], capture_output=True, text=True, check=True
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -50,8 +51,10 @@ def main() -> None:
     print(f"{'dtype':<9} {'weights MiB':>11} {'peak MiB':>9} {'peak/weights':>12} {'seconds':>8}")
     for dtype in args.dtypes.split(","):
         row = measure(args.model, dtype)
-        print(f"{dtype:<9} {row['weights_mib']:>11.0f} {row['peak_mib']:>9.0f} {row['ratio']:>12.2f} "
-              f"{row['seconds']:>8.1f}")
+        print(
+            f"{dtype:<9} {row['weights_mib']:>11.0f} {row['peak_mib']:>9.0f} {row['ratio']:>12.2f} "
+            f"{row['seconds']:>8.1f}"
+        )
 
 
 if __name__ == "__main__":

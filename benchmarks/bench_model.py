@@ -42,8 +42,13 @@ from flextron.speed import (
 )
 
 
-def layers_times(model: FlextronModel, prompt: torch.Tensor, archs: list[ArchConfig], repeats: int,
-                 now: Callable[[], float]) -> list[float]:
+def layers_times(
+    model: FlextronModel,
+    prompt: torch.Tensor,
+    archs: list[ArchConfig],
+    repeats: int,
+    now: Callable[[], float],
+) -> list[float]:
     """Best seconds of the decoder layers alone over the prompt, per configuration; the
     configurations are timed round-robin, so that load changes hit each alike."""
     x = model.embed_tokens(prompt)  # (1, T, D)
@@ -68,8 +73,12 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.75,0.5,0.25")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall time, or process CPU time (needs --threads 1)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall time, or process CPU time (needs --threads 1)",
+    )
     parser.add_argument("--json", default="benchmarks/results/bench_model.json")
     args = parser.parse_args()
     if args.threads:
@@ -84,8 +93,12 @@ def main() -> None:
     hf = hf_twin(model)
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len))
     results: dict = {
-        "model": args.model, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-        "threads": torch.get_num_threads(), "clock": args.clock, "torch": torch.__version__,
+        "model": args.model,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "threads": torch.get_num_threads(),
+        "clock": args.clock,
+        "torch": torch.__version__,
         "cpu": platform.processor(),
         "rows": [],
     }
@@ -126,35 +139,48 @@ def main() -> None:
             else:
                 prefill = best_time(lambda arch=arch: model(prompt, arch, last_only=True), args.repeats, now)
             decode = statistics.median(
-                full_decode_times if budget == 1.0
+                full_decode_times
+                if budget == 1.0
                 else [decode_seconds(model, prompt, arch, args.new_tokens, now) for _ in range(args.repeats)]
             )
-            results["rows"].append({
-                "budget": budget, "arch": [arch.mlp_widths[0], arch.heads[0]],
-                "parameters": model.num_parameters(arch),
-                "prefill_tokens_per_s": args.prompt_len / prefill,
-                "decode_tokens_per_s": args.new_tokens / decode,
-                "layers_ms": 1e3 * layer_seconds, "layers_vs_full": layer_seconds / layers[0],
-            })
+            results["rows"].append(
+                {
+                    "budget": budget,
+                    "arch": [arch.mlp_widths[0], arch.heads[0]],
+                    "parameters": model.num_parameters(arch),
+                    "prefill_tokens_per_s": args.prompt_len / prefill,
+                    "decode_tokens_per_s": args.new_tokens / decode,
+                    "layers_ms": 1e3 * layer_seconds,
+                    "layers_vs_full": layer_seconds / layers[0],
+                }
+            )
 
     hf_row = results["hf"]
-    print(f"\nSmolLM2-class model, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-          f"{results['threads']} threads, fp32, {args.clock} clock")
-    print(f"HF transformers: prefill {hf_row['prefill_tokens_per_s']:.0f} tok/s, decode "
-          f"{hf_row['decode_tokens_per_s_generate']:.1f} tok/s (generate) / "
-          f"{hf_row['decode_tokens_per_s_forward_loop']:.1f} tok/s (forward loop)")
-    header = (f"{'budget':>6} {'MLP,heads':>10} {'params M':>8} {'prefill t/s':>11} {'vs HF':>6} "
-              f"{'decode t/s':>10} {'vs HF gen':>9} {'vs HF loop':>10} {'layers ms':>9} {'vs full':>7}")
+    print(
+        f"\nSmolLM2-class model, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+        f"{results['threads']} threads, fp32, {args.clock} clock"
+    )
+    print(
+        f"HF transformers: prefill {hf_row['prefill_tokens_per_s']:.0f} tok/s, decode "
+        f"{hf_row['decode_tokens_per_s_generate']:.1f} tok/s (generate) / "
+        f"{hf_row['decode_tokens_per_s_forward_loop']:.1f} tok/s (forward loop)"
+    )
+    header = (
+        f"{'budget':>6} {'MLP,heads':>10} {'params M':>8} {'prefill t/s':>11} {'vs HF':>6} "
+        f"{'decode t/s':>10} {'vs HF gen':>9} {'vs HF loop':>10} {'layers ms':>9} {'vs full':>7}"
+    )
     print(header)
     print("-" * len(header))
     for row in results["rows"]:
-        print(f"{row['budget']:>6.2f} {str(tuple(row['arch'])):>10} {row['parameters'] / 1e6:>8.1f} "
-              f"{row['prefill_tokens_per_s']:>11.0f} "
-              f"{row['prefill_tokens_per_s'] / hf_row['prefill_tokens_per_s']:>5.2f}x "
-              f"{row['decode_tokens_per_s']:>10.1f} "
-              f"{row['decode_tokens_per_s'] / hf_row['decode_tokens_per_s_generate']:>8.2f}x "
-              f"{row['decode_tokens_per_s'] / hf_row['decode_tokens_per_s_forward_loop']:>9.2f}x "
-              f"{row['layers_ms']:>9.1f} {row['layers_vs_full']:>6.2f}x")
+        print(
+            f"{row['budget']:>6.2f} {str(tuple(row['arch'])):>10} {row['parameters'] / 1e6:>8.1f} "
+            f"{row['prefill_tokens_per_s']:>11.0f} "
+            f"{row['prefill_tokens_per_s'] / hf_row['prefill_tokens_per_s']:>5.2f}x "
+            f"{row['decode_tokens_per_s']:>10.1f} "
+            f"{row['decode_tokens_per_s'] / hf_row['decode_tokens_per_s_generate']:>8.2f}x "
+            f"{row['decode_tokens_per_s'] / hf_row['decode_tokens_per_s_forward_loop']:>9.2f}x "
+            f"{row['layers_ms']:>9.1f} {row['layers_vs_full']:>6.2f}x"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

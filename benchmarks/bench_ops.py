@@ -282,8 +282,11 @@ def bench_routed(
         # The choice is argmax(x @ router^T): tokens whose choice differs, as a fraction.
         disagree = (fns["route"]()[0] != F.linear(x, router).argmax(1)).float().mean().item()
         route_check = (disagree, disagree <= 1e-3)
-        print(f"  check {case.name}: route vs argmax: {disagree:.2e} of tokens differ "
-              f"{'ok' if route_check[1] else 'WRONG'}", flush=True)
+        print(
+            f"  check {case.name}: route vs argmax: {disagree:.2e} of tokens differ "
+            f"{'ok' if route_check[1] else 'WRONG'}",
+            flush=True,
+        )
     grouped = _grouped_mm_mlp(x, w_gate, w_up, w_down, choice, num_choices)
     if grouped is not None:
         fns["torch._grouped_mm full width"] = grouped[0]
@@ -377,8 +380,12 @@ def bench_routed_train(
         except RuntimeError as error:  # no backward for these layouts in this torch
             print(f"  torch._grouped_mm backward unavailable: {error}", file=sys.stderr)
             del fns["torch._grouped_mm full width"]
-    check = check_values(case.name + " fwd+bwd", "grads (x, gate, up, down) vs group loop",
-                         fns["routed"](), fns["group loop"]())
+    check = check_values(
+        case.name + " fwd+bwd",
+        "grads (x, gate, up, down) vs group loop",
+        fns["routed"](),
+        fns["group loop"](),
+    )
     if reps is None:
         reps = 1 if device.type == "cpu" else 10
     ms = time_interleaved(fns, device, rounds, reps)
@@ -440,8 +447,12 @@ def bench_nested_mlp(case: MlpCase, device: torch.device, dtype: torch.dtype, ro
         print(f"  {case.name}: nested_mlp not built for {device.type}", file=sys.stderr)
         return []
     fns["nested_mlp"] = lambda: ops.nested_mlp(x, w_gate, w_up, w_down, width, case.activation)
-    check = check_values(case.name, f"nested_mlp width {width} vs sliced F.linear", fns["nested_mlp"](),
-                         dense_mlp(x, w_gate[:width], w_up[:width], w_down[:, :width]))
+    check = check_values(
+        case.name,
+        f"nested_mlp width {width} vs sliced F.linear",
+        fns["nested_mlp"](),
+        dense_mlp(x, w_gate[:width], w_up[:width], w_down[:, :width]),
+    )
     reps = 3 if device.type == "cpu" else 20
     ms = time_interleaved(fns, device, rounds, reps)
     flops = mlp_flops([(case.tokens, width)], case.hidden, gated=True)

@@ -34,28 +34,44 @@ from flextron.model import FlextronModel
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="a Flextron directory with latency.json and routers")
     parser.add_argument("--budgets", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0")
     parser.add_argument("--routings", default="uniform,static,dynamic")
     parser.add_argument("--eval-blocks", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed repeats (median); default 9 at prefill, 21 at decode (noisier)")
-    parser.add_argument("--timing-blocks", type=int, default=None,
-                        help="held-out batches of the LUT shape per timing (dynamic widths depend on text); "
-                             "default 2 at prefill, 4 at decode (one token each)")
-    parser.add_argument("--latency-shape", default=None,
-                        help="PHASE:BATCHxLENGTH the budgets refer to and the timings run at, e.g. "
-                             "decode:1x256 (one step at that context); default: the routers' shape")
-    parser.add_argument("--speedup-batch", type=int, default=4,
-                        help="batch of the dynamic speedup test (prefill shapes only)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed repeats (median); default 9 at prefill, 21 at decode (noisier)",
+    )
+    parser.add_argument(
+        "--timing-blocks",
+        type=int,
+        default=None,
+        help="held-out batches of the LUT shape per timing (dynamic widths depend on text); "
+        "default 2 at prefill, 4 at decode (one token each)",
+    )
+    parser.add_argument(
+        "--latency-shape",
+        default=None,
+        help="PHASE:BATCHxLENGTH the budgets refer to and the timings run at, e.g. "
+        "decode:1x256 (one step at that context); default: the routers' shape",
+    )
+    parser.add_argument(
+        "--speedup-batch", type=int, default=4, help="batch of the dynamic speedup test (prefill shapes only)"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="runs/routers")
     parser.add_argument("--label", default=None, help="name this run's rows ROUTING-LABEL (e.g. static-e2e)")
-    parser.add_argument("--include", default=None,
-                        help="routers.json of an earlier run whose rows join this run's table and plot")
+    parser.add_argument(
+        "--include",
+        default=None,
+        help="routers.json of an earlier run whose rows join this run's table and plot",
+    )
     return parser.parse_args(argv)
 
 
@@ -69,8 +85,9 @@ def plot(rows: list[dict], path: Path) -> None:
     markers = iter("os^vDP*X")
     for routing in dict.fromkeys(r["routing"] for r in rows):
         marker = next(markers, "o") + "-"
-        points = sorted((r["measured_ms"], r["perplexity"], r["budget"])
-                        for r in rows if r["routing"] == routing)
+        points = sorted(
+            (r["measured_ms"], r["perplexity"], r["budget"]) for r in rows if r["routing"] == routing
+        )
         if points:
             axis.plot([p[0] for p in points], [p[1] for p in points], marker, label=routing)
             for ms, ppl, budget in points:
@@ -109,27 +126,39 @@ def main(argv: list[str] | None = None) -> int:
     rows = json.loads(Path(args.include).read_text())["rows"] if args.include else []
     # Select first, then time every selection in one round-robin measurement, so that drifts
     # of a shared machine hit all rows alike.
-    selections = [(routing, budget, resolver.select(budget=budget, routing=routing))
-                  for routing in args.routings.split(",") for budget in budgets]
+    selections = [
+        (routing, budget, resolver.select(budget=budget, routing=routing))
+        for routing in args.routings.split(",")
+        for budget in budgets
+    ]
     # Timed on held-out text: the dynamic router's widths depend on the tokens (static ones do not).
     # Decode: a prompt of `length` tokens fills the cache, then its next token is the timed step.
     tokens = length if phase == "prefill" else length + 1
     timing_text = load_blocks(model.tokenizer, None, tokens, batch * args.timing_blocks, split="eval")
     if timing_text.shape[0] < batch * args.timing_blocks:
-        raise SystemExit(f"not enough held-out text for {args.timing_blocks} timing batches of "
-                         f"{batch}x{tokens}")
+        raise SystemExit(
+            f"not enough held-out text for {args.timing_blocks} timing batches of {batch}x{tokens}"
+        )
     chunks = timing_text.split(batch)  # timing_blocks x (batch, tokens)
     with torch.inference_mode():
         # Dynamic: one session per chunk, heads fixed at its first call, as in generation.
-        functions = {i: timed_forward(model, chunks, phase, s.arch, [s.session(batch) for _ in chunks])
-                     for i, (_, _, s) in enumerate(selections)}
+        functions = {
+            i: timed_forward(model, chunks, phase, s.arch, [s.session(batch) for _ in chunks])
+            for i, (_, _, s) in enumerate(selections)
+        }
         # The dense full model in the same round: a budget is a fraction of its latency, and the
         # fraction measured against it holds even when a shared machine drifts from the LUT.
         functions["full"] = timed_forward(model, chunks, phase)
-        times = {key: ms / len(chunks) for key, ms in
-                 median_times_ms(functions, torch.device("cpu"), args.repeats, 2, clock).items()}
-    print(f"dense full model: {times['full']:.2f} ms measured, {full_ms:.2f} ms in the LUT "
-          f"({100 * (times['full'] / full_ms - 1):+.1f}%)", file=sys.stderr, flush=True)
+        times = {
+            key: ms / len(chunks)
+            for key, ms in median_times_ms(functions, torch.device("cpu"), args.repeats, 2, clock).items()
+        }
+    print(
+        f"dense full model: {times['full']:.2f} ms measured, {full_ms:.2f} ms in the LUT "
+        f"({100 * (times['full'] / full_ms - 1):+.1f}%)",
+        file=sys.stderr,
+        flush=True,
+    )
     for index, (routing, budget, selection) in enumerate(selections):
         if selection.arch is not None:
             ppl, _ = perplexity(model, blocks, selection.arch)
@@ -139,22 +168,45 @@ def main(argv: list[str] | None = None) -> int:
         target, measured = budget * full_ms, times[index]
         fraction = measured / times["full"]
         name = routing if args.label is None else f"{routing}-{args.label}"
-        row = {"routing": name, "budget": budget, "target_ms": target, "measured_ms": measured,
-               "predicted_ms": selection.predicted_ms, "error": (measured - target) / target,
-               "fraction_of_full": fraction, "fraction_error": (fraction - budget) / budget,
-               "perplexity": ppl, "parameters": params,
-               "arch": None if selection.arch is None else selection.arch.to_dict()}
+        row = {
+            "routing": name,
+            "budget": budget,
+            "target_ms": target,
+            "measured_ms": measured,
+            "predicted_ms": selection.predicted_ms,
+            "error": (measured - target) / target,
+            "fraction_of_full": fraction,
+            "fraction_error": (fraction - budget) / budget,
+            "perplexity": ppl,
+            "parameters": params,
+            "arch": None if selection.arch is None else selection.arch.to_dict(),
+        }
         rows.append(row)
-        print(f"{name:>8} {budget:.2f}: target {target:7.2f} ms measured {measured:7.2f} ms "
-              f"({100 * row['error']:+.1f}%), {fraction:.3f} of the full model "
-              f"({100 * row['fraction_error']:+.1f}%) ppl {ppl:8.2f}", file=sys.stderr, flush=True)
+        print(
+            f"{name:>8} {budget:.2f}: target {target:7.2f} ms measured {measured:7.2f} ms "
+            f"({100 * row['error']:+.1f}%), {fraction:.3f} of the full model "
+            f"({100 * row['fraction_error']:+.1f}%) ppl {ppl:8.2f}",
+            file=sys.stderr,
+            flush=True,
+        )
     compare_to_uniform(rows)
-    speedup = dynamic_speedup(model, resolver, args.speedup_batch, length, args.repeats, budgets,
-                              clock) if args.speedup_batch > 0 and phase == "prefill" else []
-    summary = {"shape": resolver.shape, "full_ms_lut": full_ms, "full_ms_measured": times["full"],
-               "timing_blocks": args.timing_blocks, "device": resolver.table.device_name,
-               "clock": clock, "model": args.model, "rows": rows, "dynamic_speedup": speedup,
-               "wins_over_uniform": wins(rows)}
+    speedup = (
+        dynamic_speedup(model, resolver, args.speedup_batch, length, args.repeats, budgets, clock)
+        if args.speedup_batch > 0 and phase == "prefill"
+        else []
+    )
+    summary = {
+        "shape": resolver.shape,
+        "full_ms_lut": full_ms,
+        "full_ms_measured": times["full"],
+        "timing_blocks": args.timing_blocks,
+        "device": resolver.table.device_name,
+        "clock": clock,
+        "model": args.model,
+        "rows": rows,
+        "dynamic_speedup": speedup,
+        "wins_over_uniform": wins(rows),
+    }
     (out / "routers.json").write_text(json.dumps(summary, indent=2))
     plot(rows, out / "routers_pareto.png")
     print(markdown(rows, speedup))
@@ -186,8 +238,15 @@ def wins(rows: list[dict]) -> dict[str, list[float]]:
     return result
 
 
-def dynamic_speedup(model: FlextronModel, resolver: BudgetResolver, batch: int, length: int,
-                    repeats: int, budgets: list[float], clock: str) -> list[dict]:
+def dynamic_speedup(
+    model: FlextronModel,
+    resolver: BudgetResolver,
+    batch: int,
+    length: int,
+    repeats: int,
+    budgets: list[float],
+    clock: str,
+) -> list[dict]:
     """Prefill at equal batch: the full model vs dynamic routing (ops.route + ops.routed_nested_mlp)."""
     if "dynamic" not in resolver.routers:
         return []
@@ -197,35 +256,68 @@ def dynamic_speedup(model: FlextronModel, resolver: BudgetResolver, batch: int, 
         if budget >= 1.0:
             continue
         selection = resolver.select(budget=budget, routing="dynamic")
-        routed = measure_latency(model, [model.full_arch()], "prefill", batch, length, repeats,
-                                 router=selection.session(batch), clock=clock)[0]
-        results.append({"budget": budget, "batch": batch, "length": length, "full_ms": full,
-                        "dynamic_ms": routed, "speedup": full / routed})
-        print(f"dynamic speedup at budget {budget:.2f}, batch {batch}x{length}: {full / routed:.2f}x",
-              file=sys.stderr, flush=True)
+        routed = measure_latency(
+            model,
+            [model.full_arch()],
+            "prefill",
+            batch,
+            length,
+            repeats,
+            router=selection.session(batch),
+            clock=clock,
+        )[0]
+        results.append(
+            {
+                "budget": budget,
+                "batch": batch,
+                "length": length,
+                "full_ms": full,
+                "dynamic_ms": routed,
+                "speedup": full / routed,
+            }
+        )
+        print(
+            f"dynamic speedup at budget {budget:.2f}, batch {batch}x{length}: {full / routed:.2f}x",
+            file=sys.stderr,
+            flush=True,
+        )
     return results
 
 
 def markdown(rows: list[dict], speedup: list[dict]) -> str:
-    lines = ["| routing | budget | target ms | measured ms | error | ÷ full, same round (error) | "
-             "perplexity | uniform frontier ppl | beats uniform | params (M) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| routing | budget | target ms | measured ms | error | ÷ full, same round (error) | "
+        "perplexity | uniform frontier ppl | beats uniform | params (M) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         frontier = f"{r['uniform_frontier_ppl']:.2f}" if "uniform_frontier_ppl" in r else "-"
         beats = {True: "yes", False: "no"}.get(r.get("beats_uniform"), "-")
-        fraction = (f"{r['fraction_of_full']:.3f} ({100 * r['fraction_error']:+.1f}%)"
-                    if "fraction_of_full" in r else "-")  # rows of --include runs may predate it
-        lines.append(f"| {r['routing']} | {r['budget']:.2f} | {r['target_ms']:.1f} | "
-                     f"{r['measured_ms']:.1f} | {100 * r['error']:+.1f}% | {fraction} | "
-                     f"{r['perplexity']:.2f} | "
-                     f"{frontier} | {beats} | {r['parameters'] / 1e6:.1f} |")
-    lines += ["", *(f"{routing}: beats the uniform frontier at budgets {budgets}"
-                    for routing, budgets in wins(rows).items())]
+        fraction = (
+            f"{r['fraction_of_full']:.3f} ({100 * r['fraction_error']:+.1f}%)"
+            if "fraction_of_full" in r
+            else "-"
+        )  # rows of --include runs may predate it
+        lines.append(
+            f"| {r['routing']} | {r['budget']:.2f} | {r['target_ms']:.1f} | "
+            f"{r['measured_ms']:.1f} | {100 * r['error']:+.1f}% | {fraction} | "
+            f"{r['perplexity']:.2f} | "
+            f"{frontier} | {beats} | {r['parameters'] / 1e6:.1f} |"
+        )
+    lines += [
+        "",
+        *(
+            f"{routing}: beats the uniform frontier at budgets {budgets}"
+            for routing, budgets in wins(rows).items()
+        ),
+    ]
     if speedup:
         lines += ["", "| budget | batch x length | full ms | dynamic ms | speedup |", "|---|---|---|---|---|"]
         for s in speedup:
-            lines.append(f"| {s['budget']:.2f} | {s['batch']}x{s['length']} | {s['full_ms']:.1f} | "
-                         f"{s['dynamic_ms']:.1f} | {s['speedup']:.2f}x |")
+            lines.append(
+                f"| {s['budget']:.2f} | {s['batch']}x{s['length']} | {s['full_ms']:.1f} | "
+                f"{s['dynamic_ms']:.1f} | {s['speedup']:.2f}x |"
+            )
     return "\n".join(lines)
 
 

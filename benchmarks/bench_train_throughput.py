@@ -67,8 +67,11 @@ def step_flops(
 
 def gemm_rate(config: ModelConfig, tokens: int, repeats: int = 2) -> float:
     """GFLOP/s of fp32 x @ W^T over one full forward's GEMM shapes at `tokens` rows."""
-    d, f, q, kv = config.hidden_size, config.intermediate_size, config.num_heads * config.head_dim, (
-        config.num_kv_heads * config.head_dim
+    d, f, q, kv = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_heads * config.head_dim,
+        (config.num_kv_heads * config.head_dim),
     )
     shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)] * config.num_layers
     shapes.append((d, config.vocab_size))
@@ -106,8 +109,13 @@ def main() -> None:
     student = FlextronModel.from_pretrained(args.model)
     teacher = FlextronModel.from_pretrained(args.model)
     config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, accumulation_steps=args.accumulation_steps,
-        p_full=args.p_full, train_embeddings=args.train_embeddings, warmup_steps=1, save_every=0,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        accumulation_steps=args.accumulation_steps,
+        p_full=args.p_full,
+        train_embeddings=args.train_embeddings,
+        warmup_steps=1,
+        save_every=0,
     )
     data = load_train_data(student.tokenizer, "builtin", args.seq_len + 1)
     data = TrainData(data.train, data.val[:0])  # no validation: only the steps
@@ -120,7 +128,12 @@ def main() -> None:
     gemm = (gemm_before + gemm_after) / 2
 
     sampler = SubnetSampler(
-        student.config, config.rule, config.p_full, config.budgets, config.min_fraction, config.seed,
+        student.config,
+        config.rule,
+        config.p_full,
+        config.budgets,
+        config.min_fraction,
+        config.seed,
         student.arch_for_budget,
     )
     acc = args.accumulation_steps

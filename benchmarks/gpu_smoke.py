@@ -52,8 +52,9 @@ def set_env(env: dict[str, str | None]) -> None:
             os.environ[name] = value
 
 
-def run(op: str, path: str, dtype: torch.dtype, env: dict[str, str | None], fn: Callable[..., tuple],
-        *args) -> None:
+def run(
+    op: str, path: str, dtype: torch.dtype, env: dict[str, str | None], fn: Callable[..., tuple], *args
+) -> None:
     """fn(*args) -> (ours, fp32 result): runs it under `env` (None unsets a variable),
     synchronised, and records the error."""
     print(f"{op:<26} {path:<42} {str(dtype).removeprefix('torch.'):<9}", end=" ", flush=True)
@@ -95,8 +96,10 @@ def as_fp32(tensors):
 
 
 def linear_case(x, weight, bias):
-    return (ops.nested_linear(x, weight, bias, 1280, 1000),
-            reference.nested_linear(x.float(), weight.float(), bias.float(), 1280, 1000))
+    return (
+        ops.nested_linear(x, weight, bias, 1280, 1000),
+        reference.nested_linear(x.float(), weight.float(), bias.float(), 1280, 1000),
+    )
 
 
 def smoke_linear() -> None:
@@ -106,33 +109,53 @@ def smoke_linear() -> None:
             weight = randn(1536, 1024, dtype=dtype, scale=1024**-0.5, seed=2)
             bias = randn(1536, dtype=dtype, seed=3)
             for gemm in ("auto", "cutlass", "cublas"):
-                run("nested_linear", f"{label}, {gemm}", dtype, {"FLEXTRON_PREFIX_GEMM": gemm}, linear_case,
-                    x, weight, bias)
+                run(
+                    "nested_linear",
+                    f"{label}, {gemm}",
+                    dtype,
+                    {"FLEXTRON_PREFIX_GEMM": gemm},
+                    linear_case,
+                    x,
+                    weight,
+                    bias,
+                )
 
 
 def mlp_case(tensors, grad_out):
-    return (grads_of(lambda *t: ops.nested_mlp(*t, 1352, "swiglu"), tensors, grad_out),
-            grads_of(lambda *t: reference.nested_mlp(*t, 1352, "swiglu"), as_fp32(tensors), grad_out.float()))
+    return (
+        grads_of(lambda *t: ops.nested_mlp(*t, 1352, "swiglu"), tensors, grad_out),
+        grads_of(lambda *t: reference.nested_mlp(*t, 1352, "swiglu"), as_fp32(tensors), grad_out.float()),
+    )
 
 
 def smoke_mlp() -> None:
     for dtype in (torch.bfloat16, torch.float32):
-        tensors = [randn(2048, 520, dtype=dtype, seed=4),
-                   randn(2048, 520, dtype=dtype, scale=520**-0.5, seed=5),
-                   randn(2048, 520, dtype=dtype, scale=520**-0.5, seed=6),
-                   randn(520, 2048, dtype=dtype, scale=2048**-0.5, seed=7)]
+        tensors = [
+            randn(2048, 520, dtype=dtype, seed=4),
+            randn(2048, 520, dtype=dtype, scale=520**-0.5, seed=5),
+            randn(2048, 520, dtype=dtype, scale=520**-0.5, seed=6),
+            randn(520, 2048, dtype=dtype, scale=2048**-0.5, seed=7),
+        ]
         grad_out = randn(2048, 520, dtype=dtype, seed=8)
         for gemm in ("auto", "cutlass", "cublas"):
-            run("nested_mlp fwd+bwd", f"width 1352, {gemm}", dtype, {"FLEXTRON_PREFIX_GEMM": gemm}, mlp_case,
-                tensors, grad_out)
+            run(
+                "nested_mlp fwd+bwd",
+                f"width 1352, {gemm}",
+                dtype,
+                {"FLEXTRON_PREFIX_GEMM": gemm},
+                mlp_case,
+                tensors,
+                grad_out,
+            )
 
 
 def route_case(logits):
     """probs against the reference; choice, perm, inv_perm and offsets must be bit-equal."""
     ours = ops.route(logits)
     theirs = reference.route(logits.float(), None, None, 1.0, False)
-    for name, mine, exact in zip(("choice", "perm", "inv_perm", "offsets"), (ours[0], *ours[2:]),
-                                 (theirs[0], *theirs[2:]), strict=True):
+    for name, mine, exact in zip(
+        ("choice", "perm", "inv_perm", "offsets"), (ours[0], *ours[2:]), (theirs[0], *theirs[2:]), strict=True
+    ):
         if not torch.equal(mine.cpu(), exact.cpu()):
             raise AssertionError(f"{name} differs from the reference")
     return ours[1], theirs[1]
@@ -141,8 +164,14 @@ def route_case(logits):
 def smoke_route() -> None:
     for dtype in (torch.bfloat16, torch.float32):
         for tokens, choices in ((8192, 4), (1000, 40)):
-            run("route", f"T={tokens} C={choices}", dtype, {}, route_case,
-                randn(tokens, choices, dtype=dtype, seed=9))
+            run(
+                "route",
+                f"T={tokens} C={choices}",
+                dtype,
+                {},
+                route_case,
+                randn(tokens, choices, dtype=dtype, seed=9),
+            )
 
 
 def routed_case(tensors, choice, widths, grad_out):
@@ -157,15 +186,19 @@ def routed_case(tensors, choice, widths, grad_out):
 
 def smoke_routed() -> None:
     # Multi-tile (hundreds of tiles per launch), then K tails (D = 72, widths 200/136/40).
-    cases = [(4096, 512, 2048, [2048, 1536, 1024, 512], "multi-tile"),
-             (333, 72, 200, [200, 136, 40], "K tails")]
+    cases = [
+        (4096, 512, 2048, [2048, 1536, 1024, 512], "multi-tile"),
+        (333, 72, 200, [200, 136, 40], "K tails"),
+    ]
     sm90 = bool(_C.build_info().get("sm90_kernels")) and torch.cuda.get_device_capability() == (9, 0)
     for tokens, hidden, ffn, widths, label in cases:
         for dtype in (torch.bfloat16, torch.float32):
-            tensors = [randn(tokens, hidden, dtype=dtype, seed=10),
-                       randn(ffn, hidden, dtype=dtype, scale=hidden**-0.5, seed=11),
-                       randn(ffn, hidden, dtype=dtype, scale=hidden**-0.5, seed=12),
-                       randn(hidden, ffn, dtype=dtype, scale=ffn**-0.5, seed=13)]
+            tensors = [
+                randn(tokens, hidden, dtype=dtype, seed=10),
+                randn(ffn, hidden, dtype=dtype, scale=hidden**-0.5, seed=11),
+                randn(ffn, hidden, dtype=dtype, scale=hidden**-0.5, seed=12),
+                randn(hidden, ffn, dtype=dtype, scale=ffn**-0.5, seed=13),
+            ]
             gen = torch.Generator(device="cuda").manual_seed(14)
             choice = torch.randint(0, len(widths), (tokens,), device="cuda", generator=gen)
             tensors.append(torch.rand(tokens, device="cuda", generator=gen).to(dtype))  # scale
@@ -176,28 +209,55 @@ def smoke_routed() -> None:
                 paths = [("sm90", {"FLEXTRON_DISABLE_SM90": None})] if sm90 else []
                 paths.append(("2.x", {"FLEXTRON_DISABLE_SM90": "1"}))
             for name, env in paths:
-                run("routed_nested_mlp fwd+bwd", f"{label} T={tokens} D={hidden}, {name}", dtype, env,
-                    routed_case, tensors, choice, widths, grad_out)
+                run(
+                    "routed_nested_mlp fwd+bwd",
+                    f"{label} T={tokens} D={hidden}, {name}",
+                    dtype,
+                    env,
+                    routed_case,
+                    tensors,
+                    choice,
+                    widths,
+                    grad_out,
+                )
 
 
 def attention_case(q, k, v, grad_out, heads, causal):
-    return (grads_of(lambda *t: ops.varhead_attention(*t, heads, causal), [q, k, v], grad_out),
-            grads_of(lambda *t: reference.varhead_attention(*t, heads, causal), as_fp32([q, k, v]),
-                     grad_out.float()))
+    return (
+        grads_of(lambda *t: ops.varhead_attention(*t, heads, causal), [q, k, v], grad_out),
+        grads_of(
+            lambda *t: reference.varhead_attention(*t, heads, causal), as_fp32([q, k, v]), grad_out.float()
+        ),
+    )
 
 
 def smoke_attention() -> None:
     # (label, q heads, kv heads, Sq, Sk, causal, heads per sequence)
-    cases = [("prefill causal, scattered buckets", 8, 2, 256, 256, True, [8, 2, 8, 5]),
-             ("chunked GQA prefill (mask)", 8, 2, 128, 384, True, [8, 8, 4, 4]),
-             ("decode", 8, 2, 1, 384, True, [8, 3, 8, 8])]
+    cases = [
+        ("prefill causal, scattered buckets", 8, 2, 256, 256, True, [8, 2, 8, 5]),
+        ("chunked GQA prefill (mask)", 8, 2, 128, 384, True, [8, 8, 4, 4]),
+        ("decode", 8, 2, 1, 384, True, [8, 3, 8, 8]),
+    ]
     for dtype in (torch.bfloat16, torch.float32):
         for label, hq, hkv, sq, sk, causal, heads in cases:
             q_shape, kv_shape = (len(heads), hq, sq, 64), (len(heads), hkv, sk, 64)
-            q, k, v, grad_out = (randn(*shape, dtype=dtype, seed=16 + i)
-                                 for i, shape in enumerate((q_shape, kv_shape, kv_shape, q_shape)))
-            run("varhead_attention fwd+bwd", label, dtype, {}, attention_case, q, k, v, grad_out,
-                torch.tensor(heads), causal)
+            q, k, v, grad_out = (
+                randn(*shape, dtype=dtype, seed=16 + i)
+                for i, shape in enumerate((q_shape, kv_shape, kv_shape, q_shape))
+            )
+            run(
+                "varhead_attention fwd+bwd",
+                label,
+                dtype,
+                {},
+                attention_case,
+                q,
+                k,
+                v,
+                grad_out,
+                torch.tensor(heads),
+                causal,
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,16 +267,24 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         parser.error("no CUDA device")
     info = _C.build_info()
-    print(f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))}), "
-          f"torch {torch.__version__}, build {info}", flush=True)
+    print(
+        f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))}), "
+        f"torch {torch.__version__}, build {info}",
+        flush=True,
+    )
     start = time.perf_counter()
     for smoke in (smoke_linear, smoke_mlp, smoke_route, smoke_routed, smoke_attention):
         smoke()
     failed = [r for r in RESULTS if not r["ok"]]
     print(f"{len(RESULTS)} runs, {len(failed)} failed, {time.perf_counter() - start:.1f} s")
     if args.json:
-        args.json.write_text(json.dumps({"build": info, "device": torch.cuda.get_device_name(),
-                                         "results": RESULTS}, indent=2, default=str))
+        args.json.write_text(
+            json.dumps(
+                {"build": info, "device": torch.cuda.get_device_name(), "results": RESULTS},
+                indent=2,
+                default=str,
+            )
+        )
     return 1 if failed else 0
 
 

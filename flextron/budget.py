@@ -34,13 +34,14 @@ DEFAULT_SHAPE = ("prefill", 1, 128)
 
 
 def parse_shape(text: str) -> tuple[str, int, int]:
-    """"prefill:1x128" -> ("prefill", 1, 128); ValueError naming the expected form."""
+    """ "prefill:1x128" -> ("prefill", 1, 128); ValueError naming the expected form."""
     try:
         phase, sizes = text.split(":")
         batch, length = (int(s) for s in sizes.lower().split("x"))
     except ValueError as error:
-        raise ValueError(f"latency shape must look like prefill:1x128 or decode:4x512, got {text!r}") \
-            from error
+        raise ValueError(
+            f"latency shape must look like prefill:1x128 or decode:4x512, got {text!r}"
+        ) from error
     if phase not in PHASES or batch < 1 or length < 1:
         raise ValueError(f"latency shape must be PHASE:BATCHxLENGTH with PHASE in {PHASES}, got {text!r}")
     return phase, batch, length
@@ -57,8 +58,9 @@ def saved_shape(meta: dict | None) -> tuple[str, int, int] | None:
     return None if meta is None else (meta["phase"], int(meta["batch"]), int(meta["length"]))
 
 
-def reference_shape(table: LatencyTable | None, router_shape: tuple[str, int, int] | None
-                    ) -> tuple[str, int, int]:
+def reference_shape(
+    table: LatencyTable | None, router_shape: tuple[str, int, int] | None
+) -> tuple[str, int, int]:
     """The shape budgets refer to by default: the routers', else the table's first prefill shape."""
     if router_shape is not None:
         return router_shape
@@ -67,20 +69,34 @@ def reference_shape(table: LatencyTable | None, router_shape: tuple[str, int, in
     return DEFAULT_SHAPE
 
 
-def uniform_arch_for_latency(model: FlextronModel, table: LatencyTable, target_ms: float,
-                             shape: tuple[str, int, int], mlp_choices: Sequence[int] | None = None,
-                             head_choices: Sequence[int] | None = None) -> ArchConfig:
+def uniform_arch_for_latency(
+    model: FlextronModel,
+    table: LatencyTable,
+    target_ms: float,
+    shape: tuple[str, int, int],
+    mlp_choices: Sequence[int] | None = None,
+    head_choices: Sequence[int] | None = None,
+) -> ArchConfig:
     """The uniform configuration whose predicted latency is nearest `target_ms` (ties: larger),
     among the given MLP widths and head counts (default: every allowed one)."""
     config = model.config
-    candidates = [ArchConfig.uniform(config, w, h)
-                  for w in mlp_choices or config.mlp_choices() for h in head_choices or config.head_choices()]
+    candidates = [
+        ArchConfig.uniform(config, w, h)
+        for w in mlp_choices or config.mlp_choices()
+        for h in head_choices or config.head_choices()
+    ]
     predicted = {a: table.predict(a, *shape) for a in candidates}
     return min(candidates, key=lambda a: (abs(predicted[a] - target_ms), -predicted[a]))
 
 
-def fit_to_latency(router: StaticRouter, budget: float, table: LatencyTable, target_ms: float,
-                   shape: tuple[str, int, int], tolerance: float = 0.02) -> ArchConfig:
+def fit_to_latency(
+    router: StaticRouter,
+    budget: float,
+    table: LatencyTable,
+    target_ms: float,
+    shape: tuple[str, int, int],
+    tolerance: float = 0.02,
+) -> ArchConfig:
     """The static router's configuration, nudged with the LUT until its predicted latency is
     within `tolerance` of the target.
 
@@ -98,8 +114,9 @@ def fit_to_latency(router: StaticRouter, budget: float, table: LatencyTable, tar
     costs = table.costs(*shape)
 
     def arch() -> ArchConfig:
-        return ArchConfig(tuple(choices["mlp"][i] for i in picks["mlp"]),
-                          tuple(choices["heads"][i] for i in picks["heads"]))
+        return ArchConfig(
+            tuple(choices["mlp"][i] for i in picks["mlp"]), tuple(choices["heads"][i] for i in picks["heads"])
+        )
 
     def cost(kind: str, index: int) -> float:
         value = choices[kind][index]
@@ -125,9 +142,14 @@ def fit_to_latency(router: StaticRouter, budget: float, table: LatencyTable, tar
     return arch()
 
 
-def uniform_init_archs(model: FlextronModel, table: LatencyTable, router: StaticRouter | DynamicRouter,
-                       shape: tuple[str, int, int], probe: torch.Tensor | None = None,
-                       tolerance: float = 0.05) -> dict[float, ArchConfig]:
+def uniform_init_archs(
+    model: FlextronModel,
+    table: LatencyTable,
+    router: StaticRouter | DynamicRouter,
+    shape: tuple[str, int, int],
+    probe: torch.Tensor | None = None,
+    tolerance: float = 0.05,
+) -> dict[float, ArchConfig]:
     """Per trained budget of `router`, a uniform configuration (among the router's choices)
     of the budget's latency: the routers' starting point (`init_to_archs`), so that router
     training starts from parity with uniform widths.
@@ -160,8 +182,13 @@ def uniform_init_archs(model: FlextronModel, table: LatencyTable, router: Static
     return archs
 
 
-def static_init_archs(model: FlextronModel, table: LatencyTable, static: StaticRouter,
-                      budgets: Sequence[float], shape: tuple[str, int, int]) -> dict[float, ArchConfig]:
+def static_init_archs(
+    model: FlextronModel,
+    table: LatencyTable,
+    static: StaticRouter,
+    budgets: Sequence[float],
+    shape: tuple[str, int, int],
+) -> dict[float, ArchConfig]:
     """Per budget, the static router's configuration as inference selects it (`fit_to_latency`):
     a dynamic router's starting point (`--init static`) that already knows which layers can
     shrink, where a uniform start does not."""
@@ -193,8 +220,12 @@ class Selection:
 class BudgetResolver:
     """Reads a model directory's latency table and routers once; `select` per request."""
 
-    def __init__(self, model: FlextronModel, directory: str | os.PathLike | None = None,
-                 shape: tuple[str, int, int] | None = None) -> None:
+    def __init__(
+        self,
+        model: FlextronModel,
+        directory: str | os.PathLike | None = None,
+        shape: tuple[str, int, int] | None = None,
+    ) -> None:
         self.model = model
         self.table: LatencyTable | None = None
         self.routers: dict[str, StaticRouter | DynamicRouter] = {}
@@ -218,8 +249,9 @@ class BudgetResolver:
             )
         return self.routers[kind]
 
-    def select(self, budget: float | None = None, latency_ms: float | None = None, routing: str = "auto"
-               ) -> Selection:
+    def select(
+        self, budget: float | None = None, latency_ms: float | None = None, routing: str = "auto"
+    ) -> Selection:
         """The sub-network for a budget in (0, 1] or a latency target in ms (not both)."""
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
@@ -235,10 +267,14 @@ class BudgetResolver:
                 f"the dynamic router is calibrated for {format_shape(self.router_shape)}, not "
                 f"{format_shape(self.shape)}: recalibrate it with `flextron train-router --kind dynamic "
                 f"--mode calibrate --latency-shape {format_shape(self.shape)}` "
-                "(or leave --latency-shape out)")
+                "(or leave --latency-shape out)"
+            )
         if self.table is not None:
-            choices = {} if router is None else {"mlp_choices": router.mlp_choices,
-                                                 "head_choices": router.head_choices}
+            choices = (
+                {}
+                if router is None
+                else {"mlp_choices": router.mlp_choices, "head_choices": router.head_choices}
+            )
             full = self.table.predict(self.model.full_arch(), *self.shape)
             if latency_ms is not None:
                 budget = self.table.check_target(latency_ms, self.model.config, *self.shape, **choices)
@@ -246,17 +282,25 @@ class BudgetResolver:
                 # A budget below the smallest sub-network runs, but cannot be met: say so, with the range.
                 low = self.table.latency_range(self.model.config, *self.shape, **choices)[0]
                 if low > full:
-                    warnings.warn(f"the latency table predicts the smallest sub-network ({low:.2f} ms) "
-                                  f"slower than the full model ({full:.2f} ms) at "
-                                  f"{format_shape(self.shape)}: budget {budget:g} cannot be met as asked; "
-                                  f"{REPROFILE}", stacklevel=2)
+                    warnings.warn(
+                        f"the latency table predicts the smallest sub-network ({low:.2f} ms) "
+                        f"slower than the full model ({full:.2f} ms) at "
+                        f"{format_shape(self.shape)}: budget {budget:g} cannot be met as asked; "
+                        f"{REPROFILE}",
+                        stacklevel=2,
+                    )
                 elif check_budget(budget) * full < low:
-                    warnings.warn(f"budget {budget:g} ({budget * full:.2f} ms) is below the smallest "
-                                  f"sub-network's {low:.2f} ms at {format_shape(self.shape)}: the achievable "
-                                  f"budgets are {low / full:.3f} to 1", stacklevel=2)
+                    warnings.warn(
+                        f"budget {budget:g} ({budget * full:.2f} ms) is below the smallest "
+                        f"sub-network's {low:.2f} ms at {format_shape(self.shape)}: the achievable "
+                        f"budgets are {low / full:.3f} to 1",
+                        stacklevel=2,
+                    )
         elif latency_ms is not None:
-            raise ValueError("a latency target needs the model's latency table: run `flextron profile` "
-                             "on a Flextron directory first")
+            raise ValueError(
+                "a latency target needs the model's latency table: run `flextron profile` "
+                "on a Flextron directory first"
+            )
         budget = check_budget(1.0 if budget is None else budget)
         if routing == "dynamic":
             router.encoder(budget)  # ValueError outside the trained range, now rather than at the forward
@@ -274,8 +318,9 @@ class BudgetResolver:
 
 
 @torch.no_grad()
-def dynamic_perplexity(model: FlextronModel, blocks: torch.Tensor, selection: Selection,
-                       batch_size: int = 4) -> tuple[float, int]:
+def dynamic_perplexity(
+    model: FlextronModel, blocks: torch.Tensor, selection: Selection, batch_size: int = 4
+) -> tuple[float, int]:
     """(perplexity, mean active parameters per token) under dynamic routing.
 
     blocks: (N, S) token ids; every batch gets a fresh session (its own prefill head choice).
@@ -290,16 +335,19 @@ def dynamic_perplexity(model: FlextronModel, blocks: torch.Tensor, selection: Se
         batch = batch.to(device)
         session = selection.session(batch.shape[0])
         logits = model(batch, router=session)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
-                                                 reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
+        )
         total, count = total + float(loss), count + batch[:, 1:].numel()
         widths += torch.tensor(session.mean_widths()) / len(batches)
         heads += torch.stack([h.float().mean().cpu() for h in session.heads]) / len(batches)
     mean_arch = ArchConfig(tuple(round(float(w)) for w in widths), tuple(round(float(h)) for h in heads))
     return math.exp(total / count), model.num_parameters(mean_arch)
 
-def evaluate_selections(model: FlextronModel, blocks: torch.Tensor, selections: list[Selection],
-                        batch_size: int = 4) -> list[dict]:
+
+def evaluate_selections(
+    model: FlextronModel, blocks: torch.Tensor, selections: list[Selection], batch_size: int = 4
+) -> list[dict]:
     """flextron.evaluate result rows for selections (static ones through evaluate_archs)."""
     from flextron.evaluate import evaluate_archs
 
@@ -307,13 +355,20 @@ def evaluate_selections(model: FlextronModel, blocks: torch.Tensor, selections: 
     for selection in selections:
         name = f"{selection.routing} {selection.budget:.2f}"
         if selection.arch is not None:
-            row = evaluate_archs(model, blocks, {name: (selection.budget, selection.arch)}, batch_size,
-                                 progress=False)[0]
+            row = evaluate_archs(
+                model, blocks, {name: (selection.budget, selection.arch)}, batch_size, progress=False
+            )[0]
         else:
             start = time.perf_counter()
             perplexity, active = dynamic_perplexity(model, blocks, selection, batch_size)
-            row = {"name": name, "budget": selection.budget, "arch": None, "parameters": active,
-                   "tokens_per_s": blocks.numel() / (time.perf_counter() - start), "perplexity": perplexity}
+            row = {
+                "name": name,
+                "budget": selection.budget,
+                "arch": None,
+                "parameters": active,
+                "tokens_per_s": blocks.numel() / (time.perf_counter() - start),
+                "perplexity": perplexity,
+            }
         row["predicted_ms"] = selection.predicted_ms
         rows.append(row)
     return rows

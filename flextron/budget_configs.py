@@ -111,8 +111,17 @@ def fingerprint(weights: Weights) -> str:
 
 # The fields that decide which configurations exist; other fields (and fields added to
 # ModelConfig later) do not make saved choices foreign.
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                "head_dim", "layer_intermediate_sizes", "layer_num_heads")
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "layer_intermediate_sizes",
+    "layer_num_heads",
+)
 
 
 def config_hash(config: ModelConfig) -> str:
@@ -149,9 +158,7 @@ class BudgetConfigs:
         }
 
     @classmethod
-    def from_json(
-        cls, data: object, model: Weights, config: ModelConfig, path: Path
-    ) -> BudgetConfigs:
+    def from_json(cls, data: object, model: Weights, config: ModelConfig, path: Path) -> BudgetConfigs:
         """Validate a loaded budget_configs.json against the model; ValueError names the problem."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f'{path}: not a budget configurations file (no "format": "{FORMAT}")')
@@ -182,9 +189,7 @@ class BudgetConfigs:
         write_json_atomic(Path(directory) / FILE, self.to_json(model, config))
 
     @classmethod
-    def load(
-        cls, directory: str | os.PathLike, model: Weights, config: ModelConfig
-    ) -> BudgetConfigs | None:
+    def load(cls, directory: str | os.PathLike, model: Weights, config: ModelConfig) -> BudgetConfigs | None:
         """The directory's choices, None when it has none; ValueError when they do not match."""
         path = Path(directory) / FILE
         if not path.is_file():

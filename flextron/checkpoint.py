@@ -43,8 +43,9 @@ def temp_prefix(final: Path) -> str:
 
 
 def _atomic_path(final: Path) -> Path:
-    handle, name = tempfile.mkstemp(dir=final.parent, prefix=f"{temp_prefix(final)}{os.getpid()}-",
-                                    suffix=".tmp")
+    handle, name = tempfile.mkstemp(
+        dir=final.parent, prefix=f"{temp_prefix(final)}{os.getpid()}-", suffix=".tmp"
+    )
     os.close(handle)
     # mkstemp makes the file private (0600); give it the permissions a plain open() would.
     umask = os.umask(0)
@@ -139,8 +140,9 @@ def is_flextron_dir(path: str | os.PathLike) -> bool:
     return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | None = None
-                    ) -> FlextronModel:
+def load_pretrained(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | None = None
+) -> FlextronModel:
     """Load a directory written by save_pretrained; clear errors for missing or corrupt files.
 
     dtype: the floating-point weights' dtype (None: as stored); device: where they go (None: CPU).
@@ -158,7 +160,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     except ValueError as error:  # bad JSON or bad UTF-8
         raise ValueError(f"{config_file}: corrupt JSON ({error})") from error
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
-        raise ValueError(f"{config_file}: not a Flextron checkpoint (no \"format\": \"{FORMAT}\")")
+        raise ValueError(f'{config_file}: not a Flextron checkpoint (no "format": "{FORMAT}")')
     if meta.get("version") != VERSION:
         raise ValueError(f"{config_file}: unsupported checkpoint version {meta.get('version')!r}")
     try:

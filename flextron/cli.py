@@ -62,8 +62,12 @@ def load_options() -> tuple[tuple[tuple[str, ...], dict[str, Any]], ...]:
     from flextron.hub import DEVICES, DTYPES
 
     return (
-        arg("--dtype", choices=tuple(DTYPES), default="float32",
-            help="weights and activations (loaded tensor by tensor into this dtype)"),
+        arg(
+            "--dtype",
+            choices=tuple(DTYPES),
+            default="float32",
+            help="weights and activations (loaded tensor by tensor into this dtype)",
+        ),
         arg("--device", choices=DEVICES, default="cpu"),
     )
 
@@ -100,27 +104,34 @@ def _sources(model: str) -> list[str]:
 
 def _fits_context(flag: str, tokens: int, extra: int = 0) -> Callable[[Any], None]:
     """A _load check: `tokens` (+ `extra`) must fit the model's context."""
+
     def check(model) -> None:
         context = model.config.max_position_embeddings
         if tokens + extra > context:
-            raise ValueError(f"{flag} {tokens} does not fit the model's context of {context} tokens"
-                             + (f" (with {extra} more)" if extra else ""))
+            raise ValueError(
+                f"{flag} {tokens} does not fit the model's context of {context} tokens"
+                + (f" (with {extra} more)" if extra else "")
+            )
+
     return check
 
 
 def _shape_fits(args: argparse.Namespace) -> Callable[[Any], None]:
     """A _load check: --latency-shape within the model's context (a decode step adds one token)."""
+
     def check(model) -> None:
         if getattr(args, "latency_shape", None):
             from flextron.budget import parse_shape
 
             phase, _, length = parse_shape(args.latency_shape)
             _fits_context("--latency-shape length", length, int(phase == "decode"))(model)
+
     return check
 
 
 def _arch_fits(args: argparse.Namespace) -> Callable[[Any], None]:
     """A _load check: every --arch configuration fits the model."""
+
     def check(model) -> None:
         if getattr(args, "arch", None):
             from flextron.evaluate import load_arch_file
@@ -130,6 +141,7 @@ def _arch_fits(args: argparse.Namespace) -> Callable[[Any], None]:
                     arch.validate(model.config)
                 except ValueError as error:
                     raise ValueError(f"--arch {args.arch} ({name}): {error}") from error
+
     return check
 
 
@@ -146,6 +158,7 @@ def _choose_arch(model, args: argparse.Namespace):
 
 # ---- budgets and latency targets (routers, issue 6)
 
+
 def _shape_text(text: str) -> str:
     from flextron.budget import parse_shape
 
@@ -156,11 +169,19 @@ def _shape_text(text: str) -> str:
     return text
 
 
-ROUTING = arg("--routing", choices=("auto", "uniform", "static", "dynamic"), default="auto",
-              help="auto: the static router when the model has one, else uniform widths")
-LATENCY_SHAPE = arg("--latency-shape", type=_shape_text, default=None,
-                    help="the shape budgets refer to, e.g. prefill:1x128 (default: the routers', else the "
-                         "latency table's first prefill shape)")
+ROUTING = arg(
+    "--routing",
+    choices=("auto", "uniform", "static", "dynamic"),
+    default="auto",
+    help="auto: the static router when the model has one, else uniform widths",
+)
+LATENCY_SHAPE = arg(
+    "--latency-shape",
+    type=_shape_text,
+    default=None,
+    help="the shape budgets refer to, e.g. prefill:1x128 (default: the routers', else the "
+    "latency table's first prefill shape)",
+)
 
 
 def parse_numbers(text: str) -> list[float]:
@@ -192,7 +213,8 @@ def _resolver(model, args: argparse.Namespace):
 
 
 @command(
-    "info", "show a model's configuration, sub-network choices and parameters per budget",
+    "info",
+    "show a model's configuration, sub-network choices and parameters per budget",
     MODEL,
     arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25]),
 )
@@ -207,13 +229,16 @@ def info(args: argparse.Namespace) -> None:
     print(f"converted (importance scores present): {bool(model.importance)}")
     for budget in args.budgets:
         arch = model.arch_for_budget(budget)
-        print(f"budget {budget:g}: MLP {arch.mlp_widths[0]}, heads {arch.heads[0]}, "
-              f"{model.num_parameters(arch) / 1e6:.1f}M parameters")
+        print(
+            f"budget {budget:g}: MLP {arch.mlp_widths[0]}, heads {arch.heads[0]}, "
+            f"{model.num_parameters(arch) / 1e6:.1f}M parameters"
+        )
     print("kernels:", {name: ops.backends(name) for name in ops.OP_NAMES})
 
 
 @command(
-    "convert", "rank neurons/heads on calibration text, permute, save a Flextron directory",
+    "convert",
+    "rank neurons/heads on calibration text, permute, save a Flextron directory",
     MODEL,
     *load_options(),
     arg("--out", required=True, help="output directory (new or empty; see --overwrite)"),
@@ -222,10 +247,18 @@ def info(args: argparse.Namespace) -> None:
     arg("--samples", type=positive_int, default=32, help="calibration blocks"),
     arg("--seq-len", type=positive_int, default=256, help="tokens per calibration block"),
     arg("--batch-size", type=positive_int, default=4),
-    arg("--budgets", type=parse_budgets, default=[0.25, 0.5, 0.75],
-        help="budgets whose configurations are chosen by calibration loss (see choose-budgets)"),
-    arg("--budget-samples", type=non_negative_int, default=8,
-        help="calibration blocks for choosing the budgets' configurations (0: keep the fixed rule)"),
+    arg(
+        "--budgets",
+        type=parse_budgets,
+        default=[0.25, 0.5, 0.75],
+        help="budgets whose configurations are chosen by calibration loss (see choose-budgets)",
+    ),
+    arg(
+        "--budget-samples",
+        type=non_negative_int,
+        default=8,
+        help="calibration blocks for choosing the budgets' configurations (0: keep the fixed rule)",
+    ),
 )
 def convert(args: argparse.Namespace) -> None:
     from flextron.convert import convert as convert_model
@@ -253,14 +286,20 @@ def _choose_budgets(model, blocks, budgets: list[float], batch_size: int, source
     model.budget_configs = choose_budget_configs(model, blocks, budgets, batch_size, source)
     for entry in model.budget_configs.entries:
         arch = entry["arch"]
-        shape = (f"MLP {arch['mlp_widths'][0]}, heads {arch['heads'][0]}" if len(set(arch["mlp_widths"])) == 1
-                 else "per-layer")
-        print(f"budget {entry['budget']:g}: {shape}, {entry['parameters'] / 1e6:.1f}M parameters, "
-              f"calibration loss {entry['loss']:.3f} (fixed rule {entry['rule_loss']:.3f})")
+        shape = (
+            f"MLP {arch['mlp_widths'][0]}, heads {arch['heads'][0]}"
+            if len(set(arch["mlp_widths"])) == 1
+            else "per-layer"
+        )
+        print(
+            f"budget {entry['budget']:g}: {shape}, {entry['parameters'] / 1e6:.1f}M parameters, "
+            f"calibration loss {entry['loss']:.3f} (fixed rule {entry['rule_loss']:.3f})"
+        )
 
 
 @command(
-    "choose-budgets", "choose each budget's configuration by calibration loss; saves budget_configs.json",
+    "choose-budgets",
+    "choose each budget's configuration by calibration loss; saves budget_configs.json",
     arg("--model", required=True, help="a Flextron directory (from convert or train)"),
     arg("--data", default="builtin", help="calibration text: builtin | file | dir | .jsonl | saved dataset"),
     arg("--budgets", type=parse_budgets, default=[0.25, 0.5, 0.75]),
@@ -283,7 +322,8 @@ def choose_budgets(args: argparse.Namespace) -> None:
 
 
 @command(
-    "corpus", "build the general-English corpus (train + held-out JSONL) from installed Debian packages",
+    "corpus",
+    "build the general-English corpus (train + held-out JSONL) from installed Debian packages",
     arg("--out", required=True, help="a new directory"),
 )
 def corpus(args: argparse.Namespace) -> None:
@@ -293,19 +333,26 @@ def corpus(args: argparse.Namespace) -> None:
     check_output_dir(args.out)
     manifest = build_corpus(args.out)
     for name, entry in manifest["files"].items():
-        print(f"{name}: {entry['documents']} documents, {entry['words']} words ({entry['licence']}, "
-              f"Debian package {entry['package']})")
+        print(
+            f"{name}: {entry['documents']} documents, {entry['words']} words ({entry['licence']}, "
+            f"Debian package {entry['package']})"
+        )
 
 
 @command(
-    "eval", "perplexity at several budgets or configurations: table, JSON, PNG plot",
+    "eval",
+    "perplexity at several budgets or configurations: table, JSON, PNG plot",
     MODEL,
     *load_options(),
     arg("--data", default="builtin", help="builtin (held-out split) | file | dir | .jsonl | saved dataset"),
     arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25], help="comma-separated, in (0, 1]"),
     arg("--arch", help="JSON file: a configuration or a {name: configuration} map (instead of budgets)"),
-    arg("--latency-ms", type=parse_numbers, default=None,
-        help="comma-separated latency targets (instead of budgets)"),
+    arg(
+        "--latency-ms",
+        type=parse_numbers,
+        default=None,
+        help="comma-separated latency targets (instead of budgets)",
+    ),
     ROUTING,
     LATENCY_SHAPE,
     arg("--seq-len", type=positive_int, default=512),
@@ -342,8 +389,9 @@ def evaluate(args: argparse.Namespace) -> None:
         from flextron.budget import evaluate_selections
 
         resolver = _resolver(model, args)
-        requests = ([(None, ms) for ms in args.latency_ms] if args.latency_ms
-                    else [(b, None) for b in args.budgets])
+        requests = (
+            [(None, ms) for ms in args.latency_ms] if args.latency_ms else [(b, None) for b in args.budgets]
+        )
         selections = [resolver.select(budget, ms, args.routing) for budget, ms in requests]
         rows = evaluate_selections(model, blocks, selections, args.batch_size)
     print(f"perplexity on {blocks.numel()} tokens ({args.data}):")
@@ -352,13 +400,18 @@ def evaluate(args: argparse.Namespace) -> None:
 
 
 @command(
-    "generate", "answer a prompt at a budget, streaming the tokens",
+    "generate",
+    "answer a prompt at a budget, streaming the tokens",
     MODEL,
     *load_options(),
     arg("prompt"),
     arg("--budget", type=budget_float, default=None, help="fraction of the full model (default 1)"),
-    arg("--latency-ms", type=positive_float, default=None,
-        help="latency target (needs the model's latency table)"),
+    arg(
+        "--latency-ms",
+        type=positive_float,
+        default=None,
+        help="latency target (needs the model's latency table)",
+    ),
     ROUTING,
     LATENCY_SHAPE,
     arg("--arch", help="JSON file with one configuration (instead of --budget)"),
@@ -374,8 +427,9 @@ def generate(args: argparse.Namespace) -> None:
     from flextron.generate import generate_text
 
     if args.min_new_tokens > args.max_new_tokens:
-        raise ValueError(f"--min-new-tokens {args.min_new_tokens} is more than --max-new-tokens "
-                         f"{args.max_new_tokens}")
+        raise ValueError(
+            f"--min-new-tokens {args.min_new_tokens} is more than --max-new-tokens {args.max_new_tokens}"
+        )
     if not args.prompt.strip():
         raise ValueError("the prompt is empty")
     _preflight_arch(args, single=True)
@@ -388,32 +442,60 @@ def generate(args: argparse.Namespace) -> None:
         print(piece, end="", flush=True)
 
     start = time.perf_counter()
-    generate_text(model, args.prompt, arch, args.max_new_tokens, args.temperature, args.top_p,
-                  chat=not args.no_chat, seed=args.seed, on_text=show, min_new_tokens=args.min_new_tokens,
-                  router=router)
+    generate_text(
+        model,
+        args.prompt,
+        arch,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_p,
+        chat=not args.no_chat,
+        seed=args.seed,
+        on_text=show,
+        min_new_tokens=args.min_new_tokens,
+        router=router,
+    )
     print(f"\n[{time.perf_counter() - start:.1f}s]", file=sys.stderr)
 
 
 @command(
-    "export", "write one sub-network as a standalone model: Hugging Face, Flextron or GGUF directory",
+    "export",
+    "write one sub-network as a standalone model: Hugging Face, Flextron or GGUF directory",
     MODEL,
     *load_options(),
     arg("--out", required=True, help="output directory (new or empty; see --overwrite)"),
     arg("--overwrite", action="store_true", help="replace a non-empty --out directory"),
     arg("--budget", type=budget_float, default=None, help="fraction of the full model (default 1)"),
-    arg("--latency-ms", type=positive_float, default=None,
-        help="latency target (needs the model's latency table)"),
-    arg("--routing", choices=("auto", "uniform", "static"), default="auto",
-        help="static configurations only: auto = the static router when present, else uniform"),
+    arg(
+        "--latency-ms",
+        type=positive_float,
+        default=None,
+        help="latency target (needs the model's latency table)",
+    ),
+    arg(
+        "--routing",
+        choices=("auto", "uniform", "static"),
+        default="auto",
+        help="static configurations only: auto = the static router when present, else uniform",
+    ),
     LATENCY_SHAPE,
     arg("--arch", help="JSON file with one configuration (per-layer allowed) instead of --budget"),
-    arg("--format", choices=("auto", "hf", "flextron", "gguf"), default="auto",
-        help="auto: Hugging Face (the source family's class) for uniform configurations, else Flextron"),
+    arg(
+        "--format",
+        choices=("auto", "hf", "flextron", "gguf"),
+        default="auto",
+        help="auto: Hugging Face (the source family's class) for uniform configurations, else Flextron",
+    ),
     arg("--max-shard-size", default="5GB", help="hf: split the safetensors above this size (e.g. 500MB)"),
-    arg("--gguf-type", choices=("f32", "f16", "bf16", "q8_0"), default=None,
-        help="gguf weights (default f16)"),
-    arg("--eval-blocks", type=non_negative_int, default=0,
-        help="measure perplexity on this many held-out blocks of 512 tokens for the model card"),
+    arg(
+        "--gguf-type", choices=("f32", "f16", "bf16", "q8_0"), default=None, help="gguf weights (default f16)"
+    ),
+    arg(
+        "--eval-blocks",
+        type=non_negative_int,
+        default=0,
+        help="measure perplexity on this many held-out blocks of 512 tokens for the model card",
+    ),
 )
 def export(args: argparse.Namespace) -> None:
     from flextron.config import ArchConfig
@@ -440,8 +522,15 @@ def export(args: argparse.Namespace) -> None:
         card.perplexity_data = f"{blocks.shape[0]} x {blocks.shape[1]} tokens of the built-in held-out text"
     # The weights keep the --dtype they were loaded in (a bfloat16 export is half a float32 one).
     with staged_output(args.out, args.overwrite) as staged:
-        used = export_model(model, arch, staged, args.format, max_shard_size=args.max_shard_size,
-                            gguf_type=args.gguf_type, card=card)
+        used = export_model(
+            model,
+            arch,
+            staged,
+            args.format,
+            max_shard_size=args.max_shard_size,
+            gguf_type=args.gguf_type,
+            card=card,
+        )
     print(f"exported a {model.num_parameters(arch) / 1e6:.1f}M-parameter sub-network as {used} to {args.out}")
 
 
@@ -476,7 +565,8 @@ def _flextron_dir(path: str) -> Path:
 
 
 @command(
-    "bench", "prefill and decode tokens/s at several budgets, optionally against transformers",
+    "bench",
+    "prefill and decode tokens/s at several budgets, optionally against transformers",
     MODEL,
     *load_options(),
     arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25], help="comma-separated, in (0, 1]"),
@@ -484,8 +574,12 @@ def _flextron_dir(path: str) -> Path:
     arg("--new-tokens", type=positive_int, default=32, help="greedy decode steps after the prompt"),
     arg("--repeats", type=positive_int, default=3),
     arg("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)"),
-    arg("--clock", choices=["wall", "cpu"], default="wall",
-        help="wall time, or process CPU time (one thread: for a shared, busy machine)"),
+    arg(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall time, or process CPU time (one thread: for a shared, busy machine)",
+    ),
     arg("--hf", action="store_true", help="also time transformers' LlamaForCausalLM on the same weights"),
     arg("--json", default=None, help="write the results here"),
 )
@@ -497,28 +591,49 @@ def bench(args: argparse.Namespace) -> None:
     check_output_file(args.json, "--json")
     _set_threads(args.threads)
     model = _load(args.model, args, _fits_context("--prompt-len", args.prompt_len, args.new_tokens)).eval()
-    rows = measure_speed(model, args.budgets, args.prompt_len, args.new_tokens, args.repeats, args.clock,
-                         compare_hf=args.hf)
+    rows = measure_speed(
+        model, args.budgets, args.prompt_len, args.new_tokens, args.repeats, args.clock, compare_hf=args.hf
+    )
     print(f"batch 1, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.clock} clock:")
     print(format_speed_table(rows))
     if args.json:
-        write_json_atomic(Path(args.json), {"clock": args.clock, "prompt_len": args.prompt_len,
-                                            "new_tokens": args.new_tokens, "rows": rows_to_json(rows)})
+        write_json_atomic(
+            Path(args.json),
+            {
+                "clock": args.clock,
+                "prompt_len": args.prompt_len,
+                "new_tokens": args.new_tokens,
+                "rows": rows_to_json(rows),
+            },
+        )
 
 
 @command(
-    "profile", "measure the latency lookup table of every MLP width and head count; save it in the model dir",
+    "profile",
+    "measure the latency lookup table of every MLP width and head count; save it in the model dir",
     arg("--model", required=True, help="a Flextron directory (from convert)"),
     *load_options(),
     arg("--prefill", type=_parse_shapes, default=[(1, 128)], help="BATCHxLENGTH shapes, comma-separated"),
     arg("--decode", type=_parse_shapes, default=[(1, 256)], help="BATCHxCONTEXT shapes, comma-separated"),
     arg("--repeats", type=positive_int, default=9, help="timed repeats per component (the median is kept)"),
-    arg("--threads", type=positive_int, default=None,
-        help="CPU threads (default: torch's); use the same later"),
-    arg("--check", type=non_negative_int, default=10,
-        help="random configurations: predicted vs measured (0: skip)"),
-    arg("--clock", choices=("wall", "cpu"), default="wall",
-        help="cpu: process CPU time (one thread only): latency on a dedicated core of a shared machine"),
+    arg(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads (default: torch's); use the same later",
+    ),
+    arg(
+        "--check",
+        type=non_negative_int,
+        default=10,
+        help="random configurations: predicted vs measured (0: skip)",
+    ),
+    arg(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: process CPU time (one thread only): latency on a dedicated core of a shared machine",
+    ),
     arg("--json", default=None, help="write the check rows here"),
 )
 def profile(args: argparse.Namespace) -> None:
@@ -531,22 +646,32 @@ def profile(args: argparse.Namespace) -> None:
     check_output_file(directory / LUT_FILE, "--model")
     longest = max([length for _, length in args.prefill] + [length + 1 for _, length in args.decode])
     model = _load(args.model, args, _fits_context("--prefill/--decode length", longest))
-    table = profile_latency(model, args.prefill, args.decode, repeats=args.repeats,
-                            progress=lambda text: print(text, file=sys.stderr), clock=args.clock)
+    table = profile_latency(
+        model,
+        args.prefill,
+        args.decode,
+        repeats=args.repeats,
+        progress=lambda text: print(text, file=sys.stderr),
+        clock=args.clock,
+    )
     written = table.save(directory)
     print(f"latency table for {table.device_name} written to {written}")
     for entry in table.entries:
         low, high = table.latency_range(model.config, entry.phase, entry.batch, entry.length)
-        print(f"{entry.phase:>7} batch {entry.batch} length {entry.length}: full model {high:.2f} ms, "
-              f"smallest sub-network {low:.2f} ms, fixed {entry.fixed_ms:.2f} ms")
+        print(
+            f"{entry.phase:>7} batch {entry.batch} length {entry.length}: full model {high:.2f} ms, "
+            f"smallest sub-network {low:.2f} ms, fixed {entry.fixed_ms:.2f} ms"
+        )
     table.check_monotone()
     rows = []
     for entry in table.entries if args.check > 0 else []:
         checked = check_table(model, table, args.check, entry.phase, entry.batch, entry.length, args.repeats)
         errors = [100 * row["error"] for row in checked]
-        print(f"{entry.phase:>7} batch {entry.batch} length {entry.length}: predicted vs measured on "
-              f"{args.check} random configurations: errors (%) {', '.join(f'{e:+.1f}' for e in errors)}; "
-              f"max |error| {max(abs(e) for e in errors):.1f}%")
+        print(
+            f"{entry.phase:>7} batch {entry.batch} length {entry.length}: predicted vs measured on "
+            f"{args.check} random configurations: errors (%) {', '.join(f'{e:+.1f}' for e in errors)}; "
+            f"max |error| {max(abs(e) for e in errors):.1f}%"
+        )
         rows += checked
     if rows:
         table.record_check(rows)  # stored in the table, with a warning when it is off by more than 10%
@@ -570,57 +695,107 @@ def _overhead_text(text: str) -> str:
 
 
 @command(
-    "train-router", "train a static or dynamic router: surrogate-model loop then joint fine-tuning, or e2e",
+    "train-router",
+    "train a static or dynamic router: surrogate-model loop then joint fine-tuning, or e2e",
     arg("--model", required=True, help="a Flextron directory with a latency table (flextron profile)"),
     arg("--kind", choices=("static", "dynamic"), default="static"),
-    arg("--mode", choices=("surrogate", "end-to-end", "joint", "calibrate"), default="surrogate",
+    arg(
+        "--mode",
+        choices=("surrogate", "end-to-end", "joint", "calibrate"),
+        default="surrogate",
         help="surrogate: the SM loop (DESIGN §1 step 5), then --finetune-steps of joint fine-tuning; "
-             "end-to-end: the baseline without SM; joint: only the joint LLM + router fine-tuning, "
-             "from the directory's trained router of --kind; calibrate: only the dynamic router's "
-             "latency calibration, of the directory's trained dynamic router"),
+        "end-to-end: the baseline without SM; joint: only the joint LLM + router fine-tuning, "
+        "from the directory's trained router of --kind; calibrate: only the dynamic router's "
+        "latency calibration, of the directory's trained dynamic router",
+    ),
     arg("--budgets", type=parse_budgets, default=[0.3, 0.5, 0.7, 1.0], help="trained budgets"),
     arg("--steps", type=positive_int, default=200, help="SM-loop (or end-to-end) steps"),
-    arg("--finetune-steps", type=non_negative_int, default=50,
-        help="joint LLM + router fine-tuning steps after the SM loop (0: keep the LLM; saves the model)"),
+    arg(
+        "--finetune-steps",
+        type=non_negative_int,
+        default=50,
+        help="joint LLM + router fine-tuning steps after the SM loop (0: keep the LLM; saves the model)",
+    ),
     arg("--data", default="builtin", help="training text: builtin | file | dir | .jsonl | saved dataset"),
     arg("--seq-len", type=positive_int, default=128),
     arg("--batch-size", type=positive_int, default=2),
     arg("--latency-weight", type=non_negative_float, default=1.0, help="λ of the latency loss"),
     arg("--router-lr", type=positive_float, default=1e-3),
     arg("--model-lr", type=positive_float, default=1e-5),
-    arg("--sm-threshold", type=positive_float, default=0.05,
-        help="router steps only while the SM's error is below"),
+    arg(
+        "--sm-threshold",
+        type=positive_float,
+        default=0.05,
+        help="router steps only while the SM's error is below",
+    ),
     arg("--sm-updates", type=positive_int, default=4, help="SM minibatch steps per LLM step"),
-    arg("--tau", type=positive_float, nargs=2, default=(1.0, 0.1), metavar=("START", "END"),
-        help="Gumbel-softmax temperature, annealed exponentially from START to END"),
+    arg(
+        "--tau",
+        type=positive_float,
+        nargs=2,
+        default=(1.0, 0.1),
+        metavar=("START", "END"),
+        help="Gumbel-softmax temperature, annealed exponentially from START to END",
+    ),
     arg("--loss", choices=("kd", "lm"), default="kd"),
-    arg("--mlp-choices", type=positive_int, default=8,
-        help="MLP widths the router picks from (smallest to full)"),
+    arg(
+        "--mlp-choices",
+        type=positive_int,
+        default=8,
+        help="MLP widths the router picks from (smallest to full)",
+    ),
     arg("--hidden-size", type=positive_int, default=128, help="router width"),
-    arg("--init", choices=("best-uniform", "uniform", "static", "random"), default="best-uniform",
+    arg(
+        "--init",
+        choices=("best-uniform", "uniform", "static", "random"),
+        default="best-uniform",
         help="best-uniform: each trained budget starts at the uniform configuration of lowest perplexity "
-             "on --sm-probe-blocks training blocks among those within 5%% of its latency (parity with "
-             "uniform widths); uniform: at the one nearest its latency; static (--kind dynamic): at the "
-             "directory's static router's configuration, with its choices; random: plain random "
-             "initialisation"),
-    arg("--init-margin", type=non_negative_float, default=3.0,
-        help="logit margin of the initial configuration"),
-    arg("--sm-probe-blocks", type=positive_int, default=2,
-        help="blocks of the fixed batch whose loss the SM learns"),
-    arg("--calibrate-blocks", type=non_negative_int, default=4,
-        help="dynamic: blocks of training text on which each budget's latency offset is calibrated "
-             "(0: none)"),
-    arg("--calibrate-overhead", type=_overhead_text, default="auto",
+        "on --sm-probe-blocks training blocks among those within 5%% of its latency (parity with "
+        "uniform widths); uniform: at the one nearest its latency; static (--kind dynamic): at the "
+        "directory's static router's configuration, with its choices; random: plain random "
+        "initialisation",
+    ),
+    arg(
+        "--init-margin",
+        type=non_negative_float,
+        default=3.0,
+        help="logit margin of the initial configuration",
+    ),
+    arg(
+        "--sm-probe-blocks",
+        type=positive_int,
+        default=2,
+        help="blocks of the fixed batch whose loss the SM learns",
+    ),
+    arg(
+        "--calibrate-blocks",
+        type=non_negative_int,
+        default=4,
+        help="dynamic: blocks of training text on which each budget's latency offset is calibrated (0: none)",
+    ),
+    arg(
+        "--calibrate-overhead",
+        type=_overhead_text,
+        default="auto",
         help="dynamic: the routed path's cost beyond the LUT (router, grouping tokens): auto (measured with "
-             "the table's clock, prefill shapes), none, or MS[,FRACTION] (MS + FRACTION x LUT ms); "
-             "--calibrate-by lut only"),
-    arg("--calibrate-by", choices=("lut", "measured"), default="lut",
+        "the table's clock, prefill shapes), none, or MS[,FRACTION] (MS + FRACTION x LUT ms); "
+        "--calibrate-by lut only",
+    ),
+    arg(
+        "--calibrate-by",
+        choices=("lut", "measured"),
+        default="lut",
         help="dynamic: lut: bisect each budget's offset on the LUT latency of the routed choices "
-             "(+ --calibrate-overhead); measured: start there (no overhead), then bisect on the routed "
-             "forward timed with the table's clock at the LUT shape (prefill only), as a ratio to the "
-             "dense full model timed in the same round x its LUT latency (minutes on CPU)"),
-    arg("--calibrate-repeats", type=positive_int, default=5,
-        help="dynamic, --calibrate-by measured: timed repeats per bisection step (median)"),
+        "(+ --calibrate-overhead); measured: start there (no overhead), then bisect on the routed "
+        "forward timed with the table's clock at the LUT shape (prefill only), as a ratio to the "
+        "dense full model timed in the same round x its LUT latency (minutes on CPU)",
+    ),
+    arg(
+        "--calibrate-repeats",
+        type=positive_int,
+        default=5,
+        help="dynamic, --calibrate-by measured: timed repeats per bisection step (median)",
+    ),
     arg("--threads", type=positive_int, default=None),
     arg("--seed", type=int, default=0),
     arg("--log", default=None, help="write the per-step log here (JSON)"),
@@ -672,10 +847,12 @@ def train_router(args: argparse.Namespace) -> None:
         raise ValueError(f"--calibrate-by measured times prefill shapes; the budgets refer to {phase}")
     recalibrated = args.kind == "dynamic" and args.mode != "joint"
     if "dynamic" in existing and existing_shape not in (None, shape) and not recalibrated:
-        raise ValueError(f"{directory}'s dynamic router is calibrated for {format_shape(existing_shape)}; "
-                         f"training at {format_shape(shape)} would mislabel it: use --latency-shape "
-                         f"{format_shape(existing_shape)}, or recalibrate the dynamic router at the new "
-                         "shape afterwards (--kind dynamic --mode calibrate)")
+        raise ValueError(
+            f"{directory}'s dynamic router is calibrated for {format_shape(existing_shape)}; "
+            f"training at {format_shape(shape)} would mislabel it: use --latency-shape "
+            f"{format_shape(existing_shape)}, or recalibrate the dynamic router at the new "
+            "shape afterwards (--kind dynamic --mode calibrate)"
+        )
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer: training text cannot be tokenized")
     blocks = load_blocks(model.tokenizer, args.data, args.seq_len, split="train")
@@ -689,41 +866,63 @@ def train_router(args: argparse.Namespace) -> None:
         args.budgets = list(router.encoder.budgets)
     elif args.init == "static":
         if args.kind != "dynamic":
-            raise ValueError("--init static starts a dynamic router (--kind dynamic) at the static router's "
-                             "configurations")
+            raise ValueError(
+                "--init static starts a dynamic router (--kind dynamic) at the static router's configurations"
+            )
         static = existing.get("static")
         if static is None:
-            raise ValueError(f"--init static needs a trained static router in {directory}: run "
-                             "`flextron train-router --kind static` first")
-        router = DynamicRouter(model.config, args.budgets, static.mlp_choices, static.head_choices,
-                               hidden_size=args.hidden_size)
+            raise ValueError(
+                f"--init static needs a trained static router in {directory}: run "
+                "`flextron train-router --kind static` first"
+            )
+        router = DynamicRouter(
+            model.config, args.budgets, static.mlp_choices, static.head_choices, hidden_size=args.hidden_size
+        )
     else:
-        router = router_class(model.config, args.budgets, default_mlp_choices(model.config, args.mlp_choices),
-                              hidden_size=args.hidden_size)
+        router = router_class(
+            model.config,
+            args.budgets,
+            default_mlp_choices(model.config, args.mlp_choices),
+            hidden_size=args.hidden_size,
+        )
     if args.init != "random" and args.mode in ("surrogate", "end-to-end"):
         if args.init == "static":
             starts = static_init_archs(model, table, static, args.budgets, shape)
         else:
-            probe = blocks[:args.sm_probe_blocks] if args.init == "best-uniform" else None
+            probe = blocks[: args.sm_probe_blocks] if args.init == "best-uniform" else None
             starts = uniform_init_archs(model, table, router, shape, probe)
         router.init_to_archs(starts, args.init_margin)
         for budget, arch in starts.items():
             layers = len(arch.heads)
-            print(f"budget {budget:g} starts at mean MLP width {sum(arch.mlp_widths) / layers:.0f}, "
-                  f"mean heads {sum(arch.heads) / layers:.1f} "
-                  f"({table.predict(arch, phase, batch, length):.2f} ms)", file=sys.stderr)
+            print(
+                f"budget {budget:g} starts at mean MLP width {sum(arch.mlp_widths) / layers:.0f}, "
+                f"mean heads {sum(arch.heads) / layers:.1f} "
+                f"({table.predict(arch, phase, batch, length):.2f} ms)",
+                file=sys.stderr,
+            )
     target = LatencyTarget.from_table(table, router, model, phase, batch, length)
     config = RouterTrainingConfig(
-        budgets=tuple(args.budgets), latency_weight=args.latency_weight, steps=args.steps,
-        batch_size=args.batch_size, router_lr=args.router_lr, model_lr=args.model_lr,
-        sm_threshold=args.sm_threshold, sm_updates=args.sm_updates, loss=args.loss, seed=args.seed,
-        tau_start=args.tau[0], tau_end=args.tau[1], sm_probe_blocks=args.sm_probe_blocks,
+        budgets=tuple(args.budgets),
+        latency_weight=args.latency_weight,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        router_lr=args.router_lr,
+        model_lr=args.model_lr,
+        sm_threshold=args.sm_threshold,
+        sm_updates=args.sm_updates,
+        loss=args.loss,
+        seed=args.seed,
+        tau_start=args.tau[0],
+        tau_end=args.tau[1],
+        sm_probe_blocks=args.sm_probe_blocks,
     )
 
     def show(row: dict) -> None:
         if row["step"] % 10 == 0:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                  file=sys.stderr)
+            print(
+                " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                file=sys.stderr,
+            )
 
     logs = {}
     if args.mode in ("surrogate", "joint"):
@@ -735,8 +934,9 @@ def train_router(args: argparse.Namespace) -> None:
             import dataclasses
 
             tune = dataclasses.replace(config, steps=steps, tau_start=config.tau_end)
-            logs["joint"] = train_end_to_end(model, router, target, blocks, tune, train_model=True,
-                                             progress=show).rows
+            logs["joint"] = train_end_to_end(
+                model, router, target, blocks, tune, train_model=True, progress=show
+            ).rows
             model.save_pretrained(directory)
             print(f"saved the jointly fine-tuned model to {directory}")
     elif args.mode == "end-to-end":
@@ -745,17 +945,27 @@ def train_router(args: argparse.Namespace) -> None:
         # Decode: each block is a context of `length` tokens and the token decoded after it.
         tokens = length if phase == "prefill" else length + 1
         probe = load_blocks(model.tokenizer, args.data, tokens, max(args.calibrate_blocks, 1), split="train")
-        smallest = table.latency_range(model.config, phase, batch, length, router.mlp_choices,
-                                       router.head_choices)[0] / target.full_ms
+        smallest = (
+            table.latency_range(model.config, phase, batch, length, router.mlp_choices, router.head_choices)[
+                0
+            ]
+            / target.full_ms
+        )
         grid, below = calibration_grid(args.budgets, smallest)
         if below:
-            print(f"budgets {below} are below the smallest sub-network ({smallest:.3f} of the full model "
-                  f"at {format_shape(shape)}): calibrating from {grid[0]:g}", file=sys.stderr)
+            print(
+                f"budgets {below} are below the smallest sub-network ({smallest:.3f} of the full model "
+                f"at {format_shape(shape)}): calibrating from {grid[0]:g}",
+                file=sys.stderr,
+            )
 
         def report(row: dict) -> None:
-            print(f"calibrated budget {row['budget']:g}: offset {row['offset']:+.4f}, "
-                  f"LUT {row['lut_ms']:.2f} ms (goal {row['goal_ms']:.2f}, uncalibrated "
-                  f"{row['uncalibrated_ms']:.2f})", file=sys.stderr)
+            print(
+                f"calibrated budget {row['budget']:g}: offset {row['offset']:+.4f}, "
+                f"LUT {row['lut_ms']:.2f} ms (goal {row['goal_ms']:.2f}, uncalibrated "
+                f"{row['uncalibrated_ms']:.2f})",
+                file=sys.stderr,
+            )
 
         overhead = (0.0, 0.0)
         if args.calibrate_by == "lut" and args.calibrate_overhead not in ("auto", "none"):
@@ -764,42 +974,68 @@ def train_router(args: argparse.Namespace) -> None:
         logs["calibration"] = calibrate_dynamic(model, router, target, probe, grid, overhead, progress=report)
         # Timed in chunks of the shape's batch: prefill one (its tokens spread over the widths),
         # decode all (one token each is timed).
-        chunks = probe[:probe.shape[0] // batch * batch].view(-1, batch, tokens)
-        for _ in range(2 if args.calibrate_by == "lut" and args.calibrate_overhead == "auto"
-                       and chunks.shape[0] > 0 else 0):
+        chunks = probe[: probe.shape[0] // batch * batch].view(-1, batch, tokens)
+        for _ in range(
+            2
+            if args.calibrate_by == "lut" and args.calibrate_overhead == "auto" and chunks.shape[0] > 0
+            else 0
+        ):
             # Measure what the routed path costs beyond the LUT at the calibrated budgets, then
             # calibrate again with it; twice, since the overhead depends on how the tokens spread
             # over widths (more groups, more small GEMMs), which the calibration changes.
             overhead, measured = measure_routing_overhead(
-                model, router, target, chunks[:1] if phase == "prefill" else chunks, grid, table.clock,
-                phase=phase)
+                model,
+                router,
+                target,
+                chunks[:1] if phase == "prefill" else chunks,
+                grid,
+                table.clock,
+                phase=phase,
+            )
             pairs = ", ".join(f"{r['measured_ms']:.1f}/{r['lut_ms']:.1f}" for r in measured)
-            print(f"routing overhead: {overhead[0]:.2f} ms + {100 * overhead[1]:.1f}% of the LUT latency "
-                  f"(measured/LUT ms: {pairs})", file=sys.stderr)
+            print(
+                f"routing overhead: {overhead[0]:.2f} ms + {100 * overhead[1]:.1f}% of the LUT latency "
+                f"(measured/LUT ms: {pairs})",
+                file=sys.stderr,
+            )
             logs["overhead"] = {"fixed_ms": overhead[0], "fraction": overhead[1], "measured": measured}
-            logs["calibration"] = calibrate_dynamic(model, router, target, probe, grid, overhead,
-                                                    progress=report)
+            logs["calibration"] = calibrate_dynamic(
+                model, router, target, probe, grid, overhead, progress=report
+            )
         if args.calibrate_by == "measured":
+
             def report_measured(row: dict) -> None:
-                print(f"calibrated budget {row['budget']:g} on measured latency: offset "
-                      f"{row['offset']:+.4f}, {row['measured_ms']:.2f} ms (goal {row['goal_ms']:.2f}; "
-                      f"from offset {row['start_offset']:+.4f}: {row['start_ms']:.2f} ms), "
-                      f"{row['evaluations']} timings",
-                      file=sys.stderr)
+                print(
+                    f"calibrated budget {row['budget']:g} on measured latency: offset "
+                    f"{row['offset']:+.4f}, {row['measured_ms']:.2f} ms (goal {row['goal_ms']:.2f}; "
+                    f"from offset {row['start_offset']:+.4f}: {row['start_ms']:.2f} ms), "
+                    f"{row['evaluations']} timings",
+                    file=sys.stderr,
+                )
 
             logs["calibration_lut"] = logs["calibration"]
             logs["calibration"] = calibrate_dynamic_measured(
-                model, router, target, probe, grid, batch, table.clock, args.calibrate_repeats,
-                progress=report_measured)
+                model,
+                router,
+                target,
+                probe,
+                grid,
+                batch,
+                table.clock,
+                args.calibrate_repeats,
+                progress=report_measured,
+            )
     routers = {**existing, args.kind: router}
     save_routers(directory, routers, {"phase": phase, "batch": batch, "length": length})
     print(f"saved the {args.kind} router to {directory}")
     if isinstance(router, StaticRouter):
         for budget in args.budgets:
             arch = router.arch(budget)
-            print(f"budget {budget:g}: predicted {table.predict(arch, phase, batch, length):.2f} ms of "
-                  f"{budget * target.full_ms:.2f} ms target; MLP widths {list(arch.mlp_widths)}, heads "
-                  f"{list(arch.heads)}")
+            print(
+                f"budget {budget:g}: predicted {table.predict(arch, phase, batch, length):.2f} ms of "
+                f"{budget * target.full_ms:.2f} ms target; MLP widths {list(arch.mlp_widths)}, heads "
+                f"{list(arch.heads)}"
+            )
     if args.log:
         from flextron.checkpoint import write_json_atomic
 
@@ -807,13 +1043,18 @@ def train_router(args: argparse.Namespace) -> None:
 
 
 @command(
-    "train", "elastic continued training with distillation from the frozen original (torchrun-ready)",
+    "train",
+    "elastic continued training with distillation from the frozen original (torchrun-ready)",
     arg("--model", default="default", help="a converted Flextron directory (flextron convert) or any source"),
     arg("--out", required=True, help="run directory: metrics.jsonl, metrics.png, checkpoints/"),
     arg("--data", default="builtin", help="builtin | file | dir | .jsonl | saved dataset"),
     arg("--seq-len", type=positive_int, default=256, help="tokens per training block"),
-    arg("--val-fraction", type=fraction_float, default=0.1,
-        help="validation share (builtin: its held-out split)"),
+    arg(
+        "--val-fraction",
+        type=fraction_float,
+        default=0.1,
+        help="validation share (builtin: its held-out split)",
+    ),
     arg("--val-blocks", type=non_negative_int, default=8, help="at most this many validation blocks"),
     arg("--steps", type=positive_int, default=100),
     arg("--batch-size", type=positive_int, default=4, help="blocks per micro-batch, global across ranks"),
@@ -824,28 +1065,51 @@ def train_router(args: argparse.Namespace) -> None:
     arg("--weight-decay", type=non_negative_float, default=0.01),
     arg("--clip-grad-norm", type=positive_float, default=1.0),
     arg("--temperature", type=positive_float, default=1.0, help="KD softmax temperature"),
-    arg("--alpha", type=non_negative_float, default=0.0,
-        help="weight of the LM (cross-entropy) loss next to KD"),
+    arg(
+        "--alpha",
+        type=non_negative_float,
+        default=0.0,
+        help="weight of the LM (cross-entropy) loss next to KD",
+    ),
     arg("--rule", choices=("budget", "random", "mixed"), default="budget", help="sub-network sampling"),
     arg("--p-full", type=unit_float, default=1 / 3, help="probability of training the full model"),
     arg("--budgets", type=parse_budgets, default=[0.25, 0.5, 0.75], help="budgets the budget rule samples"),
     arg("--eval-budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25]),
-    arg("--eval-every", type=non_negative_int, default=50,
-        help="validate every N steps (0: start and end only)"),
-    arg("--save-every", type=non_negative_int, default=100,
-        help="checkpoint every N steps (0: at the end only)"),
+    arg(
+        "--eval-every",
+        type=non_negative_int,
+        default=50,
+        help="validate every N steps (0: start and end only)",
+    ),
+    arg(
+        "--save-every",
+        type=non_negative_int,
+        default=100,
+        help="checkpoint every N steps (0: at the end only)",
+    ),
     arg("--bf16", action="store_true", help="bfloat16 autocast for the forward passes"),
     arg("--freeze-embeddings", action="store_true", help="do not train the embedding / tied LM head"),
     arg("--seed", type=int, default=0),
     arg("--resume", action="store_true", help="continue from OUT/checkpoints/latest.json"),
-    arg("--overwrite", action="store_true",
-        help="replace the run already in --out (its metrics and checkpoints)"),
-    arg("--stop-after", type=positive_int, default=None,
-        help="stop (checkpointed) after N steps; --resume later"),
+    arg(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --out (its metrics and checkpoints)",
+    ),
+    arg(
+        "--stop-after",
+        type=positive_int,
+        default=None,
+        help="stop (checkpointed) after N steps; --resume later",
+    ),
     arg("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available"),
     arg("--fsdp", action="store_true", help="shard with FSDP2 (under torchrun)"),
-    arg("--threads", type=int, default=None,
-        help="CPU threads (default: torch's; 1 is faster when other jobs share the cores)"),
+    arg(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: torch's; 1 is faster when other jobs share the cores)",
+    ),
 )
 def train(args: argparse.Namespace) -> None:
     import copy
@@ -865,12 +1129,25 @@ def train(args: argparse.Namespace) -> None:
             check_resume_steps(step, args.steps, args.stop_after)
 
     config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, accumulation_steps=args.accumulation_steps, lr=args.lr,
-        min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        clip_grad_norm=args.clip_grad_norm, train_embeddings=not args.freeze_embeddings,
-        temperature=args.temperature, alpha=args.alpha, rule=args.rule, p_full=args.p_full,
-        budgets=tuple(args.budgets), bf16=args.bf16, eval_every=args.eval_every,
-        eval_budgets=tuple(args.eval_budgets), save_every=args.save_every, seed=args.seed,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        accumulation_steps=args.accumulation_steps,
+        lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        clip_grad_norm=args.clip_grad_norm,
+        train_embeddings=not args.freeze_embeddings,
+        temperature=args.temperature,
+        alpha=args.alpha,
+        rule=args.rule,
+        p_full=args.p_full,
+        budgets=tuple(args.budgets),
+        bf16=args.bf16,
+        eval_every=args.eval_every,
+        eval_budgets=tuple(args.eval_budgets),
+        save_every=args.save_every,
+        seed=args.seed,
     )
     _set_threads(args.threads)
     context = init_distributed(args.device, args.fsdp)
@@ -879,42 +1156,67 @@ def train(args: argparse.Namespace) -> None:
         if model.tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer: training text cannot be tokenized")
         if not model.importance:
-            print(f"warning: {args.model} is not converted; sub-networks are unranked prefixes "
-                  "(run flextron convert first)", file=sys.stderr)
-        data = load_train_data(model.tokenizer, args.data, args.seq_len + 1, args.val_fraction,
-                               args.val_blocks)
+            print(
+                f"warning: {args.model} is not converted; sub-networks are unranked prefixes "
+                "(run flextron convert first)",
+                file=sys.stderr,
+            )
+        data = load_train_data(
+            model.tokenizer, args.data, args.seq_len + 1, args.val_fraction, args.val_blocks
+        )
         if context.is_main:
-            print(f"{data.train.shape[0]} training and {data.val.shape[0]} validation blocks of "
-                  f"{args.seq_len + 1} tokens; {context.world_size} process(es) on {context.device}",
-                  file=sys.stderr)
+            print(
+                f"{data.train.shape[0]} training and {data.val.shape[0]} validation blocks of "
+                f"{args.seq_len + 1} tokens; {context.world_size} process(es) on {context.device}",
+                file=sys.stderr,
+            )
         teacher = copy.deepcopy(model)  # the frozen original: also the teacher of a resumed run
         try:
-            result = train_model(model, teacher, data, config, args.out, args.resume, context,
-                                 stop_after=args.stop_after, overwrite=args.overwrite)
+            result = train_model(
+                model,
+                teacher,
+                data,
+                config,
+                args.out,
+                args.resume,
+                context,
+                stop_after=args.stop_after,
+                overwrite=args.overwrite,
+            )
         except NonFiniteLossError as error:
             raise SystemExit(f"flextron train: error: {error}") from error
     finally:
         shutdown_distributed()
     if context.is_main:
-        print(f"trained {result['tokens']} tokens in {result['seconds']:.0f}s; validation perplexity: "
-              + ", ".join(f"budget {b}: {ppl:.2f}" for b, ppl in result["val"].items()))
+        print(
+            f"trained {result['tokens']} tokens in {result['seconds']:.0f}s; validation perplexity: "
+            + ", ".join(f"budget {b}: {ppl:.2f}" for b, ppl in result["val"].items())
+        )
         final = Path(args.out) / "checkpoints" / f"step-{result['steps']:06d}"
         print(f"checkpoint (a Flextron model directory): {final}")
 
 
 @command(
-    "demo", "the embedded SmolLM2 end to end: convert, perplexity per budget, plot, answers",
+    "demo",
+    "the embedded SmolLM2 end to end: convert, perplexity per budget, plot, answers",
     arg("--out", default="runs/demo", help="directory for the converted model, table, JSON and plot"),
     arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25]),
     arg("--calib-samples", type=positive_int, default=16),
     arg("--eval-blocks", type=positive_int, default=12, help="held-out blocks of 256 tokens"),
     arg("--prompt", default="What is the capital of France? Answer in one sentence."),
     arg("--max-new-tokens", type=positive_int, default=40),
-    arg("--train-steps", type=non_negative_int, default=40,
-        help="elastic-training steps, trained once, cached (0: none)"),
-    arg("--corpus", default=None,
+    arg(
+        "--train-steps",
+        type=non_negative_int,
+        default=40,
+        help="elastic-training steps, trained once, cached (0: none)",
+    ),
+    arg(
+        "--corpus",
+        default=None,
         help="a `flextron corpus` directory: calibrate and train on its train/ text, measure on heldout/ "
-             "(default: the built-in Python documentation)"),
+        "(default: the built-in Python documentation)",
+    ),
 )
 def demo(args: argparse.Namespace) -> None:
     from flextron.demo import run_demo
@@ -925,8 +1227,14 @@ def demo(args: argparse.Namespace) -> None:
         raise ValueError(f"--corpus {corpus}: not a corpus directory (build one with `make corpus`)")
     check_output_dir(args.out, overwrite=True)  # a cache: reused, never replaced wholesale
     run_demo(
-        Path(args.out), args.budgets, args.calib_samples, args.eval_blocks, args.prompt, args.max_new_tokens,
-        args.train_steps, corpus,
+        Path(args.out),
+        args.budgets,
+        args.calib_samples,
+        args.eval_blocks,
+        args.prompt,
+        args.max_new_tokens,
+        args.train_steps,
+        corpus,
     )
 
 
@@ -960,12 +1268,16 @@ def main(argv: list[str] | None = None) -> int:
             # Our warnings (a budget out of reach, a table from another device) as one line each,
             # like the errors, not with the source line that raised them.
             warnings.showwarning = lambda message, category, *_: print(
-                f"flextron {args.command}: warning: {message}", file=sys.stderr)
+                f"flextron {args.command}: warning: {message}", file=sys.stderr
+            )
             args.function(args)
     except (ValueError, OSError) as error:
         # Bad input, unreadable or unwritable files (a full disk, a read-only place): one line.
-        message = str(error) if isinstance(error, ValueError) or not error.strerror else (
-            f"{error.strerror}: {error.filename}" if error.filename else error.strerror)
+        message = (
+            str(error)
+            if isinstance(error, ValueError) or not error.strerror
+            else (f"{error.strerror}: {error.filename}" if error.filename else error.strerror)
+        )
         print(f"flextron {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     return 0

@@ -45,12 +45,16 @@ def int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-def float_in(low: float, high: float = math.inf, low_open: bool = False,
-             high_open: bool = False) -> Callable[[str], float]:
+def float_in(
+    low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], float]:
     """A finite number in the interval (low_open: excluding low; high_open: excluding high)."""
     left, right = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
-    expected = f"a number in {left}{low:g}, {high:g}{right}" if high < math.inf else (
-        f"a number {'>' if low_open else '>='} {low:g}")
+    expected = (
+        f"a number in {left}{low:g}, {high:g}{right}"
+        if high < math.inf
+        else (f"a number {'>' if low_open else '>='} {low:g}")
+    )
 
     def parse(text: str) -> float:
         value = _number(text, float, expected)

@@ -25,8 +25,16 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-               "head_dim", "max_position_embeddings")
+SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
 
 
 def _is_int(value: Any) -> bool:
@@ -97,10 +105,13 @@ class ModelConfig:
             ids = value if name == "eos_token_id" and isinstance(value, list) else [value]
             if value is not None and not all(_is_int(i) for i in ids):
                 raise ValueError(f"ModelConfig.{name} must be a token id (or null), got {value!r}")
-        if not isinstance(self.rope_scaling, dict) or not isinstance(self.rope_scaling.get("rope_type",
-                                                                                         "default"), str):
-            raise ValueError(f"ModelConfig.rope_scaling must be an object with a string rope_type, got "
-                             f"{self.rope_scaling!r}")
+        if not isinstance(self.rope_scaling, dict) or not isinstance(
+            self.rope_scaling.get("rope_type", "default"), str
+        ):
+            raise ValueError(
+                f"ModelConfig.rope_scaling must be an object with a string rope_type, got "
+                f"{self.rope_scaling!r}"
+            )
         for name in ("layer_intermediate_sizes", "layer_num_heads"):
             sizes = getattr(self, name)
             if sizes is not None and (not isinstance(sizes, list) or not all(_is_int(v) for v in sizes)):
@@ -188,12 +199,16 @@ class ModelConfig:
             raise ValueError(f"unsupported hidden_act {act!r}: the Llama-family decoder uses silu (SwiGLU)")
         if hf.get("sliding_window") and hf.get("use_sliding_window", model_type == "mistral"):
             raise ValueError("sliding-window attention is not supported")
+
         def size(name: str, default: Any = dataclasses.MISSING) -> int:
             return _hf_field(hf, name, lambda v: _is_int(v) and v > 0, "a positive integer", default)
 
         def number(name: str, default: float) -> float:
-            return float(_hf_field(hf, name, lambda v: _is_number(v) and 0 < v < math.inf,
-                                   "a positive number", default))
+            return float(
+                _hf_field(
+                    hf, name, lambda v: _is_number(v) and 0 < v < math.inf, "a positive number", default
+                )
+            )
 
         def flag(name: str) -> bool:
             return _hf_field(hf, name, lambda v: isinstance(v, bool), "true or false", False)
@@ -400,8 +415,10 @@ def arch_for_budget(config: ModelConfig, budget: float) -> ArchConfig:
 
 def layer_weights(config: ModelConfig, arch: ArchConfig) -> int:
     """Attention and MLP weight entries of the layers that `arch` runs (what a budget counts)."""
-    return sum(_attention_weights(config, heads) + 3 * config.hidden_size * width
-               for width, heads in zip(arch.mlp_widths, arch.heads, strict=True))
+    return sum(
+        _attention_weights(config, heads) + 3 * config.hidden_size * width
+        for width, heads in zip(arch.mlp_widths, arch.heads, strict=True)
+    )
 
 
 def count_parameters(config: ModelConfig, arch: ArchConfig | None = None) -> int:

@@ -45,7 +45,7 @@ def _jsonl_texts(path: Path) -> Iterator[str]:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{number}: not valid JSON ({error})") from error
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{number}: expected an object with a string \"text\" field")
+                raise ValueError(f'{path}:{number}: expected an object with a string "text" field')
             yield record["text"]
 
 
@@ -63,7 +63,7 @@ def _dataset_texts(path: Path) -> list[str]:
         split = "train" if "train" in dataset else sorted(dataset)[0]
         dataset = dataset[split]
     if "text" not in dataset.column_names:
-        raise ValueError(f"{path}: dataset has no \"text\" column (columns: {dataset.column_names})")
+        raise ValueError(f'{path}: dataset has no "text" column (columns: {dataset.column_names})')
     return list(dataset["text"])
 
 

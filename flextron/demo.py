@@ -44,8 +44,9 @@ def run_demo(
     corpus: a directory from `flextron corpus` (calibration and training on its train/ text,
     perplexity on its heldout/ text); None: the built-in Python documentation.
     """
-    train_text, held_out_text = ("builtin", "builtin") if corpus is None else (corpus / "train",
-                                                                               corpus / "heldout")
+    train_text, held_out_text = (
+        ("builtin", "builtin") if corpus is None else (corpus / "train", corpus / "heldout")
+    )
     start = time.perf_counter()
 
     def step(message: str) -> None:
@@ -54,8 +55,10 @@ def run_demo(
     torch.manual_seed(0)
     step("loading the embedded SmolLM2-135M-Instruct (GGUF, dequantized to fp32)")
     model = load_default()
-    step(f"{model.num_parameters() / 1e6:.1f}M parameters, {model.config.num_layers} layers; converting on "
-         f"{calib_samples} x {CALIB_SEQ_LEN} calibration tokens of {train_text}")
+    step(
+        f"{model.num_parameters() / 1e6:.1f}M parameters, {model.config.num_layers} layers; converting on "
+        f"{calib_samples} x {CALIB_SEQ_LEN} calibration tokens of {train_text}"
+    )
     calibration = load_blocks(model.tokenizer, train_text, CALIB_SEQ_LEN, calib_samples, split="train")
     convert(model, calibration, batch_size=4)
     step("choosing each budget's configuration by calibration loss (flextron.budget_configs)")
@@ -80,16 +83,28 @@ def run_demo(
         step(f"{'loaded the cached' if cached else 'trained and cached the'} checkpoint {checkpoint}")
         rows = evaluate_archs(model, held_out, archs_for_budgets(model, budgets), batch_size=4)
         print(format_table(rows))
-        write_results(rows, out / "results_trained.json", out / "perplexity_trained.png",
-                      f"SmolLM2-135M after {train_steps} elastic-training steps")
+        write_results(
+            rows,
+            out / "results_trained.json",
+            out / "perplexity_trained.png",
+            f"SmolLM2-135M after {train_steps} elastic-training steps",
+        )
 
     for budget in (max(budgets), sorted(budgets)[len(budgets) // 2]):
         print(f"\n> {prompt}\n[budget {budget:g}] ", end="", flush=True)
-        generate_text(model, prompt, model.arch_for_budget(budget), max_new_tokens,
-                      on_text=lambda piece: print(piece, end="", flush=True), min_new_tokens=MIN_NEW_TOKENS)
+        generate_text(
+            model,
+            prompt,
+            model.arch_for_budget(budget),
+            max_new_tokens,
+            on_text=lambda piece: print(piece, end="", flush=True),
+            min_new_tokens=MIN_NEW_TOKENS,
+        )
         print()
     step("done")
     if not train_steps:
-        print("Without elastic training, smaller budgets lose quality; `flextron train` recovers it.",
-              file=sys.stderr)
+        print(
+            "Without elastic training, smaller budgets lose quality; `flextron train` recovers it.",
+            file=sys.stderr,
+        )
     return rows

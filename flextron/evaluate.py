@@ -62,14 +62,16 @@ def evaluate_archs(
     rows = []
     for name, (budget, arch) in tqdm(archs.items(), desc="configurations", disable=not progress):
         ppl, tokens_per_s = perplexity(model, blocks, arch, batch_size)
-        rows.append({
-            "name": name,
-            "budget": budget,
-            "arch": arch.to_dict(),
-            "parameters": model.num_parameters(arch),
-            "tokens_per_s": tokens_per_s,
-            "perplexity": ppl,
-        })
+        rows.append(
+            {
+                "name": name,
+                "budget": budget,
+                "arch": arch.to_dict(),
+                "parameters": model.num_parameters(arch),
+                "tokens_per_s": tokens_per_s,
+                "perplexity": ppl,
+            }
+        )
     return rows
 
 
@@ -92,8 +94,12 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(rows: list[dict], json_path: str | os.PathLike | None, plot_path: str | os.PathLike | None,
-                  title: str = "Flextron sub-networks") -> None:
+def write_results(
+    rows: list[dict],
+    json_path: str | os.PathLike | None,
+    plot_path: str | os.PathLike | None,
+    title: str = "Flextron sub-networks",
+) -> None:
     """Write the rows as JSON and/or a PNG plot of perplexity vs parameters."""
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

@@ -62,8 +62,12 @@ def slice_model(model: FlextronModel, arch: ArchConfig, dtype: torch.dtype | Non
         )
     if arch.is_uniform:
         new_config = dataclasses.replace(
-            config, intermediate_size=arch.mlp_widths[0], num_heads=arch.heads[0],
-            num_kv_heads=arch.heads[0] // group, layer_intermediate_sizes=None, layer_num_heads=None,
+            config,
+            intermediate_size=arch.mlp_widths[0],
+            num_heads=arch.heads[0],
+            num_kv_heads=arch.heads[0] // group,
+            layer_intermediate_sizes=None,
+            layer_num_heads=None,
         )
     else:
         new_config = dataclasses.replace(
@@ -74,12 +78,17 @@ def slice_model(model: FlextronModel, arch: ArchConfig, dtype: torch.dtype | Non
         prefix = f"layers.{index}."
         q_rows, kv_rows = heads * hd, heads // group * hd
         rows = {
-            "mlp.gate_proj.weight": (width, None), "mlp.gate_proj.bias": (width, None),
-            "mlp.up_proj.weight": (width, None), "mlp.up_proj.bias": (width, None),
+            "mlp.gate_proj.weight": (width, None),
+            "mlp.gate_proj.bias": (width, None),
+            "mlp.up_proj.weight": (width, None),
+            "mlp.up_proj.bias": (width, None),
             "mlp.down_proj.weight": (None, width),
-            "self_attn.q_proj.weight": (q_rows, None), "self_attn.q_proj.bias": (q_rows, None),
-            "self_attn.k_proj.weight": (kv_rows, None), "self_attn.k_proj.bias": (kv_rows, None),
-            "self_attn.v_proj.weight": (kv_rows, None), "self_attn.v_proj.bias": (kv_rows, None),
+            "self_attn.q_proj.weight": (q_rows, None),
+            "self_attn.q_proj.bias": (q_rows, None),
+            "self_attn.k_proj.weight": (kv_rows, None),
+            "self_attn.k_proj.bias": (kv_rows, None),
+            "self_attn.v_proj.weight": (kv_rows, None),
+            "self_attn.v_proj.bias": (kv_rows, None),
             "self_attn.o_proj.weight": (None, q_rows),
         }
         for name, (out_rows, in_cols) in rows.items():
@@ -187,7 +196,7 @@ def export_flextron(
 
 
 def auto_format(model: FlextronModel, arch: ArchConfig) -> str:
-    """"hf" when the family's Hugging Face class can hold the sub-network, else "flextron"."""
+    """ "hf" when the family's Hugging Face class can hold the sub-network, else "flextron"."""
     if not arch.is_uniform:
         return "flextron"
     try:
@@ -238,15 +247,19 @@ def _configuration_text(model: FlextronModel, arch: ArchConfig) -> str:
     group = model.config.group_size
     if arch.is_uniform:
         heads = arch.heads[0]
-        return (f"every layer: MLP width {arch.mlp_widths[0]} of {model.config.intermediate_size}, "
-                f"{heads} query heads / {heads // group} KV heads of {model.config.num_heads}")
+        return (
+            f"every layer: MLP width {arch.mlp_widths[0]} of {model.config.intermediate_size}, "
+            f"{heads} query heads / {heads // group} KV heads of {model.config.num_heads}"
+        )
     rows = "\n".join(
         f"| {layer} | {width} | {heads} | {heads // group} |"
         for layer, (width, heads) in enumerate(zip(arch.mlp_widths, arch.heads, strict=True))
     )
-    return ("per layer (full model: MLP width "
-            f"{model.config.intermediate_size}, {model.config.num_heads} query heads):\n\n"
-            "| layer | MLP width | query heads | KV heads |\n|---|---|---|---|\n" + rows)
+    return (
+        "per layer (full model: MLP width "
+        f"{model.config.intermediate_size}, {model.config.num_heads} query heads):\n\n"
+        "| layer | MLP width | query heads | KV heads |\n|---|---|---|---|\n" + rows
+    )
 
 
 def model_card(
@@ -255,14 +268,26 @@ def model_card(
     """README.md text: source, selection, configuration, parameters, perplexity when measured."""
     card = card or ModelCard()
     parameters, full = model.num_parameters(arch), model.num_parameters()
-    kind = {"hf": f"Hugging Face `{HF_CLASSES[model.config.model_type]}` directory",
-            "flextron": "Flextron directory", "gguf": "llama.cpp GGUF file"}[format]
+    kind = {
+        "hf": f"Hugging Face `{HF_CLASSES[model.config.model_type]}` directory",
+        "flextron": "Flextron directory",
+        "gguf": "llama.cpp GGUF file",
+    }[format]
     library = {"hf": ["library_name: transformers"], "gguf": ["library_name: gguf"]}.get(format, [])
     lines = [
-        "---", *library, "tags:", "- flextron", "---", "", "# A Flextron sub-network", "",
+        "---",
+        *library,
+        "tags:",
+        "- flextron",
+        "---",
+        "",
+        "# A Flextron sub-network",
+        "",
         f"Cut by [Flextron](https://arxiv.org/abs/2406.10260) from the elastic model `{card.source}` "
-        f"and exported as a {kind} (weights {dtype}: {', '.join(files)}).", "",
-        "| | |", "|---|---|",
+        f"and exported as a {kind} (weights {dtype}: {', '.join(files)}).",
+        "",
+        "| | |",
+        "|---|---|",
         f"| source model | `{card.source}` |",
         f"| selection | {card.selection or 'a given configuration'} |",
         f"| parameters | {parameters / 1e6:.1f}M ({100 * parameters / full:.1f}% of {full / 1e6:.1f}M) |",
@@ -278,8 +303,13 @@ def model_card(
 
 
 def write_model_card(
-    path: Path, model: FlextronModel, arch: ArchConfig, card: ModelCard | None, format: str,
-    dtype: torch.dtype | str, files: list[str],
+    path: Path,
+    model: FlextronModel,
+    arch: ArchConfig,
+    card: ModelCard | None,
+    format: str,
+    dtype: torch.dtype | str,
+    files: list[str],
 ) -> None:
     """README.md in `path`; dtype: the weights' dtype (or GGUF type) as stated in the card."""
     dtype = dtype if isinstance(dtype, str) else dtype_name(dtype)

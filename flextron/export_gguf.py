@@ -69,8 +69,11 @@ LAYER_TENSORS = {
     "mlp.down_proj.weight": "ffn_down.weight",
     "mlp.down_proj.bias": "ffn_down.bias",
 }
-TOP_TENSORS = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-               "lm_head.weight": "output.weight"}
+TOP_TENSORS = {
+    "embed_tokens.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 
 
 def gguf_architecture(config: ModelConfig, arch: ArchConfig) -> str:
@@ -148,7 +151,8 @@ def _pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
             return "llama-bpe" if "\\p{N}{1,3}" in pattern else "qwen2"
     warnings.warn(
         f"GGUF export: pre-tokenizer {kinds} is not one llama.cpp names; writing 'default', "
-        "so llama.cpp may split some text differently", stacklevel=3,
+        "so llama.cpp may split some text differently",
+        stacklevel=3,
     )
     return "default"
 
@@ -157,9 +161,11 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
     """Write a byte-level BPE tokenizer as llama.cpp's "gpt2" tokenizer model."""
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     model = backend["model"]
-    if model["type"] != "BPE" or model.get("byte_fallback") or (backend.get("decoder") or {}).get(
-        "type"
-    ) != "ByteLevel":
+    if (
+        model["type"] != "BPE"
+        or model.get("byte_fallback")
+        or (backend.get("decoder") or {}).get("type") != "ByteLevel"
+    ):
         raise ValueError(
             "GGUF export supports byte-level BPE tokenizers (GPT-2 style: SmolLM, Llama 3, Qwen2), "
             f"not this {model['type']} tokenizer"
@@ -245,7 +251,10 @@ def gguf_file_name(gguf_type: str) -> str:
 
 
 def export_gguf(
-    model: FlextronModel, arch: ArchConfig, path: str | os.PathLike, gguf_type: str = "f16",
+    model: FlextronModel,
+    arch: ArchConfig,
+    path: str | os.PathLike,
+    gguf_type: str = "f16",
     card: ModelCard | None = None,
 ) -> Path:
     """Write directory `path`: model-<type>.gguf and a README.md model card; returns the file."""

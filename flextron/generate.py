@@ -128,8 +128,17 @@ def generate_text(
     text = ""
     special = set(getattr(tokenizer, "all_special_ids", []))
     for token in stream_tokens(
-        model, chat_prompt_ids(tokenizer, prompt, chat), arch, max_new_tokens, temperature, top_p, stop, seed,
-        min_new_tokens, special, router,
+        model,
+        chat_prompt_ids(tokenizer, prompt, chat),
+        arch,
+        max_new_tokens,
+        temperature,
+        top_p,
+        stop,
+        seed,
+        min_new_tokens,
+        special,
+        router,
     ):
         if token in stop:
             break
@@ -137,6 +146,6 @@ def generate_text(
         # Decode the whole answer each step: a token may complete a multi-byte character.
         full = tokenizer.decode(new_ids, skip_special_tokens=True)
         if on_text is not None and len(full) > len(text) and not full.endswith("\ufffd"):
-            on_text(full[len(text):])
+            on_text(full[len(text) :])
             text = full
     return tokenizer.decode(new_ids, skip_special_tokens=True)

@@ -34,8 +34,16 @@ from flextron.model import FlextronModel
 MODEL_TYPE = "flextron"
 
 # Loader arguments transformers and its pipelines pass along that do not apply here.
-_IGNORED_LOAD_ARGS = {"trust_remote_code", "use_safetensors", "low_cpu_mem_usage", "attn_implementation",
-                      "proxies", "force_download", "adapter_kwargs", "subfolder"}
+_IGNORED_LOAD_ARGS = {
+    "trust_remote_code",
+    "use_safetensors",
+    "low_cpu_mem_usage",
+    "attn_implementation",
+    "proxies",
+    "force_download",
+    "adapter_kwargs",
+    "subfolder",
+}
 
 
 class FlextronConfig(PretrainedConfig):
@@ -47,8 +55,9 @@ class FlextronConfig(PretrainedConfig):
 
     model_type = MODEL_TYPE
 
-    def __init__(self, model: dict | None = None, format: str = FORMAT, version: int = VERSION,
-                 **kwargs) -> None:
+    def __init__(
+        self, model: dict | None = None, format: str = FORMAT, version: int = VERSION, **kwargs
+    ) -> None:
         self.model = model
         self.format, self.version = format, version
         self.use_cache = kwargs.pop("use_cache", True)
@@ -82,8 +91,9 @@ class FlextronForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _no_split_modules = ["DecoderLayer"]
 
-    def __init__(self, config: FlextronConfig, model: FlextronModel | None = None,
-                 selection: Selection | None = None) -> None:
+    def __init__(
+        self, config: FlextronConfig, model: FlextronModel | None = None, selection: Selection | None = None
+    ) -> None:
         super().__init__(config)
         self.model = model if model is not None else FlextronModel(config.model_config)
         self.selection = selection or Selection("uniform", 1.0, arch=self.model.full_arch())
@@ -101,9 +111,15 @@ class FlextronForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ---- budgets
 
-    def at(self, budget: float | None = None, *, latency_ms: float | None = None, routing: str = "auto",
-           arch: ArchConfig | dict | str | os.PathLike | None = None,
-           latency_shape: str | None = None) -> FlextronForCausalLM:
+    def at(
+        self,
+        budget: float | None = None,
+        *,
+        latency_ms: float | None = None,
+        routing: str = "auto",
+        arch: ArchConfig | dict | str | os.PathLike | None = None,
+        latency_shape: str | None = None,
+    ) -> FlextronForCausalLM:
         """A view of the same weights at a budget in (0, 1], a latency target in ms, or a
         configuration (an ArchConfig, its dict, or a JSON file holding one).
 
@@ -165,9 +181,10 @@ class FlextronForCausalLM(PreTrainedModel, GenerationMixin):
             key_mask = attention_mask.bool()  # (B, S)
             if position_ids is None:
                 # A left-padded sequence starts at position 0 at its first real token.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
-        elif position_ids is not None and bool((position_ids == torch.arange(
-                past, past + input_ids.shape[1], device=position_ids.device)).all()):
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+        elif position_ids is not None and bool(
+            (position_ids == torch.arange(past, past + input_ids.shape[1], device=position_ids.device)).all()
+        ):
             position_ids = None  # the default positions: keep the batched fast path
         router = None
         if self.selection.router is not None:
@@ -178,22 +195,31 @@ class FlextronForCausalLM(PreTrainedModel, GenerationMixin):
                     cache.flextron_routing = router
             else:
                 router = cache.flextron_routing
-        logits = self.model(input_ids, self.selection.arch, kv, last_only=logits_to_keep == 1, router=router,
-                            position_ids=position_ids, key_mask=key_mask)  # (B, T, V)
+        logits = self.model(
+            input_ids,
+            self.selection.arch,
+            kv,
+            last_only=logits_to_keep == 1,
+            router=router,
+            position_ids=position_ids,
+            key_mask=key_mask,
+        )  # (B, T, V)
         if logits_to_keep > 1:
             logits = logits[:, -logits_to_keep:]
         loss = None
         if labels is not None:
             targets = labels[:, 1:].flatten().to(logits.device)  # next-token targets; -100: ignored
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets,
-                                                     ignore_index=-100)
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
     # ---- checkpoints
 
     @classmethod
-    def from_flextron(cls, model: FlextronModel, source: str | os.PathLike | None = None
-                      ) -> FlextronForCausalLM:
+    def from_flextron(
+        cls, model: FlextronModel, source: str | os.PathLike | None = None
+    ) -> FlextronForCausalLM:
         """Wrap an in-memory FlextronModel (sharing its weights) at the full sub-network."""
         config = FlextronConfig(model=model.config.to_dict())
         wrapper = cls(config, model.eval())
@@ -201,9 +227,14 @@ class FlextronForCausalLM(PreTrainedModel, GenerationMixin):
         return wrapper
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args,
-                        dtype: str | torch.dtype | None = None, device_map: str | torch.device | None = None,
-                        **kwargs) -> FlextronForCausalLM:
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args,
+        dtype: str | torch.dtype | None = None,
+        device_map: str | torch.device | None = None,
+        **kwargs,
+    ) -> FlextronForCausalLM:
         """Load a Flextron directory or hub id (transformers' usual arguments: dtype, device_map,
         revision, cache_dir, token, local_files_only).  Directories written before config.json
         carried a model_type load here too."""
@@ -213,8 +244,11 @@ class FlextronForCausalLM(PreTrainedModel, GenerationMixin):
         if model_args:
             raise TypeError(f"unexpected positional arguments {model_args}")
         dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
-        hub = {name: kwargs.pop(name) for name in ("revision", "cache_dir", "token", "local_files_only")
-               if name in kwargs}
+        hub = {
+            name: kwargs.pop(name)
+            for name in ("revision", "cache_dir", "token", "local_files_only")
+            if name in kwargs
+        }
         kwargs.pop("config", None)  # AutoModel passes the config it read: the directory is read here anyway
         unknown = sorted(k for k in kwargs if k not in _IGNORED_LOAD_ARGS and not k.startswith("_"))
         if unknown:

@@ -21,14 +21,14 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    """"float32" | "bfloat16" | "float16" -> the torch dtype; ValueError otherwise."""
+    """ "float32" | "bfloat16" | "float16" -> the torch dtype; ValueError otherwise."""
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
 
 def check_device(device: str) -> str:
-    """"cpu" or "cuda" (ValueError when CUDA is asked for and absent)."""
+    """ "cpu" or "cuda" (ValueError when CUDA is asked for and absent)."""
     if device.split(":")[0] not in DEVICES:
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -41,8 +41,13 @@ def is_hub_id(source: str) -> bool:
     return bool(_HUB_ID.match(source)) and not Path(source).exists()
 
 
-def resolve_model_dir(source: str, revision: str | None = None, cache_dir: str | None = None,
-                      token: str | bool | None = None, local_files_only: bool | None = None) -> str:
+def resolve_model_dir(
+    source: str,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool | None = None,
+) -> str:
     """A local path unchanged; a hub id ORG/NAME -> its snapshot directory in the hub cache.
 
     FileNotFoundError when the hub id is not cached and cannot be downloaded (offline, no
@@ -54,8 +59,14 @@ def resolve_model_dir(source: str, revision: str | None = None, cache_dir: str |
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return snapshot_download(source, revision=revision, cache_dir=cache_dir, token=token,
-                                 local_files_only=bool(local_files_only), allow_patterns=HUB_FILES)
+        return snapshot_download(
+            source,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=bool(local_files_only),
+            allow_patterns=HUB_FILES,
+        )
     except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as error:
         raise FileNotFoundError(
             f"model {source!r} is neither a local path nor a hub id found in the Hugging Face cache "

@@ -50,8 +50,9 @@ CLOCKS = ("wall", "cpu")
 FORMAT, VERSION = "flextron-latency", 1
 CHECK_TOLERANCE = 0.10  # a table whose own check is off by more is flagged
 MONOTONE_SLACK = 0.05  # a wider choice may time up to 5% below a narrower one (timing noise)
-REPROFILE = ("re-profile with more --repeats, one thread (--threads 1, or --clock cpu), on an otherwise "
-             "idle machine")
+REPROFILE = (
+    "re-profile with more --repeats, one thread (--threads 1, or --clock cpu), on an otherwise idle machine"
+)
 
 
 def device_name(device: torch.device) -> str:
@@ -82,7 +83,10 @@ class ShapeCosts:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "phase": self.phase, "batch": self.batch, "length": self.length, "fixed_ms": self.fixed_ms,
+            "phase": self.phase,
+            "batch": self.batch,
+            "length": self.length,
+            "fixed_ms": self.fixed_ms,
             "mlp_ms": {str(k): v for k, v in self.mlp_ms.items()},
             "attention_ms": {str(k): v for k, v in self.attention_ms.items()},
         }
@@ -90,7 +94,10 @@ class ShapeCosts:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShapeCosts:
         return cls(
-            data["phase"], int(data["batch"]), int(data["length"]), float(data["fixed_ms"]),
+            data["phase"],
+            int(data["batch"]),
+            int(data["length"]),
+            float(data["fixed_ms"]),
             {int(k): float(v) for k, v in data["mlp_ms"].items()},
             {int(k): float(v) for k, v in data["attention_ms"].items()},
         )
@@ -154,8 +161,12 @@ class LatencyTable:
 
     @staticmethod
     def _blend(
-        entries: list[ShapeCosts], xs: list[int], x: int, phase: str | None = None,
-        batch: int | None = None, length: int | None = None,
+        entries: list[ShapeCosts],
+        xs: list[int],
+        x: int,
+        phase: str | None = None,
+        batch: int | None = None,
+        length: int | None = None,
     ) -> ShapeCosts:
         first = entries[0]
 
@@ -164,7 +175,9 @@ class LatencyTable:
             return max(0.0, _interpolate(xs, values, x))
 
         return ShapeCosts(
-            phase or first.phase, batch or first.batch, length or x,
+            phase or first.phase,
+            batch or first.batch,
+            length or x,
             at([e.fixed_ms for e in entries]),
             {k: at([e.mlp_ms[k] for e in entries]) for k in first.mlp_ms},
             {k: at([e.attention_ms[k] for e in entries]) for k in first.attention_ms},
@@ -195,20 +208,31 @@ class LatencyTable:
         return costs.fixed_ms, mlp, attention
 
     def latency_range(
-        self, config: ModelConfig, phase: str = "prefill", batch: int = 1, length: int = 128,
-        mlp_choices: Sequence[int] | None = None, head_choices: Sequence[int] | None = None,
+        self,
+        config: ModelConfig,
+        phase: str = "prefill",
+        batch: int = 1,
+        length: int = 128,
+        mlp_choices: Sequence[int] | None = None,
+        head_choices: Sequence[int] | None = None,
     ) -> tuple[float, float]:
         """(smallest sub-network's ms, full model's ms) over the given choices (default: all)."""
         mlp_choices = mlp_choices or config.mlp_choices()
         head_choices = head_choices or config.head_choices()
         layers = config.num_layers
         smallest = ArchConfig((min(mlp_choices),) * layers, (min(head_choices),) * layers)
-        return self.predict(smallest, phase, batch, length), self.predict(ArchConfig.full(config), phase,
-                                                                          batch, length)
+        return self.predict(smallest, phase, batch, length), self.predict(
+            ArchConfig.full(config), phase, batch, length
+        )
 
     def check_target(
-        self, target_ms: float, config: ModelConfig, phase: str = "prefill", batch: int = 1,
-        length: int = 128, mlp_choices: Sequence[int] | None = None,
+        self,
+        target_ms: float,
+        config: ModelConfig,
+        phase: str = "prefill",
+        batch: int = 1,
+        length: int = 128,
+        mlp_choices: Sequence[int] | None = None,
         head_choices: Sequence[int] | None = None,
     ) -> float:
         """The target's budget (fraction of the full model's latency); ValueError outside the range."""
@@ -232,10 +256,17 @@ class LatencyTable:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "version": VERSION, "device_type": self.device_type,
-            "device_name": self.device_name, "dtype": self.dtype, "num_layers": self.num_layers,
-            "num_heads": self.num_heads, "intermediate_size": self.intermediate_size,
-            "threads": self.threads, "clock": self.clock, "entries": [e.to_dict() for e in self.entries],
+            "format": FORMAT,
+            "version": VERSION,
+            "device_type": self.device_type,
+            "device_name": self.device_name,
+            "dtype": self.dtype,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "intermediate_size": self.intermediate_size,
+            "threads": self.threads,
+            "clock": self.clock,
+            "entries": [e.to_dict() for e in self.entries],
             "checks": self.checks,
         }
 
@@ -244,9 +275,15 @@ class LatencyTable:
         if data.get("format") != FORMAT or data.get("version") != VERSION:
             raise ValueError(f"not a Flextron latency table (format {FORMAT!r}, version {VERSION})")
         return cls(
-            data["device_type"], data["device_name"], data["dtype"], int(data["num_layers"]),
-            int(data["num_heads"]), int(data["intermediate_size"]), int(data.get("threads", 1)),
-            data.get("clock", "wall"), [ShapeCosts.from_dict(e) for e in data["entries"]],
+            data["device_type"],
+            data["device_name"],
+            data["dtype"],
+            int(data["num_layers"]),
+            int(data["num_heads"]),
+            int(data["intermediate_size"]),
+            int(data.get("threads", 1)),
+            data.get("clock", "wall"),
+            [ShapeCosts.from_dict(e) for e in data["entries"]],
             list(data.get("checks", [])),
         )
 
@@ -293,8 +330,10 @@ class LatencyTable:
                 keys = sorted(costs)
                 for narrow, wide in zip(keys, keys[1:], strict=False):
                     if costs[wide] < costs[narrow] * (1 - MONOTONE_SLACK):
-                        rows.append(f"{entry.phase} {entry.batch}x{entry.length} {kind} {wide} "
-                                    f"({costs[wide]:.3f} ms) < {narrow} ({costs[narrow]:.3f} ms)")
+                        rows.append(
+                            f"{entry.phase} {entry.batch}x{entry.length} {kind} {wide} "
+                            f"({costs[wide]:.3f} ms) < {narrow} ({costs[narrow]:.3f} ms)"
+                        )
         if rows:
             shown = "; ".join(rows[:4]) + (f"; and {len(rows) - 4} more" if len(rows) > 4 else "")
             warnings.warn(f"the latency table is not monotone in cost: {shown}; {REPROFILE}", stacklevel=2)
@@ -306,8 +345,10 @@ class LatencyTable:
         by_shape: dict[tuple[str, int, int], list[float]] = {}
         for row in rows:
             by_shape.setdefault((row["phase"], row["batch"], row["length"]), []).append(row["error"])
-        self.checks = [{"phase": phase, "batch": batch, "length": length, "errors": errors}
-                       for (phase, batch, length), errors in by_shape.items()]
+        self.checks = [
+            {"phase": phase, "batch": batch, "length": length, "errors": errors}
+            for (phase, batch, length), errors in by_shape.items()
+        ]
         self.check_accuracy()
 
     def check_accuracy(self) -> None:
@@ -320,7 +361,8 @@ class LatencyTable:
                     f"the latency table's own check is off by up to {100 * worst:.0f}% at {check['phase']} "
                     f"{check['batch']}x{check['length']} (errors {100 * low:+.0f}% to {100 * high:+.0f}%, "
                     f"limit {100 * CHECK_TOLERANCE:.0f}%): its predictions are unreliable; {REPROFILE}",
-                    stacklevel=2)
+                    stacklevel=2,
+                )
 
     def check_device(self, device: torch.device) -> None:
         """Warn when this table was measured on another device type (or CPU thread count):
@@ -360,12 +402,17 @@ def _check_clock(clock: str, device: torch.device) -> None:
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
     if clock == "cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
-        raise ValueError("clock 'cpu' (process CPU time) measures latency only on the CPU with one thread "
-                         f"(device {device.type}, {torch.get_num_threads()} threads); use clock 'wall'")
+        raise ValueError(
+            "clock 'cpu' (process CPU time) measures latency only on the CPU with one thread "
+            f"(device {device.type}, {torch.get_num_threads()} threads); use clock 'wall'"
+        )
 
 
 def median_times_ms(
-    functions: dict[Any, Callable[[], object]], device: torch.device, repeats: int = 15, warmup: int = 2,
+    functions: dict[Any, Callable[[], object]],
+    device: torch.device,
+    repeats: int = 15,
+    warmup: int = 2,
     clock: str = "wall",
 ) -> dict[Any, float]:
     """Median milliseconds of each function, timed round-robin `repeats` times after `warmup`.
@@ -403,7 +450,11 @@ def _filled_cache(model: FlextronModel, batch: int, context: int):
 
 
 def _component_functions(
-    model: FlextronModel, phase: str, batch: int, length: int, mlp_choices: Sequence[int],
+    model: FlextronModel,
+    phase: str,
+    batch: int,
+    length: int,
+    mlp_choices: Sequence[int],
     head_choices: Sequence[int],
 ) -> dict[Any, Callable[[], object]]:
     """Closures running each component once at one shape: "fixed", ("mlp", w), ("attention", h)."""
@@ -473,8 +524,14 @@ def profile_latency(
     weight = model.embed_tokens.weight
     device = weight.device
     table = LatencyTable(
-        device.type, device_name(device), str(weight.dtype).removeprefix("torch."), config.num_layers,
-        config.num_heads, config.intermediate_size, torch.get_num_threads(), clock,
+        device.type,
+        device_name(device),
+        str(weight.dtype).removeprefix("torch."),
+        config.num_layers,
+        config.num_heads,
+        config.intermediate_size,
+        torch.get_num_threads(),
+        clock,
     )
     _check_clock(clock, device)
     for phase, shapes in (("prefill", prefill_shapes), ("decode", decode_shapes)):
@@ -490,7 +547,10 @@ def profile_latency(
             times = median_times_ms(functions, device, repeats, warmup, clock)
             layers = config.num_layers
             entry = ShapeCosts(
-                phase, batch, length, times["fixed"],
+                phase,
+                batch,
+                length,
+                times["fixed"],
                 {w: times[("mlp", w)] / layers for w in mlp_choices},
                 {h: times[("attention", h)] / layers for h in head_choices},
             )
@@ -499,8 +559,15 @@ def profile_latency(
     return table
 
 
-def _calibrate(model: FlextronModel, entry: ShapeCosts, mlp_choices: Sequence[int],
-               head_choices: Sequence[int], repeats: int, warmup: int, clock: str) -> None:
+def _calibrate(
+    model: FlextronModel,
+    entry: ShapeCosts,
+    mlp_choices: Sequence[int],
+    head_choices: Sequence[int],
+    repeats: int,
+    warmup: int,
+    clock: str,
+) -> None:
     """Fit whole-model latency = fixed + overhead + scale * Σ layer costs on three uniform anchors.
 
     The sum of separately timed parts misses what only the whole forward has (the layer
@@ -511,13 +578,22 @@ def _calibrate(model: FlextronModel, entry: ShapeCosts, mlp_choices: Sequence[in
     config = model.config
     middle_width = mlp_choices[len(mlp_choices) // 2]
     middle_heads = head_choices[len(head_choices) // 2]
-    anchors = [ArchConfig.uniform(config, min(mlp_choices), min(head_choices)),
-               ArchConfig.uniform(config, middle_width, middle_heads), ArchConfig.full(config)]
-    measured = measure_latency(model, anchors, entry.phase, entry.batch, entry.length, repeats, warmup,
-                               clock=clock)
+    anchors = [
+        ArchConfig.uniform(config, min(mlp_choices), min(head_choices)),
+        ArchConfig.uniform(config, middle_width, middle_heads),
+        ArchConfig.full(config),
+    ]
+    measured = measure_latency(
+        model, anchors, entry.phase, entry.batch, entry.length, repeats, warmup, clock=clock
+    )
     measured = torch.tensor(measured, dtype=torch.float64)
-    sums = torch.tensor([sum(entry.mlp_ms[w] + entry.attention_ms[h] for w, h in
-                             zip(a.mlp_widths, a.heads, strict=True)) for a in anchors], dtype=torch.float64)
+    sums = torch.tensor(
+        [
+            sum(entry.mlp_ms[w] + entry.attention_ms[h] for w, h in zip(a.mlp_widths, a.heads, strict=True))
+            for a in anchors
+        ],
+        dtype=torch.float64,
+    )
     design = torch.stack([torch.ones_like(sums), sums], 1)  # measured - fixed = overhead + scale * sums
     overhead, scale = torch.linalg.lstsq(design, (measured - entry.fixed_ms)[:, None]).solution[:, 0].tolist()
     if scale <= 0:  # a degenerate fit on a very noisy machine: keep the raw sum, shift only
@@ -542,8 +618,15 @@ def random_archs(config: ModelConfig, count: int, seed: int = 0) -> list[ArchCon
 
 @torch.inference_mode()
 def measure_latency(
-    model: FlextronModel, archs: Sequence[ArchConfig], phase: str = "prefill", batch: int = 1,
-    length: int = 128, repeats: int = 15, warmup: int = 2, router: object | None = None, clock: str = "wall",
+    model: FlextronModel,
+    archs: Sequence[ArchConfig],
+    phase: str = "prefill",
+    batch: int = 1,
+    length: int = 128,
+    repeats: int = 15,
+    warmup: int = 2,
+    router: object | None = None,
+    clock: str = "wall",
 ) -> list[float]:
     """Median measured ms of a whole-model forward for each configuration (round-robin).
 
@@ -571,9 +654,13 @@ def measure_latency(
     return [times[i] for i in range(len(archs))]
 
 
-def timed_forward(model: FlextronModel, chunks: Sequence[torch.Tensor], phase: str,
-                  arch: ArchConfig | None = None, sessions: Sequence[object] | None = None
-                  ) -> Callable[[], list[torch.Tensor]]:
+def timed_forward(
+    model: FlextronModel,
+    chunks: Sequence[torch.Tensor],
+    phase: str,
+    arch: ArchConfig | None = None,
+    sessions: Sequence[object] | None = None,
+) -> Callable[[], list[torch.Tensor]]:
     """What one timing of real text runs, last-position logits as generation computes them.
 
     chunks: token ids (batch, tokens) each; arch, or one routing session per chunk (dynamic
@@ -585,8 +672,10 @@ def timed_forward(model: FlextronModel, chunks: Sequence[torch.Tensor], phase: s
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     sessions = list(sessions) if sessions is not None else [None] * len(chunks)
     if phase == "prefill":
-        return lambda: [model(ids, arch, last_only=True, router=routing)
-                        for ids, routing in zip(chunks, sessions, strict=True)]
+        return lambda: [
+            model(ids, arch, last_only=True, router=routing)
+            for ids, routing in zip(chunks, sessions, strict=True)
+        ]
     caches = []
     for ids, routing in zip(chunks, sessions, strict=True):
         caches.append(model.new_kv_cache(ids.shape[0], ids.shape[1]))
@@ -603,8 +692,14 @@ def timed_forward(model: FlextronModel, chunks: Sequence[torch.Tensor], phase: s
 
 
 def check_table(
-    model: FlextronModel, table: LatencyTable, count: int = 10, phase: str = "prefill", batch: int = 1,
-    length: int = 128, repeats: int = 15, seed: int = 0,
+    model: FlextronModel,
+    table: LatencyTable,
+    count: int = 10,
+    phase: str = "prefill",
+    batch: int = 1,
+    length: int = 128,
+    repeats: int = 15,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Predicted vs measured latency of `count` random configurations (rows with the error)."""
     archs = random_archs(model.config, count, seed)
@@ -612,8 +707,15 @@ def check_table(
     rows = []
     for arch, ms in zip(archs, measured, strict=True):
         predicted = table.predict(arch, phase, batch, length)
-        rows.append({
-            "phase": phase, "batch": batch, "length": length, "predicted_ms": predicted, "measured_ms": ms,
-            "error": (predicted - ms) / ms, "arch": arch.to_dict(),
-        })
+        rows.append(
+            {
+                "phase": phase,
+                "batch": batch,
+                "length": length,
+                "predicted_ms": predicted,
+                "measured_ms": ms,
+                "error": (predicted - ms) / ms,
+                "arch": arch.to_dict(),
+            }
+        )
     return rows

@@ -38,9 +38,16 @@ class FlextronLM(HFLM):
 
     AUTO_MODEL_CLASS = transformers.AutoModelForCausalLM
 
-    def __init__(self, pretrained: str, budget: float | None = None, latency_ms: float | None = None,
-                 routing: str = "auto", arch: str | None = None, latency_shape: str | None = None,
-                 **kwargs) -> None:
+    def __init__(
+        self,
+        pretrained: str,
+        budget: float | None = None,
+        latency_ms: float | None = None,
+        routing: str = "auto",
+        arch: str | None = None,
+        latency_shape: str | None = None,
+        **kwargs,
+    ) -> None:
         if not isinstance(pretrained, str):
             raise TypeError("--model flextron takes pretrained=DIR or a hub id ORG/NAME")
         if kwargs.get("trust_remote_code"):
@@ -49,8 +56,13 @@ class FlextronLM(HFLM):
             # Its head choice reads whole sequences: padding would change it.
             raise ValueError("dynamic routing evaluates one sequence at a time: use --batch_size 1")
         # Read by _create_model, which HFLM.__init__ calls.
-        self._choice = {"budget": budget, "latency_ms": latency_ms, "routing": routing, "arch": arch,
-                        "latency_shape": latency_shape}
+        self._choice = {
+            "budget": budget,
+            "latency_ms": latency_ms,
+            "routing": routing,
+            "arch": arch,
+            "latency_shape": latency_shape,
+        }
         super().__init__(pretrained=resolve_model_dir(pretrained), backend="causal", **kwargs)
 
     def _get_config(self, pretrained: str, **kwargs) -> None:
@@ -60,10 +72,15 @@ class FlextronLM(HFLM):
 
     def _create_model(self, pretrained: str, **kwargs) -> None:
         self._model = FlextronForCausalLM.from_pretrained(
-            pretrained, dtype=get_dtype(kwargs.get("dtype", "auto")), device_map=kwargs.get("device_map"))
+            pretrained, dtype=get_dtype(kwargs.get("dtype", "auto")), device_map=kwargs.get("device_map")
+        )
         choice = self._choice
-        if choice["arch"] is not None or choice["budget"] is not None or choice["latency_ms"] is not None \
-                or choice["routing"] != "auto":
+        if (
+            choice["arch"] is not None
+            or choice["budget"] is not None
+            or choice["latency_ms"] is not None
+            or choice["routing"] != "auto"
+        ):
             self._model = self._model.at(**choice)
 
 

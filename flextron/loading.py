@@ -55,14 +55,15 @@ def _read_config(path: Path) -> dict:
     return data
 
 
-def _read_safetensors(path: Path, dtype: torch.dtype | None = None, device: str | None = None
-                      ) -> dict[str, torch.Tensor]:
+def _read_safetensors(
+    path: Path, dtype: torch.dtype | None = None, device: str | None = None
+) -> dict[str, torch.Tensor]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise ValueError(f"{index}: not a safetensors index (a \"weight_map\" object)") from error
+            raise ValueError(f'{index}: not a safetensors index (a "weight_map" object)') from error
     else:
         shards = sorted(p.name for p in path.glob("*.safetensors"))
     if not shards:
@@ -75,8 +76,9 @@ def load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
     return load_local_tokenizer(path, gguf_file)
 
 
-def load_hf_dir(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32, device: str | None = None
-                ) -> FlextronModel:
+def load_hf_dir(
+    path: str | os.PathLike, dtype: torch.dtype | None = torch.float32, device: str | None = None
+) -> FlextronModel:
     """A Hugging Face model directory: config.json + *.safetensors (+ tokenizer files)."""
     path = Path(path)
     refuse_custom_code(path)
@@ -90,8 +92,9 @@ def load_hf_dir(path: str | os.PathLike, dtype: torch.dtype | None = torch.float
     return model
 
 
-def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32, device: str | None = None
-              ) -> FlextronModel:
+def load_gguf(
+    path: str | os.PathLike, dtype: torch.dtype | None = torch.float32, device: str | None = None
+) -> FlextronModel:
     """A GGUF file, dequantized to `dtype` (None: float32), with its tokenizer.
 
     transformers reads its config and tokenizer; the weights stream in through
@@ -136,8 +139,11 @@ def load_default(dtype: torch.dtype | None = torch.float32, device: str | None =
     return load_gguf(default_gguf_path(), dtype, device)
 
 
-def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype | None = torch.float32,
-               device: str | None = None) -> FlextronModel:
+def load_model(
+    source: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = torch.float32,
+    device: str | None = None,
+) -> FlextronModel:
     """Any source: None or "default" (the embedded SmolLM2), a .gguf file, a Flextron
     directory (written by save_pretrained), a Hugging Face directory, or a hub id ORG/NAME
     (flextron.hub).  dtype None keeps a directory's stored dtype; device None: CPU."""
@@ -150,7 +156,8 @@ def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype | Non
         return load_gguf(path, dtype, device)
     if not path.is_dir():
         raise FileNotFoundError(
-            f"model not found: {path} (give a directory, a .gguf file, a hub id ORG/NAME or 'default')")
+            f"model not found: {path} (give a directory, a .gguf file, a hub id ORG/NAME or 'default')"
+        )
     if is_flextron_dir(path):
         return FlextronModel.from_pretrained(path, dtype, device)
     return load_hf_dir(path, dtype, device)

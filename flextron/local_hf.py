@@ -29,8 +29,10 @@ def refuse_custom_code(directory: str | os.PathLike) -> None:
         except ValueError as error:
             raise ValueError(f"{file}: not valid JSON ({error})") from error
         if isinstance(data, dict) and data.get("auto_map"):
-            raise ValueError(f"{file} asks to run the model directory's own Python code (auto_map); "
-                             "flextron never runs code shipped with a model")
+            raise ValueError(
+                f"{file} asks to run the model directory's own Python code (auto_map); "
+                "flextron never runs code shipped with a model"
+            )
 
 
 def existing_dir(path: str | os.PathLike) -> str:

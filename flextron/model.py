@@ -50,7 +50,12 @@ class LayerRouter(Protocol):
     """
 
     def attention(
-        self, layer: int, module: ElasticAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        self,
+        layer: int,
+        module: ElasticAttention,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
         kv_cache: KVCache | None,
     ) -> torch.Tensor: ...
 
@@ -64,8 +69,12 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = ElasticAttention(
-            config.hidden_size, config.layer_heads(layer), config.layer_kv_heads(layer), config.head_dim,
-            config.qkv_bias, config.o_bias,
+            config.hidden_size,
+            config.layer_heads(layer),
+            config.layer_kv_heads(layer),
+            config.head_dim,
+            config.qkv_bias,
+            config.o_bias,
         )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = ElasticMLP(config.hidden_size, config.layer_intermediate_size(layer), config.mlp_bias)
@@ -131,8 +140,13 @@ class FlextronModel(nn.Module):
             )
         weight = self.embed_tokens.weight
         return KVCache(
-            self.config.num_layers, batch_size, self.config.num_kv_heads, max_length, self.config.head_dim,
-            dtype=weight.dtype, device=weight.device,
+            self.config.num_layers,
+            batch_size,
+            self.config.num_kv_heads,
+            max_length,
+            self.config.head_dim,
+            dtype=weight.dtype,
+            device=weight.device,
         )
 
     def forward(
@@ -178,8 +192,9 @@ class FlextronModel(nn.Module):
             # (B, 1, T, hd): one row of positions per sequence, broadcast over the heads.
             cos, sin = (t.view(*position_ids.shape, 1, -1).transpose(1, 2) for t in (cos, sin))
         for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, arch.mlp_widths[index], arch.heads[index], kv_cache, index, router,
-                      key_mask)
+            x = layer(
+                x, cos, sin, arch.mlp_widths[index], arch.heads[index], kv_cache, index, router, key_mask
+            )
         if kv_cache is not None:
             kv_cache.length = end
         if last_only:
@@ -213,8 +228,9 @@ class FlextronModel(nn.Module):
         save_pretrained(self, path)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                        device: str | None = None) -> FlextronModel:
+    def from_pretrained(
+        cls, path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | None = None
+    ) -> FlextronModel:
         """Load a directory written by save_pretrained (or flextron convert / export), its
         floating-point weights in `dtype` (None: as stored) on `device` (None: CPU)."""
         from flextron.checkpoint import load_pretrained  # imported here: checkpoint imports this module

@@ -64,7 +64,7 @@ def temp_owner(name: str, prefix: str) -> int | None:
     """The PID in a temporary name `PREFIX{pid}-...` (None: not such a name)."""
     if not name.startswith(prefix):
         return None
-    pid = name[len(prefix):].split("-", 1)[0].split(".", 1)[0]
+    pid = name[len(prefix) :].split("-", 1)[0].split(".", 1)[0]
     return int(pid) if pid.isdigit() else None
 
 
@@ -108,14 +108,20 @@ def _overlap(path: Path, sources: Sequence[str | os.PathLike], flag: str) -> Non
     for source in sources:
         source = Path(source).resolve()
         if resolved == source or source in resolved.parents:
-            raise ValueError(f"{flag} {path} is the source model {source} or inside it: choose another "
-                             "directory (the source would be overwritten)")
+            raise ValueError(
+                f"{flag} {path} is the source model {source} or inside it: choose another "
+                "directory (the source would be overwritten)"
+            )
         if resolved in source.parents:
             raise ValueError(f"{flag} {path} holds the source model {source}: choose another directory")
 
 
-def check_output_dir(path: str | os.PathLike, flag: str = "--out", overwrite: bool = False,
-                     sources: Sequence[str | os.PathLike] = ()) -> Path:
+def check_output_dir(
+    path: str | os.PathLike,
+    flag: str = "--out",
+    overwrite: bool = False,
+    sources: Sequence[str | os.PathLike] = (),
+) -> Path:
     """ValueError unless `path` can become a new output directory.
 
     Refused: a file; a path below a file; a non-empty directory (unless `overwrite`); the
@@ -130,8 +136,9 @@ def check_output_dir(path: str | os.PathLike, flag: str = "--out", overwrite: bo
         raise ValueError(f"{flag} {path} is a file, not a directory")
     if path.is_dir():
         if not overwrite and any(path.iterdir()):
-            raise ValueError(f"{flag} {path} is not empty: choose a new directory or pass --overwrite "
-                             "to replace it")
+            raise ValueError(
+                f"{flag} {path} is not empty: choose a new directory or pass --overwrite to replace it"
+            )
         _check_writable(path, path, flag)
     parent = _nearest_existing(path.absolute(), flag)
     _check_writable(parent, path, flag)

@@ -53,8 +53,9 @@ class SurrogateModel(nn.Module):
     def __init__(self, in_features: int, hidden_size: int = 256) -> None:
         super().__init__()
         self.linear = nn.Linear(in_features, 1)
-        self.net = nn.Sequential(nn.Linear(in_features, hidden_size), nn.LeakyReLU(),
-                                 nn.Linear(hidden_size, 1))
+        self.net = nn.Sequential(
+            nn.Linear(in_features, hidden_size), nn.LeakyReLU(), nn.Linear(hidden_size, 1)
+        )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return (self.linear(features) + self.net(features)).squeeze(-1)
@@ -70,8 +71,15 @@ class LatencyTarget:
     full_ms: float
 
     @classmethod
-    def from_table(cls, table: LatencyTable, router: Router, model: FlextronModel, phase: str = "prefill",
-                   batch: int = 1, length: int = 128) -> LatencyTarget:
+    def from_table(
+        cls,
+        table: LatencyTable,
+        router: Router,
+        model: FlextronModel,
+        phase: str = "prefill",
+        batch: int = 1,
+        length: int = 128,
+    ) -> LatencyTarget:
         table.check_model(model.config)
         fixed, mlp, heads = table.cost_vectors(router.mlp_choices, router.head_choices, phase, batch, length)
         return cls(fixed, mlp, heads, table.predict(model.full_arch(), phase, batch, length))
@@ -165,7 +173,11 @@ class TrainingLog:
 
 
 def fit_surrogate_step(
-    sm: SurrogateModel, optimizer: torch.optim.Optimizer, buffer: deque, updates: int, batch: int,
+    sm: SurrogateModel,
+    optimizer: torch.optim.Optimizer,
+    buffer: deque,
+    updates: int,
+    batch: int,
     rng: random.Random,
 ) -> float:
     """`updates` MSE steps of the SM on random minibatches of (features, loss) pairs; last loss."""
@@ -226,8 +238,15 @@ def train_router_surrogate(
         error = fresh if math.isinf(error) else decay * error + (1 - decay) * fresh
         buffer.append((features.detach(), measured))
         sm_mse = fit_surrogate_step(sm, sm_optimizer, buffer, config.sm_updates, config.sm_batch, rng)
-        row = {"step": step, "budget": budget, "tau": tau, "lm_loss": measured, "sm_error": error,
-               "sm_mse": sm_mse, "router_updated": False}
+        row = {
+            "step": step,
+            "budget": budget,
+            "tau": tau,
+            "lm_loss": measured,
+            "sm_error": error,
+            "sm_mse": sm_mse,
+            "router_updated": False,
+        }
         if error < config.sm_threshold:
             for param in sm.parameters():
                 param.requires_grad_(False)
@@ -239,8 +258,11 @@ def train_router_surrogate(
             router_optimizer.step()
             for param in sm.parameters():
                 param.requires_grad_(True)
-            row.update(router_updated=True, latency_ms=float(latency.detach().mean()),
-                       latency_loss=float(lat_loss.detach()))
+            row.update(
+                router_updated=True,
+                latency_ms=float(latency.detach().mean()),
+                latency_loss=float(lat_loss.detach()),
+            )
         log.add(**row)
         if progress is not None:
             progress(row)
@@ -283,8 +305,9 @@ def train_end_to_end(
         budget = rng.choice(list(config.budgets))
         batch = next(batches).to(device)
         tau = schedule(step)
-        session = _session(router, budget, batch.shape[0],
-                           Sampling(tau, noise=True, scale=True, generator=generator))
+        session = _session(
+            router, budget, batch.shape[0], Sampling(tau, noise=True, scale=True, generator=generator)
+        )
         logits = model(batch, router=session)
         if teacher is not None:
             with torch.no_grad():
@@ -299,8 +322,14 @@ def train_end_to_end(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        row = {"step": step, "budget": budget, "tau": tau, "task_loss": float(task.detach()),
-               "latency_ms": float(latency.detach().mean()), "latency_loss": float(lat_loss.detach())}
+        row = {
+            "step": step,
+            "budget": budget,
+            "tau": tau,
+            "task_loss": float(task.detach()),
+            "latency_ms": float(latency.detach().mean()),
+            "latency_loss": float(lat_loss.detach()),
+        }
         log.add(**row)
         if progress is not None:
             progress(row)
@@ -311,8 +340,9 @@ def train_end_to_end(
     return log
 
 
-def _bisect_offset(latency: Callable[[float], float], goal: float, start: float, iterations: int,
-                   tolerance: float) -> tuple[float, dict[float, float]]:
+def _bisect_offset(
+    latency: Callable[[float], float], goal: float, start: float, iterations: int, tolerance: float
+) -> tuple[float, dict[float, float]]:
     """The calibration offset whose latency is nearest `goal`: bracket from `start` (steps
     0.05, doubling, up to |offset| 100), then bisect until within `tolerance` (relative) of it.
 
@@ -341,8 +371,9 @@ def _bisect_offset(latency: Callable[[float], float], goal: float, start: float,
     return min(tried, key=lambda o: (abs(tried[o] - goal), abs(o - start))), tried
 
 
-def _lut_latency_of_choices(model: FlextronModel, router: DynamicRouter, target: LatencyTarget,
-                            batch: torch.Tensor, budget: float) -> float:
+def _lut_latency_of_choices(
+    model: FlextronModel, router: DynamicRouter, target: LatencyTarget, batch: torch.Tensor, budget: float
+) -> float:
     """LUT latency (ms) of the dynamic router's argmax choices on `batch` at `budget`."""
     session = router.session(budget, batch.shape[0])
     model(batch, router=session, last_only=True)
@@ -410,8 +441,14 @@ def calibrate_dynamic(
     for budget in budgets:
         goal = (budget * target.full_ms - overhead[0]) / (1 + overhead[1])
         offset, tried = _bisect_offset(lambda o, b=budget: latency(b, o), goal, 0.0, iterations, tolerance)
-        row = {"budget": budget, "offset": offset, "lut_ms": tried[offset], "goal_ms": goal,
-               "uncalibrated_ms": tried[0.0], "evaluations": len(tried)}
+        row = {
+            "budget": budget,
+            "offset": offset,
+            "lut_ms": tried[offset],
+            "goal_ms": goal,
+            "uncalibrated_ms": tried[0.0],
+            "evaluations": len(tried),
+        }
         rows.append(row)
         if progress is not None:
             progress(row)
@@ -463,11 +500,14 @@ def calibrate_dynamic_measured(
     device = model.embed_tokens.weight.device
     chunks = [c.to(device) for c in blocks.split(batch_size) if c.shape[0] == batch_size]
     if not chunks:
-        raise ValueError(f"need at least {batch_size} blocks to time a batch of {batch_size}, "
-                         f"got {blocks.shape[0]}")
+        raise ValueError(
+            f"need at least {batch_size} blocks to time a batch of {batch_size}, got {blocks.shape[0]}"
+        )
     if timer is None:
+
         def timer(functions: dict) -> dict:
             return median_times_ms(functions, device, repeats, 1, clock)
+
     starts = router.offsets(torch.tensor(budgets)).tolist()
     history: dict[float, list[dict]] = {}
 
@@ -475,24 +515,33 @@ def calibrate_dynamic_measured(
         router.set_calibration([budget], [offset], **costs)
 
         # Each chunk timed on its own, through one session (heads fixed at its first call).
-        functions: dict = {index: timed_forward(model, [ids], "prefill",
-                                                sessions=[router.session(budget, batch_size)])
-                           for index, ids in enumerate(chunks)}
+        functions: dict = {
+            index: timed_forward(model, [ids], "prefill", sessions=[router.session(budget, batch_size)])
+            for index, ids in enumerate(chunks)
+        }
         functions["full"] = timed_forward(model, chunks[:1], "prefill")
         times = timer(functions)
         raw = sum(times[index] for index in range(len(chunks))) / len(chunks)
         value = raw / times["full"] * target.full_ms
-        history.setdefault(budget, []).append({"offset": offset, "measured_ms": value, "raw_ms": raw,
-                                               "full_raw_ms": times["full"]})
+        history.setdefault(budget, []).append(
+            {"offset": offset, "measured_ms": value, "raw_ms": raw, "full_raw_ms": times["full"]}
+        )
         return value
 
     rows = []
     for budget, start in zip(budgets, starts, strict=True):
         goal = budget * target.full_ms
         offset, tried = _bisect_offset(lambda o, b=budget: measured(b, o), goal, start, iterations, tolerance)
-        row = {"budget": budget, "offset": offset, "measured_ms": tried[offset], "goal_ms": goal,
-               "start_offset": start, "start_ms": tried[start], "evaluations": len(tried),
-               "tried": history[budget]}
+        row = {
+            "budget": budget,
+            "offset": offset,
+            "measured_ms": tried[offset],
+            "goal_ms": goal,
+            "start_offset": start,
+            "start_ms": tried[start],
+            "evaluations": len(tried),
+            "tried": history[budget],
+        }
         rows.append(row)
         if progress is not None:
             progress(row)
@@ -532,9 +581,16 @@ def measure_routing_overhead(
     scale = target.full_ms / measured["full"]
     # A session keeps its latest call's choices: those of the timed forward (decode: its token).
     predicted = {b: sum(_session_lut_ms(s, target) for s in sessions[b]) / len(chunks) for b in budgets}
-    rows = [{"budget": b, "lut_ms": predicted[b], "measured_ms": measured[b] * scale,
-             "raw_ms": measured[b] / len(chunks), "full_raw_ms": measured["full"] / len(chunks)}
-            for b in budgets]
+    rows = [
+        {
+            "budget": b,
+            "lut_ms": predicted[b],
+            "measured_ms": measured[b] * scale,
+            "raw_ms": measured[b] / len(chunks),
+            "full_raw_ms": measured["full"] / len(chunks),
+        }
+        for b in budgets
+    ]
     xs = torch.tensor([r["lut_ms"] for r in rows], dtype=torch.float64)
     ys = torch.tensor([r["measured_ms"] - r["lut_ms"] for r in rows], dtype=torch.float64)
     if len(rows) < 2 or float(xs.max() - xs.min()) < 1e-6:

@@ -28,8 +28,10 @@ def clock_function(clock: str) -> Callable[[], float]:
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
     if clock == "cpu" and torch.get_num_threads() != 1:
-        raise ValueError(f"clock 'cpu' measures one thread's time, but torch uses {torch.get_num_threads()} "
-                         "threads: set one thread (--threads 1) or use clock 'wall'")
+        raise ValueError(
+            f"clock 'cpu' measures one thread's time, but torch uses {torch.get_num_threads()} "
+            "threads: set one thread (--threads 1) or use clock 'wall'"
+        )
     return CLOCKS[clock]
 
 
@@ -55,8 +57,9 @@ def best_time(function: Callable[[], object], repeats: int, now: Callable[[], fl
     return min(elapsed(function, now) for _ in range(repeats))
 
 
-def decode_seconds(model: FlextronModel, prompt: torch.Tensor, arch: ArchConfig, new_tokens: int,
-                   now: Callable[[], float]) -> float:
+def decode_seconds(
+    model: FlextronModel, prompt: torch.Tensor, arch: ArchConfig, new_tokens: int, now: Callable[[], float]
+) -> float:
     """Seconds for `new_tokens` greedy steps after the prefill of prompt (1, T) (KV cache)."""
     tokens = stream_tokens(model, prompt[0], arch, max_new_tokens=new_tokens + 1)
     next(tokens)  # the prefill and the first token
@@ -99,8 +102,7 @@ def hf_decode_seconds(hf, prompt: torch.Tensor, new_tokens: int, now: Callable[[
 def hf_generate_seconds(hf, prompt: torch.Tensor, new_tokens: int, now: Callable[[], float]) -> float:
     """Seconds for generate(): prefill + decode (the caller subtracts the prefill)."""
     start = now()
-    hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                pad_token_id=0)
+    hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     return now() - start
 
 
@@ -112,20 +114,30 @@ class SpeedRow:
     decode_tokens_per_s: float
 
 
-def measure_speed(model: FlextronModel, budgets: list[float], prompt_len: int = 128, new_tokens: int = 32,
-                  repeats: int = 3, clock: str = "wall", compare_hf: bool = False,
-                  seed: int = 0) -> list[SpeedRow]:
+def measure_speed(
+    model: FlextronModel,
+    budgets: list[float],
+    prompt_len: int = 128,
+    new_tokens: int = 32,
+    repeats: int = 3,
+    clock: str = "wall",
+    compare_hf: bool = False,
+    seed: int = 0,
+) -> list[SpeedRow]:
     """Prefill (batch 1 x prompt_len, last-position logits) and greedy decode tokens/s per budget.
 
     compare_hf adds a "transformers" row (same weights, full width; decode through a forward
     loop over its DynamicCache), timed round-robin with the full-width Flextron decode.
     """
     if prompt_len < 1 or new_tokens < 1 or repeats < 1:
-        raise ValueError(f"prompt_len, new_tokens and repeats must be >= 1, got {prompt_len}, "
-                         f"{new_tokens}, {repeats}")
+        raise ValueError(
+            f"prompt_len, new_tokens and repeats must be >= 1, got {prompt_len}, {new_tokens}, {repeats}"
+        )
     if prompt_len + new_tokens + 1 > model.config.max_position_embeddings:
-        raise ValueError(f"prompt_len {prompt_len} + new_tokens {new_tokens} (+ the first token) does not "
-                         f"fit the model's context of {model.config.max_position_embeddings}")
+        raise ValueError(
+            f"prompt_len {prompt_len} + new_tokens {new_tokens} (+ the first token) does not "
+            f"fit the model's context of {model.config.max_position_embeddings}"
+        )
     if compare_hf and 1.0 not in budgets:
         raise ValueError("comparing with transformers needs budget 1 (the full model) among the budgets")
     now = clock_function(clock)
@@ -144,12 +156,24 @@ def measure_speed(model: FlextronModel, budgets: list[float], prompt_len: int = 
                 decode.append(decode_seconds(model, prompt, arch, new_tokens, now))
                 if hf is not None and budget == 1.0:
                     hf_decode.append(hf_decode_seconds(hf, prompt, new_tokens, now))
-            rows.append(SpeedRow(f"budget {budget:g}", model.num_parameters(arch), prompt_len / prefill,
-                                 new_tokens / statistics.median(decode)))
+            rows.append(
+                SpeedRow(
+                    f"budget {budget:g}",
+                    model.num_parameters(arch),
+                    prompt_len / prefill,
+                    new_tokens / statistics.median(decode),
+                )
+            )
             if hf_decode:
                 hf_prefill = best_time(lambda: hf(prompt, logits_to_keep=1), repeats, now)
-                rows.append(SpeedRow("transformers", model.num_parameters(), prompt_len / hf_prefill,
-                                     new_tokens / statistics.median(hf_decode)))
+                rows.append(
+                    SpeedRow(
+                        "transformers",
+                        model.num_parameters(),
+                        prompt_len / hf_prefill,
+                        new_tokens / statistics.median(hf_decode),
+                    )
+                )
     return rows
 
 
@@ -160,11 +184,15 @@ def format_speed_table(rows: list[SpeedRow]) -> str:
     header += f" {'prefill vs HF':>13} {'decode vs HF':>12}" if hf else ""
     lines = [header, "-" * len(header)]
     for row in rows:
-        line = (f"{row.name:>14} {row.parameters / 1e6:>9.1f} {row.prefill_tokens_per_s:>13.1f} "
-                f"{row.decode_tokens_per_s:>12.1f}")
+        line = (
+            f"{row.name:>14} {row.parameters / 1e6:>9.1f} {row.prefill_tokens_per_s:>13.1f} "
+            f"{row.decode_tokens_per_s:>12.1f}"
+        )
         if hf:
-            line += (f" {row.prefill_tokens_per_s / hf.prefill_tokens_per_s:>12.2f}x"
-                     f" {row.decode_tokens_per_s / hf.decode_tokens_per_s:>11.2f}x")
+            line += (
+                f" {row.prefill_tokens_per_s / hf.prefill_tokens_per_s:>12.2f}x"
+                f" {row.decode_tokens_per_s / hf.decode_tokens_per_s:>11.2f}x"
+            )
         lines.append(line)
     return "\n".join(lines)
 

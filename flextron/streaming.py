@@ -21,8 +21,15 @@ import torch
 
 CHUNK_BYTES = 4 << 20
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -44,14 +51,16 @@ def safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
     return header, 8 + size
 
 
-def read_safetensors(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                     device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+def read_safetensors(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> dict[str, torch.Tensor]:
     """Every tensor of a .safetensors file, floating ones in `dtype` (None: as stored), on `device`."""
     return dict(iter_safetensors(path, dtype, device))
 
 
-def iter_safetensors(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                     device: str | torch.device | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """read_safetensors one (name, tensor) at a time, in file order."""
     header, base = safetensors_header(path)
     scratch = torch.empty(CHUNK_BYTES, dtype=torch.uint8)  # one read buffer for the whole file
@@ -73,25 +82,32 @@ def iter_safetensors(path: str | os.PathLike, dtype: torch.dtype | None = None,
                 step = CHUNK_BYTES // stored.itemsize
                 buffer = scratch.view(stored)
                 for first in range(0, flat.numel(), step):
-                    chunk = buffer[:min(step, flat.numel() - first)]
+                    chunk = buffer[: min(step, flat.numel() - first)]
                     if file.readinto(chunk.view(torch.uint8).numpy()) != chunk.numel() * stored.itemsize:
                         raise ValueError(f"{path}: truncated file (tensor {name})")
-                    flat[first:first + chunk.numel()].copy_(chunk)
+                    flat[first : first + chunk.numel()].copy_(chunk)
             yield name, tensor if device is None else tensor.to(device)
 
 
 # GGUF tensor names (llama.cpp) -> Hugging Face Llama names without the "model." prefix.
 _GGUF_NAMES = {
-    "token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "token_embd": "embed_tokens",
+    "output_norm": "norm",
+    "output": "lm_head",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
 
 
 def gguf_name(name: str) -> str:
-    """"blk.3.attn_q.weight" -> "layers.3.self_attn.q_proj.weight"; ValueError when unknown."""
+    """ "blk.3.attn_q.weight" -> "layers.3.self_attn.q_proj.weight"; ValueError when unknown."""
     parts = name.split(".")
     if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_NAMES:
         return f"layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
@@ -107,8 +123,13 @@ def _unpermute_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return halves.transpose(1, 2).reshape(weight.shape)
 
 
-def read_gguf(path: str | os.PathLike, num_heads: int, num_kv_heads: int, dtype: torch.dtype = torch.float32,
-              device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+def read_gguf(
+    path: str | os.PathLike,
+    num_heads: int,
+    num_kv_heads: int,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+) -> dict[str, torch.Tensor]:
     """Every tensor of a Llama-family GGUF, dequantized to `dtype`, under FlextronModel's names."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
@@ -116,8 +137,10 @@ def read_gguf(path: str | os.PathLike, num_heads: int, num_kv_heads: int, dtype:
     # The reader holds every metadata field (the whole vocabulary) as numpy objects: keep only
     # the tensor layout, and let it go before the weights are allocated.
     reader = GGUFReader(path)
-    layout = [(t.name, t.tensor_type, tuple(int(n) for n in reversed(t.shape.tolist())), t.n_bytes,
-               t.data_offset) for t in reader.tensors]  # GGUF lists dims innermost first
+    layout = [
+        (t.name, t.tensor_type, tuple(int(n) for n in reversed(t.shape.tolist())), t.n_bytes, t.data_offset)
+        for t in reader.tensors
+    ]  # GGUF lists dims innermost first
     del reader
     gc.collect()
     weights = {}
@@ -134,7 +157,7 @@ def read_gguf(path: str | os.PathLike, num_heads: int, num_kv_heads: int, dtype:
                 file.seek(offset + first * row_bytes)
                 raw = np.fromfile(file, dtype=np.uint8, count=count * row_bytes).reshape(count, row_bytes)
                 values = dequantize(raw, qtype).reshape(count, -1)  # (count, columns) float32
-                matrix[first:first + count].copy_(torch.from_numpy(np.ascontiguousarray(values)))
+                matrix[first : first + count].copy_(torch.from_numpy(np.ascontiguousarray(values)))
             if name.endswith(("q_proj.weight", "q_proj.bias")):
                 tensor = _unpermute_rope(tensor, num_heads)
             elif name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -143,8 +166,12 @@ def read_gguf(path: str | os.PathLike, num_heads: int, num_kv_heads: int, dtype:
     return weights
 
 
-def read_weights(files: list[Path], dtype: torch.dtype | None, device: str | torch.device | None,
-                 rename: Callable[[str], str | None] = lambda name: name) -> dict[str, torch.Tensor]:
+def read_weights(
+    files: list[Path],
+    dtype: torch.dtype | None,
+    device: str | torch.device | None,
+    rename: Callable[[str], str | None] = lambda name: name,
+) -> dict[str, torch.Tensor]:
     """The tensors of several safetensors shards, renamed (None drops a tensor)."""
     weights: dict[str, torch.Tensor] = {}
     for file in files:

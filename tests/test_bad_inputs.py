@@ -62,8 +62,11 @@ CASES = [
     ("max-blocks-zero", [*EVAL, "--max-blocks", "0"], "--max-blocks"),
     ("max-new-tokens-negative", [*GENERATE, "--max-new-tokens", "-5", "hi"], "--max-new-tokens"),
     ("min-new-tokens-negative", [*GENERATE, "--min-new-tokens", "-1", "hi"], "--min-new-tokens"),
-    ("min-above-max-new-tokens", [*GENERATE, "--min-new-tokens", "9", "--max-new-tokens", "3", "hi"],
-     "--min-new-tokens 9"),
+    (
+        "min-above-max-new-tokens",
+        [*GENERATE, "--min-new-tokens", "9", "--max-new-tokens", "3", "hi"],
+        "--min-new-tokens 9",
+    ),
     ("budgets-empty", [*EVAL, "--budgets", ""], "--budgets"),
     ("budgets-above-one", ["info", "--model", "{w}/conv", "--budgets", "1.5"], "--budgets"),
     ("budgets-zero", ["info", "--model", "{w}/conv", "--budgets", "0,0.5"], "--budgets"),
@@ -95,8 +98,11 @@ CASES = [
     ("train-rule", [*TRAIN, "--rule", "latency"], "--rule"),
     ("router-steps-zero", ["train-router", "--model", "{w}/conv", "--steps", "0"], "--steps"),
     ("router-tau-zero", ["train-router", "--model", "{w}/conv", "--tau", "0", "1"], "--tau"),
-    ("router-overhead-text", ["train-router", "--model", "{w}/conv", "--calibrate-overhead", "lots"],
-     "--calibrate-overhead"),
+    (
+        "router-overhead-text",
+        ["train-router", "--model", "{w}/conv", "--calibrate-overhead", "lots"],
+        "--calibrate-overhead",
+    ),
     ("demo-samples-zero", ["demo", "--calib-samples", "0"], "--calib-samples"),
     ("routing-choice", [*EVAL, "--routing", "bogus"], "--routing"),
     ("no-command", [], "COMMAND"),
@@ -130,10 +136,16 @@ CASES = [
     ("plot-read-only", [*EVAL, "--plot", READ_ONLY + "/r.png"], "cannot write"),
     ("json-is-a-directory", [*EVAL, "--json", "{w}/conv"], "expected a file name"),
     ("json-below-a-file", [*EVAL, "--json", "{w}/file.txt/r.json"], "is a file"),
-    ("bench-json-read-only", ["bench", "--model", "{w}/conv", "--json", READ_ONLY + "/b.json"],
-     "cannot write"),
-    ("router-log-read-only", ["train-router", "--model", "{w}/conv", "--log", READ_ONLY + "/l.json"],
-     "cannot write"),
+    (
+        "bench-json-read-only",
+        ["bench", "--model", "{w}/conv", "--json", READ_ONLY + "/b.json"],
+        "cannot write",
+    ),
+    (
+        "router-log-read-only",
+        ["train-router", "--model", "{w}/conv", "--log", READ_ONLY + "/l.json"],
+        "cannot write",
+    ),
     ("out-empty-name", [*CONVERT, "--out", ""], "must not be empty"),
     ("convert-out-not-empty", [*CONVERT, "--out", "{w}/full"], "not empty"),
     ("export-out-not-empty", [*EXPORT, "--out", "{w}/full"], "not empty"),
@@ -145,8 +157,11 @@ CASES = [
     ("export-out-is-a-file", [*EXPORT, "--out", "{w}/file.txt"], "is a file"),
     ("demo-out-is-a-file", ["demo", "--out", "{w}/file.txt"], "is a file"),
     # ---- training runs
-    ("train-out-holds-a-run", [*TRAIN[:-3], "{w}/runs/done", "--seq-len", "16"],
-     "already holds a training run"),
+    (
+        "train-out-holds-a-run",
+        [*TRAIN[:-3], "{w}/runs/done", "--seq-len", "16"],
+        "already holds a training run",
+    ),
     ("train-out-is-a-file", [*TRAIN[:-3], "{w}/file.txt", "--seq-len", "16"], "is a file"),
     ("train-out-below-a-file", [*TRAIN[:-3], "{w}/file.txt/run", "--seq-len", "16"], "is a file"),
     ("train-out-read-only", [*TRAIN[:-3], READ_ONLY + "/run", "--seq-len", "16"], "cannot write"),
@@ -155,10 +170,16 @@ CASES = [
     ("train-latest-escapes", [*TRAIN[:-3], "{w}/runs/latest-escape", "--resume"], "latest.json"),
     ("train-latest-dangling", [*TRAIN[:-3], "{w}/runs/latest-dangling", "--resume"], "does not exist"),
     ("train-trainer-no-scheduler", [*TRAIN[:-3], "{w}/runs/no-scheduler", "--resume"], "'scheduler'"),
-    ("train-steps-below-resumed", [*TRAIN[:-3], "{w}/runs/done", "--resume", "--steps", "2"],
-     "below the resumed run's step 5"),
-    ("train-stop-after-done", [*TRAIN[:-3], "{w}/runs/done", "--resume", "--stop-after", "5"],
-     "already at step 5"),
+    (
+        "train-steps-below-resumed",
+        [*TRAIN[:-3], "{w}/runs/done", "--resume", "--steps", "2"],
+        "below the resumed run's step 5",
+    ),
+    (
+        "train-stop-after-done",
+        [*TRAIN[:-3], "{w}/runs/done", "--resume", "--stop-after", "5"],
+        "already at step 5",
+    ),
 ]
 
 
@@ -218,24 +239,36 @@ def _build_world(root: Path) -> None:
     _write_json(root / "hf-pickle" / "config.json", hf)
     (root / "hf-pickle" / "pytorch_model.bin").write_bytes(b"not loaded")
     for name, data in (
-        ("arch-null", None), ("arch-fraction", {"mlp_widths": [128.5, 128], "heads": [2, 2]}),
-        ("arch-two", {"a": ARCH, "b": ARCH}), ("arch-wide", {"mlp_widths": [9999, 128], "heads": [2, 2]}),
-        ("arch-layers", {"mlp_widths": [128], "heads": [2]}), ("arch-null-entry", {"a": None}),
+        ("arch-null", None),
+        ("arch-fraction", {"mlp_widths": [128.5, 128], "heads": [2, 2]}),
+        ("arch-two", {"a": ARCH, "b": ARCH}),
+        ("arch-wide", {"mlp_widths": [9999, 128], "heads": [2, 2]}),
+        ("arch-layers", {"mlp_widths": [128], "heads": [2]}),
+        ("arch-null-entry", {"a": None}),
         ("arch-string", "half"),
     ):
         _write_json(root / f"{name}.json", data)
     (root / "arch-bad.json").write_text("{mlp_widths: [")
     # Training runs: a finished one at step 5, and broken ones.
-    trainer = {"step": 5, "scheduler": {}, "data": {"epoch": 0, "position": 0}, "config": {},
-               "num_train_blocks": 4, "optimizer_param_groups": []}
+    trainer = {
+        "step": 5,
+        "scheduler": {},
+        "data": {"epoch": 0, "position": 0},
+        "config": {},
+        "num_train_blocks": 4,
+        "optimizer_param_groups": [],
+    }
     runs = root / "runs"
     for name, latest, state in (
         ("done", {"step": 5, "path": "step-000005"}, trainer),
         ("latest-list", [], trainer),
         ("latest-escape", {"step": 5, "path": "../../conv"}, trainer),
         ("latest-dangling", {"step": 7, "path": "step-000007"}, trainer),
-        ("no-scheduler", {"step": 5, "path": "step-000005"},
-         {k: v for k, v in trainer.items() if k != "scheduler"}),
+        (
+            "no-scheduler",
+            {"step": 5, "path": "step-000005"},
+            {k: v for k, v in trainer.items() if k != "scheduler"},
+        ),
     ):
         _write_json(runs / name / "checkpoints" / "latest.json", latest)
         _write_json(runs / name / "checkpoints" / "step-000005" / "trainer.json", state)
@@ -248,8 +281,9 @@ def snapshot(root: Path) -> dict[str, tuple | None]:
     for path in sorted(root.rglob("*")):
         stat = path.lstat()
         is_file = path.is_file() and not path.is_symlink()
-        tree[str(path.relative_to(root))] = (stat.st_size, stat.st_mtime_ns, path.read_bytes()) if is_file \
-            else None
+        tree[str(path.relative_to(root))] = (
+            (stat.st_size, stat.st_mtime_ns, path.read_bytes()) if is_file else None
+        )
     return tree
 
 
@@ -259,8 +293,11 @@ def _run_case(world: Path, base: Path, case: tuple) -> dict:
     shutil.copytree(world, work, symlinks=True)
     before = snapshot(work)
     command = [sys.executable, "-m", "flextron", *(a.format(w=work) for a in argv)]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+    }
     result = subprocess.run(command, capture_output=True, text=True, cwd=work, env=env, timeout=300)
     return {"result": result, "before": before, "after": snapshot(work)}
 

@@ -29,8 +29,9 @@ def test_check_values_flags_a_wrong_result():
     wrong[5] = 0  # one row left unwritten
     error, ok = bench.check_values("case", "wrong", wrong, expected)
     assert not ok and error > 0.1
-    assert not bench.check_values("case", "nan", [expected, torch.full_like(expected, float("nan"))],
-                                  [expected, expected])[1]
+    assert not bench.check_values(
+        "case", "nan", [expected, torch.full_like(expected, float("nan"))], [expected, expected]
+    )[1]
 
 
 def test_routed_rows_carry_their_check():

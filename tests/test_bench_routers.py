@@ -30,18 +30,36 @@ def test_bench_routers_reports_each_budget_against_the_lut_and_the_full_model_of
     model.save_pretrained(tmp_path / "model")
     synthetic_table().save(tmp_path / "model")
     torch.manual_seed(0)
-    routers = {"static": StaticRouter(model.config, [0.5, 1.0], hidden_size=8),
-               "dynamic": DynamicRouter(model.config, [0.5, 1.0], hidden_size=8)}
+    routers = {
+        "static": StaticRouter(model.config, [0.5, 1.0], hidden_size=8),
+        "dynamic": DynamicRouter(model.config, [0.5, 1.0], hidden_size=8),
+    }
     save_routers(tmp_path / "model", routers, {"phase": "prefill", "batch": 1, "length": 16})
     out = tmp_path / "out"
-    args = ["--model", str(tmp_path / "model"), "--budgets", "0.6,1.0", "--eval-blocks", "2",
-            "--seq-len", "16",
-            "--repeats", "2", "--timing-blocks", "2", "--speedup-batch", "2", "--out", str(out)]
+    args = [
+        "--model",
+        str(tmp_path / "model"),
+        "--budgets",
+        "0.6,1.0",
+        "--eval-blocks",
+        "2",
+        "--seq-len",
+        "16",
+        "--repeats",
+        "2",
+        "--timing-blocks",
+        "2",
+        "--speedup-batch",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert load_bench().main(args) == 0
     summary = json.loads((out / "routers.json").read_text())
     assert summary["timing_blocks"] == 2 and summary["full_ms_measured"] > 0
     assert [(r["routing"], r["budget"]) for r in summary["rows"]] == [
-        (routing, budget) for routing in ("uniform", "static", "dynamic") for budget in (0.6, 1.0)]
+        (routing, budget) for routing in ("uniform", "static", "dynamic") for budget in (0.6, 1.0)
+    ]
     for row in summary["rows"]:
         assert row["target_ms"] == pytest.approx(row["budget"] * summary["full_ms_lut"])
         assert row["fraction_of_full"] == pytest.approx(row["measured_ms"] / summary["full_ms_measured"])
@@ -57,11 +75,28 @@ def test_bench_routers_at_a_decode_shape_times_one_cached_step(tmp_path):
     model.save_pretrained(tmp_path / "model")
     synthetic_table().save(tmp_path / "model")  # has decode 1x64
     torch.manual_seed(0)
-    save_routers(tmp_path / "model", {"static": StaticRouter(model.config, [0.5, 1.0], hidden_size=8)},
-                 {"phase": "prefill", "batch": 1, "length": 16})
+    save_routers(
+        tmp_path / "model",
+        {"static": StaticRouter(model.config, [0.5, 1.0], hidden_size=8)},
+        {"phase": "prefill", "batch": 1, "length": 16},
+    )
     out = tmp_path / "out"
-    args = ["--model", str(tmp_path / "model"), "--budgets", "0.8,1.0", "--routings", "uniform,static",
-            "--latency-shape", "decode:1x64", "--eval-blocks", "2", "--seq-len", "16", "--out", str(out)]
+    args = [
+        "--model",
+        str(tmp_path / "model"),
+        "--budgets",
+        "0.8,1.0",
+        "--routings",
+        "uniform,static",
+        "--latency-shape",
+        "decode:1x64",
+        "--eval-blocks",
+        "2",
+        "--seq-len",
+        "16",
+        "--out",
+        str(out),
+    ]
     assert load_bench().main(args) == 0
     summary = json.loads((out / "routers.json").read_text())
     assert summary["shape"] == ["decode", 1, 64] and summary["dynamic_speedup"] == []

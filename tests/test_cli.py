@@ -136,8 +136,22 @@ def test_python_dash_m_flextron_help() -> None:
 
 def test_bench_table_and_json(converted, tmp_path, capsys) -> None:
     _, out = converted
-    argv = ["bench", "--model", str(out), "--budgets", "1,0.5", "--prompt-len", "8", "--new-tokens", "3",
-            "--repeats", "1", "--hf", "--json", str(tmp_path / "speed.json")]
+    argv = [
+        "bench",
+        "--model",
+        str(out),
+        "--budgets",
+        "1,0.5",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "3",
+        "--repeats",
+        "1",
+        "--hf",
+        "--json",
+        str(tmp_path / "speed.json"),
+    ]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "budget 0.5" in table and "transformers" in table and "decode vs HF" in table

@@ -116,12 +116,30 @@ def test_export_command_writes_a_model_card(tmp_path) -> None:
 
     tiny_hf_dir(tmp_path / "hf", kv_heads=2)
     out = tmp_path / "half"
-    argv = ["export", "--model", str(tmp_path / "hf"), "--budget", "0.5", "--out", str(out),
-            "--dtype", "bfloat16", "--eval-blocks", "1"]
+    argv = [
+        "export",
+        "--model",
+        str(tmp_path / "hf"),
+        "--budget",
+        "0.5",
+        "--out",
+        str(out),
+        "--dtype",
+        "bfloat16",
+        "--eval-blocks",
+        "1",
+    ]
     assert main(argv) == 0
     card = (out / "README.md").read_text()
-    for text in (str(tmp_path / "hf"), "budget 0.500", "LlamaForCausalLM", "bfloat16", "perplexity |",
-                 "of the built-in held-out text", '"mlp_widths"'):
+    for text in (
+        str(tmp_path / "hf"),
+        "budget 0.500",
+        "LlamaForCausalLM",
+        "bfloat16",
+        "perplexity |",
+        "of the built-in held-out text",
+        '"mlp_widths"',
+    ):
         assert text in card, text
 
 

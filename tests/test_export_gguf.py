@@ -62,8 +62,14 @@ def llama(monkeypatch):
 
     def load(path):
         llm = llama_cpp.Llama(
-            model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=1, flash_attn=False,
-            type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+            model_path=str(path),
+            n_ctx=128,
+            logits_all=True,
+            verbose=False,
+            n_threads=1,
+            flash_attn=False,
+            type_k=llama_cpp.GGML_TYPE_F32,
+            type_v=llama_cpp.GGML_TYPE_F32,
         )
         opened.append(llm)
         return llm
@@ -105,8 +111,9 @@ def test_llama_cpp_logits_match_flextron(model, llama, tmp_path, shape: str, ggu
     ours = llama_logits(llm, ids)
     with torch.no_grad():
         reference = model(torch.tensor([ids]), arch)[0]  # (T, V)
-        rounding_alone = max_error(weights_rounded_to(model, gguf_type)(torch.tensor([ids]), arch)[0].numpy(),
-                                   reference)
+        rounding_alone = max_error(
+            weights_rounded_to(model, gguf_type)(torch.tensor([ids]), arch)[0].numpy(), reference
+        )
     if gguf_type == "f32":
         assert max_error(ours, reference) <= F32_TOLERANCE
     else:
@@ -235,8 +242,13 @@ def test_families_and_biases_run_in_llama_cpp(llama, tmp_path, variant: str, sha
 
 
 def test_llama3_rope_scaling_goes_in_as_frequency_factors(llama, tmp_path) -> None:
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
     model = tiny_flextron(kv_heads=2, rope_parameters={"rope_theta": 10000.0, **scaling})
     assert model.config.rope_scaling["rope_type"] == "llama3"
     model.tokenizer = tiny_bpe_tokenizer()
@@ -273,8 +285,19 @@ def test_export_command_gguf(tmp_path, capsys) -> None:
 
     tiny_hf_dir(tmp_path / "hf", kv_heads=2)
     tiny_bpe_tokenizer().save_pretrained(tmp_path / "hf")  # (the default tiny tokenizer has no merges)
-    argv = ["export", "--model", str(tmp_path / "hf"), "--budget", "0.5", "--format", "gguf",
-            "--gguf-type", "q8_0", "--out", str(tmp_path / "out")]
+    argv = [
+        "export",
+        "--model",
+        str(tmp_path / "hf"),
+        "--budget",
+        "0.5",
+        "--format",
+        "gguf",
+        "--gguf-type",
+        "q8_0",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(argv) == 0
     assert "as gguf" in capsys.readouterr().out
     reader = gguf.GGUFReader(tmp_path / "out" / "model-q8_0.gguf")

@@ -71,8 +71,8 @@ def test_left_padded_batch_generates_as_one_by_one(flextron_dir, budget) -> None
     for row, prompt in enumerate(prompts):
         alone = tokenizer(prompt, return_tensors="pt")
         single = model.generate(**alone, max_new_tokens=12, do_sample=False)
-        new = together[row, batch.input_ids.shape[1]:]
-        assert new.tolist() == single[0, alone.input_ids.shape[1]:].tolist()
+        new = together[row, batch.input_ids.shape[1] :]
+        assert new.tolist() == single[0, alone.input_ids.shape[1] :].tolist()
 
 
 def test_padded_logits_equal_transformers_llama() -> None:
@@ -153,9 +153,14 @@ def test_latency_targets_and_routers(tmp_path) -> None:
     model.save_pretrained(tmp_path)
     synthetic_table().save(tmp_path)
     torch.manual_seed(0)
-    save_routers(tmp_path, {"static": StaticRouter(model.config, [0.5, 1.0], hidden_size=8),
-                            "dynamic": DynamicRouter(model.config, [0.5, 1.0], hidden_size=8)},
-                 {"phase": "prefill", "batch": 1, "length": 16})
+    save_routers(
+        tmp_path,
+        {
+            "static": StaticRouter(model.config, [0.5, 1.0], hidden_size=8),
+            "dynamic": DynamicRouter(model.config, [0.5, 1.0], hidden_size=8),
+        },
+        {"phase": "prefill", "batch": 1, "length": 16},
+    )
     wrapper = FlextronForCausalLM.from_pretrained(tmp_path)
     resolver = BudgetResolver(wrapper.model, tmp_path)
     full_ms = resolver.table.predict(wrapper.model.full_arch(), *resolver.shape)
@@ -169,8 +174,9 @@ def test_latency_targets_and_routers(tmp_path) -> None:
         expected = wrapper.model(ids, router=dynamic.selection.session(1))
         torch.testing.assert_close(dynamic(ids, use_cache=False).logits, expected)
         # Decoding keeps the prefill's session (its head choice) in the cache.
-        assert dynamic.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
-                                do_sample=False).shape == (1, 11)
+        assert dynamic.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False
+        ).shape == (1, 11)
         padded = torch.ones(2, 8, dtype=torch.long)
         padded[0, :3] = 0
         with pytest.raises(ValueError, match="padded"):

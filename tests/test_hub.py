@@ -51,8 +51,9 @@ print("auto", type(model).__name__, list(model.arch.heads))
 print("missing", main(["info", "--model", "tiny-org/not-cached"]))
 """
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path.cwd())}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert '"hidden_size": 64' in result.stdout and "info 0" in result.stdout
     assert "auto FlextronForCausalLM [2, 2]" in result.stdout
@@ -97,8 +98,24 @@ def test_commands_run_in_bfloat16(tmp_path, capsys) -> None:
     source = str(tmp_path / "hf")
     assert main(["generate", "--model", source, "--dtype", "bfloat16", "hello", "--max-new-tokens", "4"]) == 0
     (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 10)
-    assert main(["eval", "--model", source, "--dtype", "bfloat16", "--data", str(tmp_path / "text.txt"),
-                 "--budgets", "1,0.5", "--seq-len", "32"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                source,
+                "--dtype",
+                "bfloat16",
+                "--data",
+                str(tmp_path / "text.txt"),
+                "--budgets",
+                "1,0.5",
+                "--seq-len",
+                "32",
+            ]
+        )
+        == 0
+    )
     assert "perplexity" in capsys.readouterr().out
 
 

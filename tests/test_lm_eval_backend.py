@@ -43,8 +43,15 @@ def tasks() -> TaskManager:
 
 
 def evaluate(tasks: TaskManager, model: str, model_args: str) -> dict:
-    return simple_evaluate(model=model, model_args=model_args, tasks=TASKS, task_manager=tasks,
-                           log_samples=True, batch_size=4, device="cpu")
+    return simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=TASKS,
+        task_manager=tasks,
+        log_samples=True,
+        batch_size=4,
+        device="cpu",
+    )
 
 
 def assert_same_results(ours: dict, theirs: dict) -> None:
@@ -85,10 +92,28 @@ def test_command_line_with_an_arch_file(models, tmp_path) -> None:
     arch = tmp_path / "half.json"
     arch.write_text(json.dumps(model.arch_for_budget(0.5).to_dict()))
     result = subprocess.run(
-        [sys.executable, "-m", "flextron.lm_eval_backend", "--model", "flextron", "--model_args",
-         f"pretrained={models / 'flextron'},arch={arch}", "--tasks", "flextron_tiny_choice", "--include_path",
-         str(TASKS_DIR), "--device", "cpu", "--batch_size", "4", "--output_path", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "flextron.lm_eval_backend",
+            "--model",
+            "flextron",
+            "--model_args",
+            f"pretrained={models / 'flextron'},arch={arch}",
+            "--tasks",
+            "flextron_tiny_choice",
+            "--include_path",
+            str(TASKS_DIR),
+            "--device",
+            "cpu",
+            "--batch_size",
+            "4",
+            "--output_path",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     written = list((tmp_path / "out").rglob("results_*.json"))

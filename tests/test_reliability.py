@@ -26,8 +26,11 @@ from flextron.train.rundir import LOCK_FILE, RunLockedError, check_unlocked, run
 from tests.tiny_models import tiny_flextron, tiny_hf_dir, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-       "OMP_NUM_THREADS": "1"}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    "OMP_NUM_THREADS": "1",
+}
 
 # transformers runs a copy from its module cache: the marker's path is written into the code.
 CUSTOM_CODE = """
@@ -89,8 +92,10 @@ def test_custom_code_is_refused_even_when_the_terminal_says_yes(tmp_path, config
     tiny_hf_dir(crafted)
     (crafted / "custom_tok.py").write_text(CUSTOM_CODE.format(marker=str(crafted / "CODE-RAN")))
     data = json.loads((crafted / config_file).read_text())
-    data["auto_map"] = {"AutoTokenizer": ["custom_tok.CustomTokenizer", "custom_tok.CustomTokenizer"],
-                        "AutoConfig": "custom_tok.CustomConfig"}
+    data["auto_map"] = {
+        "AutoTokenizer": ["custom_tok.CustomTokenizer", "custom_tok.CustomTokenizer"],
+        "AutoConfig": "custom_tok.CustomConfig",
+    }
     if config_file == "tokenizer_config.json":
         data["tokenizer_class"] = "CustomTokenizer"
     (crafted / config_file).write_text(json.dumps(data))
@@ -136,8 +141,14 @@ def test_a_runaway_chat_template_fails_within_seconds(tmp_path) -> None:
     template = "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}"
     model = flextron_dir(tmp_path / "model", template)
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "flextron", "generate", "--model", str(model), "hi"],
-                            capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "flextron", "generate", "--model", str(model), "hi"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+        timeout=120,
+    )
     elapsed = time.monotonic() - start
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "chat template ran for more than 5 s" in result.stderr.splitlines()[-1]
@@ -217,8 +228,9 @@ with run_lock(sys.argv[1]):
 
 def test_a_second_trainer_is_refused_with_the_holders_pid(tmp_path) -> None:
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True,
-                              env=ENV, cwd=REPO)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True, env=ENV, cwd=REPO
+    )
     try:
         assert holder.stdout.readline().strip() == "HOLDING"
         assert (run / LOCK_FILE).read_text().strip() == str(holder.pid)
@@ -229,8 +241,9 @@ def test_a_second_trainer_is_refused_with_the_holders_pid(tmp_path) -> None:
                 pass
         model = flextron_dir(tmp_path / "model")
         argv = ["-m", "flextron", "train", "--model", str(model), "--out", str(run), "--steps", "1"]
-        result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=ENV, cwd=REPO,
-                                timeout=300)
+        result = subprocess.run(
+            [sys.executable, *argv], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300
+        )
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         assert f"PID {holder.pid}" in result.stderr
     finally:
@@ -250,9 +263,27 @@ def test_train_overwrite_replaces_the_old_run_only(tmp_path) -> None:
     (run / "checkpoints" / "step-000009").mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"step": 9, "loss": 1.0}\n')
     (run / "notes.txt").write_text("mine")
-    argv = ["train", "--model", str(model), "--data", str(text), "--out", str(run), "--seq-len", "16",
-            "--steps", "1", "--batch-size", "2", "--val-blocks", "1", "--eval-budgets", "1",
-            "--device", "cpu"]
+    argv = [
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(text),
+        "--out",
+        str(run),
+        "--seq-len",
+        "16",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--val-blocks",
+        "1",
+        "--eval-budgets",
+        "1",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 2
     assert main([*argv, "--overwrite"]) == 0
     assert (run / "notes.txt").read_text() == "mine"
@@ -290,10 +321,10 @@ def test_checkpoint_files_and_directories_are_flushed_before_publication(tmp_pat
         assert str(file).replace(str(final), temp) in flushed, f"{file.name} not flushed before publication"
     assert temp in flushed  # the directory's entries too
     latest = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(root / LATEST))
-    between = events[publish + 1:latest]
+    between = events[publish + 1 : latest]
     assert ("fsync", str(root), "") in between  # the rename itself is durable before latest.json moves
     assert ("fsync", events[latest][1], "") in between  # latest.json's new contents
-    assert ("fsync", str(root), "") in events[latest + 1:]
+    assert ("fsync", str(root), "") in events[latest + 1 :]
 
 
 def test_a_save_removes_its_own_and_dead_writers_temporaries_only(tmp_path) -> None:
@@ -302,7 +333,8 @@ def test_a_save_removes_its_own_and_dead_writers_temporaries_only(tmp_path) -> N
     save_checkpoint(tmp_path, 1, model, state, {})
     gone, other = dead_pid(), os.getppid()  # a finished process; a live one (pytest's parent)
     strays = {
-        tmp_path / f".tmp-{gone}-step-000002-x": True, tmp_path / f".latest.json.{gone}-y.tmp": True,
+        tmp_path / f".tmp-{gone}-step-000002-x": True,
+        tmp_path / f".latest.json.{gone}-y.tmp": True,
         tmp_path / f".tmp-{os.getpid()}-step-000002-z": True,
         tmp_path / f".latest.json.{other}-w.tmp": False,
         tmp_path / f".tmp-{other}-step-000002-v": False,

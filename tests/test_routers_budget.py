@@ -208,13 +208,26 @@ def test_cli_profile_train_router_and_budget_driven_commands(tmp_path, capsys, m
     # (this tiny model's measured table may put that above 0.5).
     dynamic, table, tiny = routers["dynamic"], LatencyTable.load(out), tiny_flextron()
     full = table.predict(tiny.full_arch(), "prefill", 1, 16)
-    smallest = table.latency_range(tiny.config, "prefill", 1, 16, dynamic.mlp_choices,
-                                   dynamic.head_choices)[0]
+    smallest = table.latency_range(tiny.config, "prefill", 1, 16, dynamic.mlp_choices, dynamic.head_choices)[
+        0
+    ]
     assert dynamic.calibration["budgets"] == calibration_grid([0.5, 1.0], smallest / full)[0]
     # Joint fine-tuning alone, from the trained static router; recalibration alone.
     for mode, kind in (("joint", "static"), ("calibrate", "dynamic")):
-        args = ["train-router", "--model", str(out), "--kind", kind, "--mode", mode, "--steps", "1",
-                "--log", str(tmp_path / f"{mode}.json"), *common]
+        args = [
+            "train-router",
+            "--model",
+            str(out),
+            "--kind",
+            kind,
+            "--mode",
+            mode,
+            "--steps",
+            "1",
+            "--log",
+            str(tmp_path / f"{mode}.json"),
+            *common,
+        ]
         assert main(args) == 0
     assert set(json.loads((tmp_path / "joint.json").read_text())) == {"joint"}
     assert set(json.loads((tmp_path / "calibrate.json").read_text())) == {"calibration", "overhead"}
@@ -222,24 +235,56 @@ def test_cli_profile_train_router_and_budget_driven_commands(tmp_path, capsys, m
     # and from here on the synthetic table: this tiny model's measured one is noise (its smallest
     # sub-network may time slower than the full model), which moves the calibration grid.
     synthetic_table().save(out)
-    monkeypatch.setattr("flextron.routing.median_times_ms",
-                        lambda functions, *_: {k: 10.0 if k == "full" else 6.0 for k in functions})
-    args = ["train-router", "--model", str(out), "--kind", "dynamic", "--mode", "calibrate", "--calibrate-by",
-            "measured", "--calibrate-blocks", "2", "--log", str(tmp_path / "measured.json"), *common]
+    monkeypatch.setattr(
+        "flextron.routing.median_times_ms",
+        lambda functions, *_: {k: 10.0 if k == "full" else 6.0 for k in functions},
+    )
+    args = [
+        "train-router",
+        "--model",
+        str(out),
+        "--kind",
+        "dynamic",
+        "--mode",
+        "calibrate",
+        "--calibrate-by",
+        "measured",
+        "--calibrate-blocks",
+        "2",
+        "--log",
+        str(tmp_path / "measured.json"),
+        *common,
+    ]
     assert main(args) == 0
     logged = json.loads((tmp_path / "measured.json").read_text())
     assert set(logged) == {"calibration", "calibration_lut"}
-    assert [r["measured_ms"] / r["goal_ms"] for r in logged["calibration"] if r["budget"] == 0.6] == \
-        [pytest.approx(1.0)]
-    assert load_routers(out, tiny_flextron().config)[0]["dynamic"].calibration["offsets"] == \
-        [r["offset"] for r in logged["calibration"]]
+    assert [r["measured_ms"] / r["goal_ms"] for r in logged["calibration"] if r["budget"] == 0.6] == [
+        pytest.approx(1.0)
+    ]
+    assert load_routers(out, tiny_flextron().config)[0]["dynamic"].calibration["offsets"] == [
+        r["offset"] for r in logged["calibration"]
+    ]
     capsys.readouterr()
     assert main(["train-router", "--model", str(out), "--mode", "calibrate", *common]) == 2
     assert "applies to the dynamic router" in capsys.readouterr().err
     # A dynamic router started at the static router's configurations, with its choices.
     static = load_routers(out, tiny_flextron().config)[0]["static"]
-    args = ["train-router", "--model", str(out), "--kind", "dynamic", "--mode", "end-to-end",
-            "--init", "static", "--steps", "1", "--calibrate-blocks", "0", *common]
+    args = [
+        "train-router",
+        "--model",
+        str(out),
+        "--kind",
+        "dynamic",
+        "--mode",
+        "end-to-end",
+        "--init",
+        "static",
+        "--steps",
+        "1",
+        "--calibrate-blocks",
+        "0",
+        *common,
+    ]
     assert main(args) == 0
     dynamic = load_routers(out, tiny_flextron().config)[0]["dynamic"]
     assert (dynamic.mlp_choices, dynamic.head_choices) == (static.mlp_choices, static.head_choices)
@@ -331,26 +376,65 @@ def test_cli_profile_train_router_and_budget_driven_commands(tmp_path, capsys, m
     # the dynamic router's calibration; recalibrating the dynamic router moves the directory to it.
     capsys.readouterr()
     decode = ["--latency-shape", "decode:1x64"]
-    assert main(["train-router", "--model", str(out), "--steps", "1", "--finetune-steps", "0", *decode,
-                 *common]) == 2
+    assert (
+        main(["train-router", "--model", str(out), "--steps", "1", "--finetune-steps", "0", *decode, *common])
+        == 2
+    )
     assert "calibrated for prefill:1x16" in capsys.readouterr().err
-    calibrate = ["train-router", "--model", str(out), "--kind", "dynamic", "--mode", "calibrate",
-                 "--calibrate-blocks", "1", *decode, *common]
+    calibrate = [
+        "train-router",
+        "--model",
+        str(out),
+        "--kind",
+        "dynamic",
+        "--mode",
+        "calibrate",
+        "--calibrate-blocks",
+        "1",
+        *decode,
+        *common,
+    ]
     assert main([*calibrate, "--calibrate-by", "measured"]) == 2  # refused before any work
     assert "measured times prefill shapes" in capsys.readouterr().err
     assert main(calibrate) == 0
     assert load_routers(out, tiny_flextron().config)[1] == {"phase": "decode", "batch": 1, "length": 64}
-    assert main(["train-router", "--model", str(out), "--steps", "1", "--finetune-steps", "0",
-                 *common]) == 0  # the static router, by default at the directory's shape
+    assert (
+        main(["train-router", "--model", str(out), "--steps", "1", "--finetune-steps", "0", *common]) == 0
+    )  # the static router, by default at the directory's shape
     assert load_routers(out, tiny_flextron().config)[1]["phase"] == "decode"
-    generate = ["generate", "--model", str(out), "--routing", "dynamic", "--budget", "0.8",
-                "--max-new-tokens", "2", "hi"]
+    generate = [
+        "generate",
+        "--model",
+        str(out),
+        "--routing",
+        "dynamic",
+        "--budget",
+        "0.8",
+        "--max-new-tokens",
+        "2",
+        "hi",
+    ]
     assert main(generate) == 0
     assert main([*generate, "--latency-shape", "prefill:1x16"]) == 2
     assert "calibrated for decode:1x64, not prefill:1x16" in capsys.readouterr().err
     # A budget out of reach runs (the smallest sub-network) with a one-line warning.
-    assert main(["generate", "--model", str(out), "--routing", "uniform", "--budget", "0.3",
-                 "--max-new-tokens", "1", "hi"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(out),
+                "--routing",
+                "uniform",
+                "--budget",
+                "0.3",
+                "--max-new-tokens",
+                "1",
+                "hi",
+            ]
+        )
+        == 0
+    )
     assert "flextron generate: warning: budget 0.3 (0.26 ms) is below" in capsys.readouterr().err
 
 

@@ -35,8 +35,9 @@ def test_uniform_init_archs_are_the_uniform_configurations_nearest_each_budget()
     assert archs[1.0] == model.full_arch()
     for budget, arch in archs.items():
         assert arch.is_uniform and arch.mlp_widths[0] in router.mlp_choices
-        assert arch == uniform_arch_for_latency(model, table, budget * full, SHAPE, router.mlp_choices,
-                                                router.head_choices)
+        assert arch == uniform_arch_for_latency(
+            model, table, budget * full, SHAPE, router.mlp_choices, router.head_choices
+        )
 
 
 def test_best_uniform_init_picks_the_lowest_perplexity_among_configurations_of_the_target_latency() -> None:
@@ -50,9 +51,13 @@ def test_best_uniform_init_picks_the_lowest_perplexity_among_configurations_of_t
     archs = uniform_init_archs(model, table, router, SHAPE, probe, tolerance=0.1)
     assert archs[1.0] == model.full_arch()  # nothing else within 10% of the full model
     target = 0.75 * full
-    near = [a for a in (ArchConfig.uniform(model.config, w, h) for w in router.mlp_choices
-                        for h in router.head_choices)
-            if abs(table.predict(a, *SHAPE) - target) <= 0.1 * target]
+    near = [
+        a
+        for a in (
+            ArchConfig.uniform(model.config, w, h) for w in router.mlp_choices for h in router.head_choices
+        )
+        if abs(table.predict(a, *SHAPE) - target) <= 0.1 * target
+    ]
     assert len(near) == 2  # a real choice: (192 wide, 2 heads) vs (128 wide, 4 heads), both 10 ms
     ppl = {a: perplexity(model, probe, a)[0] for a in near}
     assert archs[0.75] == min(ppl, key=ppl.get)
@@ -79,7 +84,8 @@ def test_static_router_init_gives_each_trained_budget_its_configuration() -> Non
         router.init_to_archs({0.5: archs[0.5]})
     with pytest.raises(ValueError, match=r"MLP widths \[192\] are not among"):
         StaticRouter(model.config, [1.0], mlp_choices=[256, 64]).init_to_archs(
-            {1.0: ArchConfig((192, 256), (4, 4))})
+            {1.0: ArchConfig((192, 256), (4, 4))}
+        )
 
 
 def test_dynamic_router_init_routes_every_token_to_its_budget_width() -> None:
@@ -162,14 +168,15 @@ def test_measured_calibration_bisects_on_the_timed_ratio_to_the_full_model(tmp_p
         times = {"full": 1.5 * target.full_ms}
         for key in (0, 1):
             functions[key]()
-            chunk = ids[2 * key:2 * key + 2]
+            chunk = ids[2 * key : 2 * key + 2]
             times[key] = 1.5 * (1.1 * lut_latency(model, router, target, chunk, budget) + 0.5)
         return times
 
     calibrate_dynamic(model, router, target, ids, [0.6, 0.8])  # LUT calibration: the start
     start = router.offsets(torch.tensor([0.6, 0.8])).tolist()
-    rows = calibrate_dynamic_measured(model, router, target, ids, [0.8, 0.6], batch_size=2, timer=timer,
-                                      tolerance=0.02)
+    rows = calibrate_dynamic_measured(
+        model, router, target, ids, [0.8, 0.6], batch_size=2, timer=timer, tolerance=0.02
+    )
     assert [r["budget"] for r in rows] == [0.6, 0.8]
     assert [r["start_offset"] for r in rows] == start and calls[0] == start[0]
     for row in rows:
@@ -179,8 +186,10 @@ def test_measured_calibration_bisects_on_the_timed_ratio_to_the_full_model(tmp_p
         assert row["offset"] > row["start_offset"]  # the overhead needs cheaper choices than the LUT says
         assert len(row["tried"]) == row["evaluations"]
         # What the stub clock charges at the stored offset: on target; the LUT latency below it.
-        lut = (lut_latency(model, router, target, ids[:2], row["budget"])
-               + lut_latency(model, router, target, ids[2:], row["budget"])) / 2
+        lut = (
+            lut_latency(model, router, target, ids[:2], row["budget"])
+            + lut_latency(model, router, target, ids[2:], row["budget"])
+        ) / 2
         assert (1.1 * lut + 0.5) == pytest.approx(goal, rel=0.02)
     assert router.calibration["budgets"] == [0.6, 0.8]
     with pytest.raises(ValueError, match="need at least 2 blocks"):
@@ -199,10 +208,12 @@ def test_set_calibration_rejects_bad_input() -> None:
 def stub_timer(times: dict):
     """median_times_ms that runs every function once (the sessions make their choices) and
     returns the given times."""
+
     def timer(functions, *_):
         for function in functions.values():
             function()
         return {key: times[key] for key in functions}
+
     return timer
 
 

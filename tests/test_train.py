@@ -113,12 +113,15 @@ def test_chunked_distillation_loss_and_gradient_equal_the_plain_one(monkeypatch,
     loss, parts = distillation_loss(student, teacher, targets, temperature, alpha)
     (grad,) = torch.autograd.grad(0.25 * loss, student)  # a scaled loss, as with accumulation
     logits = student.flatten(0, 1)
-    kd = F.kl_div(
-        F.log_softmax(logits / temperature, -1),
-        F.log_softmax(teacher.flatten(0, 1) / temperature, -1),
-        reduction="batchmean",
-        log_target=True,
-    ) * temperature**2
+    kd = (
+        F.kl_div(
+            F.log_softmax(logits / temperature, -1),
+            F.log_softmax(teacher.flatten(0, 1) / temperature, -1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * temperature**2
+    )
     ce = F.cross_entropy(logits, targets.flatten())
     plain = kd + alpha * ce
     (plain_grad,) = torch.autograd.grad(0.25 * plain, student)

@@ -64,8 +64,10 @@ def tiny_family_model(family: str):
     settings = tiny_hf_config().to_dict()
     for key in ("attention_bias", "mlp_bias", "model_type", "architectures", "transformers_version"):
         settings.pop(key, None)
-    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
-                                 "mistral": (MistralConfig, MistralForCausalLM)}[family]
+    config_class, model_class = {
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+    }[family]
     torch.manual_seed(0)
     hf_config = config_class(**settings, sliding_window=None)  # (Mistral v0.2+ have none)
     hf_config._attn_implementation = "eager"
@@ -117,12 +119,15 @@ def tiny_bpe_tokenizer(vocab_size: int = 300, split_digits: bool = True):
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.pre_tokenizer = (
         pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-        if split_digits else byte_level
+        if split_digits
+        else byte_level
     )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     backend.train_from_iterator(read_texts("builtin", "train")[:50], trainer)
     tokenizer = PreTrainedTokenizerFast(

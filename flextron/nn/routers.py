@@ -46,9 +46,11 @@ def default_mlp_choices(config: ModelConfig, count: int = 8) -> list[int]:
         raise ValueError(f"count must be >= 1, got {count}")
     if count >= len(allowed):
         return sorted(allowed, reverse=True)
-    picks = {allowed[round(i * (len(allowed) - 1) / (count - 1))] for i in range(count)} if count > 1 else {
-        allowed[-1]
-    }
+    picks = (
+        {allowed[round(i * (len(allowed) - 1) / (count - 1))] for i in range(count)}
+        if count > 1
+        else {allowed[-1]}
+    )
     return sorted(picks, reverse=True)
 
 
@@ -112,8 +114,9 @@ class BudgetEncoder(nn.Module):
         return weights
 
 
-def gumbel_noise(shape: Sequence[int], generator: torch.Generator | None = None,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
+def gumbel_noise(
+    shape: Sequence[int], generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Standard Gumbel samples -log(-log(U)), U ~ Uniform(0, 1)."""
     uniform = torch.rand(tuple(shape), generator=generator).clamp_(1e-10, 1 - 1e-7)
     return (-torch.log(-torch.log(uniform))).to(device)
@@ -167,8 +170,10 @@ def _init_router_choices(
 def _arch_indices(router: nn.Module, arch: ArchConfig) -> tuple[list[int], list[int]]:
     """The router's choice indices of a configuration (ValueError naming a value it cannot pick)."""
     indices = []
-    for name, values, choices in (("MLP width", arch.mlp_widths, router.mlp_choices),
-                                  ("head count", arch.heads, router.head_choices)):
+    for name, values, choices in (
+        ("MLP width", arch.mlp_widths, router.mlp_choices),
+        ("head count", arch.heads, router.head_choices),
+    ):
         if len(values) != router.num_layers:
             raise ValueError(f"configuration has {len(values)} layers, the router {router.num_layers}")
         missing = sorted(set(values) - set(choices))
@@ -185,8 +190,9 @@ def _check_init(router: nn.Module, archs: dict[float, ArchConfig], margin: float
     given = {round(float(b), 9): a for b, a in archs.items()}
     budgets = [round(b, 9) for b in router.encoder.budgets]
     if sorted(given) != budgets:
-        raise ValueError(f"need one configuration per trained budget {router.encoder.budgets}, "
-                         f"got budgets {sorted(given)}")
+        raise ValueError(
+            f"need one configuration per trained budget {router.encoder.budgets}, got budgets {sorted(given)}"
+        )
     return [given[b] for b in budgets]
 
 
@@ -265,8 +271,15 @@ class StaticRouting:
             tuple(router.head_choices[i] for i in self.head_choice.tolist()),
         )
 
-    def attention(self, layer: int, module: ElasticAttention, x: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+    def attention(
+        self,
+        layer: int,
+        module: ElasticAttention,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None,
+    ) -> torch.Tensor:
         out = module(x, cos, sin, self.arch.heads[layer], kv_cache, layer)
         return out if self.head_scale is None else out * self.head_scale[layer]
 
@@ -325,8 +338,13 @@ class DynamicRouter(nn.Module):
         if calibration is not None:
             self.set_calibration(**calibration)
 
-    def set_calibration(self, budgets: Sequence[float], offsets: Sequence[float], mlp_costs: Sequence[float],
-                        head_costs: Sequence[float]) -> None:
+    def set_calibration(
+        self,
+        budgets: Sequence[float],
+        offsets: Sequence[float],
+        mlp_costs: Sequence[float],
+        head_costs: Sequence[float],
+    ) -> None:
         """Inference-time latency calibration (flextron.routing.calibrate_dynamic).
 
         At budget b, every logit is lowered by offset(b) x the choice's LUT cost (ms): a
@@ -335,13 +353,17 @@ class DynamicRouter(nn.Module):
         """
         budgets, offsets = [float(b) for b in budgets], [float(o) for o in offsets]
         if not budgets or len(budgets) != len(offsets) or budgets != sorted(set(budgets)):
-            raise ValueError(f"calibration needs ascending distinct budgets, one offset each, got "
-                             f"{budgets}, {offsets}")
+            raise ValueError(
+                f"calibration needs ascending distinct budgets, one offset each, got {budgets}, {offsets}"
+            )
         if len(mlp_costs) != len(self.mlp_choices) or len(head_costs) != len(self.head_choices):
             raise ValueError("calibration costs need one value per MLP / head choice")
-        self.calibration = {"budgets": budgets, "offsets": offsets,
-                            "mlp_costs": [float(c) for c in mlp_costs],
-                            "head_costs": [float(c) for c in head_costs]}
+        self.calibration = {
+            "budgets": budgets,
+            "offsets": offsets,
+            "mlp_costs": [float(c) for c in mlp_costs],
+            "head_costs": [float(c) for c in head_costs],
+        }
 
     def offsets(self, budgets: torch.Tensor) -> torch.Tensor:
         """(B,) budgets -> (B,) calibration offsets (zeros without a calibration)."""
@@ -359,14 +381,19 @@ class DynamicRouter(nn.Module):
     def costs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The calibration's (mlp costs (Cm,), head costs (Ch,)); zeros without a calibration."""
         if self.calibration is None:
-            return (torch.zeros(len(self.mlp_choices), device=device),
-                    torch.zeros(len(self.head_choices), device=device))
-        return (torch.tensor(self.calibration["mlp_costs"], device=device),
-                torch.tensor(self.calibration["head_costs"], device=device))
+            return (
+                torch.zeros(len(self.mlp_choices), device=device),
+                torch.zeros(len(self.head_choices), device=device),
+            )
+        return (
+            torch.tensor(self.calibration["mlp_costs"], device=device),
+            torch.tensor(self.calibration["head_costs"], device=device),
+        )
 
     @torch.no_grad()
-    def init_to_archs(self, archs: dict[float, ArchConfig], margin: float = 3.0,
-                      hidden_scale: float = 0.1) -> None:
+    def init_to_archs(
+        self, archs: dict[float, ArchConfig], margin: float = 3.0, hidden_scale: float = 0.1
+    ) -> None:
         """Start every trained budget at a given configuration (e.g. the uniform one of its latency).
 
         The per-budget biases peak at the configuration's choices (`margin`) and fall
@@ -391,19 +418,22 @@ class DynamicRouter(nn.Module):
             self.head_out[layer].weight.mul_(hidden_scale)
             self.head_out[layer].bias.zero_()
 
-    def session(self, budget: float | torch.Tensor, batch_size: int, sampling: Sampling = INFERENCE
-                ) -> DynamicRouting:
+    def session(
+        self, budget: float | torch.Tensor, batch_size: int, sampling: Sampling = INFERENCE
+    ) -> DynamicRouting:
         """A routing session for `batch_size` sequences at `budget` (a number or (B,))."""
         weights = self.encoder(budget)  # (1 or B, K)
         if weights.shape[0] not in (1, batch_size):
             raise ValueError(f"{weights.shape[0]} budgets for a batch of {batch_size}")
         values = torch.as_tensor(budget, dtype=torch.float32, device=weights.device).reshape(-1)
         offsets = self.offsets(values).expand(batch_size)
-        return DynamicRouting(self, weights.expand(batch_size, -1), offsets, self.costs(weights.device),
-                              sampling)
+        return DynamicRouting(
+            self, weights.expand(batch_size, -1), offsets, self.costs(weights.device), sampling
+        )
 
-    def mlp_budget_terms(self, layer: int, budget_weights: torch.Tensor, offsets: torch.Tensor,
-                         mlp_costs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def mlp_budget_terms(
+        self, layer: int, budget_weights: torch.Tensor, offsets: torch.Tensor, mlp_costs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """budget_weights: (B, K), offsets: (B,), mlp_costs: (Cm,) (`costs`) -> the parts of a
         layer's MLP routing that depend on the budget, not on the tokens (a routing session
         computes them once): (budget hidden term (B, H), budget features (B, K+1), weight
@@ -418,8 +448,9 @@ class DynamicRouter(nn.Module):
         weight = torch.cat([self.mlp_out[layer], self.mlp_bias[layer].T, -mlp_costs[:, None].to(extra)], 1)
         return budget_hidden, extra, weight.to(extra)
 
-    def mlp_token_features(self, layer: int, x: torch.Tensor,
-                           terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def mlp_token_features(
+        self, layer: int, x: torch.Tensor, terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         """x: (B, T, D) and `mlp_budget_terms` -> features (B*T, H+K+1)."""
         budget_hidden, extra, _ = terms
         # ops.nested_linear, not nn.Linear: at decode (one row) it streams the weight through the
@@ -429,12 +460,19 @@ class DynamicRouter(nn.Module):
         hidden = ops.nested_linear(x, first.weight, first.bias)  # (B, T, H)
         hidden = hidden + budget_hidden[:, None].to(x.dtype)
         batch, tokens = x.shape[:2]
-        features = torch.cat([nn.functional.leaky_relu(hidden),
-                              extra[:, None].to(x.dtype).expand(batch, tokens, -1)], -1)
+        features = torch.cat(
+            [nn.functional.leaky_relu(hidden), extra[:, None].to(x.dtype).expand(batch, tokens, -1)], -1
+        )
         return features.flatten(0, 1)
 
-    def head_logits(self, layer: int, x: torch.Tensor, budget_weights: torch.Tensor, offsets: torch.Tensor,
-                    head_costs: torch.Tensor) -> torch.Tensor:
+    def head_logits(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        budget_weights: torch.Tensor,
+        offsets: torch.Tensor,
+        head_costs: torch.Tensor,
+    ) -> torch.Tensor:
         """x: (B, T, D) prompt, head_costs: (Ch,) (`costs`) -> per-sequence logits (B, Ch) from the
         mean over positions."""
         hidden = self.head_in[layer](x.mean(1)) + self.head_budget[layer](budget_weights)
@@ -450,8 +488,14 @@ class DynamicRouting:
     or a full recompute of the same sequences), so cached keys/values stay valid.
     """
 
-    def __init__(self, router: DynamicRouter, budget_weights: torch.Tensor, offsets: torch.Tensor,
-                 costs: tuple[torch.Tensor, torch.Tensor], sampling: Sampling) -> None:
+    def __init__(
+        self,
+        router: DynamicRouter,
+        budget_weights: torch.Tensor,
+        offsets: torch.Tensor,
+        costs: tuple[torch.Tensor, torch.Tensor],
+        sampling: Sampling,
+    ) -> None:
         self.router, self.budget_weights, self.sampling = router, budget_weights, sampling
         self.offsets = offsets  # (B,) calibration offsets (DynamicRouter.set_calibration)
         # (Cm,), (Ch,) calibration costs, built once per session rather than per layer call.
@@ -466,8 +510,15 @@ class DynamicRouting:
         # is recorded (inference: a decode step would rebuild them for one token otherwise).
         self.mlp_terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * layers
 
-    def attention(self, layer: int, module: ElasticAttention, x: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+    def attention(
+        self,
+        layer: int,
+        module: ElasticAttention,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None,
+    ) -> torch.Tensor:
         """x: (B, T, D) -> (B, T, D) with per-sequence head counts fixed at prefill."""
         if self.heads[layer] is None:
             budget = self.budget_weights.to(x.dtype)
@@ -497,8 +548,13 @@ class DynamicRouting:
         self.mlp_probs[layer], self.mlp_choice[layer] = probs, choice
         flat = x.reshape(-1, x.shape[-1])  # (B*T, D)
         out = ops.routed_nested_mlp(
-            flat, module.gate_proj.weight, module.up_proj.weight, module.down_proj.weight, choice,
-            router.mlp_choices, scale,
+            flat,
+            module.gate_proj.weight,
+            module.up_proj.weight,
+            module.down_proj.weight,
+            choice,
+            router.mlp_choices,
+            scale,
         )
         return out.view(x.shape)
 
@@ -517,7 +573,10 @@ class DynamicRouting:
 
 
 def expected_latency(
-    mlp_probs: torch.Tensor, head_probs: torch.Tensor, fixed_ms: float, mlp_costs: torch.Tensor,
+    mlp_probs: torch.Tensor,
+    head_probs: torch.Tensor,
+    fixed_ms: float,
+    mlp_costs: torch.Tensor,
     head_costs: torch.Tensor,
 ) -> torch.Tensor:
     """LUT latency expectation under router probabilities (differentiable).
@@ -529,8 +588,9 @@ def expected_latency(
     return fixed_ms + mlp + heads
 
 
-def latency_loss(latency_ms: torch.Tensor, target_ms: torch.Tensor | float, dead_zone: float = 0.05
-                 ) -> torch.Tensor:
+def latency_loss(
+    latency_ms: torch.Tensor, target_ms: torch.Tensor | float, dead_zone: float = 0.05
+) -> torch.Tensor:
     """Mean of max(0, |latency - target| / target - dead_zone): no push within the dead zone."""
     target = torch.as_tensor(target_ms, dtype=latency_ms.dtype, device=latency_ms.device)
     return torch.relu((latency_ms - target).abs() / target - dead_zone).mean()
@@ -545,16 +605,21 @@ ROUTER_KINDS = {"static": StaticRouter, "dynamic": DynamicRouter}
 def router_settings(router: StaticRouter | DynamicRouter) -> dict:
     """What rebuilds the router (with the model's config): budgets, choices, hidden size."""
     settings = {
-        "budgets": router.encoder.budgets, "mlp_choices": router.mlp_choices,
-        "head_choices": router.head_choices, "hidden_size": router.hidden_size,
+        "budgets": router.encoder.budgets,
+        "mlp_choices": router.mlp_choices,
+        "head_choices": router.head_choices,
+        "hidden_size": router.hidden_size,
     }
     if getattr(router, "calibration", None) is not None:
         settings["calibration"] = router.calibration
     return settings
 
 
-def save_routers(path: str | os.PathLike, routers: dict[str, StaticRouter | DynamicRouter],
-                 latency_shape: dict | None = None) -> None:
+def save_routers(
+    path: str | os.PathLike,
+    routers: dict[str, StaticRouter | DynamicRouter],
+    latency_shape: dict | None = None,
+) -> None:
     """Write routers ({"static": ..., "dynamic": ...}) into a model directory, replacing the files.
 
     latency_shape: {"phase", "batch", "length"}: the LUT shape that budgets refer to.
@@ -587,11 +652,13 @@ def load_routers(path: str | os.PathLike, config: ModelConfig) -> tuple[dict, di
     for kind, settings in meta["routers"].items():
         router = ROUTER_KINDS[kind](config, **settings)
         prefix = f"{kind}."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         # Routers saved before the per-budget biases existed load with zero biases.
         missing, unexpected = router.load_state_dict(state, strict=False)
         if unexpected or set(missing) - {"mlp_bias", "head_bias"}:
-            raise ValueError(f"{path / ROUTERS_FILE}: {kind} router tensors do not match its settings "
-                             f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})")
+            raise ValueError(
+                f"{path / ROUTERS_FILE}: {kind} router tensors do not match its settings "
+                f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})"
+            )
         routers[kind] = router.eval()
     return routers, meta.get("latency_shape")

@@ -39,8 +39,13 @@ LATEST = "latest.json"
 TRAINER_FILE, OPTIMIZER_FILE, RNG_FILE = "trainer.json", "optimizer.safetensors", "rng.safetensors"
 # trainer.json fields (and their JSON types): every checkpoint's, and those a training resume reads.
 CHECKPOINT_FIELDS = {"step": (int, "an integer"), "optimizer_param_groups": (list, "a list")}
-RESUME_FIELDS = {**CHECKPOINT_FIELDS, "scheduler": (dict, "an object"), "data": (dict, "an object"),
-                 "config": (dict, "an object"), "num_train_blocks": (int, "an integer")}
+RESUME_FIELDS = {
+    **CHECKPOINT_FIELDS,
+    "scheduler": (dict, "an object"),
+    "data": (dict, "an object"),
+    "config": (dict, "an object"),
+    "num_train_blocks": (int, "an integer"),
+}
 TEMP_PREFIX = ".tmp-"  # then the PID: .tmp-PID-step-XXXXXX-...
 
 
@@ -166,7 +171,8 @@ def resumed_step(root: str | os.PathLike) -> int | None:
 
 
 def load_training_state(
-    path: str | os.PathLike, fields: dict = CHECKPOINT_FIELDS,
+    path: str | os.PathLike,
+    fields: dict = CHECKPOINT_FIELDS,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
     """(trainer_state, optimizer_state, rng_states) of a checkpoint directory (weights: from_pretrained);
     trainer.json must hold `fields`."""

@@ -33,8 +33,16 @@ def demo_config(steps: int) -> TrainConfig:
     """Small batches and a frozen embedding (recovery per CPU second); lr 5e-5 keeps the full width
     in place and the answers of budget 0.75 intact (at 1e-4 its answer to the demo question drifts)."""
     return TrainConfig(
-        steps=steps, batch_size=2, lr=5e-5, warmup_steps=max(1, steps // 20), train_embeddings=False,
-        eval_every=0, save_every=0, keep_checkpoints=1, eval_budgets=(1.0, 0.5), eval_batch_size=2,
+        steps=steps,
+        batch_size=2,
+        lr=5e-5,
+        warmup_steps=max(1, steps // 20),
+        train_embeddings=False,
+        eval_every=0,
+        save_every=0,
+        keep_checkpoints=1,
+        eval_budgets=(1.0, 0.5),
+        eval_batch_size=2,
     )
 
 

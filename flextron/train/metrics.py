@@ -60,8 +60,9 @@ def plot_metrics(
         for label in sorted(series, key=lambda name: (name != "full", name)):
             steps, losses = zip(*series[label], strict=True)
             window = max(1, len(losses) // 8)
-            smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / min(window, i + 1)
-                      for i in range(len(losses))]
+            smooth = [
+                sum(losses[max(0, i - window + 1) : i + 1]) / min(window, i + 1) for i in range(len(losses))
+            ]
             (line,) = loss_axis.plot(steps, smooth, "-", label=f"{label} (moving mean of {window})")
             loss_axis.plot(steps, losses, ".", alpha=0.35, color=line.get_color())
         loss_axis.legend(fontsize=8)

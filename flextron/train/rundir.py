@@ -38,8 +38,10 @@ def _locked(directory: Path) -> RunLockedError:
     except OSError:
         pid = ""
     holder = f"PID {pid}" if pid.isdigit() else "an unknown process"
-    return RunLockedError(f"{directory} is in use by another training run ({holder}): wait for it to finish, "
-                          "or choose another --out")
+    return RunLockedError(
+        f"{directory} is in use by another training run ({holder}): wait for it to finish, "
+        "or choose another --out"
+    )
 
 
 @contextlib.contextmanager
@@ -88,8 +90,9 @@ def holds_run(directory: str | os.PathLike) -> bool:
     """Whether `directory` holds (part of) a training run: metrics or checkpoints."""
     directory = Path(directory)
     checkpoints = directory / CHECKPOINTS
-    return (any((directory / name).exists() for name in RUN_FILES)
-            or (checkpoints.is_dir() and any(checkpoints.iterdir())))
+    return any((directory / name).exists() for name in RUN_FILES) or (
+        checkpoints.is_dir() and any(checkpoints.iterdir())
+    )
 
 
 def check_run_dir(directory: str | os.PathLike, resume: bool, overwrite: bool) -> None:
@@ -99,8 +102,10 @@ def check_run_dir(directory: str | os.PathLike, resume: bool, overwrite: bool) -
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out, --overwrite replaces it: choose one")
     if not resume and not overwrite and holds_run(directory):
-        raise ValueError(f"--out {directory} already holds a training run: pass --resume to continue it "
-                         "or --overwrite to replace it")
+        raise ValueError(
+            f"--out {directory} already holds a training run: pass --resume to continue it "
+            "or --overwrite to replace it"
+        )
 
 
 def clear_run(directory: str | os.PathLike) -> None:

@@ -236,7 +236,12 @@ def _train(
     order = BatchOrder(data.train.shape[0], config.batch_size, config.seed)  # checks batch <= data
     local_batch = config.batch_size // context.world_size
     sampler = SubnetSampler(
-        student.config, config.rule, config.p_full, config.budgets, config.min_fraction, config.seed,
+        student.config,
+        config.rule,
+        config.p_full,
+        config.budgets,
+        config.min_fraction,
+        config.seed,
         student.arch_for_budget,
     )
 
@@ -259,8 +264,9 @@ def _train(
             scheduler.load_state_dict(trainer_state["scheduler"])
             order.load_state_dict(trainer_state["data"])
         except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{checkpoint / 'trainer.json'}: corrupt scheduler or data state ({error!r})") \
-                from error
+            raise ValueError(
+                f"{checkpoint / 'trainer.json'}: corrupt scheduler or data state ({error!r})"
+            ) from error
         set_rng_states(rng)
     log = MetricsLog(out / "metrics.jsonl") if context.is_main else None
     if log is not None:
