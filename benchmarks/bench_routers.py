@@ -29,8 +29,9 @@ import torch
 from flextron.budget import BudgetResolver, dynamic_perplexity, parse_shape
 from flextron.data import load_blocks
 from flextron.evaluate import frontier_perplexity, pareto_frontier, perplexity
-from flextron.latency import measure_latency, median_times_ms, timed_forward
+from flextron.latency import measure_latency, timed_forward
 from flextron.model import FlextronModel
+from flextron.timing import times_ms
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         functions["full"] = timed_forward(model, chunks, phase)
         times = {
             key: ms / len(chunks)
-            for key, ms in median_times_ms(functions, torch.device("cpu"), args.repeats, 2, clock).items()
+            for key, ms in times_ms(functions, torch.device("cpu"), args.repeats, 2, clock).items()
         }
     print(
         f"dense full model: {times['full']:.2f} ms measured, {full_ms:.2f} ms in the LUT "

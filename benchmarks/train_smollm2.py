@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,24 +26,30 @@ from flextron.convert import convert
 from flextron.data import load_blocks
 from flextron.evaluate import archs_for_budgets, evaluate_archs, format_table
 from flextron.loading import load_default
+from flextron.objectives import distillation_loss
+from flextron.timing import Staged, times_ms
 from flextron.train import TrainConfig, load_train_data, train
-from flextron.train.loss import distillation_loss
 
 BUDGETS = [1.0, 0.75, 0.5, 0.25]
 
 
-def time_step(student, teacher, blocks: torch.Tensor, budget: float) -> float:
-    """Seconds of one training micro-batch (teacher forward + student forward/backward)."""
+def training_step(student, teacher, blocks: torch.Tensor, budget: float) -> Staged:
+    """One training micro-batch (teacher forward + student forward/backward), timed with the
+    student's gradients cleared beforehand (untimed)."""
     arch = student.arch_for_budget(budget)
     inputs, targets = blocks[:, :-1], blocks[:, 1:]
-    start = time.perf_counter()
-    with torch.no_grad():
-        teacher_logits = teacher(inputs)
-    loss, _ = distillation_loss(student(inputs, arch), teacher_logits, targets)
-    loss.backward()
-    seconds = time.perf_counter() - start
-    student.zero_grad(set_to_none=True)
-    return seconds
+
+    def step() -> None:
+        with torch.no_grad():
+            teacher_logits = teacher(inputs)
+        loss, _ = distillation_loss(student(inputs, arch), teacher_logits, targets)
+        loss.backward()
+
+    def prepare() -> Callable[[], None]:
+        student.zero_grad(set_to_none=True)
+        return step
+
+    return Staged(prepare)
 
 
 def main() -> None:
@@ -82,7 +89,15 @@ def main() -> None:
     steps = args.steps
     if steps is None:  # what fits --minutes, from one timed full and one budget-0.5 micro-batch
         probe = data.train[: args.batch_size]
-        costs = [min(time_step(model, teacher, probe, b) for _ in range(2)) for b in (1.0, 0.5)]
+        steps_ms = times_ms(
+            {b: training_step(model, teacher, probe, b) for b in (1.0, 0.5)},
+            torch.device("cpu"),
+            repeats=2,
+            warmup=0,
+            statistic="min",
+        )
+        model.zero_grad(set_to_none=True)  # the timed steps' gradients do not reach training
+        costs = [ms / 1e3 for ms in steps_ms.values()]
         say(
             f"one micro-batch ({args.batch_size} x {args.seq_len} tokens): full {costs[0]:.1f}s, "
             f"budget 0.5 {costs[1]:.1f}s"
