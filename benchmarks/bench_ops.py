@@ -233,6 +233,18 @@ def _mlp_weights(case: MlpCase, device: torch.device, dtype: torch.dtype) -> tup
     return tuple(t.to(device, dtype) for t in (x, w_gate, w_up, w_down))
 
 
+def check_route(case: str, x: torch.Tensor, router: torch.Tensor) -> tuple[float, bool]:
+    """ops.route's choices on x (T, d) against argmax(x @ router^T): the fraction of tokens whose
+    choice differs, printed; returns (that fraction, within tolerance)."""
+    disagree = (ops.route(x, router)[0] != F.linear(x, router).argmax(1)).float().mean().item()
+    ok = disagree <= 1e-3
+    print(
+        f"  check {case}: route vs argmax: {disagree:.2e} of tokens differ {'ok' if ok else 'WRONG'}",
+        flush=True,
+    )
+    return disagree, ok
+
+
 def bench_routed(
     case: MlpCase, device: torch.device, dtype: torch.dtype, rounds: int, targets: bool = True
 ) -> list[Row]:
@@ -256,14 +268,7 @@ def bench_routed(
     route_check = None
     if _has_kernel("route", device):
         fns["route"] = lambda: ops.route(x, router)
-        # The choice is argmax(x @ router^T): tokens whose choice differs, as a fraction.
-        disagree = (fns["route"]()[0] != F.linear(x, router).argmax(1)).float().mean().item()
-        route_check = (disagree, disagree <= 1e-3)
-        print(
-            f"  check {case.name}: route vs argmax: {disagree:.2e} of tokens differ "
-            f"{'ok' if route_check[1] else 'WRONG'}",
-            flush=True,
-        )
+        route_check = check_route(case.name, x, router)
     grouped = _grouped_mm_mlp(x, w_gate, w_up, w_down, choice, num_choices)
     if grouped is not None:
         fns["torch._grouped_mm full width"] = grouped[0]

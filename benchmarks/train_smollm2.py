@@ -52,6 +52,28 @@ def training_step(student, teacher, blocks: torch.Tensor, budget: float) -> Stag
     return Staged(prepare)
 
 
+def steps_that_fit(
+    model, teacher, probe: torch.Tensor, args: argparse.Namespace, say: Callable[[str], None]
+) -> int:
+    """Training steps that fit --minutes, from one full and one budget-0.5 micro-batch on probe
+    (batch, seq_len + 1), each the best of 2 timed round-robin."""
+    steps_ms = times_ms(
+        {b: training_step(model, teacher, probe, b) for b in (1.0, 0.5)},
+        torch.device("cpu"),
+        repeats=2,
+        warmup=0,
+        statistic="min",
+    )
+    model.zero_grad(set_to_none=True)  # the timed steps' gradients do not reach training
+    costs = [ms / 1e3 for ms in steps_ms.values()]
+    say(
+        f"one micro-batch ({args.batch_size} x {args.seq_len} tokens): full {costs[0]:.1f}s, "
+        f"budget 0.5 {costs[1]:.1f}s"
+    )
+    # Budget sampling (full 1/3, else 0.25 / 0.5 / 0.75) costs about their mean per step.
+    return max(1, int(args.minutes * 60 / (0.5 * sum(costs))))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -87,23 +109,8 @@ def main() -> None:
 
     data = load_train_data(tokenizer, "builtin", block_size=args.seq_len + 1, max_val_blocks=2)
     steps = args.steps
-    if steps is None:  # what fits --minutes, from one timed full and one budget-0.5 micro-batch
-        probe = data.train[: args.batch_size]
-        steps_ms = times_ms(
-            {b: training_step(model, teacher, probe, b) for b in (1.0, 0.5)},
-            torch.device("cpu"),
-            repeats=2,
-            warmup=0,
-            statistic="min",
-        )
-        model.zero_grad(set_to_none=True)  # the timed steps' gradients do not reach training
-        costs = [ms / 1e3 for ms in steps_ms.values()]
-        say(
-            f"one micro-batch ({args.batch_size} x {args.seq_len} tokens): full {costs[0]:.1f}s, "
-            f"budget 0.5 {costs[1]:.1f}s"
-        )
-        # Budget sampling (full 1/3, else 0.25 / 0.5 / 0.75) costs about their mean per step.
-        steps = max(1, int(args.minutes * 60 / (0.5 * sum(costs))))
+    if steps is None:
+        steps = steps_that_fit(model, teacher, data.train[: args.batch_size], args, say)
     config = TrainConfig(
         steps=steps,
         batch_size=args.batch_size,

@@ -86,6 +86,7 @@ def measure_speed(
     new_tokens: int = 32,
     repeats: int = 3,
     clock: str = "wall",
+    *,
     compare_hf: bool = False,
     seed: int = 0,
 ) -> list[SpeedRow]:
