@@ -30,42 +30,11 @@ import torch
 from flextron.config import ArchConfig
 from flextron.loading import load_model
 from flextron.model import FlextronModel
-from flextron.speed import (
-    CLOCKS,
-    best_time,
-    clock_function,
-    decode_seconds,
-    elapsed,
-    hf_decode_seconds,
-    hf_generate_seconds,
-    hf_twin,
-)
+from flextron.speed import hf_generate, hf_prefilled_decode, hf_twin, prefilled_decode
+from flextron.timing import CLOCKS, Staged, check_clock, sample_times_ms, times_ms
 
 
-def layers_times(
-    model: FlextronModel,
-    prompt: torch.Tensor,
-    archs: list[ArchConfig],
-    repeats: int,
-    now: Callable[[], float],
-) -> list[float]:
-    """Best seconds of the decoder layers alone over the prompt, per configuration; the
-    configurations are timed round-robin, so that load changes hit each alike."""
-    x = model.embed_tokens(prompt)  # (1, T, D)
-    cos, sin = model.rotary(torch.arange(prompt.shape[1]), x.dtype)
-
-    def run(arch: ArchConfig) -> None:
-        h = x
-        for index, layer in enumerate(model.layers):
-            h = layer(h, cos, sin, arch.mlp_widths[index], arch.heads[index], None, index)
-
-    for arch in archs:
-        run(arch)  # warm-up
-    times = [[elapsed(lambda arch=arch: run(arch), now) for arch in archs] for _ in range(repeats)]
-    return [min(column) for column in zip(*times, strict=True)]
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--prompt-len", type=int, default=512)
@@ -84,77 +53,112 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        now = clock_function(args.clock)
+        check_clock(args.clock, torch.device("cpu"))
     except ValueError as error:
         parser.error(str(error))
-    torch.manual_seed(0)
+    return args
 
-    model = load_model(args.model)
+
+def layer_functions(
+    model: FlextronModel, prompt: torch.Tensor, archs: list[ArchConfig]
+) -> dict[int, Callable[[], None]]:
+    """Per configuration (its index in archs), the decoder layers alone (no embedding or LM head)
+    over prompt (1, T)."""
+    x = model.embed_tokens(prompt)  # (1, T, D)
+    cos, sin = model.rotary(torch.arange(prompt.shape[1]), x.dtype)
+
+    def run(arch: ArchConfig) -> None:
+        h = x
+        for index, layer in enumerate(model.layers):
+            h = layer(h, cos, sin, arch.mlp_widths[index], arch.heads[index], None, index)
+
+    return {i: (lambda arch=arch: run(arch)) for i, arch in enumerate(archs)}
+
+
+def full_width_ms(
+    model: FlextronModel, hf, prompt: torch.Tensor, args: argparse.Namespace
+) -> dict[str, float]:
+    """Milliseconds of transformers and Flextron at full width, all timed round-robin after a
+    warm-up: prefills (best), transformers' decode loop and generate(), Flextron's decode (medians)."""
+    full = model.full_arch()
+    samples = sample_times_ms(
+        {
+            "hf_prefill": lambda: hf(prompt, logits_to_keep=1),
+            "prefill": lambda: model(prompt, full, last_only=True),
+            "hf_loop": Staged(lambda: hf_prefilled_decode(hf, prompt, args.new_tokens)),
+            "hf_generate": lambda: hf_generate(hf, prompt, args.new_tokens),
+            "decode": Staged(lambda: prefilled_decode(model, prompt, full, args.new_tokens)),
+        },
+        prompt.device,
+        args.repeats,
+        1,
+        args.clock,
+    )
+    return {key: (min if key.endswith("prefill") else statistics.median)(ms) for key, ms in samples.items()}
+
+
+def budget_ms(
+    model: FlextronModel, prompt: torch.Tensor, arch: ArchConfig, args: argparse.Namespace
+) -> tuple[float, float]:
+    """(prefill ms: best after a warm-up, decode ms: median) of Flextron at one configuration."""
+    prefill = times_ms(
+        {"prefill": lambda: model(prompt, arch, last_only=True)},
+        prompt.device,
+        args.repeats,
+        1,
+        args.clock,
+        statistic="min",
+    )["prefill"]
+    decode = times_ms(
+        {"decode": Staged(lambda: prefilled_decode(model, prompt, arch, args.new_tokens))},
+        prompt.device,
+        args.repeats,
+        0,
+        args.clock,
+    )["decode"]
+    return prefill, decode
+
+
+def measure(model: FlextronModel, prompt: torch.Tensor, args: argparse.Namespace) -> dict:
+    """The results: transformers' speeds ("hf") and one row per budget (full width first)."""
     hf = hf_twin(model)
-    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len))
-    results: dict = {
-        "model": args.model,
-        "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens,
-        "threads": torch.get_num_threads(),
-        "clock": args.clock,
-        "torch": torch.__version__,
-        "cpu": platform.processor(),
-        "rows": [],
-    }
     with torch.no_grad():
         diff = (model(prompt[:, :64]) - hf(prompt[:, :64]).logits).abs().max().item()
         print(f"same function check: max |logit diff| = {diff:.2e}", file=sys.stderr)
-        full = model.full_arch()
-
-        def hf_prefill_run():
-            return hf(prompt, logits_to_keep=1)
-
-        def full_prefill_run():
-            return model(prompt, full, last_only=True)
-
-        hf_prefill_run(), full_prefill_run()  # warm-up
-        hf_prefill_times, full_prefill_times = [], []
-        loop_times, gen_times, full_decode_times = [], [], []
-        for _ in range(args.repeats):  # round-robin: HF and Flextron full width alike
-            hf_prefill_times.append(elapsed(hf_prefill_run, now))
-            full_prefill_times.append(elapsed(full_prefill_run, now))
-            loop_times.append(hf_decode_seconds(hf, prompt, args.new_tokens, now))
-            gen_times.append(hf_generate_seconds(hf, prompt, args.new_tokens, now))
-            full_decode_times.append(decode_seconds(model, prompt, full, args.new_tokens, now))
-        hf_prefill = min(hf_prefill_times)
-        hf_loop, hf_gen = statistics.median(loop_times), statistics.median(gen_times)
-        hf_gen_decode = max(hf_gen - hf_prefill, 1e-9)
-        results["hf"] = {
-            "prefill_tokens_per_s": args.prompt_len / hf_prefill,
-            "decode_tokens_per_s_forward_loop": args.new_tokens / hf_loop,
-            "decode_tokens_per_s_generate": args.new_tokens / hf_gen_decode,
+        full = full_width_ms(model, hf, prompt, args)
+        hf_gen_decode = max(full["hf_generate"] - full["hf_prefill"], 1e-6)
+        results = {
+            "hf": {
+                "prefill_tokens_per_s": args.prompt_len * 1e3 / full["hf_prefill"],
+                "decode_tokens_per_s_forward_loop": args.new_tokens * 1e3 / full["hf_loop"],
+                "decode_tokens_per_s_generate": args.new_tokens * 1e3 / hf_gen_decode,
+            },
+            "rows": [],
         }
         budgets = [1.0] + [float(b) for b in args.budgets.split(",") if b]
         archs = [model.arch_for_budget(budget) for budget in budgets]
-        layers = layers_times(model, prompt, archs, args.repeats, now)
-        for budget, arch, layer_seconds in zip(budgets, archs, layers, strict=True):
-            if budget == 1.0:
-                prefill = min(full_prefill_times)
-            else:
-                prefill = best_time(lambda arch=arch: model(prompt, arch, last_only=True), args.repeats, now)
-            decode = statistics.median(
-                full_decode_times
-                if budget == 1.0
-                else [decode_seconds(model, prompt, arch, args.new_tokens, now) for _ in range(args.repeats)]
+        layers = times_ms(
+            layer_functions(model, prompt, archs), prompt.device, args.repeats, 1, args.clock, statistic="min"
+        )
+        for index, (budget, arch) in enumerate(zip(budgets, archs, strict=True)):
+            prefill, decode = (
+                (full["prefill"], full["decode"]) if budget == 1.0 else budget_ms(model, prompt, arch, args)
             )
             results["rows"].append(
                 {
                     "budget": budget,
                     "arch": [arch.mlp_widths[0], arch.heads[0]],
                     "parameters": model.num_parameters(arch),
-                    "prefill_tokens_per_s": args.prompt_len / prefill,
-                    "decode_tokens_per_s": args.new_tokens / decode,
-                    "layers_ms": 1e3 * layer_seconds,
-                    "layers_vs_full": layer_seconds / layers[0],
+                    "prefill_tokens_per_s": args.prompt_len * 1e3 / prefill,
+                    "decode_tokens_per_s": args.new_tokens * 1e3 / decode,
+                    "layers_ms": layers[index],
+                    "layers_vs_full": layers[index] / layers[0],
                 }
             )
+    return results
 
+
+def print_table(results: dict, args: argparse.Namespace) -> None:
     hf_row = results["hf"]
     print(
         f"\nSmolLM2-class model, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
@@ -181,6 +185,24 @@ def main() -> None:
             f"{row['decode_tokens_per_s'] / hf_row['decode_tokens_per_s_forward_loop']:>9.2f}x "
             f"{row['layers_ms']:>9.1f} {row['layers_vs_full']:>6.2f}x"
         )
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(0)
+    model = load_model(args.model)
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len))
+    results = {
+        "model": args.model,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "threads": torch.get_num_threads(),
+        "clock": args.clock,
+        "torch": torch.__version__,
+        "cpu": platform.processor(),
+        **measure(model, prompt, args),
+    }
+    print_table(results, args)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

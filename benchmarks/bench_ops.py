@@ -7,9 +7,9 @@ On CUDA it also runs the issue-sized routed layer (bf16, T=8192, d=4096, d_ff=14
 uniform routing), forward and forward+backward, and reports useful TFLOP/s as a percentage of
 the card's measured bf16 dense matmul rate (torch.mm, 8192^3).
 
-Every case times our op and its baselines interleaved (round-robin, after a
-warm-up), so that load from other processes hits them alike; the figure is the
-median over rounds. fp32 on the CPU, bf16 on CUDA. A table with a ratio column
+Every case times our op and its baselines interleaved (flextron.timing: round-robin, after a
+warm-up, CUDA-synchronised), so that load from other processes hits them alike; the figure
+is the median over rounds. fp32 on the CPU, bf16 on CUDA. A table with a ratio column
 (ours / baseline: < 1 means we are faster) is printed with PASS/FAIL for the
 targets, and every figure goes to JSON.
 
@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from flextron import ops
+from flextron.timing import times_ms
 
 
 @dataclass(frozen=True)
@@ -101,29 +100,7 @@ ISSUE_CASE = MlpCase(
 )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(
-    fns: dict[str, Callable[[], object]], device: torch.device, rounds: int, reps: int, warmup: int = 3
-) -> dict[str, float]:
-    """Median milliseconds per call of each fn, timed round-robin: `rounds` rounds of `reps` calls."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            _sync(device)
-            samples[name].append((time.perf_counter() - start) * 1e3 / reps)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
+WARMUP = 3  # untimed calls of each function before its timed rounds
 
 # Relative error allowed by dtype: a few roundings of the output's dtype, far below what a
 # wrong tile, group or band gives (an O(1) error).
@@ -161,7 +138,7 @@ def measure_matmul_tflops(
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=gen).to(device, dtype)
     b = torch.randn(size, size, generator=gen).to(device, dtype)
-    ms = time_interleaved({"mm": lambda: torch.mm(a, b)}, device, rounds, reps=10)["mm"]
+    ms = times_ms({"mm": lambda: torch.mm(a, b)}, device, rounds, WARMUP, calls=10)["mm"]
     return 2.0 * size**3 / ms / 1e9
 
 
@@ -220,7 +197,7 @@ def bench_linear(case: LinearCase, device: torch.device, dtype: torch.dtype, rou
             case.name, "nested_linear vs F.linear", fns["nested_linear"](), fns["F.linear dense"]()
         )
     reps = 10 if device.type == "cpu" else 50
-    ms = time_interleaved(fns, device, rounds, reps)
+    ms = times_ms(fns, device, rounds, WARMUP, calls=reps)
     if "nested_linear" not in ms:
         print(f"  {case.name}: nested_linear not built for {device.type}", file=sys.stderr)
         return []
@@ -256,6 +233,18 @@ def _mlp_weights(case: MlpCase, device: torch.device, dtype: torch.dtype) -> tup
     return tuple(t.to(device, dtype) for t in (x, w_gate, w_up, w_down))
 
 
+def check_route(case: str, x: torch.Tensor, router: torch.Tensor) -> tuple[float, bool]:
+    """ops.route's choices on x (T, d) against argmax(x @ router^T): the fraction of tokens whose
+    choice differs, printed; returns (that fraction, within tolerance)."""
+    disagree = (ops.route(x, router)[0] != F.linear(x, router).argmax(1)).float().mean().item()
+    ok = disagree <= 1e-3
+    print(
+        f"  check {case}: route vs argmax: {disagree:.2e} of tokens differ {'ok' if ok else 'WRONG'}",
+        flush=True,
+    )
+    return disagree, ok
+
+
 def bench_routed(
     case: MlpCase, device: torch.device, dtype: torch.dtype, rounds: int, targets: bool = True
 ) -> list[Row]:
@@ -279,19 +268,12 @@ def bench_routed(
     route_check = None
     if _has_kernel("route", device):
         fns["route"] = lambda: ops.route(x, router)
-        # The choice is argmax(x @ router^T): tokens whose choice differs, as a fraction.
-        disagree = (fns["route"]()[0] != F.linear(x, router).argmax(1)).float().mean().item()
-        route_check = (disagree, disagree <= 1e-3)
-        print(
-            f"  check {case.name}: route vs argmax: {disagree:.2e} of tokens differ "
-            f"{'ok' if route_check[1] else 'WRONG'}",
-            flush=True,
-        )
+        route_check = check_route(case.name, x, router)
     grouped = _grouped_mm_mlp(x, w_gate, w_up, w_down, choice, num_choices)
     if grouped is not None:
         fns["torch._grouped_mm full width"] = grouped[0]
     reps = (3 if device.type == "cpu" else 20) * max(1, 256 // case.tokens)
-    ms = time_interleaved(fns, device, rounds, reps)
+    ms = times_ms(fns, device, rounds, WARMUP, calls=reps)
     if not have_routed:
         print(f"  {case.name}: routed_nested_mlp not built for {device.type}", file=sys.stderr)
         return []
@@ -388,7 +370,7 @@ def bench_routed_train(
     )
     if reps is None:
         reps = 1 if device.type == "cpu" else 10
-    ms = time_interleaved(fns, device, rounds, reps)
+    ms = times_ms(fns, device, rounds, WARMUP, calls=reps)
     counts = torch.bincount(choice.cpu(), minlength=num_choices).tolist()
     # Useful FLOPs: the forward's GEMMs and twice that for the backward (dX and dW).
     flops = 3 * mlp_flops(list(zip(counts, widths, strict=True)), case.hidden, gated=True)
@@ -454,7 +436,7 @@ def bench_nested_mlp(case: MlpCase, device: torch.device, dtype: torch.dtype, ro
         dense_mlp(x, w_gate[:width], w_up[:width], w_down[:, :width]),
     )
     reps = 3 if device.type == "cpu" else 20
-    ms = time_interleaved(fns, device, rounds, reps)
+    ms = times_ms(fns, device, rounds, WARMUP, calls=reps)
     flops = mlp_flops([(case.tokens, width)], case.hidden, gated=True)
     tflops = flops / ms["nested_mlp"] / 1e9 if device.type == "cuda" else None
     rows = [

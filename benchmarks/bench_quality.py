@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -39,22 +38,18 @@ from flextron.config import ArchConfig, count_parameters
 from flextron.data import load_blocks
 from flextron.loading import default_gguf_path
 from flextron.model import FlextronModel
+from flextron.objectives import PerplexityMeter
 
 TARGETS = {1.0: 1.03, 0.75: 1.6, 0.5: 3.0, 0.25: 10.0}  # perplexity vs dense, through the HF export
-
-
-def nll_sum(logits: torch.Tensor, batch: torch.Tensor) -> float:
-    """Summed next-token cross-entropy of logits (B, S, V) on batch (B, S)."""
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
-    ).item()
 
 
 @torch.no_grad()
 def perplexity_of(forward, blocks: torch.Tensor, batch_size: int = 4) -> float:
     """exp(mean next-token loss) of `forward(batch) -> logits` over blocks (N, S)."""
-    total = sum(nll_sum(forward(batch), batch) for batch in blocks.split(batch_size))
-    return math.exp(total / (blocks.shape[0] * (blocks.shape[1] - 1)))
+    meter = PerplexityMeter()
+    for batch in blocks.split(batch_size):
+        meter.add(forward(batch), batch)
+    return meter.perplexity
 
 
 def flextron_ppl(model: FlextronModel, blocks: torch.Tensor, arch: ArchConfig) -> float:

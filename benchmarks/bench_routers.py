@@ -29,8 +29,9 @@ import torch
 from flextron.budget import BudgetResolver, dynamic_perplexity, parse_shape
 from flextron.data import load_blocks
 from flextron.evaluate import frontier_perplexity, pareto_frontier, perplexity
-from flextron.latency import measure_latency, median_times_ms, timed_forward
+from flextron.latency import measure_latency, timed_forward
 from flextron.model import FlextronModel
+from flextron.timing import times_ms
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,64 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         for routing in args.routings.split(",")
         for budget in budgets
     ]
-    # Timed on held-out text: the dynamic router's widths depend on the tokens (static ones do not).
-    # Decode: a prompt of `length` tokens fills the cache, then its next token is the timed step.
-    tokens = length if phase == "prefill" else length + 1
-    timing_text = load_blocks(model.tokenizer, None, tokens, batch * args.timing_blocks, split="eval")
-    if timing_text.shape[0] < batch * args.timing_blocks:
-        raise SystemExit(
-            f"not enough held-out text for {args.timing_blocks} timing batches of {batch}x{tokens}"
-        )
-    chunks = timing_text.split(batch)  # timing_blocks x (batch, tokens)
-    with torch.inference_mode():
-        # Dynamic: one session per chunk, heads fixed at its first call, as in generation.
-        functions = {
-            i: timed_forward(model, chunks, phase, s.arch, [s.session(batch) for _ in chunks])
-            for i, (_, _, s) in enumerate(selections)
-        }
-        # The dense full model in the same round: a budget is a fraction of its latency, and the
-        # fraction measured against it holds even when a shared machine drifts from the LUT.
-        functions["full"] = timed_forward(model, chunks, phase)
-        times = {
-            key: ms / len(chunks)
-            for key, ms in median_times_ms(functions, torch.device("cpu"), args.repeats, 2, clock).items()
-        }
+    times = time_selections(model, [s for _, _, s in selections], resolver.shape, args, clock)
     print(
         f"dense full model: {times['full']:.2f} ms measured, {full_ms:.2f} ms in the LUT "
         f"({100 * (times['full'] / full_ms - 1):+.1f}%)",
         file=sys.stderr,
         flush=True,
     )
-    for index, (routing, budget, selection) in enumerate(selections):
-        if selection.arch is not None:
-            ppl, _ = perplexity(model, blocks, selection.arch)
-            params = model.num_parameters(selection.arch)
-        else:
-            ppl, params = dynamic_perplexity(model, blocks, selection)
-        target, measured = budget * full_ms, times[index]
-        fraction = measured / times["full"]
-        name = routing if args.label is None else f"{routing}-{args.label}"
-        row = {
-            "routing": name,
-            "budget": budget,
-            "target_ms": target,
-            "measured_ms": measured,
-            "predicted_ms": selection.predicted_ms,
-            "error": (measured - target) / target,
-            "fraction_of_full": fraction,
-            "fraction_error": (fraction - budget) / budget,
-            "perplexity": ppl,
-            "parameters": params,
-            "arch": None if selection.arch is None else selection.arch.to_dict(),
-        }
-        rows.append(row)
-        print(
-            f"{name:>8} {budget:.2f}: target {target:7.2f} ms measured {measured:7.2f} ms "
-            f"({100 * row['error']:+.1f}%), {fraction:.3f} of the full model "
-            f"({100 * row['fraction_error']:+.1f}%) ppl {ppl:8.2f}",
-            file=sys.stderr,
-            flush=True,
-        )
+    rows += score_selections(model, blocks, selections, times, full_ms, args.label)
     compare_to_uniform(rows)
     speedup = (
         dynamic_speedup(model, resolver, args.speedup_batch, length, args.repeats, budgets, clock)
@@ -211,6 +162,81 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, out / "routers_pareto.png")
     print(markdown(rows, speedup))
     return 0
+
+
+def time_selections(
+    model: FlextronModel, selections: list, shape: tuple[str, int, int], args: argparse.Namespace, clock: str
+) -> dict:
+    """Milliseconds per batch of every selection (by index) and of the dense full model ("full"),
+    timed in one round-robin measurement on held-out text."""
+    phase, batch, length = shape
+    # Timed on held-out text: the dynamic router's widths depend on the tokens (static ones do not).
+    # Decode: a prompt of `length` tokens fills the cache, then its next token is the timed step.
+    tokens = length if phase == "prefill" else length + 1
+    timing_text = load_blocks(model.tokenizer, None, tokens, batch * args.timing_blocks, split="eval")
+    if timing_text.shape[0] < batch * args.timing_blocks:
+        raise SystemExit(
+            f"not enough held-out text for {args.timing_blocks} timing batches of {batch}x{tokens}"
+        )
+    chunks = timing_text.split(batch)  # timing_blocks x (batch, tokens)
+    with torch.inference_mode():
+        # Dynamic: one session per chunk, heads fixed at its first call, as in generation.
+        functions = {
+            i: timed_forward(model, chunks, phase, s.arch, [s.session(batch) for _ in chunks])
+            for i, s in enumerate(selections)
+        }
+        # The dense full model in the same round: a budget is a fraction of its latency, and the
+        # fraction measured against it holds even when a shared machine drifts from the LUT.
+        functions["full"] = timed_forward(model, chunks, phase)
+        times = {
+            key: ms / len(chunks)
+            for key, ms in times_ms(functions, torch.device("cpu"), args.repeats, 2, clock).items()
+        }
+    return times
+
+
+def score_selections(
+    model: FlextronModel,
+    blocks: torch.Tensor,
+    selections: list,
+    times: dict,
+    full_ms: float,
+    label: str | None,
+) -> list[dict]:
+    """One result row per (routing, budget, selection): its measured latency against the target
+    and against the dense full model of the same round, and its held-out perplexity."""
+    rows = []
+    for index, (routing, budget, selection) in enumerate(selections):
+        if selection.arch is not None:
+            ppl, _ = perplexity(model, blocks, selection.arch)
+            params = model.num_parameters(selection.arch)
+        else:
+            ppl, params = dynamic_perplexity(model, blocks, selection)
+        target, measured = budget * full_ms, times[index]
+        fraction = measured / times["full"]
+        name = routing if label is None else f"{routing}-{label}"
+        row = {
+            "routing": name,
+            "budget": budget,
+            "target_ms": target,
+            "measured_ms": measured,
+            "predicted_ms": selection.predicted_ms,
+            "error": (measured - target) / target,
+            "fraction_of_full": fraction,
+            "fraction_error": (fraction - budget) / budget,
+            "perplexity": ppl,
+            "parameters": params,
+            "arch": None if selection.arch is None else selection.arch.to_dict(),
+        }
+        rows.append(row)
+        print(
+            f"{name:>8} {budget:.2f}: target {target:7.2f} ms measured {measured:7.2f} ms "
+            f"({100 * row['error']:+.1f}%), {fraction:.3f} of the full model "
+            f"({100 * row['fraction_error']:+.1f}%) ppl {ppl:8.2f}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return rows
 
 
 def compare_to_uniform(rows: list[dict]) -> None:

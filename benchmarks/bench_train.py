@@ -3,8 +3,9 @@
     PYTHONPATH=. python benchmarks/bench_train.py --json benchmarks/results/bench_train.json
 
 The model is SmolLM2-135M's architecture (30 layers, d=576, 9 heads / 3 KV, d_ff=1536,
-vocab 49152) with random weights: the cost does not depend on the values.  Each repeat
-times, for every budget in turn (interleaved, so machine load hits all alike), the
+vocab 49152) with random weights: the cost does not depend on the values.  After a warm-up,
+each repeat times (flextron.timing), for every budget in turn (interleaved, so machine load
+hits all alike), the
 student's forward + backward + KD loss against precomputed teacher logits; the median
 per budget is reported next to the full model's, with the parameters each budget uses.
 A masked implementation would cost the same at every budget.
@@ -15,14 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from flextron.config import ModelConfig
 from flextron.model import FlextronModel
-from flextron.train.loss import distillation_loss
+from flextron.objectives import distillation_loss
+from flextron.timing import Staged, sample_times_ms
 
 SMOLLM2 = ModelConfig(
     vocab_size=49152,
@@ -38,16 +40,22 @@ SMOLLM2 = ModelConfig(
 )
 
 
-def step_seconds(
+def training_step(
     model: FlextronModel, inputs: torch.Tensor, teacher_logits: torch.Tensor, budget: float
-) -> float:
+) -> Staged:
+    """One micro-batch at `budget`: the student's forward + KD loss + backward, timed with its
+    gradients cleared beforehand (untimed)."""
     arch = model.arch_for_budget(budget)
-    start = time.perf_counter()
-    loss, _ = distillation_loss(model(inputs, arch), teacher_logits, inputs)
-    loss.backward()
-    seconds = time.perf_counter() - start
-    model.zero_grad(set_to_none=True)
-    return seconds
+
+    def step() -> None:
+        loss, _ = distillation_loss(model(inputs, arch), teacher_logits, inputs)
+        loss.backward()
+
+    def prepare() -> Callable[[], None]:
+        model.zero_grad(set_to_none=True)
+        return step
+
+    return Staged(prepare)
 
 
 def main() -> None:
@@ -68,11 +76,9 @@ def main() -> None:
     inputs = torch.randint(0, SMOLLM2.vocab_size, (args.batch_size, args.seq_len))
     with torch.no_grad():
         teacher_logits = model(inputs)
-    step_seconds(model, inputs, teacher_logits, 1.0)  # warm-up
-    times: dict[float, list[float]] = {b: [] for b in budgets}
-    for _ in range(args.repeats):
-        for budget in budgets:
-            times[budget].append(step_seconds(model, inputs, teacher_logits, budget))
+    steps = {budget: training_step(model, inputs, teacher_logits, budget) for budget in budgets}
+    samples = sample_times_ms(steps, torch.device("cpu"), args.repeats, 1)
+    times = {budget: [ms / 1e3 for ms in values] for budget, values in samples.items()}
     full = statistics.median(times[1.0]) if 1.0 in times else None
     rows = []
     print(f"{'budget':>6} {'params (M)':>10} {'median s':>9} {'vs full':>8}")

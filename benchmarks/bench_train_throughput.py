@@ -27,13 +27,13 @@ import json
 import math
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from flextron.config import ArchConfig, ModelConfig
 from flextron.model import FlextronModel
+from flextron.timing import times_ms
 from flextron.train import TrainConfig, load_train_data, train
 from flextron.train.data import TrainData
 from flextron.train.metrics import read_metrics
@@ -76,15 +76,15 @@ def gemm_rate(config: ModelConfig, tokens: int, repeats: int = 2) -> float:
     shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)] * config.num_layers
     shapes.append((d, config.vocab_size))
     operands = {(i, o): (torch.randn(tokens, i), torch.randn(o, i)) for i, o in set(shapes)}
-    for x, w in operands.values():  # warm-up
-        x @ w.T
-    flops = sum(2 * tokens * i * o for i, o in shapes) * repeats
-    start = time.perf_counter()
-    for _ in range(repeats):
+
+    def forward_gemms() -> None:
         for shape in shapes:
             x, w = operands[shape]
             x @ w.T
-    return flops / (time.perf_counter() - start) / 1e9
+
+    # One warm-up pass, then the mean of `repeats` passes (one sample of `repeats` calls).
+    ms = times_ms({"gemms": forward_gemms}, torch.device("cpu"), repeats=1, warmup=1, calls=repeats)["gemms"]
+    return sum(2 * tokens * i * o for i, o in shapes) / ms / 1e6
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,24 +26,52 @@ from flextron.convert import convert
 from flextron.data import load_blocks
 from flextron.evaluate import archs_for_budgets, evaluate_archs, format_table
 from flextron.loading import load_default
+from flextron.objectives import distillation_loss
+from flextron.timing import Staged, times_ms
 from flextron.train import TrainConfig, load_train_data, train
-from flextron.train.loss import distillation_loss
 
 BUDGETS = [1.0, 0.75, 0.5, 0.25]
 
 
-def time_step(student, teacher, blocks: torch.Tensor, budget: float) -> float:
-    """Seconds of one training micro-batch (teacher forward + student forward/backward)."""
+def training_step(student, teacher, blocks: torch.Tensor, budget: float) -> Staged:
+    """One training micro-batch (teacher forward + student forward/backward), timed with the
+    student's gradients cleared beforehand (untimed)."""
     arch = student.arch_for_budget(budget)
     inputs, targets = blocks[:, :-1], blocks[:, 1:]
-    start = time.perf_counter()
-    with torch.no_grad():
-        teacher_logits = teacher(inputs)
-    loss, _ = distillation_loss(student(inputs, arch), teacher_logits, targets)
-    loss.backward()
-    seconds = time.perf_counter() - start
-    student.zero_grad(set_to_none=True)
-    return seconds
+
+    def step() -> None:
+        with torch.no_grad():
+            teacher_logits = teacher(inputs)
+        loss, _ = distillation_loss(student(inputs, arch), teacher_logits, targets)
+        loss.backward()
+
+    def prepare() -> Callable[[], None]:
+        student.zero_grad(set_to_none=True)
+        return step
+
+    return Staged(prepare)
+
+
+def steps_that_fit(
+    model, teacher, probe: torch.Tensor, args: argparse.Namespace, say: Callable[[str], None]
+) -> int:
+    """Training steps that fit --minutes, from one full and one budget-0.5 micro-batch on probe
+    (batch, seq_len + 1), each the best of 2 timed round-robin."""
+    steps_ms = times_ms(
+        {b: training_step(model, teacher, probe, b) for b in (1.0, 0.5)},
+        torch.device("cpu"),
+        repeats=2,
+        warmup=0,
+        statistic="min",
+    )
+    model.zero_grad(set_to_none=True)  # the timed steps' gradients do not reach training
+    costs = [ms / 1e3 for ms in steps_ms.values()]
+    say(
+        f"one micro-batch ({args.batch_size} x {args.seq_len} tokens): full {costs[0]:.1f}s, "
+        f"budget 0.5 {costs[1]:.1f}s"
+    )
+    # Budget sampling (full 1/3, else 0.25 / 0.5 / 0.75) costs about their mean per step.
+    return max(1, int(args.minutes * 60 / (0.5 * sum(costs))))
 
 
 def main() -> None:
@@ -80,15 +109,8 @@ def main() -> None:
 
     data = load_train_data(tokenizer, "builtin", block_size=args.seq_len + 1, max_val_blocks=2)
     steps = args.steps
-    if steps is None:  # what fits --minutes, from one timed full and one budget-0.5 micro-batch
-        probe = data.train[: args.batch_size]
-        costs = [min(time_step(model, teacher, probe, b) for _ in range(2)) for b in (1.0, 0.5)]
-        say(
-            f"one micro-batch ({args.batch_size} x {args.seq_len} tokens): full {costs[0]:.1f}s, "
-            f"budget 0.5 {costs[1]:.1f}s"
-        )
-        # Budget sampling (full 1/3, else 0.25 / 0.5 / 0.75) costs about their mean per step.
-        steps = max(1, int(args.minutes * 60 / (0.5 * sum(costs))))
+    if steps is None:
+        steps = steps_that_fit(model, teacher, data.train[: args.batch_size], args, say)
     config = TrainConfig(
         steps=steps,
         batch_size=args.batch_size,

@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 from flextron.checkpoint import save_figure_atomic, write_json_atomic
 from flextron.config import ArchConfig
 from flextron.model import FlextronModel
+from flextron.objectives import PerplexityMeter
+from flextron.timing import synchronizer
 
 
 @torch.no_grad()
@@ -36,19 +38,16 @@ def perplexity(
     if blocks.dim() != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
         raise ValueError(f"blocks must be (num_blocks, seq_len >= 2), got {tuple(blocks.shape)}")
     device = model.embed_tokens.weight.device
-    total_loss, total_scored, elapsed = 0.0, 0, 0.0
+    meter, elapsed, sync = PerplexityMeter(), 0.0, synchronizer(device)
     for batch in tqdm(blocks.split(batch_size), desc="perplexity", disable=not progress, unit="batch"):
         batch = batch.to(device)
+        sync()
         start = time.perf_counter()
         logits = model(batch, arch)  # (B, S, V)
+        sync()  # the forward's CUDA kernels, not only their launches
         elapsed += time.perf_counter() - start
-        targets = batch[:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum"
-        )
-        total_loss += loss.item()
-        total_scored += targets.numel()
-    return math.exp(total_loss / total_scored), blocks.numel() / elapsed
+        meter.add(logits, batch)
+    return meter.perplexity, blocks.numel() / elapsed
 
 
 def evaluate_archs(

@@ -30,6 +30,7 @@ from flextron.budget import BudgetResolver, Selection, parse_shape
 from flextron.checkpoint import FORMAT, VERSION
 from flextron.config import ArchConfig, ModelConfig
 from flextron.model import FlextronModel
+from flextron.objectives import next_token_cross_entropy
 
 MODEL_TYPE = "flextron"
 
@@ -208,10 +209,7 @@ class FlextronForCausalLM(PreTrainedModel, GenerationMixin):
             logits = logits[:, -logits_to_keep:]
         loss = None
         if labels is not None:
-            targets = labels[:, 1:].flatten().to(logits.device)  # next-token targets; -100: ignored
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100
-            )
+            loss = next_token_cross_entropy(logits, labels)  # labels -100: not scored
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
     # ---- checkpoints

@@ -1,16 +1,16 @@
 """Speed of a model at several budgets: prefill and decode tokens/s, optionally against
 Hugging Face transformers' LlamaForCausalLM holding the same weights.
 
-Used by `flextron bench` and benchmarks/bench_model.py.  Timings are the best of `repeats`
-runs after a warm-up (prefill) or the median of `repeats` runs (decode); `clock` "wall" is
-elapsed time, "cpu" this process's CPU time (one thread only), which on a shared machine
-measures the model rather than its neighbours.
+Used by `flextron bench` and benchmarks/bench_model.py, timed with flextron.timing (round-robin,
+CUDA-synchronised): prefill is the best of `repeats` runs after a warm-up, decode the median of
+`repeats` runs, each after an untimed prefill.  `clock` "wall" is elapsed time, "cpu" this
+process's CPU time (CPU, one thread only), which on a shared machine measures the model rather
+than its neighbours.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
+import collections
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -19,54 +19,17 @@ import torch
 from flextron.config import ArchConfig
 from flextron.generate import stream_tokens
 from flextron.model import FlextronModel
-
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def clock_function(clock: str) -> Callable[[], float]:
-    """The timer for a clock name; ValueError for an unknown clock or "cpu" with several threads."""
-    if clock not in CLOCKS:
-        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
-    if clock == "cpu" and torch.get_num_threads() != 1:
-        raise ValueError(
-            f"clock 'cpu' measures one thread's time, but torch uses {torch.get_num_threads()} "
-            "threads: set one thread (--threads 1) or use clock 'wall'"
-        )
-    return CLOCKS[clock]
+from flextron.timing import Staged, check_clock, times_ms
 
 
-def synchronize() -> None:
-    """Wait for queued CUDA work (a no-op where CUDA is not in use): CUDA ops return before
-    their kernels finish, so a clock read without this measures only the launches."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def elapsed(function: Callable[[], object], now: Callable[[], float]) -> float:
-    """Seconds one call of `function` takes, its CUDA work included."""
-    synchronize()
-    start = now()
-    function()
-    synchronize()
-    return now() - start
-
-
-def best_time(function: Callable[[], object], repeats: int, now: Callable[[], float]) -> float:
-    """Best time of `repeats` runs after one warm-up run (seconds)."""
-    function()
-    return min(elapsed(function, now) for _ in range(repeats))
-
-
-def decode_seconds(
-    model: FlextronModel, prompt: torch.Tensor, arch: ArchConfig, new_tokens: int, now: Callable[[], float]
-) -> float:
-    """Seconds for `new_tokens` greedy steps after the prefill of prompt (1, T) (KV cache)."""
+def prefilled_decode(
+    model: FlextronModel, prompt: torch.Tensor, arch: ArchConfig, new_tokens: int
+) -> Callable[[], None]:
+    """Runs the prefill of prompt (1, T) and its first token; returns the call that makes the
+    `new_tokens` greedy steps after it (KV cache), the part a decode timing measures."""
     tokens = stream_tokens(model, prompt[0], arch, max_new_tokens=new_tokens + 1)
     next(tokens)  # the prefill and the first token
-    start = now()
-    for _ in tokens:
-        pass
-    return now() - start
+    return lambda: collections.deque(tokens, maxlen=0)  # exhausts the stream
 
 
 def hf_twin(model: FlextronModel):
@@ -85,25 +48,27 @@ def hf_twin(model: FlextronModel):
 
 
 @torch.inference_mode()  # as Flextron's generation runs: the leanest loop transformers allows
-def hf_decode_seconds(hf, prompt: torch.Tensor, new_tokens: int, now: Callable[[], float]) -> float:
-    """Seconds for `new_tokens` greedy steps with a bare forward loop over a DynamicCache."""
+def hf_prefilled_decode(hf, prompt: torch.Tensor, new_tokens: int) -> Callable[[], None]:
+    """Runs transformers' prefill of prompt (1, T) into a DynamicCache; returns the call that makes
+    `new_tokens` greedy steps with a bare forward loop over that cache."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=hf.config)
-    out = hf(prompt, cache=cache, use_cache=True, logits_to_keep=1)
-    token = out.logits[:, -1:].argmax(-1)
-    start = now()
-    for _ in range(new_tokens):
-        out = hf(token, cache=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-    return now() - start
+    token = hf(prompt, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+
+    @torch.inference_mode()
+    def decode() -> None:
+        nonlocal token
+        for _ in range(new_tokens):
+            token = hf(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+    return decode
 
 
-def hf_generate_seconds(hf, prompt: torch.Tensor, new_tokens: int, now: Callable[[], float]) -> float:
-    """Seconds for generate(): prefill + decode (the caller subtracts the prefill)."""
-    start = now()
+def hf_generate(hf, prompt: torch.Tensor, new_tokens: int) -> None:
+    """transformers' generate(): prefill + `new_tokens` greedy steps (a timing of it includes the
+    prefill, which the caller subtracts)."""
     hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    return now() - start
 
 
 @dataclass
@@ -121,13 +86,14 @@ def measure_speed(
     new_tokens: int = 32,
     repeats: int = 3,
     clock: str = "wall",
+    *,
     compare_hf: bool = False,
     seed: int = 0,
 ) -> list[SpeedRow]:
     """Prefill (batch 1 x prompt_len, last-position logits) and greedy decode tokens/s per budget.
 
     compare_hf adds a "transformers" row (same weights, full width; decode through a forward
-    loop over its DynamicCache), timed round-robin with the full-width Flextron decode.
+    loop over its DynamicCache), timed round-robin with the full-width Flextron prefill and decode.
     """
     if prompt_len < 1 or new_tokens < 1 or repeats < 1:
         raise ValueError(
@@ -140,38 +106,30 @@ def measure_speed(
         )
     if compare_hf and 1.0 not in budgets:
         raise ValueError("comparing with transformers needs budget 1 (the full model) among the budgets")
-    now = clock_function(clock)
-    generator = torch.Generator().manual_seed(seed)
     device = model.embed_tokens.weight.device
+    check_clock(clock, device)
+    generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=generator).to(device)
-    rows = []
     hf = hf_twin(model) if compare_hf else None
+    rows = []
     # inference_mode, as generation runs: under no_grad each custom-op call also passes autograd.
     with torch.inference_mode():
         for budget in budgets:
             arch = model.arch_for_budget(budget)
-            prefill = best_time(lambda arch=arch: model(prompt, arch, last_only=True), repeats, now)
-            decode, hf_decode = [], []
-            for _ in range(repeats):  # round-robin, so that load changes hit both alike
-                decode.append(decode_seconds(model, prompt, arch, new_tokens, now))
-                if hf is not None and budget == 1.0:
-                    hf_decode.append(hf_decode_seconds(hf, prompt, new_tokens, now))
-            rows.append(
-                SpeedRow(
-                    f"budget {budget:g}",
-                    model.num_parameters(arch),
-                    prompt_len / prefill,
-                    new_tokens / statistics.median(decode),
-                )
-            )
-            if hf_decode:
-                hf_prefill = best_time(lambda: hf(prompt, logits_to_keep=1), repeats, now)
+            prefill = {"flextron": lambda arch=arch: model(prompt, arch, last_only=True)}
+            decode = {"flextron": Staged(lambda arch=arch: prefilled_decode(model, prompt, arch, new_tokens))}
+            if hf is not None and budget == 1.0:  # timed round-robin with the full-width Flextron
+                prefill["transformers"] = lambda: hf(prompt, logits_to_keep=1)
+                decode["transformers"] = Staged(lambda: hf_prefilled_decode(hf, prompt, new_tokens))
+            prefill_ms = times_ms(prefill, device, repeats, 1, clock, statistic="min")
+            decode_ms = times_ms(decode, device, repeats, 0, clock)
+            for name in prefill:
                 rows.append(
                     SpeedRow(
-                        "transformers",
-                        model.num_parameters(),
-                        prompt_len / hf_prefill,
-                        new_tokens / statistics.median(hf_decode),
+                        f"budget {budget:g}" if name == "flextron" else name,
+                        model.num_parameters(arch if name == "flextron" else None),
+                        prompt_len * 1e3 / prefill_ms[name],
+                        new_tokens * 1e3 / decode_ms[name],
                     )
                 )
     return rows

@@ -1,4 +1,5 @@
-"""Elastic training: sampling, loss, data order, schedule, exact resume, NaN guard, bad input."""
+"""Elastic training: sampling, data order, schedule, exact resume, NaN guard, bad input (its loss:
+tests/test_objectives.py)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from flextron.config import ArchConfig, arch_for_budget
 from flextron.model import FlextronModel
-from flextron.train import NonFiniteLossError, SubnetSampler, TrainConfig, TrainData, distillation_loss, train
-from flextron.train import loss as loss_module
+from flextron.objectives import distillation_loss
+from flextron.train import NonFiniteLossError, SubnetSampler, TrainConfig, TrainData, train
 from flextron.train.checkpoint import latest_checkpoint
 from flextron.train.data import BatchOrder, split_blocks
 from flextron.train.metrics import read_metrics
@@ -85,61 +85,6 @@ def test_unknown_budget_rule_is_a_clear_error() -> None:
         TrainConfig(rule="latency")
     with pytest.raises(ValueError, match="unknown budget rule"):
         SubnetSampler(tiny_flextron().config, "latency")
-
-
-# ---- loss
-
-
-def test_distillation_loss_is_forward_kl_times_t_squared_plus_alpha_ce() -> None:
-    torch.manual_seed(0)
-    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
-    targets = torch.randint(0, 11, (2, 5))
-    loss, parts = distillation_loss(student, teacher, targets, temperature=2.0, alpha=0.3)
-    p = F.softmax(teacher / 2, -1)
-    kl = (p * (p.log() - F.log_softmax(student / 2, -1))).sum(-1).mean() * 4
-    ce = F.cross_entropy(student.flatten(0, 1), targets.flatten())
-    torch.testing.assert_close(loss, kl + 0.3 * ce)
-    assert parts["kd"] == pytest.approx(kl.item(), rel=1e-5)
-    zero, _ = distillation_loss(teacher, teacher, targets)
-    assert abs(zero.item()) < 1e-6  # a student equal to its teacher has no KD loss
-
-
-@pytest.mark.parametrize(("temperature", "alpha"), [(1.0, 0.0), (1.0, 0.5), (2.0, 0.0), (0.5, 0.3)])
-def test_chunked_distillation_loss_and_gradient_equal_the_plain_one(monkeypatch, temperature, alpha) -> None:
-    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 3 * 37)  # 3 rows of 37: chunks and a ragged tail
-    torch.manual_seed(0)
-    student = (3 * torch.randn(2, 7, 37, dtype=torch.float64)).requires_grad_()
-    teacher, targets = 3 * torch.randn(2, 7, 37, dtype=torch.float64), torch.randint(0, 37, (2, 7))
-    loss, parts = distillation_loss(student, teacher, targets, temperature, alpha)
-    (grad,) = torch.autograd.grad(0.25 * loss, student)  # a scaled loss, as with accumulation
-    logits = student.flatten(0, 1)
-    kd = (
-        F.kl_div(
-            F.log_softmax(logits / temperature, -1),
-            F.log_softmax(teacher.flatten(0, 1) / temperature, -1),
-            reduction="batchmean",
-            log_target=True,
-        )
-        * temperature**2
-    )
-    ce = F.cross_entropy(logits, targets.flatten())
-    plain = kd + alpha * ce
-    (plain_grad,) = torch.autograd.grad(0.25 * plain, student)
-    torch.testing.assert_close(loss, plain, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grad, plain_grad, rtol=1e-10, atol=1e-12)
-    assert parts == pytest.approx({"kd": kd.item(), "ce": ce.item()}, rel=1e-12)
-
-
-def test_chunked_distillation_loss_in_bf16_matches_fp32() -> None:
-    torch.manual_seed(0)
-    student, teacher = torch.randn(2, 5, 300).bfloat16(), torch.randn(2, 5, 300).bfloat16()
-    targets = torch.randint(0, 300, (2, 5))
-    grads = []
-    for logits in (student.requires_grad_(), student.float().requires_grad_()):
-        loss, _ = distillation_loss(logits, teacher, targets, alpha=0.5)
-        grads.append(torch.autograd.grad(loss, logits)[0])
-    assert grads[0].dtype == torch.bfloat16  # the gradient has the logits' dtype
-    torch.testing.assert_close(grads[0].float(), grads[1], rtol=1e-2, atol=1e-4)
 
 
 # ---- data

@@ -1,14 +1,14 @@
 """Elastic continued training with distillation (DESIGN §1 step 3): `flextron train`.
 
-sampling: which sub-network each micro-batch trains; loss: KD + alpha * CE; data: packed
-blocks, validation split, resumable batch order; trainer: the loop; checkpoint: atomic,
-resumable checkpoints; distributed: torchrun DDP / FSDP2; metrics: JSONL log and plot.
+sampling: which sub-network each micro-batch trains; data: packed blocks, validation split,
+resumable batch order; trainer: the loop, its loss KD + alpha * CE from flextron.objectives;
+checkpoint: atomic, resumable checkpoints; distributed: torchrun DDP / FSDP2; metrics: JSONL
+log and plot.
 """
 
 from flextron.train.checkpoint import latest_checkpoint, save_checkpoint
 from flextron.train.data import TrainData, load_train_data
 from flextron.train.distributed import DistContext, init_distributed
-from flextron.train.loss import distillation_loss
 from flextron.train.sampling import SubnetSampler
 from flextron.train.trainer import NonFiniteLossError, TrainConfig, train
 
@@ -18,7 +18,6 @@ __all__ = [
     "SubnetSampler",
     "TrainConfig",
     "TrainData",
-    "distillation_loss",
     "init_distributed",
     "latest_checkpoint",
     "load_train_data",

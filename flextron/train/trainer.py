@@ -2,8 +2,8 @@
 
 Each micro-batch trains one sampled sub-network (flextron.train.sampling) of the student,
 sliced (never masked), against the frozen teacher's logits (computed once per batch,
-no grad) with loss = KD + alpha * CE (flextron.train.loss).  AdamW (no weight decay on
-norms and biases), linear warm-up then cosine decay to min_lr_ratio * lr, gradient
+no grad) with loss = KD + alpha * CE (flextron.objectives.distillation_loss).  AdamW (no
+weight decay on norms and biases), linear warm-up then cosine decay to min_lr_ratio * lr, gradient
 clipping, gradient accumulation, optional bf16 autocast.  Rank 0 logs metrics.jsonl,
 plots metrics.png, validates (perplexity at eval_budgets) every eval_every steps, and
 checkpoints every save_every steps and at the end (flextron.train.checkpoint).
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from flextron.config import check_budget
 from flextron.evaluate import perplexity
 from flextron.model import FlextronModel
+from flextron.objectives import distillation_loss
 from flextron.train.checkpoint import (
     RESUME_FIELDS,
     latest_checkpoint,
@@ -35,7 +36,6 @@ from flextron.train.checkpoint import (
 )
 from flextron.train.data import BatchOrder, TrainData
 from flextron.train.distributed import DistContext
-from flextron.train.loss import distillation_loss
 from flextron.train.metrics import MetricsLog, plot_metrics, read_metrics
 from flextron.train.rundir import check_run_dir, clear_run, run_lock
 from flextron.train.sampling import RULES, SubnetSampler
