@@ -184,7 +184,7 @@ class BudgetConfigs:
         return cls(sorted(entries, key=lambda e: e["budget"]), data.get("calibration", {}))
 
     def save(self, directory: str | os.PathLike, model: torch.nn.Module, config: ModelConfig) -> None:
-        from flextron.checkpoint import write_json_atomic
+        from flextron.atomic_files import write_json_atomic
 
         write_json_atomic(Path(directory) / FILE, self.to_json(model, config))
 

@@ -7,7 +7,7 @@ Formats, each with a README.md model card:
   index, above max_shard_size), generation_config.json and the tokenizer.  Uniform
   configurations only: these classes have one MLP width and head count for all layers.
 - "flextron": a Flextron directory whose config lists each layer's sizes; any configuration;
-  `FlextronModel.from_pretrained` loads it.
+  `flextron.checkpoint.load_pretrained` loads it.
 - "gguf": one llama.cpp file (flextron.export_gguf); per-layer sizes allowed.
 Exported weights are copies of the prefixes, so the files are small and the model computes
 exactly the sub-network.
@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
-from flextron.checkpoint import (
+from flextron.atomic_files import (
     save_safetensors_atomic,
     save_tokenizer_atomic,
     write_json_atomic,
     write_text_atomic,
 )
+from flextron.checkpoint import save_pretrained
 from flextron.config import HF_CLASSES, ArchConfig
 from flextron.model import FlextronModel
 
@@ -192,7 +193,7 @@ def export_flextron(
     path.mkdir(parents=True, exist_ok=True)
     dtype = small.embed_tokens.weight.dtype
     write_model_card(path, model, arch, card, "flextron", dtype, ["model.safetensors"])
-    small.save_pretrained(path)
+    save_pretrained(small, path)
 
 
 def auto_format(model: FlextronModel, arch: ArchConfig) -> str:
