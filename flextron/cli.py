@@ -281,7 +281,7 @@ def convert(args: argparse.Namespace) -> None:
 
 
 def _choose_budgets(model, blocks, budgets: list[float], batch_size: int, source: str) -> None:
-    from flextron.budget_configs import choose_budget_configs
+    from flextron.budget_search import choose_budget_configs
 
     print(f"choosing budget configurations on {blocks.shape[0]} x {blocks.shape[1]} tokens", file=sys.stderr)
     model.budget_configs = choose_budget_configs(model, blocks, budgets, batch_size, source)
@@ -500,8 +500,8 @@ def generate(args: argparse.Namespace) -> None:
 )
 def export(args: argparse.Namespace) -> None:
     from flextron.config import ArchConfig
-    from flextron.export import ModelCard
     from flextron.export import export as export_model
+    from flextron.model_card import ModelCard
     from flextron.outputs import check_output_dir, staged_output
 
     check_output_dir(args.out, overwrite=args.overwrite, sources=_sources(args.model))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from flextron.budget_configs import choose_budget_configs
+from flextron.budget_search import choose_budget_configs
 from flextron.checkpoint import save_pretrained
 from flextron.convert import convert
 from flextron.data import load_blocks

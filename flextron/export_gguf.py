@@ -38,9 +38,10 @@ import numpy as np
 import torch
 
 from flextron.config import ArchConfig, ModelConfig
-from flextron.export import ModelCard, slice_model, write_model_card
 from flextron.model import FlextronModel
+from flextron.model_card import ModelCard, write_model_card
 from flextron.nn.rope import rope_frequencies
+from flextron.slicing import slice_model
 
 # --gguf-type -> (tensor type of 2-D weights, general.file_type)
 GGUF_TYPES = {

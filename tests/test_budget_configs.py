@@ -9,13 +9,12 @@ import torch
 
 from flextron.budget_configs import (
     FILE,
-    calibration_loss,
     candidate_archs,
-    choose_budget_configs,
     fits,
     resolve_budget,
     smallest_budget,
 )
+from flextron.budget_search import calibration_loss, choose_budget_configs
 from flextron.checkpoint import load_pretrained, save_pretrained
 from flextron.config import ArchConfig, arch_for_budget
 from flextron.train.sampling import SubnetSampler

@@ -129,7 +129,8 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys) -> None:
 
 def test_float16_load_keeps_budget_configs(tmp_path) -> None:
     """budget_configs.json's fingerprint rounds to bfloat16: a float16 load checks the file as stored."""
-    from flextron.budget_configs import FILE, choose_budget_configs
+    from flextron.budget_configs import FILE
+    from flextron.budget_search import choose_budget_configs
 
     model = tiny_flextron()
     model.budget_configs = choose_budget_configs(model, torch.randint(3, 300, (2, 16)), progress=False)
