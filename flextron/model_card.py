@@ -30,7 +30,7 @@ class ModelCard:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """ "float32", "bfloat16", ...: the name Hugging Face configs and model cards use."""
+    """The name Hugging Face configs and model cards give `dtype` ("float32", "bfloat16", ...)."""
     return str(dtype).removeprefix("torch.")
 
 
