@@ -94,7 +94,7 @@ def export_hf(
         save_tokenizer_atomic(small.tokenizer, path)
     files = write_safetensors_shards(path, hf_state_dict(small), max_shard_size)
     write_json_atomic(path / "generation_config.json", generation_config(small))
-    write_model_card(path, model, arch, card, "hf", weights_dtype, files)
+    write_model_card(path, model, arch, card=card, format="hf", dtype=weights_dtype, files=files)
     write_json_atomic(path / "config.json", hf_config)  # last: its presence marks a complete export
 
 
@@ -110,7 +110,9 @@ def export_flextron(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dtype = small.embed_tokens.weight.dtype
-    write_model_card(path, model, arch, card, "flextron", dtype, ["model.safetensors"])
+    write_model_card(
+        path, model, arch, card=card, format="flextron", dtype=dtype, files=["model.safetensors"]
+    )
     save_pretrained(small, path)
 
 

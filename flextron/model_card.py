@@ -97,6 +97,7 @@ def write_model_card(
     path: Path,
     model: FlextronModel,
     arch: ArchConfig,
+    *,
     card: ModelCard | None,
     format: str,
     dtype: torch.dtype | str,
