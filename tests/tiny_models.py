@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from flextron.checkpoint import save_pretrained
 from flextron.config import ModelConfig
 from flextron.loading import model_from_hf_weights
 from flextron.model import FlextronModel
@@ -102,7 +101,7 @@ def tiny_tokenizer():
 def tiny_hf_dir(path, **config) -> LlamaForCausalLM:
     """Write a tiny Hugging Face model directory (safetensors + tokenizer) to `path`."""
     model = tiny_hf_model(**config)
-    save_pretrained(model, path)
+    model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return model
 
