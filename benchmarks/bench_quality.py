@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from flextron.checkpoint import load_pretrained
 from flextron.config import ArchConfig, count_parameters
 from flextron.data import load_blocks
 from flextron.loading import default_gguf_path
@@ -128,8 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{time.perf_counter() - start:6.0f}s] {message}", file=sys.stderr, flush=True)
 
     budgets = [float(b) for b in args.budgets.split(",")]
-    model = FlextronModel.from_pretrained(args.model)
-    converted = FlextronModel.from_pretrained(args.converted)
+    model = load_pretrained(args.model)
+    converted = load_pretrained(args.converted)
     blocks = load_blocks(model.tokenizer, args.heldout, args.seq_len, args.blocks)
     log(f"held-out: {blocks.shape[0]} x {blocks.shape[1]} tokens from {args.heldout}")
     gguf = default_gguf_path()
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             run = Path(args.baseline_b or "") / f"b{budget:g}" / "checkpoints"
             if args.baseline_b and (run / "latest.json").is_file():
                 checkpoint = run / json.loads((run / "latest.json").read_text())["path"]
-                trained = FlextronModel.from_pretrained(checkpoint)
+                trained = load_pretrained(checkpoint)
                 row["baseline_b"] = {
                     "checkpoint": str(checkpoint),
                     "parameters": trained.num_parameters(arch),
@@ -226,7 +227,7 @@ def plot(rows: list[dict], dense: float, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from flextron.checkpoint import save_figure_atomic
+    from flextron.atomic_files import save_figure_atomic
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     millions = [r["parameters"] / 1e6 for r in rows]

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from flextron.budget import BudgetResolver, dynamic_perplexity, parse_shape
+from flextron.checkpoint import load_pretrained
 from flextron.data import load_blocks
 from flextron.evaluate import frontier_perplexity, pareto_frontier, perplexity
 from flextron.latency import measure_latency, timed_forward
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = FlextronModel.from_pretrained(args.model)
+    model = load_pretrained(args.model)
     shape = parse_shape(args.latency_shape) if args.latency_shape else None
     resolver = BudgetResolver(model, args.model, shape)
     if resolver.table is None:

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
+from flextron.checkpoint import load_pretrained
 from flextron.config import ArchConfig, ModelConfig
-from flextron.model import FlextronModel
 from flextron.timing import times_ms
 from flextron.train import TrainConfig, load_train_data, train
-from flextron.train.data import TrainData
+from flextron.train.batches import TrainData
 from flextron.train.metrics import read_metrics
 from flextron.train.sampling import SubnetSampler
 
@@ -106,8 +106,8 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    student = FlextronModel.from_pretrained(args.model)
-    teacher = FlextronModel.from_pretrained(args.model)
+    student = load_pretrained(args.model)
+    teacher = load_pretrained(args.model)
     config = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,

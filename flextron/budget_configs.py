@@ -8,7 +8,7 @@ fraction of the layers' weights; a configuration fits it when its layers hold at
 b x the full layers' weights plus half an MLP width step per layer (the rounding the fixed
 rule itself allows).  Candidates per budget: for every allowed head count, the widest
 uniform MLP width that fits, plus the fixed rule's configuration.  Each candidate's loss is
-next-token cross-entropy on calibration blocks.
+next-token cross-entropy on calibration blocks (measured by flextron.budget_search).
 
 The choices are saved as budget_configs.json in the model directory:
     {"format": "flextron-budget-configs", "version": 1,
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from flextron.atomic_files import write_json_atomic
 from flextron.config import ArchConfig, ModelConfig, arch_for_budget, check_budget, layer_weights
 
 FILE = "budget_configs.json"
@@ -184,8 +185,6 @@ class BudgetConfigs:
         return cls(sorted(entries, key=lambda e: e["budget"]), data.get("calibration", {}))
 
     def save(self, directory: str | os.PathLike, model: torch.nn.Module, config: ModelConfig) -> None:
-        from flextron.checkpoint import write_json_atomic
-
         write_json_atomic(Path(directory) / FILE, self.to_json(model, config))
 
     @classmethod
@@ -199,46 +198,3 @@ class BudgetConfigs:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{path}: corrupt JSON ({error})") from error
         return cls.from_json(data, model, config, path)
-
-
-@torch.no_grad()
-def calibration_loss(model, blocks: torch.Tensor, arch: ArchConfig, batch_size: int = 4) -> float:
-    """Mean next-token cross-entropy (nats) of `arch` on blocks (N, S)."""
-    from flextron.evaluate import perplexity
-
-    return math.log(perplexity(model, blocks, arch, batch_size)[0])
-
-
-def choose_budget_configs(
-    model,
-    blocks: torch.Tensor,
-    budgets=DEFAULT_BUDGETS,
-    batch_size: int = 4,
-    source: str = "",
-    progress: bool = True,
-) -> BudgetConfigs:
-    """Measure every candidate of every budget on `blocks` (N, S) and keep the best of each."""
-    from tqdm.auto import tqdm
-
-    config = model.config
-    entries = []
-    for budget in tqdm(sorted({check_budget(b) for b in budgets}), desc="budgets", disable=not progress):
-        measured = []
-        for arch in candidate_archs(config, budget):
-            loss = calibration_loss(model, blocks, arch, batch_size)
-            measured.append({"arch": arch.to_dict(), "loss": loss, "parameters": model.num_parameters(arch)})
-        rule = measured[0]
-        best = min(measured, key=lambda m: m["loss"])
-        entries.append(
-            {
-                "budget": budget,
-                "arch": best["arch"],
-                "loss": best["loss"],
-                "rule_loss": rule["loss"],
-                "parameters": best["parameters"],
-                "candidates": measured,
-            }
-        )
-    return BudgetConfigs(
-        entries, {"source": source, "blocks": int(blocks.shape[0]), "seq_len": int(blocks.shape[1])}
-    )

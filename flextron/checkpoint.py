@@ -8,106 +8,34 @@ Layout:
     importance.safetensors   conversion scores per layer, when converted
     tokenizer files      when the model carries a tokenizer
 
-Every file is written to a temporary name, flushed to disk (fsync), and moved into place
-with os.replace (then the directory is flushed), so neither a crash nor a power loss leaves
-a half-written file under the final name.  Temporary names carry the writer's PID
-(.NAME.PID-XXXX.tmp).  Only safetensors and JSON are read: nothing is unpickled, and no
-code shipped with a model directory is run.
+Every file is written atomically (flextron.atomic_files), config.json last, so neither a
+crash nor a power loss leaves a half-written file under its final name, and a directory
+with config.json is complete.  Only safetensors and JSON are read: nothing is unpickled,
+and no code shipped with a model directory is run.
+
+This module is the format only: FlextronModel knows nothing of files, so the model layer
+does no I/O and the dependency runs one way (checkpoint -> model).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from flextron.atomic_files import save_safetensors_atomic, save_tokenizer_atomic, write_json_atomic
 from flextron.budget_configs import FILE as BUDGET_CONFIGS_FILE
 from flextron.budget_configs import BudgetConfigs
 from flextron.config import ModelConfig
 from flextron.local_hf import load_local_tokenizer
 from flextron.model import FlextronModel
-from flextron.outputs import fsync_dir, fsync_file
 
 FORMAT, VERSION = "flextron", 1
 CONFIG_FILE, WEIGHTS_FILE, IMPORTANCE_FILE = "config.json", "model.safetensors", "importance.safetensors"
-
-
-def temp_prefix(final: Path) -> str:
-    """The start of `final`'s temporary names (followed by the writer's PID)."""
-    return f".{final.name}."
-
-
-def _atomic_path(final: Path) -> Path:
-    handle, name = tempfile.mkstemp(
-        dir=final.parent, prefix=f"{temp_prefix(final)}{os.getpid()}-", suffix=".tmp"
-    )
-    os.close(handle)
-    # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)
-    return Path(name)
-
-
-def _publish_file(temp: Path, path: Path) -> None:
-    # Data on disk before the name: a power loss cannot leave `path` renamed but empty.
-    fsync_file(temp)
-    os.replace(temp, path)
-    fsync_dir(path.parent)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    temp = _atomic_path(path)
-    try:
-        temp.write_text(text)
-        _publish_file(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
-
-
-def save_figure_atomic(figure, path: str | os.PathLike, dpi: int) -> None:
-    """Save a matplotlib figure as PNG at `path` atomically, then close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = _atomic_path(path)
-    try:
-        figure.savefig(temp, dpi=dpi, format="png")
-        _publish_file(temp, path)
-    finally:
-        plt.close(figure)
-        temp.unlink(missing_ok=True)
-
-
-def save_safetensors_atomic(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None
-) -> None:
-    temp = _atomic_path(path)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(temp), metadata)
-        _publish_file(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def save_tokenizer_atomic(tokenizer, path: Path) -> None:
-    # The tokenizer writes several files: save to a scratch directory, then move each.
-    with tempfile.TemporaryDirectory(dir=path) as scratch:
-        tokenizer.save_pretrained(scratch)
-        for item in Path(scratch).iterdir():
-            fsync_file(item)
-            os.replace(item, path / item.name)
-    fsync_dir(path)
 
 
 def save_pretrained(model: FlextronModel, path: str | os.PathLike) -> None:

@@ -261,6 +261,7 @@ def info(args: argparse.Namespace) -> None:
     ),
 )
 def convert(args: argparse.Namespace) -> None:
+    from flextron.checkpoint import save_pretrained
     from flextron.convert import convert as convert_model
     from flextron.data import load_blocks
     from flextron.outputs import check_output_dir, staged_output
@@ -275,12 +276,12 @@ def convert(args: argparse.Namespace) -> None:
     if args.budget_samples > 0:
         _choose_budgets(model, blocks[: args.budget_samples], args.budgets, args.batch_size, args.calib)
     with staged_output(args.out, args.overwrite) as staged:
-        model.save_pretrained(staged)
+        save_pretrained(model, staged)
     print(f"saved the converted model (and importance.safetensors) to {args.out}")
 
 
 def _choose_budgets(model, blocks, budgets: list[float], batch_size: int, source: str) -> None:
-    from flextron.budget_configs import choose_budget_configs
+    from flextron.budget_search import choose_budget_configs
 
     print(f"choosing budget configurations on {blocks.shape[0]} x {blocks.shape[1]} tokens", file=sys.stderr)
     model.budget_configs = choose_budget_configs(model, blocks, budgets, batch_size, source)
@@ -499,8 +500,8 @@ def generate(args: argparse.Namespace) -> None:
 )
 def export(args: argparse.Namespace) -> None:
     from flextron.config import ArchConfig
-    from flextron.export import ModelCard
     from flextron.export import export as export_model
+    from flextron.model_card import ModelCard
     from flextron.outputs import check_output_dir, staged_output
 
     check_output_dir(args.out, overwrite=args.overwrite, sources=_sources(args.model))
@@ -584,7 +585,7 @@ def _flextron_dir(path: str) -> Path:
     arg("--json", default=None, help="write the results here"),
 )
 def bench(args: argparse.Namespace) -> None:
-    from flextron.checkpoint import write_json_atomic
+    from flextron.atomic_files import write_json_atomic
     from flextron.outputs import check_output_file
     from flextron.speed import format_speed_table, measure_speed, rows_to_json
 
@@ -677,7 +678,7 @@ def profile(args: argparse.Namespace) -> None:
         table.record_check(rows)  # stored in the table, with a warning when it is off by more than 10%
         table.save(directory)
     if args.json:
-        from flextron.checkpoint import write_json_atomic
+        from flextron.atomic_files import write_json_atomic
 
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(args.json), {"device": table.device_name, "checks": rows})
@@ -810,6 +811,7 @@ def train_router(args: argparse.Namespace) -> None:
         static_init_archs,
         uniform_init_archs,
     )
+    from flextron.checkpoint import save_pretrained
     from flextron.data import load_blocks
     from flextron.latency import LatencyTable
     from flextron.nn.routers import (
@@ -937,7 +939,7 @@ def train_router(args: argparse.Namespace) -> None:
             logs["joint"] = train_end_to_end(
                 model, router, target, blocks, tune, train_model=True, progress=show
             ).rows
-            model.save_pretrained(directory)
+            save_pretrained(model, directory)
             print(f"saved the jointly fine-tuned model to {directory}")
     elif args.mode == "end-to-end":
         logs["end_to_end"] = train_end_to_end(model, router, target, blocks, config, progress=show).rows
@@ -1037,7 +1039,7 @@ def train_router(args: argparse.Namespace) -> None:
                 f"{list(arch.heads)}"
             )
     if args.log:
-        from flextron.checkpoint import write_json_atomic
+        from flextron.atomic_files import write_json_atomic
 
         write_json_atomic(Path(args.log), logs)
 
@@ -1116,9 +1118,9 @@ def train(args: argparse.Namespace) -> None:
 
     from flextron.train import NonFiniteLossError, TrainConfig, init_distributed, load_train_data
     from flextron.train import train as train_model
-    from flextron.train.checkpoint import resumed_step
     from flextron.train.distributed import shutdown_distributed
     from flextron.train.rundir import check_run_dir, check_unlocked
+    from flextron.train.train_state import resumed_step
     from flextron.train.trainer import check_resume_steps
 
     check_unlocked(args.out)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from flextron.budget_configs import choose_budget_configs
+from flextron.budget_search import choose_budget_configs
+from flextron.checkpoint import save_pretrained
 from flextron.convert import convert
 from flextron.data import load_blocks
 from flextron.evaluate import archs_for_budgets, evaluate_archs, format_table, write_results
@@ -40,7 +41,7 @@ def run_demo(
     """Run the demo, writing out/model, out/results.json and out/perplexity.png; returns the rows.
 
     train_steps > 0 adds an elastic-training phase (trained once, then cached; see
-    flextron.train.demo) and writes out/results_trained.json and out/perplexity_trained.png.
+    flextron.train.demo_training) and writes out/results_trained.json and out/perplexity_trained.png.
     corpus: a directory from `flextron corpus` (calibration and training on its train/ text,
     perplexity on its heldout/ text); None: the built-in Python documentation.
     """
@@ -65,7 +66,7 @@ def run_demo(
     model.budget_configs = choose_budget_configs(
         model, calibration[:BUDGET_SAMPLES], [b for b in budgets if b < 1], source=str(train_text)
     )
-    model.save_pretrained(out / "model")
+    save_pretrained(model, out / "model")
     step(f"saved the converted model to {out / 'model'}")
 
     held_out = load_blocks(model.tokenizer, held_out_text, EVAL_SEQ_LEN, eval_blocks, split="eval")
@@ -76,7 +77,7 @@ def run_demo(
     step(f"wrote {out / 'results.json'} and {out / 'perplexity.png'}")
 
     if train_steps:
-        from flextron.train.demo import elastic_phase
+        from flextron.train.demo_training import elastic_phase
 
         step(f"elastic training, {train_steps} steps (distillation from the frozen converted model)")
         model, checkpoint, cached = elastic_phase(model, train_steps, str(train_text))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from flextron.checkpoint import save_figure_atomic, write_json_atomic
+from flextron.atomic_files import save_figure_atomic, write_json_atomic
 from flextron.config import ArchConfig
 from flextron.model import FlextronModel
 from flextron.objectives import PerplexityMeter

@@ -38,9 +38,10 @@ import numpy as np
 import torch
 
 from flextron.config import ArchConfig, ModelConfig
-from flextron.export import ModelCard, slice_model, write_model_card
 from flextron.model import FlextronModel
+from flextron.model_card import ModelCard, write_model_card
 from flextron.nn.rope import rope_frequencies
+from flextron.slicing import slice_model
 
 # --gguf-type -> (tensor type of 2-D weights, general.file_type)
 GGUF_TYPES = {
@@ -262,5 +263,5 @@ def export_gguf(
     path.mkdir(parents=True, exist_ok=True)
     target = path / gguf_file_name(gguf_type)
     write_gguf(model, arch, target, gguf_type, name=card.source if card else "")
-    write_model_card(path, model, arch, card, "gguf", gguf_type, [target.name])
+    write_model_card(path, model, arch, card=card, format="gguf", dtype=gguf_type, files=[target.name])
     return target

@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from flextron.budget import BudgetResolver, Selection, parse_shape
-from flextron.checkpoint import FORMAT, VERSION
+from flextron.checkpoint import FORMAT, VERSION, save_pretrained
 from flextron.config import ArchConfig, ModelConfig
 from flextron.model import FlextronModel
 from flextron.objectives import next_token_cross_entropy
@@ -260,7 +260,7 @@ class FlextronForCausalLM(PreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write the full elastic model as a Flextron directory (whatever this view's budget)."""
-        self.model.save_pretrained(save_directory)
+        save_pretrained(self.model, save_directory)
 
 
 class _CacheView:

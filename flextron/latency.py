@@ -289,7 +289,7 @@ class LatencyTable:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write to `path` (a model directory gets latency.json); returns the file written."""
-        from flextron.checkpoint import write_json_atomic
+        from flextron.atomic_files import write_json_atomic
 
         path = Path(path)
         if path.is_dir():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from flextron.checkpoint import is_flextron_dir
+from flextron.checkpoint import is_flextron_dir, load_pretrained
 from flextron.config import ModelConfig
 from flextron.local_hf import LOCAL_ONLY, existing_dir, load_local_tokenizer, refuse_custom_code
 from flextron.model import FlextronModel
@@ -159,5 +159,5 @@ def load_model(
             f"model not found: {path} (give a directory, a .gguf file, a hub id ORG/NAME or 'default')"
         )
     if is_flextron_dir(path):
-        return FlextronModel.from_pretrained(path, dtype, device)
+        return load_pretrained(path, dtype, device)
     return load_hf_dir(path, dtype, device)

@@ -14,7 +14,6 @@ chosen per call; see flextron.config for the budget rule and the head-choice rul
 
 from __future__ import annotations
 
-import os
 from typing import Protocol
 
 import torch
@@ -203,7 +202,7 @@ class FlextronModel(nn.Module):
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return ops.nested_linear(x, weight)  # (B, T, V); few-row (decode) kernel on CPU
 
-    # ---- checkpoints
+    # ---- construction from weights
 
     @classmethod
     def from_state_dict(cls, config: ModelConfig, weights: dict[str, torch.Tensor]) -> FlextronModel:
@@ -220,19 +219,3 @@ class FlextronModel(nn.Module):
         # Buffers are not in the state dict: rebuild them off the meta device.
         model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         return model.eval()
-
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write config.json + model.safetensors (+ tokenizer, importance) atomically."""
-        from flextron.checkpoint import save_pretrained  # imported here: checkpoint imports this module
-
-        save_pretrained(self, path)
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | None = None
-    ) -> FlextronModel:
-        """Load a directory written by save_pretrained (or flextron convert / export), its
-        floating-point weights in `dtype` (None: as stored) on `device` (None: CPU)."""
-        from flextron.checkpoint import load_pretrained  # imported here: checkpoint imports this module
-
-        return load_pretrained(path, dtype, device)

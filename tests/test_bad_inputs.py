@@ -190,12 +190,13 @@ def _write_json(path: Path, data) -> None:
 
 def _build_world(root: Path) -> None:
     """The files every case starts from (each case gets its own copy)."""
+    from flextron.checkpoint import save_pretrained
     from tests.tiny_models import tiny_flextron, tiny_hf_dir, tiny_tokenizer
 
     tiny_hf_dir(root / "hf")
     model = tiny_flextron()
     model.tokenizer = tiny_tokenizer()
-    model.save_pretrained(root / "conv")
+    save_pretrained(model, root / "conv")
     (root / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
     (root / "file.txt").write_text("a file, not a directory\n")
     (root / "full").mkdir()

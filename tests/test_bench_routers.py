@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flextron.checkpoint import save_pretrained
 from flextron.nn.routers import DynamicRouter, StaticRouter, save_routers
 from tests.test_latency import synthetic_table
 from tests.tiny_models import tiny_flextron, tiny_tokenizer
@@ -27,7 +28,7 @@ def load_bench():
 def test_bench_routers_reports_each_budget_against_the_lut_and_the_full_model_of_the_same_round(tmp_path):
     model = tiny_flextron()
     model.tokenizer = tiny_tokenizer()
-    model.save_pretrained(tmp_path / "model")
+    save_pretrained(model, tmp_path / "model")
     synthetic_table().save(tmp_path / "model")
     torch.manual_seed(0)
     routers = {
@@ -72,7 +73,7 @@ def test_bench_routers_reports_each_budget_against_the_lut_and_the_full_model_of
 def test_bench_routers_at_a_decode_shape_times_one_cached_step(tmp_path):
     model = tiny_flextron()
     model.tokenizer = tiny_tokenizer()
-    model.save_pretrained(tmp_path / "model")
+    save_pretrained(model, tmp_path / "model")
     synthetic_table().save(tmp_path / "model")  # has decode 1x64
     torch.manual_seed(0)
     save_routers(

@@ -9,15 +9,14 @@ import torch
 
 from flextron.budget_configs import (
     FILE,
-    calibration_loss,
     candidate_archs,
-    choose_budget_configs,
     fits,
     resolve_budget,
     smallest_budget,
 )
+from flextron.budget_search import calibration_loss, choose_budget_configs
+from flextron.checkpoint import load_pretrained, save_pretrained
 from flextron.config import ArchConfig, arch_for_budget
-from flextron.model import FlextronModel
 from flextron.train.sampling import SubnetSampler
 from tests.tiny_models import tiny_flextron
 
@@ -58,43 +57,43 @@ def test_saved_choices_are_used_and_survive_save_and_training_checkpoints(model_
     model.budget_configs.entries[0]["arch"] = other.to_dict()
     assert model.arch_for_budget(0.5) == other
     assert model.arch_for_budget(0.75) == arch_for_budget(model.config, 0.75)  # not saved: the rule
-    model.save_pretrained(tmp_path / "m")
-    loaded = FlextronModel.from_pretrained(tmp_path / "m")
+    save_pretrained(model, tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m")
     assert loaded.arch_for_budget(0.5) == other
     sampler = SubnetSampler(loaded.config, p_full=0.0, budgets=(0.5,), arch_for_budget=loaded.arch_for_budget)
     assert sampler.sample(0) == other and sampler.describe(other) == "budget 0.5"
     # Changed weights (as after training) are re-fingerprinted when saved.
     with torch.no_grad():
         loaded.layers[0].mlp.up_proj.weight.mul_(1.5)
-    loaded.save_pretrained(tmp_path / "trained")
-    assert FlextronModel.from_pretrained(tmp_path / "trained").arch_for_budget(0.5) == other
+    save_pretrained(loaded, tmp_path / "trained")
+    assert load_pretrained(tmp_path / "trained").arch_for_budget(0.5) == other
 
 
 def test_stale_and_foreign_files_are_refused(model_and_blocks, tmp_path) -> None:
     model, blocks = model_and_blocks
     model.budget_configs = choose_budget_configs(model, blocks, (0.5,), progress=False)
-    model.save_pretrained(tmp_path / "a")
+    save_pretrained(model, tmp_path / "a")
     # Stale: the weights changed after the choice, and the file was not rewritten.
-    weights = FlextronModel.from_pretrained(tmp_path / "a")
+    weights = load_pretrained(tmp_path / "a")
     weights.budget_configs = None
     with torch.no_grad():
         weights.layers[1].self_attn.q_proj.weight.add_(0.5)
-    weights.save_pretrained(tmp_path / "b")
+    save_pretrained(weights, tmp_path / "b")
     assert not (tmp_path / "b" / FILE).exists()
     (tmp_path / "b" / FILE).write_text((tmp_path / "a" / FILE).read_text())
     with pytest.raises(ValueError, match="stale"):
-        FlextronModel.from_pretrained(tmp_path / "b")
+        load_pretrained(tmp_path / "b")
     # Foreign: made for another architecture.
-    tiny_flextron(seed=1, num_hidden_layers=3).save_pretrained(tmp_path / "c")
+    save_pretrained(tiny_flextron(seed=1, num_hidden_layers=3), tmp_path / "c")
     (tmp_path / "c" / FILE).write_text((tmp_path / "a" / FILE).read_text())
     with pytest.raises(ValueError, match="another model"):
-        FlextronModel.from_pretrained(tmp_path / "c")
+        load_pretrained(tmp_path / "c")
     (tmp_path / "c" / FILE).write_text("[1, 2")
     with pytest.raises(ValueError, match="corrupt JSON"):
-        FlextronModel.from_pretrained(tmp_path / "c")
+        load_pretrained(tmp_path / "c")
     (tmp_path / "c" / FILE).write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="not a budget configurations file"):
-        FlextronModel.from_pretrained(tmp_path / "c")
+        load_pretrained(tmp_path / "c")
 
 
 def test_a_budget_that_nothing_fits_names_the_achievable_budgets(model_and_blocks) -> None:
@@ -128,7 +127,7 @@ def test_cli_convert_saves_choices_that_export_and_info_use(tmp_path, capsys) ->
     saved = json.loads((out / FILE).read_text())
     assert [entry["budget"] for entry in saved["budgets"]] == [0.5]
     # Point 0.5 at another candidate that fits: export and info must follow the file.
-    model = FlextronModel.from_pretrained(out)
+    model = load_pretrained(out)
     other = next(a for a in candidate_archs(model.config, 0.5) if a != model.arch_for_budget(0.5))
     saved["budgets"][0]["arch"] = other.to_dict()
     (out / FILE).write_text(json.dumps(saved))

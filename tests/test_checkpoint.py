@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from flextron.checkpoint import load_pretrained, save_pretrained
 from flextron.convert import convert
 from flextron.loading import load_model
 from flextron.model import FlextronModel
@@ -17,9 +18,9 @@ from tests.tiny_models import tiny_flextron
 def test_round_trip_is_exact(tmp_path, tied: bool) -> None:
     model = tiny_flextron(kv_heads=2, bias=True, tied=tied)
     convert(model, torch.randint(0, 300, (2, 16)), progress=False)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*")), "temporary files left behind"
-    loaded = FlextronModel.from_pretrained(tmp_path)
+    loaded = load_pretrained(tmp_path)
     assert loaded.config == model.config
     assert loaded.state_dict().keys() == model.state_dict().keys()
     for name, tensor in model.state_dict().items():
@@ -35,30 +36,30 @@ def test_round_trip_is_exact(tmp_path, tied: bool) -> None:
 
 
 def test_missing_and_corrupt_files_give_clear_errors(tmp_path) -> None:
-    tiny_flextron().save_pretrained(tmp_path)
+    save_pretrained(tiny_flextron(), tmp_path)
     with pytest.raises(FileNotFoundError, match="not found"):
-        FlextronModel.from_pretrained(tmp_path / "nowhere")
+        load_pretrained(tmp_path / "nowhere")
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ValueError, match="corrupt safetensors"):
-        FlextronModel.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
-        FlextronModel.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{oops")
     with pytest.raises(ValueError, match="corrupt JSON"):
-        FlextronModel.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="not a Flextron checkpoint"):
-        FlextronModel.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
     (tmp_path / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="missing config.json"):
-        FlextronModel.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
 
 def test_weights_that_do_not_match_the_config_are_rejected(tmp_path) -> None:
-    tiny_flextron().save_pretrained(tmp_path)
+    save_pretrained(tiny_flextron(), tmp_path)
     meta = json.loads((tmp_path / "config.json").read_text())
     meta["model"]["num_layers"] = 3
     (tmp_path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="does not match config.json"):
-        FlextronModel.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from flextron.checkpoint import load_pretrained
 from flextron.cli import COMMANDS, main
-from flextron.model import FlextronModel
 from tests.test_model import assert_logits_close
 from tests.tiny_models import tiny_hf_dir
 
@@ -35,7 +35,7 @@ def test_subcommands_exist() -> None:
 
 def test_convert_writes_a_flextron_directory_equal_to_the_source(converted) -> None:
     hf, out = converted
-    model = FlextronModel.from_pretrained(out)
+    model = load_pretrained(out)
     assert model.importance and model.tokenizer is not None
     ids = torch.randint(0, 300, (1, 19))
     with torch.no_grad():
@@ -79,7 +79,7 @@ def test_export_budget_loads_in_transformers(converted, tmp_path) -> None:
     _, out = converted
     assert main(["export", "--model", str(out), "--budget", "0.5", "--out", str(tmp_path / "small")]) == 0
     hf_small = LlamaForCausalLM.from_pretrained(tmp_path / "small", dtype=torch.float32).eval()
-    model = FlextronModel.from_pretrained(out)
+    model = load_pretrained(out)
     ids = torch.randint(0, 300, (1, 13))
     with torch.no_grad():
         assert_logits_close(hf_small(ids).logits, model(ids, model.arch_for_budget(0.5)))
@@ -102,7 +102,7 @@ def test_export_per_layer_arch_file(converted, tmp_path) -> None:
         )
         == 0
     )
-    assert FlextronModel.from_pretrained(tmp_path / "mixed").config.layer_num_heads == [2, 4]
+    assert load_pretrained(tmp_path / "mixed").config.layer_num_heads == [2, 4]
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from flextron.checkpoint import load_pretrained, save_pretrained
 from flextron.config import ArchConfig
 from flextron.convert import convert
 from flextron.export import export
-from flextron.model import FlextronModel
 from tests.test_model import assert_logits_close
 from tests.tiny_models import tiny_family_model, tiny_flextron
 
@@ -37,7 +37,7 @@ def test_per_layer_export_is_a_flextron_directory(tmp_path) -> None:
     model = tiny_flextron(kv_heads=2)
     arch = ArchConfig((64, 192), (4, 2))
     assert export(model, arch, tmp_path) == "flextron"
-    small = FlextronModel.from_pretrained(tmp_path)
+    small = load_pretrained(tmp_path)
     assert small.config.layer_intermediate_sizes == [64, 192] and small.config.layer_num_heads == [4, 2]
     assert small.num_parameters() == model.num_parameters(arch)
     stored = sum(t.numel() for t in small.state_dict().values())
@@ -69,8 +69,8 @@ def test_qwen2_and_mistral_export_to_their_own_classes(tmp_path, family: str) ->
     with torch.no_grad():
         assert_logits_close(small(ids).logits, model(ids, arch))
     # Saved and reloaded, the Flextron directory remembers its family.
-    model.save_pretrained(tmp_path / "elastic")
-    assert FlextronModel.from_pretrained(tmp_path / "elastic").config.model_type == family
+    save_pretrained(model, tmp_path / "elastic")
+    assert load_pretrained(tmp_path / "elastic").config.model_type == family
 
 
 def test_bf16_export_is_half_the_size_and_close(tmp_path) -> None:

@@ -22,9 +22,10 @@ import pytest
 import torch
 
 from flextron.config import ArchConfig
-from flextron.export import export, slice_model
+from flextron.export import export
 from flextron.export_gguf import GGUF_TYPES, encode
 from flextron.generate import stream_tokens
+from flextron.slicing import slice_model
 from tests.tiny_models import tiny_bpe_tokenizer, tiny_family_model, tiny_flextron
 
 F32_TOLERANCE = 1e-4

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, pipeline
 
 import flextron  # noqa: F401  (registers the Auto classes)
+from flextron.checkpoint import load_pretrained, save_pretrained
 from flextron.config import ArchConfig
 from flextron.hf_model import FlextronConfig, FlextronForCausalLM
 from flextron.model import FlextronModel
@@ -22,7 +23,7 @@ def flextron_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("hf_model") / "model"
     model = tiny_flextron(kv_heads=2)
     model.tokenizer = tiny_tokenizer()
-    model.save_pretrained(path)
+    save_pretrained(model, path)
     return path
 
 
@@ -31,7 +32,7 @@ def test_auto_classes_load_a_flextron_directory(flextron_dir) -> None:
     assert isinstance(AutoConfig.from_pretrained(flextron_dir), FlextronConfig)
     model = AutoModelForCausalLM.from_pretrained(flextron_dir)
     assert isinstance(model, FlextronForCausalLM) and model.tokenizer is not None
-    reference = FlextronModel.from_pretrained(flextron_dir)
+    reference = load_pretrained(flextron_dir)
     ids = torch.randint(3, 300, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids), rtol=0, atol=0)
@@ -123,7 +124,7 @@ def test_dtype_and_save(flextron_dir, tmp_path) -> None:
     assert model.dtype == torch.bfloat16 and model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert model.at(0.5)(torch.tensor([[5, 6, 7]])).logits.dtype == torch.bfloat16
     model.at(0.5).save_pretrained(tmp_path / "saved")  # a view saves the whole elastic model
-    again = FlextronModel.from_pretrained(tmp_path / "saved")
+    again = load_pretrained(tmp_path / "saved")
     assert again.config == model.model.config and again.embed_tokens.weight.dtype == torch.bfloat16
     with pytest.raises(TypeError, match="unsupported arguments"):
         AutoModelForCausalLM.from_pretrained(flextron_dir, load_in_8bit=True)
@@ -137,7 +138,7 @@ def test_directories_without_model_type_still_load(flextron_dir, tmp_path) -> No
     config = json.loads((old / "config.json").read_text())
     del config["model_type"]
     (old / "config.json").write_text(json.dumps(config))
-    assert isinstance(FlextronModel.from_pretrained(old), FlextronModel)
+    assert isinstance(load_pretrained(old), FlextronModel)
     model = FlextronForCausalLM.from_pretrained(old)
     assert model.at(0.5).arch == model.model.arch_for_budget(0.5)
 
@@ -150,7 +151,7 @@ def test_latency_targets_and_routers(tmp_path) -> None:
     from tests.test_latency import synthetic_table
 
     model = tiny_flextron()
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     synthetic_table().save(tmp_path)
     torch.manual_seed(0)
     save_routers(

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flextron.checkpoint import load_pretrained, save_pretrained
 from flextron.cli import COMMANDS, main
 from flextron.hub import is_hub_id, parse_dtype, resolve_model_dir
 from flextron.loading import load_model
@@ -37,7 +38,7 @@ def test_hub_ids_load_offline_from_a_filled_cache(tmp_path) -> None:
     def write_flextron(path: Path) -> None:
         model = tiny_flextron(kv_heads=2)
         model.tokenizer = tiny_tokenizer()
-        model.save_pretrained(path)
+        save_pretrained(model, path)
 
     fill_cache(home, "tiny-org/tiny-flextron", write_flextron)
     # A fresh process: huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when imported.
@@ -76,7 +77,7 @@ def test_loading_in_a_dtype_matches_casting(tmp_path, dtype) -> None:
     cast = load_model(tmp_path / "hf", parse_dtype(dtype))
     for name, tensor in full.state_dict().items():
         assert torch.equal(cast.state_dict()[name], tensor.to(parse_dtype(dtype))), name
-    full.save_pretrained(tmp_path / "flextron")
+    save_pretrained(full, tmp_path / "flextron")
     again = load_model(tmp_path / "flextron", parse_dtype(dtype))
     assert all(t.dtype == parse_dtype(dtype) for t in again.state_dict().values())
     # Integer tensors keep their dtype.
@@ -128,17 +129,17 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys) -> None:
 
 def test_float16_load_keeps_budget_configs(tmp_path) -> None:
     """budget_configs.json's fingerprint rounds to bfloat16: a float16 load checks the file as stored."""
-    from flextron.budget_configs import FILE, choose_budget_configs
-    from flextron.model import FlextronModel
+    from flextron.budget_configs import FILE
+    from flextron.budget_search import choose_budget_configs
 
     model = tiny_flextron()
     model.budget_configs = choose_budget_configs(model, torch.randint(3, 300, (2, 16)), progress=False)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        loaded = FlextronModel.from_pretrained(tmp_path, dtype)
+        loaded = load_pretrained(tmp_path, dtype)
         assert loaded.budget_configs is not None and loaded.embed_tokens.weight.dtype == dtype
     stale = tiny_flextron(seed=1)
-    stale.save_pretrained(tmp_path / "other")
+    save_pretrained(stale, tmp_path / "other")
     (tmp_path / "other" / FILE).write_bytes((tmp_path / FILE).read_bytes())
     with pytest.raises(ValueError, match="stale"):
-        FlextronModel.from_pretrained(tmp_path / "other", torch.float16)
+        load_pretrained(tmp_path / "other", torch.float16)

@@ -16,9 +16,9 @@ pytest.importorskip("lm_eval")
 from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+from flextron.checkpoint import load_pretrained
 from flextron.cli import main  # noqa: E402
 from flextron.lm_eval_backend import TASKS_DIR, FlextronLM  # noqa: E402
-from flextron.model import FlextronModel  # noqa: E402
 from tests.tiny_models import tiny_hf_dir  # noqa: E402
 
 TASKS = ["flextron_tiny_choice", "flextron_tiny_rolling", "flextron_tiny_generate"]
@@ -88,7 +88,7 @@ def test_bad_model_arguments(models) -> None:
 
 @pytest.mark.slow  # a fresh process importing lm-eval and indexing its tasks
 def test_command_line_with_an_arch_file(models, tmp_path) -> None:
-    model = FlextronModel.from_pretrained(models / "flextron")
+    model = load_pretrained(models / "flextron")
     arch = tmp_path / "half.json"
     arch.write_text(json.dumps(model.arch_for_budget(0.5).to_dict()))
     result = subprocess.run(

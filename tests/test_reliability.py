@@ -19,10 +19,11 @@ import pytest
 import torch
 
 from flextron import outputs
+from flextron.checkpoint import save_pretrained
 from flextron.cli import main
 from flextron.latency import LatencyTable, ShapeCosts
-from flextron.train.checkpoint import LATEST, latest_checkpoint, save_checkpoint
 from flextron.train.rundir import LOCK_FILE, RunLockedError, check_unlocked, run_lock
+from flextron.train.train_state import LATEST, latest_checkpoint, save_checkpoint
 from tests.tiny_models import tiny_flextron, tiny_hf_dir, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def flextron_dir(path: Path, chat_template: str | None = None) -> Path:
     model.tokenizer = tiny_tokenizer()
     if chat_template is not None:
         model.tokenizer.chat_template = chat_template
-    model.save_pretrained(path)
+    save_pretrained(model, path)
     return path
 
 

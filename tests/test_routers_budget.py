@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from flextron.budget import BudgetResolver, fit_to_latency, parse_shape
+from flextron.checkpoint import load_pretrained, save_pretrained
 from flextron.cli import main
 from flextron.latency import LUT_FILE, LatencyTable
 from flextron.loading import load_model
-from flextron.model import FlextronModel
 from flextron.nn.routers import DynamicRouter, StaticRouter, load_routers, save_routers
 from flextron.routing import calibration_grid
 from tests.test_latency import synthetic_table
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def model_dir(tmp_path):
     """A tiny model directory with the synthetic latency table and both routers."""
     model = tiny_flextron()
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     synthetic_table().save(tmp_path)
     torch.manual_seed(0)
     routers = {
@@ -367,7 +367,7 @@ def test_cli_profile_train_router_and_budget_driven_commands(tmp_path, capsys, m
         )
         == 0
     )
-    model = FlextronModel.from_pretrained(out)
+    model = load_pretrained(out)
     chosen = BudgetResolver(model, out).select(budget=0.5, routing="static").arch
     assert load_model(tmp_path / "small").num_parameters() == model.num_parameters(chosen)
     # export takes static configurations only

@@ -14,9 +14,9 @@ from flextron.config import ArchConfig, arch_for_budget
 from flextron.model import FlextronModel
 from flextron.objectives import distillation_loss
 from flextron.train import NonFiniteLossError, SubnetSampler, TrainConfig, TrainData, train
-from flextron.train.checkpoint import latest_checkpoint
-from flextron.train.data import BatchOrder, split_blocks
+from flextron.train.batches import BatchOrder, split_blocks
 from flextron.train.metrics import read_metrics
+from flextron.train.train_state import latest_checkpoint
 from flextron.train.trainer import lr_factor
 from tests.tiny_models import tiny_flextron
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flextron.model import FlextronModel
-from flextron.train.checkpoint import (
+from flextron.checkpoint import load_pretrained
+from flextron.train.train_state import (
     flatten_optimizer_state,
     latest_checkpoint,
     load_training_state,
@@ -58,7 +58,7 @@ def test_save_publishes_and_keeps_the_newest(tmp_path) -> None:
     trainer_state, optimizer_state, rng = load_training_state(path)
     assert trainer_state["step"] == 3 and trainer_state["note"] == 3
     assert torch.equal(rng["cpu"], torch.get_rng_state())
-    loaded = FlextronModel.from_pretrained(path)  # the checkpoint is a model directory too
+    loaded = load_pretrained(path)  # the checkpoint is a model directory too
     for name, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value)
     assert latest_checkpoint(tmp_path / "nothing-here") is None
@@ -68,31 +68,31 @@ def test_save_publishes_and_keeps_the_newest(tmp_path) -> None:
 CHILD = textwrap.dedent("""
     import sys, time
     import torch
-    import flextron.train.checkpoint as checkpoint
+    import flextron.train.train_state as train_state
     from tests.tiny_models import tiny_flextron
 
     root, point = sys.argv[1], sys.argv[2]
     model = tiny_flextron()
     optimizer = torch.optim.AdamW(model.parameters())
-    checkpoint.save_checkpoint(root, 1, model, optimizer.state_dict(), {})
+    train_state.save_checkpoint(root, 1, model, optimizer.state_dict(), {})
 
     def hang(*args, **kwargs):
         print("HANGING", flush=True)
         time.sleep(120)
 
     if point == "weights":  # half-way through the files: the weights written, the rest not
-        original = checkpoint.save_safetensors_atomic
+        original = train_state.save_safetensors_atomic
         def stall(path, *args, **kwargs):
-            if path.name == checkpoint.OPTIMIZER_FILE:
+            if path.name == train_state.OPTIMIZER_FILE:
                 hang()
             return original(path, *args, **kwargs)
-        checkpoint.save_safetensors_atomic = stall
+        train_state.save_safetensors_atomic = stall
     else:  # every file written, the directory not yet moved into place
-        checkpoint._publish = hang
+        train_state._publish = hang
     with torch.no_grad():
         for param in model.parameters():
             param.add_(1.0)  # step 2 differs from step 1
-    checkpoint.save_checkpoint(root, 2, model, optimizer.state_dict(), {})
+    train_state.save_checkpoint(root, 2, model, optimizer.state_dict(), {})
 """)
 
 
@@ -117,7 +117,7 @@ def test_sigkill_while_saving_leaves_the_last_good_checkpoint(tmp_path, point: s
     path = latest_checkpoint(tmp_path)
     assert path.name == "step-000001"
     load_training_state(path)
-    loaded = FlextronModel.from_pretrained(path)
+    loaded = load_pretrained(path)
     for name, value in tiny_flextron().state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
     # The next save cleans up after the killed one.

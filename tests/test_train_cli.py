@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from flextron.checkpoint import load_pretrained
 from flextron.cli import main
-from flextron.model import FlextronModel
 from flextron.train.metrics import read_metrics
 from tests.tiny_models import tiny_hf_dir
 
@@ -74,7 +74,7 @@ def test_train_stop_and_resume(converted, tmp_path, capsys) -> None:
     assert all(r["step_seconds"] > 0 for r in records if "loss" in r)  # whole-step wall time
     assert [r["step"] for r in records if "val" in r] == [0, 2, 4]
     assert (tmp_path / "metrics.png").is_file()
-    trained = FlextronModel.from_pretrained(tmp_path / "checkpoints" / "step-000004")
+    trained = load_pretrained(tmp_path / "checkpoints" / "step-000004")
     assert trained.tokenizer is not None and trained.importance  # a complete model directory
 
 

@@ -7,7 +7,7 @@ import copy
 import torch
 
 from flextron.convert import convert
-from flextron.train.demo import elastic_phase
+from flextron.train.demo_training import elastic_phase
 from tests.tiny_models import tiny_flextron, tiny_tokenizer
 
 

@@ -624,7 +624,7 @@ def save_routers(
 
     latency_shape: {"phase", "batch", "length"}: the LUT shape that budgets refer to.
     """
-    from flextron.checkpoint import save_safetensors_atomic, write_json_atomic
+    from flextron.atomic_files import save_safetensors_atomic, write_json_atomic
 
     for kind in routers:
         if kind not in ROUTER_KINDS:

@@ -1,15 +1,15 @@
 """Elastic continued training with distillation (DESIGN §1 step 3): `flextron train`.
 
-sampling: which sub-network each micro-batch trains; data: packed blocks, validation split,
+sampling: which sub-network each micro-batch trains; batches: packed blocks, validation split,
 resumable batch order; trainer: the loop, its loss KD + alpha * CE from flextron.objectives;
-checkpoint: atomic, resumable checkpoints; distributed: torchrun DDP / FSDP2; metrics: JSONL
-log and plot.
+train_state: atomic, resumable training-state checkpoints; distributed: torchrun DDP / FSDP2;
+metrics: JSONL log and plot; demo_training: the cached training phase of `flextron demo`.
 """
 
-from flextron.train.checkpoint import latest_checkpoint, save_checkpoint
-from flextron.train.data import TrainData, load_train_data
+from flextron.train.batches import TrainData, load_train_data
 from flextron.train.distributed import DistContext, init_distributed
 from flextron.train.sampling import SubnetSampler
+from flextron.train.train_state import latest_checkpoint, save_checkpoint
 from flextron.train.trainer import NonFiniteLossError, TrainConfig, train
 
 __all__ = [

@@ -6,7 +6,7 @@ no grad) with loss = KD + alpha * CE (flextron.objectives.distillation_loss).  A
 weight decay on norms and biases), linear warm-up then cosine decay to min_lr_ratio * lr, gradient
 clipping, gradient accumulation, optional bf16 autocast.  Rank 0 logs metrics.jsonl,
 plots metrics.png, validates (perplexity at eval_budgets) every eval_every steps, and
-checkpoints every save_every steps and at the end (flextron.train.checkpoint).
+checkpoints every save_every steps and at the end (flextron.train.train_state).
 
 A step is one optimizer update: accumulation_steps micro-batches of batch_size blocks
 (the global batch, split across data-parallel ranks).
@@ -23,22 +23,23 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from flextron.checkpoint import load_pretrained
 from flextron.config import check_budget
 from flextron.evaluate import perplexity
 from flextron.model import FlextronModel
 from flextron.objectives import distillation_loss
-from flextron.train.checkpoint import (
+from flextron.train.batches import BatchOrder, TrainData
+from flextron.train.distributed import DistContext
+from flextron.train.metrics import MetricsLog, plot_metrics, read_metrics
+from flextron.train.rundir import check_run_dir, clear_run, run_lock
+from flextron.train.sampling import RULES, SubnetSampler
+from flextron.train.train_state import (
     RESUME_FIELDS,
     latest_checkpoint,
     load_training_state,
     save_checkpoint,
     set_rng_states,
 )
-from flextron.train.data import BatchOrder, TrainData
-from flextron.train.distributed import DistContext
-from flextron.train.metrics import MetricsLog, plot_metrics, read_metrics
-from flextron.train.rundir import check_run_dir, clear_run, run_lock
-from flextron.train.sampling import RULES, SubnetSampler
 
 # Settings a resumed run must share with the run it continues, or it would not continue it.
 RESUME_INVARIANTS = ("batch_size", "accumulation_steps", "seed", "rule", "p_full", "budgets", "min_fraction")
@@ -256,7 +257,7 @@ def _train(
     if checkpoint is not None:
         trainer_state, optimizer_state, rng = load_training_state(checkpoint, RESUME_FIELDS)
         _check_resume(trainer_state["config"], config, data.train.shape[0], trainer_state["num_train_blocks"])
-        weights = FlextronModel.from_pretrained(checkpoint).state_dict()
+        weights = load_pretrained(checkpoint).state_dict()
         context.load_full_state(model, optimizer, weights, optimizer_state)
         start_step = trainer_state["step"]
         check_resume_steps(start_step, config.steps, stop_after)

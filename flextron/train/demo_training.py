@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
+from flextron.checkpoint import load_pretrained
 from flextron.model import FlextronModel
-from flextron.train.checkpoint import latest_checkpoint
-from flextron.train.data import load_train_data
+from flextron.train.batches import load_train_data
+from flextron.train.train_state import latest_checkpoint
 from flextron.train.trainer import TrainConfig, train
 
 SEQ_LEN = 128
@@ -79,5 +80,5 @@ def elastic_phase(
         model.eval()
         return model, latest_checkpoint(run / "checkpoints"), False
     with torch.no_grad():
-        model.load_state_dict(FlextronModel.from_pretrained(cached).state_dict())
+        model.load_state_dict(load_pretrained(cached).state_dict())
     return model.eval(), cached, True

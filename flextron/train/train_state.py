@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic, resumable, and free of pickle.
+"""Training-state checkpoints: atomic, resumable, and free of pickle.
 
 Layout under the run directory:
 
@@ -31,7 +31,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from flextron.checkpoint import save_pretrained, save_safetensors_atomic, temp_prefix, write_json_atomic
+from flextron.atomic_files import save_safetensors_atomic, temp_prefix, write_json_atomic
+from flextron.checkpoint import save_pretrained
 from flextron.model import FlextronModel
 from flextron.outputs import fsync_dir, fsync_tree, remove_stale
 
@@ -174,7 +175,7 @@ def load_training_state(
     path: str | os.PathLike,
     fields: dict = CHECKPOINT_FIELDS,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
-    """(trainer_state, optimizer_state, rng_states) of a checkpoint directory (weights: from_pretrained);
+    """(trainer_state, optimizer_state, rng_states) of a checkpoint directory (weights: load_pretrained);
     trainer.json must hold `fields`."""
     path = Path(path)
     trainer_state = read_trainer_state(path, fields)

@@ -1,4 +1,4 @@
-"""Training data: packed blocks, a validation split, and a resumable batch order.
+"""Training batches: packed blocks, a validation split, and a resumable batch order.
 
 Blocks come from flextron.data (text files, directories, JSONL, saved `datasets`, or the
 built-in corpus).  Validation: for the built-in corpus its held-out topics; for any other
