@@ -25,15 +25,19 @@ from typing import Any
 
 from flextron.cliargs import (
     OneLineParser,
+    budget_float,
+    config_from_args,
+    config_options,
     float_in,
     non_negative_float,
     non_negative_int,
+    parse_budgets,
     positive_float,
     positive_int,
-    unit_float,
 )
+from flextron.demo import DemoConfig
+from flextron.train.trainer import TrainConfig
 
-budget_float = float_in(0.0, 1.0, low_open=True)
 fraction_float = float_in(0.0, 1.0, high_open=True)
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, tuple]] = {}
@@ -70,13 +74,6 @@ def load_options() -> tuple[tuple[tuple[str, ...], dict[str, Any]], ...]:
         ),
         arg("--device", choices=DEVICES, default="cpu"),
     )
-
-
-def parse_budgets(text: str) -> list[float]:
-    budgets = [budget_float(part) for part in text.split(",") if part.strip()]
-    if not budgets:
-        raise argparse.ArgumentTypeError("expected comma-separated budgets in (0, 1], got none")
-    return budgets
 
 
 def _load(source: str, args: argparse.Namespace | None = None, *checks: Callable[[Any], None]):
@@ -446,9 +443,9 @@ def generate(args: argparse.Namespace) -> None:
         model,
         args.prompt,
         arch,
-        args.max_new_tokens,
-        args.temperature,
-        args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
         chat=not args.no_chat,
         seed=args.seed,
         on_text=show,
@@ -526,7 +523,7 @@ def export(args: argparse.Namespace) -> None:
             model,
             arch,
             staged,
-            args.format,
+            format=args.format,
             max_shard_size=args.max_shard_size,
             gguf_type=args.gguf_type,
             card=card,
@@ -1056,40 +1053,7 @@ def train_router(args: argparse.Namespace) -> None:
         help="validation share (builtin: its held-out split)",
     ),
     arg("--val-blocks", type=non_negative_int, default=8, help="at most this many validation blocks"),
-    arg("--steps", type=positive_int, default=100),
-    arg("--batch-size", type=positive_int, default=4, help="blocks per micro-batch, global across ranks"),
-    arg("--accumulation-steps", type=positive_int, default=1),
-    arg("--lr", type=positive_float, default=1e-4),
-    arg("--warmup-steps", type=non_negative_int, default=10),
-    arg("--min-lr-ratio", type=unit_float, default=0.1),
-    arg("--weight-decay", type=non_negative_float, default=0.01),
-    arg("--clip-grad-norm", type=positive_float, default=1.0),
-    arg("--temperature", type=positive_float, default=1.0, help="KD softmax temperature"),
-    arg(
-        "--alpha",
-        type=non_negative_float,
-        default=0.0,
-        help="weight of the LM (cross-entropy) loss next to KD",
-    ),
-    arg("--rule", choices=("budget", "random", "mixed"), default="budget", help="sub-network sampling"),
-    arg("--p-full", type=unit_float, default=1 / 3, help="probability of training the full model"),
-    arg("--budgets", type=parse_budgets, default=[0.25, 0.5, 0.75], help="budgets the budget rule samples"),
-    arg("--eval-budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25]),
-    arg(
-        "--eval-every",
-        type=non_negative_int,
-        default=50,
-        help="validate every N steps (0: start and end only)",
-    ),
-    arg(
-        "--save-every",
-        type=non_negative_int,
-        default=100,
-        help="checkpoint every N steps (0: at the end only)",
-    ),
-    arg("--bf16", action="store_true", help="bfloat16 autocast for the forward passes"),
-    arg("--freeze-embeddings", action="store_true", help="do not train the embedding / tied LM head"),
-    arg("--seed", type=int, default=0),
+    *config_options(TrainConfig),
     arg("--resume", action="store_true", help="continue from OUT/checkpoints/latest.json"),
     arg(
         "--overwrite",
@@ -1114,62 +1078,16 @@ def train_router(args: argparse.Namespace) -> None:
 def train(args: argparse.Namespace) -> None:
     import copy
 
-    from flextron.train import NonFiniteLossError, TrainConfig, init_distributed, load_train_data
+    from flextron.train import NonFiniteLossError, init_distributed
     from flextron.train import train as train_model
-    from flextron.train.checkpoint import resumed_step
     from flextron.train.distributed import shutdown_distributed
-    from flextron.train.rundir import check_run_dir, check_unlocked
-    from flextron.train.trainer import check_resume_steps
 
-    check_unlocked(args.out)
-    check_run_dir(args.out, args.resume, args.overwrite)
-    if args.resume:  # the checkpoint's step, read before anything is loaded
-        step = resumed_step(Path(args.out) / "checkpoints")
-        if step is not None:
-            check_resume_steps(step, args.steps, args.stop_after)
-
-    config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        accumulation_steps=args.accumulation_steps,
-        lr=args.lr,
-        min_lr_ratio=args.min_lr_ratio,
-        warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
-        clip_grad_norm=args.clip_grad_norm,
-        train_embeddings=not args.freeze_embeddings,
-        temperature=args.temperature,
-        alpha=args.alpha,
-        rule=args.rule,
-        p_full=args.p_full,
-        budgets=tuple(args.budgets),
-        bf16=args.bf16,
-        eval_every=args.eval_every,
-        eval_budgets=tuple(args.eval_budgets),
-        save_every=args.save_every,
-        seed=args.seed,
-    )
+    _check_train_run(args)
+    config = config_from_args(TrainConfig, args)
     _set_threads(args.threads)
     context = init_distributed(args.device, args.fsdp)
     try:
-        model = _load(args.model, None, _fits_context("--seq-len", args.seq_len, 1))
-        if model.tokenizer is None:
-            raise ValueError(f"{args.model} has no tokenizer: training text cannot be tokenized")
-        if not model.importance:
-            print(
-                f"warning: {args.model} is not converted; sub-networks are unranked prefixes "
-                "(run flextron convert first)",
-                file=sys.stderr,
-            )
-        data = load_train_data(
-            model.tokenizer, args.data, args.seq_len + 1, args.val_fraction, args.val_blocks
-        )
-        if context.is_main:
-            print(
-                f"{data.train.shape[0]} training and {data.val.shape[0]} validation blocks of "
-                f"{args.seq_len + 1} tokens; {context.world_size} process(es) on {context.device}",
-                file=sys.stderr,
-            )
+        model, data = _training_model_and_data(args, context)
         teacher = copy.deepcopy(model)  # the frozen original: also the teacher of a resumed run
         try:
             result = train_model(
@@ -1178,8 +1096,8 @@ def train(args: argparse.Namespace) -> None:
                 data,
                 config,
                 args.out,
-                args.resume,
-                context,
+                resume=args.resume,
+                context=context,
                 stop_after=args.stop_after,
                 overwrite=args.overwrite,
             )
@@ -1196,46 +1114,56 @@ def train(args: argparse.Namespace) -> None:
         print(f"checkpoint (a Flextron model directory): {final}")
 
 
+def _check_train_run(args: argparse.Namespace) -> None:
+    """Refuse a locked, occupied or unresumable --out before anything is loaded."""
+    from flextron.train.checkpoint import resumed_step
+    from flextron.train.rundir import check_run_dir, check_unlocked
+    from flextron.train.trainer import check_resume_steps
+
+    check_unlocked(args.out)
+    check_run_dir(args.out, args.resume, args.overwrite)
+    if args.resume:  # the checkpoint's step
+        step = resumed_step(Path(args.out) / "checkpoints")
+        if step is not None:
+            check_resume_steps(step, args.steps, args.stop_after)
+
+
+def _training_model_and_data(args: argparse.Namespace, context) -> tuple[Any, Any]:
+    """The model to train (from --model) and its TrainData of --seq-len + 1 token blocks."""
+    from flextron.train import load_train_data
+
+    model = _load(args.model, None, _fits_context("--seq-len", args.seq_len, 1))
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer: training text cannot be tokenized")
+    if not model.importance:
+        print(
+            f"warning: {args.model} is not converted; sub-networks are unranked prefixes "
+            "(run flextron convert first)",
+            file=sys.stderr,
+        )
+    data = load_train_data(model.tokenizer, args.data, args.seq_len + 1, args.val_fraction, args.val_blocks)
+    if context.is_main:
+        print(
+            f"{data.train.shape[0]} training and {data.val.shape[0]} validation blocks of "
+            f"{args.seq_len + 1} tokens; {context.world_size} process(es) on {context.device}",
+            file=sys.stderr,
+        )
+    return model, data
+
+
 @command(
     "demo",
     "the embedded SmolLM2 end to end: convert, perplexity per budget, plot, answers",
     arg("--out", default="runs/demo", help="directory for the converted model, table, JSON and plot"),
-    arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25]),
-    arg("--calib-samples", type=positive_int, default=16),
-    arg("--eval-blocks", type=positive_int, default=12, help="held-out blocks of 256 tokens"),
-    arg("--prompt", default="What is the capital of France? Answer in one sentence."),
-    arg("--max-new-tokens", type=positive_int, default=40),
-    arg(
-        "--train-steps",
-        type=non_negative_int,
-        default=40,
-        help="elastic-training steps, trained once, cached (0: none)",
-    ),
-    arg(
-        "--corpus",
-        default=None,
-        help="a `flextron corpus` directory: calibrate and train on its train/ text, measure on heldout/ "
-        "(default: the built-in Python documentation)",
-    ),
+    *config_options(DemoConfig),
 )
 def demo(args: argparse.Namespace) -> None:
     from flextron.demo import run_demo
     from flextron.outputs import check_output_dir
 
-    corpus = None if args.corpus is None else Path(args.corpus)
-    if corpus is not None and not (corpus / "corpus.json").is_file():
-        raise ValueError(f"--corpus {corpus}: not a corpus directory (build one with `make corpus`)")
+    config = config_from_args(DemoConfig, args)
     check_output_dir(args.out, overwrite=True)  # a cache: reused, never replaced wholesale
-    run_demo(
-        Path(args.out),
-        args.budgets,
-        args.calib_samples,
-        args.eval_blocks,
-        args.prompt,
-        args.max_new_tokens,
-        args.train_steps,
-        corpus,
-    )
+    run_demo(Path(args.out), config)
 
 
 # ---- entry point

@@ -175,7 +175,7 @@ def export_hf(
         save_tokenizer_atomic(small.tokenizer, path)
     files = write_safetensors_shards(path, hf_state_dict(small), max_shard_size)
     write_json_atomic(path / "generation_config.json", generation_config(small))
-    write_model_card(path, model, arch, card, "hf", weights_dtype, files)
+    write_model_card(path, model, arch, card, format="hf", dtype=weights_dtype, files=files)
     write_json_atomic(path / "config.json", hf_config)  # last: its presence marks a complete export
 
 
@@ -191,7 +191,7 @@ def export_flextron(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dtype = small.embed_tokens.weight.dtype
-    write_model_card(path, model, arch, card, "flextron", dtype, ["model.safetensors"])
+    write_model_card(path, model, arch, card, format="flextron", dtype=dtype, files=["model.safetensors"])
     small.save_pretrained(path)
 
 
@@ -210,6 +210,7 @@ def export(
     model: FlextronModel,
     arch: ArchConfig,
     path: str | os.PathLike,
+    *,
     format: str = "auto",
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
@@ -307,6 +308,7 @@ def write_model_card(
     model: FlextronModel,
     arch: ArchConfig,
     card: ModelCard | None,
+    *,
     format: str,
     dtype: torch.dtype | str,
     files: list[str],

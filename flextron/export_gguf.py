@@ -262,5 +262,5 @@ def export_gguf(
     path.mkdir(parents=True, exist_ok=True)
     target = path / gguf_file_name(gguf_type)
     write_gguf(model, arch, target, gguf_type, name=card.source if card else "")
-    write_model_card(path, model, arch, card, "gguf", gguf_type, [target.name])
+    write_model_card(path, model, arch, card, format="gguf", dtype=gguf_type, files=[target.name])
     return target

@@ -30,6 +30,7 @@ class SubnetSampler:
         self,
         config: ModelConfig,
         rule: str = "budget",
+        *,
         p_full: float = 1 / 3,
         budgets: tuple[float, ...] = (0.25, 0.5, 0.75),
         min_fraction: float = 0.25,
