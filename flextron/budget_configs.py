@@ -31,11 +31,36 @@ from pathlib import Path
 
 import torch
 
-from flextron.config import ArchConfig, ModelConfig, arch_for_budget, check_budget, layer_weights
+from flextron.cliargs import option, parse_budgets, positive_int
+from flextron.config import (
+    DEFAULT_BUDGETS,
+    ArchConfig,
+    ModelConfig,
+    arch_for_budget,
+    check_budget,
+    layer_weights,
+)
 
 FILE = "budget_configs.json"
 FORMAT, VERSION = "flextron-budget-configs", 1
-DEFAULT_BUDGETS = (0.25, 0.5, 0.75)
+
+
+@dataclass
+class CalibrationConfig:
+    """How calibration text is cut and batched, and which budgets get a configuration chosen on
+    it: the options `flextron convert` and `flextron choose-budgets` share."""
+
+    seq_len: int = option(256, "tokens per calibration block", type=positive_int)
+    batch_size: int = option(4, "calibration blocks per forward pass", type=positive_int)
+    budgets: tuple[float, ...] = option(
+        DEFAULT_BUDGETS, "budgets whose configurations are chosen by calibration loss", type=parse_budgets
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"CalibrationConfig.{name} must be positive, got {getattr(self, name)}")
+        self.budgets = tuple(check_budget(b) for b in self.budgets)
 
 
 def weight_limit(config: ModelConfig, budget: float) -> float:
@@ -212,20 +237,21 @@ def calibration_loss(model, blocks: torch.Tensor, arch: ArchConfig, batch_size: 
 def choose_budget_configs(
     model,
     blocks: torch.Tensor,
-    budgets=DEFAULT_BUDGETS,
-    batch_size: int = 4,
+    config: CalibrationConfig | None = None,
     source: str = "",
     progress: bool = True,
 ) -> BudgetConfigs:
-    """Measure every candidate of every budget on `blocks` (N, S) and keep the best of each."""
+    """Measure every candidate of each of config.budgets on `blocks` (N, S) and keep the best of each.
+
+    source: where the calibration text came from (recorded in the file)."""
     from tqdm.auto import tqdm
 
-    config = model.config
+    calibration = config or CalibrationConfig()
     entries = []
-    for budget in tqdm(sorted({check_budget(b) for b in budgets}), desc="budgets", disable=not progress):
+    for budget in tqdm(sorted(set(calibration.budgets)), desc="budgets", disable=not progress):
         measured = []
-        for arch in candidate_archs(config, budget):
-            loss = calibration_loss(model, blocks, arch, batch_size)
+        for arch in candidate_archs(model.config, budget):
+            loss = calibration_loss(model, blocks, arch, calibration.batch_size)
             measured.append({"arch": arch.to_dict(), "loss": loss, "parameters": model.num_parameters(arch)})
         rule = measured[0]
         best = min(measured, key=lambda m: m["loss"])

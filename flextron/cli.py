@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flextron.budget_configs import CalibrationConfig
 from flextron.cliargs import (
     OneLineParser,
     budget_float,
@@ -35,6 +36,7 @@ from flextron.cliargs import (
     positive_float,
     positive_int,
 )
+from flextron.config import REPORTED_BUDGETS
 from flextron.demo import DemoConfig
 from flextron.train.trainer import TrainConfig
 
@@ -213,7 +215,7 @@ def _resolver(model, args: argparse.Namespace):
     "info",
     "show a model's configuration, sub-network choices and parameters per budget",
     MODEL,
-    arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25]),
+    arg("--budgets", type=parse_budgets, default=list(REPORTED_BUDGETS)),
 )
 def info(args: argparse.Namespace) -> None:
     from flextron import ops
@@ -242,14 +244,7 @@ def info(args: argparse.Namespace) -> None:
     arg("--overwrite", action="store_true", help="replace a non-empty --out directory"),
     arg("--calib", default="builtin", help="calibration text: builtin | file | dir | .jsonl | saved dataset"),
     arg("--samples", type=positive_int, default=32, help="calibration blocks"),
-    arg("--seq-len", type=positive_int, default=256, help="tokens per calibration block"),
-    arg("--batch-size", type=positive_int, default=4),
-    arg(
-        "--budgets",
-        type=parse_budgets,
-        default=[0.25, 0.5, 0.75],
-        help="budgets whose configurations are chosen by calibration loss (see choose-budgets)",
-    ),
+    *config_options(CalibrationConfig),
     arg(
         "--budget-samples",
         type=non_negative_int,
@@ -262,25 +257,26 @@ def convert(args: argparse.Namespace) -> None:
     from flextron.data import load_blocks
     from flextron.outputs import check_output_dir, staged_output
 
+    config = config_from_args(CalibrationConfig, args)
     check_output_dir(args.out, overwrite=args.overwrite, sources=_sources(args.model))
-    model = _load(args.model, args, _fits_context("--seq-len", args.seq_len))
+    model = _load(args.model, args, _fits_context("--seq-len", config.seq_len))
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer: calibration text cannot be tokenized")
-    blocks = load_blocks(model.tokenizer, args.calib, args.seq_len, args.samples, split="train")
+    blocks = load_blocks(model.tokenizer, args.calib, config.seq_len, args.samples, split="train")
     print(f"calibrating on {blocks.shape[0]} x {blocks.shape[1]} tokens", file=sys.stderr)
-    convert_model(model, blocks, args.batch_size)
+    convert_model(model, blocks, config)
     if args.budget_samples > 0:
-        _choose_budgets(model, blocks[: args.budget_samples], args.budgets, args.batch_size, args.calib)
+        _choose_budgets(model, blocks[: args.budget_samples], config, args.calib)
     with staged_output(args.out, args.overwrite) as staged:
         model.save_pretrained(staged)
     print(f"saved the converted model (and importance.safetensors) to {args.out}")
 
 
-def _choose_budgets(model, blocks, budgets: list[float], batch_size: int, source: str) -> None:
+def _choose_budgets(model, blocks, config: CalibrationConfig, source: str) -> None:
     from flextron.budget_configs import choose_budget_configs
 
     print(f"choosing budget configurations on {blocks.shape[0]} x {blocks.shape[1]} tokens", file=sys.stderr)
-    model.budget_configs = choose_budget_configs(model, blocks, budgets, batch_size, source)
+    model.budget_configs = choose_budget_configs(model, blocks, config, source)
     for entry in model.budget_configs.entries:
         arch = entry["arch"]
         shape = (
@@ -299,21 +295,20 @@ def _choose_budgets(model, blocks, budgets: list[float], batch_size: int, source
     "choose each budget's configuration by calibration loss; saves budget_configs.json",
     arg("--model", required=True, help="a Flextron directory (from convert or train)"),
     arg("--data", default="builtin", help="calibration text: builtin | file | dir | .jsonl | saved dataset"),
-    arg("--budgets", type=parse_budgets, default=[0.25, 0.5, 0.75]),
     arg("--samples", type=positive_int, default=8, help="calibration blocks"),
-    arg("--seq-len", type=positive_int, default=256, help="tokens per calibration block"),
-    arg("--batch-size", type=positive_int, default=4),
+    *config_options(CalibrationConfig),
 )
 def choose_budgets(args: argparse.Namespace) -> None:
     from flextron.budget_configs import FILE
     from flextron.data import load_blocks
     from flextron.outputs import check_output_file
 
+    config = config_from_args(CalibrationConfig, args)
     directory = _flextron_dir(args.model)
     check_output_file(directory / FILE, "--model")
-    model = _load(args.model, None, _fits_context("--seq-len", args.seq_len))
-    blocks = load_blocks(model.tokenizer, args.data, args.seq_len, args.samples, split="train")
-    _choose_budgets(model, blocks, args.budgets, args.batch_size, args.data)
+    model = _load(args.model, None, _fits_context("--seq-len", config.seq_len))
+    blocks = load_blocks(model.tokenizer, args.data, config.seq_len, args.samples, split="train")
+    _choose_budgets(model, blocks, config, args.data)
     model.budget_configs.save(args.model, model, model.config)
     print(f"saved {args.model}/budget_configs.json")
 
@@ -342,7 +337,7 @@ def corpus(args: argparse.Namespace) -> None:
     MODEL,
     *load_options(),
     arg("--data", default="builtin", help="builtin (held-out split) | file | dir | .jsonl | saved dataset"),
-    arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25], help="comma-separated, in (0, 1]"),
+    arg("--budgets", type=parse_budgets, default=list(REPORTED_BUDGETS), help="comma-separated, in (0, 1]"),
     arg("--arch", help="JSON file: a configuration or a {name: configuration} map (instead of budgets)"),
     arg(
         "--latency-ms",
@@ -566,7 +561,7 @@ def _flextron_dir(path: str) -> Path:
     "prefill and decode tokens/s at several budgets, optionally against transformers",
     MODEL,
     *load_options(),
-    arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25], help="comma-separated, in (0, 1]"),
+    arg("--budgets", type=parse_budgets, default=list(REPORTED_BUDGETS), help="comma-separated, in (0, 1]"),
     arg("--prompt-len", type=positive_int, default=128, help="prompt tokens (batch 1)"),
     arg("--new-tokens", type=positive_int, default=32, help="greedy decode steps after the prompt"),
     arg("--repeats", type=positive_int, default=3),

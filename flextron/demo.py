@@ -17,15 +17,16 @@ from pathlib import Path
 
 import torch
 
-from flextron.budget_configs import choose_budget_configs
+from flextron.budget_configs import CalibrationConfig, choose_budget_configs
 from flextron.cliargs import non_negative_int, option, parse_budgets, positive_int
+from flextron.config import REPORTED_BUDGETS
 from flextron.convert import convert
 from flextron.data import load_blocks
 from flextron.evaluate import archs_for_budgets, evaluate_archs, format_table, write_results
 from flextron.generate import generate_text
 from flextron.loading import load_default
 
-CALIB_SEQ_LEN = EVAL_SEQ_LEN = 256
+EVAL_SEQ_LEN = 256
 BUDGET_SAMPLES = 8  # calibration blocks that choose each budget's configuration
 MIN_NEW_TOKENS = 4  # untrained small budgets tend to answer with EOS at once: show what they say
 
@@ -34,7 +35,7 @@ MIN_NEW_TOKENS = 4  # untrained small budgets tend to answer with EOS at once: s
 class DemoConfig:
     """Settings of the demo; the fields are `flextron demo`'s options."""
 
-    budgets: tuple[float, ...] = option((1.0, 0.75, 0.5, 0.25), "budgets to measure", type=parse_budgets)
+    budgets: tuple[float, ...] = option(REPORTED_BUDGETS, "budgets to measure", type=parse_budgets)
     calib_samples: int = option(16, "calibration blocks of 256 tokens", type=positive_int)
     eval_blocks: int = option(12, "held-out blocks of 256 tokens", type=positive_int)
     prompt: str = option("What is the capital of France? Answer in one sentence.", "the prompt answered")
@@ -77,7 +78,7 @@ def run_demo(out: Path, config: DemoConfig) -> list[dict]:
     model = load_default()
     step(
         f"{model.num_parameters() / 1e6:.1f}M parameters, {model.config.num_layers} layers; converting on "
-        f"{config.calib_samples} x {CALIB_SEQ_LEN} calibration tokens of {train_text}"
+        f"{config.calib_samples} x {CalibrationConfig.seq_len} calibration tokens of {train_text}"
     )
     _convert(model, config, train_text, step)
     model.save_pretrained(out / "model")
@@ -116,11 +117,14 @@ def run_demo(out: Path, config: DemoConfig) -> list[dict]:
 
 def _convert(model, config: DemoConfig, train_text: str | Path, step: Callable[[str], None]) -> None:
     """Convert the model on calibration text and choose each budget's configuration on it."""
-    calibration = load_blocks(model.tokenizer, train_text, CALIB_SEQ_LEN, config.calib_samples, split="train")
-    convert(model, calibration, batch_size=4)
+    calibration = CalibrationConfig(budgets=tuple(b for b in config.budgets if b < 1))
+    blocks = load_blocks(
+        model.tokenizer, train_text, calibration.seq_len, config.calib_samples, split="train"
+    )
+    convert(model, blocks, calibration)
     step("choosing each budget's configuration by calibration loss (flextron.budget_configs)")
     model.budget_configs = choose_budget_configs(
-        model, calibration[:BUDGET_SAMPLES], [b for b in config.budgets if b < 1], source=str(train_text)
+        model, blocks[:BUDGET_SAMPLES], calibration, source=str(train_text)
     )
 
 

@@ -33,7 +33,7 @@ from flextron.cliargs import (
     positive_int,
     unit_float,
 )
-from flextron.config import check_budget
+from flextron.config import DEFAULT_BUDGETS, REPORTED_BUDGETS, check_budget
 from flextron.evaluate import perplexity
 from flextron.model import FlextronModel
 from flextron.train.checkpoint import (
@@ -83,7 +83,7 @@ class TrainConfig:
     rule: str = option("budget", "sub-network sampling", choices=RULES)
     p_full: float = option(1 / 3, "probability of training the full model", type=unit_float)
     budgets: tuple[float, ...] = option(
-        (0.25, 0.5, 0.75), "budgets the budget rule samples", type=parse_budgets
+        DEFAULT_BUDGETS, "budgets the budget rule samples", type=parse_budgets
     )
     min_fraction: float = 0.25
     # ---- numerics
@@ -91,7 +91,7 @@ class TrainConfig:
     # ---- feedback and checkpoints
     eval_every: int = option(50, "validate every N steps (0: start and end only)", type=non_negative_int)
     eval_budgets: tuple[float, ...] = option(
-        (1.0, 0.75, 0.5, 0.25), "budgets whose perplexity is validated", type=parse_budgets
+        REPORTED_BUDGETS, "budgets whose perplexity is validated", type=parse_budgets
     )
     eval_batch_size: int = 4
     save_every: int = option(100, "checkpoint every N steps (0: at the end only)", type=non_negative_int)
