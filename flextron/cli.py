@@ -38,6 +38,8 @@ from flextron.cliargs import (
 )
 from flextron.config import REPORTED_BUDGETS
 from flextron.demo import DemoConfig
+from flextron.export import DEFAULT_MAX_SHARD_SIZE
+from flextron.export import FORMATS as EXPORT_FORMATS
 from flextron.train.trainer import TrainConfig
 
 fraction_float = float_in(0.0, 1.0, high_open=True)
@@ -474,11 +476,15 @@ def generate(args: argparse.Namespace) -> None:
     arg("--arch", help="JSON file with one configuration (per-layer allowed) instead of --budget"),
     arg(
         "--format",
-        choices=("auto", "hf", "flextron", "gguf"),
+        choices=EXPORT_FORMATS,
         default="auto",
         help="auto: Hugging Face (the source family's class) for uniform configurations, else Flextron",
     ),
-    arg("--max-shard-size", default="5GB", help="hf: split the safetensors above this size (e.g. 500MB)"),
+    arg(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help="hf: split the safetensors above this size (e.g. 500MB)",
+    ),
     arg(
         "--gguf-type", choices=("f32", "f16", "bf16", "q8_0"), default=None, help="gguf weights (default f16)"
     ),

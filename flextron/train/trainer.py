@@ -225,8 +225,8 @@ def train(
                 clear_run(out)
         _check_data(student, data, config, context)
         run = _start_run(student, teacher, data, config, out, context)
-        start_step = run.resume(latest_checkpoint(out / "checkpoints") if resume else None, stop_after)
-        return _train(run, start_step, stop_after, progress)
+        start_step = run.restore(latest_checkpoint(out / "checkpoints") if resume else None, stop_after)
+        return _run_steps(run, start_step, stop_after, progress)
 
 
 def _check_data(student: FlextronModel, data: TrainData, config: TrainConfig, context: DistContext) -> None:
@@ -284,15 +284,16 @@ class TrainingRun:
         return blocks * (self.data.train.shape[1] - 1)
 
     def autocast(self) -> torch.autocast:
+        """bfloat16 autocast of the forward passes when config.bf16 (else a no-op)."""
         return torch.autocast(self.context.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
-    def resume(self, checkpoint: Path | None, stop_after: int | None) -> int:
+    def restore(self, checkpoint: Path | None, stop_after: int | None) -> int:
         """Load weights, optimizer, schedule, data order and RNG states from checkpoint; its step.
 
         With no checkpoint, the run starts at step 0 (its metrics log is cleared).
         """
         if checkpoint is None:
-            self._open_log(0)
+            self._trim_log(0)
             return 0
         trainer_state, optimizer_state, rng = load_training_state(checkpoint, RESUME_FIELDS)
         _check_resume(
@@ -310,10 +311,10 @@ class TrainingRun:
                 f"{checkpoint / 'trainer.json'}: corrupt scheduler or data state ({error!r})"
             ) from error
         set_rng_states(rng)
-        self._open_log(step)
+        self._trim_log(step)
         return step
 
-    def _open_log(self, step: int) -> None:
+    def _trim_log(self, step: int) -> None:
         """Drop the log's records after `step` (all of them for a fresh run)."""
         if self.log is None:
             return
@@ -449,7 +450,7 @@ def _start_run(
     )
 
 
-def _train(run: TrainingRun, start_step: int, stop_after: int | None, progress: bool) -> dict[str, Any]:
+def _run_steps(run: TrainingRun, start_step: int, stop_after: int | None, progress: bool) -> dict[str, Any]:
     """Steps start_step.. of the run, validating and checkpointing on schedule (see train)."""
     config = run.config
     end = config.steps if stop_after is None else min(config.steps, stop_after)
