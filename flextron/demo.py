@@ -36,7 +36,7 @@ class DemoConfig:
     """Settings of the demo; the fields are `flextron demo`'s options."""
 
     budgets: tuple[float, ...] = option(REPORTED_BUDGETS, "budgets to measure", type=parse_budgets)
-    calib_samples: int = option(16, "calibration blocks of 256 tokens", type=positive_int)
+    calib_samples: int = option(16, "calibration blocks", type=positive_int)
     eval_blocks: int = option(12, "held-out blocks of 256 tokens", type=positive_int)
     prompt: str = option("What is the capital of France? Answer in one sentence.", "the prompt answered")
     max_new_tokens: int = option(40, "tokens of each answer", type=positive_int)
