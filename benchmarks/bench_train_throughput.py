@@ -130,11 +130,11 @@ def main() -> None:
     sampler = SubnetSampler(
         student.config,
         config.rule,
-        config.p_full,
-        config.budgets,
-        config.min_fraction,
-        config.seed,
-        student.arch_for_budget,
+        p_full=config.p_full,
+        budgets=config.budgets,
+        min_fraction=config.min_fraction,
+        seed=config.seed,
+        arch_for_budget=student.arch_for_budget,
     )
     acc = args.accumulation_steps
     steps = []

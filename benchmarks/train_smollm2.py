@@ -99,7 +99,7 @@ def main() -> None:
     model = load_default()
     tokenizer = model.tokenizer
     calibration = load_blocks(tokenizer, "builtin", 256, args.calib_samples, split="train")
-    convert(model, calibration, batch_size=4, progress=False)
+    convert(model, calibration, progress=False)
     say(f"converted on {calibration.numel()} calibration tokens")
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
 

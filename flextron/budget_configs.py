@@ -32,11 +32,36 @@ from pathlib import Path
 import torch
 
 from flextron.atomic_files import write_json_atomic
-from flextron.config import ArchConfig, ModelConfig, arch_for_budget, check_budget, layer_weights
+from flextron.cliargs import option, parse_budgets, positive_int
+from flextron.config import (
+    DEFAULT_BUDGETS,
+    ArchConfig,
+    ModelConfig,
+    arch_for_budget,
+    check_budget,
+    layer_weights,
+)
 
 FILE = "budget_configs.json"
 FORMAT, VERSION = "flextron-budget-configs", 1
-DEFAULT_BUDGETS = (0.25, 0.5, 0.75)
+
+
+@dataclass
+class CalibrationConfig:
+    """How calibration text is cut and batched, and which budgets get a configuration chosen on
+    it: the options `flextron convert` and `flextron choose-budgets` share."""
+
+    seq_len: int = option(256, "tokens per calibration block", type=positive_int)
+    batch_size: int = option(4, "calibration blocks per forward pass", type=positive_int)
+    budgets: tuple[float, ...] = option(
+        DEFAULT_BUDGETS, "budgets whose configurations are chosen by calibration loss", type=parse_budgets
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"CalibrationConfig.{name} must be positive, got {getattr(self, name)}")
+        self.budgets = tuple(check_budget(b) for b in self.budgets)
 
 
 def weight_limit(config: ModelConfig, budget: float) -> float:

@@ -13,8 +13,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from flextron.budget_configs import DEFAULT_BUDGETS, BudgetConfigs, candidate_archs
-from flextron.config import ArchConfig, check_budget
+from flextron.budget_configs import BudgetConfigs, CalibrationConfig, candidate_archs
+from flextron.config import ArchConfig
 from flextron.evaluate import perplexity
 from flextron.model import FlextronModel
 
@@ -30,18 +30,19 @@ def calibration_loss(
 def choose_budget_configs(
     model: FlextronModel,
     blocks: torch.Tensor,
-    budgets: tuple[float, ...] | list[float] = DEFAULT_BUDGETS,
-    batch_size: int = 4,
+    config: CalibrationConfig | None = None,
     source: str = "",
     progress: bool = True,
 ) -> BudgetConfigs:
-    """Measure every candidate of every budget on `blocks` (N, S) and keep the best of each."""
-    config = model.config
+    """Measure every candidate of each of config.budgets on `blocks` (N, S) and keep the best of each.
+
+    source: where the calibration text came from (recorded in the file)."""
+    calibration = config or CalibrationConfig()
     entries = []
-    for budget in tqdm(sorted({check_budget(b) for b in budgets}), desc="budgets", disable=not progress):
+    for budget in tqdm(sorted(set(calibration.budgets)), desc="budgets", disable=not progress):
         measured = []
-        for arch in candidate_archs(config, budget):
-            loss = calibration_loss(model, blocks, arch, batch_size)
+        for arch in candidate_archs(model.config, budget):
+            loss = calibration_loss(model, blocks, arch, calibration.batch_size)
             measured.append({"arch": arch.to_dict(), "loss": loss, "parameters": model.num_parameters(arch)})
         rule = measured[0]
         best = min(measured, key=lambda m: m["loss"])

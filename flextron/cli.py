@@ -23,17 +23,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flextron.budget_configs import CalibrationConfig
 from flextron.cliargs import (
     OneLineParser,
+    budget_float,
+    config_from_args,
+    config_options,
     float_in,
     non_negative_float,
     non_negative_int,
+    parse_budgets,
     positive_float,
     positive_int,
-    unit_float,
 )
+from flextron.config import REPORTED_BUDGETS
+from flextron.demo import DemoConfig
+from flextron.export import DEFAULT_MAX_SHARD_SIZE
+from flextron.export import FORMATS as EXPORT_FORMATS
+from flextron.train.trainer import TrainConfig
 
-budget_float = float_in(0.0, 1.0, low_open=True)
 fraction_float = float_in(0.0, 1.0, high_open=True)
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, tuple]] = {}
@@ -70,13 +78,6 @@ def load_options() -> tuple[tuple[tuple[str, ...], dict[str, Any]], ...]:
         ),
         arg("--device", choices=DEVICES, default="cpu"),
     )
-
-
-def parse_budgets(text: str) -> list[float]:
-    budgets = [budget_float(part) for part in text.split(",") if part.strip()]
-    if not budgets:
-        raise argparse.ArgumentTypeError("expected comma-separated budgets in (0, 1], got none")
-    return budgets
 
 
 def _load(source: str, args: argparse.Namespace | None = None, *checks: Callable[[Any], None]):
@@ -216,7 +217,7 @@ def _resolver(model, args: argparse.Namespace):
     "info",
     "show a model's configuration, sub-network choices and parameters per budget",
     MODEL,
-    arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25]),
+    arg("--budgets", type=parse_budgets, default=list(REPORTED_BUDGETS)),
 )
 def info(args: argparse.Namespace) -> None:
     from flextron import ops
@@ -245,14 +246,7 @@ def info(args: argparse.Namespace) -> None:
     arg("--overwrite", action="store_true", help="replace a non-empty --out directory"),
     arg("--calib", default="builtin", help="calibration text: builtin | file | dir | .jsonl | saved dataset"),
     arg("--samples", type=positive_int, default=32, help="calibration blocks"),
-    arg("--seq-len", type=positive_int, default=256, help="tokens per calibration block"),
-    arg("--batch-size", type=positive_int, default=4),
-    arg(
-        "--budgets",
-        type=parse_budgets,
-        default=[0.25, 0.5, 0.75],
-        help="budgets whose configurations are chosen by calibration loss (see choose-budgets)",
-    ),
+    *config_options(CalibrationConfig),
     arg(
         "--budget-samples",
         type=non_negative_int,
@@ -266,25 +260,26 @@ def convert(args: argparse.Namespace) -> None:
     from flextron.data import load_blocks
     from flextron.outputs import check_output_dir, staged_output
 
+    config = config_from_args(CalibrationConfig, args)
     check_output_dir(args.out, overwrite=args.overwrite, sources=_sources(args.model))
-    model = _load(args.model, args, _fits_context("--seq-len", args.seq_len))
+    model = _load(args.model, args, _fits_context("--seq-len", config.seq_len))
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer: calibration text cannot be tokenized")
-    blocks = load_blocks(model.tokenizer, args.calib, args.seq_len, args.samples, split="train")
+    blocks = load_blocks(model.tokenizer, args.calib, config.seq_len, args.samples, split="train")
     print(f"calibrating on {blocks.shape[0]} x {blocks.shape[1]} tokens", file=sys.stderr)
-    convert_model(model, blocks, args.batch_size)
+    convert_model(model, blocks, config)
     if args.budget_samples > 0:
-        _choose_budgets(model, blocks[: args.budget_samples], args.budgets, args.batch_size, args.calib)
+        _choose_budgets(model, blocks[: args.budget_samples], config, args.calib)
     with staged_output(args.out, args.overwrite) as staged:
         save_pretrained(model, staged)
     print(f"saved the converted model (and importance.safetensors) to {args.out}")
 
 
-def _choose_budgets(model, blocks, budgets: list[float], batch_size: int, source: str) -> None:
+def _choose_budgets(model, blocks, config: CalibrationConfig, source: str) -> None:
     from flextron.budget_search import choose_budget_configs
 
     print(f"choosing budget configurations on {blocks.shape[0]} x {blocks.shape[1]} tokens", file=sys.stderr)
-    model.budget_configs = choose_budget_configs(model, blocks, budgets, batch_size, source)
+    model.budget_configs = choose_budget_configs(model, blocks, config, source)
     for entry in model.budget_configs.entries:
         arch = entry["arch"]
         shape = (
@@ -303,21 +298,20 @@ def _choose_budgets(model, blocks, budgets: list[float], batch_size: int, source
     "choose each budget's configuration by calibration loss; saves budget_configs.json",
     arg("--model", required=True, help="a Flextron directory (from convert or train)"),
     arg("--data", default="builtin", help="calibration text: builtin | file | dir | .jsonl | saved dataset"),
-    arg("--budgets", type=parse_budgets, default=[0.25, 0.5, 0.75]),
     arg("--samples", type=positive_int, default=8, help="calibration blocks"),
-    arg("--seq-len", type=positive_int, default=256, help="tokens per calibration block"),
-    arg("--batch-size", type=positive_int, default=4),
+    *config_options(CalibrationConfig),
 )
 def choose_budgets(args: argparse.Namespace) -> None:
     from flextron.budget_configs import FILE
     from flextron.data import load_blocks
     from flextron.outputs import check_output_file
 
+    config = config_from_args(CalibrationConfig, args)
     directory = _flextron_dir(args.model)
     check_output_file(directory / FILE, "--model")
-    model = _load(args.model, None, _fits_context("--seq-len", args.seq_len))
-    blocks = load_blocks(model.tokenizer, args.data, args.seq_len, args.samples, split="train")
-    _choose_budgets(model, blocks, args.budgets, args.batch_size, args.data)
+    model = _load(args.model, None, _fits_context("--seq-len", config.seq_len))
+    blocks = load_blocks(model.tokenizer, args.data, config.seq_len, args.samples, split="train")
+    _choose_budgets(model, blocks, config, args.data)
     model.budget_configs.save(args.model, model, model.config)
     print(f"saved {args.model}/budget_configs.json")
 
@@ -346,7 +340,7 @@ def corpus(args: argparse.Namespace) -> None:
     MODEL,
     *load_options(),
     arg("--data", default="builtin", help="builtin (held-out split) | file | dir | .jsonl | saved dataset"),
-    arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25], help="comma-separated, in (0, 1]"),
+    arg("--budgets", type=parse_budgets, default=list(REPORTED_BUDGETS), help="comma-separated, in (0, 1]"),
     arg("--arch", help="JSON file: a configuration or a {name: configuration} map (instead of budgets)"),
     arg(
         "--latency-ms",
@@ -447,9 +441,9 @@ def generate(args: argparse.Namespace) -> None:
         model,
         args.prompt,
         arch,
-        args.max_new_tokens,
-        args.temperature,
-        args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
         chat=not args.no_chat,
         seed=args.seed,
         on_text=show,
@@ -483,11 +477,15 @@ def generate(args: argparse.Namespace) -> None:
     arg("--arch", help="JSON file with one configuration (per-layer allowed) instead of --budget"),
     arg(
         "--format",
-        choices=("auto", "hf", "flextron", "gguf"),
+        choices=EXPORT_FORMATS,
         default="auto",
         help="auto: Hugging Face (the source family's class) for uniform configurations, else Flextron",
     ),
-    arg("--max-shard-size", default="5GB", help="hf: split the safetensors above this size (e.g. 500MB)"),
+    arg(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help="hf: split the safetensors above this size (e.g. 500MB)",
+    ),
     arg(
         "--gguf-type", choices=("f32", "f16", "bf16", "q8_0"), default=None, help="gguf weights (default f16)"
     ),
@@ -527,7 +525,7 @@ def export(args: argparse.Namespace) -> None:
             model,
             arch,
             staged,
-            args.format,
+            format=args.format,
             max_shard_size=args.max_shard_size,
             gguf_type=args.gguf_type,
             card=card,
@@ -570,7 +568,7 @@ def _flextron_dir(path: str) -> Path:
     "prefill and decode tokens/s at several budgets, optionally against transformers",
     MODEL,
     *load_options(),
-    arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25], help="comma-separated, in (0, 1]"),
+    arg("--budgets", type=parse_budgets, default=list(REPORTED_BUDGETS), help="comma-separated, in (0, 1]"),
     arg("--prompt-len", type=positive_int, default=128, help="prompt tokens (batch 1)"),
     arg("--new-tokens", type=positive_int, default=32, help="greedy decode steps after the prompt"),
     arg("--repeats", type=positive_int, default=3),
@@ -1058,40 +1056,7 @@ def train_router(args: argparse.Namespace) -> None:
         help="validation share (builtin: its held-out split)",
     ),
     arg("--val-blocks", type=non_negative_int, default=8, help="at most this many validation blocks"),
-    arg("--steps", type=positive_int, default=100),
-    arg("--batch-size", type=positive_int, default=4, help="blocks per micro-batch, global across ranks"),
-    arg("--accumulation-steps", type=positive_int, default=1),
-    arg("--lr", type=positive_float, default=1e-4),
-    arg("--warmup-steps", type=non_negative_int, default=10),
-    arg("--min-lr-ratio", type=unit_float, default=0.1),
-    arg("--weight-decay", type=non_negative_float, default=0.01),
-    arg("--clip-grad-norm", type=positive_float, default=1.0),
-    arg("--temperature", type=positive_float, default=1.0, help="KD softmax temperature"),
-    arg(
-        "--alpha",
-        type=non_negative_float,
-        default=0.0,
-        help="weight of the LM (cross-entropy) loss next to KD",
-    ),
-    arg("--rule", choices=("budget", "random", "mixed"), default="budget", help="sub-network sampling"),
-    arg("--p-full", type=unit_float, default=1 / 3, help="probability of training the full model"),
-    arg("--budgets", type=parse_budgets, default=[0.25, 0.5, 0.75], help="budgets the budget rule samples"),
-    arg("--eval-budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25]),
-    arg(
-        "--eval-every",
-        type=non_negative_int,
-        default=50,
-        help="validate every N steps (0: start and end only)",
-    ),
-    arg(
-        "--save-every",
-        type=non_negative_int,
-        default=100,
-        help="checkpoint every N steps (0: at the end only)",
-    ),
-    arg("--bf16", action="store_true", help="bfloat16 autocast for the forward passes"),
-    arg("--freeze-embeddings", action="store_true", help="do not train the embedding / tied LM head"),
-    arg("--seed", type=int, default=0),
+    *config_options(TrainConfig),
     arg("--resume", action="store_true", help="continue from OUT/checkpoints/latest.json"),
     arg(
         "--overwrite",
@@ -1116,62 +1081,16 @@ def train_router(args: argparse.Namespace) -> None:
 def train(args: argparse.Namespace) -> None:
     import copy
 
-    from flextron.train import NonFiniteLossError, TrainConfig, init_distributed, load_train_data
+    from flextron.train import NonFiniteLossError, init_distributed
     from flextron.train import train as train_model
     from flextron.train.distributed import shutdown_distributed
-    from flextron.train.rundir import check_run_dir, check_unlocked
-    from flextron.train.train_state import resumed_step
-    from flextron.train.trainer import check_resume_steps
 
-    check_unlocked(args.out)
-    check_run_dir(args.out, args.resume, args.overwrite)
-    if args.resume:  # the checkpoint's step, read before anything is loaded
-        step = resumed_step(Path(args.out) / "checkpoints")
-        if step is not None:
-            check_resume_steps(step, args.steps, args.stop_after)
-
-    config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        accumulation_steps=args.accumulation_steps,
-        lr=args.lr,
-        min_lr_ratio=args.min_lr_ratio,
-        warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
-        clip_grad_norm=args.clip_grad_norm,
-        train_embeddings=not args.freeze_embeddings,
-        temperature=args.temperature,
-        alpha=args.alpha,
-        rule=args.rule,
-        p_full=args.p_full,
-        budgets=tuple(args.budgets),
-        bf16=args.bf16,
-        eval_every=args.eval_every,
-        eval_budgets=tuple(args.eval_budgets),
-        save_every=args.save_every,
-        seed=args.seed,
-    )
+    _check_train_run(args)
+    config = config_from_args(TrainConfig, args)
     _set_threads(args.threads)
     context = init_distributed(args.device, args.fsdp)
     try:
-        model = _load(args.model, None, _fits_context("--seq-len", args.seq_len, 1))
-        if model.tokenizer is None:
-            raise ValueError(f"{args.model} has no tokenizer: training text cannot be tokenized")
-        if not model.importance:
-            print(
-                f"warning: {args.model} is not converted; sub-networks are unranked prefixes "
-                "(run flextron convert first)",
-                file=sys.stderr,
-            )
-        data = load_train_data(
-            model.tokenizer, args.data, args.seq_len + 1, args.val_fraction, args.val_blocks
-        )
-        if context.is_main:
-            print(
-                f"{data.train.shape[0]} training and {data.val.shape[0]} validation blocks of "
-                f"{args.seq_len + 1} tokens; {context.world_size} process(es) on {context.device}",
-                file=sys.stderr,
-            )
+        model, data = _training_model_and_data(args, context)
         teacher = copy.deepcopy(model)  # the frozen original: also the teacher of a resumed run
         try:
             result = train_model(
@@ -1180,8 +1099,8 @@ def train(args: argparse.Namespace) -> None:
                 data,
                 config,
                 args.out,
-                args.resume,
-                context,
+                resume=args.resume,
+                context=context,
                 stop_after=args.stop_after,
                 overwrite=args.overwrite,
             )
@@ -1198,46 +1117,56 @@ def train(args: argparse.Namespace) -> None:
         print(f"checkpoint (a Flextron model directory): {final}")
 
 
+def _check_train_run(args: argparse.Namespace) -> None:
+    """Refuse a locked, occupied or unresumable --out before anything is loaded."""
+    from flextron.train.rundir import check_run_dir, check_unlocked
+    from flextron.train.train_state import resumed_step
+    from flextron.train.trainer import check_resume_steps
+
+    check_unlocked(args.out)
+    check_run_dir(args.out, args.resume, args.overwrite)
+    if args.resume:  # the checkpoint's step
+        step = resumed_step(Path(args.out) / "checkpoints")
+        if step is not None:
+            check_resume_steps(step, args.steps, args.stop_after)
+
+
+def _training_model_and_data(args: argparse.Namespace, context) -> tuple[Any, Any]:
+    """The model to train (from --model) and its TrainData of --seq-len + 1 token blocks."""
+    from flextron.train import load_train_data
+
+    model = _load(args.model, None, _fits_context("--seq-len", args.seq_len, 1))
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer: training text cannot be tokenized")
+    if not model.importance:
+        print(
+            f"warning: {args.model} is not converted; sub-networks are unranked prefixes "
+            "(run flextron convert first)",
+            file=sys.stderr,
+        )
+    data = load_train_data(model.tokenizer, args.data, args.seq_len + 1, args.val_fraction, args.val_blocks)
+    if context.is_main:
+        print(
+            f"{data.train.shape[0]} training and {data.val.shape[0]} validation blocks of "
+            f"{args.seq_len + 1} tokens; {context.world_size} process(es) on {context.device}",
+            file=sys.stderr,
+        )
+    return model, data
+
+
 @command(
     "demo",
     "the embedded SmolLM2 end to end: convert, perplexity per budget, plot, answers",
     arg("--out", default="runs/demo", help="directory for the converted model, table, JSON and plot"),
-    arg("--budgets", type=parse_budgets, default=[1.0, 0.75, 0.5, 0.25]),
-    arg("--calib-samples", type=positive_int, default=16),
-    arg("--eval-blocks", type=positive_int, default=12, help="held-out blocks of 256 tokens"),
-    arg("--prompt", default="What is the capital of France? Answer in one sentence."),
-    arg("--max-new-tokens", type=positive_int, default=40),
-    arg(
-        "--train-steps",
-        type=non_negative_int,
-        default=40,
-        help="elastic-training steps, trained once, cached (0: none)",
-    ),
-    arg(
-        "--corpus",
-        default=None,
-        help="a `flextron corpus` directory: calibrate and train on its train/ text, measure on heldout/ "
-        "(default: the built-in Python documentation)",
-    ),
+    *config_options(DemoConfig),
 )
 def demo(args: argparse.Namespace) -> None:
     from flextron.demo import run_demo
     from flextron.outputs import check_output_dir
 
-    corpus = None if args.corpus is None else Path(args.corpus)
-    if corpus is not None and not (corpus / "corpus.json").is_file():
-        raise ValueError(f"--corpus {corpus}: not a corpus directory (build one with `make corpus`)")
+    config = config_from_args(DemoConfig, args)
     check_output_dir(args.out, overwrite=True)  # a cache: reused, never replaced wholesale
-    run_demo(
-        Path(args.out),
-        args.budgets,
-        args.calib_samples,
-        args.eval_blocks,
-        args.prompt,
-        args.max_new_tokens,
-        args.train_steps,
-        corpus,
-    )
+    run_demo(Path(args.out), config)
 
 
 # ---- entry point

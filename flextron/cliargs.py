@@ -73,6 +73,15 @@ non_negative_int = int_at_least(0)
 positive_float = float_in(0.0, low_open=True)
 non_negative_float = float_in(0.0)
 unit_float = float_in(0.0, 1.0)
+budget_float = float_in(0.0, 1.0, low_open=True)
+
+
+def parse_budgets(text: str) -> list[float]:
+    """Comma-separated budgets, each in (0, 1]."""
+    budgets = [budget_float(part) for part in text.split(",") if part.strip()]
+    if not budgets:
+        raise argparse.ArgumentTypeError("expected comma-separated budgets in (0, 1], got none")
+    return budgets
 
 
 # ---- options generated from config dataclasses

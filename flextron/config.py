@@ -377,6 +377,13 @@ def _nearest(choices: list[int], target: float) -> int:
     return min(choices, key=lambda c: (abs(c - target), -c))
 
 
+# The budgets below the full model that a model is prepared for by default: each gets a chosen
+# configuration (flextron.budget_configs) and is trained (flextron.train).
+DEFAULT_BUDGETS = (0.25, 0.5, 0.75)
+# The budgets measured and reported by default, the full model first.
+REPORTED_BUDGETS = (1.0, 0.75, 0.5, 0.25)
+
+
 def check_budget(budget: float) -> float:
     """Raise ValueError unless 0 < budget <= 1."""
     if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0.0 < budget <= 1.0:

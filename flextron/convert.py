@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from flextron.budget_configs import CalibrationConfig
 from flextron.config import ModelConfig
 from flextron.model import FlextronModel
 
@@ -145,11 +146,14 @@ def permute(model: FlextronModel, orders: dict[str, torch.Tensor]) -> None:
 
 
 def convert(
-    model: FlextronModel, blocks: torch.Tensor, batch_size: int = 4, progress: bool = True
+    model: FlextronModel,
+    blocks: torch.Tensor,
+    config: CalibrationConfig | None = None,
+    progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Rank on `blocks`, permute `model` in place, and keep the (re-ordered) scores and the
-    orders in model.importance.  Returns model.importance."""
-    scores = compute_importance(model, blocks, batch_size, progress)
+    """Rank on `blocks` (N, S) in batches of config.batch_size, permute `model` in place, and keep
+    the (re-ordered) scores and the orders in model.importance.  Returns model.importance."""
+    scores = compute_importance(model, blocks, (config or CalibrationConfig()).batch_size, progress)
     orders = orders_from_importance(model.config, scores)
     permute(model, orders)
     model.importance = {

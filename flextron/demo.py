@@ -11,40 +11,62 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from flextron.budget_configs import CalibrationConfig
 from flextron.budget_search import choose_budget_configs
 from flextron.checkpoint import save_pretrained
+from flextron.cliargs import non_negative_int, option, parse_budgets, positive_int
+from flextron.config import REPORTED_BUDGETS
 from flextron.convert import convert
 from flextron.data import load_blocks
 from flextron.evaluate import archs_for_budgets, evaluate_archs, format_table, write_results
 from flextron.generate import generate_text
 from flextron.loading import load_default
 
-CALIB_SEQ_LEN = EVAL_SEQ_LEN = 256
+EVAL_SEQ_LEN = 256
 BUDGET_SAMPLES = 8  # calibration blocks that choose each budget's configuration
 MIN_NEW_TOKENS = 4  # untrained small budgets tend to answer with EOS at once: show what they say
 
 
-def run_demo(
-    out: Path,
-    budgets: list[float],
-    calib_samples: int = 16,
-    eval_blocks: int = 12,
-    prompt: str = "What is the capital of France? Answer in one sentence.",
-    max_new_tokens: int = 40,
-    train_steps: int = 0,
-    corpus: Path | None = None,
-) -> list[dict]:
+@dataclass
+class DemoConfig:
+    """Settings of the demo; the fields are `flextron demo`'s options."""
+
+    budgets: tuple[float, ...] = option(REPORTED_BUDGETS, "budgets to measure", type=parse_budgets)
+    calib_samples: int = option(16, "calibration blocks", type=positive_int)
+    eval_blocks: int = option(12, "held-out blocks of 256 tokens", type=positive_int)
+    prompt: str = option("What is the capital of France? Answer in one sentence.", "the prompt answered")
+    max_new_tokens: int = option(40, "tokens of each answer", type=positive_int)
+    train_steps: int = option(
+        40, "elastic-training steps, trained once, cached (0: none)", type=non_negative_int
+    )
+    corpus: str | None = option(
+        None,
+        "a `flextron corpus` directory: calibrate and train on its train/ text, measure on heldout/ "
+        "(default: the built-in Python documentation)",
+    )
+
+    def __post_init__(self) -> None:
+        if not self.budgets:
+            raise ValueError("DemoConfig.budgets must list at least one budget")
+        if self.corpus is not None and not (Path(self.corpus) / "corpus.json").is_file():
+            raise ValueError(f"--corpus {self.corpus}: not a corpus directory (build one with `make corpus`)")
+
+
+def run_demo(out: Path, config: DemoConfig) -> list[dict]:
     """Run the demo, writing out/model, out/results.json and out/perplexity.png; returns the rows.
 
-    train_steps > 0 adds an elastic-training phase (trained once, then cached; see
+    config.train_steps > 0 adds an elastic-training phase (trained once, then cached; see
     flextron.train.demo_training) and writes out/results_trained.json and out/perplexity_trained.png.
-    corpus: a directory from `flextron corpus` (calibration and training on its train/ text,
-    perplexity on its heldout/ text); None: the built-in Python documentation.
+    config.corpus: a directory from `flextron corpus` (calibration and training on its train/
+    text, perplexity on its heldout/ text); None: the built-in Python documentation.
     """
+    corpus = None if config.corpus is None else Path(config.corpus)
     train_text, held_out_text = (
         ("builtin", "builtin") if corpus is None else (corpus / "train", corpus / "heldout")
     )
@@ -58,54 +80,67 @@ def run_demo(
     model = load_default()
     step(
         f"{model.num_parameters() / 1e6:.1f}M parameters, {model.config.num_layers} layers; converting on "
-        f"{calib_samples} x {CALIB_SEQ_LEN} calibration tokens of {train_text}"
+        f"{config.calib_samples} x {CalibrationConfig.seq_len} calibration tokens of {train_text}"
     )
-    calibration = load_blocks(model.tokenizer, train_text, CALIB_SEQ_LEN, calib_samples, split="train")
-    convert(model, calibration, batch_size=4)
-    step("choosing each budget's configuration by calibration loss (flextron.budget_configs)")
-    model.budget_configs = choose_budget_configs(
-        model, calibration[:BUDGET_SAMPLES], [b for b in budgets if b < 1], source=str(train_text)
-    )
+    _convert(model, config, train_text, step)
     save_pretrained(model, out / "model")
     step(f"saved the converted model to {out / 'model'}")
 
-    held_out = load_blocks(model.tokenizer, held_out_text, EVAL_SEQ_LEN, eval_blocks, split="eval")
-    step(f"perplexity on {held_out.numel()} held-out tokens at budgets {budgets}")
-    rows = evaluate_archs(model, held_out, archs_for_budgets(model, budgets), batch_size=4)
+    held_out = load_blocks(model.tokenizer, held_out_text, EVAL_SEQ_LEN, config.eval_blocks, split="eval")
+    step(f"perplexity on {held_out.numel()} held-out tokens at budgets {list(config.budgets)}")
+    rows = evaluate_archs(model, held_out, archs_for_budgets(model, config.budgets), batch_size=4)
     print(format_table(rows))
     write_results(rows, out / "results.json", out / "perplexity.png", "SmolLM2-135M converted (no training)")
     step(f"wrote {out / 'results.json'} and {out / 'perplexity.png'}")
 
-    if train_steps:
+    if config.train_steps:
         from flextron.train.demo_training import elastic_phase
 
-        step(f"elastic training, {train_steps} steps (distillation from the frozen converted model)")
-        model, checkpoint, cached = elastic_phase(model, train_steps, str(train_text))
+        step(f"elastic training, {config.train_steps} steps (distillation from the frozen converted model)")
+        model, checkpoint, cached = elastic_phase(model, config.train_steps, str(train_text))
         step(f"{'loaded the cached' if cached else 'trained and cached the'} checkpoint {checkpoint}")
-        rows = evaluate_archs(model, held_out, archs_for_budgets(model, budgets), batch_size=4)
+        rows = evaluate_archs(model, held_out, archs_for_budgets(model, config.budgets), batch_size=4)
         print(format_table(rows))
         write_results(
             rows,
             out / "results_trained.json",
             out / "perplexity_trained.png",
-            f"SmolLM2-135M after {train_steps} elastic-training steps",
+            f"SmolLM2-135M after {config.train_steps} elastic-training steps",
         )
-
-    for budget in (max(budgets), sorted(budgets)[len(budgets) // 2]):
-        print(f"\n> {prompt}\n[budget {budget:g}] ", end="", flush=True)
-        generate_text(
-            model,
-            prompt,
-            model.arch_for_budget(budget),
-            max_new_tokens,
-            on_text=lambda piece: print(piece, end="", flush=True),
-            min_new_tokens=MIN_NEW_TOKENS,
-        )
-        print()
+    _answer(model, config)
     step("done")
-    if not train_steps:
+    if not config.train_steps:
         print(
             "Without elastic training, smaller budgets lose quality; `flextron train` recovers it.",
             file=sys.stderr,
         )
     return rows
+
+
+def _convert(model, config: DemoConfig, train_text: str | Path, step: Callable[[str], None]) -> None:
+    """Convert the model on calibration text and choose each budget's configuration on it."""
+    calibration = CalibrationConfig(budgets=tuple(b for b in config.budgets if b < 1))
+    blocks = load_blocks(
+        model.tokenizer, train_text, calibration.seq_len, config.calib_samples, split="train"
+    )
+    convert(model, blocks, calibration)
+    step("choosing each budget's configuration by calibration loss (flextron.budget_configs)")
+    model.budget_configs = choose_budget_configs(
+        model, blocks[:BUDGET_SAMPLES], calibration, source=str(train_text)
+    )
+
+
+def _answer(model, config: DemoConfig) -> None:
+    """Stream the answer to config.prompt at the largest and the middle budget."""
+    budgets = config.budgets
+    for budget in (max(budgets), sorted(budgets)[len(budgets) // 2]):
+        print(f"\n> {config.prompt}\n[budget {budget:g}] ", end="", flush=True)
+        generate_text(
+            model,
+            config.prompt,
+            model.arch_for_budget(budget),
+            max_new_tokens=config.max_new_tokens,
+            on_text=lambda piece: print(piece, end="", flush=True),
+            min_new_tokens=MIN_NEW_TOKENS,
+        )
+        print()

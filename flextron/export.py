@@ -131,6 +131,7 @@ def export(
     model: FlextronModel,
     arch: ArchConfig,
     path: str | os.PathLike,
+    *,
     format: str = "auto",
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,

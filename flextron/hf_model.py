@@ -156,6 +156,7 @@ class FlextronForCausalLM(PreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
+        *,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         labels: torch.LongTensor | None = None,

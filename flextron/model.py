@@ -85,6 +85,7 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         mlp_width: int,
         heads: int | torch.Tensor,
+        *,
         kv_cache: KVCache | None,
         layer: int,
         router: LayerRouter | None = None,
@@ -92,7 +93,9 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """x: (B, T, D) -> (B, T, D).  With a router, it runs both sublayers' choices."""
         if router is None:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, heads, kv_cache, layer, key_mask)
+            x = x + self.self_attn(
+                self.input_layernorm(x), cos, sin, heads, kv_cache, layer, key_mask=key_mask
+            )
             return x + self.mlp(self.post_attention_layernorm(x), mlp_width)
         x = x + router.attention(layer, self.self_attn, self.input_layernorm(x), cos, sin, kv_cache)
         return x + router.mlp(layer, self.mlp, self.post_attention_layernorm(x))
@@ -153,6 +156,7 @@ class FlextronModel(nn.Module):
         input_ids: torch.Tensor,
         arch: ArchConfig | None = None,
         kv_cache: KVCache | None = None,
+        *,
         last_only: bool = False,
         router: LayerRouter | None = None,
         position_ids: torch.Tensor | None = None,
@@ -192,7 +196,15 @@ class FlextronModel(nn.Module):
             cos, sin = (t.view(*position_ids.shape, 1, -1).transpose(1, 2) for t in (cos, sin))
         for index, layer in enumerate(self.layers):
             x = layer(
-                x, cos, sin, arch.mlp_widths[index], arch.heads[index], kv_cache, index, router, key_mask
+                x,
+                cos,
+                sin,
+                arch.mlp_widths[index],
+                arch.heads[index],
+                kv_cache=kv_cache,
+                layer=index,
+                router=router,
+                key_mask=key_mask,
             )
         if kv_cache is not None:
             kv_cache.length = end

@@ -9,6 +9,7 @@ import torch
 
 from flextron.budget_configs import (
     FILE,
+    CalibrationConfig,
     candidate_archs,
     fits,
     resolve_budget,
@@ -41,7 +42,9 @@ def test_candidates_fit_and_include_the_fixed_rule(model_and_blocks) -> None:
 
 def test_choice_has_calibration_loss_no_higher_than_the_fixed_rule(model_and_blocks) -> None:
     model, blocks = model_and_blocks
-    chosen = choose_budget_configs(model, blocks, (0.25, 0.5, 0.75), progress=False)
+    chosen = choose_budget_configs(
+        model, blocks, CalibrationConfig(budgets=(0.25, 0.5, 0.75)), progress=False
+    )
     for entry in chosen.entries:
         rule = arch_for_budget(model.config, entry["budget"])
         assert entry["loss"] <= calibration_loss(model, blocks, rule) + 1e-9
@@ -51,7 +54,9 @@ def test_choice_has_calibration_loss_no_higher_than_the_fixed_rule(model_and_blo
 
 def test_saved_choices_are_used_and_survive_save_and_training_checkpoints(model_and_blocks, tmp_path) -> None:
     model, blocks = model_and_blocks
-    model.budget_configs = choose_budget_configs(model, blocks, (0.5,), progress=False)
+    model.budget_configs = choose_budget_configs(
+        model, blocks, CalibrationConfig(budgets=(0.5,)), progress=False
+    )
     # Force a choice that differs from the fixed rule, to see that callers use the file.
     other = next(a for a in candidate_archs(model.config, 0.5) if a != arch_for_budget(model.config, 0.5))
     model.budget_configs.entries[0]["arch"] = other.to_dict()
@@ -71,7 +76,9 @@ def test_saved_choices_are_used_and_survive_save_and_training_checkpoints(model_
 
 def test_stale_and_foreign_files_are_refused(model_and_blocks, tmp_path) -> None:
     model, blocks = model_and_blocks
-    model.budget_configs = choose_budget_configs(model, blocks, (0.5,), progress=False)
+    model.budget_configs = choose_budget_configs(
+        model, blocks, CalibrationConfig(budgets=(0.5,)), progress=False
+    )
     save_pretrained(model, tmp_path / "a")
     # Stale: the weights changed after the choice, and the file was not rewritten.
     weights = load_pretrained(tmp_path / "a")

@@ -7,6 +7,7 @@ import importlib.util
 import pytest
 import torch
 
+from flextron.budget_configs import CalibrationConfig
 from flextron.config import ModelConfig
 from flextron.convert import compute_importance, convert, orders_from_importance, permute, random_orders
 from flextron.loading import default_gguf_path, model_from_hf_weights
@@ -59,7 +60,9 @@ def test_converted_full_model_matches_transformers(variant: str) -> None:
     hf = tiny_hf_model(**VARIANTS[variant])
     model = flextron_twin(hf)
     before = model.layers[0].mlp.up_proj.weight.clone()
-    importance = convert(model, torch.randint(0, 300, (4, 32)), batch_size=2, progress=False)
+    importance = convert(
+        model, torch.randint(0, 300, (4, 32)), CalibrationConfig(batch_size=2), progress=False
+    )
     assert not torch.equal(before, model.layers[0].mlp.up_proj.weight), "conversion permuted nothing"
     ids = torch.randint(0, 300, (2, 29))
     with torch.no_grad():
@@ -120,7 +123,12 @@ def test_smollm2_converted_full_width_matches_transformers() -> None:
     assert (model.config.num_layers, model.config.hidden_size, model.config.num_heads) == (30, 576, 9)
     assert (model.config.num_kv_heads, model.config.intermediate_size) == (3, 1536)
     generator = torch.Generator().manual_seed(0)
-    convert(model, torch.randint(0, 49152, (2, 64), generator=generator), batch_size=2, progress=False)
+    convert(
+        model,
+        torch.randint(0, 49152, (2, 64), generator=generator),
+        CalibrationConfig(batch_size=2),
+        progress=False,
+    )
     ids = torch.randint(0, 49152, (1, 48), generator=generator)
     with torch.no_grad():
         assert_logits_close(model(ids), hf(ids).logits)

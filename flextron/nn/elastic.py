@@ -69,6 +69,7 @@ class KVCache:
         num_kv_heads: int,
         max_length: int,
         head_dim: int,
+        *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -126,6 +127,7 @@ class ElasticAttention(nn.Module):
         heads: int | torch.Tensor,
         kv_cache: KVCache | None = None,
         layer: int = 0,
+        *,
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, T, D) -> (B, T, D).

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from flextron.config import ArchConfig, ModelConfig, check_budget
+from flextron.config import DEFAULT_BUDGETS, ArchConfig, ModelConfig, check_budget
 from flextron.config import arch_for_budget as fixed_rule
 
 RULES = ("budget", "random", "mixed")
@@ -30,8 +30,9 @@ class SubnetSampler:
         self,
         config: ModelConfig,
         rule: str = "budget",
+        *,
         p_full: float = 1 / 3,
-        budgets: tuple[float, ...] = (0.25, 0.5, 0.75),
+        budgets: tuple[float, ...] = DEFAULT_BUDGETS,
         min_fraction: float = 0.25,
         seed: int = 0,
         arch_for_budget: Callable[[float], ArchConfig] | None = None,

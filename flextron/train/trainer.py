@@ -14,6 +14,7 @@ A step is one optimizer update: accumulation_steps micro-batches of batch_size b
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -24,7 +25,16 @@ import torch
 from tqdm.auto import tqdm
 
 from flextron.checkpoint import load_pretrained
-from flextron.config import check_budget
+from flextron.cliargs import (
+    non_negative_float,
+    non_negative_int,
+    option,
+    parse_budgets,
+    positive_float,
+    positive_int,
+    unit_float,
+)
+from flextron.config import DEFAULT_BUDGETS, REPORTED_BUDGETS, check_budget
 from flextron.evaluate import perplexity
 from flextron.model import FlextronModel
 from flextron.objectives import distillation_loss
@@ -51,37 +61,43 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    """Settings of one elastic-training run."""
+    """Settings of one elastic-training run; the fields with option(...) are `flextron train`'s options."""
 
     # ---- length and batches
-    steps: int = 100
-    batch_size: int = 4  # blocks per micro-batch, global (split across ranks)
-    accumulation_steps: int = 1
+    steps: int = option(100, "optimizer steps", type=positive_int)
+    batch_size: int = option(4, "blocks per micro-batch, global across ranks", type=positive_int)
+    accumulation_steps: int = option(1, "micro-batches per optimizer step", type=positive_int)
     # ---- optimizer and schedule
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.01
+    lr: float = option(1e-4, "peak learning rate", type=positive_float)
+    min_lr_ratio: float = option(0.1, "the cosine decay ends at this share of --lr", type=unit_float)
+    warmup_steps: int = option(10, "linear warm-up steps", type=non_negative_int)
+    weight_decay: float = option(0.01, "AdamW weight decay (matrices only)", type=non_negative_float)
     betas: tuple[float, float] = (0.9, 0.95)
-    clip_grad_norm: float = 1.0
-    train_embeddings: bool = True  # False freezes the (large) embedding / tied LM head
+    clip_grad_norm: float = option(1.0, "clip the gradient norm to this", type=positive_float)
+    train_embeddings: bool = option(
+        True, "do not train the embedding / tied LM head", negative_flag="--freeze-embeddings"
+    )
     # ---- loss
-    temperature: float = 1.0
-    alpha: float = 0.0  # weight of the LM (cross-entropy) loss next to KD
-    # ---- sub-network sampling
-    rule: str = "budget"  # budget | random | mixed (flextron.train.sampling)
-    p_full: float = 1 / 3
-    budgets: tuple[float, ...] = (0.25, 0.5, 0.75)
+    temperature: float = option(1.0, "KD softmax temperature", type=positive_float)
+    alpha: float = option(0.0, "weight of the LM (cross-entropy) loss next to KD", type=non_negative_float)
+    # ---- sub-network sampling (flextron.train.sampling)
+    rule: str = option("budget", "sub-network sampling", choices=RULES)
+    p_full: float = option(1 / 3, "probability of training the full model", type=unit_float)
+    budgets: tuple[float, ...] = option(
+        DEFAULT_BUDGETS, "budgets the budget rule samples", type=parse_budgets
+    )
     min_fraction: float = 0.25
     # ---- numerics
-    bf16: bool = False  # autocast the student and teacher forward passes to bfloat16
+    bf16: bool = option(False, "bfloat16 autocast for the student and teacher forward passes")
     # ---- feedback and checkpoints
-    eval_every: int = 50  # 0: only at the start and the end
-    eval_budgets: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
+    eval_every: int = option(50, "validate every N steps (0: start and end only)", type=non_negative_int)
+    eval_budgets: tuple[float, ...] = option(
+        REPORTED_BUDGETS, "budgets whose perplexity is validated", type=parse_budgets
+    )
     eval_batch_size: int = 4
-    save_every: int = 100  # 0: only at the end
+    save_every: int = option(100, "checkpoint every N steps (0: at the end only)", type=non_negative_int)
     keep_checkpoints: int = 2
-    seed: int = 0
+    seed: int = option(0, "seed of the sub-network draws and the data order", type=int)
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -178,6 +194,7 @@ def train(
     data: TrainData,
     config: TrainConfig,
     out: str | Path,
+    *,
     resume: bool = False,
     context: DistContext | None = None,
     progress: bool = True,
@@ -200,27 +217,21 @@ def train(
     context = context or DistContext()
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after must be at least 1, got {stop_after}")
-    if not context.is_main:
-        return _train(student, teacher, data, config, Path(out), resume, context, progress, stop_after)
-    with run_lock(out):
-        check_run_dir(out, resume, overwrite)
-        if overwrite:
-            clear_run(out)
-        return _train(student, teacher, data, config, Path(out), resume, context, progress, stop_after)
+    out = Path(out)
+    # Only the main process owns the run directory: it locks, checks and clears it.
+    with run_lock(out) if context.is_main else contextlib.nullcontext():
+        if context.is_main:
+            check_run_dir(out, resume, overwrite)
+            if overwrite:
+                clear_run(out)
+        _check_data(student, data, config, context)
+        run = _start_run(student, teacher, data, config, out, context)
+        start_step = run.restore(latest_checkpoint(out / "checkpoints") if resume else None, stop_after)
+        return _run_steps(run, start_step, stop_after, progress)
 
 
-def _train(
-    student: FlextronModel,
-    teacher: FlextronModel,
-    data: TrainData,
-    config: TrainConfig,
-    out: Path,
-    resume: bool,
-    context: DistContext,
-    progress: bool,
-    stop_after: int | None,
-) -> dict[str, Any]:
-    device = context.device
+def _check_data(student: FlextronModel, data: TrainData, config: TrainConfig, context: DistContext) -> None:
+    """ValueError unless data.train holds (N, S) blocks the model and the ranks can train on."""
     if config.batch_size % context.world_size:
         raise ValueError(f"batch size {config.batch_size} is not divisible by {context.world_size} ranks")
     if data.train.dim() != 2 or data.train.shape[0] == 0 or data.train.shape[1] < 2:
@@ -234,85 +245,217 @@ def _train(
             f"blocks of {data.train.shape[1]} tokens exceed the model's context of {context_length}: "
             f"use a sequence length of at most {context_length - 1}"
         )
-    order = BatchOrder(data.train.shape[0], config.batch_size, config.seed)  # checks batch <= data
-    local_batch = config.batch_size // context.world_size
-    sampler = SubnetSampler(
-        student.config,
-        config.rule,
-        config.p_full,
-        config.budgets,
-        config.min_fraction,
-        config.seed,
-        student.arch_for_budget,
-    )
 
-    teacher.to(device).eval().requires_grad_(False)
-    student.to(device).train()
-    student.embed_tokens.weight.requires_grad_(config.train_embeddings)
-    checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
-    model = context.wrap(student)
-    optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
-    start_step = 0
-    if checkpoint is not None:
+
+@dataclass
+class _MicroBatch:
+    """What one micro-batch of a step reports: its loss, KD / CE parts, sub-network and time."""
+
+    loss: float
+    parts: dict[str, float]
+    arch: str
+    seconds: float
+
+
+@dataclass
+class TrainingRun:
+    """The state of one elastic-training run on this rank, and its steps.
+
+    model is the student as trained (wrapped for DDP / FSDP by the context); log is the
+    main process's metrics log (None on the other ranks).
+    """
+
+    student: FlextronModel
+    teacher: FlextronModel
+    model: torch.nn.Module
+    data: TrainData
+    config: TrainConfig
+    out: Path
+    context: DistContext
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    order: BatchOrder
+    sampler: SubnetSampler
+    log: MetricsLog | None
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens trained per optimizer step, over all ranks."""
+        blocks = self.config.accumulation_steps * self.config.batch_size
+        return blocks * (self.data.train.shape[1] - 1)
+
+    def autocast(self) -> torch.autocast:
+        """bfloat16 autocast of the forward passes when config.bf16 (else a no-op)."""
+        return torch.autocast(self.context.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def restore(self, checkpoint: Path | None, stop_after: int | None) -> int:
+        """Load weights, optimizer, schedule, data order and RNG states from checkpoint; its step.
+
+        With no checkpoint, the run starts at step 0 (its metrics log is cleared).
+        """
+        if checkpoint is None:
+            self._trim_log(0)
+            return 0
         trainer_state, optimizer_state, rng = load_training_state(checkpoint, RESUME_FIELDS)
-        _check_resume(trainer_state["config"], config, data.train.shape[0], trainer_state["num_train_blocks"])
+        _check_resume(
+            trainer_state["config"], self.config, self.data.train.shape[0], trainer_state["num_train_blocks"]
+        )
         weights = load_pretrained(checkpoint).state_dict()
-        context.load_full_state(model, optimizer, weights, optimizer_state)
-        start_step = trainer_state["step"]
-        check_resume_steps(start_step, config.steps, stop_after)
+        self.context.load_full_state(self.model, self.optimizer, weights, optimizer_state)
+        step = trainer_state["step"]
+        check_resume_steps(step, self.config.steps, stop_after)
         try:
-            scheduler.load_state_dict(trainer_state["scheduler"])
-            order.load_state_dict(trainer_state["data"])
+            self.scheduler.load_state_dict(trainer_state["scheduler"])
+            self.order.load_state_dict(trainer_state["data"])
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(
                 f"{checkpoint / 'trainer.json'}: corrupt scheduler or data state ({error!r})"
             ) from error
         set_rng_states(rng)
-    log = MetricsLog(out / "metrics.jsonl") if context.is_main else None
-    if log is not None:
-        if checkpoint is None:
-            log.path.unlink(missing_ok=True)
-        else:
-            log.truncate_after(start_step)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
-    tokens_per_step = config.accumulation_steps * config.batch_size * (data.train.shape[1] - 1)
+        self._trim_log(step)
+        return step
 
-    def record_validation(step: int) -> dict[str, float]:
-        if data.val.numel() == 0:
+    def _trim_log(self, step: int) -> None:
+        """Drop the log's records after `step` (all of them for a fresh run)."""
+        if self.log is None:
+            return
+        if step == 0:
+            self.log.path.unlink(missing_ok=True)
+        else:
+            self.log.truncate_after(step)
+
+    def step(self, step: int) -> dict[str, Any]:
+        """Optimizer step `step` (0-based): accumulation_steps micro-batches, clipping, the
+        update; its metrics record (also logged).  NonFiniteLossError before a bad update."""
+        started = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = [self._micro_step(step, index) for index in range(self.config.accumulation_steps)]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad_norm))
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(
+                f"non-finite gradient norm ({grad_norm}) at step {step + 1}; stopped before the update, "
+                "no checkpoint written"
+            )
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        record = {
+            "step": step + 1,
+            "loss": sum(m.loss for m in micro) / len(micro),
+            "kd": sum(m.parts["kd"] for m in micro) / len(micro),
+            "ce": sum(m.parts["ce"] for m in micro) / len(micro),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "archs": [m.arch for m in micro],
+            "student_seconds": [m.seconds for m in micro],
+            "step_seconds": time.perf_counter() - started,
+            "tokens": (step + 1) * self.tokens_per_step,
+        }
+        if self.log is not None:
+            self.log.write(record)
+        return record
+
+    def _micro_step(self, step: int, micro: int) -> _MicroBatch:
+        """Forward and backward of micro-batch `micro` of `step` on this rank's share of the
+        global batch (gradients are synchronised on the step's last micro-batch only)."""
+        config, context = self.config, self.context
+        arch = self.sampler.sample(step * config.accumulation_steps + micro)
+        local_batch = config.batch_size // context.world_size
+        blocks = self.data.train[self.order.next()][
+            context.rank * local_batch : (context.rank + 1) * local_batch
+        ]
+        blocks = blocks.to(context.device)
+        inputs, targets = blocks[:, :-1], blocks[:, 1:]  # (b, S - 1) each
+        with torch.inference_mode(), self.autocast():
+            teacher_logits = self.teacher(inputs)  # (b, S - 1, V)
+        tick = time.perf_counter()
+        with context.no_sync(self.model, sync=micro == config.accumulation_steps - 1):
+            with self.autocast():
+                logits = self.model(inputs, arch)
+            loss, parts = distillation_loss(logits, teacher_logits, targets, config.temperature, config.alpha)
+            mean_loss = float(context.mean(loss.detach()))
+            if not math.isfinite(mean_loss):
+                raise NonFiniteLossError(
+                    f"non-finite loss ({mean_loss}) at step {step + 1}, micro-batch {micro} "
+                    f"({self.sampler.describe(arch)}); stopped before the update, no checkpoint written"
+                )
+            (loss / config.accumulation_steps).backward()
+        return _MicroBatch(mean_loss, parts, self.sampler.describe(arch), time.perf_counter() - tick)
+
+    def validate(self, step: int) -> dict[str, float]:
+        """Validation perplexity per eval budget after `step` steps ({} without validation data)."""
+        if self.data.val.numel() == 0:
             return {}
-        with autocast:
-            val = validate(model if context.fsdp else student, data.val.to(device), config, student)
-        if log is not None:
-            log.write({"step": step, "val": val})
-            plot_metrics(read_metrics(log.path), out / "metrics.png")
+        model = self.model if self.context.fsdp else self.student
+        with self.autocast():
+            val = validate(model, self.data.val.to(self.context.device), self.config, self.student)
+        if self.log is not None:
+            self.log.write({"step": step, "val": val})
+            plot_metrics(read_metrics(self.log.path), self.out / "metrics.png")
         return val
 
-    def save(step: int) -> None:
-        model_state, optimizer_state = context.full_state(model, optimizer)
-        if context.is_main:
-            to_save = student
-            if context.fsdp:  # a plain (unsharded) copy for save_pretrained
-                to_save = FlextronModel.from_state_dict(student.config, model_state)
-                to_save.tokenizer, to_save.importance = student.tokenizer, student.importance
+    def save(self, step: int) -> None:
+        """Checkpoint after `step` steps (written by the main process; all ranks take part)."""
+        model_state, optimizer_state = self.context.full_state(self.model, self.optimizer)
+        if self.context.is_main:
+            to_save = self.student
+            if self.context.fsdp:  # a plain (unsharded) copy for save_pretrained
+                to_save = FlextronModel.from_state_dict(self.student.config, model_state)
+                to_save.tokenizer, to_save.importance = self.student.tokenizer, self.student.importance
+            trainer_state = {
+                "config": self.config.to_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "data": self.order.state_dict(),
+                "num_train_blocks": self.data.train.shape[0],
+                "tokens": step * self.tokens_per_step,
+            }
             save_checkpoint(
-                out / "checkpoints",
+                self.out / "checkpoints",
                 step,
                 to_save,
                 optimizer_state,
-                {
-                    "config": config.to_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "data": order.state_dict(),
-                    "num_train_blocks": data.train.shape[0],
-                    "tokens": step * tokens_per_step,
-                },
-                config.keep_checkpoints,
+                trainer_state,
+                self.config.keep_checkpoints,
             )
-        context.barrier()
+        self.context.barrier()
 
+
+def _start_run(
+    student: FlextronModel,
+    teacher: FlextronModel,
+    data: TrainData,
+    config: TrainConfig,
+    out: Path,
+    context: DistContext,
+) -> TrainingRun:
+    """A run at step 0: models on the device (teacher frozen), optimizer, schedule, data order."""
+    order = BatchOrder(data.train.shape[0], config.batch_size, config.seed)  # checks batch <= data
+    sampler = SubnetSampler(
+        student.config,
+        config.rule,
+        p_full=config.p_full,
+        budgets=config.budgets,
+        min_fraction=config.min_fraction,
+        seed=config.seed,
+        arch_for_budget=student.arch_for_budget,
+    )
+    teacher.to(context.device).eval().requires_grad_(False)
+    student.to(context.device).train()
+    student.embed_tokens.weight.requires_grad_(config.train_embeddings)
+    model = context.wrap(student)
+    optimizer = make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    log = MetricsLog(out / "metrics.jsonl") if context.is_main else None
+    return TrainingRun(
+        student, teacher, model, data, config, out, context, optimizer, scheduler, order, sampler, log
+    )
+
+
+def _run_steps(run: TrainingRun, start_step: int, stop_after: int | None, progress: bool) -> dict[str, Any]:
+    """Steps start_step.. of the run, validating and checkpointing on schedule (see train)."""
+    config = run.config
     end = config.steps if stop_after is None else min(config.steps, stop_after)
-    val = record_validation(0) if start_step == 0 else {}
+    val = run.validate(0) if start_step == 0 else {}
     started = time.perf_counter()
     bar = tqdm(
         range(start_step, end),
@@ -320,74 +463,20 @@ def _train(
         total=config.steps,
         desc="train",
         unit="step",
-        disable=not (progress and context.is_main),
+        disable=not (progress and run.context.is_main),
     )
     for step in bar:
-        step_started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        losses, parts, labels, seconds = [], [], [], []
-        for micro in range(config.accumulation_steps):
-            arch = sampler.sample(step * config.accumulation_steps + micro)
-            blocks = data.train[order.next()][context.rank * local_batch : (context.rank + 1) * local_batch]
-            blocks = blocks.to(device)
-            inputs, targets = blocks[:, :-1], blocks[:, 1:]  # (b, S - 1) each
-            with torch.inference_mode(), autocast:
-                teacher_logits = teacher(inputs)  # (b, S - 1, V)
-            tick = time.perf_counter()
-            last = micro == config.accumulation_steps - 1
-            with context.no_sync(model, sync=last):
-                with autocast:
-                    logits = model(inputs, arch)
-                loss, part = distillation_loss(
-                    logits, teacher_logits, targets, config.temperature, config.alpha
-                )
-                mean_loss = float(context.mean(loss.detach()))
-                if not math.isfinite(mean_loss):
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({mean_loss}) at step {step + 1}, micro-batch {micro} "
-                        f"({sampler.describe(arch)}); stopped before the update, no checkpoint written"
-                    )
-                (loss / config.accumulation_steps).backward()
-            seconds.append(time.perf_counter() - tick)
-            losses.append(mean_loss)
-            parts.append(part)
-            labels.append(sampler.describe(arch))
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm))
-        if not math.isfinite(grad_norm):
-            raise NonFiniteLossError(
-                f"non-finite gradient norm ({grad_norm}) at step {step + 1}; stopped before the update, "
-                "no checkpoint written"
-            )
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        step_seconds = time.perf_counter() - step_started
+        record = run.step(step)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", arch=record["archs"][-1])
         done = step + 1
-        loss_value = sum(losses) / len(losses)
-        if log is not None:
-            log.write(
-                {
-                    "step": done,
-                    "loss": loss_value,
-                    "kd": sum(p["kd"] for p in parts) / len(parts),
-                    "ce": sum(p["ce"] for p in parts) / len(parts),
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "archs": labels,
-                    "student_seconds": seconds,
-                    "step_seconds": step_seconds,
-                    "tokens": done * tokens_per_step,
-                }
-            )
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", arch=labels[-1])
         if done == end or (config.eval_every and done % config.eval_every == 0):
-            val = record_validation(done)
+            val = run.validate(done)
         if done == end or (config.save_every and done % config.save_every == 0):
-            save(done)
+            run.save(done)
     bar.close()
     return {
         "steps": end,
-        "tokens": (end - start_step) * tokens_per_step,
+        "tokens": (end - start_step) * run.tokens_per_step,
         "seconds": time.perf_counter() - started,
         "val": val,
     }

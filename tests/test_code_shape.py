@@ -1,0 +1,85 @@
+"""Code shape: no function in flextron/ is longer than 80 lines or takes more than 6 positional
+parameters (beyond self, cls or an autograd ctx); longer parameter lists are keyword-only, or a
+config object."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "flextron"
+MAX_LINES = 80  # signature and body
+MAX_POSITIONAL = 6
+
+# Known offenders, being split in the router subsystem's move to a package (the latency table,
+# routing and routers, and `flextron train-router`);
+# ops.routed_nested_mlp and its reference are called positionally by nn/routers.py.
+# Remove an entry once its function has its new shape.
+ALLOWED = {
+    "cli.py:train_router",
+    "latency.py:LatencyTable.check_target",
+    "latency.py:profile_latency",
+    "latency.py:_calibrate",
+    "latency.py:measure_latency",
+    "latency.py:check_table",
+    "routing.py:train_end_to_end",
+    "routing.py:calibrate_dynamic",
+    "routing.py:calibrate_dynamic_measured",
+    "routing.py:measure_routing_overhead",
+    "ops.py:routed_nested_mlp",
+    "reference.py:routed_nested_mlp",
+}
+
+
+def _functions(tree: ast.AST, prefix: str = "") -> Iterator[tuple[str, ast.FunctionDef]]:
+    """(qualified name, node) of every function and method, nested ones included."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield prefix + node.name, node
+            yield from _functions(node, f"{prefix}{node.name}.")
+        elif isinstance(node, ast.ClassDef):
+            yield from _functions(node, f"{prefix}{node.name}.")
+        else:
+            yield from _functions(node, prefix)
+
+
+def _positional(function: ast.FunctionDef) -> int:
+    names = [a.arg for a in function.args.posonlyargs + function.args.args]
+    # self / cls, and the ctx of an autograd.Function, are passed by Python or torch, not by callers.
+    return len(names) - (names[:1] in (["self"], ["cls"], ["ctx"]))
+
+
+def _is_fake_kernel(function: ast.FunctionDef) -> bool:
+    """A torch.library fake takes its op schema's arguments positionally, as the dispatcher passes them."""
+    return any(
+        isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) and d.func.attr == "register_fake"
+        for d in function.decorator_list
+    )
+
+
+def _offences() -> dict[str, str]:
+    offences = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = path.relative_to(PACKAGE).as_posix()
+        for name, function in _functions(ast.parse(path.read_text(encoding="utf-8"))):
+            lines = function.end_lineno - function.lineno + 1
+            problems = [f"{lines} lines"] if lines > MAX_LINES else []
+            if _positional(function) > MAX_POSITIONAL and not _is_fake_kernel(function):
+                problems.append(f"{_positional(function)} positional parameters")
+            if problems:
+                offences[f"{module}:{name}"] = ", ".join(problems)
+    return offences
+
+
+def test_functions_are_short_with_few_positional_parameters() -> None:
+    offences = {name: problem for name, problem in _offences().items() if name not in ALLOWED}
+    assert not offences, (
+        f"functions longer than {MAX_LINES} lines or with more than {MAX_POSITIONAL} positional "
+        f"parameters (split them; make parameters keyword-only): {offences}"
+    )
+
+
+def test_allowed_offenders_still_offend() -> None:
+    """An entry of ALLOWED whose function was fixed (or renamed) must leave the set."""
+    assert not ALLOWED - set(_offences())
