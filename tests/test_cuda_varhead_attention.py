@@ -23,7 +23,7 @@ from tests.test_varhead_attention import (
     make_inputs,
     run_with_grads,
 )
-from tests.utils import poison_cuda_cache
+from tests.helpers import poison_cuda_cache
 
 
 def check_on_cuda(heads: list[int], *sizes, causal: bool, heads_device: str = "cuda", **options) -> None:

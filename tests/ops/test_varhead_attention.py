@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flextron import ops, reference
-from tests.utils import FP32_TOL, assert_matches_reference
+from tests.helpers import FP32_TOL, assert_matches_reference
 
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
