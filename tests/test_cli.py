@@ -12,8 +12,7 @@ from transformers import LlamaForCausalLM
 
 from flextron.cli import COMMANDS, main
 from flextron.model import FlextronModel
-from tests.helpers import assert_logits_close
-from tests.helpers import tiny_hf_dir
+from tests.helpers import assert_logits_close, tiny_hf_dir
 
 
 @pytest.fixture(scope="module")

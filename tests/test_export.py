@@ -12,8 +12,7 @@ from flextron.config import ArchConfig
 from flextron.convert import convert
 from flextron.export import export
 from flextron.model import FlextronModel
-from tests.helpers import assert_logits_close
-from tests.helpers import tiny_family_model, tiny_flextron
+from tests.helpers import assert_logits_close, tiny_family_model, tiny_flextron
 
 VARIANTS = [dict(kv_heads=2), dict(kv_heads=4, bias=True, tied=True)]
 

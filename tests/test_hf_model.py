@@ -12,8 +12,7 @@ import flextron  # noqa: F401  (registers the Auto classes)
 from flextron.config import ArchConfig
 from flextron.hf_model import FlextronConfig, FlextronForCausalLM
 from flextron.model import FlextronModel
-from tests.helpers import assert_logits_close
-from tests.helpers import tiny_flextron, tiny_hf_model, tiny_tokenizer
+from tests.helpers import assert_logits_close, tiny_flextron, tiny_hf_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

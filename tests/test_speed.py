@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
-import pytest
 import torch
 
 from flextron import speed
+from tests.helpers import CUDA_MARKS
 
-pytestmark = pytest.mark.cuda
+pytestmark = list(CUDA_MARKS)
 
 
 def test_elapsed_waits_for_queued_kernels():
