@@ -27,7 +27,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ABS_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
 
-def make_inputs(lead, in_x, out_w, in_w, dtype, device="cpu", bias=True, seed=0):
+def make_inputs(lead, in_x, out_w, in_w, dtype, *, device="cpu", bias=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, in_x, generator=g).to(device, dtype)
     weight = torch.randn(out_w, in_w, generator=g).div(in_w**0.5).to(device, dtype)

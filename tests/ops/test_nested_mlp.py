@@ -35,6 +35,7 @@ def make_inputs(
     hidden: int,
     d_ff: int,
     activation: str = "swiglu",
+    *,
     dtype: torch.dtype = torch.float32,
     contiguous: bool = True,
     seed: int = 0,

@@ -36,7 +36,7 @@ def _assert_same_grouping(on_cuda, expected):
         assert torch.equal(ours.cpu(), theirs.cpu()), name
 
 
-def make_inputs(tokens, choices, hidden=None, dtype=torch.float32, noise=True, device="cpu", seed=0):
+def make_inputs(tokens, choices, *, hidden=None, dtype=torch.float32, noise=True, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
     width = choices if hidden is None else hidden
     inp = torch.randn(tokens, width, generator=g).to(device, dtype)

@@ -45,6 +45,7 @@ def make_inputs(
     d_ff: int,
     widths: list[int],
     activation: str = "swiglu",
+    *,
     routing: str = "random",
     with_scale: bool = True,
     dtype: torch.dtype = torch.float32,
@@ -336,7 +337,7 @@ def test_backward_bad_grad_out():
 # ---- every device and CUDA only --------------------------------------------------------
 
 
-def _inputs(tokens, hidden, ffn, widths, activation, dtype, seed=0, with_scale=True, device="cuda"):
+def _inputs(tokens, hidden, ffn, widths, activation, dtype, *, seed=0, with_scale=True, device="cuda"):
     """(x, w_gate | None, w_up, w_down, choice, widths, scale | None); choice 1 is left empty."""
     gen = torch.Generator(device=device).manual_seed(seed)
 

@@ -41,6 +41,7 @@ def make_inputs(
     q_len: int,
     kv_len: int,
     head_dim: int,
+    *,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     transposed: bool = False,
