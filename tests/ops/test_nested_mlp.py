@@ -76,6 +76,7 @@ def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 def check_fp32_against_reference(inputs, width, activation):
+    """fp32 output and gradients against the fp32 reference (they differ in summation order only)."""
     y, grads, grad_out = forward_and_grads(ops.nested_mlp, inputs, width, activation)
     y_ref, grads_ref, _ = forward_and_grads(reference.nested_mlp, inputs, width, activation, grad_out)
     assert_close_fp32(y, y_ref)
