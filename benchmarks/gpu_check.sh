@@ -127,12 +127,18 @@ if [ "$built" -eq 1 ]; then
   else
     note "tests: pytest-timeout missing, no per-test timeout (only each file's limit)"
   fi
-  files=(route routed_nested_mlp nested_linear nested_mlp varhead_attention speed)
-  declare -A count
+  # The op tests (tests/ops/test_<op>.py) and the timer (tests/test_timing.py); `-m cuda`
+  # selects their CUDA tests.
+  files=(route routed_nested_mlp nested_linear nested_mlp varhead_attention backends timing)
+  declare -A count path
   paths=()
-  for op in "${files[@]}"; do paths+=("tests/test_cuda_$op.py"); done
+  for op in "${files[@]}"; do
+    path[$op]="tests/ops/test_$op.py"
+    [ "$op" = timing ] && path[$op]="tests/test_timing.py"
+    paths+=("${path[$op]}")
+  done
   timeout 60 "$PYTHON" -m pytest -q --collect-only -p no:cacheprovider -m "cuda and not slow" \
-    "${paths[@]}" 2>/dev/null | sed -n 's|^tests/test_cuda_\([a-z_]*\)\.py::.*|\1|p' \
+    "${paths[@]}" 2>/dev/null | sed -n 's|^tests/\(ops/\)\{0,1\}test_\([a-z_]*\)\.py::.*|\2|p' \
     | sort | uniq -c >"$WORK/counts.txt"
   remaining_tests=0
   for op in "${files[@]}"; do
@@ -146,7 +152,7 @@ if [ "$built" -eq 1 ]; then
     remaining_tests=$((remaining_tests - count[$op]))
     step "tests:$op (${count[$op]} tests)" "$OUT/tests.log" "$share" $((BENCH_S + 10)) \
       "$PYTHON" -m pytest -q -ra "${workers[@]}" "${timeouts[@]}" -m "cuda and not slow" \
-      -p no:cacheprovider --junitxml "$WORK/tests_$op.xml" "tests/test_cuda_$op.py"
+      -p no:cacheprovider --junitxml "$WORK/tests_$op.xml" "${path[$op]}"
   done
 
   if [ -f benchmarks/bench_ops.py ]; then

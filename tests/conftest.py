@@ -1,18 +1,9 @@
-"""Test-session setup: tests marked `cuda` skip cleanly on machines without a GPU; shared fixtures."""
+"""Shared fixtures. Helpers live in tests/helpers.py; the GPU skip is helpers.cuda_only / DEVICES."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from flextron.budget_search import calibration_loss, choose_budget_configs
 from flextron.checkpoint import load_pretrained, save_pretrained
 from flextron.config import ArchConfig, arch_for_budget
 from flextron.train.sampling import SubnetSampler
-from tests.tiny_models import tiny_flextron
+from tests.helpers import tiny_flextron
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_a_budget_that_nothing_fits_names_the_achievable_budgets(model_and_block
 
 def test_cli_convert_saves_choices_that_export_and_info_use(tmp_path, capsys) -> None:
     from flextron.cli import main
-    from tests.tiny_models import tiny_hf_dir
+    from tests.helpers import tiny_hf_dir
 
     tiny_hf_dir(tmp_path / "hf", kv_heads=2)
     out = tmp_path / "converted"

@@ -11,7 +11,7 @@ from flextron.checkpoint import load_pretrained, save_pretrained
 from flextron.convert import convert
 from flextron.loading import load_model
 from flextron.model import FlextronModel
-from tests.tiny_models import tiny_flextron
+from tests.helpers import tiny_flextron
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -12,8 +12,7 @@ from transformers import LlamaForCausalLM
 
 from flextron.checkpoint import load_pretrained
 from flextron.cli import COMMANDS, main
-from tests.test_model import assert_logits_close
-from tests.tiny_models import tiny_hf_dir
+from tests.helpers import assert_logits_close, tiny_hf_dir
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ from flextron.budget_configs import CalibrationConfig
 from flextron.config import ModelConfig
 from flextron.convert import compute_importance, convert, orders_from_importance, permute, random_orders
 from flextron.loading import default_gguf_path, model_from_hf_weights
-from tests.test_model import assert_logits_close
-from tests.tiny_models import flextron_twin, tiny_hf_model
+from tests.helpers import assert_logits_close, flextron_twin, tiny_hf_model
 
 VARIANTS = {"gqa": dict(kv_heads=2), "mha": dict(kv_heads=4), "gqa-bias": dict(kv_heads=2, bias=True)}
 

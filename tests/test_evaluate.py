@@ -17,7 +17,7 @@ from flextron.evaluate import (
     perplexity,
     write_results,
 )
-from tests.tiny_models import tiny_flextron
+from tests.helpers import tiny_flextron
 
 
 def test_perplexity_is_exp_of_mean_next_token_loss() -> None:

@@ -12,8 +12,7 @@ from flextron.checkpoint import load_pretrained, save_pretrained
 from flextron.config import ArchConfig
 from flextron.convert import convert
 from flextron.export import export
-from tests.test_model import assert_logits_close
-from tests.tiny_models import tiny_family_model, tiny_flextron
+from tests.helpers import assert_logits_close, tiny_family_model, tiny_flextron
 
 VARIANTS = [dict(kv_heads=2), dict(kv_heads=4, bias=True, tied=True)]
 
@@ -112,7 +111,7 @@ def test_sharded_export_with_index_and_generation_config(tmp_path) -> None:
 
 def test_export_command_writes_a_model_card(tmp_path) -> None:
     from flextron.cli import main
-    from tests.tiny_models import tiny_hf_dir
+    from tests.helpers import tiny_hf_dir
 
     tiny_hf_dir(tmp_path / "hf", kv_heads=2)
     out = tmp_path / "half"

@@ -26,7 +26,7 @@ from flextron.export import export
 from flextron.export_gguf import GGUF_TYPES, encode
 from flextron.generate import stream_tokens
 from flextron.slicing import slice_model
-from tests.tiny_models import tiny_bpe_tokenizer, tiny_family_model, tiny_flextron
+from tests.helpers import tiny_bpe_tokenizer, tiny_family_model, tiny_flextron
 
 F32_TOLERANCE = 1e-4
 ACTIVATION_FACTOR = {"f16": 2, "bf16": 2, "q8_0": 3}
@@ -270,7 +270,7 @@ def test_llama3_rope_scaling_goes_in_as_frequency_factors(llama, tmp_path) -> No
     ],
 )
 def test_gguf_export_refuses_what_llama_cpp_cannot_hold(tmp_path, change: str, message: str) -> None:
-    from tests.tiny_models import tiny_tokenizer
+    from tests.helpers import tiny_tokenizer
 
     model = tiny_flextron(kv_heads=2)
     model.tokenizer = {"no tokenizer": None, "no merges": tiny_tokenizer()}.get(change, tiny_bpe_tokenizer())
@@ -282,7 +282,7 @@ def test_gguf_export_refuses_what_llama_cpp_cannot_hold(tmp_path, change: str, m
 
 def test_export_command_gguf(tmp_path, capsys) -> None:
     from flextron.cli import main
-    from tests.tiny_models import tiny_hf_dir
+    from tests.helpers import tiny_hf_dir
 
     tiny_hf_dir(tmp_path / "hf", kv_heads=2)
     tiny_bpe_tokenizer().save_pretrained(tmp_path / "hf")  # (the default tiny tokenizer has no merges)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flextron.generate import sample_next, stream_tokens
-from tests.tiny_models import tiny_flextron
+from tests.helpers import tiny_flextron
 
 
 @pytest.mark.parametrize("budget", [1.0, 0.5, 0.25])

@@ -13,8 +13,7 @@ from flextron.checkpoint import load_pretrained, save_pretrained
 from flextron.config import ArchConfig
 from flextron.hf_model import FlextronConfig, FlextronForCausalLM
 from flextron.model import FlextronModel
-from tests.test_model import assert_logits_close
-from tests.tiny_models import tiny_flextron, tiny_hf_model, tiny_tokenizer
+from tests.helpers import assert_logits_close, tiny_flextron, tiny_hf_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +147,7 @@ def test_latency_targets_and_routers(tmp_path) -> None:
     """A directory with a latency table and routers: views resolve as `flextron generate` does."""
     from flextron.budget import BudgetResolver
     from flextron.nn.routers import DynamicRouter, StaticRouter, save_routers
-    from tests.test_latency import synthetic_table
+    from tests.helpers import synthetic_table
 
     model = tiny_flextron()
     save_pretrained(model, tmp_path)

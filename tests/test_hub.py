@@ -15,7 +15,7 @@ from flextron.cli import COMMANDS, main
 from flextron.hub import is_hub_id, parse_dtype, resolve_model_dir
 from flextron.loading import load_model
 from flextron.streaming import read_safetensors
-from tests.tiny_models import tiny_flextron, tiny_hf_dir, tiny_tokenizer
+from tests.helpers import tiny_flextron, tiny_hf_dir, tiny_tokenizer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -19,7 +19,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from flextron.checkpoint import load_pretrained
 from flextron.cli import main  # noqa: E402
 from flextron.lm_eval_backend import TASKS_DIR, FlextronLM  # noqa: E402
-from tests.tiny_models import tiny_hf_dir  # noqa: E402
+from tests.helpers import tiny_hf_dir  # noqa: E402
 
 TASKS = ["flextron_tiny_choice", "flextron_tiny_rolling", "flextron_tiny_generate"]
 

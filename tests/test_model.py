@@ -8,7 +8,7 @@ import torch
 from flextron import reference
 from flextron.config import ArchConfig, ModelConfig, arch_for_budget, count_parameters
 from flextron.nn.rope import rope_frequencies
-from tests.tiny_models import flextron_twin, tiny_flextron, tiny_hf_model
+from tests.helpers import assert_logits_close, flextron_twin, tiny_flextron, tiny_hf_model
 
 VARIANTS = {
     "gqa": dict(kv_heads=2),
@@ -16,12 +16,6 @@ VARIANTS = {
     "gqa-bias": dict(kv_heads=2, bias=True),
     "mha-bias-tied": dict(kv_heads=4, bias=True, tied=True),
 }
-
-
-def assert_logits_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    scale = theirs.abs().max().item()
-    error = (ours - theirs).abs().max().item()
-    assert error <= 1e-4 * scale, f"max |diff| {error:.3g} > 1e-4 x logit scale {scale:.3g}"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -24,7 +24,7 @@ from flextron.cli import main
 from flextron.latency import LatencyTable, ShapeCosts
 from flextron.train.rundir import LOCK_FILE, RunLockedError, check_unlocked, run_lock
 from flextron.train.train_state import LATEST, latest_checkpoint, save_checkpoint
-from tests.tiny_models import tiny_flextron, tiny_hf_dir, tiny_tokenizer
+from tests.helpers import tiny_flextron, tiny_hf_dir, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {

@@ -9,7 +9,7 @@ import pytest
 from flextron.checkpoint import load_pretrained
 from flextron.cli import main
 from flextron.train.metrics import read_metrics
-from tests.tiny_models import tiny_hf_dir
+from tests.helpers import tiny_hf_dir
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from flextron.train.batches import BatchOrder, split_blocks
 from flextron.train.metrics import read_metrics
 from flextron.train.train_state import latest_checkpoint
 from flextron.train.trainer import lr_factor
-from tests.tiny_models import tiny_flextron
+from tests.helpers import tiny_flextron
 
 VOCAB = 300
 

@@ -8,7 +8,7 @@ import torch
 
 from flextron.convert import convert
 from flextron.train.demo_training import elastic_phase
-from tests.tiny_models import tiny_flextron, tiny_tokenizer
+from tests.helpers import tiny_flextron, tiny_tokenizer
 
 
 def test_elastic_phase_trains_once_then_loads_the_cache(tmp_path, monkeypatch) -> None:

@@ -1,11 +1,13 @@
-"""routed_nested_mlp on CUDA against flextron.reference (grouped CUTLASS path and fallback).
+"""routed_nested_mlp against flextron.reference: forward and backward in every dtype and routing
+pattern, strided views, opcheck and bad input on every device; on the CPU also its tiling, fp32
+against the fp32 reference, torch.compile (aot_eager); on CUDA the grouped CUTLASS path and its
+fallback, CUDA graphs, uninitialised memory, K tails and device asserts.
 
-Tolerances by comparison: our error against an fp64 reference stays within twice PyTorch's
-own error at the same precision (plus a small floor).  Every test but the build check skips
-without a GPU; the skip condition is a string, so nothing touches CUDA at import.
-An out-of-range choice trips a device-side assert, which poisons the CUDA context: that
-case runs in a child process.  The cases that reach the kernels' risky paths (many tiles per
-CTA, K tails, D = 0) run with the sm90 path on and off (FLEXTRON_DISABLE_SM90).
+Tolerances by comparison (CPU and CUDA tests alike): our error against an fp64 reference stays
+within twice PyTorch's own error at the same precision (plus a small per-dtype floor, ABS_FLOOR).
+An out-of-range choice trips a device-side assert, which poisons the CUDA context: that case
+runs in a child process. The cases that reach the kernels' risky paths (many tiles per CTA,
+K tails, D = 0) run with the sm90 path on and off (FLEXTRON_DISABLE_SM90).
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flextron import _C, ops, reference
+from tests.helpers import DEVICES, assert_as_accurate_as_torch, cuda_kernel_names, cuda_only
 
-needs_cuda = pytest.mark.skipif("not torch.cuda.is_available()", reason="needs a CUDA device")
-pytestmark = pytest.mark.cuda
-
+ACTIVATIONS = reference.ACTIVATIONS
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-ACTIVATIONS = ["swiglu", "gelu", "gelu_tanh", "relu"]
 ABS_FLOOR = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 # (tokens, hidden, ffn, widths): multiples of 8 take the grouped CUTLASS path for 16-bit
 # dtypes; odd sizes and more than 32 choices take the masked fallback.
@@ -37,48 +39,337 @@ CASES = [
 ]
 
 
-def _inputs(tokens, hidden, ffn, widths, activation, dtype, seed=0, with_scale=True):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+def make_inputs(
+    tokens: int,
+    hidden: int,
+    d_ff: int,
+    widths: list[int],
+    activation: str = "swiglu",
+    *,
+    routing: str = "random",
+    with_scale: bool = True,
+    dtype: torch.dtype = torch.float32,
+    contiguous: bool = True,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x (T, D), w_gate (F, D) | None, w_up (F, D), w_down (D, F), choice (T,), scale (T,) | None).
+
+    routing: random | one:<c> (every token picks c) | skip (every other choice left empty).
+    contiguous=False builds every tensor as a strided view (transposed or sliced storage).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    num_choices = len(widths)
+    if routing == "random":
+        choice = torch.randint(0, num_choices, (tokens,), generator=gen)
+    elif routing.startswith("one:"):
+        choice = torch.full((tokens,), int(routing[4:]), dtype=torch.int64)
+    else:  # skip: only even choices
+        choice = 2 * torch.randint(0, (num_choices + 1) // 2, (tokens,), generator=gen)
+
+    def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
+        if contiguous:
+            return (torch.randn(*shape, generator=gen) * std).to(dtype)
+        # The transpose of a (shape reversed, padded) buffer: strided, with a leading dim > size.
+        padded = torch.randn(*(s + 3 for s in reversed(shape)), generator=gen) * std
+        view = padded.to(dtype)[tuple(slice(0, s) for s in reversed(shape))]
+        return view.permute(*reversed(range(len(shape))))
+
+    x = randn(tokens, hidden)
+    w_gate = randn(d_ff, hidden, std=hidden**-0.5) if activation == "swiglu" else None
+    w_up = randn(d_ff, hidden, std=hidden**-0.5)
+    w_down = randn(hidden, d_ff, std=d_ff**-0.5)
+    scale = None
+    if with_scale:
+        scale = (torch.rand(2 * tokens, generator=gen) + 0.5).to(dtype)
+        scale = scale[::2] if not contiguous else scale[:tokens].clone()
+    if not contiguous:
+        choice = torch.stack([choice, choice], 1)[:, 0]  # stride 2
+    return x, w_gate, w_up, w_down, choice, scale
+
+
+def forward_and_grads(fn, inputs, widths, activation, grad_out=None):
+    """Output and autograd gradients w.r.t. the float inputs (None ones skipped)."""
+    x, w_gate, w_up, w_down, choice, scale = inputs
+    leaves = [
+        t.detach().requires_grad_() if t is not None else None for t in (x, w_gate, w_up, w_down, scale)
+    ]
+    x_, w_gate_, w_up_, w_down_, scale_ = leaves
+    y = fn(x_, w_gate_, w_up_, w_down_, choice, widths, scale_, activation)
+    grad_out = (
+        torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+        if grad_out is None
+        else grad_out
+    )
+    wrt = [t for t in leaves if t is not None]
+    return y, torch.autograd.grad(y, wrt, grad_out), grad_out
+
+
+def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    bound = 1e-5 * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=bound)
+
+
+def assert_matches_reference(inputs, widths, activation) -> None:
+    """Output and every gradient of the op vs the reference, fp32 tolerances."""
+    y, grads, grad_out = forward_and_grads(ops.routed_nested_mlp, inputs, widths, activation)
+    y_ref, grads_ref, _ = forward_and_grads(reference.routed_nested_mlp, inputs, widths, activation, grad_out)
+    assert_close_fp32(y, y_ref)
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        assert_close_fp32(grad, grad_ref)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("tokens", [1, 7, 83, 300])  # 300: several tiles, the threaded path
+@pytest.mark.parametrize("hidden,d_ff,widths", [(8, 64, [64, 40, 16]), (24, 96, [80, 64, 24, 8])])
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_matches_reference_fp32(activation, tokens, hidden, d_ff, widths, with_scale):
+    inputs = make_inputs(tokens, hidden, d_ff, widths, activation, with_scale=with_scale, seed=tokens)
+    assert_matches_reference(inputs, widths, activation)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_one_thread_runs_tiles_of_the_largest_size_in_turn():
+    # One thread: tiles of 256 sorted tokens (600 -> 256 + 256 + 88), no balancing.
+    widths = [96, 72, 40, 16]
+    inputs = make_inputs(600, 24, 96, widths, "swiglu", with_scale=True, seed=5)
+    assert_matches_reference(inputs, widths, "swiglu")
+
+
+@pytest.mark.parametrize("routing", ["one:0", "one:1", "one:3", "skip"])
+@pytest.mark.parametrize("tokens", [5, 200])
+def test_routing_patterns(routing, tokens):
+    # One group only (widest, middle, narrowest) and empty groups in between.
+    widths = [96, 72, 40, 16]
+    inputs = make_inputs(tokens, 24, 96, widths, "swiglu", routing=routing)
+    assert_matches_reference(inputs, widths, "swiglu")
+
+
+def test_weight_grads_exactly_zero_outside_used_prefix():
+    widths = [48, 32, 8]
+    inputs = make_inputs(40, 8, 64, widths, "swiglu", routing="one:1")  # everyone at width 32
+    _, (_, grad_gate, grad_up, grad_down, _), _ = forward_and_grads(
+        ops.routed_nested_mlp, inputs, widths, "swiglu"
+    )
+    assert grad_gate.shape == (64, 8) and grad_down.shape == (8, 64)
+    assert torch.count_nonzero(grad_gate[32:]) == 0
+    assert torch.count_nonzero(grad_up[32:]) == 0
+    assert torch.count_nonzero(grad_down[:, 32:]) == 0
+    assert torch.count_nonzero(grad_up[:32]) > 0
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_non_contiguous_inputs(activation):
+    widths = [64, 48, 16]
+    inputs = make_inputs(83, 24, 64, widths, activation, contiguous=False)
+    assert not inputs[0].is_contiguous() and not inputs[2].is_contiguous() and not inputs[4].is_contiguous()
+    assert_matches_reference(inputs, widths, activation)
+
+
+def test_expanded_grad_out():
+    # A .sum() loss hands the backward a stride-0 grad_out.
+    widths = [64, 32]
+    x, w_gate, w_up, w_down, choice, scale = make_inputs(150, 8, 64, widths)
+    x.requires_grad_()
+    ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths, scale).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    reference.routed_nested_mlp(x_ref, w_gate, w_up, w_down, choice, widths, scale, "swiglu").sum().backward()
+    assert_close_fp32(x.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_low_precision_error_within_twice_pytorch(dtype, activation):
+    # Our error and PyTorch's own error at this precision, both against a float64 reference.
+    widths = [96, 64, 32]
+    inputs = make_inputs(83, 32, 96, widths, activation, dtype=dtype, seed=3)
+    inputs64 = tuple(t if t is None or t.dtype == torch.int64 else t.double() for t in inputs)
+    y, grads, grad_out = forward_and_grads(ops.routed_nested_mlp, inputs, widths, activation)
+    y_low, grads_low, _ = forward_and_grads(reference.routed_nested_mlp, inputs, widths, activation, grad_out)
+    y64, grads64, _ = forward_and_grads(
+        reference.routed_nested_mlp, inputs64, widths, activation, grad_out.double()
+    )
+    for ours, torch_low, exact in zip((y, *grads), (y_low, *grads_low), (y64, *grads64), strict=True):
+        assert ours.dtype == dtype
+        ours_err = (ours.double() - exact).abs().max().item()
+        torch_err = (torch_low.double() - exact).abs().max().item()
+        assert ours_err <= 2 * torch_err + 1e-6 * exact.abs().max().item(), (ours_err, torch_err)
+
+
+def test_empty_token_batch():
+    widths = [64, 32]
+    x, w_gate, w_up, w_down, choice, scale = make_inputs(0, 8, 64, widths)
+    y = ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths, scale)
+    assert y.shape == (0, 8)
+    grads = torch.ops.flextron.routed_nested_mlp_backward(
+        y, x, w_gate, w_up, w_down, choice, widths, scale, "swiglu"
+    )
+    assert grads[0].shape == (0, 8) and torch.count_nonzero(grads[2]) == 0 and grads[4].shape == (0,)
+
+
+def test_backward_op_empty_slots_without_gate_or_scale():
+    widths = [64, 32]
+    x, _, w_up, w_down, choice, _ = make_inputs(9, 8, 64, widths, "relu", with_scale=False)
+    grads = torch.ops.flextron.routed_nested_mlp_backward(
+        torch.ones_like(x), x, None, w_up, w_down, choice, widths, None, "relu"
+    )
+    assert grads[1].numel() == 0 and grads[4].numel() == 0
+    assert grads[2].shape == w_up.shape and grads[3].shape == w_down.shape
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    tokens=st.integers(1, 40),  # T=0: test_empty_token_batch (the reference has no graph)
+    hidden=st.integers(1, 12),
+    d_ff=st.integers(4, 40),
+    num_choices=st.integers(1, 4),
+    activation=st.sampled_from(ACTIVATIONS),
+    with_scale=st.booleans(),
+    data=st.data(),
+)
+def test_hypothesis_shapes(tokens, hidden, d_ff, num_choices, activation, with_scale, data):
+    widths = sorted(
+        data.draw(st.sets(st.integers(1, d_ff), min_size=num_choices, max_size=num_choices)), reverse=True
+    )
+    inputs = make_inputs(tokens, hidden, d_ff, widths, activation, with_scale=with_scale)
+    assert_matches_reference(inputs, widths, activation)
+
+
+def test_opcheck_backward_op():
+    widths = [32, 16]
+    x, w_gate, w_up, w_down, choice, scale = make_inputs(9, 8, 32, widths)
+    grad_out = torch.randn_like(x)
+    torch.library.opcheck(
+        torch.ops.flextron.routed_nested_mlp_backward.default,
+        (grad_out, x, w_gate, w_up, w_down, choice, widths, scale, "swiglu"),
+    )
+
+
+def test_torch_compile_fullgraph():
+    widths = [64, 40, 16]
+    inputs = make_inputs(37, 16, 64, widths)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x, w_gate, w_up, w_down, choice, scale):
+        return ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths, scale).square().sum()
+
+    leaves = [t.detach().requires_grad_() if t is not None and t.is_floating_point() else t for t in inputs]
+    loss = step(*leaves)
+    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None and t.requires_grad])
+    ref_leaves = [
+        t.detach().requires_grad_() if t is not None and t.is_floating_point() else t for t in inputs
+    ]
+    x, w_gate, w_up, w_down, choice, scale = ref_leaves
+    loss_ref = (
+        reference.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths, scale, "swiglu").square().sum()
+    )
+    grads_ref = torch.autograd.grad(loss_ref, [t for t in ref_leaves if t is not None and t.requires_grad])
+    assert_close_fp32(loss, loss_ref)
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        assert_close_fp32(grad, grad_ref)
+
+
+# ---- bad input -----------------------------------------------------------------
+
+
+def _bad_call(**changes):
+    widths = changes.pop("widths", [32, 16, 8])
+    x, w_gate, w_up, w_down, choice, scale = make_inputs(6, 8, 32, [32, 16, 8])
+    args = dict(x=x, w_gate=w_gate, w_up=w_up, w_down=w_down, choice=choice, scale=scale, activation="swiglu")
+    args.update(changes)
+    return ops.routed_nested_mlp(
+        args["x"],
+        args["w_gate"],
+        args["w_up"],
+        args["w_down"],
+        args["choice"],
+        widths,
+        args["scale"],
+        args["activation"],
+    )
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (dict(x=torch.zeros(6, 8, dtype=torch.int32)), "x must be float32"),
+        (dict(x=torch.zeros(6, 8, dtype=torch.float64)), "x must be float32"),
+        (dict(x=torch.zeros(2, 3, 8)), "x must be 2-D"),
+        (dict(choice=torch.zeros(6, dtype=torch.int32)), "choice must be int64"),
+        (dict(choice=torch.zeros(5, dtype=torch.int64)), "choice has 5 entries"),
+        (dict(choice=torch.zeros(6, 1, dtype=torch.int64)), "choice must be 1-D"),
+        (dict(choice=torch.tensor([0, 1, 2, 3, 0, 0])), r"choice\[3\] = 3 is out of range"),
+        (dict(choice=torch.tensor([0, -1, 2, 1, 0, 0])), r"choice\[1\] = -1 is out of range"),
+        (dict(widths=[32, 0]), r"widths\[1\] must be in \[1, 32\]"),
+        (dict(widths=[33, 16]), r"widths\[0\] must be in \[1, 32\]"),
+        (dict(widths=[16, 32, 8]), "widths must be strictly descending"),
+        (dict(widths=[32, 32, 8]), "widths must be strictly descending"),
+        (dict(widths=[]), "widths must hold at least one width"),
+        (dict(w_down=torch.zeros(8, 31)), "w_down must be"),
+        (dict(w_up=torch.zeros(32, 7)), "w_up has 7 input features"),
+        (dict(w_gate=torch.zeros(16, 8)), "w_gate has shape"),
+        (dict(w_gate=None), "needs w_gate"),
+        (dict(activation="gelu"), "takes no w_gate"),
+        (dict(activation="tanh"), "activation must be"),
+        (dict(w_up=torch.zeros(32, 8, dtype=torch.bfloat16)), "w_up has dtype"),
+        (dict(scale=torch.ones(5)), "scale has 5 entries"),
+        (dict(scale=torch.ones(6, 1)), "scale must be 1-D"),
+        (dict(scale=torch.ones(6, dtype=torch.int64)), "scale must be float32"),
+    ],
+)
+def test_bad_input_raises(changes, match):
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        _bad_call(**changes)
+
+
+def test_backward_bad_grad_out():
+    widths = [32, 16]
+    x, w_gate, w_up, w_down, choice, scale = make_inputs(6, 8, 32, widths)
+    with pytest.raises(RuntimeError, match="grad_out has shape"):
+        torch.ops.flextron.routed_nested_mlp_backward(
+            torch.ones(5, 8), x, w_gate, w_up, w_down, choice, widths, scale, "swiglu"
+        )
+    with pytest.raises(RuntimeError, match="grad_out has dtype"):
+        torch.ops.flextron.routed_nested_mlp_backward(
+            torch.ones(6, 8, dtype=torch.bfloat16), x, w_gate, w_up, w_down, choice, widths, scale, "swiglu"
+        )
+
+
+# ---- every device and CUDA only --------------------------------------------------------
+
+
+def _inputs(tokens, hidden, ffn, widths, activation, dtype, *, seed=0, with_scale=True, device="cuda"):
+    """(x, w_gate | None, w_up, w_down, choice, widths, scale | None); choice 1 is left empty."""
+    gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(dtype)
+        return (torch.randn(*shape, device=device, generator=gen) * scale).to(dtype)
 
     x = randn(tokens, hidden)
     w_gate = randn(ffn, hidden, scale=hidden**-0.5) if activation == "swiglu" else None
     w_up = randn(ffn, hidden, scale=hidden**-0.5)
     w_down = randn(hidden, ffn, scale=ffn**-0.5)
     # Skip choice 1 so that one group is empty.
-    usable = torch.tensor([c for c in range(len(widths)) if c != 1 or len(widths) == 1], device="cuda")
-    choice = usable[torch.randint(0, usable.numel(), (tokens,), device="cuda", generator=gen)]
-    scale = torch.rand(tokens, device="cuda", generator=gen).to(dtype) if with_scale else None
+    usable = torch.tensor([c for c in range(len(widths)) if c != 1 or len(widths) == 1], device=device)
+    choice = usable[torch.randint(0, usable.numel(), (tokens,), device=device, generator=gen)]
+    scale = torch.rand(tokens, device=device, generator=gen).to(dtype) if with_scale else None
     return x, w_gate, w_up, w_down, choice, widths, scale
 
 
 def _assert_as_accurate_as_torch(ours, theirs, exact):
-    assert ours.shape == exact.shape and ours.dtype == theirs.dtype
-    our_err = (ours.double() - exact).abs().max().item()
-    their_err = (theirs.double() - exact).abs().max().item()
-    assert our_err <= 2 * their_err + ABS_FLOOR[ours.dtype], (our_err, their_err)
+    assert_as_accurate_as_torch(ours, theirs, exact, ABS_FLOOR[ours.dtype])
 
 
 def _double(tensors):
     return [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
 
 
-def test_cuda_kernel_registered_when_built():
-    if not _C.build_info()["cuda_built"]:
-        pytest.skip("built without CUDA")
-    assert "CUDA" in ops.backends("routed_nested_mlp")
-    assert "CUDA" in ops.backends("routed_nested_mlp_backward")
-
-
-@needs_cuda
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("with_scale", [False, True])
-def test_forward_matches_reference(dtype, activation, case, with_scale):
-    args = _inputs(*case, activation, dtype, with_scale=with_scale)
+def test_forward_matches_reference(device, dtype, activation, case, with_scale):
+    args = _inputs(*case, activation, dtype, with_scale=with_scale, device=device)
     ours = ops.routed_nested_mlp(*args, activation)
     theirs = reference.routed_nested_mlp(*args, activation)
     exact = reference.routed_nested_mlp(*_double(args), activation)
@@ -94,7 +385,8 @@ def _grads(fn, tensors, choice, widths, activation, grad_y):
 
 
 def _check_backward(x, w_gate, w_up, w_down, choice, widths, scale, activation):
-    grad_y = torch.randn(x.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(9))
+    gen = torch.Generator(device=x.device).manual_seed(9)
+    grad_y = torch.randn(x.shape, device=x.device, generator=gen)
     differentiable = [x, w_gate, w_up, w_down, scale]
     ours = _grads(ops.routed_nested_mlp, differentiable, choice, widths, activation, grad_y)
     theirs = _grads(reference.routed_nested_mlp, differentiable, choice, widths, activation, grad_y)
@@ -103,13 +395,15 @@ def _check_backward(x, w_gate, w_up, w_down, choice, widths, scale, activation):
         _assert_as_accurate_as_torch(our_grad, their_grad, exact_grad)
 
 
-@needs_cuda
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("with_scale", [False, True])
-def test_backward_matches_reference(dtype, activation, case, with_scale):
-    _check_backward(*_inputs(*case, activation, dtype, seed=1, with_scale=with_scale), activation)
+def test_backward_matches_reference(device, dtype, activation, case, with_scale):
+    _check_backward(
+        *_inputs(*case, activation, dtype, seed=1, with_scale=with_scale, device=device), activation
+    )
 
 
 # Group occupancy of the band-form backward: every token in the widest group, every token in
@@ -123,26 +417,21 @@ ONE_GROUP = [
 ]
 
 
-@needs_cuda
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("case", ONE_GROUP)
-def test_backward_all_tokens_in_one_group(dtype, case):
+def test_backward_all_tokens_in_one_group(device, dtype, case):
     tokens, hidden, ffn, widths, only = case
-    x, w_gate, w_up, w_down, _, _, scale = _inputs(tokens, hidden, ffn, widths, "swiglu", dtype, seed=2)
-    choice = torch.full((tokens,), only, device="cuda", dtype=torch.int64)
+    x, w_gate, w_up, w_down, _, _, scale = _inputs(
+        tokens, hidden, ffn, widths, "swiglu", dtype, seed=2, device=device
+    )
+    choice = torch.full((tokens,), only, device=device, dtype=torch.int64)
     _check_backward(x, w_gate, w_up, w_down, choice, widths, scale, "swiglu")
     leaves = [t.clone().requires_grad_() for t in (w_gate, w_up, w_down)]
     ops.routed_nested_mlp(x, *leaves, choice, widths, scale, "swiglu").sum().backward()
     used = widths[only]
     assert not leaves[0].grad[used:].any() and not leaves[1].grad[used:].any()
     assert not leaves[2].grad[:, used:].any()
-
-
-def _cuda_kernel_names(fn) -> list[str]:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
 
 
 def _runs_sm90_path() -> bool:
@@ -157,7 +446,7 @@ def _grouped_launches(names: list[str]) -> tuple[int, int]:
     return v2, v3
 
 
-@needs_cuda
+@cuda_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("disable_sm90", [False, True])
 def test_aligned_16bit_shapes_run_grouped_cutlass(dtype, disable_sm90, monkeypatch):
@@ -169,12 +458,12 @@ def test_aligned_16bit_shapes_run_grouped_cutlass(dtype, disable_sm90, monkeypat
     sm90 = _runs_sm90_path() and not disable_sm90
     x, w_gate, w_up, w_down, choice, widths, scale = _inputs(*CASES[0], "swiglu", dtype)
     forward = _grouped_launches(
-        _cuda_kernel_names(lambda: ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths, scale))
+        cuda_kernel_names(lambda: ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths, scale))
     )
     assert forward == ((0, 2) if sm90 else (2, 0)), forward
     leaves = [t.clone().requires_grad_() for t in (x, w_gate, w_up, w_down, scale)]
     y = ops.routed_nested_mlp(leaves[0], *leaves[1:4], choice, widths, leaves[4])
-    backward = _grouped_launches(_cuda_kernel_names(lambda: y.backward(torch.ones_like(y))))
+    backward = _grouped_launches(cuda_kernel_names(lambda: y.backward(torch.ones_like(y))))
     assert backward == ((0, 5) if sm90 else (5, 0)), backward
     # Either kernel family matches the reference.
     args = (x, w_gate, w_up, w_down, choice, widths, scale)
@@ -186,20 +475,26 @@ def test_aligned_16bit_shapes_run_grouped_cutlass(dtype, disable_sm90, monkeypat
     _check_backward(*args, "swiglu")
 
 
-@needs_cuda
-def test_unused_neurons_get_exactly_zero_gradient():
-    x, w_gate, w_up, w_down, choice, _, scale = _inputs(64, 32, 128, [128], "swiglu", torch.bfloat16)
+@pytest.mark.parametrize("device", DEVICES)
+def test_unused_neurons_get_exactly_zero_gradient(device):
+    x, w_gate, w_up, w_down, choice, _, scale = _inputs(
+        64, 32, 128, [128], "swiglu", torch.bfloat16, device=device
+    )
     leaves = [t.clone().requires_grad_() for t in (w_gate, w_up, w_down)]
     ops.routed_nested_mlp(x, *leaves, choice, [96, 40], scale, "swiglu").sum().backward()
     assert not leaves[0].grad[96:].any() and not leaves[1].grad[96:].any()
     assert not leaves[2].grad[:, 96:].any()
 
 
-@needs_cuda
-def test_empty_tokens_and_non_contiguous_choice():
-    x, w_gate, w_up, w_down, choice, widths, scale = _inputs(0, 64, 128, [128, 64], "swiglu", torch.bfloat16)
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_tokens_and_non_contiguous_choice(device):
+    x, w_gate, w_up, w_down, choice, widths, scale = _inputs(
+        0, 64, 128, [128, 64], "swiglu", torch.bfloat16, device=device
+    )
     assert ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths, scale).shape == (0, 64)
-    x, w_gate, w_up, w_down, choice, widths, scale = _inputs(40, 64, 128, [128, 64], "swiglu", torch.bfloat16)
+    x, w_gate, w_up, w_down, choice, widths, scale = _inputs(
+        40, 64, 128, [128, 64], "swiglu", torch.bfloat16, device=device
+    )
     strided = torch.stack([choice, choice], 1)[:, 0]
     torch.testing.assert_close(
         ops.routed_nested_mlp(x, w_gate, w_up, w_down, strided, widths, scale),
@@ -209,19 +504,26 @@ def test_empty_tokens_and_non_contiguous_choice():
     )
 
 
-@needs_cuda
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_opcheck(dtype):
-    x, w_gate, w_up, w_down, choice, widths, scale = _inputs(37, 64, 128, [128, 64, 32], "swiglu", dtype)
-    tensors = [t.requires_grad_() for t in (x, w_gate, w_up, w_down, scale)]
-    torch.library.opcheck(
-        torch.ops.flextron.routed_nested_mlp.default,
-        (tensors[0], tensors[1], tensors[2], tensors[3], choice, widths, tensors[4], "swiglu"),
+@pytest.mark.parametrize("activation", ["swiglu", "gelu_tanh"])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(device, dtype, activation, requires_grad):
+    x, w_gate, w_up, w_down, choice, widths, scale = _inputs(
+        37, 64, 128, [128, 64, 32], activation, dtype, device=device
     )
+    x, w_gate, w_up, w_down, scale = (
+        None if t is None else t.requires_grad_(requires_grad) for t in (x, w_gate, w_up, w_down, scale)
+    )
+    for with_scale in (scale, None):
+        torch.library.opcheck(
+            torch.ops.flextron.routed_nested_mlp.default,
+            (x, w_gate, w_up, w_down, choice, widths, with_scale, activation),
+        )
 
 
-@needs_cuda
-def test_torch_compile_fullgraph():
+@cuda_only
+def test_torch_compile_inductor():
     x, w_gate, w_up, w_down, choice, widths, scale = _inputs(
         64, 64, 256, [256, 128], "swiglu", torch.bfloat16
     )
@@ -233,8 +535,8 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(compiled(x), layer(x))
 
 
-@needs_cuda
-def test_bad_input_names_the_argument():
+@cuda_only
+def test_bad_input_on_cuda_names_the_argument():
     x, w_gate, w_up, w_down, choice, widths, scale = _inputs(16, 64, 128, [128, 64], "swiglu", torch.float32)
     with pytest.raises(RuntimeError, match="strictly descending"):
         ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, [64, 128], scale)
@@ -257,7 +559,7 @@ def _route_and_mlp(x, router, w_gate, w_up, w_down, widths):
     return ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths, scale, "swiglu")
 
 
-@needs_cuda
+@cuda_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_graph_capture_of_route_and_mlp(dtype):
     """route + routed_nested_mlp (forward and backward) capture into a CUDA graph: no host
@@ -315,7 +617,7 @@ def _poison_allocator(shapes: list[tuple[int, ...]], dtypes: list[torch.dtype], 
     del blocks
 
 
-@needs_cuda
+@cuda_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("choices_used", [[1, 2], [0, 2, 3], [3]])
 def test_outputs_fully_written_over_poisoned_memory(dtype, choices_used):
@@ -376,7 +678,7 @@ def _check_against_fp32(args, activation):
         _assert_as_accurate_as_torch(our_grad, their_grad, exact_grad.double())
 
 
-@needs_cuda
+@cuda_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_multi_tile_grouped_gemms(dtype, sm90_path):
     """Hundreds of 128x128 tiles per launch, more than one per persistent CTA: CTAs move to
@@ -398,7 +700,7 @@ K_TAILS = [
 ]
 
 
-@needs_cuda
+@cuda_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", K_TAILS)
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
@@ -410,7 +712,7 @@ def test_k_tails(dtype, case, activation, sm90_path):
     _check_against_fp32((*args[:4], choice, widths, args[6]), activation)
 
 
-@needs_cuda
+@cuda_only
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_scale", [False, True])
 def test_hidden_size_zero(dtype, with_scale, sm90_path):
@@ -429,7 +731,7 @@ def test_hidden_size_zero(dtype, with_scale, sm90_path):
             assert leaf.grad.shape == leaf.shape and not leaf.grad.any()
 
 
-@needs_cuda
+@cuda_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_backward_outputs_are_distinct(dtype, sm90_path):
     """No two outputs of the backward op are the same tensor (the schema promises fresh
@@ -442,7 +744,7 @@ def test_backward_outputs_are_distinct(dtype, sm90_path):
     assert len({g._cdata for g in grads}) == 5
 
 
-@needs_cuda
+@cuda_only
 @pytest.mark.parametrize("tokens,ffn,widths", [(40, 37, [37, 20, 7]), (40, 128, [128, 64])])
 def test_out_of_range_choice_trips_a_device_assert_on_the_masked_path(tokens, ffn, widths):
     """fp32 (and odd sizes) take the masked path; an out-of-range choice must fail loudly there,

@@ -1,13 +1,104 @@
-"""Tiny random Hugging Face Llama models (and their Flextron twins) for fast tests."""
+"""Shared test helpers: the GPU skip, the device parameter, tolerance rules, CUDA probes, tiny models
+and a synthetic latency table. Test modules import from here, never from one another."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from flextron._extension import _C
 from flextron.config import ModelConfig
+from flextron.latency import LatencyTable, ShapeCosts
 from flextron.loading import model_from_hf_weights
 from flextron.model import FlextronModel
+
+# --- Devices -------------------------------------------------------------------------------------
+
+# A CUDA test needs a GPU and the extension's CUDA kernels. Neither check creates a CUDA context,
+# so importing a test module stays safe on machines without a GPU.
+CUDA_AVAILABLE = torch.cuda.is_available() and bool(_C.build_info()["cuda_built"])
+
+# The one GPU skip. `cuda` labels the test for `pytest -m cuda` (benchmarks/gpu_check.sh);
+# the skipif does the skipping.
+CUDA_MARKS = (
+    pytest.mark.cuda,
+    pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA device and flextron built with CUDA"),
+)
+
+# The `device` parameter of an op test whose contract is the same on every device.
+DEVICES = ("cpu", pytest.param("cuda", marks=CUDA_MARKS))
+
+
+def cuda_only(test):
+    """Decorator (function or class): run only where CUDA_AVAILABLE, labelled `cuda`."""
+    for mark in CUDA_MARKS:
+        test = mark(test)
+    return test
+
+
+# --- Tolerances ----------------------------------------------------------------------------------
+
+FP32_TOL = dict(atol=1e-5, rtol=1e-4)
+
+
+def max_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
+    return (actual.double() - exact.double()).abs().max().item() if exact.numel() else 0.0
+
+
+def assert_matches_reference(
+    actual: torch.Tensor, pytorch_same_dtype: torch.Tensor, exact: torch.Tensor
+) -> None:
+    """fp32: tight closeness to `exact`. Lower precision: our error against `exact`
+    (an fp32/fp64 reference) is at most 2x PyTorch's own error at that precision."""
+    assert actual.shape == exact.shape, (actual.shape, exact.shape)
+    assert actual.dtype == pytorch_same_dtype.dtype
+    if actual.dtype in (torch.float32, torch.float64):
+        torch.testing.assert_close(actual.double(), exact.double(), **FP32_TOL)
+        return
+    ours, theirs = max_error(actual, exact), max_error(pytorch_same_dtype, exact)
+    assert ours <= 2 * theirs + 1e-6, f"error {ours:.3g} > 2 x PyTorch's {theirs:.3g} in {actual.dtype}"
+
+
+def assert_as_accurate_as_torch(
+    ours: torch.Tensor, theirs: torch.Tensor, exact: torch.Tensor, floor: float
+) -> None:
+    """Every dtype: max |ours - exact| <= 2 max |theirs - exact| + floor, where `theirs` is
+    PyTorch at our precision and `exact` a float64 reference of the same shape."""
+    assert ours.shape == exact.shape and ours.dtype == theirs.dtype
+    our_err = (ours.double() - exact).abs().max().item()
+    their_err = (theirs.double() - exact).abs().max().item()
+    assert our_err <= 2 * their_err + floor, (our_err, their_err)
+
+
+def assert_logits_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """Logits (..., vocab) agree within 1e-4 of the logit scale."""
+    scale = theirs.abs().max().item()
+    error = (ours - theirs).abs().max().item()
+    assert error <= 1e-4 * scale, f"max |diff| {error:.3g} > 1e-4 x logit scale {scale:.3g}"
+
+
+# --- CUDA probes ---------------------------------------------------------------------------------
+
+
+def poison_cuda_cache(dtype: torch.dtype) -> None:
+    """Fill freed blocks of both pools of PyTorch's CUDA caching allocator with NaN, so that a
+    kernel that reads a buffer it never wrote (an output element it skipped) returns NaN."""
+    small = (1 << 19) // torch.tensor([], dtype=dtype).element_size()  # 512 KiB: the small pool
+    blocks = [torch.full((small,), float("nan"), dtype=dtype, device="cuda") for _ in range(8)]
+    blocks.append(torch.full((1 << 26,), float("nan"), dtype=dtype, device="cuda"))  # the large pool
+    del blocks
+
+
+def cuda_kernel_names(fn) -> list[str]:
+    """Names of the CUDA kernels that `fn()` launches, in launch order (from the profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+
+
+# --- Tiny models ---------------------------------------------------------------------------------
 
 
 def tiny_hf_config(kv_heads: int = 2, bias: bool = False, tied: bool = False, **overrides) -> LlamaConfig:
@@ -135,3 +226,31 @@ def tiny_bpe_tokenizer(vocab_size: int = 300, split_digits: bool = True):
     )
     tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
     return tokenizer
+
+
+# --- Latency -------------------------------------------------------------------------------------
+
+
+def synthetic_table() -> LatencyTable:
+    """Costs linear in tokens: MLP w costs w/64 * tokens/16 ms, a head 0.5 * tokens/16 ms."""
+    table = LatencyTable("cpu", "test cpu", "float32", num_layers=2, num_heads=4, intermediate_size=256)
+    for phase, batch, length in (
+        ("prefill", 1, 16),
+        ("prefill", 1, 32),
+        ("prefill", 2, 16),
+        ("prefill", 2, 32),
+        ("decode", 1, 64),
+    ):
+        tokens = batch * (length if phase == "prefill" else 1)
+        unit = tokens / 16
+        table.entries.append(
+            ShapeCosts(
+                phase,
+                batch,
+                length,
+                fixed_ms=2.0 * unit,
+                mlp_ms={w: w / 64 * unit for w in (64, 128, 192, 256)},
+                attention_ms={h: 0.5 * h * unit for h in (2, 4)},
+            )
+        )
+    return table

@@ -20,9 +20,9 @@ from flextron.train.train_state import (
     save_checkpoint,
     unflatten_optimizer_state,
 )
-from tests.tiny_models import tiny_flextron
+from tests.helpers import tiny_flextron
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def adam_state(model: torch.nn.Module) -> dict:
@@ -69,7 +69,7 @@ CHILD = textwrap.dedent("""
     import sys, time
     import torch
     import flextron.train.train_state as train_state
-    from tests.tiny_models import tiny_flextron
+    from tests.helpers import tiny_flextron
 
     root, point = sys.argv[1], sys.argv[2]
     model = tiny_flextron()

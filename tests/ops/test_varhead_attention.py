@@ -3,7 +3,12 @@
 Forward and backward (autograd through both), MHA/GQA/MQA, causal and not, prefill
 (Sq == Sk), decode (Sq == 1) and chunked prefill (1 < Sq < Sk), odd sizes, mixed head
 counts per sequence, non-contiguous inputs, fp32, bf16 and fp16, opcheck, torch.compile,
-hypothesis-drawn shapes, argument errors, and the CUDA path.
+hypothesis-drawn shapes and argument errors; the tests of one contract run on every device
+(DEVICES). On CUDA also: bucketed head counts (consecutive buckets as views, scattered ones
+gathered), heads on the CPU, row-blocked backward, uninitialised memory and CUDA graphs.
+
+fp32 is compared with the fp32 reference at fp32 tolerances; bf16/fp16 error must stay within
+twice PyTorch's own SDPA error at that precision (tests/helpers.py).
 """
 
 from __future__ import annotations
@@ -17,7 +22,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flextron import ops, reference
-from tests.utils import FP32_TOL, assert_matches_reference
+from tests.helpers import (
+    CUDA_MARKS,
+    DEVICES,
+    FP32_TOL,
+    assert_matches_reference,
+    cuda_only,
+    poison_cuda_cache,
+)
 
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -29,6 +41,7 @@ def make_inputs(
     q_len: int,
     kv_len: int,
     head_dim: int,
+    *,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     transposed: bool = False,
@@ -112,17 +125,6 @@ HEAD_LAYOUTS = [(4, 4), (6, 2), (3, 1)]  # (Hq, Hkv): MHA, GQA, MQA
 LENGTHS = [(1, 1), (7, 7), (83, 83), (1, 83), (5, 12), (70, 130)]  # (Sq, Sk): prefill, decode, chunked
 
 
-@pytest.mark.parametrize("q_heads,kv_heads", HEAD_LAYOUTS)
-@pytest.mark.parametrize("q_len,kv_len", LENGTHS)
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("head_dim", [8, 64])
-def test_matches_reference(q_heads, kv_heads, q_len, kv_len, causal, head_dim):
-    batch = 3
-    check_against_reference(
-        batch, q_heads, kv_heads, q_len, kv_len, head_dim, causal, mixed_heads(batch, q_heads)
-    )
-
-
 @pytest.mark.parametrize(
     "q_heads,kv_heads,q_len", [(1, 1, 1), (2, 1, 1), (3, 1, 1), (8, 2, 1), (2, 1, 2), (5, 1, 1)]
 )
@@ -131,12 +133,6 @@ def test_decode_rows_match_reference(q_heads, kv_heads, q_len, head_dim):
     # 1-4 query rows per KV group take the few-rows kernels (scores, then P @ V),
     # 5 the BLAS; head dims with and without a remainder past the kernels' blocks.
     check_against_reference(2, q_heads, kv_heads, q_len, 97, head_dim, True, mixed_heads(2, q_heads))
-
-
-@pytest.mark.parametrize("causal", [True, False])
-def test_non_contiguous_inputs(causal):
-    # q/k/v as the transposed views of (B, S, H, Dh) projections, read in place.
-    check_against_reference(2, 6, 2, 83, 83, 16, causal, torch.tensor([6, 2]), transposed=True)
 
 
 @pytest.mark.parametrize("threads", [1, 3, 8])
@@ -153,25 +149,6 @@ def test_backward_split_over_threads(threads, causal):
         torch.set_num_threads(previous)
 
 
-def test_head_dim_slice_and_custom_scale():
-    # Rows with a stride larger than Dh (a slice of a wider tensor) and a given scale.
-    q, k, v = (t[..., :24] for t in make_inputs(2, 4, 2, 9, 9, 40))
-    heads = torch.tensor([3, 4])
-    grad_out = torch.randn(2, 4, 9, 24)
-    out, grads = run_with_grads(ops.varhead_attention, q, k, v, heads, True, grad_out, 0.3)
-    out_ref, grads_ref = run_with_grads(reference.varhead_attention, q, k, v, heads, True, grad_out, 0.3)
-    assert_all_close(out, grads, out_ref, grads_ref)
-
-
-def test_unused_kv_heads_get_zero_grads():
-    # With 2 of 6 query heads active only KV head 0 (of 3) is read.
-    q, k, v = make_inputs(1, 6, 3, 10, 10, 8)
-    grad_out = torch.randn(1, 6, 10, 8)
-    _, (_, grad_k, grad_v) = run_with_grads(ops.varhead_attention, q, k, v, torch.tensor([2]), True, grad_out)
-    assert torch.all(grad_k[:, 1:] == 0) and torch.all(grad_v[:, 1:] == 0)
-    assert grad_k[:, 0].abs().sum() > 0
-
-
 def test_expanded_grad_out():
     # out.sum().backward() hands the kernel a stride-0 grad_out.
     q, k, v = make_inputs(2, 4, 2, 11, 11, 8)
@@ -182,16 +159,6 @@ def test_expanded_grad_out():
     reference.varhead_attention(*leaves_ref, heads, True).sum().backward()
     for leaf, leaf_ref in zip(leaves, leaves_ref, strict=True):
         torch.testing.assert_close(leaf.grad, leaf_ref.grad, **FP32_TOL)
-
-
-@pytest.mark.parametrize("causal", [True, False])
-def test_no_queries(causal):
-    q, k, v = make_inputs(2, 4, 2, 0, 5, 8)
-    heads = torch.tensor([4, 1])
-    grad_out = torch.randn(2, 4, 0, 8)
-    out, grads = run_with_grads(ops.varhead_attention, q, k, v, heads, causal, grad_out)
-    assert out.shape == (2, 4, 0, 8)
-    assert all(torch.all(grad == 0) for grad in grads)
 
 
 def test_default_call_is_causal():
@@ -240,20 +207,7 @@ def check_low_precision(
     assert_inactive_zero(out.cpu(), grads[0].cpu(), heads.cpu())
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("q_len,kv_len,causal", [(83, 83, True), (1, 83, True), (40, 83, False)])
-def test_low_precision_error_within_twice_torch(dtype, q_len, kv_len, causal):
-    check_low_precision(dtype, q_len, kv_len, causal)
-
-
 # ---- opcheck, torch.compile, hypothesis ---------------------------------------------------
-
-
-@pytest.mark.parametrize("causal", [True, False])
-def test_opcheck(causal):
-    q, k, v = make_inputs(2, 4, 2, 5, 7, 8)
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), torch.tensor([4, 1]), causal, None)
-    torch.library.opcheck(torch.ops.flextron.varhead_attention.default, args)
 
 
 def test_torch_compile_fullgraph():
@@ -342,15 +296,189 @@ def test_non_causal_allows_fewer_keys_than_queries():
     )
 
 
-# ---- CUDA ---------------------------------------------------------------------------------
+# ---- every device ----------------------------------------------------------------------------
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("q_len,kv_len", [(83, 83), (1, 83)])
-def test_cuda(q_len, kv_len):
-    if "CUDA" not in ops.backends("varhead_attention"):
-        q, k, v = (t.cuda() for t in make_inputs(2, 6, 2, q_len, kv_len, 64, dtype=torch.bfloat16))
-        with pytest.raises(NotImplementedError, match="not built for CUDA"):
-            ops.varhead_attention(q, k, v, torch.tensor([6, 2], device="cuda"), True)
-        return
-    check_low_precision(torch.bfloat16, q_len, kv_len, True, device="cuda")
+def check_on_device(device: str, heads: list[int], *sizes, causal: bool, **options) -> None:
+    """fp32 output and gradients against the reference on tensors on `device`; sizes are
+    (Hq, Hkv, Sq, Sk, Dh), options those of check_against_reference."""
+    counts = torch.tensor(heads, device=options.pop("heads_device", device))
+    check_against_reference(len(heads), *sizes, causal, counts, device=device, **options)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("q_heads,kv_heads", HEAD_LAYOUTS)
+@pytest.mark.parametrize("q_len,kv_len", LENGTHS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("head_dim", [8, 64])
+def test_matches_reference(device, q_heads, kv_heads, q_len, kv_len, causal, head_dim):
+    # One sequence per head count (on CUDA every bucket a single, consecutive sequence).
+    heads = mixed_heads(4, q_heads).tolist()
+    check_on_device(device, heads, q_heads, kv_heads, q_len, kv_len, head_dim, causal=causal)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "heads",
+    [
+        [6, 6, 6],  # a static configuration: one bucket, the whole batch as a view
+        [3, 3, 3, 3],  # one bucket on half the heads
+        [6, 1, 6, 1, 4],  # scattered buckets: gathered and scattered back
+        [2, 2, 5, 5, 5, 1],  # consecutive runs of several sequences
+    ],
+)
+@pytest.mark.parametrize("causal", [True, False])
+def test_buckets(device, heads, causal):
+    check_on_device(device, heads, 6, 2, 33, 40, 16, causal=causal)
+
+
+@pytest.mark.parametrize(
+    "device,heads_device",
+    [
+        ("cpu", "cpu"),
+        pytest.param("cuda", "cuda", marks=CUDA_MARKS),
+        pytest.param("cuda", "cpu", marks=CUDA_MARKS),
+    ],
+)
+@pytest.mark.parametrize("causal", [True, False])
+def test_transposed_inputs_and_heads_device(device, heads_device, causal):
+    # q/k/v as the transposed views of (B, S, H, Dh) projections, read in place; heads on either device.
+    check_on_device(
+        device, [6, 2, 6], 6, 2, 83, 83, 64, causal=causal, heads_device=heads_device, transposed=True
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_head_dim_slice_and_custom_scale(device):
+    # Rows with a stride larger than Dh (a slice of a wider tensor) and a given scale.
+    q, k, v = (t[..., :24] for t in make_inputs(3, 4, 2, 9, 9, 40, device=device))
+    heads = torch.tensor([3, 4, 3], device=device)
+    grad_out = torch.randn(3, 4, 9, 24, device=device)
+    out, grads = run_with_grads(ops.varhead_attention, q, k, v, heads, True, grad_out, 0.3)
+    out_ref, grads_ref = run_with_grads(reference.varhead_attention, q, k, v, heads, True, grad_out, 0.3)
+    assert_all_close(out, grads, out_ref, grads_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unused_kv_heads_get_zero_grads(device):
+    # With 2 (or 1) of 6 query heads active only KV head 0 (of 3) is read.
+    q, k, v = make_inputs(2, 6, 3, 10, 10, 8, device=device)
+    grad_out = torch.randn(2, 6, 10, 8, device=device)
+    heads = torch.tensor([2, 1], device=device)
+    _, (_, grad_k, grad_v) = run_with_grads(ops.varhead_attention, q, k, v, heads, True, grad_out)
+    assert torch.all(grad_k[:, 1:] == 0) and torch.all(grad_v[:, 1:] == 0)
+    assert grad_k[:, 0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_no_queries(device, causal):
+    q, k, v = make_inputs(2, 4, 2, 0, 5, 8, device=device)
+    grad_out = torch.randn(2, 4, 0, 8, device=device)
+    heads = torch.tensor([4, 1], device=device)
+    out, grads = run_with_grads(ops.varhead_attention, q, k, v, heads, causal, grad_out)
+    assert out.shape == (2, 4, 0, 8)
+    assert all(torch.all(grad == 0) for grad in grads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "q_len,kv_len,causal", [(83, 83, True), (1, 83, True), (40, 83, True), (40, 83, False)]
+)
+def test_low_precision_error_within_twice_torch(device, dtype, q_len, kv_len, causal):
+    check_low_precision(dtype, q_len, kv_len, causal, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(device, causal, dtype):
+    q, k, v = make_inputs(3, 4, 2, 5, 7, 16, dtype=dtype, device=device)
+    heads = torch.tensor([4, 1, 4], device=device)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), heads, causal, None)
+    torch.library.opcheck(torch.ops.flextron.varhead_attention.default, args)
+
+
+# ---- CUDA only -------------------------------------------------------------------------------
+
+
+@cuda_only
+def test_long_sequence_backward_in_row_blocks():
+    # 6 sequences x 8 heads x 1024 x 1024 scores in one bucket: two row blocks in the backward.
+    check_on_device("cuda", [8, 4, 8, 8, 3, 8, 8, 8], 8, 2, 1024, 1024, 64, causal=True)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_no_uninitialised_memory_leaks_out(dtype):
+    # Buffers the op would read before writing (an inactive head, a gradient slot) show up as NaN.
+    q, k, v = make_inputs(5, 6, 2, 70, 70, 64, dtype=dtype, transposed=True, device="cuda")
+    heads = torch.tensor([6, 1, 6, 4, 3], device="cuda")
+    grad_out = torch.randn(5, 6, 70, 64, device="cuda").to(dtype)
+    poison_cuda_cache(dtype)
+    out, grads = run_with_grads(ops.varhead_attention, q, k, v, heads, True, grad_out)
+    assert all(torch.isfinite(t).all() for t in (out, *grads))
+    assert_inactive_zero(out, grads[0], heads.cpu())
+    assert torch.all(grads[1][1, 1:] == 0) and torch.all(grads[2][1, 1:] == 0)  # 1 head reads KV head 0
+
+
+@cuda_only
+def test_torch_compile_inductor():
+    q, k, v = make_inputs(2, 6, 2, 9, 9, 16, device="cuda")
+    heads = torch.tensor([6, 2], device="cuda")
+    grad_out = torch.randn(2, 6, 9, 16, device="cuda")
+
+    def attend(q, k, v, heads, causal, scale):
+        return ops.varhead_attention(q * 1.0, k, v, heads, causal, scale)
+
+    compiled = torch.compile(attend, fullgraph=True)
+    out, grads = run_with_grads(compiled, q, k, v, heads, True, grad_out)
+    out_ref, grads_ref = run_with_grads(reference.varhead_attention, q, k, v, heads, True, grad_out)
+    assert_all_close(out, grads, out_ref, grads_ref)
+
+
+@cuda_only
+def test_bad_input_on_cuda_names_the_argument():
+    q, k, v = make_inputs(2, 4, 2, 5, 5, 8, device="cuda")
+    heads = torch.tensor([4, 2], device="cuda")
+    with pytest.raises(RuntimeError, match="k is on"):
+        ops.varhead_attention(q, k.cpu(), v, heads, True)
+    with pytest.raises(RuntimeError, match="v has dtype"):
+        ops.varhead_attention(q, k, v.half(), heads, True)
+    with pytest.raises(RuntimeError, match="heads must be int64"):
+        ops.varhead_attention(q, k, v, heads.int(), True)
+    with pytest.raises(RuntimeError, match=r"heads\[1\] = 0 is too few heads"):
+        ops.varhead_attention(q, k, v, torch.tensor([4, 0], device="cuda"), True)
+    with pytest.raises(RuntimeError, match=r"heads\[0\] = 5 is too many heads"):
+        ops.varhead_attention(q, k, v, torch.tensor([5, 2]), True)
+    with pytest.raises(RuntimeError, match="causal attention needs"):
+        ops.varhead_attention(q, k[:, :, :3], v[:, :, :3], heads, True)
+    with pytest.raises(RuntimeError, match="grad_out has shape"):
+        torch.ops.flextron.varhead_attention_backward(q[:, :1], q, k, v, heads, True)
+
+
+@cuda_only
+@pytest.mark.parametrize("causal", [True, False])
+def test_cuda_graph_capture_with_scattered_buckets(causal):
+    """With heads on the CPU the forward captures into a CUDA graph, scattered buckets (their
+    sequence index on the device) and chunked GQA prefill (Sq != Sk, Sq >= Dh: KV expanded)
+    included; replays with new q, k, v match eager runs."""
+    heads = torch.tensor([6, 2, 6, 2, 4])
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(5, h, s, 16, device="cuda", generator=gen) for h, s in ((6, 40), (2, 48), (2, 48)))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.varhead_attention(q, k, v, heads, causal)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.varhead_attention(q, k, v, heads, causal)
+    for _ in range(2):
+        for t in (q, k, v):
+            t.copy_(torch.randn(t.shape, device="cuda", generator=gen))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, ops.varhead_attention(q, k, v, heads, causal))

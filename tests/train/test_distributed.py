@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from flextron.train.metrics import read_metrics
-from tests.tiny_models import tiny_flextron
+from tests.helpers import tiny_flextron
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Run as a plain script (one process) or under torchrun (RANK/WORLD_SIZE set); argv: OUT [fsdp].
 WORKER = textwrap.dedent("""
@@ -24,7 +24,7 @@ WORKER = textwrap.dedent("""
     import torch
     from flextron.train import TrainConfig, TrainData, init_distributed, train
     from flextron.train.distributed import shutdown_distributed
-    from tests.tiny_models import tiny_flextron
+    from tests.helpers import tiny_flextron
 
     torch.set_num_threads(1)
     context = init_distributed("cpu", fsdp=sys.argv[2:] == ["fsdp"])
