@@ -1,6 +1,6 @@
 """Routers on a real model: measured latency vs target per budget, and the Pareto curve.
 
-For each budget, three ways to pick the sub-network (flextron.budget): uniform widths
+For each budget, three ways to pick the sub-network (flextron.routers.selection): uniform widths
 (nearest LUT latency), the static router, the dynamic router.  Each is timed on this
 device (median over repeats, round-robin with the dense full model, on held-out text at the
 LUT reference shape: a prefill, or with --latency-shape decode:BxL one cached decode step at
@@ -26,11 +26,17 @@ from pathlib import Path
 
 import torch
 
-from flextron.budget import BudgetResolver, dynamic_perplexity, parse_shape
 from flextron.data import load_blocks
 from flextron.evaluate import frontier_perplexity, pareto_frontier, perplexity
-from flextron.latency import measure_latency, median_times_ms, timed_forward
 from flextron.model import FlextronModel
+from flextron.routers import (
+    BudgetResolver,
+    LatencyShape,
+    dynamic_perplexity,
+    measure_latency,
+    median_times_ms,
+    timed_forward,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,16 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = FlextronModel.from_pretrained(args.model)
-    shape = parse_shape(args.latency_shape) if args.latency_shape else None
+    shape = LatencyShape.parse(args.latency_shape) if args.latency_shape else None
     resolver = BudgetResolver(model, args.model, shape)
     if resolver.table is None:
         raise SystemExit(f"{args.model} has no latency table: run flextron profile first")
-    phase, batch, length = resolver.shape
+    phase, batch, length = resolver.shape.phase, resolver.shape.batch, resolver.shape.length
     if args.repeats is None:
         args.repeats = 21 if phase == "decode" else 9
     if args.timing_blocks is None:
         args.timing_blocks = 4 if phase == "decode" else 2
-    full_ms = resolver.table.predict(model.full_arch(), phase, batch, length)
+    full_ms = resolver.table.predict(model.full_arch(), resolver.shape)
     clock = resolver.table.clock
     blocks = load_blocks(model.tokenizer, None, args.seq_len, args.eval_blocks, split="eval")
     budgets = [float(b) for b in args.budgets.split(",")]
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     # Select first, then time every selection in one round-robin measurement, so that drifts
     # of a shared machine hit all rows alike.
     selections = [
-        (routing, budget, resolver.select(budget=budget, routing=routing))
+        (routing, budget, resolver.select(budget=budget, method=routing))
         for routing in args.routings.split(",")
         for budget in budgets
     ]
@@ -196,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         else []
     )
     summary = {
-        "shape": resolver.shape,
+        "shape": resolver.shape.to_dict(),
         "full_ms_lut": full_ms,
         "full_ms_measured": times["full"],
         "timing_blocks": args.timing_blocks,
@@ -251,20 +257,14 @@ def dynamic_speedup(
     if "dynamic" not in resolver.routers:
         return []
     results = []
-    full = measure_latency(model, [model.full_arch()], "prefill", batch, length, repeats, clock=clock)[0]
+    shape = LatencyShape("prefill", batch, length)
+    full = measure_latency(model, [model.full_arch()], shape, repeats=repeats, clock=clock)[0]
     for budget in budgets:
         if budget >= 1.0:
             continue
-        selection = resolver.select(budget=budget, routing="dynamic")
+        selection = resolver.select(budget=budget, method="dynamic")
         routed = measure_latency(
-            model,
-            [model.full_arch()],
-            "prefill",
-            batch,
-            length,
-            repeats,
-            router=selection.session(batch),
-            clock=clock,
+            model, [model.full_arch()], shape, repeats=repeats, session=selection.session(batch), clock=clock
         )[0]
         results.append(
             {

@@ -26,10 +26,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from flextron.budget import BudgetResolver, Selection, parse_shape
 from flextron.checkpoint import FORMAT, VERSION
 from flextron.config import ArchConfig, ModelConfig
 from flextron.model import FlextronModel
+from flextron.routers import BudgetResolver, LatencyShape, Selection
 
 MODEL_TYPE = "flextron"
 
@@ -118,7 +118,7 @@ class FlextronForCausalLM(PreTrainedModel, GenerationMixin):
         latency_ms: float | None = None,
         routing: str = "auto",
         arch: ArchConfig | dict | str | os.PathLike | None = None,
-        latency_shape: str | None = None,
+        latency_shape: str | LatencyShape | None = None,
     ) -> FlextronForCausalLM:
         """A view of the same weights at a budget in (0, 1], a latency target in ms, or a
         configuration (an ArchConfig, its dict, or a JSON file holding one).
@@ -135,7 +135,7 @@ class FlextronForCausalLM(PreTrainedModel, GenerationMixin):
             share = self.model.num_parameters(arch) / self.model.num_parameters()
             selection = Selection("configuration", share, arch=arch)
         else:
-            shape = parse_shape(latency_shape) if latency_shape else None
+            shape = LatencyShape.parse(latency_shape) if isinstance(latency_shape, str) else latency_shape
             selection = BudgetResolver(self.model, self.source, shape).select(budget, latency_ms, routing)
         view = type(self)(self.config, self.model, selection)
         view.source = self.source

@@ -42,7 +42,7 @@ class RMSNorm(nn.Module):
 
 
 class LayerRouter(Protocol):
-    """Chooses each layer's sub-network during the forward (flextron.nn.routers sessions).
+    """Chooses each layer's sub-network during the forward (flextron.routers.sessions).
 
     It receives the sublayer's normalised input and the module, runs the module on its
     choice (e.g. per-token MLP widths through ops.routed_nested_mlp) and returns the
@@ -163,7 +163,7 @@ class FlextronModel(nn.Module):
 
         arch: the sub-network (default: full).  kv_cache: positions continue from
         kv_cache.length, and the cache is extended by T.  router: chooses every layer's
-        sub-network instead of `arch` (dynamic routing; see flextron.nn.routers).
+        sub-network instead of `arch` (dynamic routing; see flextron.routers.dynamic).
         Padded batches: position_ids (B, T) gives each token's RoPE position, and key_mask
         (B, S) bool marks the real (not padding) tokens among the S = cached + T keys.
         """

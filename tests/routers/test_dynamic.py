@@ -1,4 +1,4 @@
-"""Static and dynamic routers: shapes, gradients, budgets, Gumbel straight-through, KV-cache decode."""
+"""The dynamic router and its sessions: per-token widths, gradients, KV-cache decode, initialisation."""
 
 from __future__ import annotations
 
@@ -6,81 +6,17 @@ import pytest
 import torch
 
 from flextron import ops
-from flextron.nn.routers import (
-    BudgetEncoder,
+from flextron.config import ArchConfig
+from flextron.routers import (
     DynamicRouter,
-    Sampling,
-    StaticRouter,
-    TemperatureSchedule,
-    default_mlp_choices,
+    LatencyShape,
+    LatencyTarget,
 )
+from tests.routers.helpers import TRAIN, blocks, synthetic_table, tokens
 from tests.tiny_models import tiny_flextron
 
-TRAIN = Sampling(tau=1.0, noise=True, scale=True)
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tokens(batch: int = 2, length: int = 8, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 300, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def test_default_choices_span_small_to_full_widest_first() -> None:
-    config = tiny_flextron().config  # d_ff 256 -> allowed 64, 128, 192, 256
-    assert default_mlp_choices(config, 8) == [256, 192, 128, 64]
-    assert default_mlp_choices(config, 2) == [256, 64]
-    with pytest.raises(ValueError, match="strictly descending"):
-        StaticRouter(config, [0.5, 1.0], mlp_choices=[64, 256])
-    with pytest.raises(ValueError, match="subset of the allowed"):
-        StaticRouter(config, [0.5, 1.0], mlp_choices=[100])
-
-
-def test_budget_encoder_interpolates_between_trained_budgets() -> None:
-    encoder = BudgetEncoder([1.0, 0.3, 0.5])
-    assert encoder.budgets == [0.3, 0.5, 1.0]
-    assert torch.equal(encoder(0.5), torch.tensor([[0.0, 1.0, 0.0]]))
-    assert torch.allclose(encoder(0.4), torch.tensor([[0.5, 0.5, 0.0]]))
-    assert torch.allclose(encoder(torch.tensor([0.3, 0.75])), torch.tensor([[1.0, 0, 0], [0, 0.5, 0.5]]))
-    with pytest.raises(ValueError, match=r"trained range \[0.3, 1\]"):
-        encoder(0.2)
-    with pytest.raises(ValueError, match="distinct numbers in"):
-        BudgetEncoder([0.5, 0.5])
-
-
-def test_temperature_anneals_from_start_to_end() -> None:
-    schedule = TemperatureSchedule(1.0, 0.1, steps=10)
-    taus = [schedule(s) for s in range(12)]
-    assert taus[0] == 1.0 and taus[10] == pytest.approx(0.1) and taus[11] == pytest.approx(0.1)
-    assert all(a > b for a, b in zip(taus[:10], taus[1:10], strict=False))
-    with pytest.raises(ValueError, match="0 < end <= start"):
-        TemperatureSchedule(0.1, 1.0)
-
-
-def test_static_router_shapes_arch_and_interpolated_budget() -> None:
-    model = tiny_flextron()
-    router = StaticRouter(model.config, [0.3, 0.6, 1.0], hidden_size=16)
-    mlp_logits, head_logits = router(0.45)
-    assert mlp_logits.shape == (2, 4) and head_logits.shape == (2, 2)
-    arch = router.arch(0.45)
-    arch.validate(model.config)
-    assert all(w in router.mlp_choices for w in arch.mlp_widths)
-
-
-def test_static_router_straight_through_keeps_the_forward_and_reaches_the_router() -> None:
-    model = tiny_flextron()
-    router = StaticRouter(model.config, [0.5, 1.0], hidden_size=16)
-    ids = tokens()
-    session = router.session(0.5, TRAIN)
-    # Hard samples: one-hot probabilities, so each path's scale is exactly 1 in value.
-    assert torch.equal(session.mlp_probs.sum(-1), torch.ones(2))
-    assert torch.equal(session.mlp_scale.detach(), torch.ones(2))
-    logits = model(ids, router=session)
-    with torch.no_grad():
-        assert torch.allclose(logits, model(ids, session.arch), atol=1e-5)
-    logits.square().mean().backward()
-    grads = [p.grad for p in router.parameters()]
-    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+SHAPE = LatencyShape("prefill", 1, 16)
 
 
 def test_dynamic_router_routes_each_token_through_its_width() -> None:
@@ -160,3 +96,56 @@ def test_kv_cache_decode_under_dynamic_routing_equals_full_recompute() -> None:
     widths = {w for c in session.mlp_choice for w in c.tolist()}
     assert len(widths) > 1  # the decode really mixed widths
     assert torch.allclose(cached, full, atol=1e-4)
+
+
+def test_dynamic_router_init_routes_every_token_to_its_budget_width() -> None:
+    torch.manual_seed(0)
+    model = tiny_flextron()
+    router = DynamicRouter(model.config, [0.5, 1.0], hidden_size=8)
+    archs = {0.5: ArchConfig((64, 128), (2, 2)), 1.0: model.full_arch()}
+    router.init_to(archs, margin=4.0)
+    ids = blocks(4, seed=1)
+    for budget, arch in archs.items():
+        session = router.session(budget, ids.shape[0])
+        with torch.no_grad():
+            model(ids, router=session)
+        for layer in range(model.config.num_layers):
+            widths = {router.mlp_choices[int(c)] for c in session.mlp_choice[layer]}
+            assert widths == {arch.mlp_widths[layer]}
+            assert set(session.heads[layer].tolist()) == {arch.heads[layer]}
+
+
+def test_set_calibration_rejects_bad_input() -> None:
+    router = DynamicRouter(tiny_flextron().config, [0.5, 1.0], hidden_size=8)
+    with pytest.raises(ValueError, match="ascending distinct budgets"):
+        router.set_calibration([0.7, 0.5], [0.0, 0.1], [1.0] * 4, [1.0] * 2)
+    with pytest.raises(ValueError, match="one value per MLP"):
+        router.set_calibration([0.5], [0.0], [1.0], [1.0] * 2)
+    assert torch.equal(router.offsets(torch.tensor([0.5, 1.0])), torch.zeros(2))
+
+
+def test_dynamic_init_bias_peaks_at_the_configuration_so_calibration_steps_one_width_at_a_time() -> None:
+    torch.manual_seed(0)
+    model, table = tiny_flextron(), synthetic_table()
+    router = DynamicRouter(model.config, [1.0], mlp_choices=[256, 192, 128, 64], hidden_size=8)
+    router.init_to({1.0: model.full_arch()}, margin=3.0, hidden_scale=0.0)
+    # The bias falls quadratically from the configuration's width: 256 -> 192 -> 128 -> 64.
+    bias = router.mlp_bias[0, 0]
+    expected = [3.0 * (1 - (distance / 192) ** 2) for distance in (0, 64, 128, 192)]
+    assert bias.tolist() == pytest.approx(expected)
+    target = LatencyTarget.from_table(table, router, model, SHAPE)
+    ids = blocks(2, seed=1)
+    costs = {"mlp_costs": target.mlp_costs.tolist(), "head_costs": target.head_costs.tolist()}
+    visited = []
+    for offset in torch.linspace(0.0, 3.0, 61).tolist():
+        router.set_calibration([1.0], [offset], **costs)
+        session = router.session(1.0, ids.shape[0])
+        with torch.no_grad():
+            model(ids, router=session)
+        widths = {router.mlp_choices[int(c)] for layer in range(2) for c in session.mlp_choice[layer]}
+        assert len(widths) == 1  # no hidden-state term: every token of every layer alike
+        if not visited or visited[-1] != widths:
+            visited.append(widths)
+    # As the offset grows the width steps through every narrower choice in turn (a one-hot
+    # bias would jump from 256 straight to 64, where every other choice ties).
+    assert visited == [{256}, {192}, {128}, {64}]

@@ -1,4 +1,4 @@
-"""Router training: the surrogate model, the SM loop, joint fine-tuning and the end-to-end baseline."""
+"""Router training: temperature schedule, surrogate model, SM loop, end-to-end and joint fine-tuning."""
 
 from __future__ import annotations
 
@@ -8,23 +8,30 @@ from collections import deque
 import pytest
 import torch
 
-from flextron.nn.routers import DynamicRouter, StaticRouter
-from flextron.routing import (
+from flextron.routers import (
+    DynamicRouter,
+    LatencyShape,
     LatencyTarget,
     RouterTrainingConfig,
-    SurrogateModel,
-    fit_surrogate_step,
+    StaticRouter,
+    TemperatureSchedule,
     train_end_to_end,
     train_router_surrogate,
 )
-from tests.test_latency import synthetic_table
+from flextron.routers.training import SurrogateModel, fit_surrogate_step
+from tests.routers.helpers import blocks, synthetic_table
 from tests.tiny_models import tiny_flextron
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def blocks(count: int = 8, length: int = 16) -> torch.Tensor:
-    return torch.randint(3, 300, (count, length), generator=torch.Generator().manual_seed(0))
+def test_temperature_anneals_from_start_to_end() -> None:
+    schedule = TemperatureSchedule(1.0, 0.1, steps=10)
+    taus = [schedule(s) for s in range(12)]
+    assert taus[0] == 1.0 and taus[10] == pytest.approx(0.1) and taus[11] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(taus[:10], taus[1:10], strict=False))
+    with pytest.raises(ValueError, match="0 < end <= start"):
+        TemperatureSchedule(0.1, 1.0)
 
 
 def test_surrogate_fits_a_synthetic_loss_landscape() -> None:
@@ -58,7 +65,7 @@ def test_surrogate_fits_a_synthetic_loss_landscape() -> None:
 def test_sm_loop_updates_the_router_only_once_the_sm_is_trusted() -> None:
     model = tiny_flextron()
     router = StaticRouter(model.config, [0.5, 1.0], hidden_size=16)
-    target = LatencyTarget.from_table(synthetic_table(), router, model, "prefill", 1, 16)
+    target = LatencyTarget.from_table(synthetic_table(), router, model, LatencyShape("prefill", 1, 16))
     before = [p.detach().clone() for p in router.parameters()]
     config = RouterTrainingConfig(
         budgets=(0.5, 1.0), steps=40, batch_size=2, sm_threshold=0.05, sm_updates=8, sm_lr=1e-2
@@ -78,7 +85,7 @@ def test_latency_loss_drives_the_static_router_to_its_target() -> None:
     model = tiny_flextron()
     router = StaticRouter(model.config, [0.5, 1.0], hidden_size=16)
     table = synthetic_table()
-    target = LatencyTarget.from_table(table, router, model, "prefill", 1, 16)
+    target = LatencyTarget.from_table(table, router, model, LatencyShape("prefill", 1, 16))
     # The latency term dominates: the router must learn to meet each budget.
     config = RouterTrainingConfig(
         budgets=(0.5, 1.0), steps=80, latency_weight=20.0, router_lr=2e-2, loss="lm"
@@ -86,14 +93,14 @@ def test_latency_loss_drives_the_static_router_to_its_target() -> None:
     log = train_end_to_end(model, router, target, blocks(), config)
     assert len(log.rows) == 80
     for budget in (0.5, 1.0):
-        predicted = table.predict(router.arch(budget), "prefill", 1, 16)
+        predicted = table.predict(router.arch(budget), LatencyShape("prefill", 1, 16))
         assert predicted == pytest.approx(budget * target.full_ms, rel=0.15)
 
 
 def test_joint_fine_tuning_updates_model_and_dynamic_router() -> None:
     model = tiny_flextron()
     router = DynamicRouter(model.config, [0.5, 1.0], hidden_size=16)
-    target = LatencyTarget.from_table(synthetic_table(), router, model, "prefill", 1, 16)
+    target = LatencyTarget.from_table(synthetic_table(), router, model, LatencyShape("prefill", 1, 16))
     model_before = [p.detach().clone() for p in model.parameters()]
     router_before = [p.detach().clone() for p in router.parameters()]
     config = RouterTrainingConfig(budgets=(0.5, 1.0), steps=3, model_lr=1e-3)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flextron.nn.routers import DynamicRouter, StaticRouter, save_routers
-from tests.test_latency import synthetic_table
+from flextron.routers import DynamicRouter, LatencyShape, StaticRouter, save_routers
+from tests.routers.helpers import synthetic_table
 from tests.tiny_models import tiny_flextron, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,7 +34,7 @@ def test_bench_routers_reports_each_budget_against_the_lut_and_the_full_model_of
         "static": StaticRouter(model.config, [0.5, 1.0], hidden_size=8),
         "dynamic": DynamicRouter(model.config, [0.5, 1.0], hidden_size=8),
     }
-    save_routers(tmp_path / "model", routers, {"phase": "prefill", "batch": 1, "length": 16})
+    save_routers(tmp_path / "model", routers, LatencyShape("prefill", 1, 16))
     out = tmp_path / "out"
     args = [
         "--model",
@@ -78,7 +78,7 @@ def test_bench_routers_at_a_decode_shape_times_one_cached_step(tmp_path):
     save_routers(
         tmp_path / "model",
         {"static": StaticRouter(model.config, [0.5, 1.0], hidden_size=8)},
-        {"phase": "prefill", "batch": 1, "length": 16},
+        LatencyShape("prefill", 1, 16),
     )
     out = tmp_path / "out"
     args = [
@@ -99,7 +99,9 @@ def test_bench_routers_at_a_decode_shape_times_one_cached_step(tmp_path):
     ]
     assert load_bench().main(args) == 0
     summary = json.loads((out / "routers.json").read_text())
-    assert summary["shape"] == ["decode", 1, 64] and summary["dynamic_speedup"] == []
+    assert (
+        summary["shape"] == {"phase": "decode", "batch": 1, "length": 64} and summary["dynamic_speedup"] == []
+    )
     assert summary["timing_blocks"] == 4  # the decode default: one timed token per block
-    full = synthetic_table().predict(model.full_arch(), "decode", 1, 64)
+    full = synthetic_table().predict(model.full_arch(), LatencyShape("decode", 1, 64))
     assert summary["full_ms_lut"] == pytest.approx(full)
