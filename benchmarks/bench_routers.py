@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     resolver = BudgetResolver(model, args.model, shape)
     if resolver.table is None:
         raise SystemExit(f"{args.model} has no latency table: run flextron profile first")
-    phase, batch, length = resolver.shape.phase, resolver.shape.batch, resolver.shape.length
+    phase, length = resolver.shape.phase, resolver.shape.length
     if args.repeats is None:
         args.repeats = 21 if phase == "decode" else 9
     if args.timing_blocks is None:
@@ -137,28 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         for routing in args.routings.split(",")
         for budget in budgets
     ]
-    # Timed on held-out text: the dynamic router's widths depend on the tokens (static ones do not).
-    # Decode: a prompt of `length` tokens fills the cache, then its next token is the timed step.
-    tokens = length if phase == "prefill" else length + 1
-    timing_text = load_blocks(model.tokenizer, None, tokens, batch * args.timing_blocks, split="eval")
-    if timing_text.shape[0] < batch * args.timing_blocks:
-        raise SystemExit(
-            f"not enough held-out text for {args.timing_blocks} timing batches of {batch}x{tokens}"
-        )
-    chunks = timing_text.split(batch)  # timing_blocks x (batch, tokens)
-    with torch.inference_mode():
-        # Dynamic: one session per chunk, heads fixed at its first call, as in generation.
-        functions = {
-            i: timed_forward(model, chunks, phase, s.arch, [s.session(batch) for _ in chunks])
-            for i, (_, _, s) in enumerate(selections)
-        }
-        # The dense full model in the same round: a budget is a fraction of its latency, and the
-        # fraction measured against it holds even when a shared machine drifts from the LUT.
-        functions["full"] = timed_forward(model, chunks, phase)
-        times = {
-            key: ms / len(chunks)
-            for key, ms in median_times_ms(functions, torch.device("cpu"), args.repeats, 2, clock).items()
-        }
+    times = time_selections(model, resolver.shape, [s for _, _, s in selections], args, clock)
     print(
         f"dense full model: {times['full']:.2f} ms measured, {full_ms:.2f} ms in the LUT "
         f"({100 * (times['full'] / full_ms - 1):+.1f}%)",
@@ -166,38 +145,24 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     for index, (routing, budget, selection) in enumerate(selections):
-        if selection.arch is not None:
-            ppl, _ = perplexity(model, blocks, selection.arch)
-            params = model.num_parameters(selection.arch)
-        else:
-            ppl, params = dynamic_perplexity(model, blocks, selection)
-        target, measured = budget * full_ms, times[index]
-        fraction = measured / times["full"]
         name = routing if args.label is None else f"{routing}-{args.label}"
-        row = {
-            "routing": name,
-            "budget": budget,
-            "target_ms": target,
-            "measured_ms": measured,
-            "predicted_ms": selection.predicted_ms,
-            "error": (measured - target) / target,
-            "fraction_of_full": fraction,
-            "fraction_error": (fraction - budget) / budget,
-            "perplexity": ppl,
-            "parameters": params,
-            "arch": None if selection.arch is None else selection.arch.to_dict(),
-        }
-        rows.append(row)
-        print(
-            f"{name:>8} {budget:.2f}: target {target:7.2f} ms measured {measured:7.2f} ms "
-            f"({100 * row['error']:+.1f}%), {fraction:.3f} of the full model "
-            f"({100 * row['fraction_error']:+.1f}%) ppl {ppl:8.2f}",
-            file=sys.stderr,
-            flush=True,
+        rows.append(
+            selection_row(
+                model,
+                blocks,
+                name,
+                budget,
+                selection,
+                times[index],
+                full_measured=times["full"],
+                full_ms=full_ms,
+            )
         )
     compare_to_uniform(rows)
     speedup = (
-        dynamic_speedup(model, resolver, args.speedup_batch, length, args.repeats, budgets, clock)
+        dynamic_speedup(
+            model, resolver, args.speedup_batch, length, repeats=args.repeats, budgets=budgets, clock=clock
+        )
         if args.speedup_batch > 0 and phase == "prefill"
         else []
     )
@@ -217,6 +182,78 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, out / "routers_pareto.png")
     print(markdown(rows, speedup))
     return 0
+
+
+def time_selections(
+    model: FlextronModel, shape: LatencyShape, selections: list, args: argparse.Namespace, clock: str
+) -> dict:
+    """Median ms per timing batch of every selection (by index) and of the dense full model ("full"),
+    all in one round-robin measurement on held-out text."""
+    phase, batch, tokens = shape.phase, shape.batch, shape.tokens
+    # Timed on held-out text: the dynamic router's widths depend on the tokens (static ones do not).
+    # Decode: a prompt of `length` tokens fills the cache, then its next token is the timed step.
+    timing_text = load_blocks(model.tokenizer, None, tokens, batch * args.timing_blocks, split="eval")
+    if timing_text.shape[0] < batch * args.timing_blocks:
+        raise SystemExit(
+            f"not enough held-out text for {args.timing_blocks} timing batches of {batch}x{tokens}"
+        )
+    chunks = timing_text.split(batch)  # timing_blocks x (batch, tokens)
+    with torch.inference_mode():
+        # Dynamic: one session per chunk, heads fixed at its first call, as in generation.
+        functions = {
+            i: timed_forward(model, chunks, phase, s.arch, [s.session(batch) for _ in chunks])
+            for i, s in enumerate(selections)
+        }
+        # The dense full model in the same round: a budget is a fraction of its latency, and the
+        # fraction measured against it holds even when a shared machine drifts from the LUT.
+        functions["full"] = timed_forward(model, chunks, phase)
+        times = {
+            key: ms / len(chunks)
+            for key, ms in median_times_ms(functions, torch.device("cpu"), args.repeats, 2, clock).items()
+        }
+    return times
+
+
+def selection_row(
+    model: FlextronModel,
+    blocks: torch.Tensor,
+    name: str,
+    budget: float,
+    selection,
+    measured: float,
+    *,
+    full_measured: float,
+    full_ms: float,
+) -> dict:
+    """One result row: measured latency against the budget's target, perplexity, parameters."""
+    if selection.arch is not None:
+        ppl, _ = perplexity(model, blocks, selection.arch)
+        params = model.num_parameters(selection.arch)
+    else:
+        ppl, params = dynamic_perplexity(model, blocks, selection)
+    target = budget * full_ms
+    fraction = measured / full_measured
+    row = {
+        "routing": name,
+        "budget": budget,
+        "target_ms": target,
+        "measured_ms": measured,
+        "predicted_ms": selection.predicted_ms,
+        "error": (measured - target) / target,
+        "fraction_of_full": fraction,
+        "fraction_error": (fraction - budget) / budget,
+        "perplexity": ppl,
+        "parameters": params,
+        "arch": None if selection.arch is None else selection.arch.to_dict(),
+    }
+    print(
+        f"{name:>8} {budget:.2f}: target {target:7.2f} ms measured {measured:7.2f} ms "
+        f"({100 * row['error']:+.1f}%), {fraction:.3f} of the full model "
+        f"({100 * row['fraction_error']:+.1f}%) ppl {ppl:8.2f}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return row
 
 
 def compare_to_uniform(rows: list[dict]) -> None:
@@ -249,6 +286,7 @@ def dynamic_speedup(
     resolver: BudgetResolver,
     batch: int,
     length: int,
+    *,
     repeats: int,
     budgets: list[float],
     clock: str,

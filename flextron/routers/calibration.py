@@ -141,6 +141,19 @@ def calibrate_dynamic(
 Timer = Callable[[dict], dict]
 
 
+def _routed_and_full(
+    model: FlextronModel, router: DynamicRouter, chunks: list[torch.Tensor], budget: float
+) -> dict[int | str, Callable[[], list[torch.Tensor]]]:
+    """The prefill of each chunk (B, T) routed at `budget`, each through one session (heads fixed
+    at its first call), keyed by index; and the dense full model on the first chunk ("full")."""
+    functions: dict[int | str, Callable[[], list[torch.Tensor]]] = {
+        index: timed_forward(model, [ids], "prefill", sessions=[router.session(budget, ids.shape[0])])
+        for index, ids in enumerate(chunks)
+    }
+    functions["full"] = timed_forward(model, chunks[:1], "prefill")
+    return functions
+
+
 # Timed as generation and the benchmarks run it: under no_grad every custom-op call also
 # passes the autograd layer, which made a budget-0.3 routed forward 5% slower relative to the
 # dense model than it runs in generation, and the calibration aimed that much too low.
@@ -196,14 +209,7 @@ def calibrate_dynamic_measured(
 
     def measured(budget: float, offset: float) -> float:
         router.set_calibration([budget], [offset], **costs)
-
-        # Each chunk timed on its own, through one session (heads fixed at its first call).
-        functions: dict = {
-            index: timed_forward(model, [ids], "prefill", sessions=[router.session(budget, batch_size)])
-            for index, ids in enumerate(chunks)
-        }
-        functions["full"] = timed_forward(model, chunks[:1], "prefill")
-        times = timer(functions)
+        times = timer(_routed_and_full(model, router, chunks, budget))
         raw = sum(times[index] for index in range(len(chunks))) / len(chunks)
         value = raw / times["full"] * target.full_ms
         history.setdefault(budget, []).append(

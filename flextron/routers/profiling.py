@@ -187,7 +187,7 @@ def profile_latency(
                 {w: times[("mlp", w)] / layers for w in mlp_choices},
                 {h: times[("attention", h)] / layers for h in head_choices},
             )
-            _calibrate(model, entry, mlp_choices, head_choices, repeats, warmup, clock)
+            _calibrate(model, entry, mlp_choices, head_choices, repeats=repeats, warmup=warmup, clock=clock)
             table.entries.append(entry)
     return table
 
@@ -197,6 +197,7 @@ def _calibrate(
     entry: ShapeCosts,
     mlp_choices: Sequence[int],
     head_choices: Sequence[int],
+    *,
     repeats: int,
     warmup: int,
     clock: str,
