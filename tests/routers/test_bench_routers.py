@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_bench():
-    path = Path(__file__).parents[1] / "benchmarks" / "bench_routers.py"
+    path = Path(__file__).parents[2] / "benchmarks" / "bench_routers.py"
     spec = importlib.util.spec_from_file_location("bench_routers", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
