@@ -181,20 +181,21 @@ class BudgetResolver:
                 f"{self.shape}` (or leave --latency-shape out)"
             )
 
-    def _latency_budget(self, budget: float | None, latency_ms: float | None, router: Router | None) -> float:
+    def _latency_budget(
+        self, table: LatencyTable, budget: float | None, latency_ms: float | None, router: Router | None
+    ) -> float:
         """The latency budget of a request (a latency target becomes one); warns when a budget is
         below the smallest sub-network among the router's choices (all without a router)."""
-        assert self.table is not None
         choices = (
             {} if router is None else {"mlp_choices": router.mlp_choices, "head_choices": router.head_choices}
         )
         if latency_ms is not None:
-            return self.table.check_target(latency_ms, self.model.config, self.shape, **choices)
+            return table.check_target(latency_ms, self.model.config, self.shape, **choices)
         if budget is None:
             return 1.0
-        full = self.table.predict(self.model.full_arch(), self.shape)
+        full = table.predict(self.model.full_arch(), self.shape)
         # A budget below the smallest sub-network runs, but cannot be met: say so, with the range.
-        low = self.table.latency_range(self.model.config, self.shape, **choices)[0]
+        low = table.latency_range(self.model.config, self.shape, **choices)[0]
         if low > full:
             warnings.warn(
                 f"the latency table predicts the smallest sub-network ({low:.2f} ms) slower than the "
@@ -225,7 +226,7 @@ class BudgetResolver:
         if method == "dynamic":
             self._check_dynamic_shape()
         if self.table is not None:
-            budget = self._latency_budget(budget, latency_ms, router)
+            budget = self._latency_budget(self.table, budget, latency_ms, router)
         elif latency_ms is not None:
             raise ValueError(
                 "a latency target needs the model's latency table: run `flextron profile` "
