@@ -63,7 +63,7 @@ class DynamicRouter(Router):
         self.head_budget = nn.ModuleList(nn.Linear(k, hidden_size, bias=False) for _ in range(layers))
         self.head_out = nn.ModuleList(nn.Linear(hidden_size, len(self.head_choices)) for _ in range(layers))
         # Per layer and trained budget, a direct logit bias (interpolated like the budget):
-        # it lets each budget start at its own width (init_to_archs).
+        # it lets each budget start at its own width (init_to).
         self.mlp_bias = nn.Parameter(torch.zeros(layers, k, len(self.mlp_choices)))
         self.head_bias = nn.Parameter(torch.zeros(layers, k, len(self.head_choices)))
         self.calibration = None
