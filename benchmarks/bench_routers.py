@@ -1,6 +1,6 @@
 """Routers on a real model: measured latency vs target per budget, and the Pareto curve.
 
-For each budget, three ways to pick the sub-network (flextron.budget): uniform widths
+For each budget, three ways to pick the sub-network (flextron.routers.selection): uniform widths
 (nearest LUT latency), the static router, the dynamic router.  Each is timed on this
 device (median over repeats, round-robin with the dense full model, on held-out text at the
 LUT reference shape: a prefill, or with --latency-shape decode:BxL one cached decode step at
@@ -26,12 +26,17 @@ from pathlib import Path
 
 import torch
 
-from flextron.budget import BudgetResolver, dynamic_perplexity, parse_shape
 from flextron.checkpoint import load_pretrained
 from flextron.data import load_blocks
 from flextron.evaluate import frontier_perplexity, pareto_frontier, perplexity
-from flextron.latency import measure_latency, timed_forward
 from flextron.model import FlextronModel
+from flextron.routers import (
+    BudgetResolver,
+    LatencyShape,
+    dynamic_perplexity,
+    measure_latency,
+    timed_forward,
+)
 from flextron.timing import times_ms
 
 
@@ -112,16 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_pretrained(args.model)
-    shape = parse_shape(args.latency_shape) if args.latency_shape else None
+    shape = LatencyShape.parse(args.latency_shape) if args.latency_shape else None
     resolver = BudgetResolver(model, args.model, shape)
     if resolver.table is None:
         raise SystemExit(f"{args.model} has no latency table: run flextron profile first")
-    phase, batch, length = resolver.shape
+    phase, length = resolver.shape.phase, resolver.shape.length
     if args.repeats is None:
         args.repeats = 21 if phase == "decode" else 9
     if args.timing_blocks is None:
         args.timing_blocks = 4 if phase == "decode" else 2
-    full_ms = resolver.table.predict(model.full_arch(), phase, batch, length)
+    full_ms = resolver.table.predict(model.full_arch(), resolver.shape)
     clock = resolver.table.clock
     blocks = load_blocks(model.tokenizer, None, args.seq_len, args.eval_blocks, split="eval")
     budgets = [float(b) for b in args.budgets.split(",")]
@@ -129,26 +134,41 @@ def main(argv: list[str] | None = None) -> int:
     # Select first, then time every selection in one round-robin measurement, so that drifts
     # of a shared machine hit all rows alike.
     selections = [
-        (routing, budget, resolver.select(budget=budget, routing=routing))
+        (routing, budget, resolver.select(budget=budget, method=routing))
         for routing in args.routings.split(",")
         for budget in budgets
     ]
-    times = time_selections(model, [s for _, _, s in selections], resolver.shape, args, clock)
+    times = time_selections(model, resolver.shape, [s for _, _, s in selections], args, clock)
     print(
         f"dense full model: {times['full']:.2f} ms measured, {full_ms:.2f} ms in the LUT "
         f"({100 * (times['full'] / full_ms - 1):+.1f}%)",
         file=sys.stderr,
         flush=True,
     )
-    rows += score_selections(model, blocks, selections, times, full_ms, args.label)
+    for index, (routing, budget, selection) in enumerate(selections):
+        name = routing if args.label is None else f"{routing}-{args.label}"
+        rows.append(
+            selection_row(
+                model,
+                blocks,
+                name,
+                budget,
+                selection,
+                times[index],
+                full_measured=times["full"],
+                full_ms=full_ms,
+            )
+        )
     compare_to_uniform(rows)
     speedup = (
-        dynamic_speedup(model, resolver, args.speedup_batch, length, args.repeats, budgets, clock)
+        dynamic_speedup(
+            model, resolver, args.speedup_batch, length, repeats=args.repeats, budgets=budgets, clock=clock
+        )
         if args.speedup_batch > 0 and phase == "prefill"
         else []
     )
     summary = {
-        "shape": resolver.shape,
+        "shape": resolver.shape.to_dict(),
         "full_ms_lut": full_ms,
         "full_ms_measured": times["full"],
         "timing_blocks": args.timing_blocks,
@@ -166,14 +186,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def time_selections(
-    model: FlextronModel, selections: list, shape: tuple[str, int, int], args: argparse.Namespace, clock: str
+    model: FlextronModel, shape: LatencyShape, selections: list, args: argparse.Namespace, clock: str
 ) -> dict:
-    """Milliseconds per batch of every selection (by index) and of the dense full model ("full"),
-    timed in one round-robin measurement on held-out text."""
-    phase, batch, length = shape
+    """Median ms per timing batch of every selection (by index) and of the dense full model ("full"),
+    all in one round-robin measurement on held-out text."""
+    phase, batch, tokens = shape.phase, shape.batch, shape.tokens
     # Timed on held-out text: the dynamic router's widths depend on the tokens (static ones do not).
     # Decode: a prompt of `length` tokens fills the cache, then its next token is the timed step.
-    tokens = length if phase == "prefill" else length + 1
     timing_text = load_blocks(model.tokenizer, None, tokens, batch * args.timing_blocks, split="eval")
     if timing_text.shape[0] < batch * args.timing_blocks:
         raise SystemExit(
@@ -196,48 +215,46 @@ def time_selections(
     return times
 
 
-def score_selections(
+def selection_row(
     model: FlextronModel,
     blocks: torch.Tensor,
-    selections: list,
-    times: dict,
+    name: str,
+    budget: float,
+    selection,
+    measured: float,
+    *,
+    full_measured: float,
     full_ms: float,
-    label: str | None,
-) -> list[dict]:
-    """One result row per (routing, budget, selection): its measured latency against the target
-    and against the dense full model of the same round, and its held-out perplexity."""
-    rows = []
-    for index, (routing, budget, selection) in enumerate(selections):
-        if selection.arch is not None:
-            ppl, _ = perplexity(model, blocks, selection.arch)
-            params = model.num_parameters(selection.arch)
-        else:
-            ppl, params = dynamic_perplexity(model, blocks, selection)
-        target, measured = budget * full_ms, times[index]
-        fraction = measured / times["full"]
-        name = routing if label is None else f"{routing}-{label}"
-        row = {
-            "routing": name,
-            "budget": budget,
-            "target_ms": target,
-            "measured_ms": measured,
-            "predicted_ms": selection.predicted_ms,
-            "error": (measured - target) / target,
-            "fraction_of_full": fraction,
-            "fraction_error": (fraction - budget) / budget,
-            "perplexity": ppl,
-            "parameters": params,
-            "arch": None if selection.arch is None else selection.arch.to_dict(),
-        }
-        rows.append(row)
-        print(
-            f"{name:>8} {budget:.2f}: target {target:7.2f} ms measured {measured:7.2f} ms "
-            f"({100 * row['error']:+.1f}%), {fraction:.3f} of the full model "
-            f"({100 * row['fraction_error']:+.1f}%) ppl {ppl:8.2f}",
-            file=sys.stderr,
-            flush=True,
-        )
-    return rows
+) -> dict:
+    """One result row: measured latency against the budget's target, perplexity, parameters."""
+    if selection.arch is not None:
+        ppl, _ = perplexity(model, blocks, selection.arch)
+        params = model.num_parameters(selection.arch)
+    else:
+        ppl, params = dynamic_perplexity(model, blocks, selection)
+    target = budget * full_ms
+    fraction = measured / full_measured
+    row = {
+        "routing": name,
+        "budget": budget,
+        "target_ms": target,
+        "measured_ms": measured,
+        "predicted_ms": selection.predicted_ms,
+        "error": (measured - target) / target,
+        "fraction_of_full": fraction,
+        "fraction_error": (fraction - budget) / budget,
+        "perplexity": ppl,
+        "parameters": params,
+        "arch": None if selection.arch is None else selection.arch.to_dict(),
+    }
+    print(
+        f"{name:>8} {budget:.2f}: target {target:7.2f} ms measured {measured:7.2f} ms "
+        f"({100 * row['error']:+.1f}%), {fraction:.3f} of the full model "
+        f"({100 * row['fraction_error']:+.1f}%) ppl {ppl:8.2f}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return row
 
 
 def compare_to_uniform(rows: list[dict]) -> None:
@@ -270,6 +287,7 @@ def dynamic_speedup(
     resolver: BudgetResolver,
     batch: int,
     length: int,
+    *,
     repeats: int,
     budgets: list[float],
     clock: str,
@@ -278,20 +296,14 @@ def dynamic_speedup(
     if "dynamic" not in resolver.routers:
         return []
     results = []
-    full = measure_latency(model, [model.full_arch()], "prefill", batch, length, repeats, clock=clock)[0]
+    shape = LatencyShape("prefill", batch, length)
+    full = measure_latency(model, [model.full_arch()], shape, repeats=repeats, clock=clock)[0]
     for budget in budgets:
         if budget >= 1.0:
             continue
-        selection = resolver.select(budget=budget, routing="dynamic")
+        selection = resolver.select(budget=budget, method="dynamic")
         routed = measure_latency(
-            model,
-            [model.full_arch()],
-            "prefill",
-            batch,
-            length,
-            repeats,
-            router=selection.session(batch),
-            clock=clock,
+            model, [model.full_arch()], shape, repeats=repeats, session=selection.session(batch), clock=clock
         )[0]
         results.append(
             {

@@ -37,7 +37,7 @@ from flextron.timing import times_ms
 from flextron.train import TrainConfig, load_train_data, train
 from flextron.train.batches import TrainData
 from flextron.train.metrics import read_metrics
-from flextron.train.sampling import SubnetSampler
+from flextron.train.trainer import subnet_sampler
 
 
 def forward_flops(config: ModelConfig, arch: ArchConfig, batch: int, seq: int) -> tuple[float, float]:
@@ -127,15 +127,7 @@ def main() -> None:
     gemm_after = gemm_rate(student.config, tokens)
     gemm = (gemm_before + gemm_after) / 2
 
-    sampler = SubnetSampler(
-        student.config,
-        config.rule,
-        p_full=config.p_full,
-        budgets=config.budgets,
-        min_fraction=config.min_fraction,
-        seed=config.seed,
-        arch_for_budget=student.arch_for_budget,
-    )
+    sampler = subnet_sampler(student, config)
     acc = args.accumulation_steps
     steps = []
     for record in records[1:]:  # the first step warms up

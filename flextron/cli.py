@@ -121,11 +121,9 @@ def _shape_fits(args: argparse.Namespace) -> Callable[[Any], None]:
     """A _load check: --latency-shape within the model's context (a decode step adds one token)."""
 
     def check(model) -> None:
-        if getattr(args, "latency_shape", None):
-            from flextron.budget import parse_shape
-
-            phase, _, length = parse_shape(args.latency_shape)
-            _fits_context("--latency-shape length", length, int(phase == "decode"))(model)
+        shape = getattr(args, "latency_shape", None)
+        if shape is not None:
+            _fits_context("--latency-shape length", shape.length, int(shape.phase == "decode"))(model)
 
     return check
 
@@ -157,17 +155,13 @@ def _choose_arch(model, args: argparse.Namespace):
     return selection
 
 
-# ---- budgets and latency targets (routers, issue 6)
+# ---- budgets and latency targets (routers)
 
 
-def _shape_text(text: str) -> str:
-    from flextron.budget import parse_shape
+def _shape_argument(text: str):
+    from flextron.routers.shape import shape_argument
 
-    try:
-        parse_shape(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from error
-    return text
+    return shape_argument(text)
 
 
 ROUTING = arg(
@@ -178,7 +172,7 @@ ROUTING = arg(
 )
 LATENCY_SHAPE = arg(
     "--latency-shape",
-    type=_shape_text,
+    type=_shape_argument,
     default=None,
     help="the shape budgets refer to, e.g. prefill:1x128 (default: the routers', else the "
     "latency table's first prefill shape)",
@@ -204,10 +198,10 @@ def _preflight_arch(args: argparse.Namespace, single: bool) -> None:
 
 def _resolver(model, args: argparse.Namespace):
     """Budget resolution with the model directory's latency table and routers (when it has them)."""
-    from flextron.budget import BudgetResolver, parse_shape
+    from flextron.routers import BudgetResolver
 
-    shape = parse_shape(args.latency_shape) if getattr(args, "latency_shape", None) else None
-    return BudgetResolver(model, args.model if Path(args.model).is_dir() else None, shape)
+    directory = args.model if Path(args.model).is_dir() else None
+    return BudgetResolver(model, directory, getattr(args, "latency_shape", None))
 
 
 # ---- commands
@@ -381,7 +375,7 @@ def evaluate(args: argparse.Namespace) -> None:
     elif args.latency_ms is None and args.routing == "auto" and not Path(args.model).is_dir():
         rows = evaluate_archs(model, blocks, archs_for_budgets(model, args.budgets), args.batch_size)
     else:
-        from flextron.budget import evaluate_selections
+        from flextron.routers import evaluate_selections
 
         resolver = _resolver(model, args)
         requests = (
@@ -431,7 +425,7 @@ def generate(args: argparse.Namespace) -> None:
     model = _load(args.model, args, _shape_fits(args), _arch_fits(args))
     choice = _choose_arch(model, args)
     arch = choice if isinstance(choice, ArchConfig) else choice.arch
-    router = None if isinstance(choice, ArchConfig) else choice.session(1)
+    session = None if isinstance(choice, ArchConfig) else choice.session(1)
 
     def show(piece: str) -> None:
         print(piece, end="", flush=True)
@@ -448,7 +442,7 @@ def generate(args: argparse.Namespace) -> None:
         seed=args.seed,
         on_text=show,
         min_new_tokens=args.min_new_tokens,
-        router=router,
+        session=session,
     )
     print(f"\n[{time.perf_counter() - start:.1f}s]", file=sys.stderr)
 
@@ -533,7 +527,7 @@ def export(args: argparse.Namespace) -> None:
     print(f"exported a {model.num_parameters(arch) / 1e6:.1f}M-parameter sub-network as {used} to {args.out}")
 
 
-# ---- latency table and routers (issue 6)
+# ---- latency table and routers
 
 
 def _parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -636,8 +630,8 @@ def bench(args: argparse.Namespace) -> None:
     arg("--json", default=None, help="write the check rows here"),
 )
 def profile(args: argparse.Namespace) -> None:
-    from flextron.latency import LUT_FILE, check_table, profile_latency
     from flextron.outputs import check_output_file
+    from flextron.routers import LUT_FILE, check_table, profile_latency
 
     check_output_file(args.json, "--json")
     _set_threads(args.threads)
@@ -656,7 +650,7 @@ def profile(args: argparse.Namespace) -> None:
     written = table.save(directory)
     print(f"latency table for {table.device_name} written to {written}")
     for entry in table.entries:
-        low, high = table.latency_range(model.config, entry.phase, entry.batch, entry.length)
+        low, high = table.latency_range(model.config, entry.shape)
         print(
             f"{entry.phase:>7} batch {entry.batch} length {entry.length}: full model {high:.2f} ms, "
             f"smallest sub-network {low:.2f} ms, fixed {entry.fixed_ms:.2f} ms"
@@ -664,7 +658,7 @@ def profile(args: argparse.Namespace) -> None:
     table.check_monotone()
     rows = []
     for entry in table.entries if args.check > 0 else []:
-        checked = check_table(model, table, args.check, entry.phase, entry.batch, entry.length, args.repeats)
+        checked = check_table(model, table, args.check, entry.shape, repeats=args.repeats)
         errors = [100 * row["error"] for row in checked]
         print(
             f"{entry.phase:>7} batch {entry.batch} length {entry.length}: predicted vs measured on "
@@ -682,52 +676,19 @@ def profile(args: argparse.Namespace) -> None:
         write_json_atomic(Path(args.json), {"device": table.device_name, "checks": rows})
 
 
-def _overhead_text(text: str) -> str:
-    """--calibrate-overhead: auto, none, or MS[,FRACTION] (non-negative numbers)."""
-    if text not in ("auto", "none"):
-        parts = text.split(",")
-        if len(parts) > 2:
-            raise argparse.ArgumentTypeError(f"expected auto, none or MS[,FRACTION], got {text!r}")
-        for part in parts:
-            non_negative_float(part)
-    return text
+def _router_training_options() -> tuple[tuple[tuple[str, ...], dict[str, Any]], ...]:
+    """train-router's training options, generated from RouterTrainingConfig."""
+    from flextron.cliargs import config_options
+    from flextron.routers.config import RouterTrainingConfig
+
+    return config_options(RouterTrainingConfig)
 
 
 @command(
     "train-router",
     "train a static or dynamic router: surrogate-model loop then joint fine-tuning, or e2e",
     arg("--model", required=True, help="a Flextron directory with a latency table (flextron profile)"),
-    arg("--kind", choices=("static", "dynamic"), default="static"),
-    arg(
-        "--mode",
-        choices=("surrogate", "end-to-end", "joint", "calibrate"),
-        default="surrogate",
-        help="surrogate: the SM loop (DESIGN §1 step 5), then --finetune-steps of joint fine-tuning; "
-        "end-to-end: the baseline without SM; joint: only the joint LLM + router fine-tuning, "
-        "from the directory's trained router of --kind; calibrate: only the dynamic router's "
-        "latency calibration, of the directory's trained dynamic router",
-    ),
-    arg("--budgets", type=parse_budgets, default=[0.3, 0.5, 0.7, 1.0], help="trained budgets"),
-    arg("--steps", type=positive_int, default=200, help="SM-loop (or end-to-end) steps"),
-    arg(
-        "--finetune-steps",
-        type=non_negative_int,
-        default=50,
-        help="joint LLM + router fine-tuning steps after the SM loop (0: keep the LLM; saves the model)",
-    ),
-    arg("--data", default="builtin", help="training text: builtin | file | dir | .jsonl | saved dataset"),
-    arg("--seq-len", type=positive_int, default=128),
-    arg("--batch-size", type=positive_int, default=2),
-    arg("--latency-weight", type=non_negative_float, default=1.0, help="λ of the latency loss"),
-    arg("--router-lr", type=positive_float, default=1e-3),
-    arg("--model-lr", type=positive_float, default=1e-5),
-    arg(
-        "--sm-threshold",
-        type=positive_float,
-        default=0.05,
-        help="router steps only while the SM's error is below",
-    ),
-    arg("--sm-updates", type=positive_int, default=4, help="SM minibatch steps per LLM step"),
+    *_router_training_options(),
     arg(
         "--tau",
         type=positive_float,
@@ -736,310 +697,26 @@ def _overhead_text(text: str) -> str:
         metavar=("START", "END"),
         help="Gumbel-softmax temperature, annealed exponentially from START to END",
     ),
-    arg("--loss", choices=("kd", "lm"), default="kd"),
-    arg(
-        "--mlp-choices",
-        type=positive_int,
-        default=8,
-        help="MLP widths the router picks from (smallest to full)",
-    ),
-    arg("--hidden-size", type=positive_int, default=128, help="router width"),
-    arg(
-        "--init",
-        choices=("best-uniform", "uniform", "static", "random"),
-        default="best-uniform",
-        help="best-uniform: each trained budget starts at the uniform configuration of lowest perplexity "
-        "on --sm-probe-blocks training blocks among those within 5%% of its latency (parity with "
-        "uniform widths); uniform: at the one nearest its latency; static (--kind dynamic): at the "
-        "directory's static router's configuration, with its choices; random: plain random "
-        "initialisation",
-    ),
-    arg(
-        "--init-margin",
-        type=non_negative_float,
-        default=3.0,
-        help="logit margin of the initial configuration",
-    ),
-    arg(
-        "--sm-probe-blocks",
-        type=positive_int,
-        default=2,
-        help="blocks of the fixed batch whose loss the SM learns",
-    ),
-    arg(
-        "--calibrate-blocks",
-        type=non_negative_int,
-        default=4,
-        help="dynamic: blocks of training text on which each budget's latency offset is calibrated (0: none)",
-    ),
-    arg(
-        "--calibrate-overhead",
-        type=_overhead_text,
-        default="auto",
-        help="dynamic: the routed path's cost beyond the LUT (router, grouping tokens): auto (measured with "
-        "the table's clock, prefill shapes), none, or MS[,FRACTION] (MS + FRACTION x LUT ms); "
-        "--calibrate-by lut only",
-    ),
-    arg(
-        "--calibrate-by",
-        choices=("lut", "measured"),
-        default="lut",
-        help="dynamic: lut: bisect each budget's offset on the LUT latency of the routed choices "
-        "(+ --calibrate-overhead); measured: start there (no overhead), then bisect on the routed "
-        "forward timed with the table's clock at the LUT shape (prefill only), as a ratio to the "
-        "dense full model timed in the same round x its LUT latency (minutes on CPU)",
-    ),
-    arg(
-        "--calibrate-repeats",
-        type=positive_int,
-        default=5,
-        help="dynamic, --calibrate-by measured: timed repeats per bisection step (median)",
-    ),
     arg("--threads", type=positive_int, default=None),
-    arg("--seed", type=int, default=0),
     arg("--log", default=None, help="write the per-step log here (JSON)"),
-    LATENCY_SHAPE,
 )
 def train_router(args: argparse.Namespace) -> None:
-    from flextron.budget import (
-        format_shape,
-        parse_shape,
-        reference_shape,
-        saved_shape,
-        static_init_archs,
-        uniform_init_archs,
-    )
-    from flextron.checkpoint import save_pretrained
-    from flextron.data import load_blocks
-    from flextron.latency import LatencyTable
-    from flextron.nn.routers import (
-        DynamicRouter,
-        StaticRouter,
-        default_mlp_choices,
-        load_routers,
-        save_routers,
-    )
+    from flextron.atomic_files import write_json_atomic
+    from flextron.cliargs import config_from_args
     from flextron.outputs import check_output_file
-    from flextron.routing import (
-        LatencyTarget,
-        RouterTrainingConfig,
-        calibrate_dynamic,
-        calibrate_dynamic_measured,
-        calibration_grid,
-        measure_routing_overhead,
-        train_end_to_end,
-        train_router_surrogate,
-    )
+    from flextron.routers import ROUTERS_META_FILE, RouterTrainingConfig, train_routers
 
+    config = config_from_args(RouterTrainingConfig, args, tau_start=args.tau[0], tau_end=args.tau[1])
     check_output_file(args.log, "--log")
     _set_threads(args.threads)
     directory = _flextron_dir(args.model)
-    check_output_file(directory / "routers.json", "--model")
-    model = _load(args.model, None, _fits_context("--seq-len", args.seq_len), _shape_fits(args))
-    table = LatencyTable.load(directory, model.embed_tokens.weight.device)
-    existing, existing_meta = load_routers(directory, model.config)
-    existing_shape = saved_shape(existing_meta)
-    # One shape per directory: by default the routers' own, so retraining keeps it.
-    shape = parse_shape(args.latency_shape) if args.latency_shape else reference_shape(table, existing_shape)
-    phase, batch, length = shape
-    if args.kind == "dynamic" and args.calibrate_by == "measured" and phase != "prefill":
-        # Refused before training: a decode step times one token's choices (use the LUT + overhead).
-        raise ValueError(f"--calibrate-by measured times prefill shapes; the budgets refer to {phase}")
-    recalibrated = args.kind == "dynamic" and args.mode != "joint"
-    if "dynamic" in existing and existing_shape not in (None, shape) and not recalibrated:
-        raise ValueError(
-            f"{directory}'s dynamic router is calibrated for {format_shape(existing_shape)}; "
-            f"training at {format_shape(shape)} would mislabel it: use --latency-shape "
-            f"{format_shape(existing_shape)}, or recalibrate the dynamic router at the new "
-            "shape afterwards (--kind dynamic --mode calibrate)"
-        )
-    if model.tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer: training text cannot be tokenized")
-    blocks = load_blocks(model.tokenizer, args.data, args.seq_len, split="train")
-    router_class = StaticRouter if args.kind == "static" else DynamicRouter
-    if args.mode in ("joint", "calibrate"):
-        if args.mode == "calibrate" and args.kind != "dynamic":
-            raise ValueError("--mode calibrate applies to the dynamic router (--kind dynamic)")
-        if args.kind not in existing:
-            raise ValueError(f"--mode {args.mode} needs a trained {args.kind} router; {directory} has none")
-        router = existing[args.kind]
-        args.budgets = list(router.encoder.budgets)
-    elif args.init == "static":
-        if args.kind != "dynamic":
-            raise ValueError(
-                "--init static starts a dynamic router (--kind dynamic) at the static router's configurations"
-            )
-        static = existing.get("static")
-        if static is None:
-            raise ValueError(
-                f"--init static needs a trained static router in {directory}: run "
-                "`flextron train-router --kind static` first"
-            )
-        router = DynamicRouter(
-            model.config, args.budgets, static.mlp_choices, static.head_choices, hidden_size=args.hidden_size
-        )
-    else:
-        router = router_class(
-            model.config,
-            args.budgets,
-            default_mlp_choices(model.config, args.mlp_choices),
-            hidden_size=args.hidden_size,
-        )
-    if args.init != "random" and args.mode in ("surrogate", "end-to-end"):
-        if args.init == "static":
-            starts = static_init_archs(model, table, static, args.budgets, shape)
-        else:
-            probe = blocks[: args.sm_probe_blocks] if args.init == "best-uniform" else None
-            starts = uniform_init_archs(model, table, router, shape, probe)
-        router.init_to_archs(starts, args.init_margin)
-        for budget, arch in starts.items():
-            layers = len(arch.heads)
-            print(
-                f"budget {budget:g} starts at mean MLP width {sum(arch.mlp_widths) / layers:.0f}, "
-                f"mean heads {sum(arch.heads) / layers:.1f} "
-                f"({table.predict(arch, phase, batch, length):.2f} ms)",
-                file=sys.stderr,
-            )
-    target = LatencyTarget.from_table(table, router, model, phase, batch, length)
-    config = RouterTrainingConfig(
-        budgets=tuple(args.budgets),
-        latency_weight=args.latency_weight,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        router_lr=args.router_lr,
-        model_lr=args.model_lr,
-        sm_threshold=args.sm_threshold,
-        sm_updates=args.sm_updates,
-        loss=args.loss,
-        seed=args.seed,
-        tau_start=args.tau[0],
-        tau_end=args.tau[1],
-        sm_probe_blocks=args.sm_probe_blocks,
-    )
-
-    def show(row: dict) -> None:
-        if row["step"] % 10 == 0:
-            print(
-                " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                file=sys.stderr,
-            )
-
-    logs = {}
-    if args.mode in ("surrogate", "joint"):
-        if args.mode == "surrogate":
-            _, log = train_router_surrogate(model, router, target, blocks, config, show)
-            logs["surrogate"] = log.rows
-        steps = args.steps if args.mode == "joint" else args.finetune_steps
-        if steps > 0:
-            import dataclasses
-
-            tune = dataclasses.replace(config, steps=steps, tau_start=config.tau_end)
-            logs["joint"] = train_end_to_end(
-                model, router, target, blocks, tune, train_model=True, progress=show
-            ).rows
-            save_pretrained(model, directory)
-            print(f"saved the jointly fine-tuned model to {directory}")
-    elif args.mode == "end-to-end":
-        logs["end_to_end"] = train_end_to_end(model, router, target, blocks, config, progress=show).rows
-    if isinstance(router, DynamicRouter) and (args.calibrate_blocks > 0 or args.mode == "calibrate"):
-        # Decode: each block is a context of `length` tokens and the token decoded after it.
-        tokens = length if phase == "prefill" else length + 1
-        probe = load_blocks(model.tokenizer, args.data, tokens, max(args.calibrate_blocks, 1), split="train")
-        smallest = (
-            table.latency_range(model.config, phase, batch, length, router.mlp_choices, router.head_choices)[
-                0
-            ]
-            / target.full_ms
-        )
-        grid, below = calibration_grid(args.budgets, smallest)
-        if below:
-            print(
-                f"budgets {below} are below the smallest sub-network ({smallest:.3f} of the full model "
-                f"at {format_shape(shape)}): calibrating from {grid[0]:g}",
-                file=sys.stderr,
-            )
-
-        def report(row: dict) -> None:
-            print(
-                f"calibrated budget {row['budget']:g}: offset {row['offset']:+.4f}, "
-                f"LUT {row['lut_ms']:.2f} ms (goal {row['goal_ms']:.2f}, uncalibrated "
-                f"{row['uncalibrated_ms']:.2f})",
-                file=sys.stderr,
-            )
-
-        overhead = (0.0, 0.0)
-        if args.calibrate_by == "lut" and args.calibrate_overhead not in ("auto", "none"):
-            values = [float(v) for v in args.calibrate_overhead.split(",")]
-            overhead = (values[0], values[1] if len(values) > 1 else 0.0)
-        logs["calibration"] = calibrate_dynamic(model, router, target, probe, grid, overhead, progress=report)
-        # Timed in chunks of the shape's batch: prefill one (its tokens spread over the widths),
-        # decode all (one token each is timed).
-        chunks = probe[: probe.shape[0] // batch * batch].view(-1, batch, tokens)
-        for _ in range(
-            2
-            if args.calibrate_by == "lut" and args.calibrate_overhead == "auto" and chunks.shape[0] > 0
-            else 0
-        ):
-            # Measure what the routed path costs beyond the LUT at the calibrated budgets, then
-            # calibrate again with it; twice, since the overhead depends on how the tokens spread
-            # over widths (more groups, more small GEMMs), which the calibration changes.
-            overhead, measured = measure_routing_overhead(
-                model,
-                router,
-                target,
-                chunks[:1] if phase == "prefill" else chunks,
-                grid,
-                table.clock,
-                phase=phase,
-            )
-            pairs = ", ".join(f"{r['measured_ms']:.1f}/{r['lut_ms']:.1f}" for r in measured)
-            print(
-                f"routing overhead: {overhead[0]:.2f} ms + {100 * overhead[1]:.1f}% of the LUT latency "
-                f"(measured/LUT ms: {pairs})",
-                file=sys.stderr,
-            )
-            logs["overhead"] = {"fixed_ms": overhead[0], "fraction": overhead[1], "measured": measured}
-            logs["calibration"] = calibrate_dynamic(
-                model, router, target, probe, grid, overhead, progress=report
-            )
-        if args.calibrate_by == "measured":
-
-            def report_measured(row: dict) -> None:
-                print(
-                    f"calibrated budget {row['budget']:g} on measured latency: offset "
-                    f"{row['offset']:+.4f}, {row['measured_ms']:.2f} ms (goal {row['goal_ms']:.2f}; "
-                    f"from offset {row['start_offset']:+.4f}: {row['start_ms']:.2f} ms), "
-                    f"{row['evaluations']} timings",
-                    file=sys.stderr,
-                )
-
-            logs["calibration_lut"] = logs["calibration"]
-            logs["calibration"] = calibrate_dynamic_measured(
-                model,
-                router,
-                target,
-                probe,
-                grid,
-                batch,
-                table.clock,
-                args.calibrate_repeats,
-                progress=report_measured,
-            )
-    routers = {**existing, args.kind: router}
-    save_routers(directory, routers, {"phase": phase, "batch": batch, "length": length})
-    print(f"saved the {args.kind} router to {directory}")
-    if isinstance(router, StaticRouter):
-        for budget in args.budgets:
-            arch = router.arch(budget)
-            print(
-                f"budget {budget:g}: predicted {table.predict(arch, phase, batch, length):.2f} ms of "
-                f"{budget * target.full_ms:.2f} ms target; MLP widths {list(arch.mlp_widths)}, heads "
-                f"{list(arch.heads)}"
-            )
+    check_output_file(directory / ROUTERS_META_FILE, "--model")
+    model = _load(args.model, None, _fits_context("--seq-len", config.seq_len), _shape_fits(args))
+    result = train_routers(model, directory, config)
+    for message in result.messages:
+        print(message)
     if args.log:
-        from flextron.atomic_files import write_json_atomic
-
-        write_json_atomic(Path(args.log), logs)
+        write_json_atomic(Path(args.log), result.logs)
 
 
 @command(

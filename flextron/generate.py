@@ -12,7 +12,7 @@ import torch
 
 from flextron.config import ArchConfig
 from flextron.limits import check_size, time_limit
-from flextron.model import FlextronModel, LayerRouter
+from flextron.model import FlextronModel, LayerSession
 
 TEMPLATE_SECONDS = 5.0  # chat-template rendering (real templates take milliseconds)
 TEMPLATE_CHARS = 1 << 20  # template text, and what it renders beyond the prompt
@@ -49,13 +49,13 @@ def stream_tokens(
     seed: int | None = None,
     min_new_tokens: int = 0,
     banned_early_ids: set[int] | None = None,
-    router: LayerRouter | None = None,
+    session: LayerSession | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time (prefill once, then one cached step per token).
 
     Stops after max_new_tokens, at a stop id (yielded first), or at the context's end.
     The first min_new_tokens tokens cannot be a stop id or one of banned_early_ids.
-    ValueError when the prompt is empty or does not fit the context.  router: a dynamic
+    ValueError when the prompt is empty or does not fit the context.  session: a dynamic
     routing session for one sequence (it replaces `arch`; its head counts are fixed at prefill).
     """
     ids = torch.as_tensor(prompt_ids, dtype=torch.int64).flatten()
@@ -70,7 +70,7 @@ def stream_tokens(
     device = model.embed_tokens.weight.device
     cache = model.new_kv_cache(1, ids.numel() + steps)
     banned = sorted((stop_ids or set()) | (banned_early_ids or set()))
-    logits = model(ids[None].to(device), arch, cache, last_only=True, router=router)  # (1, 1, V)
+    logits = model(ids[None].to(device), arch, cache, last_only=True, session=session)  # (1, 1, V)
     for step in range(steps):
         if step < min_new_tokens and banned:
             logits[0, -1, banned] = float("-inf")
@@ -78,7 +78,7 @@ def stream_tokens(
         yield token
         if (stop_ids and token in stop_ids) or step == steps - 1:
             return
-        logits = model(torch.tensor([[token]], device=device), arch, cache, router=router)
+        logits = model(torch.tensor([[token]], device=device), arch, cache, session=session)
 
 
 def chat_prompt_ids(tokenizer, prompt: str, chat: bool = True) -> list[int]:
@@ -115,7 +115,7 @@ def generate_text(
     seed: int | None = None,
     on_text: Callable[[str], None] | None = None,
     min_new_tokens: int = 0,
-    router: LayerRouter | None = None,
+    session: LayerSession | None = None,
 ) -> str:
     """The model's answer to `prompt`; on_text receives each new piece of text as it streams.
 
@@ -140,7 +140,7 @@ def generate_text(
         seed=seed,
         min_new_tokens=min_new_tokens,
         banned_early_ids=special,
-        router=router,
+        session=session,
     ):
         if token in stop:
             break

@@ -26,11 +26,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from flextron.budget import BudgetResolver, Selection, parse_shape
 from flextron.checkpoint import FORMAT, VERSION, save_pretrained
 from flextron.config import ArchConfig, ModelConfig
 from flextron.model import FlextronModel
 from flextron.objectives import next_token_cross_entropy
+from flextron.routers import BudgetResolver, LatencyShape, Selection
 
 MODEL_TYPE = "flextron"
 
@@ -119,7 +119,7 @@ class FlextronForCausalLM(PreTrainedModel, GenerationMixin):
         latency_ms: float | None = None,
         routing: str = "auto",
         arch: ArchConfig | dict | str | os.PathLike | None = None,
-        latency_shape: str | None = None,
+        latency_shape: str | LatencyShape | None = None,
     ) -> FlextronForCausalLM:
         """A view of the same weights at a budget in (0, 1], a latency target in ms, or a
         configuration (an ArchConfig, its dict, or a JSON file holding one).
@@ -136,7 +136,7 @@ class FlextronForCausalLM(PreTrainedModel, GenerationMixin):
             share = self.model.num_parameters(arch) / self.model.num_parameters()
             selection = Selection("configuration", share, arch=arch)
         else:
-            shape = parse_shape(latency_shape) if latency_shape else None
+            shape = LatencyShape.parse(latency_shape) if isinstance(latency_shape, str) else latency_shape
             selection = BudgetResolver(self.model, self.source, shape).select(budget, latency_ms, routing)
         view = type(self)(self.config, self.model, selection)
         view.source = self.source
@@ -188,21 +188,21 @@ class FlextronForCausalLM(PreTrainedModel, GenerationMixin):
             (position_ids == torch.arange(past, past + input_ids.shape[1], device=position_ids.device)).all()
         ):
             position_ids = None  # the default positions: keep the batched fast path
-        router = None
+        session = None
         if self.selection.router is not None:
             # A session per sequence batch: its head choice is made at prefill and kept in the cache.
             if past == 0:
-                router = self.selection.session(input_ids.shape[0])
+                session = self.selection.session(input_ids.shape[0])
                 if cache is not None:
-                    cache.flextron_routing = router
+                    cache.flextron_routing = session
             else:
-                router = cache.flextron_routing
+                session = cache.flextron_routing
         logits = self.model(
             input_ids,
             self.selection.arch,
             kv,
             last_only=logits_to_keep == 1,
-            router=router,
+            session=session,
             position_ids=position_ids,
             key_mask=key_mask,
         )  # (B, T, V)

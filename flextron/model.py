@@ -40,8 +40,8 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-class LayerRouter(Protocol):
-    """Chooses each layer's sub-network during the forward (flextron.nn.routers sessions).
+class LayerSession(Protocol):
+    """A routing session: chooses each layer's sub-network during the forward (flextron.routers.sessions).
 
     It receives the sublayer's normalised input and the module, runs the module on its
     choice (e.g. per-token MLP widths through ops.routed_nested_mlp) and returns the
@@ -88,17 +88,17 @@ class DecoderLayer(nn.Module):
         *,
         kv_cache: KVCache | None,
         layer: int,
-        router: LayerRouter | None = None,
+        session: LayerSession | None = None,
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, D) -> (B, T, D).  With a router, it runs both sublayers' choices."""
-        if router is None:
+        """x: (B, T, D) -> (B, T, D).  With a routing session, it runs both sublayers' choices."""
+        if session is None:
             x = x + self.self_attn(
                 self.input_layernorm(x), cos, sin, heads, kv_cache, layer, key_mask=key_mask
             )
             return x + self.mlp(self.post_attention_layernorm(x), mlp_width)
-        x = x + router.attention(layer, self.self_attn, self.input_layernorm(x), cos, sin, kv_cache)
-        return x + router.mlp(layer, self.mlp, self.post_attention_layernorm(x))
+        x = x + session.attention(layer, self.self_attn, self.input_layernorm(x), cos, sin, kv_cache)
+        return x + session.mlp(layer, self.mlp, self.post_attention_layernorm(x))
 
 
 class FlextronModel(nn.Module):
@@ -158,15 +158,15 @@ class FlextronModel(nn.Module):
         kv_cache: KVCache | None = None,
         *,
         last_only: bool = False,
-        router: LayerRouter | None = None,
+        session: LayerSession | None = None,
         position_ids: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids: (B, T) int64 -> logits (B, T, V), or (B, 1, V) with last_only.
 
         arch: the sub-network (default: full).  kv_cache: positions continue from
-        kv_cache.length, and the cache is extended by T.  router: chooses every layer's
-        sub-network instead of `arch` (dynamic routing; see flextron.nn.routers).
+        kv_cache.length, and the cache is extended by T.  session: a routing session that
+        chooses every layer's sub-network instead of `arch` (flextron.routers.sessions).
         Padded batches: position_ids (B, T) gives each token's RoPE position, and key_mask
         (B, S) bool marks the real (not padding) tokens among the S = cached + T keys.
         """
@@ -185,7 +185,7 @@ class FlextronModel(nn.Module):
             arch = self.full_arch()
         else:
             arch.validate(self.config)
-        if key_mask is not None and router is not None:
+        if key_mask is not None and session is not None:
             raise ValueError("dynamic routing chooses heads from whole sequences: it takes no padded batches")
         x = self.embed_tokens(input_ids)  # (B, T, D)
         if position_ids is None:
@@ -203,7 +203,7 @@ class FlextronModel(nn.Module):
                 arch.heads[index],
                 kv_cache=kv_cache,
                 layer=index,
-                router=router,
+                session=session,
                 key_mask=key_mask,
             )
         if kv_cache is not None:

@@ -9,9 +9,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from flextron._extension import _C
 from flextron.config import ModelConfig
-from flextron.latency import LatencyTable, ShapeCosts
 from flextron.loading import model_from_hf_weights
 from flextron.model import FlextronModel
+from flextron.routers import LatencyTable, Sampling, ShapeCosts
 
 # --- Devices -------------------------------------------------------------------------------------
 
@@ -254,3 +254,18 @@ def synthetic_table() -> LatencyTable:
             )
         )
     return table
+
+
+# ---- router tests
+
+TRAIN = Sampling(tau=1.0, noise=True, scale=True)  # the routers' training-time sampling
+
+
+def tokens(batch: int = 2, length: int = 8, seed: int = 0) -> torch.Tensor:
+    """Random token ids (batch, length) of the tiny models' vocabulary."""
+    return torch.randint(3, 300, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def blocks(count: int = 8, length: int = 16, seed: int = 0) -> torch.Tensor:
+    """Random training blocks (count, length)."""
+    return torch.randint(3, 300, (count, length), generator=torch.Generator().manual_seed(seed))

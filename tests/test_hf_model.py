@@ -145,8 +145,7 @@ def test_directories_without_model_type_still_load(flextron_dir, tmp_path) -> No
 @pytest.mark.usefixtures("one_thread")
 def test_latency_targets_and_routers(tmp_path) -> None:
     """A directory with a latency table and routers: views resolve as `flextron generate` does."""
-    from flextron.budget import BudgetResolver
-    from flextron.nn.routers import DynamicRouter, StaticRouter, save_routers
+    from flextron.routers import BudgetResolver, DynamicRouter, LatencyShape, StaticRouter, save_routers
     from tests.helpers import synthetic_table
 
     model = tiny_flextron()
@@ -159,11 +158,11 @@ def test_latency_targets_and_routers(tmp_path) -> None:
             "static": StaticRouter(model.config, [0.5, 1.0], hidden_size=8),
             "dynamic": DynamicRouter(model.config, [0.5, 1.0], hidden_size=8),
         },
-        {"phase": "prefill", "batch": 1, "length": 16},
+        LatencyShape("prefill", 1, 16),
     )
     wrapper = FlextronForCausalLM.from_pretrained(tmp_path)
     resolver = BudgetResolver(wrapper.model, tmp_path)
-    full_ms = resolver.table.predict(wrapper.model.full_arch(), *resolver.shape)
+    full_ms = resolver.table.predict(wrapper.model.full_arch(), resolver.shape)
     for routing in ("uniform", "static"):
         view = wrapper.at(latency_ms=0.6 * full_ms, routing=routing)
         assert view.arch == resolver.select(None, 0.6 * full_ms, routing).arch
@@ -171,7 +170,7 @@ def test_latency_targets_and_routers(tmp_path) -> None:
     assert dynamic.arch is None
     ids = torch.randint(3, 300, (1, 8))
     with torch.no_grad():
-        expected = wrapper.model(ids, router=dynamic.selection.session(1))
+        expected = wrapper.model(ids, session=dynamic.selection.session(1))
         torch.testing.assert_close(dynamic(ids, use_cache=False).logits, expected)
         # Decoding keeps the prefill's session (its head choice) in the cache.
         assert dynamic.generate(

@@ -21,7 +21,7 @@ import torch
 from flextron import outputs
 from flextron.checkpoint import save_pretrained
 from flextron.cli import main
-from flextron.latency import LatencyTable, ShapeCosts
+from flextron.routers import LatencyShape, LatencyTable, ShapeCosts
 from flextron.train.rundir import LOCK_FILE, RunLockedError, check_unlocked, run_lock
 from flextron.train.train_state import LATEST, latest_checkpoint, save_checkpoint
 from tests.helpers import tiny_flextron, tiny_hf_dir, tiny_tokenizer
@@ -367,7 +367,7 @@ def test_a_backwards_table_is_named_and_targets_refused(tmp_path) -> None:
     message = str(caught[0].message)
     assert "MLP width 128 (4.000 ms) < 64" in message and "heads 4 (1.000 ms) < 2" in message
     with pytest.raises(ValueError, match="smallest sub-network .* slower than the full model"):
-        table.check_target(5.0, config, "prefill", 1, 16)
+        table.check_target(5.0, config, LatencyShape("prefill", 1, 16))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lut({64: 1.0, 128: 1.02, 256: 1.0}, {2: 1.0, 4: 2.0}).check_monotone()  # within timing noise

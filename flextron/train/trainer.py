@@ -420,6 +420,19 @@ class TrainingRun:
         self.context.barrier()
 
 
+def subnet_sampler(student: FlextronModel, config: TrainConfig) -> SubnetSampler:
+    """The sampler of the sub-networks the run trains (budgets resolve to the student's choices)."""
+    return SubnetSampler(
+        student.config,
+        config.rule,
+        p_full=config.p_full,
+        budgets=config.budgets,
+        min_fraction=config.min_fraction,
+        seed=config.seed,
+        arch_for_budget=student.arch_for_budget,
+    )
+
+
 def _start_run(
     student: FlextronModel,
     teacher: FlextronModel,
@@ -430,15 +443,7 @@ def _start_run(
 ) -> TrainingRun:
     """A run at step 0: models on the device (teacher frozen), optimizer, schedule, data order."""
     order = BatchOrder(data.train.shape[0], config.batch_size, config.seed)  # checks batch <= data
-    sampler = SubnetSampler(
-        student.config,
-        config.rule,
-        p_full=config.p_full,
-        budgets=config.budgets,
-        min_fraction=config.min_fraction,
-        seed=config.seed,
-        arch_for_budget=student.arch_for_budget,
-    )
+    sampler = subnet_sampler(student, config)
     teacher.to(context.device).eval().requires_grad_(False)
     student.to(context.device).train()
     student.embed_tokens.weight.requires_grad_(config.train_embeddings)

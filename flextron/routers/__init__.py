@@ -1,0 +1,116 @@
+"""Routers and latency: pick each layer's sub-network for a latency budget, and measure latency.
+
+shape         LatencyShape: the input shape a latency (budget) refers to
+latency       LatencyTable: measured cost of every layer choice, the cost model
+profiling     measuring: profile_latency, measure_latency, check_table (timed by flextron.timing)
+base          Router: choices, budget encoder, sessions, initialisation to configurations
+static        StaticRouter: one configuration per budget
+dynamic       DynamicRouter: per-token MLP widths, per-sequence head counts
+sessions      routing sessions, the model's `session=`
+objectives    latency expectation and loss, task losses
+files         routers.safetensors / routers.json
+config        RouterTrainingConfig: every train-router setting
+training      surrogate-model loop, end-to-end and joint fine-tuning
+calibration   a dynamic router's latency calibration
+initial       training-only starting configurations
+selection     inference: a budget or latency target -> the sub-network (BudgetResolver)
+evaluation    perplexity of selections
+pipeline      train_routers: what `flextron train-router` runs
+"""
+
+from flextron.routers.base import BudgetEncoder, Router, default_head_choices, default_mlp_choices
+from flextron.routers.calibration import (
+    calibrate_dynamic,
+    calibrate_dynamic_measured,
+    calibration_grid,
+    measure_routing_overhead,
+)
+from flextron.routers.config import RouterTrainingConfig
+from flextron.routers.dynamic import DynamicRouter
+from flextron.routers.evaluation import dynamic_perplexity, evaluate_selections
+from flextron.routers.files import ROUTER_KINDS, ROUTERS_FILE, ROUTERS_META_FILE, load_routers, save_routers
+from flextron.routers.initial import static_init_archs, uniform_init_archs
+from flextron.routers.interpolation import interpolation_weights
+from flextron.routers.latency import LUT_FILE, LatencyTable, ShapeCosts
+from flextron.routers.objectives import LatencyTarget, expected_latency, latency_loss
+from flextron.routers.pipeline import train_routers
+from flextron.routers.profiling import (
+    check_table,
+    measure_latency,
+    profile_latency,
+    random_archs,
+    timed_forward,
+)
+from flextron.routers.selection import (
+    METHODS,
+    BudgetResolver,
+    Selection,
+    fit_to_latency,
+    reference_shape,
+    uniform_arch_for_latency,
+)
+from flextron.routers.sessions import INFERENCE, DynamicSession, RoutingSession, Sampling, StaticSession
+from flextron.routers.shape import DEFAULT_SHAPE, PHASES, LatencyShape
+from flextron.routers.static import StaticRouter
+from flextron.routers.training import (
+    SurrogateModel,
+    TemperatureSchedule,
+    TrainingLog,
+    train_end_to_end,
+    train_router_surrogate,
+)
+
+__all__ = [
+    "DEFAULT_SHAPE",
+    "INFERENCE",
+    "LUT_FILE",
+    "METHODS",
+    "PHASES",
+    "ROUTERS_FILE",
+    "ROUTERS_META_FILE",
+    "ROUTER_KINDS",
+    "BudgetEncoder",
+    "BudgetResolver",
+    "DynamicRouter",
+    "DynamicSession",
+    "LatencyShape",
+    "LatencyTable",
+    "LatencyTarget",
+    "Router",
+    "RouterTrainingConfig",
+    "RoutingSession",
+    "Sampling",
+    "Selection",
+    "ShapeCosts",
+    "StaticRouter",
+    "StaticSession",
+    "SurrogateModel",
+    "TemperatureSchedule",
+    "TrainingLog",
+    "calibrate_dynamic",
+    "calibrate_dynamic_measured",
+    "calibration_grid",
+    "check_table",
+    "default_head_choices",
+    "default_mlp_choices",
+    "dynamic_perplexity",
+    "evaluate_selections",
+    "expected_latency",
+    "fit_to_latency",
+    "interpolation_weights",
+    "latency_loss",
+    "load_routers",
+    "measure_latency",
+    "measure_routing_overhead",
+    "profile_latency",
+    "random_archs",
+    "reference_shape",
+    "save_routers",
+    "static_init_archs",
+    "timed_forward",
+    "train_end_to_end",
+    "train_router_surrogate",
+    "train_routers",
+    "uniform_arch_for_latency",
+    "uniform_init_archs",
+]

@@ -1,0 +1,74 @@
+"""Training-only starting points: per trained budget, the configuration a router starts at.
+
+`uniform_init_archs`: uniform widths of each budget's latency (optionally the best of those
+on a probe batch); `static_init_archs`: the static router's choices, for a dynamic router.
+The router is then initialised to them (`Router.init_to`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from flextron.config import ArchConfig
+from flextron.model import FlextronModel
+from flextron.routers.base import Router
+from flextron.routers.latency import LatencyTable
+from flextron.routers.selection import fit_to_latency, uniform_arch_for_latency
+from flextron.routers.shape import LatencyShape
+from flextron.routers.static import StaticRouter
+
+
+def uniform_init_archs(
+    model: FlextronModel,
+    table: LatencyTable,
+    router: Router,
+    shape: LatencyShape,
+    probe: torch.Tensor | None = None,
+    tolerance: float = 0.05,
+) -> dict[float, ArchConfig]:
+    """Per trained budget of `router`, a uniform configuration (among the router's choices)
+    of the budget's latency: the routers' starting point (`Router.init_to`), so that router
+    training starts from parity with uniform widths.
+
+    Without `probe`, the one whose predicted latency is nearest budget x the full model's.
+    With `probe` (N, S) token ids, the one of lowest perplexity on it among those predicted
+    within `tolerance` (relative) of the target (the nearest when none is): on a model not
+    trained elastically, configurations of equal latency differ widely in quality (few heads
+    cost far more than narrow MLPs), and nearest latency alone picks among them by chance.
+    """
+    from flextron.evaluate import perplexity
+
+    full = table.predict(model.full_arch(), shape)
+    mlp_choices, head_choices = router.mlp_choices, router.head_choices
+    candidates = [ArchConfig.uniform(model.config, w, h) for w in mlp_choices for h in head_choices]
+    predicted = {arch: table.predict(arch, shape) for arch in candidates}
+    scores: dict[ArchConfig, float] = {}
+
+    def score(arch: ArchConfig) -> float:
+        if arch not in scores:
+            scores[arch] = perplexity(model, probe, arch)[0]
+        return scores[arch]
+
+    archs = {}
+    for budget in router.encoder.budgets:
+        target = budget * full
+        nearest = uniform_arch_for_latency(model, table, target, shape, mlp_choices, head_choices)
+        near = [arch for arch in candidates if abs(predicted[arch] - target) <= tolerance * target]
+        archs[budget] = nearest if probe is None or not near else min(near, key=score)
+    return archs
+
+
+def static_init_archs(
+    model: FlextronModel,
+    table: LatencyTable,
+    static: StaticRouter,
+    budgets: Sequence[float],
+    shape: LatencyShape,
+) -> dict[float, ArchConfig]:
+    """Per budget, the static router's configuration as inference selects it (`fit_to_latency`):
+    a dynamic router's starting point (`--init static`) that already knows which layers can
+    shrink, where a uniform start does not."""
+    full = table.predict(model.full_arch(), shape)
+    return {budget: fit_to_latency(static, budget, table, budget * full, shape) for budget in budgets}

@@ -1,0 +1,336 @@
+"""`flextron train-router` (the pipeline) with profile and the budget-driven commands, end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flextron.checkpoint import load_pretrained
+from flextron.cli import main
+from flextron.loading import load_model
+from flextron.routers import (
+    LUT_FILE,
+    BudgetResolver,
+    LatencyShape,
+    LatencyTable,
+    calibration_grid,
+    load_routers,
+)
+from tests.helpers import synthetic_table, tiny_flextron, tiny_hf_dir
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_cli_profile_train_router_and_budget_driven_commands(tmp_path, capsys, monkeypatch) -> None:
+    tiny_hf_dir(tmp_path / "hf", kv_heads=2)
+    out = tmp_path / "converted"
+    assert (
+        main(
+            [
+                "convert",
+                "--model",
+                str(tmp_path / "hf"),
+                "--out",
+                str(out),
+                "--samples",
+                "2",
+                "--seq-len",
+                "32",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                str(out),
+                "--prefill",
+                "1x16",
+                "--decode",
+                "1x32",
+                "--repeats",
+                "2",
+                "--check",
+                "2",
+                "--json",
+                str(tmp_path / "check.json"),
+            ]
+        )
+        == 0
+    )
+    assert (out / LUT_FILE).is_file()
+    assert len(json.loads((tmp_path / "check.json").read_text())["checks"]) == 4
+    assert "predicted vs measured" in capsys.readouterr().out
+    common = ["--seq-len", "16", "--batch-size", "2", "--budgets", "0.5,1", "--hidden-size", "8"]
+    assert (
+        main(
+            [
+                "train-router",
+                "--model",
+                str(out),
+                "--steps",
+                "4",
+                "--finetune-steps",
+                "1",
+                "--log",
+                str(tmp_path / "log.json"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert set(json.loads((tmp_path / "log.json").read_text())) == {"surrogate", "joint"}
+    assert (
+        main(
+            [
+                "train-router",
+                "--model",
+                str(out),
+                "--kind",
+                "dynamic",
+                "--mode",
+                "end-to-end",
+                "--steps",
+                "2",
+                *common,
+            ]
+        )
+        == 0
+    )
+    routers, _ = load_routers(out, tiny_flextron().config)
+    assert set(routers) == {"static", "dynamic"}
+    # Calibrated on the trained budgets and every 0.1 between, from the smallest sub-network up
+    # (this tiny model's measured table may put that above 0.5).
+    dynamic, table, tiny = routers["dynamic"], LatencyTable.load(out), tiny_flextron()
+    full = table.predict(tiny.full_arch(), LatencyShape("prefill", 1, 16))
+    smallest = table.latency_range(
+        tiny.config, LatencyShape("prefill", 1, 16), dynamic.mlp_choices, dynamic.head_choices
+    )[0]
+    assert dynamic.calibration["budgets"] == calibration_grid([0.5, 1.0], smallest / full)[0]
+    # Joint fine-tuning alone, from the trained static router; recalibration alone.
+    for mode, kind in (("joint", "static"), ("calibrate", "dynamic")):
+        args = [
+            "train-router",
+            "--model",
+            str(out),
+            "--kind",
+            kind,
+            "--mode",
+            mode,
+            "--steps",
+            "1",
+            "--log",
+            str(tmp_path / f"{mode}.json"),
+            *common,
+        ]
+        assert main(args) == 0
+    assert set(json.loads((tmp_path / "joint.json").read_text())) == {"joint"}
+    assert set(json.loads((tmp_path / "calibrate.json").read_text())) == {"calibration", "overhead"}
+    # Calibration on measured latency (timer stubbed: routed forwards "take" 0.6 of the full model),
+    # and from here on the synthetic table: this tiny model's measured one is noise (its smallest
+    # sub-network may time slower than the full model), which moves the calibration grid.
+    synthetic_table().save(out)
+    monkeypatch.setattr(
+        "flextron.routers.calibration.times_ms",
+        lambda functions, *_: {k: 10.0 if k == "full" else 6.0 for k in functions},
+    )
+    args = [
+        "train-router",
+        "--model",
+        str(out),
+        "--kind",
+        "dynamic",
+        "--mode",
+        "calibrate",
+        "--calibrate-by",
+        "measured",
+        "--calibrate-blocks",
+        "2",
+        "--log",
+        str(tmp_path / "measured.json"),
+        *common,
+    ]
+    assert main(args) == 0
+    logged = json.loads((tmp_path / "measured.json").read_text())
+    assert set(logged) == {"calibration", "calibration_lut"}
+    assert [r["measured_ms"] / r["goal_ms"] for r in logged["calibration"] if r["budget"] == 0.6] == [
+        pytest.approx(1.0)
+    ]
+    assert load_routers(out, tiny_flextron().config)[0]["dynamic"].calibration["offsets"] == [
+        r["offset"] for r in logged["calibration"]
+    ]
+    capsys.readouterr()
+    assert main(["train-router", "--model", str(out), "--mode", "calibrate", *common]) == 2
+    assert "applies to the dynamic router" in capsys.readouterr().err
+    # A dynamic router started at the static router's configurations, with its choices.
+    static = load_routers(out, tiny_flextron().config)[0]["static"]
+    args = [
+        "train-router",
+        "--model",
+        str(out),
+        "--kind",
+        "dynamic",
+        "--mode",
+        "end-to-end",
+        "--init",
+        "static",
+        "--steps",
+        "1",
+        "--calibrate-blocks",
+        "0",
+        *common,
+    ]
+    assert main(args) == 0
+    dynamic = load_routers(out, tiny_flextron().config)[0]["dynamic"]
+    assert (dynamic.mlp_choices, dynamic.head_choices) == (static.mlp_choices, static.head_choices)
+    assert main([*args[:4], "static", *args[5:]]) == 2  # --kind static
+    assert "starts a dynamic router" in capsys.readouterr().err
+    assert main(["generate", "--model", str(out), "--latency-ms", "100000", "hi"]) == 2
+    message = capsys.readouterr().err
+    assert "achievable range is" in message and "full model" in message
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(out),
+                "--routing",
+                "dynamic",
+                "--budget",
+                "0.7",
+                "--max-new-tokens",
+                "3",
+                "hi",
+            ]
+        )
+        == 0
+    )
+    assert "dynamic routing at budget 0.700" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(out),
+                "--routing",
+                "static",
+                "--budgets",
+                "0.5,0.75",
+                "--seq-len",
+                "16",
+                "--max-blocks",
+                "2",
+                "--json",
+                str(tmp_path / "eval.json"),
+            ]
+        )
+        == 0
+    )
+    rows = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert [r["budget"] for r in rows] == [0.5, 0.75] and all(r["predicted_ms"] > 0 for r in rows)
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(out),
+                "--routing",
+                "dynamic",
+                "--budgets",
+                "0.6",
+                "--seq-len",
+                "16",
+                "--max-blocks",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(out),
+                "--out",
+                str(tmp_path / "small"),
+                "--budget",
+                "0.5",
+                "--routing",
+                "static",
+            ]
+        )
+        == 0
+    )
+    model = load_pretrained(out)
+    chosen = BudgetResolver(model, out).select(budget=0.5, method="static").arch
+    assert load_model(tmp_path / "small").num_parameters() == model.num_parameters(chosen)
+    # export takes static configurations only
+    assert main(["export", "--model", str(out), "--out", str(tmp_path / "bad"), "--routing", "dynamic"]) == 2
+    # One latency shape per directory: training the static router at another shape would mislabel
+    # the dynamic router's calibration; recalibrating the dynamic router moves the directory to it.
+    capsys.readouterr()
+    decode = ["--latency-shape", "decode:1x64"]
+    assert (
+        main(["train-router", "--model", str(out), "--steps", "1", "--finetune-steps", "0", *decode, *common])
+        == 2
+    )
+    assert "calibrated for prefill:1x16" in capsys.readouterr().err
+    calibrate = [
+        "train-router",
+        "--model",
+        str(out),
+        "--kind",
+        "dynamic",
+        "--mode",
+        "calibrate",
+        "--calibrate-blocks",
+        "1",
+        *decode,
+        *common,
+    ]
+    assert main([*calibrate, "--calibrate-by", "measured"]) == 2  # refused before any work
+    assert "measured times prefill shapes" in capsys.readouterr().err
+    assert main(calibrate) == 0
+    assert load_routers(out, tiny_flextron().config)[1] == LatencyShape("decode", 1, 64)
+    assert (
+        main(["train-router", "--model", str(out), "--steps", "1", "--finetune-steps", "0", *common]) == 0
+    )  # the static router, by default at the directory's shape
+    assert load_routers(out, tiny_flextron().config)[1].phase == "decode"
+    generate = [
+        "generate",
+        "--model",
+        str(out),
+        "--routing",
+        "dynamic",
+        "--budget",
+        "0.8",
+        "--max-new-tokens",
+        "2",
+        "hi",
+    ]
+    assert main(generate) == 0
+    assert main([*generate, "--latency-shape", "prefill:1x16"]) == 2
+    assert "calibrated for decode:1x64, not prefill:1x16" in capsys.readouterr().err
+    # A budget out of reach runs (the smallest sub-network) with a one-line warning.
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(out),
+                "--routing",
+                "uniform",
+                "--budget",
+                "0.3",
+                "--max-new-tokens",
+                "1",
+                "hi",
+            ]
+        )
+        == 0
+    )
+    assert "flextron generate: warning: budget 0.3 (0.26 ms) is below" in capsys.readouterr().err
