@@ -11,10 +11,10 @@ import argparse
 from dataclasses import dataclass
 
 from flextron.cliargs import (
-    float_in,
     non_negative_float,
     non_negative_int,
     option,
+    parse_budgets,
     positive_float,
     positive_int,
 )
@@ -25,15 +25,11 @@ MODES = ("surrogate", "end-to-end", "joint", "calibrate")
 INITS = ("best-uniform", "uniform", "static", "random")
 LOSSES = ("kd", "lm")
 CALIBRATE_BY = ("lut", "measured")
-_latency_budget = float_in(0.0, 1.0, low_open=True)
 
 
 def latency_budgets(text: str) -> list[float]:
     """Comma-separated latency budgets (fractions of the full model's latency) in (0, 1]."""
-    budgets = [_latency_budget(part) for part in text.split(",") if part.strip()]
-    if not budgets:
-        raise argparse.ArgumentTypeError("expected comma-separated budgets in (0, 1], got none")
-    return budgets
+    return parse_budgets(text)
 
 
 def overhead_text(text: str) -> str:
