@@ -10,8 +10,10 @@ flextron/corpus.py), disjoint from every training set (13-gram decontamination).
 over `--blocks` x `--seq-len` tokens, evenly spaced over it.  Rows, per budget:
 
   flextron     the model at the budget, run by flextron
-  hf           the same budget through `flextron export` and transformers.AutoModelForCausalLM
-               (an implementation this project did not write); the two must agree
+  exported     the same budget through `flextron export`, run by an implementation this project
+               did not write: transformers.AutoModelForCausalLM on the Hugging Face export of a
+               uniform configuration, llama.cpp on the f32 GGUF export of a per-layer one; the
+               two must agree
   dense        the original model (the GGUF, through transformers) - the ratios' denominator
   rule / chosen  the converted, untrained model at the fixed rule's configuration and at the
                quality-aware choice (budget_configs.json): the choice must win before training
@@ -70,8 +72,52 @@ def hf_ppl(directory: str | Path, blocks: torch.Tensor, gguf_file: str | None = 
     return perplexity_of(lambda batch: model(batch).logits, blocks)
 
 
-def export_cli(model_dir: str, budget: float, out: Path) -> None:
-    """`flextron export --format hf`, as a user runs it."""
+@torch.no_grad()
+def llama_cpp_ppl(path: Path, blocks: torch.Tensor) -> float:
+    """Perplexity of a GGUF file run by llama.cpp (llama-cpp-python), fp32 KV cache."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=blocks.shape[1],
+        logits_all=True,
+        verbose=False,
+        n_threads=torch.get_num_threads(),
+        flash_attn=False,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+    )
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        logits = []
+        for ids in batch.tolist():
+            llm.reset()
+            llm.eval(ids)
+            logits.append(torch.from_numpy(llm.scores[: len(ids)].copy()))  # (S, V)
+        return torch.stack(logits)  # (B, S, V)
+
+    try:
+        return perplexity_of(forward, blocks)
+    finally:
+        llm.close()
+
+
+def exported_ppl(model_dir: str, budget: float, uniform: bool, blocks: torch.Tensor) -> tuple[str, float]:
+    """The budget through `flextron export`, as a user runs it, and an implementation this
+    project did not write: transformers on the Hugging Face export of a uniform configuration;
+    llama.cpp on the f32 GGUF export of a per-layer one (Hugging Face's Llama classes have one
+    size for every layer)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "export"
+        if uniform:
+            export_cli(model_dir, budget, out, "hf")
+            return "transformers", hf_ppl(out, blocks)
+        export_cli(model_dir, budget, out, "gguf", "--gguf-type", "f32")
+        return "llama.cpp", llama_cpp_ppl(next(out.glob("*.gguf")), blocks)
+
+
+def export_cli(model_dir: str, budget: float, out: Path, format: str, *extra: str) -> None:
+    """`flextron export --format FORMAT`, as a user runs it."""
     command = [
         sys.executable,
         "-m",
@@ -82,7 +128,8 @@ def export_cli(model_dir: str, budget: float, out: Path) -> None:
         "--budget",
         f"{budget:g}",
         "--format",
-        "hf",
+        format,
+        *extra,
         "--out",
         str(out),
     ]
@@ -146,11 +193,9 @@ def main(argv: list[str] | None = None) -> None:
             "parameters": model.num_parameters(arch),
             "flextron": flextron_ppl(model, blocks, arch),
         }
-        with tempfile.TemporaryDirectory() as scratch:
-            export_cli(args.model, budget, Path(scratch) / "export")
-            row["hf"] = hf_ppl(Path(scratch) / "export", blocks)
-        row["agreement"] = abs(row["hf"] / row["flextron"] - 1)
-        row["ratio"] = row["hf"] / dense
+        row["exported_by"], row["exported"] = exported_ppl(args.model, budget, arch.is_uniform, blocks)
+        row["agreement"] = abs(row["exported"] / row["flextron"] - 1)
+        row["ratio"] = row["exported"] / dense
         if budget < 1.0:
             from flextron.config import arch_for_budget
 
@@ -207,14 +252,14 @@ def format_table(rows: list[dict], dense: float) -> str:
 
     lines = [
         f"dense (transformers): {dense:.2f}",
-        "| budget | params | flextron | HF export | vs dense | target | rule (untrained) | chosen "
+        "| budget | params | flextron | export (run by) | vs dense | target | rule (untrained) | chosen "
         "(untrained) | baseline a | baseline b |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['budget']:g} | {row['parameters'] / 1e6:.1f}M | {row['flextron']:.1f} | "
-            f"{row['hf']:.1f} | "
+            f"{row['exported']:.1f} ({row['exported_by']}) | "
             f"{row['ratio']:.2f}x | {row['target']}x | {cell(row, 'rule')} | {cell(row, 'chosen')} | "
             f"{cell(row, 'baseline_a')} | {cell(row, 'baseline_b')} |"
         )
@@ -231,7 +276,9 @@ def plot(rows: list[dict], dense: float, path: str) -> None:
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     millions = [r["parameters"] / 1e6 for r in rows]
-    axes.plot(millions, [r["hf"] for r in rows], "o-", label="Flextron (HF export, transformers)")
+    axes.plot(
+        millions, [r["exported"] for r in rows], "o-", label="Flextron (export: transformers / llama.cpp)"
+    )
     axes.plot(millions, [r["flextron"] for r in rows], "x", color="k", label="Flextron (flextron)")
     for key, style, label in (
         ("chosen", "s--", "quality-aware choice, untrained"),

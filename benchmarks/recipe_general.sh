@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The general-English recipe on the embedded SmolLM2-135M-Instruct, end to end:
 #
-#   bash benchmarks/recipe_general.sh                 # OUT=runs/recipe STEPS=160
+#   bash benchmarks/recipe_general.sh                 # OUT=runs/recipe STEPS=600
 #   STOP_AFTER=40 bash benchmarks/recipe_general.sh   # in slices: rerun until it prints the table
 #
 #   1. corpus     make corpus (Debian packages -> data/general: ~9.3M training tokens + held-out)
@@ -15,11 +15,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/recipe}
-STEPS=${STEPS:-160}
+STEPS=${STEPS:-600}
 STOP_AFTER=${STOP_AFTER:-0}
 PY=${PYTHON:-.venv/bin/python}
 TRAIN=(--data data/general/train --seq-len 256 --batch-size 4 --lr 1e-4 --freeze-embeddings
-       --eval-every 0 --save-every 20 --val-blocks 4)
+       --eval-every 0 --save-every 50 --val-blocks 4)
 
 stamp() { echo "[$(date +%H:%M:%S)] $*"; }
 
@@ -48,7 +48,7 @@ if [[ ! -f $OUT/converted/config.json ]]; then
       --samples 32 --seq-len 256 --budget-samples 8 --budgets 0.25,0.5,0.75
 fi
 stamp "train: $STEPS steps"
-train_run "$OUT/train" "$STEPS" || { stamp "slice done: rerun to continue"; exit 0; }
+train_run "$OUT/train" "$STEPS" --p-full 0.2 || { stamp "slice done: rerun to continue"; exit 0; }
 for budget in 0.75 0.5 0.25; do
   stamp "baseline (b) at $budget: $((STEPS / 3)) steps"
   train_run "$OUT/baseline-b/b$budget" $((STEPS / 3)) --p-full 0 --budgets "$budget" \

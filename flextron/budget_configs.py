@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from flextron.atomic_files import write_json_atomic
-from flextron.cliargs import option, parse_budgets, positive_int
+from flextron.cliargs import non_negative_int, option, parse_budgets, positive_int
 from flextron.config import (
     DEFAULT_BUDGETS,
     ArchConfig,
@@ -56,8 +56,16 @@ class CalibrationConfig:
     budgets: tuple[float, ...] = option(
         DEFAULT_BUDGETS, "budgets whose configurations are chosen by calibration loss", type=parse_budgets
     )
+    layer_levels: int = option(
+        8,
+        "MLP widths measured per layer to search per-layer configurations (0: uniform "
+        "configurations only, which every export format can hold)",
+        type=non_negative_int,
+    )
 
     def __post_init__(self) -> None:
+        if self.layer_levels < 0:
+            raise ValueError(f"CalibrationConfig.layer_levels must be >= 0, got {self.layer_levels}")
         for name in ("seq_len", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"CalibrationConfig.{name} must be positive, got {getattr(self, name)}")

@@ -1,5 +1,7 @@
-"""Choosing each budget's configuration: measure every candidate that fits the budget
-(flextron.budget_configs.candidate_archs) on calibration blocks and keep the lowest loss.
+"""Choosing each budget's configuration: measure every candidate that fits the budget on
+calibration blocks and keep the lowest loss.  Candidates: the uniform ones
+(flextron.budget_configs.candidate_archs) and, with CalibrationConfig.layer_levels, the
+per-layer allocation of flextron.layer_search.
 
 Apart from flextron.budget_configs because measuring needs the model and the evaluation
 loop, while the saved choices are read by the model itself: kept together they would form
@@ -13,9 +15,10 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from flextron.budget_configs import BudgetConfigs, CalibrationConfig, candidate_archs
+from flextron.budget_configs import BudgetConfigs, CalibrationConfig, candidate_archs, weight_limit
 from flextron.config import ArchConfig
 from flextron.evaluate import perplexity
+from flextron.layer_search import allocate, measure_layer_sensitivity
 from flextron.model import FlextronModel
 
 
@@ -38,10 +41,18 @@ def choose_budget_configs(
 
     source: where the calibration text came from (recorded in the file)."""
     calibration = config or CalibrationConfig()
+    sensitivity = None
+    if calibration.layer_levels:
+        sensitivity = measure_layer_sensitivity(model, blocks, calibration.layer_levels)
     entries = []
     for budget in tqdm(sorted(set(calibration.budgets)), desc="budgets", disable=not progress):
         measured = []
-        for arch in candidate_archs(model.config, budget):
+        candidates = candidate_archs(model.config, budget)
+        if sensitivity is not None:
+            per_layer = allocate(model.config, sensitivity, weight_limit(model.config, budget))
+            if per_layer is not None and per_layer not in candidates:
+                candidates.append(per_layer)
+        for arch in candidates:
             loss = calibration_loss(model, blocks, arch, calibration.batch_size)
             measured.append({"arch": arch.to_dict(), "loss": loss, "parameters": model.num_parameters(arch)})
         rule = measured[0]
@@ -56,6 +67,7 @@ def choose_budget_configs(
                 "candidates": measured,
             }
         )
-    return BudgetConfigs(
-        entries, {"source": source, "blocks": int(blocks.shape[0]), "seq_len": int(blocks.shape[1])}
-    )
+    source_info = {"source": source, "blocks": int(blocks.shape[0]), "seq_len": int(blocks.shape[1])}
+    if sensitivity is not None:
+        source_info["layer_sensitivity"] = sensitivity.to_dict()
+    return BudgetConfigs(entries, source_info)

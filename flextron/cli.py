@@ -36,7 +36,7 @@ from flextron.cliargs import (
     positive_float,
     positive_int,
 )
-from flextron.config import REPORTED_BUDGETS
+from flextron.config import REPORTED_BUDGETS, ArchConfig
 from flextron.demo import DemoConfig
 from flextron.export import DEFAULT_MAX_SHARD_SIZE
 from flextron.export import FORMATS as EXPORT_FORMATS
@@ -224,10 +224,7 @@ def info(args: argparse.Namespace) -> None:
     print(f"converted (importance scores present): {bool(model.importance)}")
     for budget in args.budgets:
         arch = model.arch_for_budget(budget)
-        print(
-            f"budget {budget:g}: MLP {arch.mlp_widths[0]}, heads {arch.heads[0]}, "
-            f"{model.num_parameters(arch) / 1e6:.1f}M parameters"
-        )
+        print(f"budget {budget:g}: {arch.summary()}, {model.num_parameters(arch) / 1e6:.1f}M parameters")
     print("kernels:", {name: ops.backends(name) for name in ops.OP_NAMES})
 
 
@@ -251,7 +248,7 @@ def info(args: argparse.Namespace) -> None:
 def convert(args: argparse.Namespace) -> None:
     from flextron.checkpoint import save_pretrained
     from flextron.convert import convert as convert_model
-    from flextron.data import load_blocks
+    from flextron.data import evenly_spaced, load_blocks
     from flextron.outputs import check_output_dir, staged_output
 
     config = config_from_args(CalibrationConfig, args)
@@ -263,7 +260,7 @@ def convert(args: argparse.Namespace) -> None:
     print(f"calibrating on {blocks.shape[0]} x {blocks.shape[1]} tokens", file=sys.stderr)
     convert_model(model, blocks, config)
     if args.budget_samples > 0:
-        _choose_budgets(model, blocks[: args.budget_samples], config, args.calib)
+        _choose_budgets(model, evenly_spaced(blocks, args.budget_samples), config, args.calib)
     with staged_output(args.out, args.overwrite) as staged:
         save_pretrained(model, staged)
     print(f"saved the converted model (and importance.safetensors) to {args.out}")
@@ -275,12 +272,7 @@ def _choose_budgets(model, blocks, config: CalibrationConfig, source: str) -> No
     print(f"choosing budget configurations on {blocks.shape[0]} x {blocks.shape[1]} tokens", file=sys.stderr)
     model.budget_configs = choose_budget_configs(model, blocks, config, source)
     for entry in model.budget_configs.entries:
-        arch = entry["arch"]
-        shape = (
-            f"MLP {arch['mlp_widths'][0]}, heads {arch['heads'][0]}"
-            if len(set(arch["mlp_widths"])) == 1
-            else "per-layer"
-        )
+        shape = ArchConfig.from_dict(entry["arch"]).summary()
         print(
             f"budget {entry['budget']:g}: {shape}, {entry['parameters'] / 1e6:.1f}M parameters, "
             f"calibration loss {entry['loss']:.3f} (fixed rule {entry['rule_loss']:.3f})"

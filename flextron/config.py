@@ -354,6 +354,15 @@ class ArchConfig:
     def is_uniform(self) -> bool:
         return len(set(self.mlp_widths)) <= 1 and len(set(self.heads)) <= 1
 
+    def summary(self) -> str:
+        """One line for people: "MLP 704, heads 6", or the ranges of a per-layer configuration."""
+        if self.is_uniform:
+            return f"MLP {self.mlp_widths[0]}, heads {self.heads[0]}"
+        return (
+            f"per-layer MLP {min(self.mlp_widths)}-{max(self.mlp_widths)}, "
+            f"heads {min(self.heads)}-{max(self.heads)}"
+        )
+
     def to_dict(self) -> dict[str, list[int]]:
         return {"mlp_widths": list(self.mlp_widths), "heads": list(self.heads)}
 
@@ -391,7 +400,7 @@ def check_budget(budget: float) -> float:
     return float(budget)
 
 
-def _attention_weights(config: ModelConfig, heads: int) -> int:
+def attention_weights(config: ModelConfig, heads: int) -> int:
     # q, k, v, o weight entries of one layer running `heads` query heads (whole groups).
     q_out = heads * config.head_dim
     kv_out = math.ceil(heads / config.group_size) * config.head_dim
@@ -412,9 +421,9 @@ def arch_for_budget(config: ModelConfig, budget: float) -> ArchConfig:
     widths, head_counts = [], []
     for layer in range(config.num_layers):
         heads = _nearest(config.head_choices(layer), budget * config.layer_heads(layer))
-        full = _attention_weights(config, config.layer_heads(layer))
+        full = attention_weights(config, config.layer_heads(layer))
         full += 3 * config.hidden_size * config.layer_intermediate_size(layer)
-        mlp_share = budget * full - _attention_weights(config, heads)
+        mlp_share = budget * full - attention_weights(config, heads)
         widths.append(_nearest(config.mlp_choices(layer), mlp_share / (3 * config.hidden_size)))
         head_counts.append(heads)
     return ArchConfig(tuple(widths), tuple(head_counts))
@@ -423,7 +432,7 @@ def arch_for_budget(config: ModelConfig, budget: float) -> ArchConfig:
 def layer_weights(config: ModelConfig, arch: ArchConfig) -> int:
     """Attention and MLP weight entries of the layers that `arch` runs (what a budget counts)."""
     return sum(
-        _attention_weights(config, heads) + 3 * config.hidden_size * width
+        attention_weights(config, heads) + 3 * config.hidden_size * width
         for width, heads in zip(arch.mlp_widths, arch.heads, strict=True)
     )
 

@@ -152,9 +152,15 @@ def pack(ids: torch.Tensor, block_size: int, max_blocks: int | None = None) -> t
     if num_blocks == 0:
         raise ValueError(f"only {ids.numel()} tokens: not enough text for one block of {block_size}")
     blocks = ids[: num_blocks * block_size].view(num_blocks, block_size)
-    if max_blocks is not None and max_blocks < num_blocks:
-        blocks = blocks[torch.linspace(0, num_blocks - 1, max_blocks).round().long()]
-    return blocks
+    return blocks if max_blocks is None else evenly_spaced(blocks, max_blocks)
+
+
+def evenly_spaced(blocks: torch.Tensor, count: int) -> torch.Tensor:
+    """At most `count` of blocks (N, S), evenly spaced: a sample covers all of them, not just
+    the first ones."""
+    if count >= blocks.shape[0]:
+        return blocks
+    return blocks[torch.linspace(0, blocks.shape[0] - 1, count).round().long()]
 
 
 def load_blocks(

@@ -23,7 +23,7 @@ from flextron.checkpoint import save_pretrained
 from flextron.cliargs import non_negative_int, option, parse_budgets, positive_int
 from flextron.config import REPORTED_BUDGETS
 from flextron.convert import convert
-from flextron.data import load_blocks
+from flextron.data import evenly_spaced, load_blocks
 from flextron.evaluate import archs_for_budgets, evaluate_archs, format_table, write_results
 from flextron.generate import generate_text
 from flextron.loading import load_default
@@ -126,7 +126,7 @@ def _convert(model, config: DemoConfig, train_text: str | Path, step: Callable[[
     convert(model, blocks, calibration)
     step("choosing each budget's configuration by calibration loss (flextron.budget_configs)")
     model.budget_configs = choose_budget_configs(
-        model, blocks[:BUDGET_SAMPLES], calibration, source=str(train_text)
+        model, evenly_spaced(blocks, BUDGET_SAMPLES), calibration, source=str(train_text)
     )
 
 

@@ -83,7 +83,10 @@ def export_hf(
 ) -> None:
     """Write a uniform sub-network as a Hugging Face directory of its family's class."""
     if not arch.is_uniform:
-        raise ValueError("a Hugging Face export needs a uniform configuration; export flextron or gguf")
+        raise ValueError(
+            "a Hugging Face export needs a uniform configuration: export flextron or gguf, or keep "
+            "uniform budget configurations (`flextron choose-budgets --layer-levels 0`)"
+        )
     small = slice_model(model, arch, dtype)
     hf_config = small.config.to_hf()  # raises for what the family's config cannot express
     weights_dtype = small.embed_tokens.weight.dtype

@@ -208,11 +208,12 @@ class FlextronModel(nn.Module):
             )
         if kv_cache is not None:
             kv_cache.length = end
-        if last_only:
-            x = x[:, -1:]
-        x = self.norm(x)
+        return self.logits(x[:, -1:] if last_only else x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The last layer's output (B, T, D) -> logits (B, T, V): final norm, then the head."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return ops.nested_linear(x, weight)  # (B, T, V); few-row (decode) kernel on CPU
+        return ops.nested_linear(self.norm(hidden), weight)  # few-row (decode) kernel on CPU
 
     # ---- construction from weights
 

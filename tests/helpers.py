@@ -63,12 +63,15 @@ def assert_matches_reference(
 def assert_as_accurate_as_torch(
     ours: torch.Tensor, theirs: torch.Tensor, exact: torch.Tensor, floor: float
 ) -> None:
-    """Every dtype: max |ours - exact| <= 2 max |theirs - exact| + floor, where `theirs` is
-    PyTorch at our precision and `exact` a float64 reference of the same shape."""
+    """Every dtype: max |ours - exact| <= 2 max |theirs - exact| + floor + 4 ulps of the largest
+    |exact|, where `theirs` is PyTorch at our precision and `exact` a float64 reference of the
+    same shape.  The ulps: outputs near 50 are a few fp32 ulps (4e-6 each) off in any summation
+    order, and PyTorch's own error depends on which of its paths the layout picks."""
     assert ours.shape == exact.shape and ours.dtype == theirs.dtype
     our_err = (ours.double() - exact).abs().max().item()
     their_err = (theirs.double() - exact).abs().max().item()
-    assert our_err <= 2 * their_err + floor, (our_err, their_err)
+    ulps = 4 * torch.finfo(ours.dtype).eps * exact.abs().max().item()
+    assert our_err <= 2 * their_err + floor + ulps, (our_err, their_err, ulps)
 
 
 def assert_logits_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:

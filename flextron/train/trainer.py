@@ -162,7 +162,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
 def validate(
     model: torch.nn.Module, blocks: torch.Tensor, config: TrainConfig, flextron: FlextronModel
 ) -> dict[str, float]:
-    """Perplexity {"1": ..., "0.5": ...} of the uniform configuration at each eval budget."""
+    """Perplexity {"1": ..., "0.5": ...} of each eval budget's configuration (model.arch_for_budget)."""
     return {
         f"{budget:g}": perplexity(model, blocks, flextron.arch_for_budget(budget), config.eval_batch_size)[0]
         for budget in config.eval_budgets
