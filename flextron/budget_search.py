@@ -43,7 +43,7 @@ def choose_budget_configs(
     calibration = config or CalibrationConfig()
     sensitivity = None
     if calibration.layer_levels:
-        sensitivity = measure_layer_sensitivity(model, blocks, calibration.layer_levels)
+        sensitivity = measure_layer_sensitivity(model, blocks, calibration.layer_levels, progress)
     entries = []
     for budget in tqdm(sorted(set(calibration.budgets)), desc="budgets", disable=not progress):
         measured = []

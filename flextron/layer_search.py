@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from flextron.config import ArchConfig, ModelConfig, attention_weights
 from flextron.data import evenly_spaced
@@ -79,7 +80,7 @@ def measured_widths(config: ModelConfig, layer: int, levels: int) -> list[int]:
 
 @torch.no_grad()
 def measure_layer_sensitivity(
-    model: FlextronModel, blocks: torch.Tensor, levels: int = 8
+    model: FlextronModel, blocks: torch.Tensor, levels: int = 8, progress: bool = False
 ) -> LayerSensitivity:
     """Each layer's loss increases on blocks (N, S), measured one layer at a time."""
     config, full = model.config, model.full_arch()
@@ -101,7 +102,7 @@ def measure_layer_sensitivity(
         x = layer(x, cos, sin, full.mlp_widths[index], full.heads[index], kv_cache=None, layer=index)
     base = float(next_token_cross_entropy(model.logits(x), blocks))
     mlp, heads = [], []
-    for layer in range(config.num_layers):
+    for layer in tqdm(range(config.num_layers), desc="layer sensitivity", disable=not progress):
 
         def narrowed(width: int, head_count: int, layer: int = layer) -> ArchConfig:
             widths, counts = list(full.mlp_widths), list(full.heads)
