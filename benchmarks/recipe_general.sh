@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/recipe_general.sh                 # OUT=runs/recipe STEPS=600
 #   STOP_AFTER=40 bash benchmarks/recipe_general.sh   # in slices: rerun until it prints the table
+#   TRAIN_FLAGS="--device cuda --bf16" bash benchmarks/recipe_general.sh   # on a GPU
 #
 #   1. corpus     make corpus (Debian packages -> data/general: ~9.3M training tokens + held-out)
 #   2. convert    importance ranking and the budgets' configurations chosen on general text
@@ -18,6 +19,7 @@ OUT=${OUT:-runs/recipe}
 STEPS=${STEPS:-600}
 STOP_AFTER=${STOP_AFTER:-0}
 PY=${PYTHON:-.venv/bin/python}
+read -ra TRAIN_FLAGS <<< "${TRAIN_FLAGS:-}"  # extra `flextron train` options for every run
 TRAIN=(--data data/general/train --seq-len 256 --batch-size 4 --lr 1e-4 --freeze-embeddings
        --eval-every 0 --save-every 50 --val-blocks 4)
 
@@ -31,7 +33,7 @@ train_run() {
   [[ -f $out/checkpoints/latest.json ]] && resume=(--resume)
   [[ $STOP_AFTER -gt 0 ]] && slice=(--stop-after "$STOP_AFTER")
   "$PY" -m flextron train --model "$OUT/converted" --out "$out" --steps "$steps" --warmup-steps 8 \
-      "${TRAIN[@]}" "$@" "${resume[@]}" "${slice[@]}" || exit 1
+      "${TRAIN[@]}" "${TRAIN_FLAGS[@]}" "$@" "${resume[@]}" "${slice[@]}" || exit 1
   "$PY" - "$out" "$steps" <<'EOF'
 import json, sys
 latest = json.load(open(f"{sys.argv[1]}/checkpoints/latest.json"))
