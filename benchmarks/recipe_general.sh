@@ -5,11 +5,13 @@
 #   STOP_AFTER=40 bash benchmarks/recipe_general.sh   # in slices: rerun until it prints the table
 #   TRAIN_FLAGS="--device cuda --bf16" bash benchmarks/recipe_general.sh   # on a GPU
 #
+#   OUT, STEPS, P_FULL, STOP_AFTER and TRAIN_FLAGS are read from the environment.
+#
 #   1. corpus     make corpus (Debian packages -> data/general: ~9.3M training tokens + held-out)
 #   2. convert    importance ranking and the budgets' configurations chosen on general text
 #   3. train      elastic distillation: STEPS x 4 blocks x 256 tokens, budgets 0.25/0.5/0.75
 #   4. baselines  (b): one pruned-and-distilled run per budget, STEPS/3 steps each (equal share)
-#   5. bench      benchmarks/bench_quality.py (flextron and the transformers export, baselines)
+#   5. bench      benchmarks/bench_quality.py (flextron, the export in transformers/llama.cpp, baselines)
 #
 # Every stage skips what is done, and training resumes, so the recipe can be run in slices of
 # STOP_AFTER steps.  Timings on the 2-core machine: docs/quality.md.
@@ -17,6 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/recipe}
 STEPS=${STEPS:-600}
+P_FULL=${P_FULL:-0.2}  # the share of Flextron steps that train the full model
 STOP_AFTER=${STOP_AFTER:-0}
 PY=${PYTHON:-.venv/bin/python}
 read -ra TRAIN_FLAGS <<< "${TRAIN_FLAGS:-}"  # extra `flextron train` options for every run
@@ -50,7 +53,7 @@ if [[ ! -f $OUT/converted/config.json ]]; then
       --samples 32 --seq-len 256 --budget-samples 8 --budgets 0.25,0.5,0.75
 fi
 stamp "train: $STEPS steps"
-train_run "$OUT/train" "$STEPS" --p-full 0.2 || { stamp "slice done: rerun to continue"; exit 0; }
+train_run "$OUT/train" "$STEPS" --p-full "$P_FULL" || { stamp "slice done: rerun to continue"; exit 0; }
 for budget in 0.75 0.5 0.25; do
   stamp "baseline (b) at $budget: $((STEPS / 3)) steps"
   train_run "$OUT/baseline-b/b$budget" $((STEPS / 3)) --p-full 0 --budgets "$budget" \
