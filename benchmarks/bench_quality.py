@@ -10,10 +10,12 @@ flextron/corpus.py), disjoint from every training set (13-gram decontamination).
 over `--blocks` x `--seq-len` tokens, evenly spaced over it.  Rows, per budget:
 
   flextron     the model at the budget, run by flextron
-  exported     the same budget through `flextron export`, run by an implementation this project
-               did not write: transformers.AutoModelForCausalLM on the Hugging Face export of a
-               uniform configuration, llama.cpp on the f32 GGUF export of a per-layer one; the
-               two must agree
+  exported     the same budget through `flextron export --format hf`, run by an implementation
+               this project did not write, transformers.AutoModelForCausalLM (a per-layer
+               configuration is exported with --pad-layers: zero-padded to its widest layer, the
+               same function); the two must agree
+  llama_cpp    a per-layer configuration also through `flextron export --format gguf` (f32, its
+               own sizes per layer), run by llama.cpp
   dense        the original model (the GGUF, through transformers) - the ratios' denominator
   rule / chosen  the converted, untrained model at the fixed rule's configuration and at the
                quality-aware choice (budget_configs.json): the choice must win before training
@@ -102,18 +104,19 @@ def llama_cpp_ppl(path: Path, blocks: torch.Tensor) -> float:
         llm.close()
 
 
-def exported_ppl(model_dir: str, budget: float, uniform: bool, blocks: torch.Tensor) -> tuple[str, float]:
-    """The budget through `flextron export`, as a user runs it, and an implementation this
-    project did not write: transformers on the Hugging Face export of a uniform configuration;
-    llama.cpp on the f32 GGUF export of a per-layer one (Hugging Face's Llama classes have one
-    size for every layer)."""
+def exported_ppl(model_dir: str, budget: float, uniform: bool, blocks: torch.Tensor) -> dict[str, float]:
+    """The budget through `flextron export`, as a user runs it, and implementations this project
+    did not write: {"transformers": the Hugging Face export (a per-layer configuration
+    zero-padded, as Hugging Face's Llama has one size for every layer), "llama.cpp": the f32
+    GGUF export of a per-layer configuration at its own sizes}."""
     with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch) / "export"
-        if uniform:
-            export_cli(model_dir, budget, out, "hf")
-            return "transformers", hf_ppl(out, blocks)
-        export_cli(model_dir, budget, out, "gguf", "--gguf-type", "f32")
-        return "llama.cpp", llama_cpp_ppl(next(out.glob("*.gguf")), blocks)
+        hf_dir, gguf_dir = Path(scratch) / "hf", Path(scratch) / "gguf"
+        export_cli(model_dir, budget, hf_dir, "hf", *([] if uniform else ["--pad-layers"]))
+        measured = {"transformers": hf_ppl(hf_dir, blocks)}
+        if not uniform:
+            export_cli(model_dir, budget, gguf_dir, "gguf", "--gguf-type", "f32")
+            measured["llama.cpp"] = llama_cpp_ppl(next(gguf_dir.glob("*.gguf")), blocks)
+        return measured
 
 
 def export_cli(model_dir: str, budget: float, out: Path, format: str, *extra: str) -> None:
@@ -193,8 +196,11 @@ def main(argv: list[str] | None = None) -> None:
             "parameters": model.num_parameters(arch),
             "flextron": flextron_ppl(model, blocks, arch),
         }
-        row["exported_by"], row["exported"] = exported_ppl(args.model, budget, arch.is_uniform, blocks)
-        row["agreement"] = abs(row["exported"] / row["flextron"] - 1)
+        measured = exported_ppl(args.model, budget, arch.is_uniform, blocks)
+        row["exported"] = measured["transformers"]
+        if "llama.cpp" in measured:
+            row["llama_cpp"] = measured["llama.cpp"]
+        row["agreement"] = max(abs(ppl / row["flextron"] - 1) for ppl in measured.values())
         row["ratio"] = row["exported"] / dense
         if budget < 1.0:
             from flextron.config import arch_for_budget
@@ -252,14 +258,15 @@ def format_table(rows: list[dict], dense: float) -> str:
 
     lines = [
         f"dense (transformers): {dense:.2f}",
-        "| budget | params | flextron | export (run by) | vs dense | target | rule (untrained) | chosen "
-        "(untrained) | baseline a | baseline b |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| budget | params | flextron | HF export (transformers) | GGUF export (llama.cpp) | vs dense "
+        "| target | rule (untrained) | chosen (untrained) | baseline a | baseline b |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        llama_cpp = f"{row['llama_cpp']:.1f}" if "llama_cpp" in row else "-"
         lines.append(
             f"| {row['budget']:g} | {row['parameters'] / 1e6:.1f}M | {row['flextron']:.1f} | "
-            f"{row['exported']:.1f} ({row['exported_by']}) | "
+            f"{row['exported']:.1f} | {llama_cpp} | "
             f"{row['ratio']:.2f}x | {row['target']}x | {cell(row, 'rule')} | {cell(row, 'chosen')} | "
             f"{cell(row, 'baseline_a')} | {cell(row, 'baseline_b')} |"
         )
@@ -276,9 +283,7 @@ def plot(rows: list[dict], dense: float, path: str) -> None:
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     millions = [r["parameters"] / 1e6 for r in rows]
-    axes.plot(
-        millions, [r["exported"] for r in rows], "o-", label="Flextron (export: transformers / llama.cpp)"
-    )
+    axes.plot(millions, [r["exported"] for r in rows], "o-", label="Flextron (HF export in transformers)")
     axes.plot(millions, [r["flextron"] for r in rows], "x", color="k", label="Flextron (flextron)")
     for key, style, label in (
         ("chosen", "s--", "quality-aware choice, untrained"),

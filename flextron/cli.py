@@ -476,6 +476,12 @@ def generate(args: argparse.Namespace) -> None:
         "--gguf-type", choices=("f32", "f16", "bf16", "q8_0"), default=None, help="gguf weights (default f16)"
     ),
     arg(
+        "--pad-layers",
+        action="store_true",
+        help="hf: hold a per-layer configuration by zero-padding every layer to the widest "
+        "(same outputs; stores the zeros)",
+    ),
+    arg(
         "--eval-blocks",
         type=non_negative_int,
         default=0,
@@ -515,8 +521,11 @@ def export(args: argparse.Namespace) -> None:
             max_shard_size=args.max_shard_size,
             gguf_type=args.gguf_type,
             card=card,
+            pad_layers=args.pad_layers,
         )
-    print(f"exported a {model.num_parameters(arch) / 1e6:.1f}M-parameter sub-network as {used} to {args.out}")
+    size = f"{model.num_parameters(arch) / 1e6:.1f}M-parameter"
+    padded = " (zero-padded to its widest layer)" if args.pad_layers and not arch.is_uniform else ""
+    print(f"exported a {size} sub-network as {used}{padded} to {args.out}")
 
 
 # ---- latency table and routers

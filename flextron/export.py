@@ -4,8 +4,9 @@ Formats, each with a README.md model card:
 - "hf": a Hugging Face directory for the source family's class (LlamaForCausalLM,
   MistralForCausalLM or Qwen2ForCausalLM): config.json with an explicit head_dim
   (hidden_size / num_attention_heads no longer gives it), safetensors (sharded, with an
-  index, above max_shard_size), generation_config.json and the tokenizer.  Uniform
-  configurations only: these classes have one MLP width and head count for all layers.
+  index, above max_shard_size), generation_config.json and the tokenizer.  These classes have
+  one MLP width and head count for all layers: a per-layer configuration needs pad_layers,
+  which zero-pads every layer to the widest (the same function, more stored weights).
 - "flextron": a Flextron directory whose config lists each layer's sizes; any configuration;
   `flextron.checkpoint.load_pretrained` loads it.
 - "gguf": one llama.cpp file (flextron.export_gguf); per-layer sizes allowed.
@@ -29,7 +30,7 @@ from flextron.checkpoint import save_pretrained
 from flextron.config import ArchConfig
 from flextron.model import FlextronModel
 from flextron.model_card import ModelCard, dtype_name, write_model_card
-from flextron.slicing import slice_model
+from flextron.slicing import pad_to_widest_layer, slice_model
 
 FORMATS = ("auto", "hf", "flextron", "gguf")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,14 +81,18 @@ def export_hf(
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     card: ModelCard | None = None,
+    *,
+    pad_layers: bool = False,
 ) -> None:
-    """Write a uniform sub-network as a Hugging Face directory of its family's class."""
-    if not arch.is_uniform:
+    """Write a sub-network as a Hugging Face directory of its family's class: a uniform one as
+    it is, a per-layer one (with pad_layers) zero-padded to its widest layer."""
+    if not arch.is_uniform and not pad_layers:
         raise ValueError(
-            "a Hugging Face export needs a uniform configuration: export flextron or gguf, or keep "
-            "uniform budget configurations (`flextron choose-budgets --layer-levels 0`)"
+            "a Hugging Face export needs a uniform configuration: pass --pad-layers (zero-padded to "
+            "the widest layer, same outputs), export flextron or gguf, or keep uniform budget "
+            "configurations (`flextron choose-budgets --layer-levels 0`)"
         )
-    small = slice_model(model, arch, dtype)
+    small = slice_model(model, arch, dtype) if arch.is_uniform else pad_to_widest_layer(model, arch, dtype)
     hf_config = small.config.to_hf()  # raises for what the family's config cannot express
     weights_dtype = small.embed_tokens.weight.dtype
     hf_config["torch_dtype"] = dtype_name(weights_dtype)
@@ -140,18 +145,22 @@ def export(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     gguf_type: str | None = None,
     card: ModelCard | None = None,
+    pad_layers: bool = False,
 ) -> str:
     """Export into directory `path` in `format` "hf", "flextron", "gguf" or "auto" (hf when the
     family's class can hold it, else flextron); returns the format used.
 
     dtype: the weights' dtype for hf/flextron (default: the model's); gguf_type: f32, f16,
-    bf16 or q8_0 for gguf (default f16)."""
+    bf16 or q8_0 for gguf (default f16); pad_layers: hf may hold a per-layer configuration,
+    zero-padded to its widest layer."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if format == "auto":
         format = auto_format(model, arch)
     if gguf_type is not None and format != "gguf":
         raise ValueError(f"--gguf-type applies to the gguf format, not {format}")
+    if pad_layers and format != "hf":
+        raise ValueError(f"--pad-layers applies to the hf format, not {format}")
     if format == "gguf":
         if dtype is not None:
             raise ValueError("the gguf format takes --gguf-type (f32, f16, bf16, q8_0), not --dtype")
@@ -159,7 +168,7 @@ def export(
 
         export_gguf(model, arch, path, gguf_type or "f16", card)
     elif format == "hf":
-        export_hf(model, arch, path, dtype, max_shard_size, card)
+        export_hf(model, arch, path, dtype, max_shard_size, card, pad_layers=pad_layers)
     else:
         export_flextron(model, arch, path, dtype, card)
     return format

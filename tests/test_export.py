@@ -1,4 +1,5 @@
-"""Export: uniform sub-networks to Hugging Face Llama, per-layer ones to Flextron directories."""
+"""Export: uniform sub-networks to Hugging Face Llama, per-layer ones to Flextron directories or,
+zero-padded, to Hugging Face Llama."""
 
 from __future__ import annotations
 
@@ -44,6 +45,38 @@ def test_per_layer_export_is_a_flextron_directory(tmp_path) -> None:
     ids = torch.randint(0, 300, (1, 15))
     with torch.no_grad():
         torch.testing.assert_close(small(ids), model(ids, arch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["gqa", "mha-bias-tied"])
+def test_padded_per_layer_export_loads_in_transformers_and_matches(tmp_path, variant: dict) -> None:
+    model = tiny_flextron(**variant)
+    arch = ArchConfig((64, 192), (4, 2))
+    assert export(model, arch, tmp_path, format="hf", pad_layers=True) == "hf"
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["intermediate_size"] == 192 and config["num_attention_heads"] == 4
+    hf = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert hf.num_parameters() == model.num_parameters(ArchConfig.uniform(model.config, 192, 4))
+    layer0 = hf.model.layers[0]
+    assert not layer0.mlp.up_proj.weight[64:].any() and not layer0.mlp.down_proj.weight[:, 64:].any()
+    assert not hf.model.layers[1].self_attn.o_proj.weight[:, 2 * 16 :].any()
+    ids = torch.randint(0, 300, (2, 19))
+    with torch.no_grad():
+        assert_logits_close(hf(ids).logits, model(ids, arch))
+    assert "zero-padded to the widest (MLP 192, 4 heads)" in (tmp_path / "README.md").read_text()
+
+
+def test_export_command_pads_a_per_layer_configuration(tmp_path, capsys) -> None:
+    from flextron.cli import main
+
+    save_pretrained(tiny_flextron(kv_heads=2), tmp_path / "model")
+    (tmp_path / "arch.json").write_text(json.dumps(ArchConfig((64, 192), (4, 2)).to_dict()))
+    common = ["export", "--model", str(tmp_path / "model"), "--arch", str(tmp_path / "arch.json")]
+    common += ["--format", "hf"]
+    assert main([*common, "--out", str(tmp_path / "refused")]) == 2
+    assert "--pad-layers" in capsys.readouterr().err
+    assert main([*common, "--pad-layers", "--out", str(tmp_path / "padded")]) == 0
+    assert "(zero-padded to its widest layer)" in capsys.readouterr().out
+    assert (tmp_path / "padded" / "config.json").is_file()
 
 
 def test_partial_kv_groups_cannot_be_exported(tmp_path) -> None:
@@ -148,6 +181,7 @@ def test_export_command_writes_a_model_card(tmp_path) -> None:
         (dict(format="hf", arch=ArchConfig((64, 192), (4, 2))), "uniform configuration"),
         (dict(format="gguf", dtype=torch.bfloat16), "--gguf-type"),
         (dict(format="hf", gguf_type="q8_0"), "applies to the gguf format"),
+        (dict(format="flextron", pad_layers=True), "applies to the hf format"),
         (dict(format="onnx"), "format must be one of"),
     ],
 )
