@@ -5,12 +5,13 @@
 #   STOP_AFTER=40 bash benchmarks/recipe_general.sh   # in slices: rerun until it prints the table
 #   TRAIN_FLAGS="--device cuda --bf16" bash benchmarks/recipe_general.sh   # on a GPU
 #
-#   OUT, STEPS, P_FULL, STOP_AFTER and TRAIN_FLAGS are read from the environment.
+#   OUT, STEPS, P_FULL, LR, STOP_AFTER and TRAIN_FLAGS are read from the environment.
 #
 #   1. corpus     make corpus (Debian packages -> data/general: ~9.3M training tokens + held-out)
 #   2. convert    importance ranking and the budgets' configurations chosen on general text
-#   3. train      elastic distillation: STEPS x 4 blocks x 256 tokens, budgets 0.25/0.5/0.75
-#   4. baselines  (b): one pruned-and-distilled run per budget, STEPS/3 steps each (equal share)
+#   3. train      elastic distillation: STEPS x 4 blocks x 256 tokens, budgets 0.25/0.5/0.75, and
+#      beside it the baselines (b): one pruned-and-distilled run per budget, STEPS/3 steps each
+#      (equal share), one after the other; the two streams run side by side at one thread each
 #   5. bench      benchmarks/bench_quality.py (flextron, the export in transformers/llama.cpp, baselines)
 #
 # Every stage skips what is done, and training resumes, so the recipe can be run in slices of
@@ -19,12 +20,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/recipe}
 STEPS=${STEPS:-600}
-P_FULL=${P_FULL:-0.2}  # the share of Flextron steps that train the full model
+P_FULL=${P_FULL:-0.05}  # the share of Flextron steps that train the full model
+LR=${LR:-3e-4}  # peak learning rate of every run (Flextron and baselines alike)
 STOP_AFTER=${STOP_AFTER:-0}
 PY=${PYTHON:-.venv/bin/python}
 read -ra TRAIN_FLAGS <<< "${TRAIN_FLAGS:-}"  # extra `flextron train` options for every run
-TRAIN=(--data data/general/train --seq-len 256 --batch-size 4 --lr 1e-4 --freeze-embeddings
-       --eval-every 0 --save-every 50 --val-blocks 4)
+TRAIN=(--data data/general/train --seq-len 256 --batch-size 4 --lr "$LR" --freeze-embeddings
+       --eval-every 0 --save-every 50 --val-blocks 4 --threads 1)
 
 stamp() { echo "[$(date +%H:%M:%S)] $*"; }
 
@@ -52,13 +54,27 @@ if [[ ! -f $OUT/converted/config.json ]]; then
   "$PY" -m flextron convert --model default --out "$OUT/converted" --calib data/general/train \
       --samples 32 --seq-len 256 --budget-samples 8 --budgets 0.25,0.5,0.75
 fi
-stamp "train: $STEPS steps"
-train_run "$OUT/train" "$STEPS" --p-full "$P_FULL" || { stamp "slice done: rerun to continue"; exit 0; }
-for budget in 0.75 0.5 0.25; do
-  stamp "baseline (b) at $budget: $((STEPS / 3)) steps"
-  train_run "$OUT/baseline-b/b$budget" $((STEPS / 3)) --p-full 0 --budgets "$budget" \
-      --eval-budgets "$budget" || { stamp "slice done: rerun to continue"; exit 0; }
-done
+baselines() {
+  for budget in 0.75 0.5 0.25; do
+    stamp "baseline (b) at $budget: $((STEPS / 3)) steps"
+    train_run "$OUT/baseline-b/b$budget" $((STEPS / 3)) --p-full 0 --budgets "$budget" \
+        --eval-budgets "$budget" || return $?
+  done
+}
+# Side by side at one thread each: about 15% more tokens/s in all than one after the other at two
+# threads (docs/training.md#throughput-tokenss-and-share-of-the-gemm-rate).
+stamp "train: $STEPS Flextron steps, the baselines (b) beside them"
+train_run "$OUT/train" "$STEPS" --p-full "$P_FULL" > "$OUT/train.log" 2>&1 &
+flextron=$!
+baselines > "$OUT/baselines.log" 2>&1 &
+baseline=$!
+wait $flextron && flextron_status=0 || flextron_status=$?
+wait $baseline && baseline_status=0 || baseline_status=$?
+if ((flextron_status == 1 || baseline_status == 1)); then
+  stamp "training failed: see $OUT/train.log and $OUT/baselines.log"
+  exit 1
+fi
+((flextron_status || baseline_status)) && { stamp "slice done: rerun to continue"; exit 0; }
 stamp "bench"
 "$PY" benchmarks/bench_quality.py --model "$(final_checkpoint "$OUT/train")" --converted "$OUT/converted" \
     --baseline-b "$OUT/baseline-b"
