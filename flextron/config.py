@@ -350,6 +350,10 @@ class ArchConfig:
             if not 0 < heads <= most:
                 raise ValueError(f"ArchConfig layer {layer}: {heads} heads outside [1, {most}]")
 
+    def widest_layer(self, config: ModelConfig) -> ArchConfig:
+        """The uniform configuration at this one's largest MLP width and head count."""
+        return ArchConfig.uniform(config, max(self.mlp_widths), max(self.heads))
+
     @property
     def is_uniform(self) -> bool:
         return len(set(self.mlp_widths)) <= 1 and len(set(self.heads)) <= 1

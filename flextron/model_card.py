@@ -86,10 +86,10 @@ def model_card(
         f"head dim {model.config.head_dim}) |",
     ]
     if format == "hf" and not arch.is_uniform:  # flextron.slicing.pad_to_widest_layer
-        widest = ArchConfig.uniform(model.config, max(arch.mlp_widths), max(arch.heads))
+        widest = arch.widest_layer(model.config)
         lines.append(
             f"| stored | {model.num_parameters(widest) / 1e6:.1f}M parameters: every layer zero-padded to "
-            f"the widest (MLP {max(arch.mlp_widths)}, {max(arch.heads)} heads); the zeros change no output |"
+            f"the widest (MLP {widest.mlp_widths[0]}, {widest.heads[0]} heads); the zeros change no output |"
         )
     if card.perplexity is not None:
         lines.append(f"| perplexity | {card.perplexity:.3f} on {card.perplexity_data or 'held-out text'} |")

@@ -5,6 +5,7 @@ size for all layers, those prefixes zero-padded to the configuration's widest la
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 
 import torch
 
@@ -35,7 +36,7 @@ def slice_model(model: FlextronModel, arch: ArchConfig, dtype: torch.dtype | Non
             config, layer_intermediate_sizes=list(arch.mlp_widths), layer_num_heads=list(arch.heads)
         )
     weights = dict(model.state_dict())
-    for name, (out_rows, in_cols) in _kept_sizes(model, arch):
+    for name, (out_rows, in_cols) in _kept_sizes(config, arch, weights):
         tensor = weights[name]
         weights[name] = tensor[:out_rows] if out_rows is not None else tensor[:, :in_cols]
     # copy: the export owns its weights (and safetensors wants no shared storage).
@@ -58,11 +59,10 @@ def pad_to_widest_layer(
     the zeros.
     """
     _check_exportable(model.config, arch)
-    envelope = ArchConfig.uniform(model.config, max(arch.mlp_widths), max(arch.heads))
-    padded = slice_model(model, envelope, dtype)
+    padded = slice_model(model, arch.widest_layer(model.config), dtype)
     weights = padded.state_dict()  # shares storage with the parameters
     with torch.no_grad():
-        for name, (out_rows, in_cols) in _kept_sizes(padded, arch):
+        for name, (out_rows, in_cols) in _kept_sizes(padded.config, arch, weights):
             if out_rows is not None:
                 weights[name][out_rows:] = 0
             else:
@@ -79,11 +79,12 @@ def _check_exportable(config: ModelConfig, arch: ArchConfig) -> None:
         )
 
 
-def _kept_sizes(model: FlextronModel, arch: ArchConfig) -> list[tuple[str, tuple[int | None, int | None]]]:
-    """(weight name, (rows kept, None) or (None, columns kept)) of each weight `arch` narrows."""
-    config = model.config
+def _kept_sizes(
+    config: ModelConfig, arch: ArchConfig, names: Collection[str]
+) -> list[tuple[str, tuple[int | None, int | None]]]:
+    """(weight name, (rows kept, None) or (None, columns kept)) of each weight among `names`
+    that `arch` narrows."""
     group, hd = config.group_size, config.head_dim
-    names = set(model.state_dict())
     kept = []
     for index, (width, heads) in enumerate(zip(arch.mlp_widths, arch.heads, strict=True)):
         q_rows, kv_rows = heads * hd, heads // group * hd
