@@ -84,6 +84,14 @@ def parse_budgets(text: str) -> list[float]:
     return budgets
 
 
+def parse_weights(text: str) -> list[float]:
+    """Comma-separated sampling weights, each >= 0, at least one of them positive."""
+    weights = [non_negative_float(part) for part in text.split(",") if part.strip()]
+    if not any(weights):
+        raise argparse.ArgumentTypeError(f"expected comma-separated weights >= 0, not all zero, got {text!r}")
+    return weights
+
+
 # ---- options generated from config dataclasses
 # A config dataclass is the single source of a setting's default, check and help text: its
 # fields declare their command-line option with `option(...)`, and a command adds them with

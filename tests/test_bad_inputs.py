@@ -92,6 +92,7 @@ CASES = [
     ("train-lr-zero", [*TRAIN, "--lr", "0"], "--lr"),
     ("train-lr-nan", [*TRAIN, "--lr", "nan"], "--lr"),
     ("train-p-full", [*TRAIN, "--p-full", "2"], "--p-full"),
+    ("train-budget-weights-negative", [*TRAIN, "--budget-weights", "1,-1,1"], "--budget-weights"),
     ("train-accumulation-zero", [*TRAIN, "--accumulation-steps", "0"], "--accumulation-steps"),
     ("train-val-fraction-one", [*TRAIN, "--val-fraction", "1"], "--val-fraction"),
     ("train-temperature-zero", [*TRAIN, "--temperature", "0"], "--temperature"),

@@ -84,6 +84,8 @@ def test_train_stop_and_resume(converted, tmp_path, capsys) -> None:
         (["--rule", "latency"], "invalid choice: 'latency'"),
         (["--batch-size", "500"], "batch size 500 is larger than the data"),
         (["--p-full", "2"], "--p-full: expected a number in [0, 1]"),
+        (["--budget-weights", "0,0,0"], "--budget-weights: expected comma-separated weights >= 0"),
+        (["--budget-weights", "1,2"], "budget weights [1.0, 2.0] must be one number >= 0 per budget"),
         (["--threads", "0"], "--threads must be >= 1"),
     ],
 )

@@ -1,8 +1,9 @@
 """Sub-network sampling for elastic training: one configuration per micro-batch.
 
 With probability `p_full` the full model; otherwise, by `rule`:
-  "budget": the configuration of a budget drawn from `budgets`, as `arch_for_budget` resolves
-            it (the model's measured choices, flextron.budget_configs; default: the fixed rule);
+  "budget": the configuration of a budget drawn from `budgets` (equally likely, or in the
+            proportions `budget_weights`), as `arch_for_budget` resolves it (the model's
+            measured choices, flextron.budget_configs; default: the fixed rule);
   "random": per layer, an MLP width and a head count drawn independently from the allowed
             choices at or above `min_fraction` of the layer's size;
   "mixed":  "budget" or "random" with equal probability.
@@ -23,6 +24,16 @@ from flextron.config import arch_for_budget as fixed_rule
 RULES = ("budget", "random", "mixed")
 
 
+def check_budget_weights(weights: tuple[float, ...], budgets: tuple[float, ...]) -> tuple[float, ...]:
+    """`weights` as a tuple, or ValueError unless () or one weight >= 0 per budget, not all zero."""
+    weights = tuple(float(w) for w in weights)
+    if weights and (len(weights) != len(budgets) or min(weights) < 0 or not any(weights)):
+        raise ValueError(
+            f"budget weights {list(weights)} must be one number >= 0 per budget {list(budgets)}, not all zero"
+        )
+    return weights
+
+
 class SubnetSampler:
     """Draws the sub-network of micro-batch i: `sample(i) -> ArchConfig`."""
 
@@ -33,6 +44,7 @@ class SubnetSampler:
         *,
         p_full: float = 1 / 3,
         budgets: tuple[float, ...] = DEFAULT_BUDGETS,
+        budget_weights: tuple[float, ...] = (),
         min_fraction: float = 0.25,
         seed: int = 0,
         arch_for_budget: Callable[[float], ArchConfig] | None = None,
@@ -44,6 +56,7 @@ class SubnetSampler:
         if not budgets:
             raise ValueError("budgets must list at least one budget")
         self.budgets = tuple(check_budget(b) for b in budgets)
+        self.budget_weights = check_budget_weights(budget_weights, self.budgets)
         self.min_fraction = check_budget(min_fraction)
         self.config, self.rule, self.p_full, self.seed = config, rule, p_full, seed
         self.arch_for_budget = arch_for_budget or (lambda budget: fixed_rule(config, budget))
@@ -75,7 +88,10 @@ class SubnetSampler:
             return ArchConfig.full(self.config)
         rule = self.rule if self.rule != "mixed" else pick(["budget", "random"])
         if rule == "budget":
-            return self.arch_for_budget(pick(list(self.budgets)))
+            if not self.budget_weights:
+                return self.arch_for_budget(pick(list(self.budgets)))
+            weights = torch.tensor(self.budget_weights, dtype=torch.float64)  # (len(budgets),)
+            return self.arch_for_budget(self.budgets[int(torch.multinomial(weights, 1, generator=generator))])
         return ArchConfig(
             tuple(pick(choices) for choices in self.mlp_choices),
             tuple(pick(choices) for choices in self.head_choices),

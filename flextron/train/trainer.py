@@ -30,6 +30,7 @@ from flextron.cliargs import (
     non_negative_int,
     option,
     parse_budgets,
+    parse_weights,
     positive_float,
     positive_int,
     unit_float,
@@ -42,7 +43,7 @@ from flextron.train.batches import BatchOrder, TrainData
 from flextron.train.distributed import DistContext
 from flextron.train.metrics import MetricsLog, plot_metrics, read_metrics
 from flextron.train.rundir import check_run_dir, clear_run, run_lock
-from flextron.train.sampling import RULES, SubnetSampler
+from flextron.train.sampling import RULES, SubnetSampler, check_budget_weights
 from flextron.train.train_state import (
     RESUME_FIELDS,
     latest_checkpoint,
@@ -52,7 +53,16 @@ from flextron.train.train_state import (
 )
 
 # Settings a resumed run must share with the run it continues, or it would not continue it.
-RESUME_INVARIANTS = ("batch_size", "accumulation_steps", "seed", "rule", "p_full", "budgets", "min_fraction")
+RESUME_INVARIANTS = (
+    "batch_size",
+    "accumulation_steps",
+    "seed",
+    "rule",
+    "p_full",
+    "budgets",
+    "budget_weights",
+    "min_fraction",
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -86,6 +96,9 @@ class TrainConfig:
     budgets: tuple[float, ...] = option(
         DEFAULT_BUDGETS, "budgets the budget rule samples", type=parse_budgets
     )
+    budget_weights: tuple[float, ...] = option(
+        (), "relative sampling weight of each of --budgets, e.g. 2,1,1 (default: equal)", type=parse_weights
+    )
     min_fraction: float = 0.25
     # ---- numerics
     bf16: bool = option(False, "bfloat16 autocast for the student and teacher forward passes")
@@ -106,6 +119,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.p_full must be in [0, 1], got {self.p_full}")
         self.betas = tuple(self.betas)
         self.budgets = tuple(check_budget(b) for b in self.budgets)
+        self.budget_weights = check_budget_weights(self.budget_weights, self.budgets)
         self.eval_budgets = tuple(check_budget(b) for b in self.eval_budgets)
         for name in ("steps", "batch_size", "accumulation_steps", "eval_batch_size"):
             if getattr(self, name) <= 0:
@@ -170,7 +184,9 @@ def validate(
 
 
 def _check_resume(saved: dict[str, Any], config: TrainConfig, num_blocks: int, saved_blocks: int) -> None:
-    changed = [name for name in RESUME_INVARIANTS if saved.get(name) != config.to_dict()[name]]
+    # Through from_dict: a setting newer than the checkpoint counts as its default.
+    saved = TrainConfig.from_dict(saved).to_dict()
+    changed = [name for name in RESUME_INVARIANTS if saved[name] != config.to_dict()[name]]
     if changed:
         raise ValueError(f"cannot resume: these settings differ from the checkpoint's: {changed}")
     if saved_blocks != num_blocks:
@@ -427,6 +443,7 @@ def subnet_sampler(student: FlextronModel, config: TrainConfig) -> SubnetSampler
         config.rule,
         p_full=config.p_full,
         budgets=config.budgets,
+        budget_weights=config.budget_weights,
         min_fraction=config.min_fraction,
         seed=config.seed,
         arch_for_budget=student.arch_for_budget,

@@ -4,6 +4,7 @@ tests/test_objectives.py)."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -78,6 +79,40 @@ def test_sampler_rules_and_full_probability() -> None:
         arch.validate(config)
         assert min(arch.mlp_widths) >= 0.5 * config.intermediate_size
     assert all(SubnetSampler(config, "budget", p_full=1.0).sample(i) == full for i in range(20))
+
+
+def test_budget_weights_set_the_budgets_shares() -> None:
+    config = tiny_flextron().config
+    small, large = arch_for_budget(config, 0.5), arch_for_budget(config, 0.75)
+    sampler = SubnetSampler(config, "budget", p_full=0.0, budgets=(0.5, 0.75), budget_weights=(1, 3))
+    draws = [sampler.sample(i) for i in range(800)]
+    assert set(draws) == {small, large}
+    assert 0.7 < sum(d == large for d in draws) / 800 < 0.8
+    never = SubnetSampler(config, "budget", p_full=0.0, budgets=(0.5, 0.75), budget_weights=(0, 1))
+    assert all(never.sample(i) == large for i in range(50))
+    # No weights: equal shares, the same draws as before weights existed (old runs resume as they were).
+    equal = SubnetSampler(config, "budget", p_full=0.0, budgets=(0.5, 0.75))
+    assert 0.4 < sum(equal.sample(i) == large for i in range(800)) / 800 < 0.6
+
+
+@pytest.mark.parametrize("weights", [(1.0,), (1.0, -1.0), (0.0, 0.0)])
+def test_bad_budget_weights_are_a_clear_error(weights) -> None:
+    with pytest.raises(ValueError, match=r"must be one number >= 0 per budget \[0.5, 0.75\], not all zero"):
+        TrainConfig(budgets=(0.5, 0.75), budget_weights=weights)
+
+
+def test_resume_accepts_a_checkpoint_older_than_budget_weights(tmp_path) -> None:
+    """A run saved before --budget-weights existed resumes with equal weights, and only with them."""
+    student, teacher = student_and_teacher()
+    train(student, teacher, tiny_data(), quick_config(steps=2), tmp_path, progress=False)
+    trainer_json = latest_checkpoint(tmp_path / "checkpoints") / "trainer.json"
+    state = json.loads(trainer_json.read_text())
+    del state["config"]["budget_weights"]
+    trainer_json.write_text(json.dumps(state))
+    train(student, teacher, tiny_data(), quick_config(steps=3), tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"settings differ from the checkpoint's: \['budget_weights'\]"):
+        weighted = quick_config(steps=4, budget_weights=(1, 2, 1))
+        train(student, teacher, tiny_data(), weighted, tmp_path, resume=True, progress=False)
 
 
 def test_unknown_budget_rule_is_a_clear_error() -> None:
