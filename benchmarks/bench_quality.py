@@ -23,13 +23,15 @@ over `--blocks` x `--seq-len` tokens, evenly spaced over it.  Rows, per budget:
                and the widest MLP within the budget's parameters, no training
   baseline_b   a separately pruned-and-distilled model per budget (`flextron train --p-full 0
                --budgets B` from the converted model, with an equal share of the Flextron run's
-               tokens), at the same configuration
+               tokens), at the same configuration; `vs_flextron`: log(its perplexity / Flextron's)
+               and the standard error of that over the blocks (paired: the same blocks)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -43,22 +45,44 @@ from flextron.config import ArchConfig, count_parameters
 from flextron.data import load_blocks
 from flextron.loading import default_gguf_path
 from flextron.model import FlextronModel
-from flextron.objectives import PerplexityMeter
+from flextron.objectives import next_token_cross_entropy
 
 TARGETS = {1.0: 1.03, 0.75: 1.6, 0.5: 3.0, 0.25: 10.0}  # perplexity vs dense, through the HF export
 
 
 @torch.no_grad()
-def perplexity_of(forward, blocks: torch.Tensor, batch_size: int = 4) -> float:
-    """exp(mean next-token loss) of `forward(batch) -> logits` over blocks (N, S)."""
-    meter = PerplexityMeter()
-    for batch in blocks.split(batch_size):
-        meter.add(forward(batch), batch)
-    return meter.perplexity
+def block_losses(forward, blocks: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """The mean next-token loss of each block (N,) of `forward(batch) -> logits` over blocks (N, S)."""
+    return torch.cat(
+        [
+            next_token_cross_entropy(forward(batch), batch, reduction="none").view(len(batch), -1).mean(1)
+            for batch in blocks.split(batch_size)
+        ]
+    )
+
+
+def perplexity_of(forward, blocks: torch.Tensor) -> float:
+    """exp(mean next-token loss) over blocks (N, S); equal-length blocks weigh alike."""
+    return math.exp(block_losses(forward, blocks).mean())
+
+
+def flextron_losses(model: FlextronModel, blocks: torch.Tensor, arch: ArchConfig) -> torch.Tensor:
+    return block_losses(lambda batch: model(batch, arch), blocks)
 
 
 def flextron_ppl(model: FlextronModel, blocks: torch.Tensor, arch: ArchConfig) -> float:
-    return perplexity_of(lambda batch: model(batch, arch), blocks)
+    return math.exp(flextron_losses(model, blocks, arch).mean())
+
+
+def paired_difference(ours: torch.Tensor, theirs: torch.Tensor) -> dict[str, float]:
+    """log(their perplexity / ours) (> 0: ours is better) and its standard error over the
+    blocks, from the per-block losses (N,) of two models on the same blocks: the paired
+    difference cancels what the blocks share (how hard each text is)."""
+    difference = theirs.double() - ours.double()  # (N,)
+    return {
+        "log_ratio": float(difference.mean()),
+        "standard_error": float(difference.std() / len(difference) ** 0.5),
+    }
 
 
 def hf_ppl(directory: str | Path, blocks: torch.Tensor, gguf_file: str | None = None) -> float:
@@ -194,8 +218,9 @@ def main(argv: list[str] | None = None) -> None:
             "budget": budget,
             "arch": arch.to_dict(),
             "parameters": model.num_parameters(arch),
-            "flextron": flextron_ppl(model, blocks, arch),
         }
+        losses = flextron_losses(model, blocks, arch)  # (N,)
+        row["flextron"] = math.exp(losses.mean())
         measured = exported_ppl(args.model, budget, arch.is_uniform, blocks)
         row["exported"] = measured["transformers"]
         if "llama.cpp" in measured:
@@ -229,10 +254,12 @@ def main(argv: list[str] | None = None) -> None:
             if args.baseline_b and (run / "latest.json").is_file():
                 checkpoint = run / json.loads((run / "latest.json").read_text())["path"]
                 trained = load_pretrained(checkpoint)
+                baseline_losses = flextron_losses(trained, blocks, arch)  # (N,)
                 row["baseline_b"] = {
                     "checkpoint": str(checkpoint),
                     "parameters": trained.num_parameters(arch),
-                    "perplexity": flextron_ppl(trained, blocks, arch),
+                    "perplexity": math.exp(baseline_losses.mean()),
+                    "vs_flextron": paired_difference(losses, baseline_losses),
                 }
         row["target"] = TARGETS.get(budget)
         rows.append(row)
@@ -256,11 +283,18 @@ def format_table(rows: list[dict], dense: float) -> str:
     def cell(row: dict, key: str) -> str:
         return f"{row[key]['perplexity']:.1f}" if key in row else "-"
 
+    def versus(row: dict) -> str:
+        """(b)'s perplexity above Flextron's, with one standard error (> 0: Flextron is better)."""
+        if "vs_flextron" not in row.get("baseline_b", {}):
+            return "-"
+        paired = row["baseline_b"]["vs_flextron"]
+        return f"{math.expm1(paired['log_ratio']):+.1%} ± {paired['standard_error']:.1%}"
+
     lines = [
         f"dense (transformers): {dense:.2f}",
         "| budget | params | flextron | HF export (transformers) | GGUF export (llama.cpp) | vs dense "
-        "| target | rule (untrained) | chosen (untrained) | baseline a | baseline b |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| target | rule (untrained) | chosen (untrained) | baseline a | baseline b | b vs flextron |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         llama_cpp = f"{row['llama_cpp']:.1f}" if "llama_cpp" in row else "-"
@@ -268,7 +302,7 @@ def format_table(rows: list[dict], dense: float) -> str:
             f"| {row['budget']:g} | {row['parameters'] / 1e6:.1f}M | {row['flextron']:.1f} | "
             f"{row['exported']:.1f} | {llama_cpp} | "
             f"{row['ratio']:.2f}x | {row['target']}x | {cell(row, 'rule')} | {cell(row, 'chosen')} | "
-            f"{cell(row, 'baseline_a')} | {cell(row, 'baseline_b')} |"
+            f"{cell(row, 'baseline_a')} | {cell(row, 'baseline_b')} | {versus(row)} |"
         )
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@
 #   STOP_AFTER=40 bash benchmarks/recipe_general.sh   # in slices: rerun until it prints the table
 #   TRAIN_FLAGS="--device cuda --bf16" bash benchmarks/recipe_general.sh   # on a GPU
 #
-#   OUT, STEPS, P_FULL, LR, STOP_AFTER and TRAIN_FLAGS are read from the environment.
+#   OUT, STEPS, P_FULL, BUDGET_WEIGHTS, LR, STOP_AFTER and TRAIN_FLAGS are read from the environment.
 #
 #   1. corpus     make corpus (Debian packages -> data/general: ~9.3M training tokens + held-out)
 #   2. convert    importance ranking and the budgets' configurations chosen on general text
@@ -21,6 +21,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/recipe}
 STEPS=${STEPS:-600}
 P_FULL=${P_FULL:-0.05}  # the share of Flextron steps that train the full model
+BUDGET_WEIGHTS=${BUDGET_WEIGHTS:-0.8,1,1.2}  # how often the Flextron run draws budgets 0.25, 0.5, 0.75
 LR=${LR:-3e-4}  # peak learning rate of every run (Flextron and baselines alike)
 STOP_AFTER=${STOP_AFTER:-0}
 PY=${PYTHON:-.venv/bin/python}
@@ -64,7 +65,8 @@ baselines() {
 # Side by side at one thread each: about 15% more tokens/s in all than one after the other at two
 # threads (docs/training.md#throughput-tokenss-and-share-of-the-gemm-rate).
 stamp "train: $STEPS Flextron steps, the baselines (b) beside them"
-train_run "$OUT/train" "$STEPS" --p-full "$P_FULL" > "$OUT/train.log" 2>&1 &
+train_run "$OUT/train" "$STEPS" --p-full "$P_FULL" --budgets 0.25,0.5,0.75 --budget-weights "$BUDGET_WEIGHTS" \
+    > "$OUT/train.log" 2>&1 &
 flextron=$!
 baselines > "$OUT/baselines.log" 2>&1 &
 baseline=$!

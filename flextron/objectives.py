@@ -36,7 +36,8 @@ def next_token_cross_entropy(
     """Cross-entropy of next-token prediction, in fp32: logits (B, S, V) at positions 0..S-2
     against tokens (B, S) at 1..S-1 (tokens equal to ignore_index are not scored).
 
-    reduction "mean" (per scored token) or "sum"; a scalar tensor, differentiable.
+    reduction "mean" (per scored token) or "sum": a scalar tensor; "none": (B * (S - 1),), one
+    loss per position (0 where not scored). Differentiable.
     """
     targets = tokens[:, 1:].flatten().to(logits.device)  # (B * (S - 1),)
     return torch.nn.functional.cross_entropy(
