@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/recipe}
 STEPS=${STEPS:-600}
 P_FULL=${P_FULL:-0.05}  # the share of Flextron steps that train the full model
-BUDGET_WEIGHTS=${BUDGET_WEIGHTS:-0.8,1,1.2}  # how often the Flextron run draws budgets 0.25, 0.5, 0.75
+BUDGET_WEIGHTS=${BUDGET_WEIGHTS:-0.7,1.1,1.3}  # how often the Flextron run draws budgets 0.25, 0.5, 0.75
 LR=${LR:-3e-4}  # peak learning rate of every run (Flextron and baselines alike)
 STOP_AFTER=${STOP_AFTER:-0}
 PY=${PYTHON:-.venv/bin/python}
