@@ -61,9 +61,14 @@ def block_losses(forward, blocks: torch.Tensor, batch_size: int = 4) -> torch.Te
     )
 
 
+def perplexity(losses: torch.Tensor) -> float:
+    """exp of the mean of per-block losses (N,): equal-length blocks weigh alike."""
+    return math.exp(losses.mean())
+
+
 def perplexity_of(forward, blocks: torch.Tensor) -> float:
-    """exp(mean next-token loss) over blocks (N, S); equal-length blocks weigh alike."""
-    return math.exp(block_losses(forward, blocks).mean())
+    """The perplexity of `forward(batch) -> logits` over blocks (N, S)."""
+    return perplexity(block_losses(forward, blocks))
 
 
 def flextron_losses(model: FlextronModel, blocks: torch.Tensor, arch: ArchConfig) -> torch.Tensor:
@@ -71,7 +76,7 @@ def flextron_losses(model: FlextronModel, blocks: torch.Tensor, arch: ArchConfig
 
 
 def flextron_ppl(model: FlextronModel, blocks: torch.Tensor, arch: ArchConfig) -> float:
-    return math.exp(flextron_losses(model, blocks, arch).mean())
+    return perplexity(flextron_losses(model, blocks, arch))
 
 
 def paired_difference(ours: torch.Tensor, theirs: torch.Tensor) -> dict[str, float]:
@@ -220,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
             "parameters": model.num_parameters(arch),
         }
         losses = flextron_losses(model, blocks, arch)  # (N,)
-        row["flextron"] = math.exp(losses.mean())
+        row["flextron"] = perplexity(losses)
         measured = exported_ppl(args.model, budget, arch.is_uniform, blocks)
         row["exported"] = measured["transformers"]
         if "llama.cpp" in measured:
@@ -258,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
                 row["baseline_b"] = {
                     "checkpoint": str(checkpoint),
                     "parameters": trained.num_parameters(arch),
-                    "perplexity": math.exp(baseline_losses.mean()),
+                    "perplexity": perplexity(baseline_losses),
                     "vs_flextron": paired_difference(losses, baseline_losses),
                 }
         row["target"] = TARGETS.get(budget)

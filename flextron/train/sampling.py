@@ -57,6 +57,8 @@ class SubnetSampler:
             raise ValueError("budgets must list at least one budget")
         self.budgets = tuple(check_budget(b) for b in budgets)
         self.budget_weights = check_budget_weights(budget_weights, self.budgets)
+        # Built once: multinomial draws a budget index from it on every micro-batch.
+        self._weights = torch.tensor(self.budget_weights, dtype=torch.float64)  # (len(budgets),)
         self.min_fraction = check_budget(min_fraction)
         self.config, self.rule, self.p_full, self.seed = config, rule, p_full, seed
         self.arch_for_budget = arch_for_budget or (lambda budget: fixed_rule(config, budget))
@@ -90,8 +92,8 @@ class SubnetSampler:
         if rule == "budget":
             if not self.budget_weights:
                 return self.arch_for_budget(pick(list(self.budgets)))
-            weights = torch.tensor(self.budget_weights, dtype=torch.float64)  # (len(budgets),)
-            return self.arch_for_budget(self.budgets[int(torch.multinomial(weights, 1, generator=generator))])
+            drawn = int(torch.multinomial(self._weights, 1, generator=generator))
+            return self.arch_for_budget(self.budgets[drawn])
         return ArchConfig(
             tuple(pick(choices) for choices in self.mlp_choices),
             tuple(pick(choices) for choices in self.head_choices),

@@ -90,9 +90,15 @@ def test_budget_weights_set_the_budgets_shares() -> None:
     assert 0.7 < sum(d == large for d in draws) / 800 < 0.8
     never = SubnetSampler(config, "budget", p_full=0.0, budgets=(0.5, 0.75), budget_weights=(0, 1))
     assert all(never.sample(i) == large for i in range(50))
-    # No weights: equal shares, the same draws as before weights existed (old runs resume as they were).
+    # No weights: equal shares, and the draws that runs saved before weights existed made (the
+    # p_full coin, then a uniform pick of the budget), so those runs resume as they were.
     equal = SubnetSampler(config, "budget", p_full=0.0, budgets=(0.5, 0.75))
-    assert 0.4 < sum(equal.sample(i) == large for i in range(800)) / 800 < 0.6
+    draws = [equal.sample(i) for i in range(800)]
+    assert 0.4 < sum(d == large for d in draws) / 800 < 0.6
+    for i, draw in enumerate(draws):
+        generator = torch.Generator().manual_seed(i)  # seed 0
+        torch.rand((), generator=generator)
+        assert draw == (small, large)[int(torch.randint(2, (), generator=generator))]
 
 
 @pytest.mark.parametrize("weights", [(1.0,), (1.0, -1.0), (0.0, 0.0)])
