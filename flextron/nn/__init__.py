@@ -1,1 +1,0 @@
-"""Elastic (nested-width) layers and rotary embeddings the Flextron model is built from."""
