@@ -36,7 +36,7 @@ deps: $(DEPS)
 # Incremental: CMake's build directory (build/) is kept between runs.
 build: $(DEPS)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
-	$(PYTHON) -m flextron.info
+	$(PYTHON) -m flextron.ops.info
 
 test: build lint
 	$(PYTHON) -m pytest -q -ra

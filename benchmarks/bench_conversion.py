@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from flextron.convert import compute_importance, orders_from_importance, permute, random_orders
-from flextron.data import load_blocks
-from flextron.evaluate import archs_for_budgets, evaluate_archs
-from flextron.loading import load_model
+from flextron.conversion.ranking import compute_importance, orders_from_importance, permute, random_orders
+from flextron.data.blocks import load_blocks
+from flextron.eval.perplexity import archs_for_budgets, evaluate_archs
+from flextron.model.loading import load_model
 
 
 def main() -> None:

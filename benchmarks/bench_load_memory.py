@@ -16,8 +16,8 @@ import sys
 CHILD = """
 import json, sys, time
 import flextron
-from flextron.hub import parse_dtype
-from flextron.loading import load_model
+from flextron.model.placement import parse_dtype
+from flextron.model.loading import load_model
 
 def status(field):
     for line in open("/proc/self/status"):

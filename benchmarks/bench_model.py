@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from flextron.config import ArchConfig
-from flextron.loading import load_model
-from flextron.model import FlextronModel
-from flextron.speed import hf_generate, hf_prefilled_decode, hf_twin, prefilled_decode
+from flextron.eval.speed import hf_generate, hf_prefilled_decode, hf_twin, prefilled_decode
+from flextron.model.config import ArchConfig
+from flextron.model.elastic_model import FlextronModel
+from flextron.model.loading import load_model
 from flextron.timing import CLOCKS, Staged, check_clock, sample_times_ms, times_ms
 
 

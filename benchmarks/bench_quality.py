@@ -40,12 +40,12 @@ from pathlib import Path
 
 import torch
 
-from flextron.checkpoint import load_pretrained
-from flextron.config import ArchConfig, count_parameters
-from flextron.data import load_blocks
-from flextron.loading import default_gguf_path
-from flextron.model import FlextronModel
-from flextron.objectives import next_token_cross_entropy
+from flextron.data.blocks import load_blocks
+from flextron.model.checkpoint import load_pretrained
+from flextron.model.config import ArchConfig, count_parameters
+from flextron.model.elastic_model import FlextronModel
+from flextron.model.loading import default_gguf_path
+from flextron.model.objectives import next_token_cross_entropy
 
 TARGETS = {1.0: 1.03, 0.75: 1.6, 0.5: 3.0, 0.25: 10.0}  # perplexity vs dense, through the HF export
 
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         row["agreement"] = max(abs(ppl / row["flextron"] - 1) for ppl in measured.values())
         row["ratio"] = row["exported"] / dense
         if budget < 1.0:
-            from flextron.config import arch_for_budget
+            from flextron.model.config import arch_for_budget
 
             rule = arch_for_budget(converted.config, budget)
             chosen = converted.arch_for_budget(budget)
@@ -318,7 +318,7 @@ def plot(rows: list[dict], dense: float, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from flextron.atomic_files import save_figure_atomic
+    from flextron.io.atomic import save_figure_atomic
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     millions = [r["parameters"] / 1e6 for r in rows]

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from flextron.checkpoint import load_pretrained
-from flextron.data import load_blocks
-from flextron.evaluate import frontier_perplexity, pareto_frontier, perplexity
-from flextron.model import FlextronModel
+from flextron.data.blocks import load_blocks
+from flextron.eval.perplexity import frontier_perplexity, pareto_frontier, perplexity
+from flextron.model.checkpoint import load_pretrained
+from flextron.model.elastic_model import FlextronModel
 from flextron.routers import (
     BudgetResolver,
     LatencyShape,

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from flextron.config import ModelConfig
-from flextron.model import FlextronModel
-from flextron.objectives import distillation_loss
+from flextron.model.config import ModelConfig
+from flextron.model.elastic_model import FlextronModel
+from flextron.model.objectives import distillation_loss
 from flextron.timing import Staged, sample_times_ms
 
 SMOLLM2 = ModelConfig(

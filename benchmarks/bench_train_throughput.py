@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from flextron.checkpoint import load_pretrained
-from flextron.config import ArchConfig, ModelConfig
+from flextron.model.checkpoint import load_pretrained
+from flextron.model.config import ArchConfig, ModelConfig
 from flextron.timing import times_ms
 from flextron.train import TrainConfig, load_train_data, train
 from flextron.train.batches import TrainData

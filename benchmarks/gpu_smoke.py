@@ -1,5 +1,5 @@
 """A 30-second first look at the CUDA kernels: every op once per path, synchronised, with the
-maximum error against an fp32 PyTorch computation (flextron.reference) printed as it goes.
+maximum error against an fp32 PyTorch computation (flextron.ops.reference) printed as it goes.
 
     python benchmarks/gpu_smoke.py [--json smoke.json]
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from flextron.convert import convert
-from flextron.data import load_blocks
-from flextron.evaluate import archs_for_budgets, evaluate_archs, format_table
-from flextron.loading import load_default
-from flextron.objectives import distillation_loss
+from flextron.conversion.ranking import convert
+from flextron.data.blocks import load_blocks
+from flextron.eval.perplexity import archs_for_budgets, evaluate_archs, format_table
+from flextron.model.loading import load_default
+from flextron.model.objectives import distillation_loss
 from flextron.timing import Staged, times_ms
 from flextron.train import TrainConfig, load_train_data, train
 

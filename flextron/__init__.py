@@ -8,7 +8,7 @@ parameter budget, run or generate with it, or export it as an ordinary smaller m
     half = model.arch_for_budget(0.5)             # the sub-network with half the parameters
     print(flextron.generate_text(model, "What is the capital of France?", arch=half))
 
-Public names:
+Public names (each imported on first use, so `import flextron` is fast):
     FlextronModel   the elastic decoder; `model(ids, arch)` runs one sub-network
     load_model      a model from "default", a .gguf file, a Flextron or HF directory
     ModelConfig     the full model's sizes;  ArchConfig: one sub-network (per-layer widths)
@@ -16,19 +16,16 @@ Public names:
     generate_text   answer a prompt with a sub-network
     ops             the compiled kernels (torch.ops.flextron.*) with autograd and fakes
 
-Importing the package also registers the Hugging Face classes (flextron.hf_model) with
-transformers' AutoConfig and AutoModelForCausalLM, so a Flextron directory loads there too.
+The package's layers and what each may import: docs/design.md, "Layers".  Importing the
+package also arranges for the Hugging Face classes (flextron.integrations.hf_model) to be
+registered with transformers' AutoConfig and AutoModelForCausalLM as soon as transformers is
+imported, so a Flextron directory loads there too.
 """
 
 __version__ = "0.1.0"
 
-from flextron import hf_model as _hf_model  # noqa: F401  (registers the Auto classes)
-from flextron import ops
-from flextron.budget_configs import BudgetConfigs
-from flextron.config import ArchConfig, ModelConfig
-from flextron.generate import generate_text
-from flextron.loading import load_model
-from flextron.model import FlextronModel
+from flextron._lazy import lazy_attributes
+from flextron.integrations.auto_registration import register_when_transformers_loads
 
 __all__ = [
     "ArchConfig",
@@ -39,3 +36,16 @@ __all__ = [
     "load_model",
     "ops",
 ]
+__getattr__, __dir__ = lazy_attributes(
+    __name__,
+    {
+        "ArchConfig": "flextron.model.config",
+        "ModelConfig": "flextron.model.config",
+        "BudgetConfigs": "flextron.model.budget_configs",
+        "FlextronModel": "flextron.model.elastic_model",
+        "load_model": "flextron.model.loading",
+        "generate_text": "flextron.eval.generation",
+        "ops": "flextron.ops",
+    },
+)
+register_when_transformers_loads()

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from flextron.budget_configs import CalibrationConfig
-from flextron.budget_search import choose_budget_configs
-from flextron.checkpoint import save_pretrained
-from flextron.cliargs import non_negative_int, option, parse_budgets, positive_int
-from flextron.config import REPORTED_BUDGETS
-from flextron.convert import convert
-from flextron.data import evenly_spaced, load_blocks
-from flextron.evaluate import archs_for_budgets, evaluate_archs, format_table, write_results
-from flextron.generate import generate_text
-from flextron.loading import load_default
+from flextron.conversion.budget_search import choose_budget_configs
+from flextron.conversion.ranking import convert
+from flextron.data.blocks import evenly_spaced, load_blocks
+from flextron.eval.generation import generate_text
+from flextron.eval.perplexity import archs_for_budgets, evaluate_archs, format_table, write_results
+from flextron.model.budget_configs import CalibrationConfig
+from flextron.model.checkpoint import save_pretrained
+from flextron.model.config import REPORTED_BUDGETS
+from flextron.model.loading import load_default
+from flextron.options import non_negative_int, option, parse_budgets, positive_int
 
 EVAL_SEQ_LEN = 256
 BUDGET_SAMPLES = 8  # calibration blocks that choose each budget's configuration
@@ -124,7 +124,7 @@ def _convert(model, config: DemoConfig, train_text: str | Path, step: Callable[[
         model.tokenizer, train_text, calibration.seq_len, config.calib_samples, split="train"
     )
     convert(model, blocks, calibration)
-    step("choosing each budget's configuration by calibration loss (flextron.budget_configs)")
+    step("choosing each budget's configuration by calibration loss (flextron.model.budget_configs)")
     model.budget_configs = choose_budget_configs(
         model, evenly_spaced(blocks, BUDGET_SAMPLES), calibration, source=str(train_text)
     )

@@ -1,8 +1,12 @@
-"""Command-line argument types checked at parse time, and a parser whose errors are one line.
+"""Settings: value types checked at parse time, and config fields that declare their option.
 
 Each type is a callable for argparse's `type=`: it returns the parsed value or raises
 argparse.ArgumentTypeError with a message naming what was expected, so a bad number stops
-the command before it loads anything.
+the command before it loads anything.  Config dataclasses (CalibrationConfig, TrainConfig,
+RouterTrainingConfig, DemoConfig) declare their fields with `option(...)`; the command line
+turns them into options with `config_options` and back with `config_from_args`.
+
+Layer 0: imports no other flextron module (and not torch).
 """
 
 from __future__ import annotations
@@ -10,17 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one stderr line (`flextron CMD: error: ...`), status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def _number(text: str, kind: type, expected: str) -> int | float:

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from flextron._extension import _C
-from flextron.config import ModelConfig
-from flextron.loading import model_from_hf_weights
-from flextron.model import FlextronModel
+from flextron.model.config import ModelConfig
+from flextron.model.elastic_model import FlextronModel
+from flextron.model.loading import model_from_hf_weights
+from flextron.ops.extension import _C
 from flextron.routers import LatencyTable, Sampling, ShapeCosts
 
 # --- Devices -------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def tiny_bpe_tokenizer(vocab_size: int = 300, split_digits: bool = True):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from flextron.data import read_texts
+    from flextron.data.blocks import read_texts
 
     backend = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)

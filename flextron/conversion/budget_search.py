@@ -1,9 +1,9 @@
 """Choosing each budget's configuration: measure every candidate that fits the budget on
 calibration blocks and keep the lowest loss.  Candidates: the uniform ones
-(flextron.budget_configs.candidate_archs) and, with CalibrationConfig.layer_levels, the
-per-layer allocation of flextron.layer_search.
+(flextron.model.budget_configs.candidate_archs) and, with CalibrationConfig.layer_levels, the
+per-layer allocation of flextron.conversion.layer_sensitivity.
 
-Apart from flextron.budget_configs because measuring needs the model and the evaluation
+Apart from flextron.model.budget_configs because measuring needs the model and the evaluation
 loop, while the saved choices are read by the model itself: kept together they would form
 an import cycle (model -> budget_configs -> evaluate -> model).
 """
@@ -15,11 +15,11 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from flextron.budget_configs import BudgetConfigs, CalibrationConfig, candidate_archs, weight_limit
-from flextron.config import ArchConfig
-from flextron.evaluate import perplexity
-from flextron.layer_search import allocate, measure_layer_sensitivity
-from flextron.model import FlextronModel
+from flextron.conversion.layer_sensitivity import allocate, measure_layer_sensitivity
+from flextron.eval.perplexity import perplexity
+from flextron.model.budget_configs import BudgetConfigs, CalibrationConfig, candidate_archs, weight_limit
+from flextron.model.config import ArchConfig
+from flextron.model.elastic_model import FlextronModel
 
 
 @torch.no_grad()

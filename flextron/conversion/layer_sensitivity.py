@@ -11,7 +11,7 @@ calibration loss and a middle layer's 0.05, yet a uniform configuration narrows 
 2. `allocate`: the per-layer (heads, MLP width) minimising the sum of the layers' loss
    increases within a budget's weight limit, by dynamic programming over the weights (a
    knapsack).  Increases are assumed to add up, which they only roughly do, so
-   flextron.budget_search measures the allocation as a whole beside the uniform candidates
+   flextron.conversion.budget_search measures the allocation as a whole beside the uniform candidates
    and keeps whichever is best.
 """
 
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flextron.config import ArchConfig, ModelConfig, attention_weights
-from flextron.data import evenly_spaced
-from flextron.model import FlextronModel
-from flextron.objectives import next_token_cross_entropy
+from flextron.data.blocks import evenly_spaced
+from flextron.model.config import ArchConfig, ModelConfig, attention_weights
+from flextron.model.elastic_model import FlextronModel
+from flextron.model.objectives import next_token_cross_entropy
 
 # Blocks the sensitivities are measured on: they only rank the layers' options, and the
 # chosen allocation is then measured on every calibration block.
@@ -127,7 +127,7 @@ def measure_layer_sensitivity(
 
 def allocate(config: ModelConfig, sensitivity: LayerSensitivity, limit: float) -> ArchConfig | None:
     """The per-layer configuration with the least summed loss increase whose layer weights
-    (flextron.config.layer_weights) are at most `limit`; None when nothing fits."""
+    (flextron.model.config.layer_weights) are at most `limit`; None when nothing fits."""
     hidden = config.hidden_size
     options = [  # per layer: (weights, loss increase, MLP width, heads) of every choice
         [

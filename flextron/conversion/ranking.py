@@ -9,7 +9,7 @@ Importance (DESIGN §1, Minitron-style, forward only, full model):
       importance_h = sqrt(sum_d s_hd) (L2 over the head dimension).
 GQA rule: whole KV groups are ranked (group score = L2 of its query heads' scores), and
 query heads are ranked within each group, so a head prefix of whole groups keeps the
-best groups and their K/V heads (see flextron.config).
+best groups and their K/V heads (see flextron.model.config).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from flextron.budget_configs import CalibrationConfig
-from flextron.config import ModelConfig
-from flextron.model import FlextronModel
+from flextron.model.budget_configs import CalibrationConfig
+from flextron.model.config import ModelConfig
+from flextron.model.elastic_model import FlextronModel
 
 
 @torch.no_grad()

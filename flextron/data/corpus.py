@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from flextron.outputs import staged_output
+from flextron.io.outputs import staged_output
 
 NGRAM = 13  # words shared with the held-out text that mark a training document as contaminated
 FORMAT = "flextron-corpus"

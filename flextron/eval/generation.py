@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from flextron.config import ArchConfig
 from flextron.limits import check_size, time_limit
-from flextron.model import FlextronModel, LayerSession
+from flextron.model.config import ArchConfig
+from flextron.model.elastic_model import FlextronModel, LayerSession
 
 TEMPLATE_SECONDS = 5.0  # chat-template rendering (real templates take milliseconds)
 TEMPLATE_CHARS = 1 << 20  # template text, and what it renders beyond the prompt

@@ -6,7 +6,6 @@ printed as a table, written as JSON, and plotted (perplexity vs parameters).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -15,10 +14,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from flextron.atomic_files import save_figure_atomic, write_json_atomic
-from flextron.config import ArchConfig
-from flextron.model import FlextronModel
-from flextron.objectives import PerplexityMeter
+from flextron.io.atomic import save_figure_atomic, write_json_atomic
+from flextron.model.config import ArchConfig
+from flextron.model.elastic_model import FlextronModel
+from flextron.model.objectives import PerplexityMeter
 from flextron.timing import synchronizer
 
 
@@ -126,30 +125,6 @@ def plot_perplexity(rows: list[dict], path: str | os.PathLike, title: str) -> No
     axis.grid(alpha=0.3)
     figure.tight_layout()
     save_figure_atomic(figure, path, dpi=120)
-
-
-def load_arch_file(path: str | os.PathLike) -> dict[str, tuple[float | None, ArchConfig]]:
-    """Configurations from JSON: one {"mlp_widths": [...], "heads": [...]} or a {name: that} map."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read a configuration ({error})") from error
-    if not isinstance(data, dict) or not data:
-        raise ValueError(f"{path}: expected a configuration or a non-empty map of named configurations")
-    try:
-        if "mlp_widths" in data:
-            return {Path(path).stem: (None, ArchConfig.from_dict(data))}
-        return {name: (None, ArchConfig.from_dict(arch)) for name, arch in data.items()}
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from error
-
-
-def load_one_arch(path: str | os.PathLike) -> ArchConfig:
-    """The single configuration of a JSON file (ValueError when it holds several)."""
-    archs = load_arch_file(path)
-    if len(archs) != 1:
-        raise ValueError(f"{path}: expected one configuration, found {len(archs)}")
-    return next(iter(archs.values()))[1]
 
 
 def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from flextron.config import ArchConfig
-from flextron.generate import stream_tokens
-from flextron.model import FlextronModel
+from flextron.eval.generation import stream_tokens
+from flextron.model.config import ArchConfig
+from flextron.model.elastic_model import FlextronModel
 from flextron.timing import Staged, check_clock, times_ms
 
 
@@ -37,7 +37,7 @@ def hf_twin(model: FlextronModel):
     holding the same weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from flextron.export import hf_state_dict
+    from flextron.model.slicing import hf_state_dict
 
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**model.config.to_hf())).eval()
     missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)

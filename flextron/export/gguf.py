@@ -37,11 +37,11 @@ import gguf
 import numpy as np
 import torch
 
-from flextron.config import ArchConfig, ModelConfig
-from flextron.model import FlextronModel
-from flextron.model_card import ModelCard, write_model_card
-from flextron.nn.rope import rope_frequencies
-from flextron.slicing import slice_model
+from flextron.export.model_card import ModelCard, write_model_card
+from flextron.model.config import ArchConfig, ModelConfig
+from flextron.model.elastic_model import FlextronModel
+from flextron.model.rope import rope_frequencies
+from flextron.model.slicing import slice_model
 
 # --gguf-type -> (tensor type of 2-D weights, general.file_type)
 GGUF_TYPES = {

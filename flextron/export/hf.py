@@ -8,8 +8,8 @@ Formats, each with a README.md model card:
   one MLP width and head count for all layers: a per-layer configuration needs pad_layers,
   which zero-pads every layer to the widest (the same function, more stored weights).
 - "flextron": a Flextron directory whose config lists each layer's sizes; any configuration;
-  `flextron.checkpoint.load_pretrained` loads it.
-- "gguf": one llama.cpp file (flextron.export_gguf); per-layer sizes allowed.
+  `flextron.model.checkpoint.load_pretrained` loads it.
+- "gguf": one llama.cpp file (flextron.export.gguf); per-layer sizes allowed.
 Exported weights are copies of the prefixes, so the files are small and the model computes
 exactly the sub-network.
 """
@@ -21,28 +21,19 @@ from pathlib import Path
 
 import torch
 
-from flextron.atomic_files import (
+from flextron.export.model_card import ModelCard, dtype_name, write_model_card
+from flextron.io.atomic import (
     save_safetensors_atomic,
     save_tokenizer_atomic,
     write_json_atomic,
 )
-from flextron.checkpoint import save_pretrained
-from flextron.config import ArchConfig
-from flextron.model import FlextronModel
-from flextron.model_card import ModelCard, dtype_name, write_model_card
-from flextron.slicing import pad_to_widest_layer, slice_model
+from flextron.model.checkpoint import save_pretrained
+from flextron.model.config import ArchConfig
+from flextron.model.elastic_model import FlextronModel
+from flextron.model.slicing import hf_state_dict, pad_to_widest_layer, slice_model
 
 FORMATS = ("auto", "hf", "flextron", "gguf")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-
-
-def hf_state_dict(model: FlextronModel) -> dict[str, torch.Tensor]:
-    """The weights under Hugging Face names ("model." prefix; lm_head when untied)."""
-    return {
-        (name if name.startswith("lm_head") else f"model.{name}"): tensor
-        for name, tensor in model.state_dict().items()
-    }
 
 
 def write_safetensors_shards(
@@ -164,7 +155,7 @@ def export(
     if format == "gguf":
         if dtype is not None:
             raise ValueError("the gguf format takes --gguf-type (f32, f16, bf16, q8_0), not --dtype")
-        from flextron.export_gguf import export_gguf
+        from flextron.export.gguf import export_gguf
 
         export_gguf(model, arch, path, gguf_type or "f16", card)
     elif format == "hf":

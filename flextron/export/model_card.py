@@ -1,8 +1,8 @@
 """The README.md model card every export writes: source, selection, configuration,
 parameters and, when measured, perplexity (front matter for the Hugging Face hub).
 
-A module of its own because every export format writes it (flextron.export for hf and
-flextron directories, flextron.export_gguf for GGUF files), and those two must not import
+A module of its own because every export format writes it (flextron.export.hf for hf and
+flextron directories, flextron.export.gguf for GGUF files), and those two must not import
 each other.
 """
 
@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 
-from flextron.atomic_files import write_text_atomic
-from flextron.config import HF_CLASSES, ArchConfig
-from flextron.model import FlextronModel
+from flextron.data.blocks import load_blocks
+from flextron.eval.perplexity import perplexity
+from flextron.io.atomic import write_text_atomic
+from flextron.model.config import HF_CLASSES, ArchConfig
+from flextron.model.elastic_model import FlextronModel
 
 
 @dataclass
@@ -27,6 +29,16 @@ class ModelCard:
     selection: str | None = None  # how it was chosen, e.g. "uniform routing at budget 0.500"
     perplexity: float | None = None
     perplexity_data: str | None = None  # what the perplexity was measured on
+
+
+def measure_perplexity(card: ModelCard, model: FlextronModel, arch: ArchConfig, blocks: int) -> None:
+    """Fill the card's perplexity: `blocks` held-out blocks of up to 512 tokens of the built-in text."""
+    if model.tokenizer is None:
+        raise ValueError("the model has no tokenizer: perplexity for the model card needs one")
+    length = min(512, model.config.max_position_embeddings)
+    held_out = load_blocks(model.tokenizer, "builtin", length, blocks, split="eval")
+    card.perplexity = perplexity(model, held_out, arch)[0]
+    card.perplexity_data = f"{held_out.shape[0]} x {held_out.shape[1]} tokens of the built-in held-out text"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -85,7 +97,7 @@ def model_card(
         f"| layers | {model.config.num_layers} (hidden size {model.config.hidden_size}, "
         f"head dim {model.config.head_dim}) |",
     ]
-    if format == "hf" and not arch.is_uniform:  # flextron.slicing.pad_to_widest_layer
+    if format == "hf" and not arch.is_uniform:  # flextron.model.slicing.pad_to_widest_layer
         widest = arch.widest_layer(model.config)
         lines.append(
             f"| stored | {model.num_parameters(widest) / 1e6:.1f}M parameters: every layer zero-padded to "

@@ -26,10 +26,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from flextron.checkpoint import FORMAT, VERSION, save_pretrained
-from flextron.config import ArchConfig, ModelConfig
-from flextron.model import FlextronModel
-from flextron.objectives import next_token_cross_entropy
+from flextron.model.checkpoint import FORMAT, VERSION, save_pretrained
+from flextron.model.config import ArchConfig, ModelConfig
+from flextron.model.elastic_model import FlextronModel
+from flextron.model.objectives import next_token_cross_entropy
 from flextron.routers import BudgetResolver, LatencyShape, Selection
 
 MODEL_TYPE = "flextron"
@@ -237,8 +237,8 @@ class FlextronForCausalLM(PreTrainedModel, GenerationMixin):
         """Load a Flextron directory or hub id (transformers' usual arguments: dtype, device_map,
         revision, cache_dir, token, local_files_only).  Directories written before config.json
         carried a model_type load here too."""
-        from flextron.hub import resolve_model_dir
-        from flextron.loading import load_model
+        from flextron.io.hub import resolve_model_dir
+        from flextron.model.loading import load_model
 
         if model_args:
             raise TypeError(f"unexpected positional arguments {model_args}")
@@ -281,14 +281,14 @@ def _as_arch(arch: ArchConfig | dict | str | os.PathLike) -> ArchConfig:
         return arch
     if isinstance(arch, dict):
         return ArchConfig.from_dict(arch)
-    from flextron.evaluate import load_one_arch
+    from flextron.model.requests import load_one_arch
 
     return load_one_arch(arch)
 
 
 def _dtype_of(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """None or "auto": as stored; else a torch dtype or its name."""
-    from flextron.hub import parse_dtype
+    from flextron.model.placement import parse_dtype
 
     if dtype is None or dtype == "auto":
         return None

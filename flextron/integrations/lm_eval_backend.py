@@ -7,12 +7,12 @@
 `routing=` and `latency_shape=`) or `arch` (a JSON configuration file) pick the
 sub-network, as in `flextron generate`; every other argument is lm-eval's `hf`
 backend's (dtype, batch_size, max_length, ...).  The model is transformers'
-`FlextronForCausalLM` (flextron.hf_model) run by lm-eval's Hugging Face backend, so
+`FlextronForCausalLM` (flextron.integrations.hf_model) run by lm-eval's Hugging Face backend, so
 loglikelihood, loglikelihood_rolling and generate_until batch as they do for `--model hf`.
 
 lm-eval discovers no third-party backends on its own: importing this module registers
 "flextron" (for `lm_eval.simple_evaluate(model="flextron", ...)`), and `flextron-lm-eval`
-(or `python -m flextron.lm_eval_backend`) is the `lm_eval` command with it registered.
+(or `python -m flextron.integrations.lm_eval_backend`) is the `lm_eval` command with it registered.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import get_dtype
 
-from flextron.hf_model import FlextronConfig, FlextronForCausalLM
-from flextron.hub import resolve_model_dir
+from flextron.integrations.hf_model import FlextronConfig, FlextronForCausalLM
+from flextron.io.hub import resolve_model_dir
 
 # Small offline tasks (a local JSONL) exercising every request type: --include_path TASKS_DIR
 # --tasks flextron_tiny_choice,flextron_tiny_rolling,flextron_tiny_generate

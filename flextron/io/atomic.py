@@ -3,10 +3,10 @@
 Each writer writes to a temporary sibling (`.NAME.PID-XXXX.tmp`: `temp_prefix` + the
 writer's PID), flushes it to disk (fsync), moves it into place with os.replace and flushes
 the directory, so neither a crash nor a power loss leaves a half-written file under the
-final name.  The PID lets `flextron.outputs.remove_stale` tell a dead writer's leftovers
+final name.  The PID lets `flextron.io.outputs.remove_stale` tell a dead writer's leftovers
 from a live one's.
 
-A module of its own rather than part of flextron.outputs: outputs decides where a command
+A module of its own rather than part of flextron.io.outputs: outputs decides where a command
 may write and stages whole output directories; this module writes single files in place,
 for every layer that saves something (checkpoints, exports, metrics, plots).  Both share
 outputs' fsync primitives.
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from flextron.outputs import fsync_dir, fsync_file
+from flextron.io.outputs import fsync_dir, fsync_file
 
 
 def temp_prefix(final: Path) -> str:

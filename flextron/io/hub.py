@@ -1,4 +1,4 @@
-"""Model sources by Hugging Face hub id, and the dtype / device names the CLI accepts.
+"""Model sources by Hugging Face hub id.
 
 `resolve_model_dir("HuggingFaceTB/SmolLM2-135M")` returns the local snapshot directory:
 from the hub cache when it holds one (HF_HUB_OFFLINE=1 uses the cache only), else
@@ -11,29 +11,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEVICES = ("cpu", "cuda")
 # What a model directory needs: config, weights, tokenizer, Flextron's extras (latency, routers).
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """ "float32" | "bfloat16" | "float16" -> the torch dtype; ValueError otherwise."""
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
-
-def check_device(device: str) -> str:
-    """ "cpu" or "cuda" (ValueError when CUDA is asked for and absent)."""
-    if device.split(":")[0] not in DEVICES:
-        raise ValueError(f"device must be cpu or cuda, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device cuda requested, but torch sees no CUDA device")
-    return device
 
 
 def is_hub_id(source: str) -> bool:

@@ -4,7 +4,7 @@
 decoder layer (pre-norm + sublayer + residual, exactly the code the model runs, run in
 every layer so that weights stream from memory as in the real forward), plus the fixed
 cost (embedding, rotary tables, final norm, LM head on the last position, as generation
-runs it), for every profiled shape (flextron.routers.shape).  A two-parameter fit against
+runs it), for every profiled shape (flextron.latency.shape).  A two-parameter fit against
 three measured whole-model forwards (`_calibrate`) adds what the parts miss.
 
 Timings are medians over repeats, measured round-robin (each repeat times every component
@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from flextron.config import ArchConfig, ModelConfig
-from flextron.model import FlextronModel
-from flextron.routers.latency import LatencyTable, ShapeCosts, device_name
-from flextron.routers.shape import DEFAULT_SHAPE, PHASES, LatencyShape
+from flextron.latency.shape import DEFAULT_SHAPE, PHASES, LatencyShape
+from flextron.latency.table import LatencyTable, ShapeCosts, device_name
+from flextron.model.config import ArchConfig, ModelConfig
+from flextron.model.elastic_model import FlextronModel
 from flextron.timing import check_clock, times_ms
 
 

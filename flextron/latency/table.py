@@ -1,9 +1,9 @@
 """Latency lookup table (LUT): the measured cost of every layer choice, and the cost model.
 
-For every profiled shape (flextron.routers.shape.LatencyShape: prefill of a batch of prompts,
+For every profiled shape (flextron.latency.shape.LatencyShape: prefill of a batch of prompts,
 or one decode step against a KV cache) the table holds the fixed cost (embedding, rotary
 tables, final norm, LM head) and the per-layer cost of each MLP width and head count
-(flextron.routers.profiling measures them).  Every layer of a (non-heterogeneous) model has
+(flextron.latency.profiling measures them).  Every layer of a (non-heterogeneous) model has
 the same shapes, so one cost per choice serves all layers.  The cost model (DESIGN.md §1
 step 5) is
 
@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from flextron.config import ArchConfig, ModelConfig
-from flextron.routers.interpolation import interpolation_weights
-from flextron.routers.shape import DEFAULT_SHAPE, PHASES, LatencyShape
+from flextron.latency.interpolation import interpolation_weights
+from flextron.latency.shape import DEFAULT_SHAPE, PHASES, LatencyShape
+from flextron.model.config import ArchConfig, ModelConfig
 
 LUT_FILE = "latency.json"
 FORMAT, VERSION = "flextron-latency", 1
@@ -266,7 +266,7 @@ class LatencyTable:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write to `path` (a model directory gets latency.json); returns the file written."""
-        from flextron.atomic_files import write_json_atomic
+        from flextron.io.atomic import write_json_atomic
 
         path = Path(path)
         if path.is_dir():

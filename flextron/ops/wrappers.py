@@ -1,7 +1,7 @@
 """Typed Python wrappers for torch.ops.flextron, with fake impls and autograd.
 
 The kernels live in the compiled extension flextron._C (schemas in
-csrc/registration.cpp); the exact semantics are flextron.reference. Argument
+csrc/registration.cpp); the exact semantics are flextron.ops.reference. Argument
 validation happens in the kernels, so direct torch.ops.flextron.* calls get the
 same clear errors as these wrappers.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from flextron import reference
-from flextron._extension import _C  # noqa: F401  (importing registers the ops)
+from flextron.ops import reference
+from flextron.ops.extension import _C  # noqa: F401  (importing registers the ops)
 
 __all__ = [
     "nested_linear",
@@ -43,7 +43,8 @@ def _require_kernel(op_name: str, *tensors: torch.Tensor | None) -> None:
             if key not in backends(op_name):
                 raise NotImplementedError(
                     f"flextron.{op_name}: not built for {key} yet "
-                    f"(this build has {op_name} kernels for {backends(op_name)}; see python -m flextron.info)"
+                    f"(this build has {op_name} kernels for {backends(op_name)}; "
+                    "see python -m flextron.ops.info)"
                 )
             return
 
@@ -195,7 +196,7 @@ def route(
     input: (T, C) logits, or (T, D) hidden states with weight (C, D) (the router's
     last linear layer, fused).  noise: (T, C) (e.g. Gumbel) or None; tau > 0.
     Returns (choice (T,), probs (T, C), perm (T,), inv_perm (T,), offsets (C+1,));
-    see flextron.reference.route.  Only probs is differentiable.
+    see flextron.ops.reference.route.  Only probs is differentiable.
     """
     _require_kernel("route", input)
     return torch.ops.flextron.route.default(input, weight, noise, tau, hard)

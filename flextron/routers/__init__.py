@@ -18,6 +18,16 @@ evaluation    perplexity of selections
 pipeline      train_routers: what `flextron train-router` runs
 """
 
+from flextron.latency.interpolation import interpolation_weights
+from flextron.latency.profiling import (
+    check_table,
+    measure_latency,
+    profile_latency,
+    random_archs,
+    timed_forward,
+)
+from flextron.latency.shape import DEFAULT_SHAPE, PHASES, LatencyShape
+from flextron.latency.table import LUT_FILE, LatencyTable, ShapeCosts
 from flextron.routers.base import BudgetEncoder, Router, default_head_choices, default_mlp_choices
 from flextron.routers.calibration import (
     calibrate_dynamic,
@@ -30,17 +40,8 @@ from flextron.routers.dynamic import DynamicRouter
 from flextron.routers.evaluation import dynamic_perplexity, evaluate_selections
 from flextron.routers.files import ROUTER_KINDS, ROUTERS_FILE, ROUTERS_META_FILE, load_routers, save_routers
 from flextron.routers.initial import static_init_archs, uniform_init_archs
-from flextron.routers.interpolation import interpolation_weights
-from flextron.routers.latency import LUT_FILE, LatencyTable, ShapeCosts
 from flextron.routers.objectives import LatencyTarget, expected_latency, latency_loss
 from flextron.routers.pipeline import train_routers
-from flextron.routers.profiling import (
-    check_table,
-    measure_latency,
-    profile_latency,
-    random_archs,
-    timed_forward,
-)
 from flextron.routers.selection import (
     METHODS,
     BudgetResolver,
@@ -50,7 +51,6 @@ from flextron.routers.selection import (
     uniform_arch_for_latency,
 )
 from flextron.routers.sessions import INFERENCE, DynamicSession, RoutingSession, Sampling, StaticSession
-from flextron.routers.shape import DEFAULT_SHAPE, PHASES, LatencyShape
 from flextron.routers.static import StaticRouter
 from flextron.routers.training import (
     SurrogateModel,

@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from flextron.config import ArchConfig, ModelConfig
-from flextron.routers.interpolation import interpolation_weights
+from flextron.latency.interpolation import interpolation_weights
+from flextron.model.config import ArchConfig, ModelConfig
 from flextron.routers.sessions import INFERENCE, RoutingSession, Sampling
 
 

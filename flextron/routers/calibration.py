@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from flextron.model import FlextronModel
+from flextron.latency.profiling import timed_forward
+from flextron.model.elastic_model import FlextronModel
 from flextron.routers.dynamic import DynamicRouter
 from flextron.routers.objectives import LatencyTarget, usage_features
-from flextron.routers.profiling import timed_forward
 from flextron.routers.sessions import RoutingSession
 from flextron.timing import times_ms
 

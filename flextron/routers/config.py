@@ -1,7 +1,7 @@
 """RouterTrainingConfig: every setting of `flextron train-router`, with its option, default and check.
 
 The fields declared with `option(...)` become train-router's command-line options
-(flextron.cliargs.config_options); the others are settings of the training loops that the
+(flextron.options.config_options); the others are settings of the training loops that the
 command line leaves at their defaults.
 """
 
@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from flextron.cliargs import (
+from flextron.latency.shape import LatencyShape, shape_argument
+from flextron.options import (
     non_negative_float,
     non_negative_int,
     option,
@@ -18,7 +19,6 @@ from flextron.cliargs import (
     positive_float,
     positive_int,
 )
-from flextron.routers.shape import LatencyShape, shape_argument
 
 KINDS = ("static", "dynamic")
 MODES = ("surrogate", "end-to-end", "joint", "calibrate")

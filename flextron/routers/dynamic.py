@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from flextron import ops
-from flextron.config import ArchConfig, ModelConfig
+from flextron.latency.interpolation import interpolation_weights
+from flextron.model.config import ArchConfig, ModelConfig
 from flextron.routers.base import Router
-from flextron.routers.interpolation import interpolation_weights
 from flextron.routers.sessions import INFERENCE, DynamicSession, Sampling
 
 

@@ -6,9 +6,9 @@ import time
 
 import torch
 
-from flextron.config import ArchConfig
-from flextron.model import FlextronModel
-from flextron.objectives import PerplexityMeter
+from flextron.model.config import ArchConfig
+from flextron.model.elastic_model import FlextronModel
+from flextron.model.objectives import PerplexityMeter
 from flextron.routers.selection import Selection
 
 
@@ -39,8 +39,8 @@ def dynamic_perplexity(
 def evaluate_selections(
     model: FlextronModel, blocks: torch.Tensor, selections: list[Selection], batch_size: int = 4
 ) -> list[dict]:
-    """flextron.evaluate result rows for selections (static ones through evaluate_archs)."""
-    from flextron.evaluate import evaluate_archs
+    """flextron.eval.perplexity result rows for selections (static ones through evaluate_archs)."""
+    from flextron.eval.perplexity import evaluate_archs
 
     rows = []
     for selection in selections:

@@ -10,10 +10,10 @@ import json
 import os
 from pathlib import Path
 
-from flextron.config import ModelConfig
+from flextron.latency.shape import LatencyShape
+from flextron.model.config import ModelConfig
 from flextron.routers.base import Router
 from flextron.routers.dynamic import DynamicRouter
-from flextron.routers.shape import LatencyShape
 from flextron.routers.static import StaticRouter
 
 ROUTERS_FILE, ROUTERS_META_FILE = "routers.safetensors", "routers.json"
@@ -27,7 +27,7 @@ def save_routers(
 
     latency_shape: the LUT shape that the routers' latency budgets refer to.
     """
-    from flextron.atomic_files import save_safetensors_atomic, write_json_atomic
+    from flextron.io.atomic import save_safetensors_atomic, write_json_atomic
 
     for kind in routers:
         if kind not in ROUTER_KINDS:

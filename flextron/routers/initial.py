@@ -11,12 +11,12 @@ from collections.abc import Sequence
 
 import torch
 
-from flextron.config import ArchConfig
-from flextron.model import FlextronModel
+from flextron.latency.shape import LatencyShape
+from flextron.latency.table import LatencyTable
+from flextron.model.config import ArchConfig
+from flextron.model.elastic_model import FlextronModel
 from flextron.routers.base import Router
-from flextron.routers.latency import LatencyTable
 from flextron.routers.selection import fit_to_latency, uniform_arch_for_latency
-from flextron.routers.shape import LatencyShape
 from flextron.routers.static import StaticRouter
 
 
@@ -38,7 +38,7 @@ def uniform_init_archs(
     trained elastically, configurations of equal latency differ widely in quality (few heads
     cost far more than narrow MLPs), and nearest latency alone picks among them by chance.
     """
-    from flextron.evaluate import perplexity
+    from flextron.eval.perplexity import perplexity
 
     full = table.predict(model.full_arch(), shape)
     mlp_choices, head_choices = router.mlp_choices, router.head_choices

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from flextron.model import FlextronModel
+from flextron.latency.shape import DEFAULT_SHAPE, LatencyShape
+from flextron.latency.table import LatencyTable
+from flextron.model.elastic_model import FlextronModel
 from flextron.routers.base import Router
-from flextron.routers.latency import LatencyTable
 from flextron.routers.sessions import RoutingSession
-from flextron.routers.shape import DEFAULT_SHAPE, LatencyShape
 
 
 def expected_latency(

@@ -19,8 +19,10 @@ from typing import Any
 
 import torch
 
-from flextron.checkpoint import save_pretrained
-from flextron.model import FlextronModel
+from flextron.latency.shape import LatencyShape
+from flextron.latency.table import LatencyTable
+from flextron.model.checkpoint import save_pretrained
+from flextron.model.elastic_model import FlextronModel
 from flextron.routers.base import Router, default_mlp_choices
 from flextron.routers.calibration import (
     calibrate_dynamic,
@@ -32,10 +34,8 @@ from flextron.routers.config import RouterTrainingConfig
 from flextron.routers.dynamic import DynamicRouter
 from flextron.routers.files import load_routers, save_routers
 from flextron.routers.initial import static_init_archs, uniform_init_archs
-from flextron.routers.latency import LatencyTable
 from flextron.routers.objectives import LatencyTarget
 from flextron.routers.selection import reference_shape
-from flextron.routers.shape import LatencyShape
 from flextron.routers.static import StaticRouter
 from flextron.routers.training import train_end_to_end, train_router_surrogate
 
@@ -86,7 +86,7 @@ def train_routers(
     shape = _latency_shape(config, table, directory, "dynamic" in existing, existing_shape)
     if model.tokenizer is None:
         raise ValueError(f"{directory} has no tokenizer: training text cannot be tokenized")
-    from flextron.data import load_blocks
+    from flextron.data.blocks import load_blocks
 
     blocks = load_blocks(model.tokenizer, config.data, config.seq_len, split="train")
     router, config = _router(model, config, existing, directory)
@@ -210,7 +210,7 @@ def _train(
 def _calibrate(job: _Job, router: DynamicRouter, target: LatencyTarget) -> dict[str, Any]:
     """The dynamic router's latency calibration on the trained budgets and every 0.1 between
     (from the smallest sub-network up); returns its logs."""
-    from flextron.data import load_blocks
+    from flextron.data.blocks import load_blocks
 
     model, table, config, shape, report = job.model, job.table, job.config, job.shape, job.report
 

@@ -4,7 +4,7 @@ A latency budget is a fraction of the full model's latency on this device, as th
 lookup table (latency.json, from `flextron profile`) predicts it at one reference shape (the
 shape the routers were trained for, else the table's first prefill shape); `latency_ms` is
 the same target in milliseconds.  Without a table, a budget is a fraction of the width
-(flextron.config.arch_for_budget).  The sub-network comes from one of the methods
+(flextron.model.config.arch_for_budget).  The sub-network comes from one of the methods
 
     uniform: the same MLP width and head count in every layer, the pair whose predicted
              latency is nearest the target;
@@ -22,14 +22,15 @@ from pathlib import Path
 
 import torch
 
-from flextron.config import ArchConfig, check_budget
-from flextron.model import FlextronModel
+from flextron.latency.shape import DEFAULT_SHAPE, LatencyShape
+from flextron.latency.table import LUT_FILE, REPROFILE, LatencyTable
+from flextron.model.config import ArchConfig, check_budget
+from flextron.model.elastic_model import FlextronModel
+from flextron.model.requests import load_one_arch
 from flextron.routers.base import Router
 from flextron.routers.dynamic import DynamicRouter
 from flextron.routers.files import load_routers
-from flextron.routers.latency import LUT_FILE, REPROFILE, LatencyTable
 from flextron.routers.sessions import DynamicSession
-from flextron.routers.shape import DEFAULT_SHAPE, LatencyShape
 from flextron.routers.static import StaticRouter
 
 METHODS = ("auto", "uniform", "static", "dynamic")
@@ -248,3 +249,19 @@ class BudgetResolver:
         if router is None:
             return uniform_arch_for_latency(self.model, self.table, budget * full_ms, self.shape)
         return fit_to_latency(router, budget, self.table, budget * full_ms, self.shape)
+
+
+def choose_configuration(
+    model: FlextronModel,
+    source: str | os.PathLike,
+    arch_file: str | os.PathLike | None = None,
+    budget: float | None = None,
+    latency_ms: float | None = None,
+    routing: str = "auto",
+    shape: LatencyShape | None = None,
+) -> ArchConfig | Selection:
+    """What a request names: the configuration in `arch_file`, else the Selection for `budget`
+    or `latency_ms` with the latency table and routers of `source` (when it is a directory)."""
+    if arch_file:
+        return load_one_arch(arch_file)
+    return BudgetResolver(model, source, shape).select(budget, latency_ms, routing)

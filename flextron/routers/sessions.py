@@ -1,6 +1,6 @@
 """Routing sessions: one router decision (static) or one generation's routing (dynamic).
 
-A session is what the model's forward takes as `session=` (flextron.model.LayerSession): it
+A session is what the model's forward takes as `session=` (flextron.model.elastic_model.LayerSession): it
 runs each layer's attention and MLP at the chosen head count and width.  Training sessions
 sample with Gumbel-softmax and straight-through hard samples (the one-hot in value, the soft
 gradient in backward; `ops.route(..., hard=True)`) at temperature tau; the chosen path's
@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from flextron import ops
-from flextron.config import ArchConfig
-from flextron.nn.elastic import ElasticAttention, ElasticMLP, KVCache
+from flextron.model.config import ArchConfig
+from flextron.model.layers import ElasticAttention, ElasticMLP, KVCache
 
 if TYPE_CHECKING:
     from flextron.routers.dynamic import DynamicRouter

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from flextron.config import ArchConfig, ModelConfig
+from flextron.model.config import ArchConfig, ModelConfig
 from flextron.routers.base import Router
 from flextron.routers.sessions import INFERENCE, Sampling, StaticSession, pick
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from flextron.model import FlextronModel
-from flextron.objectives import kd_loss, next_token_cross_entropy
+from flextron.model.elastic_model import FlextronModel
+from flextron.model.objectives import kd_loss, next_token_cross_entropy
 from flextron.routers.base import Router
 from flextron.routers.config import RouterTrainingConfig
 from flextron.routers.objectives import LatencyTarget, latency_loss, usage_features

@@ -1,7 +1,7 @@
 """Elastic continued training with distillation (DESIGN §1 step 3): `flextron train`.
 
 sampling: which sub-network each micro-batch trains; batches: packed blocks, validation split,
-resumable batch order; trainer: the loop, its loss KD + alpha * CE from flextron.objectives;
+resumable batch order; trainer: the loop, its loss KD + alpha * CE from flextron.model.objectives;
 train_state: atomic, resumable training-state checkpoints; distributed: torchrun DDP / FSDP2;
 metrics: JSONL log and plot; demo_training: the cached training phase of `flextron demo`.
 """

@@ -1,6 +1,6 @@
 """Training batches: packed blocks, a validation split, and a resumable batch order.
 
-Blocks come from flextron.data (text files, directories, JSONL, saved `datasets`, or the
+Blocks come from flextron.data.blocks (text files, directories, JSONL, saved `datasets`, or the
 built-in corpus).  Validation: for the built-in corpus its held-out topics; for any other
 source every k-th block (k = round(1 / val_fraction)), so the split is deterministic.
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flextron.data import iter_texts, load_blocks, pack, tokenize
+from flextron.data.blocks import iter_texts, load_blocks, pack, tokenize
 
 
 @dataclass

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from flextron.checkpoint import load_pretrained
-from flextron.model import FlextronModel
+from flextron.model.checkpoint import load_pretrained
+from flextron.model.elastic_model import FlextronModel
 from flextron.train.batches import load_train_data
 from flextron.train.train_state import latest_checkpoint
 from flextron.train.trainer import TrainConfig, train
@@ -65,7 +65,7 @@ def cache_key(model: FlextronModel, config: TrainConfig, data: str = "builtin") 
 def elastic_phase(
     model: FlextronModel, steps: int, data: str = "builtin", progress: bool = True
 ) -> tuple[FlextronModel, Path, bool]:
-    """Train `model` (converted, with a tokenizer) in place for `steps` on `data` (a flextron.data
+    """Train `model` (converted, with a tokenizer) in place for `steps` on `data` (a flextron.data.blocks
     source), or load the cached result.
 
     Returns (model, the checkpoint directory, whether it came from the cache).

@@ -24,7 +24,7 @@ alone logs, plots and writes checkpoints.
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`) shards every decoder layer and the root;
 checkpoints gather full (unsharded) state dicts on rank 0, so a checkpoint written by an
-FSDP run resumes with or without FSDP and loads with flextron.checkpoint.load_pretrained.
+FSDP run resumes with or without FSDP and loads with flextron.model.checkpoint.load_pretrained.
 The frozen teacher is not sharded: with FSDP it must still fit each device (or use a
 smaller teacher copy in bf16).
 """

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from flextron.atomic_files import save_figure_atomic
+from flextron.io.atomic import save_figure_atomic
 
 
 class MetricsLog:

@@ -19,7 +19,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from flextron.outputs import check_output_dir
+from flextron.io.outputs import check_output_dir
 
 LOCK_FILE = ".lock"
 RUN_FILES = ("metrics.jsonl", "metrics.png")

@@ -3,7 +3,7 @@
 With probability `p_full` the full model; otherwise, by `rule`:
   "budget": the configuration of a budget drawn from `budgets` (equally likely, or in the
             proportions `budget_weights`), as `arch_for_budget` resolves it (the model's
-            measured choices, flextron.budget_configs; default: the fixed rule);
+            measured choices, flextron.model.budget_configs; default: the fixed rule);
   "random": per layer, an MLP width and a head count drawn independently from the allowed
             choices at or above `min_fraction` of the layer's size;
   "mixed":  "budget" or "random" with equal probability.
@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import torch
 
-from flextron.config import DEFAULT_BUDGETS, ArchConfig, ModelConfig, check_budget
-from flextron.config import arch_for_budget as fixed_rule
+from flextron.model.config import DEFAULT_BUDGETS, ArchConfig, ModelConfig, check_budget
+from flextron.model.config import arch_for_budget as fixed_rule
 
 RULES = ("budget", "random", "mixed")
 

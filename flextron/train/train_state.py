@@ -31,10 +31,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from flextron.atomic_files import save_safetensors_atomic, temp_prefix, write_json_atomic
-from flextron.checkpoint import save_pretrained
-from flextron.model import FlextronModel
-from flextron.outputs import fsync_dir, fsync_tree, remove_stale
+from flextron.io.atomic import save_safetensors_atomic, temp_prefix, write_json_atomic
+from flextron.io.outputs import fsync_dir, fsync_tree, remove_stale
+from flextron.model.checkpoint import save_pretrained
+from flextron.model.elastic_model import FlextronModel
 
 LATEST = "latest.json"
 TRAINER_FILE, OPTIMIZER_FILE, RNG_FILE = "trainer.json", "optimizer.safetensors", "rng.safetensors"

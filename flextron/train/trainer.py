@@ -2,7 +2,7 @@
 
 Each micro-batch trains one sampled sub-network (flextron.train.sampling) of the student,
 sliced (never masked), against the frozen teacher's logits (computed once per batch,
-no grad) with loss = KD + alpha * CE (flextron.objectives.distillation_loss).  AdamW (no
+no grad) with loss = KD + alpha * CE (flextron.model.objectives.distillation_loss).  AdamW (no
 weight decay on norms and biases), linear warm-up then cosine decay to min_lr_ratio * lr, gradient
 clipping, gradient accumulation, optional bf16 autocast.  Rank 0 logs metrics.jsonl,
 plots metrics.png, validates (perplexity at eval_budgets) every eval_every steps, and
@@ -24,8 +24,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from flextron.checkpoint import load_pretrained
-from flextron.cliargs import (
+from flextron.eval.perplexity import perplexity
+from flextron.model.checkpoint import load_pretrained
+from flextron.model.config import DEFAULT_BUDGETS, REPORTED_BUDGETS, check_budget
+from flextron.model.elastic_model import FlextronModel
+from flextron.model.objectives import distillation_loss
+from flextron.options import (
     non_negative_float,
     non_negative_int,
     option,
@@ -35,10 +39,6 @@ from flextron.cliargs import (
     positive_int,
     unit_float,
 )
-from flextron.config import DEFAULT_BUDGETS, REPORTED_BUDGETS, check_budget
-from flextron.evaluate import perplexity
-from flextron.model import FlextronModel
-from flextron.objectives import distillation_loss
 from flextron.train.batches import BatchOrder, TrainData
 from flextron.train.distributed import DistContext
 from flextron.train.metrics import MetricsLog, plot_metrics, read_metrics

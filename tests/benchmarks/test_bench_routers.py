@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flextron.checkpoint import save_pretrained
+from flextron.model.checkpoint import save_pretrained
 from flextron.routers import DynamicRouter, LatencyShape, StaticRouter, save_routers
 from tests.helpers import synthetic_table, tiny_flextron, tiny_tokenizer
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from flextron.checkpoint import load_pretrained
 from flextron.cli import COMMANDS, main
+from flextron.model.checkpoint import load_pretrained
 from tests.helpers import assert_logits_close, tiny_hf_dir
 
 

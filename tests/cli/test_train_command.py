@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from flextron.checkpoint import load_pretrained
 from flextron.cli import main
+from flextron.model.checkpoint import load_pretrained
 from flextron.train.metrics import read_metrics
 from tests.helpers import tiny_hf_dir
 

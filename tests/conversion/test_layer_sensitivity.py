@@ -7,10 +7,15 @@ import itertools
 import pytest
 import torch
 
-from flextron.budget_configs import CalibrationConfig, candidate_archs, fits, weight_limit
-from flextron.budget_search import calibration_loss, choose_budget_configs
-from flextron.config import ArchConfig, layer_weights
-from flextron.layer_search import LayerSensitivity, allocate, measure_layer_sensitivity, measured_widths
+from flextron.conversion.budget_search import calibration_loss, choose_budget_configs
+from flextron.conversion.layer_sensitivity import (
+    LayerSensitivity,
+    allocate,
+    measure_layer_sensitivity,
+    measured_widths,
+)
+from flextron.model.budget_configs import CalibrationConfig, candidate_archs, fits, weight_limit
+from flextron.model.config import ArchConfig, layer_weights
 from tests.helpers import tiny_flextron
 
 

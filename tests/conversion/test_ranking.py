@@ -7,10 +7,16 @@ import importlib.util
 import pytest
 import torch
 
-from flextron.budget_configs import CalibrationConfig
-from flextron.config import ModelConfig
-from flextron.convert import compute_importance, convert, orders_from_importance, permute, random_orders
-from flextron.loading import default_gguf_path, model_from_hf_weights
+from flextron.conversion.ranking import (
+    compute_importance,
+    convert,
+    orders_from_importance,
+    permute,
+    random_orders,
+)
+from flextron.model.budget_configs import CalibrationConfig
+from flextron.model.config import ModelConfig
+from flextron.model.loading import default_gguf_path, model_from_hf_weights
 from tests.helpers import assert_logits_close, flextron_twin, tiny_hf_model
 
 VARIANTS = {"gqa": dict(kv_heads=2), "mha": dict(kv_heads=4), "gqa-bias": dict(kv_heads=2, bias=True)}

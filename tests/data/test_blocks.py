@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from flextron.data import builtin_texts, pack, read_texts, tokenize
+from flextron.data.blocks import builtin_texts, pack, read_texts, tokenize
 
 
 class CharTokenizer:

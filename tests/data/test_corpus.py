@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from flextron.corpus import Source, build_corpus, check_sources, read_fortunes, read_gcide, read_wordnet
-from flextron.data import read_texts
+from flextron.data.blocks import read_texts
+from flextron.data.corpus import Source, build_corpus, check_sources, read_fortunes, read_gcide, read_wordnet
 
 GCIDE = """00-database-short
    The Collaborative International Dictionary of English

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flextron.generate import sample_next, stream_tokens
+from flextron.eval.generation import sample_next, stream_tokens
 from tests.helpers import tiny_flextron
 
 

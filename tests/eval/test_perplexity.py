@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from flextron.evaluate import (
+from flextron.eval.perplexity import (
     archs_for_budgets,
     evaluate_archs,
     format_table,

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from flextron.config import ArchConfig
-from flextron.export import export
-from flextron.export_gguf import GGUF_TYPES, encode
-from flextron.generate import stream_tokens
-from flextron.slicing import slice_model
+from flextron.eval.generation import stream_tokens
+from flextron.export.gguf import GGUF_TYPES, encode
+from flextron.export.hf import export
+from flextron.model.config import ArchConfig
+from flextron.model.slicing import slice_model
 from tests.helpers import tiny_bpe_tokenizer, tiny_family_model, tiny_flextron
 
 F32_TOLERANCE = 1e-4
@@ -310,8 +310,8 @@ def test_export_command_gguf(tmp_path, capsys) -> None:
 @pytest.mark.slow
 def test_smollm2_at_half_budget_runs_in_llama_cpp_like_flextron(llama, tmp_path) -> None:
     """The embedded SmolLM2 (real tokenizer and chat template) at budget 0.5."""
-    from flextron.generate import chat_prompt_ids
-    from flextron.loading import load_model
+    from flextron.eval.generation import chat_prompt_ids
+    from flextron.model.loading import load_model
 
     model = load_model("default")
     arch = model.arch_for_budget(0.5)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from flextron.checkpoint import load_pretrained, save_pretrained
-from flextron.config import ArchConfig
-from flextron.convert import convert
-from flextron.export import export
+from flextron.conversion.ranking import convert
+from flextron.export.hf import export
+from flextron.model.checkpoint import load_pretrained, save_pretrained
+from flextron.model.config import ArchConfig
 from tests.helpers import assert_logits_close, tiny_family_model, tiny_flextron
 
 VARIANTS = [dict(kv_heads=2), dict(kv_heads=4, bias=True, tied=True)]
@@ -124,7 +124,7 @@ def test_bf16_export_is_half_the_size_and_close(tmp_path) -> None:
 def test_sharded_export_with_index_and_generation_config(tmp_path) -> None:
     from transformers import GenerationConfig
 
-    from flextron.loading import load_hf_dir
+    from flextron.model.loading import load_hf_dir
 
     model = tiny_flextron(kv_heads=2)
     arch = model.arch_for_budget(0.75)

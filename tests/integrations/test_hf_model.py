@@ -9,10 +9,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, pipeline
 
 import flextron  # noqa: F401  (registers the Auto classes)
-from flextron.checkpoint import load_pretrained, save_pretrained
-from flextron.config import ArchConfig
-from flextron.hf_model import FlextronConfig, FlextronForCausalLM
-from flextron.model import FlextronModel
+from flextron.integrations.hf_model import FlextronConfig, FlextronForCausalLM
+from flextron.model.checkpoint import load_pretrained, save_pretrained
+from flextron.model.config import ArchConfig
+from flextron.model.elastic_model import FlextronModel
 from tests.helpers import assert_logits_close, tiny_flextron, tiny_hf_model, tiny_tokenizer
 
 

@@ -16,9 +16,9 @@ pytest.importorskip("lm_eval")
 from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from flextron.checkpoint import load_pretrained
 from flextron.cli import main  # noqa: E402
-from flextron.lm_eval_backend import TASKS_DIR, FlextronLM  # noqa: E402
+from flextron.integrations.lm_eval_backend import TASKS_DIR, FlextronLM  # noqa: E402
+from flextron.model.checkpoint import load_pretrained
 from tests.helpers import tiny_hf_dir  # noqa: E402
 
 TASKS = ["flextron_tiny_choice", "flextron_tiny_rolling", "flextron_tiny_generate"]
@@ -95,7 +95,7 @@ def test_command_line_with_an_arch_file(models, tmp_path) -> None:
         [
             sys.executable,
             "-m",
-            "flextron.lm_eval_backend",
+            "flextron.integrations.lm_eval_backend",
             "--model",
             "flextron",
             "--model_args",

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from flextron.checkpoint import load_pretrained, save_pretrained
 from flextron.cli import COMMANDS, main
-from flextron.hub import is_hub_id, parse_dtype, resolve_model_dir
-from flextron.loading import load_model
-from flextron.streaming import read_safetensors
+from flextron.io.hub import is_hub_id, resolve_model_dir
+from flextron.io.weight_readers import read_safetensors
+from flextron.model.checkpoint import load_pretrained, save_pretrained
+from flextron.model.loading import load_model
+from flextron.model.placement import parse_dtype
 from tests.helpers import tiny_flextron, tiny_hf_dir, tiny_tokenizer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -129,8 +130,8 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys) -> None:
 
 def test_float16_load_keeps_budget_configs(tmp_path) -> None:
     """budget_configs.json's fingerprint rounds to bfloat16: a float16 load checks the file as stored."""
-    from flextron.budget_configs import FILE
-    from flextron.budget_search import choose_budget_configs
+    from flextron.conversion.budget_search import choose_budget_configs
+    from flextron.model.budget_configs import FILE
 
     model = tiny_flextron()
     model.budget_configs = choose_budget_configs(model, torch.randint(3, 300, (2, 16)), progress=False)

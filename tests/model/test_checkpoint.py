@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from flextron.checkpoint import load_pretrained, save_pretrained
-from flextron.convert import convert
-from flextron.loading import load_model
-from flextron.model import FlextronModel
+from flextron.conversion.ranking import convert
+from flextron.model.checkpoint import load_pretrained, save_pretrained
+from flextron.model.elastic_model import FlextronModel
+from flextron.model.loading import load_model
 from tests.helpers import tiny_flextron
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flextron import reference
-from flextron.config import ArchConfig, ModelConfig, arch_for_budget, count_parameters
-from flextron.nn.rope import rope_frequencies
+from flextron.model.config import ArchConfig, ModelConfig, arch_for_budget, count_parameters
+from flextron.model.rope import rope_frequencies
+from flextron.ops import reference
 from tests.helpers import assert_logits_close, flextron_twin, tiny_flextron, tiny_hf_model
 
 VARIANTS = {

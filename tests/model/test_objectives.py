@@ -1,4 +1,4 @@
-"""flextron.objectives: next-token cross-entropy, perplexity and the chunked KD losses, against
+"""flextron.model.objectives: next-token cross-entropy, perplexity and the chunked KD losses, against
 the plain PyTorch formulas they replace (values and gradients)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from flextron import objectives
-from flextron.objectives import PerplexityMeter, distillation_loss, kd_loss, next_token_cross_entropy
+from flextron.model.objectives import PerplexityMeter, distillation_loss, kd_loss, next_token_cross_entropy
 
 # ---- cross-entropy and perplexity
 

@@ -1,4 +1,4 @@
-"""nested_linear against flextron.reference: forward, backward, odd sizes and strides, opcheck,
+"""nested_linear against flextron.ops.reference: forward, backward, odd sizes and strides, opcheck,
 torch.compile and bad input on every device; the CPU's few-rows kernel; on CUDA the GEMM paths
 (the CUTLASS kernel, its cuBLAS fallback), their dispatch and in-place weight reads.
 

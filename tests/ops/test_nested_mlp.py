@@ -1,4 +1,4 @@
-"""nested_mlp against flextron.reference: forward and backward in every dtype, odd sizes,
+"""nested_mlp against flextron.ops.reference: forward and backward in every dtype, odd sizes,
 strided views, opcheck, torch.compile and bad input on every device; on CUDA also the CUTLASS
 prefix GEMMs, their cuBLAS fallback, the fused activation pass and uninitialised memory.
 

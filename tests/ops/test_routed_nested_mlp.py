@@ -1,4 +1,4 @@
-"""routed_nested_mlp against flextron.reference: forward and backward in every dtype and routing
+"""routed_nested_mlp against flextron.ops.reference: forward and backward in every dtype and routing
 pattern, strided views, opcheck and bad input on every device; on the CPU also its tiling, fp32
 against the fp32 reference, torch.compile (aot_eager); on CUDA the grouped CUTLASS path and its
 fallback, CUDA graphs, uninitialised memory, K tails and device asserts.

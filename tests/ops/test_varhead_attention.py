@@ -1,4 +1,4 @@
-"""flextron.ops.varhead_attention against flextron.reference.varhead_attention.
+"""flextron.ops.varhead_attention against flextron.ops.reference.varhead_attention.
 
 Forward and backward (autograd through both), MHA/GQA/MQA, causal and not, prefill
 (Sq == Sk), decode (Sq == 1) and chunked prefill (1 < Sq < Sk), odd sizes, mixed head

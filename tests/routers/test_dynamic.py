@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flextron import ops
-from flextron.config import ArchConfig
+from flextron.model.config import ArchConfig
 from flextron.routers import (
     DynamicRouter,
     LatencyShape,

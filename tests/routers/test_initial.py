@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flextron.config import ArchConfig
+from flextron.model.config import ArchConfig
 from flextron.routers import (
     LatencyShape,
     StaticRouter,
@@ -32,7 +32,7 @@ def test_uniform_init_archs_are_the_uniform_configurations_nearest_each_budget()
 
 
 def test_best_uniform_init_picks_the_lowest_perplexity_among_configurations_of_the_target_latency() -> None:
-    from flextron.evaluate import perplexity
+    from flextron.eval.perplexity import perplexity
 
     torch.manual_seed(0)
     model, table = tiny_flextron(), synthetic_table()

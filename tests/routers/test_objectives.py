@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flextron.config import ArchConfig
+from flextron.model.config import ArchConfig
 from flextron.routers import (
     LatencyShape,
     expected_latency,

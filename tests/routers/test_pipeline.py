@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from flextron.checkpoint import load_pretrained
 from flextron.cli import main
-from flextron.loading import load_model
+from flextron.model.checkpoint import load_pretrained
+from flextron.model.loading import load_model
 from flextron.routers import (
     LUT_FILE,
     BudgetResolver,

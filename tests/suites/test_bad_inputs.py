@@ -191,7 +191,7 @@ def _write_json(path: Path, data) -> None:
 
 def _build_world(root: Path) -> None:
     """The files every case starts from (each case gets its own copy)."""
-    from flextron.checkpoint import save_pretrained
+    from flextron.model.checkpoint import save_pretrained
     from tests.helpers import tiny_flextron, tiny_hf_dir, tiny_tokenizer
 
     tiny_hf_dir(root / "hf")

@@ -41,7 +41,7 @@ def test_sdist_carries_the_extension_sources(sdist: Path) -> None:
 
 @pytest.mark.slow
 def test_sdist_builds_in_a_fresh_venv_and_lists_its_ops(sdist: Path, tmp_path: Path) -> None:
-    """pip install --no-build-isolation of the sdist (CPU kernels only), then python -m flextron.info."""
+    """pip install --no-build-isolation of the sdist (CPU kernels only), then python -m flextron.ops.info."""
     environment = tmp_path / "venv"
     venv.create(environment)  # without pip and setuptools of its own: this environment's serve
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
@@ -59,7 +59,7 @@ def test_sdist_builds_in_a_fresh_venv_and_lists_its_ops(sdist: Path, tmp_path: P
     Path(own_site, "shared-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     # --no-index: every dependency must already be there; nothing is downloaded.
     run("-m", "pip", "install", "-q", "--no-build-isolation", "--no-index", str(sdist))
-    info = run("-m", "flextron.info")
+    info = run("-m", "flextron.ops.info")
     for op in ("nested_linear", "nested_mlp", "route", "routed_nested_mlp", "varhead_attention"):
         assert any(line.split()[:2] == [op, "yes"] for line in info.splitlines()), info
     where = run("-c", "import flextron; print(flextron.__file__)")

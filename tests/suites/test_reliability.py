@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from flextron import outputs
-from flextron.checkpoint import save_pretrained
 from flextron.cli import main
+from flextron.model.checkpoint import save_pretrained
 from flextron.routers import LatencyShape, LatencyTable, ShapeCosts
 from flextron.train.rundir import LOCK_FILE, RunLockedError, check_unlocked, run_lock
 from flextron.train.train_state import LATEST, latest_checkpoint, save_checkpoint
@@ -110,7 +110,7 @@ def test_custom_code_is_refused_even_when_the_terminal_says_yes(tmp_path, config
         # Past our refusal, transformers itself refuses (without asking)...
         from transformers import AutoTokenizer
 
-        from flextron.local_hf import LOCAL_ONLY
+        from flextron.io.local_hf import LOCAL_ONLY
 
         with pytest.raises(ValueError, match="custom code"):
             AutoTokenizer.from_pretrained(str(crafted), **LOCAL_ONLY)
@@ -124,7 +124,7 @@ def test_custom_code_is_refused_even_when_the_terminal_says_yes(tmp_path, config
 def test_a_vanished_directory_is_not_looked_up_on_the_hub(tmp_path, monkeypatch) -> None:
     from transformers import AutoTokenizer
 
-    from flextron.local_hf import LOCAL_ONLY, load_local_tokenizer
+    from flextron.io.local_hf import LOCAL_ONLY, load_local_tokenizer
 
     def no_network(*args, **kwargs):
         raise AssertionError("a network connection was attempted")
@@ -157,7 +157,7 @@ def test_a_runaway_chat_template_fails_within_seconds(tmp_path) -> None:
 
 
 def test_an_oversized_chat_template_output_is_refused() -> None:
-    from flextron.generate import chat_prompt_ids
+    from flextron.eval.generation import chat_prompt_ids
     from flextron.limits import LimitError
 
     tokenizer = tiny_tokenizer()

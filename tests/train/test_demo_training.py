@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from flextron.convert import convert
+from flextron.conversion.ranking import convert
 from flextron.train.demo_training import elastic_phase
 from tests.helpers import tiny_flextron, tiny_tokenizer
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flextron.checkpoint import load_pretrained
+from flextron.model.checkpoint import load_pretrained
 from flextron.train.train_state import (
     flatten_optimizer_state,
     latest_checkpoint,

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flextron.config import ArchConfig, arch_for_budget
-from flextron.model import FlextronModel
-from flextron.objectives import distillation_loss
+from flextron.model.config import ArchConfig, arch_for_budget
+from flextron.model.elastic_model import FlextronModel
+from flextron.model.objectives import distillation_loss
 from flextron.train import NonFiniteLossError, SubnetSampler, TrainConfig, TrainData, train
 from flextron.train.batches import BatchOrder, split_blocks
 from flextron.train.metrics import read_metrics
