@@ -28,15 +28,11 @@ import torch
 
 from flextron.data.blocks import load_blocks
 from flextron.eval.perplexity import frontier_perplexity, pareto_frontier, perplexity
+from flextron.latency.profiling import measure_latency, timed_forward
+from flextron.latency.shape import LatencyShape
 from flextron.model.checkpoint import load_pretrained
 from flextron.model.elastic_model import FlextronModel
-from flextron.routers import (
-    BudgetResolver,
-    LatencyShape,
-    dynamic_perplexity,
-    measure_latency,
-    timed_forward,
-)
+from flextron.routers import BudgetResolver, dynamic_perplexity
 from flextron.timing import times_ms
 
 

@@ -22,9 +22,8 @@ registered with transformers' AutoConfig and AutoModelForCausalLM as soon as tra
 imported, so a Flextron directory loads there too.
 """
 
-__version__ = "0.1.0"
-
 from flextron._lazy import lazy_attributes
+from flextron._version import __version__  # noqa: F401  (the public version)
 from flextron.integrations.auto_registration import register_when_transformers_loads
 
 __all__ = [

@@ -7,11 +7,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from flextron.latency.table import LatencyTable, ShapeCosts
 from flextron.model.config import ModelConfig
 from flextron.model.elastic_model import FlextronModel
 from flextron.model.loading import model_from_hf_weights
 from flextron.ops.extension import _C
-from flextron.routers import LatencyTable, Sampling, ShapeCosts
+from flextron.routers import Sampling
 
 # --- Devices -------------------------------------------------------------------------------------
 

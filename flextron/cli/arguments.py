@@ -143,7 +143,8 @@ def fits_context(flag: str, tokens: int, extra: int = 0) -> Callable[[Any], None
 
 def request_fits(args: argparse.Namespace) -> Callable[[Any], None]:
     """A `load` check: --latency-shape and every --arch configuration fit the model."""
-    from flextron.model.requests import check_arch_file, check_latency_shape
+    from flextron.latency.shape import check_latency_shape
+    from flextron.model.requests import check_arch_file
 
     def check(model) -> None:
         check_latency_shape(model, getattr(args, "latency_shape", None))

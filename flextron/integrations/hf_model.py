@@ -26,11 +26,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from flextron.latency.shape import LatencyShape
 from flextron.model.checkpoint import FORMAT, VERSION, save_pretrained
 from flextron.model.config import ArchConfig, ModelConfig
 from flextron.model.elastic_model import FlextronModel
 from flextron.model.objectives import next_token_cross_entropy
-from flextron.routers import BudgetResolver, LatencyShape, Selection
+from flextron.routers import BudgetResolver, Selection
 
 MODEL_TYPE = "flextron"
 

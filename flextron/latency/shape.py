@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from flextron.model.requests import check_context
+
+if TYPE_CHECKING:
+    from flextron.model.elastic_model import FlextronModel
 
 PHASES = ("prefill", "decode")
 
@@ -69,3 +74,9 @@ def shape_argument(text: str) -> LatencyShape:
         return LatencyShape.parse(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def check_latency_shape(model: FlextronModel, shape: LatencyShape | None) -> None:
+    """A latency shape within the model's context (a decode step adds one token)."""
+    if shape is not None:
+        check_context(model, "--latency-shape length", shape.length, int(shape.phase == "decode"))

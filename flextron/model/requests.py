@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 from flextron.model.config import ArchConfig
 
 if TYPE_CHECKING:
-    from flextron.latency.shape import LatencyShape
     from flextron.model.elastic_model import FlextronModel
 
 
@@ -50,12 +49,6 @@ def check_context(model: FlextronModel, what: str, tokens: int, extra: int = 0) 
             f"{what} {tokens} does not fit the model's context of {context} tokens"
             + (f" (with {extra} more)" if extra else "")
         )
-
-
-def check_latency_shape(model: FlextronModel, shape: LatencyShape | None) -> None:
-    """A latency shape within the model's context (a decode step adds one token)."""
-    if shape is not None:
-        check_context(model, "--latency-shape length", shape.length, int(shape.phase == "decode"))
 
 
 def check_arch_file(model: FlextronModel, path: str | os.PathLike | None) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from flextron import __version__
+from flextron._version import __version__
 from flextron.ops import OP_NAMES, backends
 from flextron.ops.extension import _C
 

@@ -1,11 +1,11 @@
-"""Routers and latency: pick each layer's sub-network for a latency budget, and measure latency.
+"""Routers: pick each layer's sub-network for a budget or latency target (docs/design.md, "Routers").
 
-shape         LatencyShape: the input shape a latency (budget) refers to
-latency       LatencyTable: measured cost of every layer choice, the cost model
-profiling     measuring: profile_latency, measure_latency, check_table (timed by flextron.timing)
+The latency they target is flextron.latency's (shapes, tables, profiling).
+
 base          Router: choices, budget encoder, sessions, initialisation to configurations
 static        StaticRouter: one configuration per budget
 dynamic       DynamicRouter: per-token MLP widths, per-sequence head counts
+sampling      Sampling, the straight-through pick, the RoutingSession protocol
 sessions      routing sessions, the model's `session=`
 objectives    latency expectation and loss, task losses
 files         routers.safetensors / routers.json
@@ -16,18 +16,10 @@ initial       training-only starting configurations
 selection     inference: a budget or latency target -> the sub-network (BudgetResolver)
 evaluation    perplexity of selections
 pipeline      train_routers: what `flextron train-router` runs
+
+Layer 4: may import flextron.latency, flextron.eval, flextron.model and the layers below them.
 """
 
-from flextron.latency.interpolation import interpolation_weights
-from flextron.latency.profiling import (
-    check_table,
-    measure_latency,
-    profile_latency,
-    random_archs,
-    timed_forward,
-)
-from flextron.latency.shape import DEFAULT_SHAPE, PHASES, LatencyShape
-from flextron.latency.table import LUT_FILE, LatencyTable, ShapeCosts
 from flextron.routers.base import BudgetEncoder, Router, default_head_choices, default_mlp_choices
 from flextron.routers.calibration import (
     calibrate_dynamic,
@@ -42,6 +34,7 @@ from flextron.routers.files import ROUTER_KINDS, ROUTERS_FILE, ROUTERS_META_FILE
 from flextron.routers.initial import static_init_archs, uniform_init_archs
 from flextron.routers.objectives import LatencyTarget, expected_latency, latency_loss
 from flextron.routers.pipeline import train_routers
+from flextron.routers.sampling import INFERENCE, RoutingSession, Sampling
 from flextron.routers.selection import (
     METHODS,
     BudgetResolver,
@@ -50,7 +43,7 @@ from flextron.routers.selection import (
     reference_shape,
     uniform_arch_for_latency,
 )
-from flextron.routers.sessions import INFERENCE, DynamicSession, RoutingSession, Sampling, StaticSession
+from flextron.routers.sessions import DynamicSession, StaticSession
 from flextron.routers.static import StaticRouter
 from flextron.routers.training import (
     SurrogateModel,
@@ -61,11 +54,8 @@ from flextron.routers.training import (
 )
 
 __all__ = [
-    "DEFAULT_SHAPE",
     "INFERENCE",
-    "LUT_FILE",
     "METHODS",
-    "PHASES",
     "ROUTERS_FILE",
     "ROUTERS_META_FILE",
     "ROUTER_KINDS",
@@ -73,15 +63,12 @@ __all__ = [
     "BudgetResolver",
     "DynamicRouter",
     "DynamicSession",
-    "LatencyShape",
-    "LatencyTable",
     "LatencyTarget",
     "Router",
     "RouterTrainingConfig",
     "RoutingSession",
     "Sampling",
     "Selection",
-    "ShapeCosts",
     "StaticRouter",
     "StaticSession",
     "SurrogateModel",
@@ -90,24 +77,18 @@ __all__ = [
     "calibrate_dynamic",
     "calibrate_dynamic_measured",
     "calibration_grid",
-    "check_table",
     "default_head_choices",
     "default_mlp_choices",
     "dynamic_perplexity",
     "evaluate_selections",
     "expected_latency",
     "fit_to_latency",
-    "interpolation_weights",
     "latency_loss",
     "load_routers",
-    "measure_latency",
     "measure_routing_overhead",
-    "profile_latency",
-    "random_archs",
     "reference_shape",
     "save_routers",
     "static_init_archs",
-    "timed_forward",
     "train_end_to_end",
     "train_router_surrogate",
     "train_routers",

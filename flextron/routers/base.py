@@ -18,7 +18,7 @@ from torch import nn
 
 from flextron.latency.interpolation import interpolation_weights
 from flextron.model.config import ArchConfig, ModelConfig
-from flextron.routers.sessions import INFERENCE, RoutingSession, Sampling
+from flextron.routers.sampling import INFERENCE, RoutingSession, Sampling
 
 
 def default_mlp_choices(config: ModelConfig, count: int = 8) -> list[int]:

@@ -18,7 +18,7 @@ from flextron.latency.profiling import timed_forward
 from flextron.model.elastic_model import FlextronModel
 from flextron.routers.dynamic import DynamicRouter
 from flextron.routers.objectives import LatencyTarget, usage_features
-from flextron.routers.sessions import RoutingSession
+from flextron.routers.sampling import RoutingSession
 from flextron.timing import times_ms
 
 

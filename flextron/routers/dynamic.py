@@ -23,7 +23,8 @@ from flextron import ops
 from flextron.latency.interpolation import interpolation_weights
 from flextron.model.config import ArchConfig, ModelConfig
 from flextron.routers.base import Router
-from flextron.routers.sessions import INFERENCE, DynamicSession, Sampling
+from flextron.routers.sampling import INFERENCE, Sampling
+from flextron.routers.sessions import DynamicSession
 
 
 def _peaked_bias(choices: Sequence[int], index: int, margin: float) -> torch.Tensor:

@@ -15,7 +15,7 @@ from flextron.latency.shape import DEFAULT_SHAPE, LatencyShape
 from flextron.latency.table import LatencyTable
 from flextron.model.elastic_model import FlextronModel
 from flextron.routers.base import Router
-from flextron.routers.sessions import RoutingSession
+from flextron.routers.sampling import RoutingSession
 
 
 def expected_latency(

@@ -10,66 +10,19 @@ carries the gradient to the router.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
-
 import torch
 
 from flextron import ops
 from flextron.model.config import ArchConfig
 from flextron.model.layers import ElasticAttention, ElasticMLP, KVCache
-
-if TYPE_CHECKING:
-    from flextron.routers.dynamic import DynamicRouter
-    from flextron.routers.static import StaticRouter
-
-
-def gumbel_noise(
-    shape: Sequence[int], generator: torch.Generator | None = None, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Standard Gumbel samples -log(-log(U)), U ~ Uniform(0, 1)."""
-    uniform = torch.rand(tuple(shape), generator=generator).clamp_(1e-10, 1 - 1e-7)
-    return (-torch.log(-torch.log(uniform))).to(device)
-
-
-@dataclass
-class Sampling:
-    """How a routing session draws its choices."""
-
-    tau: float = 1.0  # Gumbel-softmax temperature
-    noise: bool = False  # add Gumbel noise (training) or take the argmax (inference)
-    scale: bool = False  # multiply each chosen path by its probability (training)
-    generator: torch.Generator | None = None
-
-    def __post_init__(self) -> None:
-        if not self.tau > 0:
-            raise ValueError(f"tau must be > 0, got {self.tau}")
-
-
-INFERENCE = Sampling()
-
-
-def pick(logits: torch.Tensor, sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """logits (N, C) -> (choice (N,), probs (N, C) straight-through, scale (N,) or None)."""
-    noise = gumbel_noise(logits.shape, sampling.generator, logits.device) if sampling.noise else None
-    choice, probs, *_ = ops.route(logits, None, noise, sampling.tau, True)
-    scale = probs.gather(1, choice[:, None]).squeeze(1) if sampling.scale else None
-    return choice, probs, scale
-
-
-class RoutingSession(Protocol):
-    """What both kinds of session offer beyond the model's LayerSession calls."""
-
-    def usage(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router outputs per sequence: (mlp probs (B, L, Cm), head probs (B, L, Ch))."""
-        ...
+from flextron.routers.base import Router
+from flextron.routers.sampling import Sampling, gumbel_noise, pick
 
 
 class StaticSession:
     """One static router decision for every sequence: the model's `session=` (a LayerSession)."""
 
-    def __init__(self, router: StaticRouter, mlp_pick: tuple, head_pick: tuple) -> None:
+    def __init__(self, router: Router, mlp_pick: tuple, head_pick: tuple) -> None:
         self.mlp_choice, self.mlp_probs, self.mlp_scale = mlp_pick  # (L,), (L, Cm), (L,) | None
         self.head_choice, self.head_probs, self.head_scale = head_pick  # (L,), (L, Ch), (L,) | None
         self.arch = ArchConfig(
@@ -107,7 +60,7 @@ class DynamicSession:
 
     def __init__(
         self,
-        router: DynamicRouter,
+        router: Router,  # a DynamicRouter
         budget_weights: torch.Tensor,
         offsets: torch.Tensor,
         costs: tuple[torch.Tensor, torch.Tensor],

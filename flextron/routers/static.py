@@ -14,7 +14,8 @@ from torch import nn
 
 from flextron.model.config import ArchConfig, ModelConfig
 from flextron.routers.base import Router
-from flextron.routers.sessions import INFERENCE, Sampling, StaticSession, pick
+from flextron.routers.sampling import INFERENCE, Sampling, pick
+from flextron.routers.sessions import StaticSession
 
 
 class StaticRouter(Router):

@@ -34,7 +34,7 @@ from flextron.model.objectives import kd_loss, next_token_cross_entropy
 from flextron.routers.base import Router
 from flextron.routers.config import RouterTrainingConfig
 from flextron.routers.objectives import LatencyTarget, latency_loss, usage_features
-from flextron.routers.sessions import Sampling
+from flextron.routers.sampling import Sampling
 
 
 class TemperatureSchedule:

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_bench():
-    path = Path(__file__).parents[1] / "benchmarks" / "bench_ops.py"
+    path = Path(__file__).parents[2] / "benchmarks" / "bench_ops.py"
     spec = importlib.util.spec_from_file_location("bench_ops", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from flextron.latency.shape import LatencyShape
 from flextron.model.checkpoint import save_pretrained
-from flextron.routers import DynamicRouter, LatencyShape, StaticRouter, save_routers
+from flextron.routers import DynamicRouter, StaticRouter, save_routers
 from tests.helpers import synthetic_table, tiny_flextron, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

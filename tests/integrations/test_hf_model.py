@@ -145,7 +145,8 @@ def test_directories_without_model_type_still_load(flextron_dir, tmp_path) -> No
 @pytest.mark.usefixtures("one_thread")
 def test_latency_targets_and_routers(tmp_path) -> None:
     """A directory with a latency table and routers: views resolve as `flextron generate` does."""
-    from flextron.routers import BudgetResolver, DynamicRouter, LatencyShape, StaticRouter, save_routers
+    from flextron.latency.shape import LatencyShape
+    from flextron.routers import BudgetResolver, DynamicRouter, StaticRouter, save_routers
     from tests.helpers import synthetic_table
 
     model = tiny_flextron()

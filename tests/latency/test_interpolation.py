@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from flextron.routers import interpolation_weights
+from flextron.latency.interpolation import interpolation_weights
 
 
 def test_weights_are_one_hot_at_points_and_linear_between() -> None:

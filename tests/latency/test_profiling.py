@@ -5,12 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flextron.routers import (
-    LatencyShape,
-    profile_latency,
-    random_archs,
-    timed_forward,
-)
+from flextron.latency.profiling import profile_latency, random_archs, timed_forward
+from flextron.latency.shape import LatencyShape
 from tests.helpers import tiny_flextron
 
 pytestmark = pytest.mark.usefixtures("one_thread")

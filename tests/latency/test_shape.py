@@ -6,8 +6,7 @@ import argparse
 
 import pytest
 
-from flextron.latency.shape import shape_argument
-from flextron.routers import DEFAULT_SHAPE, LatencyShape
+from flextron.latency.shape import DEFAULT_SHAPE, LatencyShape, shape_argument
 
 
 def test_parse_and_format_round_trip() -> None:

@@ -7,12 +7,9 @@ import warnings
 
 import pytest
 
+from flextron.latency.shape import LatencyShape
+from flextron.latency.table import LUT_FILE, LatencyTable
 from flextron.model.config import ArchConfig
-from flextron.routers import (
-    LUT_FILE,
-    LatencyShape,
-    LatencyTable,
-)
 from tests.helpers import synthetic_table, tiny_flextron
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flextron.latency.shape import LatencyShape
 from flextron.model.checkpoint import save_pretrained
-from flextron.routers import DynamicRouter, LatencyShape, StaticRouter, save_routers
+from flextron.routers import DynamicRouter, StaticRouter, save_routers
 from tests.helpers import synthetic_table, tiny_flextron
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flextron.latency.shape import LatencyShape
 from flextron.model.config import ArchConfig
 from flextron.routers import (
     DynamicRouter,
-    LatencyShape,
     LatencyTarget,
     calibrate_dynamic,
     calibrate_dynamic_measured,

@@ -6,12 +6,9 @@ import pytest
 import torch
 
 from flextron import ops
+from flextron.latency.shape import LatencyShape
 from flextron.model.config import ArchConfig
-from flextron.routers import (
-    DynamicRouter,
-    LatencyShape,
-    LatencyTarget,
-)
+from flextron.routers import DynamicRouter, LatencyTarget
 from tests.helpers import TRAIN, blocks, synthetic_table, tiny_flextron, tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")

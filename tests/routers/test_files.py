@@ -5,10 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flextron.routers import (
-    LatencyShape,
-    load_routers,
-)
+from flextron.latency.shape import LatencyShape
+from flextron.routers import load_routers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = LatencyShape("prefill", 1, 16)

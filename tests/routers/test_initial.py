@@ -5,13 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flextron.latency.shape import LatencyShape
 from flextron.model.config import ArchConfig
-from flextron.routers import (
-    LatencyShape,
-    StaticRouter,
-    uniform_arch_for_latency,
-    uniform_init_archs,
-)
+from flextron.routers import StaticRouter, uniform_arch_for_latency, uniform_init_archs
 from tests.helpers import blocks, synthetic_table, tiny_flextron
 
 pytestmark = pytest.mark.usefixtures("one_thread")

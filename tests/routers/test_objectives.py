@@ -5,12 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flextron.latency.shape import LatencyShape
 from flextron.model.config import ArchConfig
-from flextron.routers import (
-    LatencyShape,
-    expected_latency,
-    latency_loss,
-)
+from flextron.routers import expected_latency, latency_loss
 from tests.helpers import synthetic_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,16 +7,11 @@ import json
 import pytest
 
 from flextron.cli import main
+from flextron.latency.shape import LatencyShape
+from flextron.latency.table import LUT_FILE, LatencyTable
 from flextron.model.checkpoint import load_pretrained
 from flextron.model.loading import load_model
-from flextron.routers import (
-    LUT_FILE,
-    BudgetResolver,
-    LatencyShape,
-    LatencyTable,
-    calibration_grid,
-    load_routers,
-)
+from flextron.routers import BudgetResolver, calibration_grid, load_routers
 from tests.helpers import synthetic_table, tiny_flextron, tiny_hf_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,11 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flextron.routers import (
-    BudgetResolver,
-    LatencyShape,
-    fit_to_latency,
-)
+from flextron.latency.shape import LatencyShape
+from flextron.routers import BudgetResolver, fit_to_latency
 from tests.helpers import synthetic_table, tiny_flextron
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,12 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flextron.latency.shape import LatencyShape
 from flextron.model.config import ArchConfig
-from flextron.routers import (
-    LatencyShape,
-    StaticRouter,
-    uniform_init_archs,
-)
+from flextron.routers import StaticRouter, uniform_init_archs
 from tests.helpers import TRAIN, synthetic_table, tiny_flextron, tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")

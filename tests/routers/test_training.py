@@ -8,9 +8,9 @@ from collections import deque
 import pytest
 import torch
 
+from flextron.latency.shape import LatencyShape
 from flextron.routers import (
     DynamicRouter,
-    LatencyShape,
     LatencyTarget,
     RouterTrainingConfig,
     StaticRouter,

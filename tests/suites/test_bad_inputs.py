@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # A place nobody may write to: a read-only directory, or (root ignores permissions) /proc.
 READ_ONLY = "/proc/flextron-read-only" if os.geteuid() == 0 else "{w}/read-only"
 WORKERS = 4

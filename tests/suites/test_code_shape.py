@@ -10,7 +10,7 @@ from pathlib import Path
 
 from flextron.ops import OP_NAMES
 
-PACKAGE = Path(__file__).resolve().parent.parent / "flextron"
+PACKAGE = Path(__file__).resolve().parents[2] / "flextron"
 MAX_LINES = 80  # signature and body
 MAX_POSITIONAL = 6
 

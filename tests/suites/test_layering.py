@@ -1,11 +1,13 @@
-"""No import cycles between flextron modules, and every module imports in a fresh interpreter.
+"""The package's layers point one way, and no modules import each other in a circle.
 
 The graph is read off the source with `ast` (nothing is imported): one node per module under
 flextron/, one edge per `import flextron.x`, `from flextron.x import y`, `from flextron import
-x` or relative import naming another flextron module.  Imports inside functions count too:
-a deferred import that closes a cycle only postpones the cycle to the call.  Imports under
-`if TYPE_CHECKING:` never run and do not count; nor does the implicit import of a module's
-parent packages (every module would otherwise sit in a cycle with flextron/__init__.py).
+x`, relative import naming another flextron module, or module named in a `lazy_attributes`
+table (flextron._lazy).  Imports inside functions count too (a deferred import that closes a
+cycle only postpones the cycle to the call), and so do imports under `if TYPE_CHECKING:` (a
+type that needs a module above it is a layering mistake too).  The implicit import of a
+module's parent packages does not count (every module would otherwise sit in a cycle with
+flextron/__init__.py).  The layers are docs/design.md's "Layers" table.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "flextron"
 NOT_IMPORTED = {"flextron.__main__"}  # running the command line is what importing it does
 OPTIONAL_DEPENDENCIES = {"lm_eval", "datasets"}  # pyproject's extras: a module needing one may skip
@@ -33,16 +35,14 @@ def module_files() -> dict[str, Path]:
 
 
 def _import_statements(tree: ast.Module, deferred: bool) -> list[ast.Import | ast.ImportFrom]:
-    """The module's import statements: top level (inside if/try/with too), and with `deferred`
-    those in function and class bodies as well; never those under `if TYPE_CHECKING:`."""
+    """The module's import statements: top level (inside if/try/with, `if TYPE_CHECKING:` too),
+    and with `deferred` those in function and class bodies as well."""
     found = []
 
     def visit(nodes: list[ast.stmt]) -> None:
         for node in nodes:
             if isinstance(node, ast.Import | ast.ImportFrom):
                 found.append(node)
-            elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-                visit(node.orelse)
             elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
                 if deferred:
                     visit(node.body)
@@ -104,9 +104,79 @@ def import_graph(deferred: bool) -> dict[str, set[str]]:
                 elif files[source].name != "__init__.py" or alias.name in _top_level_names(trees[source]):
                     edges.add(source)
                 # else: a compiled submodule (flextron._C), no source to follow
+        edges |= _lazy_table_modules(tree) & set(files)
         edges.discard(name)
         graph[name] = edges
     return graph
+
+
+def _lazy_table_modules(tree: ast.Module) -> set[str]:
+    """The modules named in a `lazy_attributes(__name__, {name: module})` table."""
+    return {
+        value.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "lazy_attributes"
+        for table in node.args[1:2]
+        if isinstance(table, ast.Dict)
+        for value in table.values
+        if isinstance(value, ast.Constant)
+    }
+
+
+# docs/design.md, "Layers": a module may import its own package and the layers below its own.
+LAYERS = {
+    "flextron._lazy": 0,
+    "flextron._version": 0,
+    "flextron.options": 0,
+    "flextron.timing": 0,
+    "flextron.limits": 0,
+    "flextron.io": 0,
+    "flextron.ops": 1,
+    "flextron.data": 1,
+    "flextron.model": 2,
+    "flextron.eval": 3,
+    "flextron.latency": 3,
+    "flextron.conversion": 4,
+    "flextron.export": 4,
+    "flextron.routers": 4,
+    "flextron.train": 4,
+    "flextron.integrations": 5,
+    "flextron.demo": 5,
+    "flextron.cli": 6,
+    "flextron.__main__": 7,
+    "flextron": 7,
+}
+
+
+def layer_unit(module: str) -> str:
+    """The LAYERS entry a module belongs to: its top-level package or module under flextron."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def test_every_module_has_a_layer() -> None:
+    assert {layer_unit(module) for module in module_files()} <= set(LAYERS)
+
+
+def test_imports_point_down() -> None:
+    upward = [
+        f"{module} (layer {LAYERS[layer_unit(module)]}) imports {imported} "
+        f"(layer {LAYERS[layer_unit(imported)]})"
+        for module, imports in import_graph(deferred=True).items()
+        for imported in imports
+        if layer_unit(imported) != layer_unit(module)
+        and LAYERS[layer_unit(imported)] >= LAYERS[layer_unit(module)]
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_the_layer_test_sees_upward_and_type_checking_imports() -> None:
+    tree = ast.parse(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from flextron.cli import main\n"
+    )
+    assert any(node.module == "flextron.cli" for node in _import_statements(tree, deferred=False))
+    lazy = ast.parse('__getattr__, __dir__ = lazy_attributes(__name__, {"x": "flextron.ops"})')
+    assert _lazy_table_modules(lazy) == {"flextron.ops"}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -142,10 +212,9 @@ def test_find_cycle_reports_the_cycle() -> None:
 
 def test_graph_reads_every_import_form() -> None:
     graph = import_graph(deferred=True)
-    assert (
-        "flextron.model.elastic_model" in graph["flextron.model.checkpoint"]
-    )  # from flextron.model.elastic_model import ...
+    assert "flextron.model.elastic_model" in graph["flextron.model.checkpoint"]  # from a module
     assert "flextron.ops" in graph["flextron.model.elastic_model"]  # from flextron import ops
+    assert "flextron.model.loading" in graph["flextron"]  # a lazy_attributes table
     assert "flextron.train.trainer" in graph["flextron.train"]  # a package's __init__
     assert "flextron" not in graph["flextron.ops.extension"]  # from flextron import _C: compiled
 

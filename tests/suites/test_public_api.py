@@ -9,7 +9,7 @@ import pytest
 
 import flextron
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_public_names_are_documented():

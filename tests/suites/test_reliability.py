@@ -20,13 +20,14 @@ import torch
 
 from flextron import outputs
 from flextron.cli import main
+from flextron.latency.shape import LatencyShape
+from flextron.latency.table import LatencyTable, ShapeCosts
 from flextron.model.checkpoint import save_pretrained
-from flextron.routers import LatencyShape, LatencyTable, ShapeCosts
 from flextron.train.rundir import LOCK_FILE, RunLockedError, check_unlocked, run_lock
 from flextron.train.train_state import LATEST, latest_checkpoint, save_checkpoint
 from tests.helpers import tiny_flextron, tiny_hf_dir, tiny_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {
     **os.environ,
     "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
