@@ -2,7 +2,7 @@
 weights so the most important come first (the permuted full model computes the same
 function; every sub-network is then a prefix).
 
-Importance (DESIGN §1, Minitron-style, forward only, full model):
+Importance (docs/design.md#conversion, Minitron-style, forward only, full model):
   MLP neuron i: a = the input of down_proj (B, S, d_ff);
       s_i = sum over batches and sequences b of (mean_s |a[b, s, i]|)^2;  importance_i = sqrt(s_i).
   Query head h: a = the input of o_proj, viewed (B, S, H, hd); the same per (h, d), then

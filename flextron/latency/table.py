@@ -4,8 +4,8 @@ For every profiled shape (flextron.latency.shape.LatencyShape: prefill of a batc
 or one decode step against a KV cache) the table holds the fixed cost (embedding, rotary
 tables, final norm, LM head) and the per-layer cost of each MLP width and head count
 (flextron.latency.profiling measures them).  Every layer of a (non-heterogeneous) model has
-the same shapes, so one cost per choice serves all layers.  The cost model (DESIGN.md §1
-step 5) is
+the same shapes, so one cost per choice serves all layers.  The cost model
+(docs/design.md#latency-tables) is
 
     latency(arch) = fixed + Σ_l mlp[m_l] + attention[a_l]
 

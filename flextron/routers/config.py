@@ -51,7 +51,7 @@ class RouterTrainingConfig:
     kind: str = option("static", "the router to train", choices=KINDS)
     mode: str = option(
         "surrogate",
-        "surrogate: the SM loop (DESIGN §1 step 5), then --finetune-steps of joint fine-tuning; "
+        "surrogate: the SM loop (docs/design.md#routers), then --finetune-steps of joint fine-tuning; "
         "end-to-end: the baseline without SM; joint: only the joint LLM + router fine-tuning, "
         "from the directory's trained router of --kind; calibrate: only the dynamic router's "
         "latency calibration, of the directory's trained dynamic router",

@@ -1,6 +1,6 @@
 """The static router: budget -> one configuration (per-layer MLP width and head count).
 
-DESIGN.md §1 step 4: budget -> interpolated one-hot over the trained budgets -> Linear ->
+docs/design.md#routers: budget -> interpolated one-hot over the trained budgets -> Linear ->
 LeakyReLU -> Linear -> per-layer logits over MLP widths and head counts.  Its choices are one
 `ArchConfig` per budget, so it serves export as well.
 """

@@ -1,6 +1,6 @@
 """Router training: the surrogate-model (SM) loop, joint fine-tuning, and the end-to-end baseline.
 
-DESIGN.md §1 step 5.  With the LLM frozen, each step samples a budget and a Gumbel choice
+docs/design.md#routers.  With the LLM frozen, each step samples a budget and a Gumbel choice
 from the router, runs the LLM on that choice and records (router output, LM loss).  A small
 MLP, the surrogate model, learns LM loss from router outputs (MSE).  The router is updated
 only while the SM's recent error on fresh samples is under a threshold, to minimise

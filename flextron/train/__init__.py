@@ -1,4 +1,4 @@
-"""Elastic continued training with distillation (DESIGN §1 step 3): `flextron train`.
+"""Elastic continued training with distillation (docs/design.md#elastic-training): `flextron train`.
 
 sampling: which sub-network each micro-batch trains; batches: packed blocks, validation split,
 resumable batch order; trainer: the loop, its loss KD + alpha * CE from flextron.model.objectives;

@@ -1,4 +1,4 @@
-"""The elastic-training loop (DESIGN §1 step 3).
+"""The elastic-training loop (docs/design.md#elastic-training).
 
 Each micro-batch trains one sampled sub-network (flextron.train.sampling) of the student,
 sliced (never masked), against the frozen teacher's logits (computed once per batch,

@@ -23,7 +23,7 @@ VARIANTS = {"gqa": dict(kv_heads=2), "mha": dict(kv_heads=4), "gqa-bias": dict(k
 
 
 def hf_importance(hf, blocks: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
-    """DESIGN §1's formulas, computed with hooks on transformers' down_proj / o_proj inputs."""
+    """docs/design.md#conversion's formulas, computed with hooks on transformers' down_proj / o_proj inputs."""
     sums: dict[str, torch.Tensor] = {}
 
     def hook(name: str, heads: int | None):
