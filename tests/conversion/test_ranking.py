@@ -23,7 +23,8 @@ VARIANTS = {"gqa": dict(kv_heads=2), "mha": dict(kv_heads=4), "gqa-bias": dict(k
 
 
 def hf_importance(hf, blocks: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
-    """docs/design.md#conversion's formulas, computed with hooks on transformers' down_proj / o_proj inputs."""
+    """The importance formulas (docs/design.md#conversion), computed with hooks on transformers'
+    down_proj / o_proj inputs."""
     sums: dict[str, torch.Tensor] = {}
 
     def hook(name: str, heads: int | None):
