@@ -15,6 +15,7 @@ import sys
 
 CHILD = """
 import json, sys, time
+import torch, transformers  # imported before the baseline, as the docstring says
 import flextron
 from flextron.model.placement import parse_dtype
 from flextron.model.loading import load_model
