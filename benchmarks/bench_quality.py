@@ -6,7 +6,7 @@
         --json benchmarks/results/bench_quality.json --plot docs/images/quality.png
 
 Held-out text: the prose fortune files of Debian's `fortunes` package (BSD licence; see
-flextron/corpus.py), disjoint from every training set (13-gram decontamination).  Perplexity
+flextron/data/corpus.py), disjoint from every training set (13-gram decontamination).  Perplexity
 over `--blocks` x `--seq-len` tokens, evenly spaced over it.  Rows, per budget:
 
   flextron     the model at the budget, run by flextron

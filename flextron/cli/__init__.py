@@ -120,3 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flextron {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     return 0
+
+
+def command_options(name: str) -> list[str]:
+    """A command's option strings and positional names, in declaration order (its surface)."""
+    build_parser([name])  # imports the command's module, which registers its arguments
+    return [flag for names, _ in COMMANDS[name][1] for flag in names]

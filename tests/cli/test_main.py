@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from flextron.cli import COMMANDS, main
+from flextron.cli import COMMAND_TABLE, main
 from flextron.model.checkpoint import load_pretrained
 from tests.helpers import assert_logits_close, tiny_hf_dir
 
@@ -29,7 +29,7 @@ def converted(tmp_path_factory):
 
 
 def test_subcommands_exist() -> None:
-    assert {"demo", "convert", "eval", "generate", "export", "info", "bench"} <= set(COMMANDS)
+    assert {"demo", "convert", "eval", "generate", "export", "info", "bench"} <= set(COMMAND_TABLE)
 
 
 def test_convert_writes_a_flextron_directory_equal_to_the_source(converted) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flextron.cli import COMMANDS, main
+from flextron.cli import command_options, main
 from flextron.io.hub import is_hub_id, resolve_model_dir
 from flextron.io.weight_readers import read_safetensors
 from flextron.model.checkpoint import load_pretrained, save_pretrained
@@ -91,8 +91,7 @@ def test_loading_in_a_dtype_matches_casting(tmp_path, dtype) -> None:
 
 def test_dtype_and_device_options_on_every_loading_command() -> None:
     for name in ("convert", "eval", "generate", "export", "profile", "bench"):
-        flags = {names[0] for names, _ in COMMANDS[name][2]}
-        assert {"--dtype", "--device"} <= flags, name
+        assert {"--dtype", "--device"} <= set(command_options(name)), name
 
 
 def test_commands_run_in_bfloat16(tmp_path, capsys) -> None:
