@@ -45,7 +45,13 @@ def _choose(model, args: argparse.Namespace):
     from flextron.routers.selection import choose_configuration
 
     choice = choose_configuration(
-        model, args.model, args.arch, args.budget, args.latency_ms, args.routing, args.latency_shape
+        model,
+        args.model,
+        arch_file=args.arch,
+        budget=args.budget,
+        latency_ms=args.latency_ms,
+        routing=args.routing,
+        shape=args.latency_shape,
     )
     if not isinstance(choice, ArchConfig):
         print(choice.describe(), file=sys.stderr)

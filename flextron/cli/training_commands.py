@@ -62,7 +62,13 @@ def train(args: argparse.Namespace) -> None:
     try:
         model = load(args.model)
         data = training_data(
-            model, args.model, args.data, args.seq_len, args.val_fraction, args.val_blocks, context
+            model,
+            args.model,
+            args.data,
+            seq_len=args.seq_len,
+            val_fraction=args.val_fraction,
+            val_blocks=args.val_blocks,
+            context=context,
         )
         teacher = copy.deepcopy(model)  # the frozen original: also the teacher of a resumed run
         try:

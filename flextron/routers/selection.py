@@ -254,6 +254,7 @@ class BudgetResolver:
 def choose_configuration(
     model: FlextronModel,
     source: str | os.PathLike,
+    *,
     arch_file: str | os.PathLike | None = None,
     budget: float | None = None,
     latency_ms: float | None = None,

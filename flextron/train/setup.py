@@ -33,6 +33,7 @@ def training_data(
     model: FlextronModel,
     source: str,
     data: str,
+    *,
     seq_len: int,
     val_fraction: float,
     val_blocks: int,
