@@ -74,10 +74,11 @@ HEAVY = ("torch", "transformers", "matplotlib", "lm_eval", "datasets")
 
 def _loaded_after(code: str) -> list[str]:
     """The HEAVY modules a fresh interpreter holds after running `code`."""
-    script = f"{code}\nimport sys\nprint(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    script = f"{code}\nimport sys\nprint('loaded:' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    return [name for name in result.stdout.strip().splitlines()[-1].split(",") if name]
+    loaded = result.stdout.strip().splitlines()[-1].removeprefix("loaded:")
+    return [name for name in loaded.split(",") if name]
 
 
 def test_import_flextron_loads_no_heavy_library():
