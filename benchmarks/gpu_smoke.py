@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from flextron import _C, ops, reference
+from flextron import _C, ops
+from flextron.ops import reference
 
 # Relative error (max|ours - fp32| / max|fp32|) allowed: a few roundings of the dtype; a wrong
 # tile, group or band gives O(1).

@@ -12,7 +12,6 @@ import torch
 from flextron.latency.shape import LatencyShape
 from flextron.model.checkpoint import save_pretrained
 from flextron.routers import DynamicRouter, StaticRouter, save_routers
-from tests.helpers import synthetic_table, tiny_flextron, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,7 +24,9 @@ def load_bench():
     return module
 
 
-def test_bench_routers_reports_each_budget_against_the_lut_and_the_full_model_of_the_same_round(tmp_path):
+def test_bench_routers_reports_each_budget_against_the_lut_and_the_full_model_of_the_same_round(
+    synthetic_table, tiny_flextron, tiny_tokenizer, tmp_path
+):
     model = tiny_flextron()
     model.tokenizer = tiny_tokenizer()
     save_pretrained(model, tmp_path / "model")
@@ -70,7 +71,9 @@ def test_bench_routers_reports_each_budget_against_the_lut_and_the_full_model_of
     assert (out / "routers_pareto.png").is_file()
 
 
-def test_bench_routers_at_a_decode_shape_times_one_cached_step(tmp_path):
+def test_bench_routers_at_a_decode_shape_times_one_cached_step(
+    synthetic_table, tiny_flextron, tiny_tokenizer, tmp_path
+):
     model = tiny_flextron()
     model.tokenizer = tiny_tokenizer()
     save_pretrained(model, tmp_path / "model")

@@ -12,11 +12,10 @@ from transformers import LlamaForCausalLM
 
 from flextron.cli import COMMAND_TABLE, main
 from flextron.model.checkpoint import load_pretrained
-from tests.helpers import assert_logits_close, tiny_hf_dir
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(tiny_hf_dir, tmp_path_factory):
     """(HF source dir, converted Flextron dir) of a tiny random model."""
     root = tmp_path_factory.mktemp("cli")
     hf = tiny_hf_dir(root / "hf", kv_heads=2)
@@ -32,7 +31,7 @@ def test_subcommands_exist() -> None:
     assert {"demo", "convert", "eval", "generate", "export", "info", "bench"} <= set(COMMAND_TABLE)
 
 
-def test_convert_writes_a_flextron_directory_equal_to_the_source(converted) -> None:
+def test_convert_writes_a_flextron_directory_equal_to_the_source(assert_logits_close, converted) -> None:
     hf, out = converted
     model = load_pretrained(out)
     assert model.importance and model.tokenizer is not None
@@ -74,7 +73,7 @@ def test_generate_streams_text(converted, capsys) -> None:
     assert capsys.readouterr().out.strip()
 
 
-def test_export_budget_loads_in_transformers(converted, tmp_path) -> None:
+def test_export_budget_loads_in_transformers(assert_logits_close, converted, tmp_path) -> None:
     _, out = converted
     assert main(["export", "--model", str(out), "--budget", "0.5", "--out", str(tmp_path / "small")]) == 0
     hf_small = LlamaForCausalLM.from_pretrained(tmp_path / "small", dtype=torch.float32).eval()

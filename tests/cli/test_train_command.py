@@ -9,11 +9,10 @@ import pytest
 from flextron.cli import main
 from flextron.model.checkpoint import load_pretrained
 from flextron.train.metrics import read_metrics
-from tests.helpers import tiny_hf_dir
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(tiny_hf_dir, tmp_path_factory):
     """(converted Flextron dir, a text file) for a tiny random model."""
     root = tmp_path_factory.mktemp("train-cli")
     tiny_hf_dir(root / "hf", kv_heads=2)

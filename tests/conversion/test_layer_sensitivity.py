@@ -16,11 +16,10 @@ from flextron.conversion.layer_sensitivity import (
 )
 from flextron.model.budget_configs import CalibrationConfig, candidate_archs, fits, weight_limit
 from flextron.model.config import ArchConfig, layer_weights
-from tests.helpers import tiny_flextron
 
 
 @pytest.fixture(scope="module")
-def model_and_blocks():
+def model_and_blocks(tiny_flextron):
     torch.manual_seed(0)
     return tiny_flextron(seed=3), torch.randint(3, 300, (4, 32))
 

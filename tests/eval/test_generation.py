@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from flextron.eval.generation import sample_next, stream_tokens
-from tests.helpers import tiny_flextron
 
 
 @pytest.mark.parametrize("budget", [1.0, 0.5, 0.25])
-def test_cached_greedy_generation_equals_full_recompute(budget: float) -> None:
+def test_cached_greedy_generation_equals_full_recompute(tiny_flextron, budget: float) -> None:
     model = tiny_flextron(kv_heads=2, bias=True)
     arch = model.arch_for_budget(budget)
     prompt = torch.randint(0, 300, (9,))
@@ -24,7 +23,7 @@ def test_cached_greedy_generation_equals_full_recompute(budget: float) -> None:
             ids.append(token)
 
 
-def test_generation_stops_at_stop_id_and_context_end() -> None:
+def test_generation_stops_at_stop_id_and_context_end(tiny_flextron) -> None:
     model = tiny_flextron()
     prompt = torch.randint(0, 300, (5,))
     first = next(stream_tokens(model, prompt, max_new_tokens=4))
@@ -34,7 +33,7 @@ def test_generation_stops_at_stop_id_and_context_end() -> None:
     assert len(list(stream_tokens(model, long_prompt, max_new_tokens=50))) == 3
 
 
-def test_prompt_longer_than_context_or_empty_is_rejected() -> None:
+def test_prompt_longer_than_context_or_empty_is_rejected(tiny_flextron) -> None:
     model = tiny_flextron()
     with pytest.raises(ValueError, match="does not fit the model's context of 128"):
         next(stream_tokens(model, torch.zeros(200, dtype=torch.long)))
@@ -42,7 +41,7 @@ def test_prompt_longer_than_context_or_empty_is_rejected() -> None:
         next(stream_tokens(model, []))
 
 
-def test_sampling_top_p_and_seed() -> None:
+def test_sampling_top_p_and_seed(tiny_flextron) -> None:
     logits = torch.tensor([0.0, 5.0, 4.9, -3.0])
     assert sample_next(logits, 0.0, 1.0, None) == 1
     seen = {sample_next(logits, 1.0, 0.5, torch.Generator().manual_seed(s)) for s in range(20)}
@@ -60,7 +59,7 @@ def test_sampling_top_p_and_seed() -> None:
         sample_next(logits, 1.0, 0.0, None)
 
 
-def test_min_new_tokens_bans_stop_and_special_ids() -> None:
+def test_min_new_tokens_bans_stop_and_special_ids(tiny_flextron) -> None:
     model = tiny_flextron()
     prompt = torch.randint(0, 300, (5,))
     first = next(stream_tokens(model, prompt, max_new_tokens=1))

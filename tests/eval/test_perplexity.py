@@ -17,10 +17,9 @@ from flextron.eval.perplexity import (
     perplexity,
     write_results,
 )
-from tests.helpers import tiny_flextron
 
 
-def test_perplexity_is_exp_of_mean_next_token_loss() -> None:
+def test_perplexity_is_exp_of_mean_next_token_loss(tiny_flextron) -> None:
     model = tiny_flextron()
     blocks = torch.randint(0, 300, (3, 10))
     ppl, tokens_per_s = perplexity(model, blocks, batch_size=2)
@@ -31,7 +30,7 @@ def test_perplexity_is_exp_of_mean_next_token_loss() -> None:
     assert tokens_per_s > 0
 
 
-def test_budget_table_json_and_plot(tmp_path) -> None:
+def test_budget_table_json_and_plot(tiny_flextron, tmp_path) -> None:
     model = tiny_flextron()
     rows = evaluate_archs(
         model, torch.randint(0, 300, (2, 12)), archs_for_budgets(model, [1.0, 0.5]), progress=False

@@ -26,7 +26,6 @@ from flextron.export.gguf import GGUF_TYPES, encode
 from flextron.export.hf import export
 from flextron.model.config import ArchConfig
 from flextron.model.slicing import slice_model
-from tests.helpers import tiny_bpe_tokenizer, tiny_family_model, tiny_flextron
 
 F32_TOLERANCE = 1e-4
 ACTIVATION_FACTOR = {"f16": 2, "bf16": 2, "q8_0": 3}
@@ -38,7 +37,7 @@ ARCHS = {  # name -> the configuration of a model to export
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(tiny_bpe_tokenizer, tiny_flextron):
     """The tiny GQA model (vocab 300) with a trained byte-level BPE tokenizer."""
     model = tiny_flextron(kv_heads=2)
     model.tokenizer = tiny_bpe_tokenizer()
@@ -138,7 +137,9 @@ def test_greedy_32_tokens_at_f32_are_identical(model, llama, tmp_path, shape: st
 
 
 @pytest.mark.parametrize("split_digits", [True, False], ids=["smollm", "gpt-2"])
-def test_llama_cpp_tokenizes_like_the_model(llama, tmp_path, split_digits: bool) -> None:
+def test_llama_cpp_tokenizes_like_the_model(
+    tiny_bpe_tokenizer, tiny_flextron, llama, tmp_path, split_digits: bool
+) -> None:
     model = tiny_flextron(kv_heads=2)
     tokenizer = model.tokenizer = tiny_bpe_tokenizer(split_digits=split_digits)
     export(model, model.arch_for_budget(0.5), tmp_path, format="gguf", gguf_type="f16")
@@ -205,7 +206,9 @@ def test_round_trip_through_transformers_gguf_loader(model, tmp_path, gguf_type:
             torch.testing.assert_close(hf(ids).logits, rounded, rtol=0, atol=1e-4 * reference.abs().max())
 
 
-def test_qwen2_with_every_head_is_llama_cpp_qwen2_and_round_trips(llama, tmp_path) -> None:
+def test_qwen2_with_every_head_is_llama_cpp_qwen2_and_round_trips(
+    tiny_bpe_tokenizer, tiny_family_model, llama, tmp_path
+) -> None:
     from transformers import AutoModelForCausalLM
 
     hf, model = tiny_family_model("qwen2")
@@ -225,7 +228,9 @@ def test_qwen2_with_every_head_is_llama_cpp_qwen2_and_round_trips(llama, tmp_pat
 
 @pytest.mark.parametrize("variant", ["qwen2", "mistral", "llama-bias-tied"])
 @pytest.mark.parametrize("shape", list(ARCHS))
-def test_families_and_biases_run_in_llama_cpp(llama, tmp_path, variant: str, shape: str) -> None:
+def test_families_and_biases_run_in_llama_cpp(
+    tiny_bpe_tokenizer, tiny_family_model, tiny_flextron, llama, tmp_path, variant: str, shape: str
+) -> None:
     if variant == "llama-bias-tied":
         model = tiny_flextron(kv_heads=2, bias=True, tied=True)
     else:
@@ -242,7 +247,9 @@ def test_families_and_biases_run_in_llama_cpp(llama, tmp_path, variant: str, sha
         assert max_error(llama_logits(llm, ids), model(torch.tensor([ids]), arch)[0]) <= F32_TOLERANCE
 
 
-def test_llama3_rope_scaling_goes_in_as_frequency_factors(llama, tmp_path) -> None:
+def test_llama3_rope_scaling_goes_in_as_frequency_factors(
+    tiny_bpe_tokenizer, tiny_flextron, llama, tmp_path
+) -> None:
     scaling = {
         "rope_type": "llama3",
         "factor": 8.0,
@@ -269,8 +276,9 @@ def test_llama3_rope_scaling_goes_in_as_frequency_factors(llama, tmp_path) -> No
         ("yarn", "YaRN"),
     ],
 )
-def test_gguf_export_refuses_what_llama_cpp_cannot_hold(tmp_path, change: str, message: str) -> None:
-    from tests.helpers import tiny_tokenizer
+def test_gguf_export_refuses_what_llama_cpp_cannot_hold(
+    tiny_tokenizer, tiny_bpe_tokenizer, tiny_flextron, tmp_path, change: str, message: str
+) -> None:
 
     model = tiny_flextron(kv_heads=2)
     model.tokenizer = {"no tokenizer": None, "no merges": tiny_tokenizer()}.get(change, tiny_bpe_tokenizer())
@@ -280,9 +288,8 @@ def test_gguf_export_refuses_what_llama_cpp_cannot_hold(tmp_path, change: str, m
         export(model, model.arch_for_budget(0.5), tmp_path, format="gguf")
 
 
-def test_export_command_gguf(tmp_path, capsys) -> None:
+def test_export_command_gguf(tiny_hf_dir, tiny_bpe_tokenizer, tmp_path, capsys) -> None:
     from flextron.cli import main
-    from tests.helpers import tiny_hf_dir
 
     tiny_hf_dir(tmp_path / "hf", kv_heads=2)
     tiny_bpe_tokenizer().save_pretrained(tmp_path / "hf")  # (the default tiny tokenizer has no merges)

@@ -13,13 +13,14 @@ from flextron.conversion.ranking import convert
 from flextron.export.hf import export
 from flextron.model.checkpoint import load_pretrained, save_pretrained
 from flextron.model.config import ArchConfig
-from tests.helpers import assert_logits_close, tiny_family_model, tiny_flextron
 
 VARIANTS = [dict(kv_heads=2), dict(kv_heads=4, bias=True, tied=True)]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=["gqa", "mha-bias-tied"])
-def test_uniform_export_loads_in_transformers_and_matches(tmp_path, variant: dict) -> None:
+def test_uniform_export_loads_in_transformers_and_matches(
+    assert_logits_close, tiny_flextron, tmp_path, variant: dict
+) -> None:
     model = tiny_flextron(**variant)
     convert(model, torch.randint(0, 300, (2, 16)), progress=False)
     arch = model.arch_for_budget(0.5)
@@ -33,7 +34,7 @@ def test_uniform_export_loads_in_transformers_and_matches(tmp_path, variant: dic
         assert_logits_close(hf(ids).logits, model(ids, arch))
 
 
-def test_per_layer_export_is_a_flextron_directory(tmp_path) -> None:
+def test_per_layer_export_is_a_flextron_directory(tiny_flextron, tmp_path) -> None:
     model = tiny_flextron(kv_heads=2)
     arch = ArchConfig((64, 192), (4, 2))
     assert export(model, arch, tmp_path) == "flextron"
@@ -48,7 +49,9 @@ def test_per_layer_export_is_a_flextron_directory(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=["gqa", "mha-bias-tied"])
-def test_padded_per_layer_export_loads_in_transformers_and_matches(tmp_path, variant: dict) -> None:
+def test_padded_per_layer_export_loads_in_transformers_and_matches(
+    assert_logits_close, tiny_flextron, tmp_path, variant: dict
+) -> None:
     model = tiny_flextron(**variant)
     arch = ArchConfig((64, 192), (4, 2))
     assert export(model, arch, tmp_path, format="hf", pad_layers=True) == "hf"
@@ -65,7 +68,7 @@ def test_padded_per_layer_export_loads_in_transformers_and_matches(tmp_path, var
     assert "zero-padded to the widest (MLP 192, 4 heads)" in (tmp_path / "README.md").read_text()
 
 
-def test_export_command_pads_a_per_layer_configuration(tmp_path, capsys) -> None:
+def test_export_command_pads_a_per_layer_configuration(tiny_flextron, tmp_path, capsys) -> None:
     from flextron.cli import main
 
     save_pretrained(tiny_flextron(kv_heads=2), tmp_path / "model")
@@ -79,14 +82,16 @@ def test_export_command_pads_a_per_layer_configuration(tmp_path, capsys) -> None
     assert (tmp_path / "padded" / "config.json").is_file()
 
 
-def test_partial_kv_groups_cannot_be_exported(tmp_path) -> None:
+def test_partial_kv_groups_cannot_be_exported(tiny_flextron, tmp_path) -> None:
     model = tiny_flextron(kv_heads=2)
     with pytest.raises(ValueError, match="whole KV groups"):
         export(model, ArchConfig((64, 64), (3, 3)), tmp_path)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])
-def test_qwen2_and_mistral_export_to_their_own_classes(tmp_path, family: str) -> None:
+def test_qwen2_and_mistral_export_to_their_own_classes(
+    assert_logits_close, tiny_family_model, tmp_path, family: str
+) -> None:
     from transformers import AutoModelForCausalLM
 
     hf, model = tiny_family_model(family)
@@ -105,7 +110,7 @@ def test_qwen2_and_mistral_export_to_their_own_classes(tmp_path, family: str) ->
     assert load_pretrained(tmp_path / "elastic").config.model_type == family
 
 
-def test_bf16_export_is_half_the_size_and_close(tmp_path) -> None:
+def test_bf16_export_is_half_the_size_and_close(tiny_flextron, tmp_path) -> None:
     model = tiny_flextron(kv_heads=2)
     arch = model.arch_for_budget(0.5)
     export(model, arch, tmp_path / "f32")
@@ -121,7 +126,9 @@ def test_bf16_export_is_half_the_size_and_close(tmp_path) -> None:
         torch.testing.assert_close(hf.float()(ids).logits, model(ids, arch), rtol=0, atol=0.05)
 
 
-def test_sharded_export_with_index_and_generation_config(tmp_path) -> None:
+def test_sharded_export_with_index_and_generation_config(
+    assert_logits_close, tiny_flextron, tmp_path
+) -> None:
     from transformers import GenerationConfig
 
     from flextron.model.loading import load_hf_dir
@@ -142,9 +149,8 @@ def test_sharded_export_with_index_and_generation_config(tmp_path) -> None:
         assert_logits_close(load_hf_dir(tmp_path)(ids), model(ids, arch))
 
 
-def test_export_command_writes_a_model_card(tmp_path) -> None:
+def test_export_command_writes_a_model_card(tiny_hf_dir, tmp_path) -> None:
     from flextron.cli import main
-    from tests.helpers import tiny_hf_dir
 
     tiny_hf_dir(tmp_path / "hf", kv_heads=2)
     out = tmp_path / "half"
@@ -185,7 +191,7 @@ def test_export_command_writes_a_model_card(tmp_path) -> None:
         (dict(format="onnx"), "format must be one of"),
     ],
 )
-def test_export_refuses_bad_combinations(tmp_path, kwargs: dict, message: str) -> None:
+def test_export_refuses_bad_combinations(tiny_flextron, tmp_path, kwargs: dict, message: str) -> None:
     model = tiny_flextron(kv_heads=2)
     arch = kwargs.pop("arch", model.arch_for_budget(0.5))
     with pytest.raises(ValueError, match=message):

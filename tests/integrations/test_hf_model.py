@@ -13,11 +13,10 @@ from flextron.integrations.hf_model import FlextronConfig, FlextronForCausalLM
 from flextron.model.checkpoint import load_pretrained, save_pretrained
 from flextron.model.config import ArchConfig
 from flextron.model.elastic_model import FlextronModel
-from tests.helpers import assert_logits_close, tiny_flextron, tiny_hf_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
-def flextron_dir(tmp_path_factory):
+def flextron_dir(tiny_flextron, tiny_tokenizer, tmp_path_factory):
     """A tiny Flextron directory (GQA: 4 heads in 2 KV groups) with a tokenizer."""
     path = tmp_path_factory.mktemp("hf_model") / "model"
     model = tiny_flextron(kv_heads=2)
@@ -75,7 +74,7 @@ def test_left_padded_batch_generates_as_one_by_one(flextron_dir, budget) -> None
         assert new.tolist() == single[0, alone.input_ids.shape[1] :].tolist()
 
 
-def test_padded_logits_equal_transformers_llama() -> None:
+def test_padded_logits_equal_transformers_llama(assert_logits_close, tiny_flextron, tiny_hf_model) -> None:
     """Padding mask and positions as transformers' own Llama computes them."""
     hf = tiny_hf_model(kv_heads=2)
     model = FlextronForCausalLM.from_flextron(tiny_flextron(kv_heads=2))
@@ -88,7 +87,7 @@ def test_padded_logits_equal_transformers_llama() -> None:
     assert_logits_close(ours[1], theirs[1])
 
 
-def test_cache_continues_the_sequence(flextron_dir) -> None:
+def test_cache_continues_the_sequence(assert_logits_close, flextron_dir) -> None:
     model = AutoModelForCausalLM.from_pretrained(flextron_dir).at(0.5)
     ids = torch.randint(3, 300, (2, 12))
     with torch.no_grad():
@@ -143,11 +142,10 @@ def test_directories_without_model_type_still_load(flextron_dir, tmp_path) -> No
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_latency_targets_and_routers(tmp_path) -> None:
+def test_latency_targets_and_routers(synthetic_table, tiny_flextron, tmp_path) -> None:
     """A directory with a latency table and routers: views resolve as `flextron generate` does."""
     from flextron.latency.shape import LatencyShape
     from flextron.routers import BudgetResolver, DynamicRouter, StaticRouter, save_routers
-    from tests.helpers import synthetic_table
 
     model = tiny_flextron()
     save_pretrained(model, tmp_path)

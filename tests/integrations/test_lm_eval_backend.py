@@ -19,13 +19,14 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from flextron.cli import main  # noqa: E402
 from flextron.integrations.lm_eval_backend import TASKS_DIR, FlextronLM  # noqa: E402
 from flextron.model.checkpoint import load_pretrained
-from tests.helpers import tiny_hf_dir  # noqa: E402
+
+# noqa: E402
 
 TASKS = ["flextron_tiny_choice", "flextron_tiny_rolling", "flextron_tiny_generate"]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tiny_hf_dir, tmp_path_factory):
     """Directories: the HF source, its Flextron conversion, and the budget-0.5 export."""
     root = tmp_path_factory.mktemp("lm_eval")
     tiny_hf_dir(root / "hf", kv_heads=2)

@@ -16,7 +16,6 @@ from flextron.io.weight_readers import read_safetensors
 from flextron.model.checkpoint import load_pretrained, save_pretrained
 from flextron.model.loading import load_model
 from flextron.model.placement import parse_dtype
-from tests.helpers import tiny_flextron, tiny_hf_dir, tiny_tokenizer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -32,7 +31,9 @@ def fill_cache(hf_home: Path, repo_id: str, write) -> Path:
     return snapshot
 
 
-def test_hub_ids_load_offline_from_a_filled_cache(tmp_path) -> None:
+def test_hub_ids_load_offline_from_a_filled_cache(
+    tiny_flextron, tiny_hf_dir, tiny_tokenizer, tmp_path
+) -> None:
     home = tmp_path / "hf_home"
     fill_cache(home, "tiny-org/tiny-llama", lambda path: tiny_hf_dir(path, kv_heads=2))
 
@@ -72,7 +73,7 @@ def test_local_paths_are_not_hub_ids(tmp_path, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_loading_in_a_dtype_matches_casting(tmp_path, dtype) -> None:
+def test_loading_in_a_dtype_matches_casting(tiny_hf_dir, tmp_path, dtype) -> None:
     tiny_hf_dir(tmp_path / "hf", kv_heads=2)
     full = load_model(tmp_path / "hf")
     cast = load_model(tmp_path / "hf", parse_dtype(dtype))
@@ -94,7 +95,7 @@ def test_dtype_and_device_options_on_every_loading_command() -> None:
         assert {"--dtype", "--device"} <= set(command_options(name)), name
 
 
-def test_commands_run_in_bfloat16(tmp_path, capsys) -> None:
+def test_commands_run_in_bfloat16(tiny_hf_dir, tmp_path, capsys) -> None:
     tiny_hf_dir(tmp_path / "hf", kv_heads=2)
     source = str(tmp_path / "hf")
     assert main(["generate", "--model", source, "--dtype", "bfloat16", "hello", "--max-new-tokens", "4"]) == 0
@@ -121,13 +122,13 @@ def test_commands_run_in_bfloat16(tmp_path, capsys) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
-def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys) -> None:
+def test_cuda_without_a_gpu_is_a_clear_error(tiny_hf_dir, tmp_path, capsys) -> None:
     tiny_hf_dir(tmp_path / "hf")
     assert main(["generate", "--model", str(tmp_path / "hf"), "--device", "cuda", "hi"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
 
 
-def test_float16_load_keeps_budget_configs(tmp_path) -> None:
+def test_float16_load_keeps_budget_configs(tiny_flextron, tmp_path) -> None:
     """budget_configs.json's fingerprint rounds to bfloat16: a float16 load checks the file as stored."""
     from flextron.conversion.budget_search import choose_budget_configs
     from flextron.model.budget_configs import FILE

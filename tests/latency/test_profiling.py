@@ -7,12 +7,11 @@ import torch
 
 from flextron.latency.profiling import profile_latency, random_archs, timed_forward
 from flextron.latency.shape import LatencyShape
-from tests.helpers import tiny_flextron
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_profile_tiny_model_covers_every_choice_and_shape() -> None:
+def test_profile_tiny_model_covers_every_choice_and_shape(tiny_flextron) -> None:
     model = tiny_flextron()
     table = profile_latency(
         model, prefill_shapes=[(1, 8), (2, 8)], decode_shapes=[(1, 16)], repeats=2, warmup=1
@@ -30,7 +29,7 @@ def test_profile_tiny_model_covers_every_choice_and_shape() -> None:
         assert table.predict(arch, LatencyShape("decode", 1, 16)) > 0
 
 
-def test_profile_rejects_bad_shapes_and_choices() -> None:
+def test_profile_rejects_bad_shapes_and_choices(tiny_flextron) -> None:
     model = tiny_flextron()
     with pytest.raises(ValueError, match="must be positive and fit the context"):
         profile_latency(model, prefill_shapes=[(1, 4096)], decode_shapes=[], repeats=1)
@@ -38,7 +37,9 @@ def test_profile_rejects_bad_shapes_and_choices() -> None:
         profile_latency(model, mlp_choices=[100], repeats=1)
 
 
-def test_timed_forward_runs_last_position_logits_and_decodes_the_last_token_at_a_fixed_context() -> None:
+def test_timed_forward_runs_last_position_logits_and_decodes_the_last_token_at_a_fixed_context(
+    tiny_flextron,
+) -> None:
     model = tiny_flextron()
     ids = torch.randint(3, 300, (2, 9))
     arch = model.arch_for_budget(0.5)

@@ -10,12 +10,11 @@ import pytest
 from flextron.latency.shape import LatencyShape
 from flextron.latency.table import LUT_FILE, LatencyTable
 from flextron.model.config import ArchConfig
-from tests.helpers import synthetic_table, tiny_flextron
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_predict_is_fixed_plus_per_layer_choices() -> None:
+def test_predict_is_fixed_plus_per_layer_choices(synthetic_table) -> None:
     table = synthetic_table()
     arch = ArchConfig((64, 256), (2, 4))
     # fixed 2 + mlp (1 + 4) + heads (1 + 2)
@@ -23,7 +22,7 @@ def test_predict_is_fixed_plus_per_layer_choices() -> None:
     assert table.predict(arch, LatencyShape("prefill", 2, 32)) == pytest.approx(40.0)
 
 
-def test_costs_interpolate_between_profiled_shapes_and_choices() -> None:
+def test_costs_interpolate_between_profiled_shapes_and_choices(synthetic_table) -> None:
     table = synthetic_table()
     arch = ArchConfig((64, 256), (2, 4))
     # Length 24 is halfway between 16 and 32; batch 2 length 24 likewise; width 96 between 64 and 128.
@@ -36,7 +35,7 @@ def test_costs_interpolate_between_profiled_shapes_and_choices() -> None:
     assert table.predict(arch, LatencyShape("prefill", 1, 48)) == pytest.approx(30.0)
 
 
-def test_target_outside_the_achievable_range_names_the_range() -> None:
+def test_target_outside_the_achievable_range_names_the_range(synthetic_table, tiny_flextron) -> None:
     table = synthetic_table()
     model = tiny_flextron()
     low, high = table.latency_range(model.config, LatencyShape("prefill", 1, 16))
@@ -47,7 +46,7 @@ def test_target_outside_the_achievable_range_names_the_range() -> None:
             table.check_target(bad, model.config, LatencyShape("prefill", 1, 16))
 
 
-def test_bad_phase_and_missing_measurements() -> None:
+def test_bad_phase_and_missing_measurements(synthetic_table) -> None:
     table = synthetic_table()
     arch = ArchConfig((64, 64), (2, 2))
     with pytest.raises(ValueError, match="phase must be one of"):
@@ -59,7 +58,7 @@ def test_bad_phase_and_missing_measurements() -> None:
         table.predict(ArchConfig((64,) * 3, (2,) * 3))
 
 
-def test_save_load_round_trip_and_device_warning(tmp_path) -> None:
+def test_save_load_round_trip_and_device_warning(synthetic_table, tmp_path) -> None:
     table = synthetic_table()
     written = table.save(tmp_path)
     assert written == tmp_path / LUT_FILE
@@ -78,14 +77,14 @@ def test_save_load_round_trip_and_device_warning(tmp_path) -> None:
         LatencyTable.load(tmp_path / "missing")
 
 
-def test_table_of_another_model_is_rejected() -> None:
+def test_table_of_another_model_is_rejected(synthetic_table, tiny_flextron) -> None:
     table = synthetic_table()
     table.num_layers = 30
     with pytest.raises(ValueError, match="measured for"):
         table.check_model(tiny_flextron().config)
 
 
-def test_thread_count_mismatch_warns(tmp_path) -> None:
+def test_thread_count_mismatch_warns(synthetic_table, tmp_path) -> None:
     table = synthetic_table()
     table.threads = 2
     table.save(tmp_path)

@@ -19,11 +19,10 @@ from flextron.model.budget_configs import (
 from flextron.model.checkpoint import load_pretrained, save_pretrained
 from flextron.model.config import ArchConfig, arch_for_budget
 from flextron.train.sampling import SubnetSampler
-from tests.helpers import tiny_flextron
 
 
 @pytest.fixture
-def model_and_blocks():
+def model_and_blocks(tiny_flextron):
     torch.manual_seed(0)
     model = tiny_flextron(seed=3)
     blocks = torch.randint(3, 300, (4, 32))
@@ -74,7 +73,7 @@ def test_saved_choices_are_used_and_survive_save_and_training_checkpoints(model_
     assert load_pretrained(tmp_path / "trained").arch_for_budget(0.5) == other
 
 
-def test_stale_and_foreign_files_are_refused(model_and_blocks, tmp_path) -> None:
+def test_stale_and_foreign_files_are_refused(tiny_flextron, model_and_blocks, tmp_path) -> None:
     model, blocks = model_and_blocks
     model.budget_configs = choose_budget_configs(
         model, blocks, CalibrationConfig(budgets=(0.5,)), progress=False
@@ -112,9 +111,8 @@ def test_a_budget_that_nothing_fits_names_the_achievable_budgets(model_and_block
     assert resolve_budget(model.config, 1.0, None) == ArchConfig.full(model.config)
 
 
-def test_cli_convert_saves_choices_that_export_and_info_use(tmp_path, capsys) -> None:
+def test_cli_convert_saves_choices_that_export_and_info_use(tiny_hf_dir, tmp_path, capsys) -> None:
     from flextron.cli import main
-    from tests.helpers import tiny_hf_dir
 
     tiny_hf_dir(tmp_path / "hf", kv_heads=2)
     out = tmp_path / "converted"

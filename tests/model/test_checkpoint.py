@@ -11,11 +11,10 @@ from flextron.conversion.ranking import convert
 from flextron.model.checkpoint import load_pretrained, save_pretrained
 from flextron.model.elastic_model import FlextronModel
 from flextron.model.loading import load_model
-from tests.helpers import tiny_flextron
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_round_trip_is_exact(tmp_path, tied: bool) -> None:
+def test_round_trip_is_exact(tiny_flextron, tmp_path, tied: bool) -> None:
     model = tiny_flextron(kv_heads=2, bias=True, tied=tied)
     convert(model, torch.randint(0, 300, (2, 16)), progress=False)
     save_pretrained(model, tmp_path)
@@ -35,7 +34,7 @@ def test_round_trip_is_exact(tmp_path, tied: bool) -> None:
     assert isinstance(load_model(tmp_path), FlextronModel)
 
 
-def test_missing_and_corrupt_files_give_clear_errors(tmp_path) -> None:
+def test_missing_and_corrupt_files_give_clear_errors(tiny_flextron, tmp_path) -> None:
     save_pretrained(tiny_flextron(), tmp_path)
     with pytest.raises(FileNotFoundError, match="not found"):
         load_pretrained(tmp_path / "nowhere")
@@ -56,7 +55,7 @@ def test_missing_and_corrupt_files_give_clear_errors(tmp_path) -> None:
         load_pretrained(tmp_path)
 
 
-def test_weights_that_do_not_match_the_config_are_rejected(tmp_path) -> None:
+def test_weights_that_do_not_match_the_config_are_rejected(tiny_flextron, tmp_path) -> None:
     save_pretrained(tiny_flextron(), tmp_path)
     meta = json.loads((tmp_path / "config.json").read_text())
     meta["model"]["num_layers"] = 3

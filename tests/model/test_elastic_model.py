@@ -8,7 +8,6 @@ import torch
 from flextron.model.config import ArchConfig, ModelConfig, arch_for_budget, count_parameters
 from flextron.model.rope import rope_frequencies
 from flextron.ops import reference
-from tests.helpers import assert_logits_close, flextron_twin, tiny_flextron, tiny_hf_model
 
 VARIANTS = {
     "gqa": dict(kv_heads=2),
@@ -19,7 +18,9 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_full_model_matches_transformers(variant: str) -> None:
+def test_full_model_matches_transformers(
+    assert_logits_close, flextron_twin, tiny_hf_model, variant: str
+) -> None:
     hf = tiny_hf_model(**VARIANTS[variant])
     model = flextron_twin(hf)
     ids = torch.randint(0, 300, (2, 37))
@@ -42,7 +43,9 @@ def test_full_model_matches_transformers(variant: str) -> None:
     ],
     ids=lambda r: r["rope_type"],
 )
-def test_rope_scaling_matches_transformers(rope: dict) -> None:
+def test_rope_scaling_matches_transformers(
+    assert_logits_close, flextron_twin, tiny_hf_model, rope: dict
+) -> None:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     hf = tiny_hf_model(rope_parameters={"rope_theta": 500.0, **rope})
@@ -55,7 +58,7 @@ def test_rope_scaling_matches_transformers(rope: dict) -> None:
         assert_logits_close(flextron_twin(hf)(ids), hf(ids).logits)
 
 
-def test_sub_network_is_the_sliced_dense_model() -> None:
+def test_sub_network_is_the_sliced_dense_model(tiny_flextron) -> None:
     """A smaller configuration equals running the prefix weights as a plain model."""
     model = tiny_flextron(kv_heads=2)
     arch = ArchConfig((64, 192), (2, 4))
@@ -81,7 +84,7 @@ def test_sub_network_is_the_sliced_dense_model() -> None:
         torch.testing.assert_close(model(ids, arch), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_per_sequence_heads_match_separate_runs() -> None:
+def test_per_sequence_heads_match_separate_runs(tiny_flextron) -> None:
     model = tiny_flextron(kv_heads=2)
     ids = torch.randint(0, 300, (2, 11))
     with torch.no_grad():
@@ -116,13 +119,13 @@ def test_budget_rule_smollm2_shapes() -> None:
 
 
 @pytest.mark.parametrize("budget", [0.0, -0.5, 1.5, float("nan"), "half"])
-def test_budget_outside_range_is_rejected(budget) -> None:
+def test_budget_outside_range_is_rejected(tiny_flextron, budget) -> None:
     model = tiny_flextron()
     with pytest.raises(ValueError, match="budget"):
         model.arch_for_budget(budget)
 
 
-def test_bad_arch_and_inputs_are_rejected() -> None:
+def test_bad_arch_and_inputs_are_rejected(tiny_flextron) -> None:
     model = tiny_flextron()
     ids = torch.randint(0, 300, (1, 5))
     with pytest.raises(ValueError, match="MLP width 512"):
@@ -135,7 +138,7 @@ def test_bad_arch_and_inputs_are_rejected() -> None:
         ModelConfig.from_hf({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
 
 
-def test_kv_cache_decode_equals_full_recompute() -> None:
+def test_kv_cache_decode_equals_full_recompute(tiny_flextron) -> None:
     model = tiny_flextron(kv_heads=2, bias=True)
     arch = model.arch_for_budget(0.5)
     ids = torch.randint(0, 300, (2, 16))

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flextron import objectives
+from flextron.model import objectives
 from flextron.model.objectives import PerplexityMeter, distillation_loss, kd_loss, next_token_cross_entropy
 
 # ---- cross-entropy and perplexity

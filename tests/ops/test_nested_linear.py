@@ -14,7 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flextron import ops, reference
+from flextron import ops
+from flextron.ops import reference
 from tests.helpers import (
     DEVICES,
     assert_as_accurate_as_torch,

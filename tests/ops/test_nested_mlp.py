@@ -13,7 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flextron import ops, reference
+from flextron import ops
+from flextron.ops import reference
 from tests.helpers import DEVICES, assert_matches_reference, cuda_kernel_names, cuda_only, poison_cuda_cache
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flextron import ops, reference
+from flextron import ops
+from flextron.ops import reference
 from tests.helpers import DEVICES, cuda_only
 
 INDEX_OUTPUTS = (0, 2, 3, 4)  # choice, perm, inv_perm, offsets

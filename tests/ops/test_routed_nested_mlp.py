@@ -23,7 +23,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flextron import _C, ops, reference
+from flextron import _C, ops
+from flextron.ops import reference
 from tests.helpers import DEVICES, assert_as_accurate_as_torch, cuda_kernel_names, cuda_only
 
 ACTIVATIONS = reference.ACTIVATIONS

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flextron import ops, reference
+from flextron import ops
+from flextron.ops import reference
 from tests.helpers import (
     CUDA_MARKS,
     DEVICES,

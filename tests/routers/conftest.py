@@ -7,12 +7,11 @@ import torch
 
 from flextron.latency.shape import LatencyShape
 from flextron.model.checkpoint import save_pretrained
-from flextron.routers import DynamicRouter, StaticRouter, save_routers
-from tests.helpers import synthetic_table, tiny_flextron
+from flextron.routers import DynamicRouter, Sampling, StaticRouter, save_routers
 
 
 @pytest.fixture
-def model_dir(tmp_path):
+def model_dir(synthetic_table, tiny_flextron, tmp_path):
     """A tiny model directory with the synthetic latency table and both routers (at prefill:1x16)."""
     model = tiny_flextron()
     save_pretrained(model, tmp_path)
@@ -24,3 +23,9 @@ def model_dir(tmp_path):
     }
     save_routers(tmp_path, routers, LatencyShape("prefill", 1, 16))
     return model, tmp_path, routers
+
+
+@pytest.fixture(scope="session")
+def train_sampling() -> Sampling:
+    """The routers' training-time sampling: Gumbel noise, scaled paths, tau 1."""
+    return Sampling(tau=1.0, noise=True, scale=True)

@@ -16,12 +16,11 @@ from flextron.routers import (
     default_head_choices,
     default_mlp_choices,
 )
-from tests.helpers import tiny_flextron, tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_default_choices_span_small_to_full_widest_first() -> None:
+def test_default_choices_span_small_to_full_widest_first(tiny_flextron) -> None:
     config = tiny_flextron().config  # d_ff 256 -> allowed 64, 128, 192, 256
     assert default_mlp_choices(config, 8) == [256, 192, 128, 64]
     assert default_mlp_choices(config, 2) == [256, 64]
@@ -47,7 +46,7 @@ def test_budget_encoder_interpolates_between_trained_budgets() -> None:
 
 
 @pytest.mark.parametrize("router_class", [StaticRouter, DynamicRouter])
-def test_both_kinds_share_the_router_contract(router_class: type[Router]) -> None:
+def test_both_kinds_share_the_router_contract(tiny_flextron, tokens, router_class: type[Router]) -> None:
     torch.manual_seed(0)
     model = tiny_flextron()
     router = router_class(model.config, [0.5, 1.0], mlp_choices=[256, 128, 64], hidden_size=8)
@@ -66,7 +65,9 @@ def test_both_kinds_share_the_router_contract(router_class: type[Router]) -> Non
 
 
 @pytest.mark.parametrize("router_class", [StaticRouter, DynamicRouter])
-def test_init_to_starts_every_trained_budget_at_its_configuration(router_class: type[Router]) -> None:
+def test_init_to_starts_every_trained_budget_at_its_configuration(
+    tiny_flextron, tokens, router_class: type[Router]
+) -> None:
     torch.manual_seed(0)
     model = tiny_flextron()
     router = router_class(model.config, [0.5, 1.0], hidden_size=8)
@@ -88,6 +89,6 @@ def test_init_to_starts_every_trained_budget_at_its_configuration(router_class: 
         router.init_to(archs, margin=0.0)
 
 
-def test_the_base_class_is_abstract() -> None:
+def test_the_base_class_is_abstract(tiny_flextron) -> None:
     with pytest.raises(TypeError, match="abstract"):
         Router(tiny_flextron().config, [1.0])  # type: ignore[abstract]

@@ -18,7 +18,6 @@ from flextron.routers import (
     save_routers,
 )
 from flextron.routers.calibration import _lut_latency_of_choices
-from tests.helpers import blocks, synthetic_table, tiny_flextron
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = LatencyShape("prefill", 1, 16)
@@ -32,7 +31,9 @@ def lut_latency(model, router, target, ids, budget) -> float:
     return float(target.latency(mlp.mean(0, keepdim=True), heads.mean(0, keepdim=True)))
 
 
-def test_calibration_puts_a_saturated_dynamic_router_on_every_target(tmp_path) -> None:
+def test_calibration_puts_a_saturated_dynamic_router_on_every_target(
+    blocks, synthetic_table, tiny_flextron, tmp_path
+) -> None:
     torch.manual_seed(0)
     model, table = tiny_flextron(), synthetic_table()
     router = DynamicRouter(model.config, [0.5, 1.0], hidden_size=8)
@@ -58,7 +59,7 @@ def test_calibration_puts_a_saturated_dynamic_router_on_every_target(tmp_path) -
     assert lut_latency(model, loaded, target, ids, 0.7) == pytest.approx(0.7 * target.full_ms, rel=0.03)
 
 
-def test_calibration_subtracts_the_measured_overhead() -> None:
+def test_calibration_subtracts_the_measured_overhead(blocks, synthetic_table, tiny_flextron) -> None:
     torch.manual_seed(0)
     model, table = tiny_flextron(), synthetic_table()
     router = DynamicRouter(model.config, [0.5, 1.0], hidden_size=8)
@@ -68,7 +69,9 @@ def test_calibration_subtracts_the_measured_overhead() -> None:
     assert rows[0]["lut_ms"] == pytest.approx(rows[0]["goal_ms"], rel=0.03)
 
 
-def test_measured_calibration_bisects_on_the_timed_ratio_to_the_full_model(tmp_path) -> None:
+def test_measured_calibration_bisects_on_the_timed_ratio_to_the_full_model(
+    blocks, synthetic_table, tiny_flextron, tmp_path
+) -> None:
     torch.manual_seed(0)
     model, table = tiny_flextron(), synthetic_table()
     router = DynamicRouter(model.config, [0.5, 1.0], hidden_size=8)
@@ -127,7 +130,9 @@ def stub_timer(times: dict):
     return timer
 
 
-def test_measured_routing_overhead_is_a_line_through_measured_minus_lut(monkeypatch) -> None:
+def test_measured_routing_overhead_is_a_line_through_measured_minus_lut(
+    blocks, synthetic_table, tiny_flextron, monkeypatch
+) -> None:
     torch.manual_seed(0)
     model, table = tiny_flextron(), synthetic_table()
     router = DynamicRouter(model.config, [0.5, 1.0], hidden_size=8)
@@ -164,7 +169,9 @@ def test_measured_routing_overhead_is_a_line_through_measured_minus_lut(monkeypa
     )
 
 
-def test_routing_overhead_at_a_decode_shape_prices_the_choices_of_the_decoded_tokens() -> None:
+def test_routing_overhead_at_a_decode_shape_prices_the_choices_of_the_decoded_tokens(
+    blocks, synthetic_table, tiny_flextron
+) -> None:
     torch.manual_seed(0)
     model, table = tiny_flextron(), synthetic_table()
     router = DynamicRouter(model.config, [0.5, 1.0], hidden_size=8)

@@ -9,13 +9,12 @@ from flextron import ops
 from flextron.latency.shape import LatencyShape
 from flextron.model.config import ArchConfig
 from flextron.routers import DynamicRouter, LatencyTarget
-from tests.helpers import TRAIN, blocks, synthetic_table, tiny_flextron, tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = LatencyShape("prefill", 1, 16)
 
 
-def test_dynamic_router_routes_each_token_through_its_width() -> None:
+def test_dynamic_router_routes_each_token_through_its_width(tiny_flextron, tokens) -> None:
     model = tiny_flextron()
     router = DynamicRouter(model.config, [0.3, 1.0], hidden_size=16)
     ids = tokens()
@@ -52,10 +51,10 @@ def test_dynamic_router_routes_each_token_through_its_width() -> None:
     assert torch.allclose(got, expected, atol=1e-5)
 
 
-def test_dynamic_router_gradients_reach_every_router_part() -> None:
+def test_dynamic_router_gradients_reach_every_router_part(train_sampling, tiny_flextron, tokens) -> None:
     model = tiny_flextron()
     router = DynamicRouter(model.config, [0.3, 1.0], hidden_size=16)
-    session = router.session(torch.tensor([0.3, 0.8]), batch_size=2, sampling=TRAIN)
+    session = router.session(torch.tensor([0.3, 0.8]), batch_size=2, sampling=train_sampling)
     model(tokens(), session=session).square().mean().backward()
     for name, param in router.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
@@ -64,13 +63,13 @@ def test_dynamic_router_gradients_reach_every_router_part() -> None:
     assert torch.allclose(mlp.sum(-1), torch.ones(2, 2))
 
 
-def test_dynamic_router_rejects_a_budget_count_mismatch() -> None:
+def test_dynamic_router_rejects_a_budget_count_mismatch(tiny_flextron) -> None:
     router = DynamicRouter(tiny_flextron().config, [0.3, 1.0], hidden_size=16)
     with pytest.raises(ValueError, match="3 budgets for a batch of 2"):
         router.session(torch.tensor([0.3, 0.5, 1.0]), batch_size=2)
 
 
-def test_kv_cache_decode_under_dynamic_routing_equals_full_recompute() -> None:
+def test_kv_cache_decode_under_dynamic_routing_equals_full_recompute(tiny_flextron, tokens) -> None:
     torch.manual_seed(0)
     model = tiny_flextron()
     router = DynamicRouter(model.config, [0.3, 1.0], hidden_size=16)
@@ -94,7 +93,7 @@ def test_kv_cache_decode_under_dynamic_routing_equals_full_recompute() -> None:
     assert torch.allclose(cached, full, atol=1e-4)
 
 
-def test_dynamic_router_init_routes_every_token_to_its_budget_width() -> None:
+def test_dynamic_router_init_routes_every_token_to_its_budget_width(blocks, tiny_flextron) -> None:
     torch.manual_seed(0)
     model = tiny_flextron()
     router = DynamicRouter(model.config, [0.5, 1.0], hidden_size=8)
@@ -111,7 +110,7 @@ def test_dynamic_router_init_routes_every_token_to_its_budget_width() -> None:
             assert set(session.heads[layer].tolist()) == {arch.heads[layer]}
 
 
-def test_set_calibration_rejects_bad_input() -> None:
+def test_set_calibration_rejects_bad_input(tiny_flextron) -> None:
     router = DynamicRouter(tiny_flextron().config, [0.5, 1.0], hidden_size=8)
     with pytest.raises(ValueError, match="ascending distinct budgets"):
         router.set_calibration([0.7, 0.5], [0.0, 0.1], [1.0] * 4, [1.0] * 2)
@@ -120,7 +119,9 @@ def test_set_calibration_rejects_bad_input() -> None:
     assert torch.equal(router.offsets(torch.tensor([0.5, 1.0])), torch.zeros(2))
 
 
-def test_dynamic_init_bias_peaks_at_the_configuration_so_calibration_steps_one_width_at_a_time() -> None:
+def test_dynamic_init_bias_peaks_at_the_configuration_so_calibration_steps_one_width_at_a_time(
+    blocks, synthetic_table, tiny_flextron
+) -> None:
     torch.manual_seed(0)
     model, table = tiny_flextron(), synthetic_table()
     router = DynamicRouter(model.config, [1.0], mlp_choices=[256, 192, 128, 64], hidden_size=8)

@@ -8,13 +8,14 @@ import torch
 from flextron.latency.shape import LatencyShape
 from flextron.model.config import ArchConfig
 from flextron.routers import StaticRouter, uniform_arch_for_latency, uniform_init_archs
-from tests.helpers import blocks, synthetic_table, tiny_flextron
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = LatencyShape("prefill", 1, 16)
 
 
-def test_uniform_init_archs_are_the_uniform_configurations_nearest_each_budget() -> None:
+def test_uniform_init_archs_are_the_uniform_configurations_nearest_each_budget(
+    synthetic_table, tiny_flextron
+) -> None:
     model, table = tiny_flextron(), synthetic_table()
     router = StaticRouter(model.config, [0.5, 0.75, 1.0], mlp_choices=[256, 128, 64], hidden_size=8)
     archs = uniform_init_archs(model, table, router, SHAPE)
@@ -27,7 +28,9 @@ def test_uniform_init_archs_are_the_uniform_configurations_nearest_each_budget()
         )
 
 
-def test_best_uniform_init_picks_the_lowest_perplexity_among_configurations_of_the_target_latency() -> None:
+def test_best_uniform_init_picks_the_lowest_perplexity_among_configurations_of_the_target_latency(
+    blocks, synthetic_table, tiny_flextron
+) -> None:
     from flextron.eval.perplexity import perplexity
 
     torch.manual_seed(0)

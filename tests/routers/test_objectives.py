@@ -8,12 +8,11 @@ import torch
 from flextron.latency.shape import LatencyShape
 from flextron.model.config import ArchConfig
 from flextron.routers import expected_latency, latency_loss
-from tests.helpers import synthetic_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_cost_vectors_match_predict_with_one_hot_probabilities() -> None:
+def test_cost_vectors_match_predict_with_one_hot_probabilities(synthetic_table) -> None:
     table = synthetic_table()
     mlp_choices, head_choices = [256, 128, 64], [4, 2]
     fixed, mlp_costs, head_costs = table.cost_vectors(

@@ -12,12 +12,13 @@ from flextron.latency.table import LUT_FILE, LatencyTable
 from flextron.model.checkpoint import load_pretrained
 from flextron.model.loading import load_model
 from flextron.routers import BudgetResolver, calibration_grid, load_routers
-from tests.helpers import synthetic_table, tiny_flextron, tiny_hf_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_cli_profile_train_router_and_budget_driven_commands(tmp_path, capsys, monkeypatch) -> None:
+def test_cli_profile_train_router_and_budget_driven_commands(
+    synthetic_table, tiny_flextron, tiny_hf_dir, tmp_path, capsys, monkeypatch
+) -> None:
     tiny_hf_dir(tmp_path / "hf", kv_heads=2)
     out = tmp_path / "converted"
     assert (

@@ -7,7 +7,6 @@ import torch
 
 from flextron.latency.shape import LatencyShape
 from flextron.routers import BudgetResolver, fit_to_latency
-from tests.helpers import synthetic_table, tiny_flextron
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = LatencyShape("prefill", 1, 16)
@@ -73,7 +72,7 @@ def test_dynamic_router_is_refused_at_a_shape_it_was_not_calibrated_for(model_di
     assert selection.predicted_ms == pytest.approx(0.75 * full, rel=0.05)
 
 
-def test_without_table_or_routers(tmp_path) -> None:
+def test_without_table_or_routers(tiny_flextron, tmp_path) -> None:
     model = tiny_flextron()
     resolver = BudgetResolver(model, None)
     assert resolver.select(budget=0.5).arch == model.arch_for_budget(0.5)
@@ -83,7 +82,7 @@ def test_without_table_or_routers(tmp_path) -> None:
         resolver.select(budget=0.5, method="static")
 
 
-def test_fit_to_latency_nudges_the_router_configuration_into_the_band(model_dir) -> None:
+def test_fit_to_latency_nudges_the_router_configuration_into_the_band(synthetic_table, model_dir) -> None:
     model, _, routers = model_dir
     router, table, shape = routers["static"], synthetic_table(), SHAPE
     for budget in (0.5, 0.75, 1.0):

@@ -8,13 +8,12 @@ import torch
 from flextron.latency.shape import LatencyShape
 from flextron.model.config import ArchConfig
 from flextron.routers import StaticRouter, uniform_init_archs
-from tests.helpers import TRAIN, synthetic_table, tiny_flextron, tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = LatencyShape("prefill", 1, 16)
 
 
-def test_static_router_shapes_arch_and_interpolated_budget() -> None:
+def test_static_router_shapes_arch_and_interpolated_budget(tiny_flextron) -> None:
     model = tiny_flextron()
     router = StaticRouter(model.config, [0.3, 0.6, 1.0], hidden_size=16)
     mlp_logits, head_logits = router(0.45)
@@ -24,11 +23,13 @@ def test_static_router_shapes_arch_and_interpolated_budget() -> None:
     assert all(w in router.mlp_choices for w in arch.mlp_widths)
 
 
-def test_static_router_straight_through_keeps_the_forward_and_reaches_the_router() -> None:
+def test_static_router_straight_through_keeps_the_forward_and_reaches_the_router(
+    train_sampling, tiny_flextron, tokens
+) -> None:
     model = tiny_flextron()
     router = StaticRouter(model.config, [0.5, 1.0], hidden_size=16)
     ids = tokens()
-    session = router.session(0.5, sampling=TRAIN)
+    session = router.session(0.5, sampling=train_sampling)
     # Hard samples: one-hot probabilities, so each path's scale is exactly 1 in value.
     assert torch.equal(session.mlp_probs.sum(-1), torch.ones(2))
     assert torch.equal(session.mlp_scale.detach(), torch.ones(2))
@@ -40,7 +41,9 @@ def test_static_router_straight_through_keeps_the_forward_and_reaches_the_router
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-def test_static_router_init_gives_each_trained_budget_its_configuration() -> None:
+def test_static_router_init_gives_each_trained_budget_its_configuration(
+    synthetic_table, tiny_flextron
+) -> None:
     torch.manual_seed(0)
     model, table = tiny_flextron(), synthetic_table()
     router = StaticRouter(model.config, [0.5, 0.75, 1.0], hidden_size=8)

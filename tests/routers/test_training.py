@@ -19,7 +19,6 @@ from flextron.routers import (
     train_router_surrogate,
 )
 from flextron.routers.training import SurrogateModel, fit_surrogate_step
-from tests.helpers import blocks, synthetic_table, tiny_flextron
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,7 +60,9 @@ def test_surrogate_fits_a_synthetic_loss_landscape() -> None:
     assert sum(errors) / len(errors) < 0.03
 
 
-def test_sm_loop_updates_the_router_only_once_the_sm_is_trusted() -> None:
+def test_sm_loop_updates_the_router_only_once_the_sm_is_trusted(
+    blocks, synthetic_table, tiny_flextron
+) -> None:
     model = tiny_flextron()
     router = StaticRouter(model.config, [0.5, 1.0], hidden_size=16)
     target = LatencyTarget.from_table(synthetic_table(), router, model, LatencyShape("prefill", 1, 16))
@@ -80,7 +81,7 @@ def test_sm_loop_updates_the_router_only_once_the_sm_is_trusted() -> None:
     assert all(p.grad is None or not p.requires_grad for p in model.parameters())
 
 
-def test_latency_loss_drives_the_static_router_to_its_target() -> None:
+def test_latency_loss_drives_the_static_router_to_its_target(blocks, synthetic_table, tiny_flextron) -> None:
     model = tiny_flextron()
     router = StaticRouter(model.config, [0.5, 1.0], hidden_size=16)
     table = synthetic_table()
@@ -96,7 +97,7 @@ def test_latency_loss_drives_the_static_router_to_its_target() -> None:
         assert predicted == pytest.approx(budget * target.full_ms, rel=0.15)
 
 
-def test_joint_fine_tuning_updates_model_and_dynamic_router() -> None:
+def test_joint_fine_tuning_updates_model_and_dynamic_router(blocks, synthetic_table, tiny_flextron) -> None:
     model = tiny_flextron()
     router = DynamicRouter(model.config, [0.5, 1.0], hidden_size=16)
     target = LatencyTarget.from_table(synthetic_table(), router, model, LatencyShape("prefill", 1, 16))

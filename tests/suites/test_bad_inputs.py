@@ -189,10 +189,9 @@ def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data))
 
 
-def _build_world(root: Path) -> None:
+def _build_world(root: Path, tiny_flextron, tiny_hf_dir, tiny_tokenizer) -> None:
     """The files every case starts from (each case gets its own copy)."""
     from flextron.model.checkpoint import save_pretrained
-    from tests.helpers import tiny_flextron, tiny_hf_dir, tiny_tokenizer
 
     tiny_hf_dir(root / "hf")
     model = tiny_flextron()
@@ -305,10 +304,10 @@ def _run_case(world: Path, base: Path, case: tuple) -> dict:
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory) -> dict[str, dict]:
+def outcomes(tmp_path_factory, tiny_flextron, tiny_hf_dir, tiny_tokenizer) -> dict[str, dict]:
     """Each case's subprocess result and file trees, all cases run concurrently."""
     world = tmp_path_factory.mktemp("world")
-    _build_world(world)
+    _build_world(world, tiny_flextron, tiny_hf_dir, tiny_tokenizer)
     base = tmp_path_factory.mktemp("cases")
     with ThreadPoolExecutor(WORKERS) as pool:
         results = pool.map(lambda case: _run_case(world, base, case), CASES)

@@ -18,14 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from flextron import outputs
 from flextron.cli import main
+from flextron.io import outputs
 from flextron.latency.shape import LatencyShape
 from flextron.latency.table import LatencyTable, ShapeCosts
 from flextron.model.checkpoint import save_pretrained
 from flextron.train.rundir import LOCK_FILE, RunLockedError, check_unlocked, run_lock
 from flextron.train.train_state import LATEST, latest_checkpoint, save_checkpoint
-from tests.helpers import tiny_flextron, tiny_hf_dir, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {
@@ -44,13 +43,19 @@ class CustomTokenizer(PreTrainedTokenizerFast):
 """
 
 
-def flextron_dir(path: Path, chat_template: str | None = None) -> Path:
-    model = tiny_flextron()
-    model.tokenizer = tiny_tokenizer()
-    if chat_template is not None:
-        model.tokenizer.chat_template = chat_template
-    save_pretrained(model, path)
-    return path
+@pytest.fixture
+def flextron_dir(tiny_flextron, tiny_tokenizer):
+    """A factory fixture (it needs tiny_flextron, tiny_tokenizer)."""
+
+    def flextron_dir(path: Path, chat_template: str | None = None) -> Path:
+        model = tiny_flextron()
+        model.tokenizer = tiny_tokenizer()
+        if chat_template is not None:
+            model.tokenizer.chat_template = chat_template
+        save_pretrained(model, path)
+        return path
+
+    return flextron_dir
 
 
 def dead_pid() -> int:
@@ -89,7 +94,7 @@ def run_in_terminal(argv: list[str], answer: bytes, env: dict, timeout: float = 
 
 
 @pytest.mark.parametrize("config_file", ["tokenizer_config.json", "config.json"])
-def test_custom_code_is_refused_even_when_the_terminal_says_yes(tmp_path, config_file) -> None:
+def test_custom_code_is_refused_even_when_the_terminal_says_yes(tiny_hf_dir, tmp_path, config_file) -> None:
     crafted = tmp_path / "crafted"
     tiny_hf_dir(crafted)
     (crafted / "custom_tok.py").write_text(CUSTOM_CODE.format(marker=str(crafted / "CODE-RAN")))
@@ -139,7 +144,7 @@ def test_a_vanished_directory_is_not_looked_up_on_the_hub(tmp_path, monkeypatch)
         AutoTokenizer.from_pretrained(str(gone), **LOCAL_ONLY)
 
 
-def test_a_runaway_chat_template_fails_within_seconds(tmp_path) -> None:
+def test_a_runaway_chat_template_fails_within_seconds(flextron_dir, tmp_path) -> None:
     template = "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}"
     model = flextron_dir(tmp_path / "model", template)
     start = time.monotonic()
@@ -157,7 +162,7 @@ def test_a_runaway_chat_template_fails_within_seconds(tmp_path) -> None:
     assert elapsed < 60  # 5 s of template, the rest start-up on a busy machine
 
 
-def test_an_oversized_chat_template_output_is_refused() -> None:
+def test_an_oversized_chat_template_output_is_refused(tiny_tokenizer) -> None:
     from flextron.eval.generation import chat_prompt_ids
     from flextron.limits import LimitError
 
@@ -203,7 +208,7 @@ def test_staged_output_removes_a_dead_writers_leftovers_only(tmp_path) -> None:
     assert not dead.exists() and alive.exists()
 
 
-def test_convert_and_export_overwrite_only_when_asked(tmp_path) -> None:
+def test_convert_and_export_overwrite_only_when_asked(flextron_dir, tmp_path) -> None:
     source = flextron_dir(tmp_path / "model")
     out = tmp_path / "small"
     out.mkdir()
@@ -228,7 +233,7 @@ with run_lock(sys.argv[1]):
 """
 
 
-def test_a_second_trainer_is_refused_with_the_holders_pid(tmp_path) -> None:
+def test_a_second_trainer_is_refused_with_the_holders_pid(flextron_dir, tmp_path) -> None:
     run = tmp_path / "run"
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True, env=ENV, cwd=REPO
@@ -257,7 +262,7 @@ def test_a_second_trainer_is_refused_with_the_holders_pid(tmp_path) -> None:
         check_unlocked(run)
 
 
-def test_train_overwrite_replaces_the_old_run_only(tmp_path) -> None:
+def test_train_overwrite_replaces_the_old_run_only(flextron_dir, tmp_path) -> None:
     model = flextron_dir(tmp_path / "model")
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
@@ -297,7 +302,9 @@ def test_train_overwrite_replaces_the_old_run_only(tmp_path) -> None:
 # ---- durable checkpoints
 
 
-def test_checkpoint_files_and_directories_are_flushed_before_publication(tmp_path, monkeypatch) -> None:
+def test_checkpoint_files_and_directories_are_flushed_before_publication(
+    tiny_flextron, tiny_tokenizer, tmp_path, monkeypatch
+) -> None:
     events: list[tuple[str, str, str]] = []
     fsync, replace = os.fsync, os.replace
 
@@ -329,7 +336,7 @@ def test_checkpoint_files_and_directories_are_flushed_before_publication(tmp_pat
     assert ("fsync", str(root), "") in events[latest + 1 :]
 
 
-def test_a_save_removes_its_own_and_dead_writers_temporaries_only(tmp_path) -> None:
+def test_a_save_removes_its_own_and_dead_writers_temporaries_only(tiny_flextron, tmp_path) -> None:
     model = tiny_flextron()
     state = torch.optim.AdamW(model.parameters()).state_dict()
     save_checkpoint(tmp_path, 1, model, state, {})
@@ -360,7 +367,7 @@ def lut(mlp: dict[int, float], heads: dict[int, float]) -> LatencyTable:
     return LatencyTable("cpu", "test cpu", "float32", 2, 4, 256, torch.get_num_threads(), "wall", [entry])
 
 
-def test_a_backwards_table_is_named_and_targets_refused(tmp_path) -> None:
+def test_a_backwards_table_is_named_and_targets_refused(tiny_flextron, tmp_path) -> None:
     config = tiny_flextron().config
     table = lut({64: 5.0, 128: 4.0, 192: 1.0, 256: 1.0}, {2: 2.0, 4: 1.0})
     with pytest.warns(UserWarning, match="not monotone") as caught:

@@ -8,10 +8,11 @@ import torch
 
 from flextron.conversion.ranking import convert
 from flextron.train.demo_training import elastic_phase
-from tests.helpers import tiny_flextron, tiny_tokenizer
 
 
-def test_elastic_phase_trains_once_then_loads_the_cache(tmp_path, monkeypatch) -> None:
+def test_elastic_phase_trains_once_then_loads_the_cache(
+    tiny_flextron, tiny_tokenizer, tmp_path, monkeypatch
+) -> None:
     monkeypatch.setenv("FLEXTRON_CACHE", str(tmp_path))
     converted = tiny_flextron()
     converted.tokenizer = tiny_tokenizer()

@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from flextron.train.metrics import read_metrics
-from tests.helpers import tiny_flextron
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,7 +23,7 @@ WORKER = textwrap.dedent("""
     import torch
     from flextron.train import TrainConfig, TrainData, init_distributed, train
     from flextron.train.distributed import shutdown_distributed
-    from tests.helpers import tiny_flextron
+    from tests.conftest import make_tiny_flextron as tiny_flextron
 
     torch.set_num_threads(1)
     context = init_distributed("cpu", fsdp=sys.argv[2:] == ["fsdp"])
@@ -61,7 +60,7 @@ def single_run(tmp_path_factory) -> tuple[Path, Path]:
 
 # FSDP2 is the heavier variant (four processes in all with the single run): marked slow.
 @pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
-def test_two_gloo_ranks_equal_one_process(single_run, tmp_path, mode: str) -> None:
+def test_two_gloo_ranks_equal_one_process(tiny_flextron, single_run, tmp_path, mode: str) -> None:
     script, single_out = single_run
     run(
         [

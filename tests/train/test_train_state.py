@@ -20,7 +20,6 @@ from flextron.train.train_state import (
     save_checkpoint,
     unflatten_optimizer_state,
 )
-from tests.helpers import tiny_flextron
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,7 +31,7 @@ def adam_state(model: torch.nn.Module) -> dict:
     return optimizer.state_dict()
 
 
-def test_optimizer_state_round_trips_through_tensors_and_json() -> None:
+def test_optimizer_state_round_trips_through_tensors_and_json(tiny_flextron) -> None:
     model = tiny_flextron()
     state = adam_state(model)
     tensors, groups = flatten_optimizer_state(state)
@@ -48,7 +47,7 @@ def test_optimizer_state_round_trips_through_tensors_and_json() -> None:
     assert list(again["state"]) == ["layers.0.mlp.up_proj.weight"]
 
 
-def test_save_publishes_and_keeps_the_newest(tmp_path) -> None:
+def test_save_publishes_and_keeps_the_newest(tiny_flextron, tmp_path) -> None:
     model = tiny_flextron()
     state = adam_state(model)
     for step in (1, 2, 3):
@@ -69,7 +68,7 @@ CHILD = textwrap.dedent("""
     import sys, time
     import torch
     import flextron.train.train_state as train_state
-    from tests.helpers import tiny_flextron
+    from tests.conftest import make_tiny_flextron as tiny_flextron
 
     root, point = sys.argv[1], sys.argv[2]
     model = tiny_flextron()
@@ -97,7 +96,7 @@ CHILD = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("point", ["weights", "publish"])
-def test_sigkill_while_saving_leaves_the_last_good_checkpoint(tmp_path, point: str) -> None:
+def test_sigkill_while_saving_leaves_the_last_good_checkpoint(tiny_flextron, tmp_path, point: str) -> None:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(tmp_path), point],

@@ -19,7 +19,6 @@ from flextron.train.batches import BatchOrder, split_blocks
 from flextron.train.metrics import read_metrics
 from flextron.train.train_state import latest_checkpoint
 from flextron.train.trainer import lr_factor
-from tests.helpers import tiny_flextron
 
 VOCAB = 300
 
@@ -30,9 +29,15 @@ def tiny_data(blocks: int = 24, block_size: int = 17, seed: int = 0) -> TrainDat
     return TrainData(ids[:-4], ids[-4:])
 
 
-def student_and_teacher() -> tuple[FlextronModel, FlextronModel]:
-    model = tiny_flextron()
-    return model, copy.deepcopy(model)
+@pytest.fixture
+def student_and_teacher(tiny_flextron):
+    """A factory fixture (it needs tiny_flextron)."""
+
+    def student_and_teacher() -> tuple[FlextronModel, FlextronModel]:
+        model = tiny_flextron()
+        return model, copy.deepcopy(model)
+
+    return student_and_teacher
 
 
 def quick_config(**overrides) -> TrainConfig:
@@ -55,7 +60,7 @@ def quick_config(**overrides) -> TrainConfig:
 # ---- sampling
 
 
-def test_sampler_is_a_function_of_seed_and_index() -> None:
+def test_sampler_is_a_function_of_seed_and_index(tiny_flextron) -> None:
     config = tiny_flextron().config
     a, b = SubnetSampler(config, "mixed", seed=3), SubnetSampler(config, "mixed", seed=3)
     draws = [a.sample(i) for i in range(50)]
@@ -63,7 +68,7 @@ def test_sampler_is_a_function_of_seed_and_index() -> None:
     assert draws != [SubnetSampler(config, "mixed", seed=4).sample(i) for i in range(50)]
 
 
-def test_sampler_rules_and_full_probability() -> None:
+def test_sampler_rules_and_full_probability(tiny_flextron) -> None:
     config = tiny_flextron().config
     full = ArchConfig.full(config)
     budget = SubnetSampler(config, "budget", p_full=0.25, budgets=(0.5, 0.75))
@@ -81,7 +86,7 @@ def test_sampler_rules_and_full_probability() -> None:
     assert all(SubnetSampler(config, "budget", p_full=1.0).sample(i) == full for i in range(20))
 
 
-def test_budget_weights_set_the_budgets_shares() -> None:
+def test_budget_weights_set_the_budgets_shares(tiny_flextron) -> None:
     config = tiny_flextron().config
     small, large = arch_for_budget(config, 0.5), arch_for_budget(config, 0.75)
     sampler = SubnetSampler(config, "budget", p_full=0.0, budgets=(0.5, 0.75), budget_weights=(1, 3))
@@ -107,7 +112,7 @@ def test_bad_budget_weights_are_a_clear_error(weights) -> None:
         TrainConfig(budgets=(0.5, 0.75), budget_weights=weights)
 
 
-def test_resume_accepts_a_checkpoint_older_than_budget_weights(tmp_path) -> None:
+def test_resume_accepts_a_checkpoint_older_than_budget_weights(student_and_teacher, tmp_path) -> None:
     """A run saved before --budget-weights existed resumes with equal weights, and only with them."""
     student, teacher = student_and_teacher()
     train(student, teacher, tiny_data(), quick_config(steps=2), tmp_path, progress=False)
@@ -121,7 +126,7 @@ def test_resume_accepts_a_checkpoint_older_than_budget_weights(tmp_path) -> None
         train(student, teacher, tiny_data(), weighted, tmp_path, resume=True, progress=False)
 
 
-def test_unknown_budget_rule_is_a_clear_error() -> None:
+def test_unknown_budget_rule_is_a_clear_error(tiny_flextron) -> None:
     with pytest.raises(ValueError, match="unknown budget rule 'latency'"):
         TrainConfig(rule="latency")
     with pytest.raises(ValueError, match="unknown budget rule"):
@@ -142,7 +147,7 @@ def test_batch_order_covers_each_epoch_and_resumes() -> None:
     assert all(torch.equal(a, b) for a, b in zip(expected, [resumed.next() for _ in range(5)], strict=True))
 
 
-def test_batch_larger_than_the_data_and_empty_data_are_clear_errors(tmp_path) -> None:
+def test_batch_larger_than_the_data_and_empty_data_are_clear_errors(student_and_teacher, tmp_path) -> None:
     with pytest.raises(ValueError, match="batch size 8 is larger than the data: only 5 training blocks"):
         BatchOrder(5, 8)
     student, teacher = student_and_teacher()
@@ -186,7 +191,7 @@ def held_out_kd(student: FlextronModel, teacher: FlextronModel, blocks: torch.Te
     return distillation_loss(logits, teacher(blocks[:, :-1]), blocks[:, 1:])[0].item()
 
 
-def test_training_distills_small_budgets_and_logs(tmp_path) -> None:
+def test_training_distills_small_budgets_and_logs(student_and_teacher, tmp_path) -> None:
     student, teacher = student_and_teacher()
     teacher_copy = copy.deepcopy(teacher)
     data = tiny_data(blocks=40)
@@ -207,7 +212,7 @@ def test_training_distills_small_budgets_and_logs(tmp_path) -> None:
         assert torch.equal(param, teacher_copy.state_dict()[name])
 
 
-def test_resume_continues_exactly(tmp_path) -> None:
+def test_resume_continues_exactly(student_and_teacher, tmp_path) -> None:
     """Training 2N steps equals N steps + resume + N steps: identical weights."""
     config = quick_config(steps=6, save_every=0, eval_every=0, rule="mixed", p_full=1 / 3)
     data = tiny_data()
@@ -228,7 +233,7 @@ def test_resume_continues_exactly(tmp_path) -> None:
     assert losses[0] == losses[1]
 
 
-def test_resume_refuses_changed_settings(tmp_path) -> None:
+def test_resume_refuses_changed_settings(student_and_teacher, tmp_path) -> None:
     student, teacher = student_and_teacher()
     train(student, teacher, tiny_data(), quick_config(steps=2), tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"settings differ from the checkpoint's: \['seed'\]"):
@@ -243,7 +248,7 @@ def test_resume_refuses_changed_settings(tmp_path) -> None:
         )
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path) -> None:
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(student_and_teacher, tmp_path) -> None:
     student, teacher = student_and_teacher()
     config = quick_config(steps=4, save_every=2, eval_every=0)
     train(student, teacher, tiny_data(), config, tmp_path, progress=False, stop_after=2)
@@ -258,14 +263,14 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path) ->
     assert all(torch.equal(weights[k], saved[k]) and weights[k].isfinite().all() for k in saved)
 
 
-def test_bf16_autocast_trains(tmp_path) -> None:
+def test_bf16_autocast_trains(student_and_teacher, tmp_path) -> None:
     student, teacher = student_and_teacher()
     result = train(student, teacher, tiny_data(), quick_config(steps=2, bf16=True), tmp_path, progress=False)
     assert all(math.isfinite(v) for v in result["val"].values())
     assert all(p.dtype == torch.float32 for p in student.parameters())  # autocast, not a cast
 
 
-def test_frozen_embeddings_stay_put(tmp_path) -> None:
+def test_frozen_embeddings_stay_put(student_and_teacher, tmp_path) -> None:
     student, teacher = student_and_teacher()
     before = student.embed_tokens.weight.detach().clone()
     train(
@@ -275,7 +280,7 @@ def test_frozen_embeddings_stay_put(tmp_path) -> None:
     assert not torch.equal(student.layers[0].mlp.up_proj.weight, teacher.layers[0].mlp.up_proj.weight)
 
 
-def test_blocks_longer_than_the_context_are_a_clear_error(tmp_path) -> None:
+def test_blocks_longer_than_the_context_are_a_clear_error(student_and_teacher, tmp_path) -> None:
     student, teacher = student_and_teacher()  # context 128
     data = tiny_data(blocks=8, block_size=129)
     with pytest.raises(ValueError, match="blocks of 129 tokens exceed the model's context of 128"):
