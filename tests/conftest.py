@@ -1,6 +1,10 @@
 """Shared fixtures: tiny models, tokenizers, model directories, token blocks and a synthetic
-latency table (each fixture hands the test its factory), and a one-thread switch.  Device
-parameters, tolerance rules and CUDA probes for the op tests: tests/ops/conftest.py."""
+latency table (each fixture hands the test its factory), and a one-thread switch.
+
+Devices: a test that takes `device` runs on "cpu" and on "cuda"; the CUDA case, and every test
+marked `@pytest.mark.cuda`, is skipped without a GPU and a CUDA build (`pytest -m cuda` selects
+them: benchmarks/gpu_check.sh).  Tolerance rules and CUDA probes of the op tests:
+tests/ops/conftest.py."""
 
 from __future__ import annotations
 
@@ -12,6 +16,27 @@ from flextron.latency.table import LatencyTable, ShapeCosts
 from flextron.model.config import ModelConfig
 from flextron.model.elastic_model import FlextronModel
 from flextron.model.loading import model_from_hf_weights
+from flextron.ops.extension import _C
+
+# Neither check creates a CUDA context, so collecting the tests stays safe without a GPU.
+CUDA_AVAILABLE = torch.cuda.is_available() and bool(_C.build_info()["cuda_built"])
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test taking `device` (and not parametrizing it itself) runs on the CPU and on CUDA."""
+    explicit = any("device" in str(mark.args[0]) for mark in metafunc.definition.iter_markers("parametrize"))
+    if "device" in metafunc.fixturenames and not explicit:
+        metafunc.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the CUDA tests where there is no GPU or no CUDA build."""
+    if CUDA_AVAILABLE:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device and flextron built with CUDA")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import torch
 
 from flextron import timing
 from flextron.timing import Staged, sample_times_ms, times_ms
-from tests.helpers import cuda_only
 
 CPU = torch.device("cpu")
 
@@ -114,7 +113,7 @@ def test_clock_and_argument_checks(one_thread) -> None:
         times_ms({"a": lambda: None}, CPU, statistic="mean")
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_samples_wait_for_queued_kernels():
     torch.cuda.synchronize()
     start = time.perf_counter()

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from flextron import ops
-from tests.helpers import cuda_only
 
 # The forward ops and the backward ops that have their own CUDA kernels.
 CUDA_OPS = (*ops.OP_NAMES, "routed_nested_mlp_backward", "varhead_attention_backward")
@@ -17,13 +16,13 @@ def test_every_op_has_a_cpu_kernel(op_name):
     assert "CPU" in ops.backends(op_name)
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("op_name", CUDA_OPS)
 def test_cuda_kernel_registered(op_name):
     assert "CUDA" in ops.backends(op_name)
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_missing_kernel_is_an_error_not_a_cpu_fallback(monkeypatch):
     """A build without an op's CUDA kernel (here: as if) says so instead of running on the CPU."""
     monkeypatch.setattr(ops, "backends", lambda op_name: ["CPU"])

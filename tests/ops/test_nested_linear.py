@@ -2,7 +2,7 @@
 torch.compile and bad input on every device; the CPU's few-rows kernel; on CUDA the GEMM paths
 (the CUTLASS kernel, its cuBLAS fallback), their dispatch and in-place weight reads.
 
-Two tolerance rules (tests/helpers.py): assert_matches_reference (fp32 close to float64; 16-bit
+Two tolerance rules (tests/ops/conftest.py): assert_matches_reference (fp32 close to float64; 16-bit
 error at most twice PyTorch's own) and assert_as_accurate_as_torch (twice PyTorch's error plus a
 per-dtype floor, ABS_FLOOR).
 """
@@ -16,13 +16,6 @@ from hypothesis import strategies as st
 
 from flextron import ops
 from flextron.ops import reference
-from tests.helpers import (
-    DEVICES,
-    assert_as_accurate_as_torch,
-    assert_matches_reference,
-    cuda_kernel_names,
-    cuda_only,
-)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ABS_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
@@ -45,14 +38,20 @@ def grads(fn, x, weight, bias, out_f, in_f, seed=1):
     return y, torch.autograd.grad(y, leaves, grad_y)
 
 
-def check_against_reference(x, weight, bias, out_f, in_f):
-    y, g = grads(ops.nested_linear, x, weight, bias, out_f, in_f)
-    y_ref, g_ref = grads(reference.nested_linear, x, weight, bias, out_f, in_f)
-    hi = [t.double() if t is not None else None for t in (x, weight, bias)]
-    y_exact, g_exact = grads(reference.nested_linear, *hi, out_f, in_f)
-    assert_matches_reference(y, y_ref, y_exact)
-    for ours, theirs, exact in zip(g, g_ref, g_exact, strict=True):
-        assert_matches_reference(ours, theirs, exact)
+@pytest.fixture
+def check_against_reference(assert_matches_reference):
+    """Handed to the tests as a fixture: it needs assert_matches_reference."""
+
+    def check_against_reference(x, weight, bias, out_f, in_f):
+        y, g = grads(ops.nested_linear, x, weight, bias, out_f, in_f)
+        y_ref, g_ref = grads(reference.nested_linear, x, weight, bias, out_f, in_f)
+        hi = [t.double() if t is not None else None for t in (x, weight, bias)]
+        y_exact, g_exact = grads(reference.nested_linear, *hi, out_f, in_f)
+        assert_matches_reference(y, y_ref, y_exact)
+        for ours, theirs, exact in zip(g, g_ref, g_exact, strict=True):
+            assert_matches_reference(ours, theirs, exact)
+
+    return check_against_reference
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -66,7 +65,7 @@ def check_against_reference(x, weight, bias, out_f, in_f):
     ],
 )
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_reference(dtype, lead, in_x, out_w, in_w, out_f, in_f, bias):
+def test_matches_reference(check_against_reference, dtype, lead, in_x, out_w, in_w, out_f, in_f, bias):
     check_against_reference(*make_inputs(lead, in_x, out_w, in_w, dtype, bias=bias), out_f, in_f)
 
 
@@ -77,7 +76,7 @@ def test_inactive_weight_gradient_is_exactly_zero():
     assert gx[:, 12:].abs().max() == 0
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(check_against_reference):
     x, weight, bias = make_inputs((40,), 24, 48, 32, torch.float32)
     x_t = x.t().contiguous().t()  # (40, 24) column-major
     weight_t = weight.t().contiguous().t()  # (48, 32) column-major view
@@ -99,7 +98,7 @@ def test_reads_weight_prefix_without_copy():
     in_w=st.integers(1, 70),
     data=st.data(),
 )
-def test_hypothesis_shapes(tokens, out_w, in_w, data):
+def test_hypothesis_shapes(check_against_reference, tokens, out_w, in_w, data):
     out_f = data.draw(st.integers(1, out_w))
     in_f = data.draw(st.integers(1, in_w))
     extra = data.draw(st.integers(0, 3))
@@ -144,7 +143,7 @@ def test_bad_input_names_the_argument(mutate, match):
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])  # 1-4: the few-rows (decode) kernel; 5: the BLAS
 @pytest.mark.parametrize("out_f,in_f", [(769, 83), (7, 7), (96, 64), (33, 1)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_few_rows_match_reference(rows, out_f, in_f, bias):
+def test_few_rows_match_reference(check_against_reference, rows, out_f, in_f, bias):
     # A prefix of a wider weight: rows of the weight are `in_f` floats, `in_f + 9` apart.
     x, weight, b = make_inputs((rows,), in_f + 3, out_f + 5, in_f + 9, torch.float32, bias=bias)
     check_against_reference(x, weight, b, out_f, in_f)
@@ -168,11 +167,10 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_forward_matches_reference(device, dtype, shape, with_bias):
+def test_forward_matches_reference(assert_as_accurate_as_torch, device, dtype, shape, with_bias):
     tokens, out_total, in_total, out_f, in_f = shape
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(tokens, in_total + 8, device=device, generator=gen).to(dtype)  # wider than in
@@ -186,9 +184,8 @@ def test_forward_matches_reference(device, dtype, shape, with_bias):
     assert_as_accurate_as_torch(ours, theirs, exact, ABS_FLOOR[dtype])
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_non_contiguous_and_batched_x(device, dtype):
+def test_non_contiguous_and_batched_x(assert_as_accurate_as_torch, device, dtype):
     gen = torch.Generator(device=device).manual_seed(1)
     weight = torch.randn(128, 256, device=device, generator=gen).to(dtype)
     bias = torch.randn(128, device=device, generator=gen).to(dtype)
@@ -206,9 +203,8 @@ def test_non_contiguous_and_batched_x(device, dtype):
         assert_as_accurate_as_torch(ours, theirs, exact, ABS_FLOOR[dtype])
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_transposed_and_misaligned_weight(device, dtype):
+def test_transposed_and_misaligned_weight(assert_as_accurate_as_torch, device, dtype):
     gen = torch.Generator(device=device).manual_seed(2)
     x = torch.randn(33, 128, device=device, generator=gen).to(dtype)
     weights = [
@@ -222,7 +218,6 @@ def test_transposed_and_misaligned_weight(device, dtype):
         assert_as_accurate_as_torch(ours, theirs, exact, ABS_FLOOR[dtype])
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_empty_rows(device, dtype):
     x = torch.empty(0, 4, 64, device=device, dtype=dtype)
@@ -230,7 +225,7 @@ def test_empty_rows(device, dtype):
     assert ops.nested_linear(x, weight, None, 16, 64).shape == (0, 4, 16)
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_weight_prefix_is_read_in_place():
     # A copy of the weight prefix would be 8 MiB; the output is 64 KiB.
     weight = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
@@ -252,7 +247,7 @@ def prefix_gemm(request, monkeypatch):
     return request.param
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES + [(4096, 1024, 512, 1024, 264), (16, 2048, 1024, 1536, 1024)])
 def test_every_gemm_path_matches_reference(dtype, shape, prefix_gemm):
@@ -261,16 +256,22 @@ def test_every_gemm_path_matches_reference(dtype, shape, prefix_gemm):
     test_forward_matches_reference("cuda", dtype, shape, with_bias=True)
 
 
-def _runs_cutlass(dtype, rows) -> bool:
-    x = torch.randn(rows, 256, device="cuda", dtype=dtype)
-    weight = torch.randn(256, 256, device="cuda", dtype=dtype)
-    names = cuda_kernel_names(lambda: ops.nested_linear(x, weight, None, 128, 192))
-    return any("cutlass::gemm::kernel::Gemm<" in name for name in names)
+@pytest.fixture
+def _runs_cutlass(cuda_kernel_names):
+    """Handed to the tests as a fixture: it needs cuda_kernel_names."""
+
+    def _runs_cutlass(dtype, rows) -> bool:
+        x = torch.randn(rows, 256, device="cuda", dtype=dtype)
+        weight = torch.randn(256, 256, device="cuda", dtype=dtype)
+        names = cuda_kernel_names(lambda: ops.nested_linear(x, weight, None, 128, 192))
+        return any("cutlass::gemm::kernel::Gemm<" in name for name in names)
+
+    return _runs_cutlass
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gemm_dispatch(dtype, prefix_gemm):
+def test_gemm_dispatch(_runs_cutlass, dtype, prefix_gemm):
     """auto: CUTLASS for fp32; for 16-bit types cuBLAS on compute capability 9.x (its wgmma
     kernels) and for decode-sized M (<= 16 rows), CUTLASS otherwise. The forced settings win."""
     hopper = torch.cuda.get_device_capability()[0] == 9
@@ -282,7 +283,7 @@ def test_gemm_dispatch(dtype, prefix_gemm):
         assert _runs_cutlass(dtype, rows) == expected, rows
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_unknown_gemm_setting_is_an_error(monkeypatch):
     monkeypatch.setenv("FLEXTRON_PREFIX_GEMM", "fast")
     x = torch.randn(4, 8, device="cuda")
@@ -290,9 +291,9 @@ def test_unknown_gemm_setting_is_an_error(monkeypatch):
         ops.nested_linear(x, torch.randn(8, 8, device="cuda"), None, 8, 8)
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_aligned_shapes_run_cutlass(dtype, monkeypatch):
+def test_aligned_shapes_run_cutlass(cuda_kernel_names, dtype, monkeypatch):
     monkeypatch.setenv("FLEXTRON_PREFIX_GEMM", "cutlass")
     x = torch.randn(64, 256, device="cuda", dtype=dtype)
     weight = torch.randn(256, 256, device="cuda", dtype=dtype)
@@ -300,18 +301,17 @@ def test_aligned_shapes_run_cutlass(dtype, monkeypatch):
     assert any("cutlass::gemm::kernel::Gemm<" in name for name in names), names
 
 
-@cuda_only
-def test_misaligned_16bit_shapes_fall_back():
+@pytest.mark.cuda
+def test_misaligned_16bit_shapes_fall_back(cuda_kernel_names):
     x = torch.randn(64, 83, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(83, 83, device="cuda", dtype=torch.bfloat16)
     names = cuda_kernel_names(lambda: ops.nested_linear(x, weight, None, 83, 83))
     assert names and not any("cutlass::gemm::kernel::Gemm<" in name for name in names), names
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(24, 128, 96, 64, 80), (7, 83, 769, 83, 769)])
-def test_backward_matches_reference(device, dtype, shape):
+def test_backward_matches_reference(assert_as_accurate_as_torch, device, dtype, shape):
     tokens, out_total, in_total, out_f, in_f = shape
     gen = torch.Generator(device=device).manual_seed(3)
     inputs = [
@@ -335,7 +335,6 @@ def test_backward_matches_reference(device, dtype, shape):
     assert not ours[1][out_f:].any() and not ours[1][:, in_f:].any() and not ours[2][out_f:].any()
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_opcheck(device, dtype, with_bias):
@@ -351,7 +350,7 @@ def test_opcheck(device, dtype, with_bias):
             torch.library.opcheck(torch.ops.flextron.nested_linear.default, (*args, out_f, in_f))
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_torch_compile_inductor():
     x = torch.randn(4, 16, 256, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(192, 256, device="cuda", dtype=torch.bfloat16)
@@ -364,7 +363,7 @@ def test_torch_compile_inductor():
     torch.testing.assert_close(compiled(x, weight, bias), layer(x, weight, bias))
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_bad_input_on_cuda_names_the_argument():
     x = torch.randn(4, 64, device="cuda")
     weight = torch.randn(32, 64, device="cuda")

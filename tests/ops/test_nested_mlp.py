@@ -2,7 +2,7 @@
 strided views, opcheck, torch.compile and bad input on every device; on CUDA also the CUTLASS
 prefix GEMMs, their cuBLAS fallback, the fused activation pass and uninitialised memory.
 
-Tolerances (tests/helpers.py): fp32 close to a float64 reference; bf16/fp16 error at most twice
+Tolerances (tests/ops/conftest.py): fp32 close to a float64 reference; bf16/fp16 error at most twice
 PyTorch's own at that precision. The CPU-only checks compare fp32 with the fp32 reference.
 """
 
@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 from flextron import ops
 from flextron.ops import reference
-from tests.helpers import DEVICES, assert_matches_reference, cuda_kernel_names, cuda_only, poison_cuda_cache
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ACTIVATIONS = reference.ACTIVATIONS
@@ -85,14 +84,22 @@ def check_fp32_against_reference(inputs, width, activation):
         assert_close_fp32(grad, grad_ref)
 
 
-def check_against_reference(inputs, width: int, activation: str) -> None:
-    """Output and gradients: ours, PyTorch's at the same precision, and float64."""
-    double = tuple(None if t is None else t.double() for t in inputs)
-    y, grads, grad_out = forward_and_grads(ops.nested_mlp, inputs, width, activation)
-    y_low, grads_low, _ = forward_and_grads(reference.nested_mlp, inputs, width, activation, grad_out)
-    y64, grads64, _ = forward_and_grads(reference.nested_mlp, double, width, activation, grad_out.double())
-    for ours, theirs, exact in zip((y, *grads), (y_low, *grads_low), (y64, *grads64), strict=True):
-        assert_matches_reference(ours, theirs, exact)
+@pytest.fixture
+def check_against_reference(assert_matches_reference):
+    """Handed to the tests as a fixture: it needs assert_matches_reference."""
+
+    def check_against_reference(inputs, width: int, activation: str) -> None:
+        """Output and gradients: ours, PyTorch's at the same precision, and float64."""
+        double = tuple(None if t is None else t.double() for t in inputs)
+        y, grads, grad_out = forward_and_grads(ops.nested_mlp, inputs, width, activation)
+        y_low, grads_low, _ = forward_and_grads(reference.nested_mlp, inputs, width, activation, grad_out)
+        y64, grads64, _ = forward_and_grads(
+            reference.nested_mlp, double, width, activation, grad_out.double()
+        )
+        for ours, theirs, exact in zip((y, *grads), (y_low, *grads_low), (y64, *grads64), strict=True):
+            assert_matches_reference(ours, theirs, exact)
+
+    return check_against_reference
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -176,30 +183,27 @@ def test_bad_input_raises(changes, match):
 # ---- every device ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_forward_and_backward_match_reference(device, dtype, activation, shape):
+def test_forward_and_backward_match_reference(check_against_reference, device, dtype, activation, shape):
     lead, hidden, d_ff, width = shape
     inputs = make_inputs(lead, hidden, d_ff, activation, dtype=dtype, seed=d_ff, device=device)
     check_against_reference(inputs, width, activation)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
 @pytest.mark.parametrize("hidden,d_ff,width", [(24, 64, 40), (64, 128, 64)])
-def test_non_contiguous_inputs(device, dtype, activation, hidden, d_ff, width):
+def test_non_contiguous_inputs(check_against_reference, device, dtype, activation, hidden, d_ff, width):
     # Transposed views of padded buffers: x rows and the weights have non-unit inner strides.
     inputs = make_inputs((83,), hidden, d_ff, activation, dtype=dtype, contiguous=False, device=device)
     assert not inputs[0].is_contiguous() and not inputs[2].is_contiguous()
     check_against_reference(inputs, width, activation)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_x_column_slice_and_batched_view(device, dtype):
+def test_x_column_slice_and_batched_view(check_against_reference, device, dtype):
     # x as a column slice of a wider tensor (rows keep a wide stride) and as a transposed batch.
     _, w_gate, w_up, w_down = make_inputs((1,), 128, 256, dtype=dtype, device=device)
     base = torch.randn(3, 5, 136, device=device).to(dtype)
@@ -208,7 +212,6 @@ def test_x_column_slice_and_batched_view(device, dtype):
         check_against_reference((x, w_gate, w_up, w_down), 192, "swiglu")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hidden,d_ff,width", [(8, 64, 24), (64, 256, 128)])
 def test_weight_grads_exactly_zero_outside_prefix(device, hidden, d_ff, width):
     inputs = make_inputs((9,), hidden, d_ff, device=device)
@@ -218,7 +221,6 @@ def test_weight_grads_exactly_zero_outside_prefix(device, hidden, d_ff, width):
     assert torch.count_nonzero(grad_down[:, width:]) == 0 and torch.count_nonzero(grad_up[:width]) > 0
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_empty_input(device, dtype):
     x = torch.empty(0, 4, 64, device=device, dtype=dtype)
@@ -226,7 +228,6 @@ def test_empty_input(device, dtype):
     assert ops.nested_mlp(x, w_gate, w_up, w_down, 64, "swiglu").shape == (0, 4, 64)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ["swiglu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("requires_grad", [False, True])
@@ -239,10 +240,10 @@ def test_opcheck(device, dtype, activation, requires_grad):
 # ---- CUDA only ---------------------------------------------------------------------------
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden,width", [(128, 192), (83, 83)])
-def test_no_uninitialised_memory_leaks_out(dtype, hidden, width):
+def test_no_uninitialised_memory_leaks_out(check_against_reference, poison_cuda_cache, dtype, hidden, width):
     # A buffer the op reads before it writes (a hidden column, an output row) shows up as NaN.
     inputs = make_inputs((37,), hidden, 256, "swiglu", dtype=dtype, device="cuda")
     poison_cuda_cache(dtype)
@@ -251,7 +252,7 @@ def test_no_uninitialised_memory_leaks_out(dtype, hidden, width):
     check_against_reference(inputs, width, "swiglu")
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_weight_prefix_is_read_in_place():
     # A copy of one weight prefix would be 16 MiB; the op's buffers are 64 KiB each.
     x, w_gate, w_up, w_down = make_inputs((8,), 4096, 4096, dtype=torch.bfloat16, device="cuda")
@@ -264,9 +265,9 @@ def test_weight_prefix_is_read_in_place():
     assert torch.cuda.max_memory_allocated() - before < 1 << 20
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_aligned_shapes_run_cutlass_and_one_activation_pass(dtype, monkeypatch):
+def test_aligned_shapes_run_cutlass_and_one_activation_pass(cuda_kernel_names, dtype, monkeypatch):
     monkeypatch.setenv("FLEXTRON_PREFIX_GEMM", "cutlass")  # auto takes cuBLAS on Hopper
     x, w_gate, w_up, w_down = make_inputs((64,), 256, 512, dtype=dtype, device="cuda")
     names = cuda_kernel_names(lambda: ops.nested_mlp(x, w_gate, w_up, w_down, 192, "swiglu"))
@@ -274,7 +275,7 @@ def test_aligned_shapes_run_cutlass_and_one_activation_pass(dtype, monkeypatch):
     assert sum("activate_in_place" in name for name in names) == 1, names
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_torch_compile_inductor():
     inputs = make_inputs((4, 16), 128, 256, dtype=torch.bfloat16, device="cuda")
 
@@ -285,7 +286,7 @@ def test_torch_compile_inductor():
     torch.testing.assert_close(compiled(*inputs), layer(*inputs))
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_bad_input_on_cuda_names_the_argument():
     x, w_gate, w_up, w_down = make_inputs((6,), 64, 128, device="cuda")
     with pytest.raises(RuntimeError, match="w_up is on"):
@@ -302,11 +303,11 @@ def test_bad_input_on_cuda_names_the_argument():
         ops.nested_mlp(x, None, w_up, w_down, 64, "silu")
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("path", ["cutlass", "cublas"])
 @pytest.mark.parametrize("lead", [(2048,), (3,)])
-def test_each_gemm_path_with_k_tails(dtype, path, lead, monkeypatch):
+def test_each_gemm_path_with_k_tails(check_against_reference, dtype, path, lead, monkeypatch):
     """Each forced GEMM (FLEXTRON_PREFIX_GEMM) on many tiles and on decode-sized M, with K
     tails: K = D = 264 in the up/gate GEMMs, K = width = 712 in the down GEMM."""
     monkeypatch.setenv("FLEXTRON_PREFIX_GEMM", path)

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from flextron import ops
 from flextron.ops import reference
-from tests.helpers import DEVICES, cuda_only
 
 INDEX_OUTPUTS = (0, 2, 3, 4)  # choice, perm, inv_perm, offsets
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -178,7 +177,7 @@ def test_bad_input_names_the_argument(kwargs, match):
 # ---- every device and CUDA only --------------------------------------------------------
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("with_noise", [False, True])
@@ -196,7 +195,7 @@ def test_matches_cpu_op(dtype, size, with_noise, hard):
     _assert_same_grouping(on_cuda, reference.route(logits, None, noise, 0.7, hard))
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_ties_go_to_the_lowest_index_and_nan_matches_cpu():
     gen = torch.Generator(device="cuda").manual_seed(5)
     ties = torch.randint(0, 3, (5000, 40), device="cuda", generator=gen).float()  # many ties
@@ -212,7 +211,6 @@ def test_ties_go_to_the_lowest_index_and_nan_matches_cpu():
     torch.testing.assert_close(on_cuda[1].cpu(), on_cpu[1], equal_nan=True)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_weight_and_non_contiguous_input(device, dtype):
     gen = torch.Generator(device=device).manual_seed(6)
@@ -226,7 +224,6 @@ def test_fused_weight_and_non_contiguous_input(device, dtype):
     _assert_same_grouping(ops.route(logits_t), reference.route(logits_t.cpu(), None, None, 1.0, False))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_empty_and_deterministic(device):
     empty = torch.empty(0, 4, device=device)
     choice, probs, perm, inv_perm, offsets = ops.route(empty)
@@ -238,7 +235,6 @@ def test_empty_and_deterministic(device):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("with_weight", [False, True])
 def test_backward_matches_reference(device, hard, with_weight):
@@ -259,7 +255,7 @@ def test_backward_matches_reference(device, hard, with_weight):
         torch.testing.assert_close(ours, theirs)
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_opcheck(dtype):
     logits = torch.randn(37, 5, device="cuda", dtype=dtype, requires_grad=True)
@@ -270,7 +266,7 @@ def test_cuda_opcheck(dtype):
     torch.library.opcheck(torch.ops.flextron.route.default, (hidden, weight, None, 1.0, True))
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_torch_compile_inductor():
     logits = torch.randn(300, 8, device="cuda")
 
@@ -283,7 +279,7 @@ def test_torch_compile_inductor():
         torch.testing.assert_close(ours, theirs)
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_bad_input_on_cuda_names_the_argument():
     logits = torch.randn(10, 4, device="cuda")
     with pytest.raises(RuntimeError, match="tau must be positive"):
@@ -302,7 +298,7 @@ def test_bad_input_on_cuda_names_the_argument():
         ops.route(logits, torch.randn(2, 4))
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_cuda_graph_capture():
     """route captures into a CUDA graph (no host synchronisation); replays with new logits
     copied into the static input give the eager grouping bit for bit."""
@@ -324,7 +320,7 @@ def test_cuda_graph_capture():
         torch.testing.assert_close(captured[1], eager[1], rtol=0, atol=0)
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("tokens", [1, 33, 4099])
 def test_outputs_fully_written_over_poisoned_memory(tokens):
     """perm, inv_perm, offsets and probs are written in full: with sentinel-filled blocks of

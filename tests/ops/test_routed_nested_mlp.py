@@ -25,7 +25,6 @@ from hypothesis import strategies as st
 
 from flextron import _C, ops
 from flextron.ops import reference
-from tests.helpers import DEVICES, assert_as_accurate_as_torch, cuda_kernel_names, cuda_only
 
 ACTIVATIONS = reference.ACTIVATIONS
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -123,13 +122,15 @@ def assert_matches_reference(inputs, widths, activation) -> None:
 @pytest.mark.parametrize("tokens", [1, 7, 83, 300])  # 300: several tiles, the threaded path
 @pytest.mark.parametrize("hidden,d_ff,widths", [(8, 64, [64, 40, 16]), (24, 96, [80, 64, 24, 8])])
 @pytest.mark.parametrize("with_scale", [False, True])
-def test_matches_reference_fp32(activation, tokens, hidden, d_ff, widths, with_scale):
+def test_matches_reference_fp32(
+    assert_matches_reference, activation, tokens, hidden, d_ff, widths, with_scale
+):
     inputs = make_inputs(tokens, hidden, d_ff, widths, activation, with_scale=with_scale, seed=tokens)
     assert_matches_reference(inputs, widths, activation)
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_one_thread_runs_tiles_of_the_largest_size_in_turn():
+def test_one_thread_runs_tiles_of_the_largest_size_in_turn(assert_matches_reference):
     # One thread: tiles of 256 sorted tokens (600 -> 256 + 256 + 88), no balancing.
     widths = [96, 72, 40, 16]
     inputs = make_inputs(600, 24, 96, widths, "swiglu", with_scale=True, seed=5)
@@ -138,7 +139,7 @@ def test_one_thread_runs_tiles_of_the_largest_size_in_turn():
 
 @pytest.mark.parametrize("routing", ["one:0", "one:1", "one:3", "skip"])
 @pytest.mark.parametrize("tokens", [5, 200])
-def test_routing_patterns(routing, tokens):
+def test_routing_patterns(assert_matches_reference, routing, tokens):
     # One group only (widest, middle, narrowest) and empty groups in between.
     widths = [96, 72, 40, 16]
     inputs = make_inputs(tokens, 24, 96, widths, "swiglu", routing=routing)
@@ -159,7 +160,7 @@ def test_weight_grads_exactly_zero_outside_used_prefix():
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_non_contiguous_inputs(activation):
+def test_non_contiguous_inputs(assert_matches_reference, activation):
     widths = [64, 48, 16]
     inputs = make_inputs(83, 24, 64, widths, activation, contiguous=False)
     assert not inputs[0].is_contiguous() and not inputs[2].is_contiguous() and not inputs[4].is_contiguous()
@@ -227,7 +228,9 @@ def test_backward_op_empty_slots_without_gate_or_scale():
     with_scale=st.booleans(),
     data=st.data(),
 )
-def test_hypothesis_shapes(tokens, hidden, d_ff, num_choices, activation, with_scale, data):
+def test_hypothesis_shapes(
+    assert_matches_reference, tokens, hidden, d_ff, num_choices, activation, with_scale, data
+):
     widths = sorted(
         data.draw(st.sets(st.integers(1, d_ff), min_size=num_choices, max_size=num_choices)), reverse=True
     )
@@ -356,20 +359,25 @@ def _inputs(tokens, hidden, ffn, widths, activation, dtype, *, seed=0, with_scal
     return x, w_gate, w_up, w_down, choice, widths, scale
 
 
-def _assert_as_accurate_as_torch(ours, theirs, exact):
-    assert_as_accurate_as_torch(ours, theirs, exact, ABS_FLOOR[ours.dtype])
+@pytest.fixture
+def _assert_as_accurate_as_torch(assert_as_accurate_as_torch):
+    """Handed to the tests as a fixture: it needs assert_as_accurate_as_torch."""
+
+    def _assert_as_accurate_as_torch(ours, theirs, exact):
+        assert_as_accurate_as_torch(ours, theirs, exact, ABS_FLOOR[ours.dtype])
+
+    return _assert_as_accurate_as_torch
 
 
 def _double(tensors):
     return [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("with_scale", [False, True])
-def test_forward_matches_reference(device, dtype, activation, case, with_scale):
+def test_forward_matches_reference(_assert_as_accurate_as_torch, device, dtype, activation, case, with_scale):
     args = _inputs(*case, activation, dtype, with_scale=with_scale, device=device)
     ours = ops.routed_nested_mlp(*args, activation)
     theirs = reference.routed_nested_mlp(*args, activation)
@@ -385,23 +393,30 @@ def _grads(fn, tensors, choice, widths, activation, grad_y):
     return [leaf.grad for leaf in leaves if leaf is not None]
 
 
-def _check_backward(x, w_gate, w_up, w_down, choice, widths, scale, activation):
-    gen = torch.Generator(device=x.device).manual_seed(9)
-    grad_y = torch.randn(x.shape, device=x.device, generator=gen)
-    differentiable = [x, w_gate, w_up, w_down, scale]
-    ours = _grads(ops.routed_nested_mlp, differentiable, choice, widths, activation, grad_y)
-    theirs = _grads(reference.routed_nested_mlp, differentiable, choice, widths, activation, grad_y)
-    exact = _grads(reference.routed_nested_mlp, _double(differentiable), choice, widths, activation, grad_y)
-    for our_grad, their_grad, exact_grad in zip(ours, theirs, exact, strict=True):
-        _assert_as_accurate_as_torch(our_grad, their_grad, exact_grad)
+@pytest.fixture
+def _check_backward(_assert_as_accurate_as_torch):
+    """Handed to the tests as a fixture: it needs _assert_as_accurate_as_torch."""
+
+    def _check_backward(x, w_gate, w_up, w_down, choice, widths, scale, activation):
+        gen = torch.Generator(device=x.device).manual_seed(9)
+        grad_y = torch.randn(x.shape, device=x.device, generator=gen)
+        differentiable = [x, w_gate, w_up, w_down, scale]
+        ours = _grads(ops.routed_nested_mlp, differentiable, choice, widths, activation, grad_y)
+        theirs = _grads(reference.routed_nested_mlp, differentiable, choice, widths, activation, grad_y)
+        exact = _grads(
+            reference.routed_nested_mlp, _double(differentiable), choice, widths, activation, grad_y
+        )
+        for our_grad, their_grad, exact_grad in zip(ours, theirs, exact, strict=True):
+            _assert_as_accurate_as_torch(our_grad, their_grad, exact_grad)
+
+    return _check_backward
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("with_scale", [False, True])
-def test_backward_matches_reference(device, dtype, activation, case, with_scale):
+def test_backward_matches_reference(_check_backward, device, dtype, activation, case, with_scale):
     _check_backward(
         *_inputs(*case, activation, dtype, seed=1, with_scale=with_scale, device=device), activation
     )
@@ -418,10 +433,9 @@ ONE_GROUP = [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("case", ONE_GROUP)
-def test_backward_all_tokens_in_one_group(device, dtype, case):
+def test_backward_all_tokens_in_one_group(_check_backward, device, dtype, case):
     tokens, hidden, ffn, widths, only = case
     x, w_gate, w_up, w_down, _, _, scale = _inputs(
         tokens, hidden, ffn, widths, "swiglu", dtype, seed=2, device=device
@@ -447,10 +461,12 @@ def _grouped_launches(names: list[str]) -> tuple[int, int]:
     return v2, v3
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("disable_sm90", [False, True])
-def test_aligned_16bit_shapes_run_grouped_cutlass(dtype, disable_sm90, monkeypatch):
+def test_aligned_16bit_shapes_run_grouped_cutlass(
+    _assert_as_accurate_as_torch, _check_backward, cuda_kernel_names, dtype, disable_sm90, monkeypatch
+):
     """Forward: 2 grouped launches (up+gate, down); backward: recompute up+gate, grad_hidden,
     grad_x (up, then gate with beta = 1), all weight-gradient bands: 5 launches, all on the
     sm90a kernel where it runs."""
@@ -476,7 +492,6 @@ def test_aligned_16bit_shapes_run_grouped_cutlass(dtype, disable_sm90, monkeypat
     _check_backward(*args, "swiglu")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_unused_neurons_get_exactly_zero_gradient(device):
     x, w_gate, w_up, w_down, choice, _, scale = _inputs(
         64, 32, 128, [128], "swiglu", torch.bfloat16, device=device
@@ -487,7 +502,6 @@ def test_unused_neurons_get_exactly_zero_gradient(device):
     assert not leaves[2].grad[:, 96:].any()
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_empty_tokens_and_non_contiguous_choice(device):
     x, w_gate, w_up, w_down, choice, widths, scale = _inputs(
         0, 64, 128, [128, 64], "swiglu", torch.bfloat16, device=device
@@ -505,7 +519,6 @@ def test_empty_tokens_and_non_contiguous_choice(device):
     )
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ["swiglu", "gelu_tanh"])
 @pytest.mark.parametrize("requires_grad", [False, True])
@@ -523,7 +536,7 @@ def test_opcheck(device, dtype, activation, requires_grad):
         )
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_torch_compile_inductor():
     x, w_gate, w_up, w_down, choice, widths, scale = _inputs(
         64, 64, 256, [256, 128], "swiglu", torch.bfloat16
@@ -536,7 +549,7 @@ def test_torch_compile_inductor():
     torch.testing.assert_close(compiled(x), layer(x))
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_bad_input_on_cuda_names_the_argument():
     x, w_gate, w_up, w_down, choice, widths, scale = _inputs(16, 64, 128, [128, 64], "swiglu", torch.float32)
     with pytest.raises(RuntimeError, match="strictly descending"):
@@ -560,7 +573,7 @@ def _route_and_mlp(x, router, w_gate, w_up, w_down, widths):
     return ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths, scale, "swiglu")
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_graph_capture_of_route_and_mlp(dtype):
     """route + routed_nested_mlp (forward and backward) capture into a CUDA graph: no host
@@ -618,7 +631,7 @@ def _poison_allocator(shapes: list[tuple[int, ...]], dtypes: list[torch.dtype], 
     del blocks
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("choices_used", [[1, 2], [0, 2, 3], [3]])
 def test_outputs_fully_written_over_poisoned_memory(dtype, choices_used):
@@ -657,31 +670,39 @@ def sm90_path(request, monkeypatch):
     return request.param
 
 
-def _check_against_fp32(args, activation):
-    """Forward and backward within twice the error of the same-dtype reference, both measured
-    against an fp32 reference (fp64 would be slow at these sizes)."""
-    as_fp32 = [t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args]
-    x, w_gate, w_up, w_down, choice, widths, scale = args
-    _assert_as_accurate_as_torch(
-        ops.routed_nested_mlp(*args, activation),
-        reference.routed_nested_mlp(*args, activation),
-        reference.routed_nested_mlp(*as_fp32, activation).double(),
-    )
-    grad_y = torch.randn(x.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(9))
-    differentiable = [x, w_gate, w_up, w_down, scale]
-    ours = _grads(ops.routed_nested_mlp, differentiable, choice, widths, activation, grad_y)
-    theirs = _grads(reference.routed_nested_mlp, differentiable, choice, widths, activation, grad_y)
-    exact = _grads(reference.routed_nested_mlp, as_fp32[:4] + as_fp32[6:], choice, widths, activation, grad_y)
-    labels = ("x", "w_gate", "w_up", "w_down", "scale")
-    names = [name for name, t in zip(labels, differentiable, strict=True) if t is not None]
-    for name, our_grad, their_grad, exact_grad in zip(names, ours, theirs, exact, strict=True):
-        assert torch.isfinite(our_grad).all(), name
-        _assert_as_accurate_as_torch(our_grad, their_grad, exact_grad.double())
+@pytest.fixture
+def _check_against_fp32(_assert_as_accurate_as_torch):
+    """Handed to the tests as a fixture: it needs _assert_as_accurate_as_torch."""
+
+    def _check_against_fp32(args, activation):
+        """Forward and backward within twice the error of the same-dtype reference, both measured
+        against an fp32 reference (fp64 would be slow at these sizes)."""
+        as_fp32 = [t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args]
+        x, w_gate, w_up, w_down, choice, widths, scale = args
+        _assert_as_accurate_as_torch(
+            ops.routed_nested_mlp(*args, activation),
+            reference.routed_nested_mlp(*args, activation),
+            reference.routed_nested_mlp(*as_fp32, activation).double(),
+        )
+        grad_y = torch.randn(x.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(9))
+        differentiable = [x, w_gate, w_up, w_down, scale]
+        ours = _grads(ops.routed_nested_mlp, differentiable, choice, widths, activation, grad_y)
+        theirs = _grads(reference.routed_nested_mlp, differentiable, choice, widths, activation, grad_y)
+        exact = _grads(
+            reference.routed_nested_mlp, as_fp32[:4] + as_fp32[6:], choice, widths, activation, grad_y
+        )
+        labels = ("x", "w_gate", "w_up", "w_down", "scale")
+        names = [name for name, t in zip(labels, differentiable, strict=True) if t is not None]
+        for name, our_grad, their_grad, exact_grad in zip(names, ours, theirs, exact, strict=True):
+            assert torch.isfinite(our_grad).all(), name
+            _assert_as_accurate_as_torch(our_grad, their_grad, exact_grad.double())
+
+    return _check_against_fp32
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_multi_tile_grouped_gemms(dtype, sm90_path):
+def test_multi_tile_grouped_gemms(_check_against_fp32, dtype, sm90_path):
     """Hundreds of 128x128 tiles per launch, more than one per persistent CTA: CTAs move to
     further tiles and across groups (TMA descriptor updates, pipeline phases, the 2.x
     scheduler's grid-stride loop). All four groups are used."""
@@ -701,11 +722,11 @@ K_TAILS = [
 ]
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", K_TAILS)
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_k_tails(dtype, case, activation, sm90_path):
+def test_k_tails(_check_against_fp32, dtype, case, activation, sm90_path):
     tokens, hidden, ffn, widths = case
     args = _inputs(tokens, hidden, ffn, widths, activation, dtype, seed=13)
     gen = torch.Generator(device="cuda").manual_seed(14)
@@ -713,7 +734,7 @@ def test_k_tails(dtype, case, activation, sm90_path):
     _check_against_fp32((*args[:4], choice, widths, args[6]), activation)
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_scale", [False, True])
 def test_hidden_size_zero(dtype, with_scale, sm90_path):
@@ -732,7 +753,7 @@ def test_hidden_size_zero(dtype, with_scale, sm90_path):
             assert leaf.grad.shape == leaf.shape and not leaf.grad.any()
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_backward_outputs_are_distinct(dtype, sm90_path):
     """No two outputs of the backward op are the same tensor (the schema promises fresh
@@ -745,7 +766,7 @@ def test_backward_outputs_are_distinct(dtype, sm90_path):
     assert len({g._cdata for g in grads}) == 5
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("tokens,ffn,widths", [(40, 37, [37, 20, 7]), (40, 128, [128, 64])])
 def test_out_of_range_choice_trips_a_device_assert_on_the_masked_path(tokens, ffn, widths):
     """fp32 (and odd sizes) take the masked path; an out-of-range choice must fail loudly there,

@@ -4,11 +4,12 @@ Forward and backward (autograd through both), MHA/GQA/MQA, causal and not, prefi
 (Sq == Sk), decode (Sq == 1) and chunked prefill (1 < Sq < Sk), odd sizes, mixed head
 counts per sequence, non-contiguous inputs, fp32, bf16 and fp16, opcheck, torch.compile,
 hypothesis-drawn shapes and argument errors; the tests of one contract run on every device
-(DEVICES). On CUDA also: bucketed head counts (consecutive buckets as views, scattered ones
-gathered), heads on the CPU, row-blocked backward, uninitialised memory and CUDA graphs.
+(the `device` parameter, tests/conftest.py). On CUDA also: bucketed head counts (consecutive
+buckets as views, scattered ones gathered), heads on the CPU, row-blocked backward,
+uninitialised memory and CUDA graphs.
 
 fp32 is compared with the fp32 reference at fp32 tolerances; bf16/fp16 error must stay within
-twice PyTorch's own SDPA error at that precision (tests/helpers.py).
+twice PyTorch's own SDPA error at that precision (tests/ops/conftest.py).
 """
 
 from __future__ import annotations
@@ -23,16 +24,10 @@ from hypothesis import strategies as st
 
 from flextron import ops
 from flextron.ops import reference
-from tests.helpers import (
-    CUDA_MARKS,
-    DEVICES,
-    FP32_TOL,
-    assert_matches_reference,
-    cuda_only,
-    poison_cuda_cache,
-)
 
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+FP32_TOL = dict(atol=1e-5, rtol=1e-4)  # fp32 against a float64 reference
 
 
 def make_inputs(
@@ -184,28 +179,36 @@ def torch_attention(q, k, v, heads, causal, scale=None):
     return out * active[:, :, None, None].to(out.dtype)
 
 
-def check_low_precision(
-    dtype: torch.dtype, q_len: int, kv_len: int, causal: bool, device: str = "cpu"
-) -> None:
-    """Output and gradients within 2x PyTorch's own error at `dtype` (SDPA on the same
-    inputs), both measured against the fp32 reference on the same values."""
-    batch, q_heads, kv_heads, head_dim = 2, 6, 2, 64
-    q, k, v = (
-        t.to(device)
-        for t in make_inputs(batch, q_heads, kv_heads, q_len, kv_len, head_dim, dtype=dtype, transposed=True)
-    )
-    heads = torch.tensor([6, 3], device=device)
-    grad_out = torch.randn(batch, q_heads, q_len, head_dim).to(device, dtype)
-    out_ref, grads_ref = run_with_grads(
-        reference.varhead_attention, q.float(), k.float(), v.float(), heads, causal, grad_out.float()
-    )
-    out, grads = run_with_grads(ops.varhead_attention, q, k, v, heads, causal, grad_out)
-    out_torch, grads_torch = run_with_grads(torch_attention, q, k, v, heads, causal, grad_out)
-    for ours, theirs, exact in zip(
-        (out, *grads), (out_torch, *grads_torch), (out_ref, *grads_ref), strict=True
-    ):
-        assert_matches_reference(ours, theirs, exact)
-    assert_inactive_zero(out.cpu(), grads[0].cpu(), heads.cpu())
+@pytest.fixture
+def check_low_precision(assert_matches_reference):
+    """Handed to the tests as a fixture: it needs assert_matches_reference."""
+
+    def check_low_precision(
+        dtype: torch.dtype, q_len: int, kv_len: int, causal: bool, device: str = "cpu"
+    ) -> None:
+        """Output and gradients within 2x PyTorch's own error at `dtype` (SDPA on the same
+        inputs), both measured against the fp32 reference on the same values."""
+        batch, q_heads, kv_heads, head_dim = 2, 6, 2, 64
+        q, k, v = (
+            t.to(device)
+            for t in make_inputs(
+                batch, q_heads, kv_heads, q_len, kv_len, head_dim, dtype=dtype, transposed=True
+            )
+        )
+        heads = torch.tensor([6, 3], device=device)
+        grad_out = torch.randn(batch, q_heads, q_len, head_dim).to(device, dtype)
+        out_ref, grads_ref = run_with_grads(
+            reference.varhead_attention, q.float(), k.float(), v.float(), heads, causal, grad_out.float()
+        )
+        out, grads = run_with_grads(ops.varhead_attention, q, k, v, heads, causal, grad_out)
+        out_torch, grads_torch = run_with_grads(torch_attention, q, k, v, heads, causal, grad_out)
+        for ours, theirs, exact in zip(
+            (out, *grads), (out_torch, *grads_torch), (out_ref, *grads_ref), strict=True
+        ):
+            assert_matches_reference(ours, theirs, exact)
+        assert_inactive_zero(out.cpu(), grads[0].cpu(), heads.cpu())
+
+    return check_low_precision
 
 
 # ---- opcheck, torch.compile, hypothesis ---------------------------------------------------
@@ -307,7 +310,6 @@ def check_on_device(device: str, heads: list[int], *sizes, causal: bool, **optio
     check_against_reference(len(heads), *sizes, causal, counts, device=device, **options)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("q_heads,kv_heads", HEAD_LAYOUTS)
 @pytest.mark.parametrize("q_len,kv_len", LENGTHS)
 @pytest.mark.parametrize("causal", [True, False])
@@ -318,7 +320,6 @@ def test_matches_reference(device, q_heads, kv_heads, q_len, kv_len, causal, hea
     check_on_device(device, heads, q_heads, kv_heads, q_len, kv_len, head_dim, causal=causal)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "heads",
     [
@@ -337,8 +338,8 @@ def test_buckets(device, heads, causal):
     "device,heads_device",
     [
         ("cpu", "cpu"),
-        pytest.param("cuda", "cuda", marks=CUDA_MARKS),
-        pytest.param("cuda", "cpu", marks=CUDA_MARKS),
+        pytest.param("cuda", "cuda", marks=pytest.mark.cuda),
+        pytest.param("cuda", "cpu", marks=pytest.mark.cuda),
     ],
 )
 @pytest.mark.parametrize("causal", [True, False])
@@ -349,7 +350,6 @@ def test_transposed_inputs_and_heads_device(device, heads_device, causal):
     )
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_head_dim_slice_and_custom_scale(device):
     # Rows with a stride larger than Dh (a slice of a wider tensor) and a given scale.
     q, k, v = (t[..., :24] for t in make_inputs(3, 4, 2, 9, 9, 40, device=device))
@@ -360,7 +360,6 @@ def test_head_dim_slice_and_custom_scale(device):
     assert_all_close(out, grads, out_ref, grads_ref)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_unused_kv_heads_get_zero_grads(device):
     # With 2 (or 1) of 6 query heads active only KV head 0 (of 3) is read.
     q, k, v = make_inputs(2, 6, 3, 10, 10, 8, device=device)
@@ -371,7 +370,6 @@ def test_unused_kv_heads_get_zero_grads(device):
     assert grad_k[:, 0].abs().sum() > 0
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [True, False])
 def test_no_queries(device, causal):
     q, k, v = make_inputs(2, 4, 2, 0, 5, 8, device=device)
@@ -382,16 +380,14 @@ def test_no_queries(device, causal):
     assert all(torch.all(grad == 0) for grad in grads)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "q_len,kv_len,causal", [(83, 83, True), (1, 83, True), (40, 83, True), (40, 83, False)]
 )
-def test_low_precision_error_within_twice_torch(device, dtype, q_len, kv_len, causal):
+def test_low_precision_error_within_twice_torch(check_low_precision, device, dtype, q_len, kv_len, causal):
     check_low_precision(dtype, q_len, kv_len, causal, device=device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(device, causal, dtype):
@@ -404,15 +400,15 @@ def test_opcheck(device, causal, dtype):
 # ---- CUDA only -------------------------------------------------------------------------------
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_long_sequence_backward_in_row_blocks():
     # 6 sequences x 8 heads x 1024 x 1024 scores in one bucket: two row blocks in the backward.
     check_on_device("cuda", [8, 4, 8, 8, 3, 8, 8, 8], 8, 2, 1024, 1024, 64, causal=True)
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_no_uninitialised_memory_leaks_out(dtype):
+def test_no_uninitialised_memory_leaks_out(poison_cuda_cache, dtype):
     # Buffers the op would read before writing (an inactive head, a gradient slot) show up as NaN.
     q, k, v = make_inputs(5, 6, 2, 70, 70, 64, dtype=dtype, transposed=True, device="cuda")
     heads = torch.tensor([6, 1, 6, 4, 3], device="cuda")
@@ -424,7 +420,7 @@ def test_no_uninitialised_memory_leaks_out(dtype):
     assert torch.all(grads[1][1, 1:] == 0) and torch.all(grads[2][1, 1:] == 0)  # 1 head reads KV head 0
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_torch_compile_inductor():
     q, k, v = make_inputs(2, 6, 2, 9, 9, 16, device="cuda")
     heads = torch.tensor([6, 2], device="cuda")
@@ -439,7 +435,7 @@ def test_torch_compile_inductor():
     assert_all_close(out, grads, out_ref, grads_ref)
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_bad_input_on_cuda_names_the_argument():
     q, k, v = make_inputs(2, 4, 2, 5, 5, 8, device="cuda")
     heads = torch.tensor([4, 2], device="cuda")
@@ -459,7 +455,7 @@ def test_bad_input_on_cuda_names_the_argument():
         torch.ops.flextron.varhead_attention_backward(q[:, :1], q, k, v, heads, True)
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("causal", [True, False])
 def test_cuda_graph_capture_with_scattered_buckets(causal):
     """With heads on the CPU the forward captures into a CUDA graph, scattered buckets (their

@@ -1,38 +1,10 @@
-"""Shared test helpers: the GPU skip, the device parameter, tolerance rules, CUDA probes, tiny models
-and a synthetic latency table. Test modules import from here, never from one another."""
+"""Fixtures of the op tests: the two tolerance rules and the CUDA probes, each handed to the test
+as a function.  The `device` parameter and the CUDA skip: tests/conftest.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-from flextron.ops.extension import _C
-
-# --- Devices -------------------------------------------------------------------------------------
-
-# A CUDA test needs a GPU and the extension's CUDA kernels. Neither check creates a CUDA context,
-# so importing a test module stays safe on machines without a GPU.
-CUDA_AVAILABLE = torch.cuda.is_available() and bool(_C.build_info()["cuda_built"])
-
-# The one GPU skip. `cuda` labels the test for `pytest -m cuda` (benchmarks/gpu_check.sh);
-# the skipif does the skipping.
-CUDA_MARKS = (
-    pytest.mark.cuda,
-    pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA device and flextron built with CUDA"),
-)
-
-# The `device` parameter of an op test whose contract is the same on every device.
-DEVICES = ("cpu", pytest.param("cuda", marks=CUDA_MARKS))
-
-
-def cuda_only(test):
-    """Decorator (function or class): run only where CUDA_AVAILABLE, labelled `cuda`."""
-    for mark in CUDA_MARKS:
-        test = mark(test)
-    return test
-
-
-# --- Tolerances ----------------------------------------------------------------------------------
 
 FP32_TOL = dict(atol=1e-5, rtol=1e-4)
 
@@ -41,7 +13,7 @@ def max_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
     return (actual.double() - exact.double()).abs().max().item() if exact.numel() else 0.0
 
 
-def assert_matches_reference(
+def check_matches_reference(
     actual: torch.Tensor, pytorch_same_dtype: torch.Tensor, exact: torch.Tensor
 ) -> None:
     """fp32: tight closeness to `exact`. Lower precision: our error against `exact`
@@ -55,7 +27,7 @@ def assert_matches_reference(
     assert ours <= 2 * theirs + 1e-6, f"error {ours:.3g} > 2 x PyTorch's {theirs:.3g} in {actual.dtype}"
 
 
-def assert_as_accurate_as_torch(
+def check_as_accurate_as_torch(
     ours: torch.Tensor, theirs: torch.Tensor, exact: torch.Tensor, floor: float
 ) -> None:
     """Every dtype: max |ours - exact| <= 2 max |theirs - exact| + floor + 4 ulps of the largest
@@ -69,10 +41,7 @@ def assert_as_accurate_as_torch(
     assert our_err <= 2 * their_err + floor + ulps, (our_err, their_err, ulps)
 
 
-# --- CUDA probes ---------------------------------------------------------------------------------
-
-
-def poison_cuda_cache(dtype: torch.dtype) -> None:
+def fill_freed_cuda_memory_with_nan(dtype: torch.dtype) -> None:
     """Fill freed blocks of both pools of PyTorch's CUDA caching allocator with NaN, so that a
     kernel that reads a buffer it never wrote (an output element it skipped) returns NaN."""
     small = (1 << 19) // torch.tensor([], dtype=dtype).element_size()  # 512 KiB: the small pool
@@ -81,9 +50,33 @@ def poison_cuda_cache(dtype: torch.dtype) -> None:
     del blocks
 
 
-def cuda_kernel_names(fn) -> list[str]:
+def launched_cuda_kernels(fn) -> list[str]:
     """Names of the CUDA kernels that `fn()` launches, in launch order (from the profiler)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     return [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.fixture(scope="session")
+def assert_matches_reference():
+    """check_matches_reference: fp32 close to the reference; 16-bit at most 2x PyTorch's error."""
+    return check_matches_reference
+
+
+@pytest.fixture(scope="session")
+def assert_as_accurate_as_torch():
+    """check_as_accurate_as_torch: at most 2x PyTorch's error against a float64 reference."""
+    return check_as_accurate_as_torch
+
+
+@pytest.fixture(scope="session")
+def poison_cuda_cache():
+    """fill_freed_cuda_memory_with_nan (see its docstring)."""
+    return fill_freed_cuda_memory_with_nan
+
+
+@pytest.fixture(scope="session")
+def cuda_kernel_names():
+    """launched_cuda_kernels (see its docstring)."""
+    return launched_cuda_kernels
