@@ -13,7 +13,7 @@ LLAMA_CMAKE_ARGS := -DGGML_CUDA=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -D
 
 CORPUS  := data/general
 # Debian packages whose text the general-English corpus is built from (flextron/corpus.py).
-CORPUS_PACKAGES := dict-gcide wordnet-base fortunes
+CORPUS_PACKAGES := dict-gcide wordnet-base fortunes gnu-standards doc-debian
 
 .PHONY: deps build test test-all demo bench lint clean corpus
 
@@ -53,7 +53,7 @@ bench: build
 # The general-English corpus (train + held-out JSONL, about 9M + 0.45M SmolLM2 tokens).
 corpus: $(CORPUS)/corpus.json
 
-$(CORPUS)/corpus.json: | build
+$(CORPUS)/corpus.json: flextron/data/corpus.py | build
 	@dpkg -s $(CORPUS_PACKAGES) >/dev/null 2>&1 || { \
 	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
 	        DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(CORPUS_PACKAGES); \

@@ -1,13 +1,16 @@
 """Quality on general English held-out text: every budget measured twice, beside two baselines.
 
-    make corpus                                   # data/general: train + held-out text
+    make corpus                                   # data/general: train, validation and test text
     PYTHONPATH=. python benchmarks/bench_quality.py --model runs/recipe/final \
         --converted runs/recipe/converted --baseline-b runs/recipe/baseline-b \
         --json benchmarks/results/bench_quality.json --plot docs/images/quality.png
 
-Held-out text: the prose fortune files of Debian's `fortunes` package (BSD licence; see
-flextron/data/corpus.py), disjoint from every training set (13-gram decontamination).  Perplexity
-over `--blocks` x `--seq-len` tokens, evenly spaced over it.  Rows, per budget:
+Text: `--split test` (the default: what results are reported on; legal text, technical manuals
+and organisational prose) or `--split validation` (what recipe choices are made on: the fortune
+files) of the corpus (flextron/data/corpus.py), each disjoint from the training text (13-gram
+decontamination).  `--blocks` x `--seq-len` tokens, an equal share from each genre of the split;
+the Flextron rows are also reported per genre (`per_genre`, with the dense model's perplexity on
+the same blocks).  Rows, per budget:
 
   flextron     the model at the budget, run by flextron
   exported     the same budget through `flextron export --format hf`, run by an implementation
@@ -40,7 +43,8 @@ from pathlib import Path
 
 import torch
 
-from flextron.data.blocks import load_blocks
+from flextron.data.blocks import iter_texts, pack, tokenize
+from flextron.data.corpus import genre_files
 from flextron.model.checkpoint import load_pretrained
 from flextron.model.config import ArchConfig, count_parameters
 from flextron.model.elastic_model import FlextronModel
@@ -181,6 +185,30 @@ def naive_prune_arch(model: FlextronModel, parameters: int) -> ArchConfig:
     return ArchConfig.uniform(config, max(widths or config.mlp_choices()[:1]), config.num_heads)
 
 
+def split_blocks(tokenizer, corpus: str, split: str, seq_len: int, count: int) -> dict[str, torch.Tensor]:
+    """Each genre of a corpus split as (count // genres, seq_len) blocks (fewer if its text is short)."""
+    files = genre_files(corpus, split)
+    if not files:
+        raise SystemExit(f"{corpus}: no {split} text (rebuild it with `make corpus`)")
+    share = max(1, count // len(files))
+    return {
+        genre: pack(
+            tokenize(tokenizer, (text for path in paths for text in iter_texts(path))), seq_len, share
+        )
+        for genre, paths in sorted(files.items())
+    }
+
+
+def by_genre(losses: torch.Tensor, dense_losses: torch.Tensor, genre_of: list[str]) -> dict[str, dict]:
+    """Per genre: the perplexity of `losses` (N,), the dense model's, and their ratio."""
+    result = {}
+    for genre in dict.fromkeys(genre_of):
+        mask = torch.tensor([g == genre for g in genre_of])
+        ppl, dense = perplexity(losses[mask]), perplexity(dense_losses[mask])
+        result[genre] = {"blocks": int(mask.sum()), "perplexity": ppl, "dense": dense, "ratio": ppl / dense}
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -194,9 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--baseline-b", help="a directory holding one trained run per budget: b0.75/, b0.5/ ..."
     )
-    parser.add_argument("--heldout", default="data/general/heldout")
+    parser.add_argument("--corpus", default="data/general", help="a `flextron corpus` directory")
+    parser.add_argument("--split", choices=("test", "validation"), default="test")
     parser.add_argument("--budgets", default="1,0.75,0.5,0.25")
-    parser.add_argument("--blocks", type=int, default=16)
+    parser.add_argument("--blocks", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--json", default="benchmarks/results/bench_quality.json")
     parser.add_argument("--plot", default="docs/images/quality.png")
@@ -210,11 +239,18 @@ def main(argv: list[str] | None = None) -> None:
     budgets = [float(b) for b in args.budgets.split(",")]
     model = load_pretrained(args.model)
     converted = load_pretrained(args.converted)
-    blocks = load_blocks(model.tokenizer, args.heldout, args.seq_len, args.blocks)
-    log(f"held-out: {blocks.shape[0]} x {blocks.shape[1]} tokens from {args.heldout}")
+    genres = split_blocks(model.tokenizer, args.corpus, args.split, args.seq_len, args.blocks)
+    blocks = torch.cat(list(genres.values()))  # (N, S), genre by genre
+    genre_of = [genre for genre, part in genres.items() for _ in range(len(part))]
+    log(
+        f"{args.split}: {blocks.shape[0]} x {blocks.shape[1]} tokens, "
+        + ", ".join(f"{g} {len(b)}" for g, b in genres.items())
+    )
     gguf = default_gguf_path()
     dense = hf_ppl(gguf.parent, blocks, gguf.name)
     log(f"dense (transformers on {gguf.name}): {dense:.2f}")
+    # The converted model at full width is the original function (a permutation): dense per genre.
+    dense_losses = flextron_losses(converted, blocks, converted.arch_for_budget(1.0))  # (N,)
 
     rows = []
     for budget in budgets:
@@ -226,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         losses = flextron_losses(model, blocks, arch)  # (N,)
         row["flextron"] = perplexity(losses)
+        row["per_genre"] = by_genre(losses, dense_losses, genre_of)
         measured = exported_ppl(args.model, budget, arch.is_uniform, blocks)
         row["exported"] = measured["transformers"]
         if "llama.cpp" in measured:
@@ -271,7 +308,12 @@ def main(argv: list[str] | None = None) -> None:
         log(json.dumps({k: v for k, v in row.items() if k != "arch"}))
 
     result = {
-        "heldout": {"source": args.heldout, "blocks": blocks.shape[0], "seq_len": blocks.shape[1]},
+        "text": {
+            "corpus": args.corpus,
+            "split": args.split,
+            "blocks": {genre: len(part) for genre, part in genres.items()},
+            "seq_len": blocks.shape[1],
+        },
         "model": args.model,
         "converted": args.converted,
         "dense": dense,

@@ -7,12 +7,14 @@
 #
 #   OUT, STEPS, P_FULL, BUDGET_WEIGHTS, LR, STOP_AFTER and TRAIN_FLAGS are read from the environment.
 #
-#   1. corpus     make corpus (Debian packages -> data/general: ~9.3M training tokens + held-out)
+#   1. corpus     make corpus (Debian packages -> data/general: ~9.3M training tokens, validation
+#                 text for choosing settings, test text for reporting)
 #   2. convert    importance ranking and the budgets' configurations chosen on general text
 #   3. train      elastic distillation: STEPS x 4 blocks x 256 tokens, budgets 0.25/0.5/0.75, and
 #      beside it the baselines (b): one pruned-and-distilled run per budget, STEPS/3 steps each
 #      (equal share), one after the other; the two streams run side by side at one thread each
-#   5. bench      benchmarks/bench_quality.py (flextron, the export in transformers/llama.cpp, baselines)
+#   5. bench      benchmarks/bench_quality.py on the test text (flextron, the export in transformers and
+#                 llama.cpp, baselines); settings are chosen with its --split validation
 #
 # Every stage skips what is done, and training resumes, so the recipe can be run in slices of
 # STOP_AFTER steps.  Timings on the 2-core machine: docs/quality.md.

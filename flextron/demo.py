@@ -47,7 +47,7 @@ class DemoConfig:
     )
     corpus: str | None = option(
         None,
-        "a `flextron corpus` directory: calibrate and train on its train/ text, measure on heldout/ "
+        "a `flextron corpus` directory: calibrate and train on its train/ text, measure on test/ "
         "(default: the built-in Python documentation)",
     )
 
@@ -64,11 +64,11 @@ def run_demo(out: Path, config: DemoConfig) -> list[dict]:
     config.train_steps > 0 adds an elastic-training phase (trained once, then cached; see
     flextron.train.demo_training) and writes out/results_trained.json and out/perplexity_trained.png.
     config.corpus: a directory from `flextron corpus` (calibration and training on its train/
-    text, perplexity on its heldout/ text); None: the built-in Python documentation.
+    text, perplexity on its test/ text); None: the built-in Python documentation.
     """
     corpus = None if config.corpus is None else Path(config.corpus)
     train_text, held_out_text = (
-        ("builtin", "builtin") if corpus is None else (corpus / "train", corpus / "heldout")
+        ("builtin", "builtin") if corpus is None else (corpus / "train", corpus / "test")
     )
     start = time.perf_counter()
 

@@ -1,18 +1,25 @@
-"""A general-English corpus built from text that ships in Debian packages.
+"""A general-English corpus built from text that ships in Debian packages, in three splits.
 
-Training and calibration text (`OUT/train/*.jsonl`, one {"text": ...} document per line):
-    gcide     GNU Collaborative International Dictionary of English (package dict-gcide,
-              GPL-2+): definitions and the literary quotations that illustrate them
-    wordnet   WordNet 3.0 glosses and example sentences (package wordnet-base, WordNet 3.0
-              licence: free use, copy and distribution with the notice)
-Held-out evaluation text (`OUT/heldout/fortunes.jsonl`):
-    fortunes  the prose files of the BSD fortune cookie collection (package fortunes, BSD):
-              quotations, jokes, aphorisms, short stories
+`OUT/<split>/*.jsonl`, one {"text": ...} document per line:
+train       calibration and training text, two genres:
+    gcide       GNU Collaborative International Dictionary of English (dict-gcide, GPL-2+):
+                definitions and the literary quotations that illustrate them
+    wordnet-*   WordNet 3.0 glosses and example sentences (wordnet-base, WordNet 3.0 licence)
+validation  the text every recipe choice (weights, rates, steps) is made on:
+    fortunes    the prose files of the BSD fortune collection (fortunes, BSD): quips, jokes,
+                aphorisms, short stories
+test        the text results are reported on and nothing is tuned on, three other genres:
+    licence-*   legal text: the free-software licences in /usr/share/common-licenses (base-files)
+    manual-*    technical manuals: the GNU Coding Standards and Information for Maintainers of
+                GNU Software (gnu-standards, GFDL)
+    charter-*   organisational prose: Debian's constitution, social contract and manifesto
+                (doc-debian)
 
-The two sides come from different works and genres.  To keep them disjoint, every training
-document that shares a 13-word sequence with the held-out text is dropped (the usual
-n-gram decontamination).  The builder streams each source (never the whole text in memory)
-and writes `OUT/corpus.json`: sources, licences, documents and words per file.
+Every split is a different set of works and genres.  To keep them disjoint, a test document that
+shares a 13-word sequence with the validation text is dropped, and so is a training document
+that shares one with either (the usual n-gram decontamination).  The builder streams each
+training source (never the whole text in memory) and writes `OUT/corpus.json`: sources,
+genres, licences, documents and words per file.
 
     make corpus                                    # apt-get install the packages, then build
     flextron corpus --out data/general             # build from already installed packages
@@ -40,8 +47,12 @@ class Source:
     package: str  # the Debian package that ships it
     path: str
     licence: str
-    split: str  # "train" or "heldout"
+    split: str  # one of SPLITS
     reader: Callable[[Path], Iterator[str]]
+    genre: str
+
+
+SPLITS = ("validation", "test", "train")  # the order they are built in (decontamination)
 
 
 # ---- readers: a source file -> documents (plain prose, one paragraph or entry each)
@@ -105,7 +116,7 @@ def read_wordnet(path: Path) -> Iterator[str]:
             yield f"{', '.join(lemmas)} ({part}): {gloss.strip()}"
 
 
-HELDOUT_FORTUNES = (
+PROSE_FORTUNES = (
     "art",
     "cookie",
     "education",
@@ -135,7 +146,7 @@ HELDOUT_FORTUNES = (
 
 def read_fortunes(path: Path) -> Iterator[str]:
     """The prose fortune files of a directory, one fortune per document ("%" lines separate)."""
-    for name in HELDOUT_FORTUNES:
+    for name in PROSE_FORTUNES:
         file = path / name
         if not file.is_file():
             continue
@@ -151,8 +162,39 @@ def read_fortunes(path: Path) -> Iterator[str]:
                     fortune.append(line.rstrip())
 
 
+def read_paragraphs(path: Path) -> Iterator[str]:
+    """Prose paragraphs of a plain-text document (gzip-compressed or not), blank-line separated:
+    lines joined, headings and fragments (under 8 words) and indented examples dropped."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as file:
+        paragraph: list[str] = []
+        for line in [*file, "\n"]:
+            if line.strip():
+                paragraph.append(line.rstrip())
+                continue
+            # Texinfo's text output indents examples and code by five spaces or more.
+            example = all(len(row) - len(row.lstrip()) >= 5 for row in paragraph)
+            text = _SPACES.sub(" ", " ".join(paragraph)).strip()
+            if paragraph and not example and len(text.split()) >= 8:
+                yield text
+            paragraph = []
+
+
+LICENCES = ("GPL-3", "LGPL-2.1", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "Artistic", "CC0-1.0")
+MANUALS = ("standards", "maintain")
+CHARTERS = ("constitution.txt", "social-contract.txt", "debian-manifesto")
+
+
 SOURCES = (
-    Source("gcide", "dict-gcide", "/usr/share/dictd/gcide.dict.dz", "GPL-2.0-or-later", "train", read_gcide),
+    Source(
+        "gcide",
+        "dict-gcide",
+        "/usr/share/dictd/gcide.dict.dz",
+        "GPL-2.0-or-later",
+        "train",
+        read_gcide,
+        "dictionary",
+    ),
     *(
         Source(
             f"wordnet-{part}",
@@ -161,10 +203,55 @@ SOURCES = (
             "WordNet-3.0",
             "train",
             read_wordnet,
+            "glosses",
         )
         for part in ("noun", "verb", "adj", "adv")
     ),
-    Source("fortunes", "fortunes", "/usr/share/games/fortunes", "BSD-4-Clause", "heldout", read_fortunes),
+    Source(
+        "fortunes",
+        "fortunes",
+        "/usr/share/games/fortunes",
+        "BSD-4-Clause",
+        "validation",
+        read_fortunes,
+        "quips",
+    ),
+    *(
+        Source(
+            f"licence-{name}",
+            "base-files",
+            f"/usr/share/common-licenses/{name}",
+            "verbatim copies permitted",
+            "test",
+            read_paragraphs,
+            "legal",
+        )
+        for name in LICENCES
+    ),
+    *(
+        Source(
+            f"manual-{name}",
+            "gnu-standards",
+            f"/usr/share/doc/gnu-standards/{name}.text.gz",
+            "GFDL-1.3-or-later",
+            "test",
+            read_paragraphs,
+            "manual",
+        )
+        for name in MANUALS
+    ),
+    *(
+        Source(
+            f"charter-{name.split('.')[0]}",
+            "doc-debian",
+            f"/usr/share/doc/debian/{name}.gz",
+            "OPL-1.0 / GPL (doc-debian)",
+            "test",
+            read_paragraphs,
+            "charter",
+        )
+        for name in CHARTERS
+    ),
 )
 
 
@@ -208,41 +295,51 @@ def build_corpus(out: str | os.PathLike, sources: tuple[Source, ...] = SOURCES) 
     if out.exists():
         raise ValueError(f"{out} already exists: choose a new directory (or delete it)")
     check_sources(sources)
-    manifest: dict = {"format": FORMAT, "version": 1, "decontamination_ngram": NGRAM, "files": {}}
+    manifest: dict = {"format": FORMAT, "version": 2, "decontamination_ngram": NGRAM, "files": {}}
     with staged_output(out) as staging:  # the corpus appears only once complete
-        (staging / "train").mkdir(parents=True)
-        (staging / "heldout").mkdir()
-        heldout_ngrams: set[int] = set()
-        for source in (s for s in sources if s.split == "heldout"):
-            documents = list(source.reader(Path(source.path)))  # small (under 1 MB of text)
-            for text in documents:
-                heldout_ngrams.update(_ngrams(text))
-            count, words = _write_jsonl(staging / "heldout" / f"{source.name}.jsonl", iter(documents))
-            manifest["files"][f"heldout/{source.name}.jsonl"] = _describe(source, count, words)
-        for source in (s for s in sources if s.split == "train"):
-            dropped = [0]
-
-            def clean(documents: Iterator[str], dropped: list[int] = dropped) -> Iterator[str]:
-                for text in documents:
-                    if any(gram in heldout_ngrams for gram in _ngrams(text)):
-                        dropped[0] += 1
-                    else:
-                        yield text
-
-            count, words = _write_jsonl(
-                staging / "train" / f"{source.name}.jsonl", clean(source.reader(Path(source.path)))
-            )
-            manifest["files"][f"train/{source.name}.jsonl"] = {
-                **_describe(source, count, words),
-                "dropped_overlapping": dropped[0],
-            }
+        seen: set[int] = set()  # the n-grams of the splits built so far
+        for split in SPLITS:
+            (staging / split).mkdir(parents=True)
+            grams: set[int] = set()
+            for source in (s for s in sources if s.split == split):
+                dropped = [0]
+                documents = _decontaminated(source.reader(Path(source.path)), seen, dropped)
+                if split != "train":  # small (under 1 MB of text); its n-grams guard later splits
+                    documents = list(documents)
+                    grams.update(gram for text in documents for gram in _ngrams(text))
+                count, words = _write_jsonl(staging / split / f"{source.name}.jsonl", iter(documents))
+                manifest["files"][f"{split}/{source.name}.jsonl"] = {
+                    **_describe(source, count, words),
+                    "dropped_overlapping": dropped[0],
+                }
+            seen |= grams
         (staging / "corpus.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _decontaminated(documents: Iterator[str], seen: set[int], dropped: list[int]) -> Iterator[str]:
+    """The documents that share no n-gram with `seen`; dropped[0] counts the others."""
+    for text in documents:
+        if any(gram in seen for gram in _ngrams(text)):
+            dropped[0] += 1
+        else:
+            yield text
+
+
+def genre_files(corpus: str | os.PathLike, split: str) -> dict[str, list[Path]]:
+    """A built corpus's files of one split, by genre (from its corpus.json)."""
+    manifest = json.loads((Path(corpus) / "corpus.json").read_text())
+    genres: dict[str, list[Path]] = {}
+    for name, entry in manifest["files"].items():
+        if name.startswith(f"{split}/"):
+            genres.setdefault(entry["genre"], []).append(Path(corpus) / name)
+    return genres
 
 
 def _describe(source: Source, documents: int, words: int) -> dict:
     return {
         "package": source.package,
+        "genre": source.genre,
         "path": source.path,
         "licence": source.licence,
         "documents": documents,
