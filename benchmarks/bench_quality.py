@@ -8,7 +8,7 @@
 Text: `--split test` (the default: what results are reported on; legal text, technical manuals
 and organisational prose) or `--split validation` (what recipe choices are made on: the fortune
 files) of the corpus (flextron/data/corpus.py), each disjoint from the training text (13-gram
-decontamination).  `--blocks` x `--seq-len` tokens, an equal share from each genre of the split;
+decontamination).  `--blocks` x `--seq-len` tokens, an equal share from each genre as far as its text goes;
 the Flextron rows are also reported per genre (`per_genre`, with the dense model's perplexity on
 the same blocks).  Rows, per budget:
 
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus", default="data/general", help="a `flextron corpus` directory")
     parser.add_argument("--split", choices=("test", "validation"), default="test")
     parser.add_argument("--budgets", default="1,0.75,0.5,0.25")
-    parser.add_argument("--blocks", type=int, default=64)
+    parser.add_argument("--blocks", type=int, default=72)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--json", default="benchmarks/results/bench_quality.json")
     parser.add_argument("--plot", default="docs/images/quality.png")
