@@ -6,7 +6,7 @@ import argparse
 import copy
 from pathlib import Path
 
-from flextron.cli.arguments import arg, command, load, set_threads
+from flextron.cli.arguments import arg, command, fits_context, load, set_threads
 from flextron.demo import DemoConfig
 from flextron.options import config_from_args, config_options, float_in, non_negative_int, positive_int
 from flextron.train.trainer import TrainConfig
@@ -60,7 +60,7 @@ def train(args: argparse.Namespace) -> None:
     set_threads(args.threads)
     context = init_distributed(args.device, args.fsdp)
     try:
-        model = load(args.model)
+        model = load(args.model, None, fits_context("--seq-len", args.seq_len, 1))
         data = training_data(
             model,
             args.model,
