@@ -444,8 +444,12 @@ def generate(args: argparse.Namespace) -> None:
     "write one sub-network as a standalone model: Hugging Face, Flextron or GGUF directory",
     MODEL,
     *load_options(),
-    arg("--out", required=True, help="output directory (new or empty; see --overwrite)"),
-    arg("--overwrite", action="store_true", help="replace a non-empty --out directory"),
+    arg(
+        "--out",
+        required=True,
+        help="output directory (new or empty; see --overwrite), or FILE.gguf: that one GGUF file",
+    ),
+    arg("--overwrite", action="store_true", help="replace a non-empty --out directory or an --out file"),
     arg("--budget", type=budget_float, default=None, help="fraction of the full model (default 1)"),
     arg(
         "--latency-ms",
@@ -490,11 +494,19 @@ def generate(args: argparse.Namespace) -> None:
 )
 def export(args: argparse.Namespace) -> None:
     from flextron.config import ArchConfig
+    from flextron.export import check_format_for_path, names_a_gguf_file
     from flextron.export import export as export_model
     from flextron.model_card import ModelCard
-    from flextron.outputs import check_output_dir, staged_output
+    from flextron.outputs import check_new_output_file, check_output_dir, staged_output
 
-    check_output_dir(args.out, overwrite=args.overwrite, sources=_sources(args.model))
+    check_format_for_path(args.format, args.out)
+    if names_a_gguf_file(args.out) and args.eval_blocks > 0:
+        raise ValueError(
+            f"--eval-blocks measures perplexity for the model card, which the single file {args.out} "
+            "has no place for: export to a directory (an --out without .gguf)"
+        )
+    check_out = check_new_output_file if names_a_gguf_file(args.out) else check_output_dir
+    check_out(args.out, overwrite=args.overwrite, sources=_sources(args.model))
     _preflight_arch(args, single=True)
     model = _load(args.model, args, _shape_fits(args), _arch_fits(args))
     choice = _choose_arch(model, args)

@@ -1,4 +1,4 @@
-"""Export one sub-network as a standalone model, written into a given directory.
+"""Export one sub-network as a standalone model, written into a given directory (or one file).
 
 Formats, each with a README.md model card:
 - "hf": a Hugging Face directory for the source family's class (LlamaForCausalLM,
@@ -9,7 +9,8 @@ Formats, each with a README.md model card:
   which zero-pads every layer to the widest (the same function, more stored weights).
 - "flextron": a Flextron directory whose config lists each layer's sizes; any configuration;
   `flextron.checkpoint.load_pretrained` loads it.
-- "gguf": one llama.cpp file (flextron.export_gguf); per-layer sizes allowed.
+- "gguf": one llama.cpp file (flextron.export_gguf); per-layer sizes allowed.  An output path
+  ending in .gguf is that file itself (what llama.cpp opens); any other path is a directory.
 Exported weights are copies of the prefixes, so the files are small and the model computes
 exactly the sub-network.
 """
@@ -124,6 +125,20 @@ def export_flextron(
     save_pretrained(small, path)
 
 
+def names_a_gguf_file(path: str | os.PathLike) -> bool:
+    """Whether an output path is a GGUF file (X.gguf) rather than a directory."""
+    return Path(path).suffix.lower() == ".gguf"
+
+
+def check_format_for_path(format: str, path: str | os.PathLike) -> None:
+    """ValueError when `path` names a GGUF file but `format` is a directory format."""
+    if names_a_gguf_file(path) and format not in ("auto", "gguf"):
+        raise ValueError(
+            f"--out {path} names a GGUF file, but --format is {format}: use --format gguf, "
+            "or an output name without .gguf for a directory"
+        )
+
+
 def auto_format(model: FlextronModel, arch: ArchConfig) -> str:
     """ "hf" when the family's Hugging Face class can hold the sub-network, else "flextron"."""
     if not arch.is_uniform:
@@ -148,13 +163,17 @@ def export(
     pad_layers: bool = False,
 ) -> str:
     """Export into directory `path` in `format` "hf", "flextron", "gguf" or "auto" (hf when the
-    family's class can hold it, else flextron); returns the format used.
+    family's class can hold it, else flextron); returns the format used.  A `path` ending in
+    .gguf is the GGUF file itself (format gguf, no directory).
 
     dtype: the weights' dtype for hf/flextron (default: the model's); gguf_type: f32, f16,
     bf16 or q8_0 for gguf (default f16); pad_layers: hf may hold a per-layer configuration,
     zero-padded to its widest layer."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    check_format_for_path(format, path)
+    if names_a_gguf_file(path):
+        format = "gguf"
     if format == "auto":
         format = auto_format(model, arch)
     if gguf_type is not None and format != "gguf":

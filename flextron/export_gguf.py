@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from flextron.config import ArchConfig, ModelConfig
+from flextron.export import names_a_gguf_file
 from flextron.model import FlextronModel
 from flextron.model_card import ModelCard, write_model_card
 from flextron.nn.rope import rope_frequencies
@@ -258,8 +259,12 @@ def export_gguf(
     gguf_type: str = "f16",
     card: ModelCard | None = None,
 ) -> Path:
-    """Write directory `path`: model-<type>.gguf and a README.md model card; returns the file."""
+    """Write directory `path`: model-<type>.gguf and a README.md model card; returns the file.
+    A `path` ending in .gguf is written as that one file (the card's source is in general.name)."""
     path = Path(path)
+    if names_a_gguf_file(path):
+        write_gguf(model, arch, path, gguf_type, name=card.source if card else "")
+        return path
     path.mkdir(parents=True, exist_ok=True)
     target = path / gguf_file_name(gguf_type)
     write_gguf(model, arch, target, gguf_type, name=card.source if card else "")
