@@ -10,7 +10,14 @@ import torch
 from flextron.budget_configs import CalibrationConfig, candidate_archs, fits, weight_limit
 from flextron.budget_search import calibration_loss, choose_budget_configs
 from flextron.config import ArchConfig, layer_weights
-from flextron.layer_search import LayerSensitivity, allocate, measure_layer_sensitivity, measured_widths
+from flextron.layer_search import (
+    LayerSensitivity,
+    allocate,
+    cached_layer_sensitivity,
+    measure_layer_sensitivity,
+    measured_widths,
+    sensitivity_cost,
+)
 from tests.helpers import tiny_flextron
 
 
@@ -106,3 +113,24 @@ def test_layer_levels_zero_keeps_uniform_candidates(model_and_blocks) -> None:
     )
     assert "layer_sensitivity" not in chosen.calibration
     assert all(ArchConfig.from_dict(c["arch"]).is_uniform for c in chosen.entries[0]["candidates"])
+
+
+def test_sensitivities_are_cached_per_model_and_text(model_and_blocks, tmp_path, monkeypatch) -> None:
+    import flextron.layer_search as layer_search
+
+    model, blocks = model_and_blocks
+    first = cached_layer_sensitivity(model, blocks, 4, False, 1, tmp_path)
+    assert first == measure_layer_sensitivity(model, blocks[:1], levels=4)  # 1 block: the first
+    measured = []
+    monkeypatch.setattr(
+        layer_search, "measure_layer_sensitivity", lambda *args: measured.append(args) or first
+    )
+    assert cached_layer_sensitivity(model, blocks, 4, False, 1, tmp_path) == first
+    assert not measured and len(list(tmp_path.iterdir())) == 1
+    cached_layer_sensitivity(model, blocks.flip(0), 4, False, 1, tmp_path)  # other text: measured
+    assert len(measured) == 1
+
+
+def test_sensitivity_cost_counts_the_layers_each_variant_runs() -> None:
+    config = tiny_flextron().config  # 2 layers; 4 levels: 3 narrowed widths, 1 fewer head count
+    assert sensitivity_cost(config, 4) == pytest.approx(4 * (2 + 1) / 2)
