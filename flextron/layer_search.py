@@ -7,7 +7,9 @@ calibration loss and a middle layer's 0.05, yet a uniform configuration narrows 
 
 1. `measure_layer_sensitivity`: for each layer alone, the calibration loss with its MLP at
    each of `levels` widths and with each smaller head count, every other layer full.  The
-   layers before it run once: their outputs are cached.
+   layers before it run once: their outputs are cached.  This is the slow part of choosing
+   budgets (each variant runs the layers after it), so `cached_layer_sensitivity` keeps the
+   result per model fingerprint and text, and fewer blocks or levels make it coarser and cheaper.
 2. `allocate`: the per-layer (heads, MLP width) minimising the sum of the layers' loss
    increases within a budget's weight limit, by dynamic programming over the weights (a
    knapsack).  Increases are assumed to add up, which they only roughly do, so
