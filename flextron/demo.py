@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from flextron.conversion.budget_search import choose_budget_configs
+from flextron.conversion.layer_sensitivity import sensitivity_cost
 from flextron.conversion.ranking import convert
 from flextron.data.blocks import evenly_spaced, load_blocks
 from flextron.eval.generation import generate_text
@@ -27,9 +28,14 @@ from flextron.model.checkpoint import save_pretrained
 from flextron.model.config import REPORTED_BUDGETS
 from flextron.model.loading import load_default
 from flextron.options import non_negative_int, option, parse_budgets, positive_int
+from flextron.train.demo_training import cache_root
 
 EVAL_SEQ_LEN = 256
 BUDGET_SAMPLES = 8  # calibration blocks that choose each budget's configuration
+# Coarse layer sensitivities for the demo: 4 MLP widths per layer on 1 calibration block
+# (`flextron convert`: 8 on 4 blocks), a seventh of the work.  They only propose a per-layer
+# configuration, which is then measured beside the uniform ones on all BUDGET_SAMPLES blocks.
+COARSE_SENSITIVITY = {"layer_levels": 4, "sensitivity_blocks": 1}
 MIN_NEW_TOKENS = 4  # untrained small budgets tend to answer with EOS at once: show what they say
 
 
@@ -96,7 +102,11 @@ def run_demo(out: Path, config: DemoConfig) -> list[dict]:
     if config.train_steps:
         from flextron.train.demo_training import elastic_phase
 
-        step(f"elastic training, {config.train_steps} steps (distillation from the frozen converted model)")
+        step(
+            f"elastic training, {config.train_steps} steps (distillation from the frozen converted model). "
+            "Slow the first time, as each step runs the teacher and a sampled budget forward and back; "
+            "trained once, then loaded from the cache"
+        )
         model, checkpoint, cached = elastic_phase(model, config.train_steps, str(train_text))
         step(f"{'loaded the cached' if cached else 'trained and cached the'} checkpoint {checkpoint}")
         rows = evaluate_archs(model, held_out, archs_for_budgets(model, config.budgets), batch_size=4)
@@ -119,14 +129,24 @@ def run_demo(out: Path, config: DemoConfig) -> list[dict]:
 
 def _convert(model, config: DemoConfig, train_text: str | Path, step: Callable[[str], None]) -> None:
     """Convert the model on calibration text and choose each budget's configuration on it."""
-    calibration = CalibrationConfig(budgets=tuple(b for b in config.budgets if b < 1))
+    calibration = CalibrationConfig(budgets=tuple(b for b in config.budgets if b < 1), **COARSE_SENSITIVITY)
     blocks = load_blocks(
         model.tokenizer, train_text, calibration.seq_len, config.calib_samples, split="train"
     )
     convert(model, blocks, calibration)
-    step("choosing each budget's configuration by calibration loss (flextron.model.budget_configs)")
+    passes = sensitivity_cost(model.config, calibration.layer_levels) * calibration.sensitivity_blocks
+    step(
+        "choosing each budget's configuration by calibration loss (flextron.model.budget_configs). The slow "
+        f"step: coarse layer sensitivities first, each layer narrowed alone to {calibration.layer_levels} "
+        f"MLP widths and fewer heads, which costs about {passes:.0f} forward passes over a block "
+        f"(measured once per model and text, then kept in {cache_root()})"
+    )
     model.budget_configs = choose_budget_configs(
-        model, evenly_spaced(blocks, BUDGET_SAMPLES), calibration, source=str(train_text)
+        model,
+        evenly_spaced(blocks, BUDGET_SAMPLES),
+        calibration,
+        source=str(train_text),
+        sensitivity_cache=cache_root(),
     )
 
 

@@ -13,8 +13,9 @@
 // - Causal tiles only multiply by the keys their last row can see (a key prefix),
 //   which skips nearly half of the prefill work, like a flash kernel's block skip.
 // - Scores, softmax and every accumulation are fp32. bf16/fp16 tiles are widened
-//   per tile (BLAS has no bf16 x bf16 -> fp32 GEMM on every CPU); fp32 inputs are
-//   used as they are, with no copies of k or v.
+//   per tile (BLAS has no bf16 x bf16 -> fp32 GEMM on every CPU), except a bf16
+//   cache at decode time, which skinny_gemm.h reads as it is; fp32 inputs are used
+//   as they are, with no copies of k or v.
 // - The backward recomputes P per tile (only q, k, v are saved) and uses
 //   rowsum(P * dP) = rowsum(dO * O), so O is never recomputed. Its tasks are
 //   (sequence, KV head, chunk of row blocks); each task sums dK and dV over its
@@ -79,11 +80,14 @@ at::Tensor tile_view(const at::Tensor& t, const Tile& tile) {
                           tile.row0 * t.stride(2));
 }
 
-// t[b, kv_head, :key_end] of a (B, Hkv, Sk, Dh) tensor in fp32: (key_end, Dh), a view
-// when t is fp32.
-at::Tensor key_prefix(const at::Tensor& t, int64_t b, int64_t kv_head, int64_t key_end) {
+// t[b, kv_head, :key_end] of a (B, Hkv, Sk, Dh) tensor: (key_end, Dh), in fp32 unless
+// a tile of `rows` query rows reads it as it is stored (a bf16 cache at decode time:
+// skinny_gemm.h), and a view when t is fp32.
+at::Tensor key_prefix(const at::Tensor& t, int64_t b, int64_t kv_head, int64_t key_end,
+                      int64_t rows) {
   const int64_t offset = t.storage_offset() + b * t.stride(0) + kv_head * t.stride(1);
-  return t.as_strided({key_end, t.size(3)}, {t.stride(2), t.stride(3)}, offset).to(at::kFloat);
+  const at::Tensor prefix = t.as_strided({key_end, t.size(3)}, {t.stride(2), t.stride(3)}, offset);
+  return skinny::reads_bf16_weights(rows, prefix) ? prefix : prefix.to(at::kFloat);
 }
 
 // The tile's rows of t in fp32 as a matrix (active * rows, Dh); a view when t is fp32
@@ -138,8 +142,9 @@ at::Tensor varhead_attention_cpu(const at::Tensor& q, const at::Tensor& k, const
             .zero_();
         if (tile.active == 0) continue;
       }
-      const at::Tensor k_prefix = key_prefix(k, b, kv_head, tile.key_end);  // (key_end, Dh)
-      const at::Tensor v_prefix = key_prefix(v, b, kv_head, tile.key_end);
+      const int64_t rows = tile.active * tile.rows;
+      const at::Tensor k_prefix = key_prefix(k, b, kv_head, tile.key_end, rows);  // (key_end, Dh)
+      const at::Tensor v_prefix = key_prefix(v, b, kv_head, tile.key_end, rows);
       const at::Tensor probs = attention_probs(s, causal, tile, load_rows(q, tile), k_prefix);
       const at::Tensor out_rows = matmul_nn(probs, v_prefix);  // (active * rows, Dh)
       tile_view(out, tile).copy_(out_rows.view({tile.active, tile.rows, s.head_dim}));

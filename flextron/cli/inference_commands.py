@@ -166,8 +166,12 @@ def generate(args: argparse.Namespace) -> None:
     "export",
     MODEL,
     *load_options(),
-    arg("--out", required=True, help="output directory (new or empty; see --overwrite)"),
-    arg("--overwrite", action="store_true", help="replace a non-empty --out directory"),
+    arg(
+        "--out",
+        required=True,
+        help="output directory (new or empty; see --overwrite), or FILE.gguf: that one GGUF file",
+    ),
+    arg("--overwrite", action="store_true", help="replace a non-empty --out directory or an --out file"),
     BUDGET,
     LATENCY_MS,
     arg(
@@ -206,11 +210,15 @@ def generate(args: argparse.Namespace) -> None:
     ),
 )
 def export(args: argparse.Namespace) -> None:
+    from flextron.export.gguf import names_a_gguf_file
+    from flextron.export.hf import check_export_request
     from flextron.export.hf import export as export_model
     from flextron.export.model_card import ModelCard, measure_perplexity
-    from flextron.io.outputs import check_output_dir, staged_output
+    from flextron.io.outputs import check_new_output_file, check_output_dir, staged_output
 
-    check_output_dir(args.out, overwrite=args.overwrite, sources=sources(args.model))
+    check_export_request(args.out, args.format, args.eval_blocks)
+    check_out = check_new_output_file if names_a_gguf_file(args.out) else check_output_dir
+    check_out(args.out, overwrite=args.overwrite, sources=sources(args.model))
     preflight_arch(args, single=True)
     model = load(args.model, args, request_fits(args))
     choice = _choose(model, args)

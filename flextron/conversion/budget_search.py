@@ -11,13 +11,23 @@ an import cycle (model -> budget_configs -> evaluate -> model).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from flextron.conversion.layer_sensitivity import allocate, measure_layer_sensitivity
+from flextron.conversion.layer_sensitivity import (
+    allocate,
+    cached_layer_sensitivity,
+    measure_layer_sensitivity,
+)
 from flextron.eval.perplexity import perplexity
-from flextron.model.budget_configs import BudgetConfigs, CalibrationConfig, candidate_archs, weight_limit
+from flextron.model.budget_configs import (
+    BudgetConfigs,
+    CalibrationConfig,
+    candidate_archs,
+    weight_limit,
+)
 from flextron.model.config import ArchConfig
 from flextron.model.elastic_model import FlextronModel
 
@@ -36,14 +46,22 @@ def choose_budget_configs(
     config: CalibrationConfig | None = None,
     source: str = "",
     progress: bool = True,
+    sensitivity_cache: Path | None = None,
 ) -> BudgetConfigs:
     """Measure every candidate of each of config.budgets on `blocks` (N, S) and keep the best of each.
 
-    source: where the calibration text came from (recorded in the file)."""
+    source: where the calibration text came from (recorded in the file); sensitivity_cache: a
+    directory that keeps the layer sensitivities per model and text (None: measured afresh)."""
     calibration = config or CalibrationConfig()
     sensitivity = None
     if calibration.layer_levels:
-        sensitivity = measure_layer_sensitivity(model, blocks, calibration.layer_levels, progress)
+        levels, sample_blocks = calibration.layer_levels, calibration.sensitivity_blocks
+        if sensitivity_cache is None:
+            sensitivity = measure_layer_sensitivity(model, blocks, levels, progress, sample_blocks)
+        else:
+            sensitivity = cached_layer_sensitivity(
+                model, blocks, levels, progress, sample_blocks, sensitivity_cache
+            )
     entries = []
     for budget in tqdm(sorted(set(calibration.budgets)), desc="budgets", disable=not progress):
         measured = []
@@ -70,4 +88,5 @@ def choose_budget_configs(
     source_info = {"source": source, "blocks": int(blocks.shape[0]), "seq_len": int(blocks.shape[1])}
     if sensitivity is not None:
         source_info["layer_sensitivity"] = sensitivity.to_dict()
+        source_info["sensitivity_blocks"] = calibration.sensitivity_blocks
     return BudgetConfigs(entries, source_info)

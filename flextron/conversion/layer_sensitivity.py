@@ -7,7 +7,9 @@ calibration loss and a middle layer's 0.05, yet a uniform configuration narrows 
 
 1. `measure_layer_sensitivity`: for each layer alone, the calibration loss with its MLP at
    each of `levels` widths and with each smaller head count, every other layer full.  The
-   layers before it run once: their outputs are cached.
+   layers before it run once: their outputs are cached.  This is the slow part of choosing
+   budgets (each variant runs the layers after it), so `cached_layer_sensitivity` keeps the
+   result per model fingerprint and text, and fewer blocks or levels make it coarser and cheaper.
 2. `allocate`: the per-layer (heads, MLP width) minimising the sum of the layers' loss
    increases within a budget's weight limit, by dynamic programming over the weights (a
    knapsack).  Increases are assumed to add up, which they only roughly do, so
@@ -17,21 +19,23 @@ calibration loss and a middle layer's 0.05, yet a uniform configuration narrows 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from flextron.data.blocks import evenly_spaced
+from flextron.io.atomic import write_json_atomic
+from flextron.model.budget_configs import CalibrationConfig, fingerprint
 from flextron.model.config import ArchConfig, ModelConfig, attention_weights
 from flextron.model.elastic_model import FlextronModel
 from flextron.model.objectives import next_token_cross_entropy
 
-# Blocks the sensitivities are measured on: they only rank the layers' options, and the
-# chosen allocation is then measured on every calibration block.
-SENSITIVITY_BLOCKS = 4
 # The knapsack counts weights in at most this many units (costs rounded up, so it never
 # overshoots the limit); finer units add time, not quality.
 WEIGHT_UNITS = 8192
@@ -58,6 +62,13 @@ class LayerSensitivity:
             "heads": [{str(h): v for h, v in layer.items()} for layer in self.heads],
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> LayerSensitivity:
+        def sizes(layers: list[dict]) -> list[dict[int, float]]:
+            return [{int(size): float(v) for size, v in layer.items()} for layer in layers]
+
+        return cls(float(data["base_loss"]), sizes(data["mlp"]), sizes(data["heads"]))
+
 
 def _increase(measured: dict[int, float], size: int) -> float:
     """The loss increase at `size`, interpolated between measured sizes.  Noise can make a
@@ -78,13 +89,31 @@ def measured_widths(config: ModelConfig, layer: int, levels: int) -> list[int]:
     return sorted(widths)
 
 
+def sensitivity_cost(config: ModelConfig, levels: int) -> float:
+    """The sensitivities' work in whole-model forward passes per measured block: each layer's
+    narrowed variants run the layers from that one to the last."""
+    layers = config.num_layers
+    return sum(
+        (len(measured_widths(config, layer, levels)) + len(config.head_choices(layer)) - 2)
+        * (layers - layer)
+        / layers
+        for layer in range(layers)
+    )
+
+
 @torch.no_grad()
 def measure_layer_sensitivity(
-    model: FlextronModel, blocks: torch.Tensor, levels: int = 8, progress: bool = False
+    model: FlextronModel,
+    blocks: torch.Tensor,
+    levels: int = 8,
+    progress: bool = False,
+    sample_blocks: int = CalibrationConfig.sensitivity_blocks,
 ) -> LayerSensitivity:
-    """Each layer's loss increases on blocks (N, S), measured one layer at a time."""
+    """Each layer's loss increases on `sample_blocks` evenly spaced blocks of `blocks` (N, S),
+    measured one layer at a time.  The cost: each narrowed variant runs the layers from its own
+    to the last, so about num_layers / 2 forward passes per layer and level."""
     config, full = model.config, model.full_arch()
-    blocks = evenly_spaced(blocks, SENSITIVITY_BLOCKS).to(model.embed_tokens.weight.device)
+    blocks = evenly_spaced(blocks, sample_blocks).to(model.embed_tokens.weight.device)
     x = model.embed_tokens(blocks)  # (N, S, D)
     cos, sin = model.rotary(torch.arange(blocks.shape[1], device=x.device), x.dtype)  # (S, hd)
 
@@ -123,6 +152,28 @@ def measure_layer_sensitivity(
             }
         )
     return LayerSensitivity(base, mlp, heads)
+
+
+def cached_layer_sensitivity(
+    model: FlextronModel,
+    blocks: torch.Tensor,
+    levels: int,
+    progress: bool,
+    sample_blocks: int,
+    cache: Path,
+) -> LayerSensitivity:
+    """measure_layer_sensitivity, kept in directory `cache` under a key of the model's weights,
+    the measured blocks and `levels`: a rerun on the same model and text loads it in a moment."""
+    measured = evenly_spaced(blocks, sample_blocks)  # (n, S)
+    digest = hashlib.sha256(f"{fingerprint(model)} {levels}".encode())
+    digest.update(measured.to("cpu", torch.int64).numpy().tobytes())
+    path = cache / f"layer-sensitivity-{digest.hexdigest()[:16]}.json"
+    if path.is_file():
+        return LayerSensitivity.from_dict(json.loads(path.read_text()))
+    sensitivity = measure_layer_sensitivity(model, blocks, levels, progress, sample_blocks)
+    cache.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, sensitivity.to_dict())
+    return sensitivity
 
 
 def allocate(config: ModelConfig, sensitivity: LayerSensitivity, limit: float) -> ArchConfig | None:

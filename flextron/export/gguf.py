@@ -77,6 +77,11 @@ TOP_TENSORS = {
 }
 
 
+def names_a_gguf_file(path: str | os.PathLike) -> bool:
+    """Whether an output path is a GGUF file (X.gguf) rather than a directory."""
+    return Path(path).suffix.lower() == ".gguf"
+
+
 def gguf_architecture(config: ModelConfig, arch: ArchConfig) -> str:
     """The llama.cpp architecture that holds this sub-network (see the module docstring)."""
     if not arch.is_uniform:
@@ -258,8 +263,12 @@ def export_gguf(
     gguf_type: str = "f16",
     card: ModelCard | None = None,
 ) -> Path:
-    """Write directory `path`: model-<type>.gguf and a README.md model card; returns the file."""
+    """Write directory `path`: model-<type>.gguf and a README.md model card; returns the file.
+    A `path` ending in .gguf is written as that one file (the card's source is in general.name)."""
     path = Path(path)
+    if names_a_gguf_file(path):
+        write_gguf(model, arch, path, gguf_type, name=card.source if card else "")
+        return path
     path.mkdir(parents=True, exist_ok=True)
     target = path / gguf_file_name(gguf_type)
     write_gguf(model, arch, target, gguf_type, name=card.source if card else "")

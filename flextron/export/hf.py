@@ -1,4 +1,4 @@
-"""Export one sub-network as a standalone model, written into a given directory.
+"""Export one sub-network as a standalone model, written into a given directory (or one file).
 
 Formats, each with a README.md model card:
 - "hf": a Hugging Face directory for the source family's class (LlamaForCausalLM,
@@ -9,7 +9,8 @@ Formats, each with a README.md model card:
   which zero-pads every layer to the widest (the same function, more stored weights).
 - "flextron": a Flextron directory whose config lists each layer's sizes; any configuration;
   `flextron.model.checkpoint.load_pretrained` loads it.
-- "gguf": one llama.cpp file (flextron.export.gguf); per-layer sizes allowed.
+- "gguf": one llama.cpp file (flextron.export.gguf); per-layer sizes allowed.  An output path
+  ending in .gguf is that file itself (what llama.cpp opens); any other path is a directory.
 Exported weights are copies of the prefixes, so the files are small and the model computes
 exactly the sub-network.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from flextron.export.gguf import export_gguf, names_a_gguf_file
 from flextron.export.model_card import ModelCard, dtype_name, write_model_card
 from flextron.io.atomic import (
     save_safetensors_atomic,
@@ -115,6 +117,21 @@ def export_flextron(
     save_pretrained(small, path)
 
 
+def check_export_request(path: str | os.PathLike, format: str, eval_blocks: int = 0) -> None:
+    """ValueError when `path` names a GGUF file (X.gguf) but `format` is a directory format, or
+    when perplexity is asked for a model card that a single file has no place for."""
+    if names_a_gguf_file(path) and format not in ("auto", "gguf"):
+        raise ValueError(
+            f"--out {path} names a GGUF file, but --format is {format}: use --format gguf, "
+            "or an output name without .gguf for a directory"
+        )
+    if names_a_gguf_file(path) and eval_blocks > 0:
+        raise ValueError(
+            f"--eval-blocks measures perplexity for the model card, which the single file {path} "
+            "has no place for: export to a directory (an --out without .gguf)"
+        )
+
+
 def auto_format(model: FlextronModel, arch: ArchConfig) -> str:
     """ "hf" when the family's Hugging Face class can hold the sub-network, else "flextron"."""
     if not arch.is_uniform:
@@ -139,13 +156,17 @@ def export(
     pad_layers: bool = False,
 ) -> str:
     """Export into directory `path` in `format` "hf", "flextron", "gguf" or "auto" (hf when the
-    family's class can hold it, else flextron); returns the format used.
+    family's class can hold it, else flextron); returns the format used.  A `path` ending in
+    .gguf is the GGUF file itself (format gguf, no directory).
 
     dtype: the weights' dtype for hf/flextron (default: the model's); gguf_type: f32, f16,
     bf16 or q8_0 for gguf (default f16); pad_layers: hf may hold a per-layer configuration,
     zero-padded to its widest layer."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    check_export_request(path, format)
+    if names_a_gguf_file(path):
+        format = "gguf"
     if format == "auto":
         format = auto_format(model, arch)
     if gguf_type is not None and format != "gguf":
@@ -155,8 +176,6 @@ def export(
     if format == "gguf":
         if dtype is not None:
             raise ValueError("the gguf format takes --gguf-type (f32, f16, bf16, q8_0), not --dtype")
-        from flextron.export.gguf import export_gguf
-
         export_gguf(model, arch, path, gguf_type or "f16", card)
     elif format == "hf":
         export_hf(model, arch, path, dtype, max_shard_size, card, pad_layers=pad_layers)

@@ -1,9 +1,10 @@
 """Safe outputs: checks before any work, durable writes, and staged directories.
 
 Every command that writes checks its output paths first (`check_output_dir`,
-`check_output_file`): an existing non-empty directory is refused unless overwriting is
-asked for, an output equal to, inside, or holding the source model is always refused, and
-the place must be writable.  A directory output is then built in a temporary sibling and
+`check_new_output_file`, `check_output_file`): an existing non-empty directory (or an
+existing file, for a command's main output file) is refused unless overwriting is asked for,
+an output equal to, inside, or holding the source model is always refused, and the place
+must be writable.  A directory output is then built in a temporary sibling and
 renamed into place (`staged_output`), so a failed or killed command leaves either the old
 directory or the complete new one, never a half-written one.
 
@@ -140,6 +141,30 @@ def check_output_dir(
                 f"{flag} {path} is not empty: choose a new directory or pass --overwrite to replace it"
             )
         _check_writable(path, path, flag)
+    parent = _nearest_existing(path.absolute(), flag)
+    _check_writable(parent, path, flag)
+    return path
+
+
+def check_new_output_file(
+    path: str | os.PathLike,
+    flag: str = "--out",
+    overwrite: bool = False,
+    sources: Sequence[str | os.PathLike] = (),
+) -> Path:
+    """ValueError unless `path` can become a new output file (a command's main product).
+
+    Refused: a directory; a path below a file; an existing file (unless `overwrite`); the
+    source model's path or one inside or holding it (`sources`, always); an unwritable place.
+    """
+    if not str(path):
+        raise ValueError(f"{flag} must not be empty")
+    path = Path(path)
+    _overlap(path, sources, flag)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory, not a file")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{flag} {path} exists: choose a new name or pass --overwrite to replace it")
     parent = _nearest_existing(path.absolute(), flag)
     _check_writable(parent, path, flag)
     return path

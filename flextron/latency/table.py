@@ -358,6 +358,17 @@ class LatencyTable:
                 stacklevel=3,
             )
 
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        """ValueError when the table was measured with weights of another dtype: a bf16 or fp32
+        model streams other bytes and runs other kernels, so each dtype has its own costs."""
+        name = str(dtype).removeprefix("torch.")
+        if name != self.dtype:
+            raise ValueError(
+                f"the latency table was measured in {self.dtype}, the model runs in {name}: load the "
+                f"model with --dtype {self.dtype}, or measure a {name} table with "
+                f"`flextron profile --dtype {name}` (it replaces the {self.dtype} one)"
+            )
+
     def check_model(self, config: ModelConfig) -> None:
         """ValueError when the table belongs to a model of other sizes."""
         mine = (self.num_layers, self.num_heads, self.intermediate_size)

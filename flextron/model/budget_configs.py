@@ -62,11 +62,18 @@ class CalibrationConfig:
         "configurations only, which every export format can hold)",
         type=non_negative_int,
     )
+    # The sensitivities only rank the layers' options, and the chosen allocation is then
+    # measured on every calibration block: a few blocks suffice.
+    sensitivity_blocks: int = option(
+        4,
+        "calibration blocks each layer's sensitivity is measured on (fewer: faster and coarser)",
+        type=positive_int,
+    )
 
     def __post_init__(self) -> None:
         if self.layer_levels < 0:
             raise ValueError(f"CalibrationConfig.layer_levels must be >= 0, got {self.layer_levels}")
-        for name in ("seq_len", "batch_size"):
+        for name in ("seq_len", "batch_size", "sensitivity_blocks"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"CalibrationConfig.{name} must be positive, got {getattr(self, name)}")
         self.budgets = tuple(check_budget(b) for b in self.budgets)

@@ -11,8 +11,10 @@ from flextron.conversion.budget_search import calibration_loss, choose_budget_co
 from flextron.conversion.layer_sensitivity import (
     LayerSensitivity,
     allocate,
+    cached_layer_sensitivity,
     measure_layer_sensitivity,
     measured_widths,
+    sensitivity_cost,
 )
 from flextron.model.budget_configs import CalibrationConfig, candidate_archs, fits, weight_limit
 from flextron.model.config import ArchConfig, layer_weights
@@ -24,7 +26,7 @@ def model_and_blocks(tiny_flextron):
     return tiny_flextron(seed=3), torch.randint(3, 300, (4, 32))
 
 
-def test_sensitivity_is_each_layer_narrowed_alone(model_and_blocks) -> None:
+def test_sensitivity_is_each_layer_narrowed_alone(blocks, model_and_blocks) -> None:
     model, blocks = model_and_blocks
     sensitivity = measure_layer_sensitivity(model, blocks, levels=4)
     full = model.full_arch()
@@ -87,7 +89,7 @@ def test_allocation_is_the_best_that_fits(model_and_blocks) -> None:
     assert allocate(config, sensitivity, 0.0) is None
 
 
-def test_choice_searches_per_layer_and_keeps_the_lowest_loss(model_and_blocks) -> None:
+def test_choice_searches_per_layer_and_keeps_the_lowest_loss(blocks, model_and_blocks) -> None:
     model, blocks = model_and_blocks
     chosen = choose_budget_configs(
         model, blocks, CalibrationConfig(budgets=(0.25, 0.5, 0.75), layer_levels=4), progress=False
@@ -103,10 +105,31 @@ def test_choice_searches_per_layer_and_keeps_the_lowest_loss(model_and_blocks) -
     assert per_layer >= 2  # the allocation is a candidate wherever it differs from the uniform ones
 
 
-def test_layer_levels_zero_keeps_uniform_candidates(model_and_blocks) -> None:
+def test_layer_levels_zero_keeps_uniform_candidates(blocks, model_and_blocks) -> None:
     model, blocks = model_and_blocks
     chosen = choose_budget_configs(
         model, blocks, CalibrationConfig(budgets=(0.5,), layer_levels=0), progress=False
     )
     assert "layer_sensitivity" not in chosen.calibration
     assert all(ArchConfig.from_dict(c["arch"]).is_uniform for c in chosen.entries[0]["candidates"])
+
+
+def test_sensitivities_are_cached_per_model_and_text(blocks, model_and_blocks, tmp_path, monkeypatch) -> None:
+    import flextron.layer_search as layer_search
+
+    model, blocks = model_and_blocks
+    first = cached_layer_sensitivity(model, blocks, 4, False, 1, tmp_path)
+    assert first == measure_layer_sensitivity(model, blocks[:1], levels=4)  # 1 block: the first
+    measured = []
+    monkeypatch.setattr(
+        layer_search, "measure_layer_sensitivity", lambda *args: measured.append(args) or first
+    )
+    assert cached_layer_sensitivity(model, blocks, 4, False, 1, tmp_path) == first
+    assert not measured and len(list(tmp_path.iterdir())) == 1
+    cached_layer_sensitivity(model, blocks.flip(0), 4, False, 1, tmp_path)  # other text: measured
+    assert len(measured) == 1
+
+
+def test_sensitivity_cost_counts_the_layers_each_variant_runs(tiny_flextron) -> None:
+    config = tiny_flextron().config  # 2 layers; 4 levels: 3 narrowed widths, 1 fewer head count
+    assert sensitivity_cost(config, 4) == pytest.approx(4 * (2 + 1) / 2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -69,3 +71,24 @@ def test_min_new_tokens_bans_stop_and_special_ids(tiny_flextron) -> None:
         )
     )
     assert first not in tokens[:3] and 7 not in tokens[:3]
+
+
+# bf16 greedy decoding may pick another token only where fp32's two best logits are this close:
+# 2 bf16 steps (2^-7 relative each) of the largest |logit|.  Random tiny models have such near
+# ties within 16 tokens (measured gaps up to 0.5% of the scale), so exact equality cannot hold.
+BF16_LOGIT_TOLERANCE = 2 * 2**-7
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.5, 0.25])
+@pytest.mark.parametrize("seed", [0, 2])
+def test_bf16_greedy_choices_are_fp32_best_within_tolerance(tiny_flextron, budget: float, seed: int) -> None:
+    model = tiny_flextron(seed=seed, kv_heads=2, bias=True)
+    half = copy.deepcopy(model).to(torch.bfloat16)  # the decode path of `--dtype bfloat16`
+    arch = model.arch_for_budget(budget)
+    prompt = torch.randint(0, 300, (9,), generator=torch.Generator().manual_seed(seed))
+    ids = prompt.tolist()
+    with torch.no_grad():
+        for token in stream_tokens(half, prompt, arch, max_new_tokens=16):
+            logits = model(torch.tensor([ids]), arch)[0, -1]  # fp32, on bf16's own tokens so far
+            assert logits.max() - logits[token] <= BF16_LOGIT_TOLERANCE * logits.abs().max()
+            ids.append(token)

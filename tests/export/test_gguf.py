@@ -344,3 +344,45 @@ def test_smollm2_at_half_budget_runs_in_llama_cpp_like_flextron(llama, tmp_path)
             with torch.no_grad():
                 rounded = weights_rounded_to(model, gguf_type)(torch.tensor([ids]), arch)[0]
             assert error <= ACTIVATION_FACTOR[gguf_type] * max_error(rounded.numpy(), reference)
+
+
+def test_a_gguf_out_name_writes_that_file(model, tmp_path) -> None:
+    arch = model.arch_for_budget(0.5)
+    target = tmp_path / "half.gguf"
+    assert export(model, arch, target, gguf_type="f32") == "gguf"  # auto: a .gguf name is a GGUF file
+    assert target.is_file() and list(tmp_path.iterdir()) == [target]
+    reader = gguf.GGUFReader(target)
+    assert reader.get_tensor(0).name == "token_embd.weight"
+    ffn = [tensor for tensor in reader.tensors if tensor.name == "blk.0.ffn_up.weight"][0]
+    assert ffn.shape.tolist() == [model.config.hidden_size, arch.mlp_widths[0]]
+
+
+def test_an_out_name_without_the_suffix_writes_a_directory(model, tmp_path) -> None:
+    target = tmp_path / "half"
+    export(model, model.arch_for_budget(0.5), target, format="gguf", gguf_type="f32")
+    assert sorted(item.name for item in target.iterdir()) == ["README.md", "model-f32.gguf"]
+
+
+def test_llama_cpp_opens_a_gguf_out_name(model, llama, tmp_path) -> None:
+    arch = model.arch_for_budget(0.5)
+    export(model, arch, tmp_path / "half.gguf", gguf_type="f32")
+    ids = model.tokenizer(PROMPT)["input_ids"]
+    with torch.no_grad():
+        reference = model(torch.tensor([ids]), arch)[0]  # (T, V)
+    assert max_error(llama_logits(llama(tmp_path / "half.gguf"), ids), reference) <= F32_TOLERANCE
+
+
+def test_export_command_writes_and_overwrites_the_named_gguf_file(model, tmp_path, capsys) -> None:
+    from flextron.checkpoint import save_pretrained
+
+    from flextron.cli import main
+
+    save_pretrained(model, tmp_path / "model")
+    out = tmp_path / "half.gguf"
+    argv = ["export", "--model", str(tmp_path / "model"), "--budget", "0.5", "--out", str(out)]
+    assert main([*argv, "--gguf-type", "f32"]) == 0
+    assert f"as gguf to {out}" in capsys.readouterr().out
+    assert gguf.GGUFReader(out).get_tensor(0).tensor_type == gguf.GGMLQuantizationType.F32
+    assert main([*argv, "--overwrite"]) == 0  # replaced in place, as f16 this time
+    assert gguf.GGUFReader(out).get_tensor(0).tensor_type == gguf.GGMLQuantizationType.F16
+    assert sorted(item.name for item in tmp_path.iterdir()) == ["half.gguf", "model"]

@@ -6,6 +6,7 @@ import json
 import warnings
 
 import pytest
+import torch
 
 from flextron.latency.shape import LatencyShape
 from flextron.latency.table import LUT_FILE, LatencyTable
@@ -82,6 +83,23 @@ def test_table_of_another_model_is_rejected(synthetic_table, tiny_flextron) -> N
     table.num_layers = 30
     with pytest.raises(ValueError, match="measured for"):
         table.check_model(tiny_flextron().config)
+
+
+def test_table_of_another_dtype_is_refused(synthetic_table) -> None:
+    table = synthetic_table()
+    table.check_dtype(torch.float32)
+    with pytest.raises(ValueError, match="measured in float32, the model runs in bfloat16: load the model"):
+        table.check_dtype(torch.bfloat16)
+
+
+def test_a_router_session_refuses_a_table_of_another_dtype(synthetic_table, tiny_flextron, tmp_path) -> None:
+    from flextron.routers.selection import BudgetResolver
+
+    synthetic_table().save(tmp_path)
+    model = tiny_flextron()
+    assert BudgetResolver(model, tmp_path).table is not None
+    with pytest.raises(ValueError, match="profile --dtype bfloat16"):
+        BudgetResolver(model.to(torch.bfloat16), tmp_path)
 
 
 def test_thread_count_mismatch_warns(synthetic_table, tmp_path) -> None:

@@ -141,17 +141,39 @@ def test_bad_input_names_the_argument(mutate, match):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])  # 1-4: the few-rows (decode) kernel; 5: the BLAS
-@pytest.mark.parametrize("out_f,in_f", [(769, 83), (7, 7), (96, 64), (33, 1)])
+@pytest.mark.parametrize("out_f,in_f", [(769, 83), (7, 7), (96, 64), (33, 1), (40, 200)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_few_rows_match_reference(check_against_reference, rows, out_f, in_f, bias):
-    # A prefix of a wider weight: rows of the weight are `in_f` floats, `in_f + 9` apart.
-    x, weight, b = make_inputs((rows,), in_f + 3, out_f + 5, in_f + 9, torch.float32, bias=bias)
+@pytest.mark.parametrize(
+    "dtype,bf16_dot",
+    [(torch.float32, "auto"), (torch.bfloat16, "auto"), (torch.bfloat16, "portable")],
+    ids=["fp32", "bf16", "bf16-portable"],
+)
+def test_few_rows_match_reference(
+    assert_matches_reference, monkeypatch, rows, out_f, in_f, bias, dtype, bf16_dot
+):
+    # bf16: AVX-512 BF16 dot products where the CPU has them ("auto"), else and with
+    # FLEXTRON_BF16_DOT=portable each weight widened to fp32; fp32 sums either way.
+    monkeypatch.setenv("FLEXTRON_BF16_DOT", bf16_dot)
+    # A prefix of a wider weight: rows of the weight are `in_f` values, `in_f + 9` apart.
+    x, weight, b = make_inputs((rows,), in_f + 3, out_f + 5, in_f + 9, dtype, bias=bias)
     check_against_reference(x, weight, b, out_f, in_f)
     # x with a row stride other than its width (a column slice of a wider activation).
-    wide = torch.randn(rows, in_f + 20)[:, 5 : 5 + in_f]
-    torch.testing.assert_close(
-        ops.nested_linear(wide, weight, b, out_f, in_f), reference.nested_linear(wide, weight, b, out_f, in_f)
+    wide = torch.randn(rows, in_f + 20)[:, 5 : 5 + in_f].to(dtype)
+    ours, theirs = (
+        ops.nested_linear(wide, weight, b, out_f, in_f),
+        reference.nested_linear(wide, weight, b, out_f, in_f),
     )
+    exact = reference.nested_linear(
+        wide.double(), weight.double(), None if b is None else b.double(), out_f, in_f
+    )
+    assert_matches_reference(ours, theirs, exact)
+
+
+def test_unknown_bf16_dot_setting_is_an_error(monkeypatch):
+    monkeypatch.setenv("FLEXTRON_BF16_DOT", "fast")
+    x, weight, b = make_inputs((1,), 64, 32, 64, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="FLEXTRON_BF16_DOT must be auto or portable"):
+        ops.nested_linear(x, weight, b, 32, 64)
 
 
 # (tokens, out_total, in_total, out_features, in_features): aligned shapes take the
@@ -170,7 +192,7 @@ SHAPES = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_forward_matches_reference(assert_as_accurate_as_torch, device, dtype, shape, with_bias):
+def test_forward_matches_reference(tokens, assert_as_accurate_as_torch, device, dtype, shape, with_bias):
     tokens, out_total, in_total, out_f, in_f = shape
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(tokens, in_total + 8, device=device, generator=gen).to(dtype)  # wider than in
@@ -311,7 +333,7 @@ def test_misaligned_16bit_shapes_fall_back(cuda_kernel_names):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(24, 128, 96, 64, 80), (7, 83, 769, 83, 769)])
-def test_backward_matches_reference(assert_as_accurate_as_torch, device, dtype, shape):
+def test_backward_matches_reference(tokens, assert_as_accurate_as_torch, device, dtype, shape):
     tokens, out_total, in_total, out_f, in_f = shape
     gen = torch.Generator(device=device).manual_seed(3)
     inputs = [

@@ -109,11 +109,18 @@ def test_matches_reference_fp32(activation, lead, hidden, d_ff, width):
     check_fp32_against_reference(make_inputs(lead, hidden, d_ff, activation, seed=d_ff), width, activation)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "dtype,bf16_dot",
+    [(torch.bfloat16, "auto"), (torch.bfloat16, "portable"), (torch.float16, "auto")],
+    ids=["bf16", "bf16-portable", "fp16"],
+)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_low_precision_error_within_twice_pytorch(dtype, activation):
+@pytest.mark.parametrize("rows", [83, 1, 3])  # 1 and 3: decode's few-rows kernels (skinny_gemm.h)
+def test_low_precision_error_within_twice_pytorch(monkeypatch, dtype, bf16_dot, activation, rows):
     # Our error and PyTorch's own error at this precision, both against a float64 reference.
-    inputs = make_inputs((83,), 32, 96, activation, dtype=dtype, seed=3)
+    # Width 64 of 96: the down projection reads a prefix of each weight row.
+    monkeypatch.setenv("FLEXTRON_BF16_DOT", bf16_dot)
+    inputs = make_inputs((rows,), 32, 96, activation, dtype=dtype, seed=3)
     inputs64 = tuple(None if t is None else t.double() for t in inputs)
     y, grads, grad_out = forward_and_grads(ops.nested_mlp, inputs, 64, activation)
     y_low, grads_low, _ = forward_and_grads(reference.nested_mlp, inputs, 64, activation, grad_out)

