@@ -47,11 +47,25 @@ class _ProbeSession(ForcedSession):
         return out
 
 
+def neuron_contributions(module: ElasticMLP, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """x, grad: (B, T, D) MLP input and ∂loss/∂output -> (B*T, F): hidden neuron j's share
+    g · W_down[:, j] h_j of g · out_full, with h = silu(x W_gate^T) * (x W_up^T) (SwiGLU)."""
+    flat, g = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])  # (N, D) each
+    weights = module.gate_proj.weight, module.up_proj.weight, module.down_proj.weight  # (F, D) (F, D) (D, F)
+    hidden = torch.nn.functional.silu(flat @ weights[0].T) * (flat @ weights[1].T)  # (N, F)
+    return (g @ weights[2]) * hidden  # (N, F)
+
+
 def mlp_loss_changes(
     model: FlextronModel, tokens: torch.Tensor, heads: Sequence[int], widths: Sequence[int]
 ) -> torch.Tensor:
     """tokens: (B, T) -> Δ (L, B*T, C): the first-order loss change of running each token's MLP
-    at each of `widths` (widest first) instead of the full width, at head counts `heads`."""
+    at each of `widths` (widest first) instead of the full width, at head counts `heads`.
+
+    A nested prefix of width w drops neurons w..F-1, so g · (out_w − out_full) is minus the sum of
+    their contributions: one suffix sum per token gives every width at once."""
+    if model.config.mlp_bias:
+        raise ValueError("the oracle's per-neuron split assumes MLPs without bias")
     probe = _ProbeSession(heads)
     with torch.enable_grad():
         logits = model(tokens, session=probe)  # (B, T, V)
@@ -59,10 +73,10 @@ def mlp_loss_changes(
     changes = []
     with torch.no_grad():
         for layer, (x, out) in enumerate(zip(probe.inputs, probe.outputs, strict=True)):
-            module = model.layers[layer].mlp
-            full, grad = out.detach(), out.grad  # (B, T, D) each
-            per_width = [(grad * (module(x, w) - full)).sum(-1).flatten() for w in widths]  # C x (B*T,)
-            changes.append(torch.stack(per_width, -1))  # (B*T, C)
+            contributions = neuron_contributions(model.layers[layer].mlp, x, out.grad)  # (N, F)
+            dropped = contributions.flip(-1).cumsum(-1).flip(-1)  # (N, F): column w sums neurons w..F-1
+            dropped = torch.cat([dropped, dropped.new_zeros(dropped.shape[0], 1)], -1)  # (N, F+1)
+            changes.append(-dropped[:, list(widths)])  # (N, C)
     model.zero_grad(set_to_none=True)
     return torch.stack(changes)
 

@@ -7,7 +7,7 @@ import torch
 
 from flextron.model.objectives import next_token_cross_entropy
 from flextron.routers import StaticRouter
-from flextron.routers.oracle import allocate_widths, mlp_loss_changes, oracle_sessions
+from flextron.routers.oracle import neuron_contributions, allocate_widths, mlp_loss_changes, oracle_sessions
 from flextron.routers.sessions import ForcedSession
 from tests.helpers import tiny_flextron
 
@@ -61,6 +61,19 @@ def test_forced_static_choices_reproduce_the_static_configuration_exactly():
         static = model(tokens, arch)
         forced = model(tokens, session=ForcedSession(router.mlp_choices, choice, arch.heads))
     assert torch.equal(forced, static)
+
+
+def test_suffix_sums_equal_the_nested_prefixes_outputs():
+    """Δ(w) from per-neuron contributions equals g · (out_w − out_full) with out_w the MLP run at w."""
+    model = tiny_flextron()
+    mlp = model.layers[0].mlp
+    x, grad = torch.randn(2, 5, model.config.hidden_size), torch.randn(2, 5, model.config.hidden_size)
+    contributions = neuron_contributions(mlp, x, grad)  # (10, F)
+    with torch.no_grad():
+        full = mlp(x, 256)
+        for width in (256, 200, 64):
+            direct = (grad * (mlp(x, width) - full)).sum(-1).flatten()
+            torch.testing.assert_close(-contributions[:, width:].sum(-1), direct, atol=1e-4, rtol=1e-4)
 
 
 def test_allocation_meets_the_target_cost_and_prefers_cheap_losses():
