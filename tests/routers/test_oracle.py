@@ -7,7 +7,7 @@ import torch
 
 from flextron.model.objectives import next_token_cross_entropy
 from flextron.routers import StaticRouter
-from flextron.routers.oracle import neuron_contributions, allocate_widths, mlp_loss_changes, oracle_sessions
+from flextron.routers.oracle import allocate_widths, mlp_loss_changes, neuron_contributions, oracle_sessions
 from flextron.routers.sessions import ForcedSession
 from tests.helpers import tiny_flextron
 
