@@ -1,20 +1,28 @@
-"""Routers on a real model: measured latency vs target per budget, and the Pareto curve.
+"""Routers on a real model: uniform vs static vs dynamic (and the headroom oracle) at equal measured latency.
 
-For each budget, three ways to pick the sub-network (flextron.routers.selection): uniform widths
-(nearest LUT latency), the static router, the dynamic router.  Each is timed on this
-device (median over repeats, round-robin with the dense full model, on held-out text at the
-LUT reference shape: a prefill, or with --latency-shape decode:BxL one cached decode step at
-that context; last-position logits as generation runs it) and scored (perplexity on held-out
-built-in text).  Then, at prefill shapes, the dynamic router's real speedup at equal batch:
-full model vs dynamic routing, both timed.
+Protocol (issue 25):
 
-    flextron convert --model default --out runs/smol
-    flextron profile --model runs/smol --threads 1
-    flextron train-router --model runs/smol --kind static --threads 1
-    flextron train-router --model runs/smol --kind dynamic --mode end-to-end --threads 1
-    python benchmarks/bench_routers.py --model runs/smol --threads 1 --out runs/routers
+* Text: `--eval-blocks` (32) held-out blocks of `--seq-len` (256) tokens from `--data` (the
+  general-English held-out split, `make corpus`), never the text the routers were tuned on.
+* No peeking: every block's first `--prefix` tokens are not scored; the dynamic router chooses
+  its per-sequence head counts from them alone (flextron.routers.evaluation), as generation
+  chooses them at the prompt.  Every routing is scored on the same tokens.
+* Timing: for each budget, every routing's sub-network is timed in one round-robin together
+  with the dense full model, on held-out text at the latency shape (`--latency-shape`, default
+  the routers' own: prefill 4x128; decode:1x256 times one cached step at a 256-token context),
+  last-position logits as generation computes them.  Latency is reported as the measured
+  fraction of the dense model in the same round.
+* Equal measured latency: dynamic (and the oracle) are compared with the static curve (static at
+  `--curve-budgets`) interpolated, per block, to their *measured* fraction; the paired per-block
+  log-perplexity difference is reported with its standard error.
+* Oracle (`--oracle`, prefill only): per token, layer and MLP width the first-order loss change
+  of narrowing (flextron.routers.oracle), widths allocated with one Lagrange multiplier at the
+  static configuration's LUT MLP cost, head counts static's, forced through the routed MLP kernel.
 
-Writes OUT/routers.json, OUT/routers_pareto.png and prints a markdown table.
+    python benchmarks/bench_routers.py --model runs/smol --data data/general/test --threads 1 \\
+        --oracle --out runs/routers
+
+Writes OUT/routers.json, OUT/routers_pareto.png and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -27,12 +35,15 @@ from pathlib import Path
 import torch
 
 from flextron.data.blocks import load_blocks
-from flextron.eval.perplexity import frontier_perplexity, pareto_frontier, perplexity
-from flextron.latency.profiling import measure_latency, timed_forward
+from flextron.latency.interpolation import interpolation_weights
+from flextron.latency.profiling import timed_forward
 from flextron.latency.shape import LatencyShape
 from flextron.model.checkpoint import load_pretrained
 from flextron.model.elastic_model import FlextronModel
-from flextron.routers import BudgetResolver, dynamic_perplexity
+from flextron.routers import BudgetResolver
+from flextron.routers.evaluation import block_losses, prefix_session
+from flextron.routers.oracle import allocate_widths, mlp_loss_changes, oracle_sessions
+from flextron.routers.sessions import ForcedSession
 from flextron.timing import times_ms
 
 
@@ -41,69 +52,177 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", required=True, help="a Flextron directory with latency.json and routers")
-    parser.add_argument("--budgets", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0")
+    parser.add_argument(
+        "--data", default="data/general/test", help="test text (make corpus): nothing is tuned on it"
+    )
+    parser.add_argument("--budgets", default="0.4,0.5,0.6,0.8")
+    parser.add_argument(
+        "--curve-budgets", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="static budgets of the curve"
+    )
     parser.add_argument("--routings", default="uniform,static,dynamic")
-    parser.add_argument("--eval-blocks", type=int, default=8)
+    parser.add_argument("--oracle", action="store_true", help="add the headroom oracle (prefill only)")
+    parser.add_argument("--eval-blocks", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--prefix", type=int, default=32, help="unscored tokens that start every block")
     parser.add_argument(
-        "--repeats",
-        type=int,
-        default=None,
-        help="timed repeats (median); default 9 at prefill, 21 at decode (noisier)",
+        "--repeats", type=int, default=None, help="timed repeats (median); 9 prefill, 21 decode"
     )
     parser.add_argument(
-        "--timing-blocks",
-        type=int,
-        default=None,
-        help="held-out batches of the LUT shape per timing (dynamic widths depend on text); "
-        "default 2 at prefill, 4 at decode (one token each)",
+        "--timing-blocks", type=int, default=None, help="batches of the shape per timing; 2 prefill, 4 decode"
     )
-    parser.add_argument(
-        "--latency-shape",
-        default=None,
-        help="PHASE:BATCHxLENGTH the budgets refer to and the timings run at, e.g. "
-        "decode:1x256 (one step at that context); default: the routers' shape",
-    )
-    parser.add_argument(
-        "--speedup-batch", type=int, default=4, help="batch of the dynamic speedup test (prefill shapes only)"
-    )
+    parser.add_argument("--latency-shape", default=None, help="PHASE:BATCHxLENGTH; default the routers'")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="runs/routers")
-    parser.add_argument("--label", default=None, help="name this run's rows ROUTING-LABEL (e.g. static-e2e)")
-    parser.add_argument(
-        "--include",
-        default=None,
-        help="routers.json of an earlier run whose rows join this run's table and plot",
-    )
     return parser.parse_args(argv)
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+def candidates(resolver: BudgetResolver, args: argparse.Namespace) -> list[dict]:
+    """Every (routing, budget) to time and score: the routings at --budgets, static at the curve's."""
+    budgets = [float(b) for b in args.budgets.split(",")]
+    curve = sorted(set(budgets) | {float(b) for b in args.curve_budgets.split(",")})
+    result = []
+    for routing in args.routings.split(","):
+        for budget in curve if routing == "static" else budgets:
+            result.append(
+                {"routing": routing, "budget": budget, "selection": resolver.select(budget, None, routing)}
+            )
+    if args.oracle:
+        static = {c["budget"]: c["selection"] for c in result if c["routing"] == "static"}
+        result += [{"routing": "oracle", "budget": b, "static": static[b]} for b in budgets]
+    return result
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6.5, 4.2))
-    markers = iter("os^vDP*X")
-    for routing in dict.fromkeys(r["routing"] for r in rows):
-        marker = next(markers, "o") + "-"
-        points = sorted(
-            (r["measured_ms"], r["perplexity"], r["budget"]) for r in rows if r["routing"] == routing
+def oracle_choices(model: FlextronModel, resolver: BudgetResolver, item: dict, blocks, timing_chunks) -> None:
+    """The oracle at the static configuration's LUT MLP cost: sessions for the blocks and timings."""
+    arch, router = item["static"].arch, resolver.routers["static"]
+    widths = router.mlp_choices
+    _, mlp_costs, _ = resolver.table.cost_vectors(widths, router.head_choices, resolver.shape)
+    target = float(sum(mlp_costs[widths.index(w)] for w in arch.mlp_widths))
+    changes = torch.cat([mlp_loss_changes(model, b, arch.heads, widths) for b in blocks.split(4)], 1)
+    choice, multiplier = allocate_widths(changes, mlp_costs, target)  # (L, N*S)
+    item["sessions"] = oracle_sessions(choice, widths, arch.heads, 4, blocks.shape[1])
+    item["timing_sessions"] = [
+        ForcedSession(
+            widths,
+            (mlp_loss_changes(model, c, arch.heads, widths) + multiplier * mlp_costs).argmin(-1),
+            arch.heads,
         )
-        if points:
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker, label=routing)
-            for ms, ppl, budget in points:
-                axis.annotate(f"{budget:g}", (ms, ppl), textcoords="offset points", xytext=(3, 3), fontsize=7)
-    axis.set_xlabel("measured latency (ms)")
-    axis.set_ylabel("perplexity (held-out)")
-    axis.set_yscale("log")
-    axis.set_title("SmolLM2-135M: perplexity vs measured latency per budget")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+        for c in timing_chunks
+    ]
+    mean_cost = float(mlp_costs[choice].mean(1).sum())
+    item["lut_ms"] = resolver.table.predict(arch, resolver.shape) - target + mean_cost
+    item["multiplier"] = multiplier
+    item["mean_widths"] = [float(torch.tensor(widths)[c].float().mean()) for c in choice]
+
+
+def timing_functions(model: FlextronModel, items: list[dict], chunks: list, phase: str) -> dict:
+    """One timed forward per candidate (by index) and the dense model ("full")."""
+    functions = {}
+    for index, item in enumerate(items):
+        selection = item.get("selection")
+        if item["routing"] == "oracle":
+            functions[index] = timed_forward(model, chunks, phase, None, item["timing_sessions"])
+        elif selection.arch is not None:
+            functions[index] = timed_forward(model, chunks, phase, selection.arch)
+        else:
+            # Dynamic: heads chosen from each chunk's first call (its prefill), kept for the timed calls.
+            item["timing_sessions"] = [selection.session(c.shape[0]) for c in chunks]
+            functions[index] = timed_forward(model, chunks, phase, None, item["timing_sessions"])
+    functions["full"] = timed_forward(model, chunks, phase)
+    return functions
+
+
+def dynamic_lut_ms(resolver: BudgetResolver, sessions: list) -> float:
+    """The LUT latency of a dynamic router's actual choices: fixed + per layer the mean MLP cost over
+    the timed tokens and the mean attention cost over sequences."""
+    router = resolver.routers["dynamic"]
+    fixed, mlp_costs, head_costs = resolver.table.cost_vectors(
+        router.mlp_choices, router.head_choices, resolver.shape
+    )
+    heads = torch.tensor(router.head_choices)
+    total = 0.0
+    for session in sessions:
+        mlp = sum(float(mlp_costs[c.cpu()].mean()) for c in session.mlp_choice)
+        attention = sum(
+            float(head_costs[(heads[None] == h.cpu()[:, None]).float().argmax(1)].mean())
+            for h in session.heads
+        )
+        total += fixed + mlp + attention
+    return total / len(sessions)
+
+
+def score(model: FlextronModel, item: dict, blocks: torch.Tensor, prefix: int) -> torch.Tensor:
+    """(N,) per-block mean loss after the unscored prefix."""
+    if item["routing"] == "oracle":
+        return block_losses(model, blocks, prefix=prefix, sessions=item["sessions"])
+    selection = item["selection"]
+    if selection.arch is not None:
+        return block_losses(model, blocks, prefix=prefix, arch=selection.arch)
+    return block_losses(model, blocks, prefix=prefix, sessions=lambda p: prefix_session(model, selection, p))
+
+
+def static_comparison(curve: list[tuple[float, torch.Tensor]], fraction: float, losses: torch.Tensor) -> dict:
+    """curve: static's (measured fraction, per-block losses (N,)), ascending; a row at `fraction`
+    with `losses` against the curve interpolated, block by block, to that fraction: the paired
+    log-perplexity difference, its standard error, and the perplexity ratio exp(mean)."""
+    points = torch.tensor([f for f, _ in curve], dtype=torch.float64)
+    static = torch.stack([block for _, block in curve]).double()  # (K, N)
+    at_latency = (interpolation_weights(points, torch.tensor([fraction])) @ static)[0]  # (N,)
+    difference = losses.double() - at_latency  # (N,) per-block log-perplexity difference
+    return {
+        "fraction": fraction,
+        "static_ppl": float(at_latency.mean().exp()),
+        "log_ppl_difference": float(difference.mean()),
+        "standard_error": float(difference.std() / difference.numel() ** 0.5),
+        "ratio": float(difference.mean().exp()),
+        "within_static_range": bool(points[0] <= fraction <= points[-1]),
+    }
+
+
+def compare_to_static(rows: list[dict], losses: dict) -> None:
+    """Dynamic and oracle rows against static at their measured fraction ("vs_static"); the oracle
+    also at its LUT fraction plus the dynamic router's measured overhead at the same budget
+    ("vs_static_paying_overhead": what a router that chose as the oracle does would pay)."""
+    curve = sorted((r["fraction_of_full"], losses[i]) for i, r in enumerate(rows) if r["routing"] == "static")
+    if len(curve) < 2:
+        return
+    overhead = {r["budget"]: r["overhead"] for r in rows if r["routing"] == "dynamic"}
+    for index, row in enumerate(rows):
+        if row["routing"] in ("dynamic", "oracle"):
+            row["vs_static"] = static_comparison(curve, row["fraction_of_full"], losses[index])
+        if row["routing"] == "oracle" and row["budget"] in overhead:
+            paying = row["lut_fraction"] + max(overhead[row["budget"]], 0.0)
+            row["vs_static_paying_overhead"] = static_comparison(curve, paying, losses[index])
+
+
+def make_row(item: dict, losses: torch.Tensor, measured: float, full: dict, model: FlextronModel) -> dict:
+    """One result row: measured latency (ms and fraction of the dense model in the same round), the
+    LUT's fraction, perplexity after the prefix, parameters of a configuration."""
+    selection = item.get("selection")
+    arch = None if selection is None else selection.arch
+    lut_ms = item["lut_ms"] if "lut_ms" in item else selection.predicted_ms
+    row = {
+        "routing": item["routing"],
+        "budget": item["budget"],
+        "measured_ms": measured,
+        "fraction_of_full": measured / full["measured"],
+        "lut_fraction": lut_ms / full["lut"],
+        "perplexity": float(losses.mean().exp()),
+        "parameters": None if arch is None else model.num_parameters(arch),
+        "arch": None if arch is None else arch.to_dict(),
+    }
+    row["overhead"] = row["fraction_of_full"] - row["lut_fraction"]  # beyond the latency table
+    for key in ("multiplier", "mean_widths"):
+        if key in item:
+            row[key] = item[key]
+    print(
+        f"{row['routing']:>8} {row['budget']:.2f}: {measured:7.2f} ms = "
+        f"{row['fraction_of_full']:.3f} of dense (LUT {row['lut_fraction']:.3f}) ppl "
+        f"{row['perplexity']:9.2f}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,245 +232,117 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_pretrained(args.model)
-    shape = LatencyShape.parse(args.latency_shape) if args.latency_shape else None
-    resolver = BudgetResolver(model, args.model, shape)
+    resolver = BudgetResolver(
+        model, args.model, LatencyShape.parse(args.latency_shape) if args.latency_shape else None
+    )
     if resolver.table is None:
         raise SystemExit(f"{args.model} has no latency table: run flextron profile first")
-    phase, length = resolver.shape.phase, resolver.shape.length
-    if args.repeats is None:
-        args.repeats = 21 if phase == "decode" else 9
-    if args.timing_blocks is None:
-        args.timing_blocks = 4 if phase == "decode" else 2
-    full_ms = resolver.table.predict(model.full_arch(), resolver.shape)
-    clock = resolver.table.clock
-    blocks = load_blocks(model.tokenizer, None, args.seq_len, args.eval_blocks, split="eval")
-    budgets = [float(b) for b in args.budgets.split(",")]
-    rows = json.loads(Path(args.include).read_text())["rows"] if args.include else []
-    # Select first, then time every selection in one round-robin measurement, so that drifts
-    # of a shared machine hit all rows alike.
-    selections = [
-        (routing, budget, resolver.select(budget=budget, method=routing))
-        for routing in args.routings.split(",")
-        for budget in budgets
-    ]
-    times = time_selections(model, resolver.shape, [s for _, _, s in selections], args, clock)
-    print(
-        f"dense full model: {times['full']:.2f} ms measured, {full_ms:.2f} ms in the LUT "
-        f"({100 * (times['full'] / full_ms - 1):+.1f}%)",
-        file=sys.stderr,
-        flush=True,
-    )
-    for index, (routing, budget, selection) in enumerate(selections):
-        name = routing if args.label is None else f"{routing}-{args.label}"
-        rows.append(
-            selection_row(
-                model,
-                blocks,
-                name,
-                budget,
-                selection,
-                times[index],
-                full_measured=times["full"],
-                full_ms=full_ms,
-            )
-        )
-    compare_to_uniform(rows)
-    speedup = (
-        dynamic_speedup(
-            model, resolver, args.speedup_batch, length, repeats=args.repeats, budgets=budgets, clock=clock
-        )
-        if args.speedup_batch > 0 and phase == "prefill"
-        else []
-    )
+    shape = resolver.shape
+    repeats = args.repeats or (21 if shape.phase == "decode" else 9)
+    timing_blocks = args.timing_blocks or (4 if shape.phase == "decode" else 2)
+    blocks = load_blocks(model.tokenizer, args.data, args.seq_len, args.eval_blocks, split="eval")
+    timing = load_blocks(model.tokenizer, args.data, shape.tokens, shape.batch * timing_blocks, split="eval")
+    if blocks.shape[0] < args.eval_blocks or timing.shape[0] < shape.batch * timing_blocks:
+        raise SystemExit(f"not enough held-out text in {args.data}")
+    chunks = list(timing.split(shape.batch))  # timing_blocks x (batch, tokens)
+    items = candidates(resolver, args)
+    if args.oracle and shape.phase != "prefill":
+        raise SystemExit("the oracle is measured at a prefill shape")
+    for item in items:
+        if item["routing"] == "oracle":
+            oracle_choices(model, resolver, item, blocks, chunks)
+    with torch.inference_mode():
+        functions = timing_functions(model, items, chunks, shape.phase)
+        times = {
+            k: ms / len(chunks)
+            for k, ms in times_ms(functions, torch.device("cpu"), repeats, 2, resolver.table.clock).items()
+        }
+    full = {"measured": times["full"], "lut": resolver.table.predict(model.full_arch(), shape)}
+    for item in items:
+        if item["routing"] == "dynamic":
+            item["lut_ms"] = dynamic_lut_ms(resolver, item["timing_sessions"])
+    losses = {i: score(model, item, blocks, args.prefix) for i, item in enumerate(items)}
+    rows = [make_row(item, losses[i], times[i], full, model) for i, item in enumerate(items)]
+    compare_to_static(rows, losses)
     summary = {
-        "shape": resolver.shape.to_dict(),
-        "full_ms_lut": full_ms,
-        "full_ms_measured": times["full"],
-        "timing_blocks": args.timing_blocks,
+        "shape": shape.to_dict(),
         "device": resolver.table.device_name,
-        "clock": clock,
+        "clock": resolver.table.clock,
         "model": args.model,
+        "data": args.data,
+        "eval_blocks": int(blocks.shape[0]),
+        "seq_len": args.seq_len,
+        "prefix": args.prefix,
+        "repeats": repeats,
+        "timing_blocks": timing_blocks,
+        "full_ms_measured": full["measured"],
+        "full_ms_lut": full["lut"],
         "rows": rows,
-        "dynamic_speedup": speedup,
-        "wins_over_uniform": wins(rows),
+        "block_losses": {f"{r['routing']} {r['budget']:g}": losses[i].tolist() for i, r in enumerate(rows)},
     }
     (out / "routers.json").write_text(json.dumps(summary, indent=2))
-    plot(rows, out / "routers_pareto.png")
-    print(markdown(rows, speedup))
+    plot(rows, out / "routers_pareto.png", shape)
+    print(markdown(rows))
     return 0
 
 
-def time_selections(
-    model: FlextronModel, shape: LatencyShape, selections: list, args: argparse.Namespace, clock: str
-) -> dict:
-    """Median ms per timing batch of every selection (by index) and of the dense full model ("full"),
-    all in one round-robin measurement on held-out text."""
-    phase, batch, tokens = shape.phase, shape.batch, shape.tokens
-    # Timed on held-out text: the dynamic router's widths depend on the tokens (static ones do not).
-    # Decode: a prompt of `length` tokens fills the cache, then its next token is the timed step.
-    timing_text = load_blocks(model.tokenizer, None, tokens, batch * args.timing_blocks, split="eval")
-    if timing_text.shape[0] < batch * args.timing_blocks:
-        raise SystemExit(
-            f"not enough held-out text for {args.timing_blocks} timing batches of {batch}x{tokens}"
+def plot(rows: list[dict], path: Path, shape: LatencyShape) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    for routing, marker in zip(("uniform", "static", "dynamic", "oracle"), "os^D", strict=True):
+        points = sorted(
+            (r["measured_ms"], r["perplexity"], r["budget"]) for r in rows if r["routing"] == routing
         )
-    chunks = timing_text.split(batch)  # timing_blocks x (batch, tokens)
-    with torch.inference_mode():
-        # Dynamic: one session per chunk, heads fixed at its first call, as in generation.
-        functions = {
-            i: timed_forward(model, chunks, phase, s.arch, [s.session(batch) for _ in chunks])
-            for i, s in enumerate(selections)
-        }
-        # The dense full model in the same round: a budget is a fraction of its latency, and the
-        # fraction measured against it holds even when a shared machine drifts from the LUT.
-        functions["full"] = timed_forward(model, chunks, phase)
-        times = {
-            key: ms / len(chunks)
-            for key, ms in times_ms(functions, torch.device("cpu"), args.repeats, 2, clock).items()
-        }
-    return times
+        if points:
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker + "-", label=routing)
+            for ms, ppl, budget in points:
+                axis.annotate(f"{budget:g}", (ms, ppl), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    axis.set_xlabel(f"measured latency (ms), {shape}")
+    axis.set_ylabel("perplexity (held-out, after the prefix)")
+    axis.set_yscale("log")
+    axis.set_title("SmolLM2-135M (converted): perplexity vs measured latency")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
-def selection_row(
-    model: FlextronModel,
-    blocks: torch.Tensor,
-    name: str,
-    budget: float,
-    selection,
-    measured: float,
-    *,
-    full_measured: float,
-    full_ms: float,
-) -> dict:
-    """One result row: measured latency against the budget's target, perplexity, parameters."""
-    if selection.arch is not None:
-        ppl, _ = perplexity(model, blocks, selection.arch)
-        params = model.num_parameters(selection.arch)
-    else:
-        ppl, params = dynamic_perplexity(model, blocks, selection)
-    target = budget * full_ms
-    fraction = measured / full_measured
-    row = {
-        "routing": name,
-        "budget": budget,
-        "target_ms": target,
-        "measured_ms": measured,
-        "predicted_ms": selection.predicted_ms,
-        "error": (measured - target) / target,
-        "fraction_of_full": fraction,
-        "fraction_error": (fraction - budget) / budget,
-        "perplexity": ppl,
-        "parameters": params,
-        "arch": None if selection.arch is None else selection.arch.to_dict(),
-    }
-    print(
-        f"{name:>8} {budget:.2f}: target {target:7.2f} ms measured {measured:7.2f} ms "
-        f"({100 * row['error']:+.1f}%), {fraction:.3f} of the full model "
-        f"({100 * row['fraction_error']:+.1f}%) ppl {ppl:8.2f}",
-        file=sys.stderr,
-        flush=True,
-    )
-    return row
-
-
-def compare_to_uniform(rows: list[dict]) -> None:
-    """Adds to every non-uniform row the uniform Pareto frontier's perplexity at its measured
-    latency (log-linear interpolation between the uniform rows of the same table, generous to
-    uniform) and whether the row beats it: lower perplexity at equal measured latency."""
-    uniform = [(r["measured_ms"], r["perplexity"]) for r in rows if r["routing"].startswith("uniform")]
-    if not uniform:
-        return
-    frontier = pareto_frontier(uniform)
-    for row in rows:
-        if not row["routing"].startswith("uniform"):
-            row["uniform_frontier_ppl"] = frontier_perplexity(frontier, row["measured_ms"])
-            row["beats_uniform"] = row["perplexity"] < row["uniform_frontier_ppl"]
-
-
-def wins(rows: list[dict]) -> dict[str, list[float]]:
-    """Per routing, the budgets at which it beats the uniform frontier."""
-    result: dict[str, list[float]] = {}
-    for row in rows:
-        if "beats_uniform" in row:
-            result.setdefault(row["routing"], [])
-            if row["beats_uniform"]:
-                result[row["routing"]].append(row["budget"])
-    return result
-
-
-def dynamic_speedup(
-    model: FlextronModel,
-    resolver: BudgetResolver,
-    batch: int,
-    length: int,
-    *,
-    repeats: int,
-    budgets: list[float],
-    clock: str,
-) -> list[dict]:
-    """Prefill at equal batch: the full model vs dynamic routing (ops.route + ops.routed_nested_mlp)."""
-    if "dynamic" not in resolver.routers:
-        return []
-    results = []
-    shape = LatencyShape("prefill", batch, length)
-    full = measure_latency(model, [model.full_arch()], shape, repeats=repeats, clock=clock)[0]
-    for budget in budgets:
-        if budget >= 1.0:
-            continue
-        selection = resolver.select(budget=budget, method="dynamic")
-        routed = measure_latency(
-            model, [model.full_arch()], shape, repeats=repeats, session=selection.session(batch), clock=clock
-        )[0]
-        results.append(
-            {
-                "budget": budget,
-                "batch": batch,
-                "length": length,
-                "full_ms": full,
-                "dynamic_ms": routed,
-                "speedup": full / routed,
-            }
-        )
-        print(
-            f"dynamic speedup at budget {budget:.2f}, batch {batch}x{length}: {full / routed:.2f}x",
-            file=sys.stderr,
-            flush=True,
-        )
-    return results
-
-
-def markdown(rows: list[dict], speedup: list[dict]) -> str:
+def markdown(rows: list[dict]) -> str:
     lines = [
-        "| routing | budget | target ms | measured ms | error | ÷ full, same round (error) | "
-        "perplexity | uniform frontier ppl | beats uniform | params (M) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| routing | budget | measured ms | ÷ dense (LUT) | perplexity | static at that latency | "
+        "Δ log-ppl ± s.e. | ratio |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        frontier = f"{r['uniform_frontier_ppl']:.2f}" if "uniform_frontier_ppl" in r else "-"
-        beats = {True: "yes", False: "no"}.get(r.get("beats_uniform"), "-")
-        fraction = (
-            f"{r['fraction_of_full']:.3f} ({100 * r['fraction_error']:+.1f}%)"
-            if "fraction_of_full" in r
-            else "-"
-        )  # rows of --include runs may predate it
-        lines.append(
-            f"| {r['routing']} | {r['budget']:.2f} | {r['target_ms']:.1f} | "
-            f"{r['measured_ms']:.1f} | {100 * r['error']:+.1f}% | {fraction} | "
-            f"{r['perplexity']:.2f} | "
-            f"{frontier} | {beats} | {r['parameters'] / 1e6:.1f} |"
+        versus = r.get("vs_static")
+        compared = (
+            f"{versus['static_ppl']:.2f} | {versus['log_ppl_difference']:+.3f} "
+            f"± {versus['standard_error']:.3f} | {versus['ratio']:.3f}"
+            f"{'' if versus['within_static_range'] else ' (outside the curve)'}"
+            if versus
+            else "- | - | -"
         )
-    lines += [
-        "",
-        *(
-            f"{routing}: beats the uniform frontier at budgets {budgets}"
-            for routing, budgets in wins(rows).items()
-        ),
-    ]
-    if speedup:
-        lines += ["", "| budget | batch x length | full ms | dynamic ms | speedup |", "|---|---|---|---|---|"]
-        for s in speedup:
+        lines.append(
+            f"| {r['routing']} | {r['budget']:.2f} | {r['measured_ms']:.1f} | {r['fraction_of_full']:.3f} "
+            f"({r['lut_fraction']:.3f}) | {r['perplexity']:.2f} | {compared} |"
+        )
+    paying = [r for r in rows if "vs_static_paying_overhead" in r]
+    if paying:
+        lines += [
+            "",
+            "| oracle budget | fraction paying dynamic's overhead | static there | ratio ± s.e. (log) |",
+            "|---|---|---|---|",
+        ]
+        for r in paying:
+            v = r["vs_static_paying_overhead"]
             lines.append(
-                f"| {s['budget']:.2f} | {s['batch']}x{s['length']} | {s['full_ms']:.1f} | "
-                f"{s['dynamic_ms']:.1f} | {s['speedup']:.2f}x |"
+                f"| {r['budget']:.2f} | {v['fraction']:.3f} | {v['static_ppl']:.2f} | "
+                f"{v['ratio']:.3f} ({v['log_ppl_difference']:+.3f} ± {v['standard_error']:.3f}) |"
             )
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,11 @@ def load_bench():
     return module
 
 
-def test_bench_routers_reports_each_budget_against_the_lut_and_the_full_model_of_the_same_round(
-    synthetic_table, tiny_flextron, tiny_tokenizer, tmp_path
+def test_bench_routers_times_every_routing_in_one_round_and_compares_with_static_at_measured_latency(
+    synthetic_table,
+    tiny_flextron,
+    tiny_tokenizer,
+    tmp_path,
 ):
     model = tiny_flextron()
     model.tokenizer = tiny_tokenizer()
@@ -41,33 +45,45 @@ def test_bench_routers_reports_each_budget_against_the_lut_and_the_full_model_of
     args = [
         "--model",
         str(tmp_path / "model"),
+        "--data",
+        "builtin",
         "--budgets",
-        "0.6,1.0",
+        "0.6,0.8",
+        "--curve-budgets",
+        "0.5,1.0",
+        "--oracle",
         "--eval-blocks",
-        "2",
+        "3",
         "--seq-len",
         "16",
+        "--prefix",
+        "4",
         "--repeats",
         "2",
         "--timing-blocks",
-        "2",
-        "--speedup-batch",
         "2",
         "--out",
         str(out),
     ]
     assert load_bench().main(args) == 0
     summary = json.loads((out / "routers.json").read_text())
-    assert summary["timing_blocks"] == 2 and summary["full_ms_measured"] > 0
+    assert summary["timing_blocks"] == 2 and summary["full_ms_measured"] > 0 and summary["prefix"] == 4
     assert [(r["routing"], r["budget"]) for r in summary["rows"]] == [
-        (routing, budget) for routing in ("uniform", "static", "dynamic") for budget in (0.6, 1.0)
+        *[("uniform", b) for b in (0.6, 0.8)],
+        *[("static", b) for b in (0.5, 0.6, 0.8, 1.0)],
+        *[(routing, b) for routing in ("dynamic", "oracle") for b in (0.6, 0.8)],
     ]
     for row in summary["rows"]:
-        assert row["target_ms"] == pytest.approx(row["budget"] * summary["full_ms_lut"])
         assert row["fraction_of_full"] == pytest.approx(row["measured_ms"] / summary["full_ms_measured"])
-        assert row["fraction_error"] == pytest.approx(row["fraction_of_full"] / row["budget"] - 1)
-        assert row["perplexity"] > 1
-    assert [s["budget"] for s in summary["dynamic_speedup"]] == [0.6]
+        assert row["overhead"] == pytest.approx(row["fraction_of_full"] - row["lut_fraction"])
+        losses = summary["block_losses"][f"{row['routing']} {row['budget']:g}"]
+        assert len(losses) == 3 and row["perplexity"] == pytest.approx(math.exp(sum(losses) / 3))
+        if row["routing"] in ("dynamic", "oracle"):
+            versus = row["vs_static"]
+            assert versus["fraction"] == row["fraction_of_full"] and versus["standard_error"] >= 0
+            assert versus["ratio"] == pytest.approx(math.exp(versus["log_ppl_difference"]))
+    oracle = [r for r in summary["rows"] if r["routing"] == "oracle"]
+    assert all("vs_static_paying_overhead" in r and r["multiplier"] >= 0 for r in oracle)
     assert (out / "routers_pareto.png").is_file()
 
 
@@ -92,20 +108,24 @@ def test_bench_routers_at_a_decode_shape_times_one_cached_step(
         "0.8,1.0",
         "--routings",
         "uniform,static",
+        "--curve-budgets",
+        "0.9",
+        "--data",
+        "builtin",
         "--latency-shape",
         "decode:1x64",
         "--eval-blocks",
         "2",
         "--seq-len",
         "16",
+        "--prefix",
+        "4",
         "--out",
         str(out),
     ]
     assert load_bench().main(args) == 0
     summary = json.loads((out / "routers.json").read_text())
-    assert (
-        summary["shape"] == {"phase": "decode", "batch": 1, "length": 64} and summary["dynamic_speedup"] == []
-    )
+    assert summary["shape"] == {"phase": "decode", "batch": 1, "length": 64}
     assert summary["timing_blocks"] == 4  # the decode default: one timed token per block
     full = synthetic_table().predict(model.full_arch(), LatencyShape("decode", 1, 64))
     assert summary["full_ms_lut"] == pytest.approx(full)
