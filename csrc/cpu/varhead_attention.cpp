@@ -30,7 +30,7 @@
 #include <limits>
 #include <vector>
 
-#include "checks.h"
+#include "common/checks.h"
 #include "ops.h"
 #include "skinny_gemm.h"
 

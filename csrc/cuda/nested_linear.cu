@@ -48,7 +48,7 @@
 #include <cstring>
 #include <limits>
 
-#include "cpu/checks.h"
+#include "common/checks.h"
 #include "cuda/prefix_gemm.h"
 #include "ops.h"
 

@@ -71,8 +71,8 @@
 #include <string>
 #include <vector>
 
-#include "cpu/checks.h"
-#include "cpu/mlp_kernels.h"
+#include "common/checks.h"
+#include "common/mlp_kernels.h"
 #include "cuda/activation.cuh"
 #include "cuda/grouped_gemm.cuh"
 #include "cuda/grouping.cuh"

@@ -54,7 +54,7 @@
 #include <map>
 #include <vector>
 
-#include "cpu/checks.h"
+#include "common/checks.h"
 #include "ops.h"
 
 namespace flextron {
