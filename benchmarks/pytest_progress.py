@@ -1,5 +1,6 @@
 """pytest plugin of benchmarks/test_phase.py (`-p pytest_progress`, benchmarks/ on sys.path).
 
+- Lists the collected tests, and which are CUDA tests, in $FLEXTRON_TEST_LIST.
 - Runs the tests listed in $FLEXTRON_TEST_ORDER (one node id a line) in that order, and only those.
 - Appends each test's start and result to $FLEXTRON_TEST_PROGRESS as one JSON line, flushed at
   once: what a killed process leaves there says which tests finished and which one it died in.
@@ -41,7 +42,14 @@ def device_fault() -> str | None:
     return None
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected
 def pytest_collection_modifyitems(config, items):
+    listing = os.environ.get("FLEXTRON_TEST_LIST")
+    if listing:  # every collected test, and whether it is a CUDA test
+        records = [
+            {"test": item.nodeid, "cuda": item.get_closest_marker("cuda") is not None} for item in items
+        ]
+        Path(listing).write_text("".join(json.dumps(record) + "\n" for record in records))
     path = os.environ.get("FLEXTRON_TEST_ORDER")
     if not path:
         return

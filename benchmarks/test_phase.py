@@ -2,6 +2,7 @@
 
     python benchmarks/test_phase.py --budget 240 --json OUT/tests.json --junit OUT/junit.xml
     python benchmarks/test_phase.py --rehearse --max-per-op 3 ...   # on a machine without a GPU
+    python benchmarks/test_phase.py --rehearse --max-per-op 1 --one-session ...   # its quick form
 
 - One pytest session per group of ops (GROUPS), no xdist: each extra process pays CUDA's and
   torch's start-up again. A group's share of the budget is in proportion to its number of tests.
@@ -57,18 +58,26 @@ def pytest_env(root: Path, **variables: str) -> dict[str, str]:
     return os.environ | variables | {"PYTHONPATH": path}
 
 
-def collect(ops: list[str], marker: str, timeout_s: float, root: Path = ROOT) -> list[str]:
-    """The node ids pytest selects with `marker` in the ops' test files."""
-    command = [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", "-m", marker]
-    listing = subprocess.run(
-        [*command, *map(test_file, ops)],
-        cwd=root,
-        env=pytest_env(root),
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
+def collect(ops: list[str], work: Path, timeout_s: float, root: Path = ROOT) -> tuple[list[str], list[str]]:
+    """(CUDA tests, other tests) of the ops' test files, slow ones left out, in one collection."""
+    listing = work / "collected.jsonl"
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "--collect-only",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "pytest_progress",
+    ]
+    env = pytest_env(root, FLEXTRON_TEST_LIST=str(listing))
+    subprocess.run(
+        [*command, *map(test_file, ops)], cwd=root, env=env, capture_output=True, timeout=timeout_s
     )
-    return [line for line in listing.stdout.splitlines() if "::" in line and not line.startswith(" ")]
+    records = [json.loads(line) for line in listing.read_text().splitlines()] if listing.exists() else []
+    return [r["test"] for r in records if r["cuda"]], [r["test"] for r in records if not r["cuda"]]
 
 
 def ordered(nodeids: list[str], max_per_op: int | None) -> list[str]:
@@ -193,19 +202,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="scratch folder (default: next to --json)")
     parser.add_argument("--rehearse", action="store_true", help="no GPU: run the ops' CPU tests instead")
     parser.add_argument("--max-per-op", type=int, help="run at most this many tests per op")
+    parser.add_argument(
+        "--one-session", action="store_true", help="all groups in one session (quick rehearsal)"
+    )
     args = parser.parse_args(argv)
     start = time.monotonic()
     work = args.work or args.json.parent / "test_phase_work"
     work.mkdir(parents=True, exist_ok=True)
     phase = Phase(args.json, args.junit, work)
     all_ops = [op for ops in GROUPS.values() for op in ops]
-    cuda_tests = collect(all_ops, "cuda and not slow", timeout_s=max(10, args.budget / 4))
+    cuda_tests, cpu_tests = collect(all_ops, work, timeout_s=max(10, args.budget / 4))
     phase.expect(cuda_tests, NO_DEVICE if args.rehearse else NOT_REACHED)
-    to_run = collect(all_ops, "not cuda and not slow", args.budget / 4) if args.rehearse else cuda_tests
+    to_run = cpu_tests if args.rehearse else cuda_tests
     to_run = ordered(to_run, args.max_per_op)
     phase.expect(to_run, NOT_REACHED)
     phase.write()
-    groups = [(group, [nodeid for nodeid in to_run if op_of(nodeid) in ops]) for group, ops in GROUPS.items()]
+    sessions = {"all": tuple(all_ops)} if args.one_session else GROUPS
+    groups = [
+        (group, [nodeid for nodeid in to_run if op_of(nodeid) in ops]) for group, ops in sessions.items()
+    ]
     for number, (group, tests) in enumerate(groups):
         later = sum(len(their_tests) for _, their_tests in groups[number + 1 :])
         left = args.budget - (time.monotonic() - start)
