@@ -234,6 +234,64 @@ def test_hypothesis_shapes(tokens, hidden, d_ff, num_choices, activation, with_s
     assert_matches_reference(inputs, widths, activation)
 
 
+@settings(max_examples=12, deadline=None)
+@given(
+    tokens=st.integers(1, 300),  # past 64 rows: several tiles, the threaded path
+    hidden=st.integers(1, 48),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    activation=st.sampled_from(ACTIVATIONS),
+    with_scale=st.booleans(),
+    data=st.data(),
+)
+def test_hypothesis_odd_widths_forward_and_backward(tokens, hidden, dtype, activation, with_scale, data):
+    """Widths that are not multiples of 8 or 32 (vector lengths of the CPU kernels), fp32 and bf16:
+    the output and every gradient within twice PyTorch's own error at that precision."""
+    d_ff = data.draw(st.integers(33, 120).filter(lambda f: f % 8))
+    odd = st.integers(1, d_ff - 1).filter(lambda w: w % 8)
+    widths = sorted({d_ff, *data.draw(st.lists(odd, min_size=1, max_size=3))}, reverse=True)
+    inputs = make_inputs(tokens, hidden, d_ff, widths, activation, with_scale=with_scale, dtype=dtype, seed=5)
+    inputs64 = tuple(t if t is None or t.dtype == torch.int64 else t.double() for t in inputs)
+    y, grads, grad_out = forward_and_grads(ops.routed_nested_mlp, inputs, widths, activation)
+    y_same, grads_same, _ = forward_and_grads(
+        reference.routed_nested_mlp, inputs, widths, activation, grad_out
+    )
+    y64, grads64, _ = forward_and_grads(
+        reference.routed_nested_mlp, inputs64, widths, activation, grad_out.double()
+    )
+    for ours, theirs, exact in zip((y, *grads), (y_same, *grads_same), (y64, *grads64), strict=True):
+        assert torch.isfinite(ours).all()
+        assert_as_accurate_as_torch(ours, theirs, exact, ABS_FLOOR[dtype])
+
+
+def test_cpu_kernels_read_no_uninitialised_memory():
+    """With glibc's allocator filling every new block with 0x7f bytes (about 3.4e38 in fp32 and
+    bf16), a buffer read before it is written turns the results infinite or NaN."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from flextron import ops
+        assert torch.empty(4096).abs().min() > 1e38  # the poison is on
+        gen = torch.Generator().manual_seed(7)
+        for dtype in (torch.float32, torch.bfloat16):
+            for tokens, widths in ((5, [37, 20, 7]), (300, [100, 61, 33, 9])):
+                shapes = [(tokens, 24), (widths[0], 24), (widths[0], 24), (24, widths[0]), (tokens,)]
+                leaves = [(torch.rand(s, generator=gen) * 0.3).to(dtype).requires_grad_() for s in shapes]
+                choice = torch.randint(0, len(widths), (tokens,), generator=gen)
+                x, w_gate, w_up, w_down, scale = leaves
+                y = ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths, scale)
+                grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+                for name, t in zip(("y", "x", "gate", "up", "down", "scale"), (y, *grads)):
+                    assert torch.isfinite(t).all(), (dtype, tokens, name)
+        """
+    )
+    env = os.environ | {
+        "MALLOC_PERTURB_": "128",
+        "MALLOC_MMAP_THRESHOLD_": str(1 << 32),
+    }  # no zeroed mmap blocks
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def test_opcheck_backward_op():
     widths = [32, 16]
     x, w_gate, w_up, w_down, choice, scale = make_inputs(9, 8, 32, widths)
