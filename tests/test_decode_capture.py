@@ -4,7 +4,9 @@ configuration and dynamic routing); on a GPU, the step is captured and replayed.
 
 from __future__ import annotations
 
+import contextlib
 import traceback
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,30 +27,28 @@ HOST_READS = {
 HOST_COPIES = {torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.numpy}
 
 
-class HostReads(TorchDispatchMode):
-    """Records the host reads of the ops run under it, with where they come from."""
+@contextlib.contextmanager
+def recording_host_reads() -> Iterator[list[str]]:
+    """The host reads and copies made inside, each with where it comes from."""
+    seen: list[str] = []
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[str] = []
+    def record(func) -> None:
+        seen.append(f"{func}:\n{''.join(traceback.format_stack(limit=7)[:-2])}")
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in HOST_READS:
-            self.seen.append(f"{func}:\n{''.join(traceback.format_stack(limit=6)[:-1])}")
-        return func(*args, **(kwargs or {}))
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in HOST_READS:
+                record(func)
+            return func(*args, **(kwargs or {}))
 
+    class Copies(TorchFunctionMode):  # .cpu() and .tolist() are not aten ops on CPU tensors
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in HOST_COPIES:
+                record(func)
+            return func(*args, **(kwargs or {}))
 
-class HostCopies(TorchFunctionMode):
-    """Records .cpu(), .tolist() and .numpy() calls (no-ops on the CPU, copies from a GPU)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in HOST_COPIES:
-            self.seen.append(f"{func.__name__}:\n{''.join(traceback.format_stack(limit=6)[:-1])}")
-        return func(*args, **(kwargs or {}))
+    with Reads(), Copies():
+        yield seen
 
 
 def model_and_routing(dynamic: bool, device: str):
@@ -66,20 +66,18 @@ def test_decode_step_reads_nothing_back_to_the_host(dynamic):
     with torch.inference_mode():
         cache = model.new_kv_cache(1, 16)
         model(torch.tensor([[1, 2, 3]]), arch, cache, last_only=True, session=session)  # prefill may read
-        reads, copies = HostReads(), HostCopies()
-        with reads, copies:
+        with recording_host_reads() as seen:
             logits = model(torch.tensor([[4]]), arch, cache, session=session)
     assert logits.shape == (1, 1, model.config.vocab_size)
-    assert not reads.seen and not copies.seen, "\n".join(reads.seen + copies.seen)
+    assert not seen, "\n".join(seen)
 
 
 def test_the_detectors_see_host_reads():
-    reads, copies = HostReads(), HostCopies()
-    with torch.inference_mode(), reads, copies:
+    with torch.inference_mode(), recording_host_reads() as seen:
         counts = torch.tensor([1, 3])
         int(counts.max())
         counts.tolist()
-    assert len(reads.seen) == 1 and len(copies.seen) == 1
+    assert len(seen) == 2
 
 
 @cuda_only
