@@ -7,8 +7,9 @@ maximum error against an fp32 PyTorch computation (flextron.reference) printed a
 Run first by benchmarks/gpu_check.sh, before the test suite: each line is flushed before the
 next op starts, so a crash or a hang (a bad index, a device-side assert, a kernel that never
 ends) is pinned to the op and path printed last. Paths are forced with the documented
-switches: FLEXTRON_PREFIX_GEMM (nested_linear, nested_mlp) and FLEXTRON_DISABLE_SM90
-(routed_nested_mlp). Exit status 1 when an error exceeds its tolerance or an op raises.
+switches: FLEXTRON_PREFIX_GEMM (nested_linear, nested_mlp) and FLEXTRON_ROUTED_GEMM
+(routed_nested_mlp: the 3.x kernels forced, then the 2.x ones). Exit status 1 when an error
+exceeds its tolerance or an op raises.
 """
 
 from __future__ import annotations
@@ -221,8 +222,8 @@ def smoke_routed() -> None:
             if dtype == torch.float32 or DEVICE.type == "cpu":
                 paths = [("masked" if DEVICE.type == "cuda" else "cpu", {})]
             else:
-                paths = [("sm90", {"FLEXTRON_DISABLE_SM90": None})] if sm90 else []
-                paths.append(("2.x", {"FLEXTRON_DISABLE_SM90": "1"}))
+                paths = [("sm90", {"FLEXTRON_ROUTED_GEMM": "sm90"})] if sm90 else []
+                paths.append(("2.x", {"FLEXTRON_ROUTED_GEMM": "sm80"}))
             for name, env in paths:
                 run(
                     "routed_nested_mlp fwd+bwd",

@@ -7,7 +7,8 @@ Tolerances by comparison (CPU and CUDA tests alike): our error against an fp64 r
 within twice PyTorch's own error at the same precision (plus a small per-dtype floor, ABS_FLOOR).
 An out-of-range choice trips a device-side assert, which poisons the CUDA context: that case
 runs in a child process. The cases that reach the kernels' risky paths (many tiles per CTA,
-K tails, D = 0) run with the sm90 path on and off (FLEXTRON_DISABLE_SM90).
+K tails, D = 0) run on the sm90 (CUTLASS 3.x) and sm80 (2.x) kernels (FLEXTRON_ROUTED_GEMM), which
+are also compared with each other, and the 3.x kernels' self-check is checked to pass.
 """
 
 from __future__ import annotations
@@ -506,14 +507,13 @@ def _grouped_launches(names: list[str]) -> tuple[int, int]:
 
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("disable_sm90", [False, True])
-def test_aligned_16bit_shapes_run_grouped_cutlass(dtype, disable_sm90, monkeypatch):
+@pytest.mark.parametrize("routed_gemm", ["auto", "sm80"])
+def test_aligned_16bit_shapes_run_grouped_cutlass(dtype, routed_gemm, monkeypatch):
     """Forward: 2 grouped launches (up+gate, down); backward: recompute up+gate, grad_hidden,
     grad_x (up, then gate with beta = 1), all weight-gradient bands: 5 launches, all on the
-    sm90a kernel where it runs."""
-    if disable_sm90:
-        monkeypatch.setenv("FLEXTRON_DISABLE_SM90", "1")
-    sm90 = _runs_sm90_path() and not disable_sm90
+    sm90a kernel where it runs and has passed its self-check (auto)."""
+    monkeypatch.setenv("FLEXTRON_ROUTED_GEMM", routed_gemm)
+    sm90 = _runs_sm90_path() and routed_gemm == "auto"
     x, w_gate, w_up, w_down, choice, widths, scale = _inputs(*CASES[0], "swiglu", dtype)
     forward = _grouped_launches(
         cuda_kernel_names(lambda: ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths, scale))
@@ -703,14 +703,12 @@ def test_outputs_fully_written_over_poisoned_memory(dtype, choices_used):
         torch.testing.assert_close(ours, expected, rtol=0, atol=0, msg=name)
 
 
-@pytest.fixture(params=["sm90", "no_sm90"])
+@pytest.fixture(params=["sm90", "sm80"])
 def sm90_path(request, monkeypatch):
-    """Runs a test with the sm90a kernels allowed and with FLEXTRON_DISABLE_SM90=1 (the same
-    path twice on GPUs other than sm_90)."""
-    if request.param == "no_sm90":
-        monkeypatch.setenv("FLEXTRON_DISABLE_SM90", "1")
-    else:
-        monkeypatch.delenv("FLEXTRON_DISABLE_SM90", raising=False)
+    """Runs a test on the CUTLASS 3.x kernels, forced (FLEXTRON_ROUTED_GEMM=sm90: no
+    self-check, so a wrong kernel fails here rather than being swapped out), and on the 2.x
+    kernels (sm80); the same path twice on GPUs other than sm_90."""
+    monkeypatch.setenv("FLEXTRON_ROUTED_GEMM", request.param)
     return request.param
 
 
@@ -826,3 +824,86 @@ def test_out_of_range_choice_trips_a_device_assert_on_the_masked_path(tokens, ff
     )
     assert result.returncode != 0 and "no error" not in result.stdout, result.stdout
     assert re.search("device-side assert|choice out of range", result.stderr), result.stderr[-2000:]
+
+
+def _forward_and_backward(args, activation="swiglu"):
+    x, w_gate, w_up, w_down, choice, widths, scale = args
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w_gate, w_up, w_down, scale)]
+    y = ops.routed_nested_mlp(leaves[0], *leaves[1:4], choice, widths, leaves[4], activation)
+    grad_y = torch.randn(y.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
+    return [y.detach(), *torch.autograd.grad(y, leaves, grad_y.to(y.dtype))]
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [CASES[0], K_TAILS[0]])
+def test_sm90_and_sm80_kernels_agree(dtype, case, monkeypatch):
+    """The CUTLASS 3.x and 2.x grouped GEMMs on the same problems: the output and every
+    gradient agree to within a few roundings of the dtype (both accumulate in fp32)."""
+    if not _runs_sm90_path():
+        pytest.skip("the sm90a kernels run on sm_90 devices only")
+    args = _inputs(*case, "swiglu", dtype, seed=21)
+    results = {}
+    for path in ("sm90", "sm80"):
+        monkeypatch.setenv("FLEXTRON_ROUTED_GEMM", path)
+        results[path] = _forward_and_backward(args)
+    for name, ours, theirs in zip(("y", "x", "gate", "up", "down", "scale"), *results.values(), strict=True):
+        scale = theirs.float().abs().max().item() or 1.0
+        error = (ours.float() - theirs.float()).abs().max().item() / scale
+        assert error <= 8 * torch.finfo(dtype).eps, (name, error)
+
+
+@cuda_only
+def test_sm90_self_check_passes_and_the_3x_kernel_runs():
+    """FLEXTRON_ROUTED_GEMM=auto in a fresh process: the self-check runs once, warns nothing,
+    and the 3.x kernels run; an unknown value is a clear error."""
+    if not _runs_sm90_path():
+        pytest.skip("the sm90a kernels run on sm_90 devices only")
+    script = textwrap.dedent(
+        """
+        import warnings
+        import torch
+        from flextron import ops
+        from tests.helpers import cuda_kernel_names
+        from tests.ops.test_routed_nested_mlp import CASES, _grouped_launches, _inputs
+        x, w_gate, w_up, w_down, choice, widths, scale = _inputs(*CASES[0], "swiglu", torch.bfloat16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            args = (x, w_gate, w_up, w_down, choice, widths, scale)
+            ops.routed_nested_mlp(*args)  # runs the self-check
+            names = cuda_kernel_names(lambda: ops.routed_nested_mlp(*args))
+        assert _grouped_launches(names) == (0, 2), _grouped_launches(names)
+        """
+    )
+    env = os.environ | {"FLEXTRON_ROUTED_GEMM": "auto"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    env["FLEXTRON_ROUTED_GEMM"] = "fastest"
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert "FLEXTRON_ROUTED_GEMM must be auto, sm90 or sm80" in run.stderr
+
+
+@cuda_only
+def test_fallbacks_warn_once_with_op_reason_and_shape():
+    """Shapes the grouped kernels cannot take run the masked path with one warning per reason
+    and process (a fresh process: the warnings are once per process)."""
+    script = textwrap.dedent(
+        """
+        import warnings
+        import torch
+        from flextron import ops
+        from tests.ops.test_routed_nested_mlp import CASES, _inputs
+        odd = _inputs(83, 20, 37, [37, 20, 7], "swiglu", torch.bfloat16)
+        fp32 = _inputs(*CASES[0], "swiglu", torch.float32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for args in (odd, odd, fp32, fp32):
+                ops.routed_nested_mlp(*args)
+        messages = [str(w.message) for w in caught if "routed_nested_mlp" in str(w.message)]
+        assert len(messages) == 2, messages
+        assert "hidden size or d_ff not a multiple of 8 (T=83 D=20 F=37 widths [37, 20, 7])" in messages[0]
+        assert "no grouped kernel for Float" in messages[1] and "masked full-width MLP" in messages[1]
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
