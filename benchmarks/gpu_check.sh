@@ -26,7 +26,8 @@
 #
 # Environment: OUT, PYTHON (python3), DEADLINE_S (470), FLEXTRON_CUDA_ARCHS (90a), MAX_JOBS
 # (all cores), CUTLASS_WHEEL (.whl/nvidia_cutlass-*.whl, used when no CUTLASS headers are
-# installed), BENCH_S (the benchmark's share, 120), SMOKE_S (60), BUILD_S (300),
+# installed), BENCH_S (the benchmark's share, 120), SMOKE_S (60), BUILD_S (300), TEST_TIMEOUT_S
+# (per test where pytest-timeout is installed, 90),
 # FLEXTRON_ROUTED_GEMM (auto | sm90 | sm80: the routed MLP's grouped GEMM, docs/gpu.md).
 set -u
 cd "$(dirname "$0")/.."

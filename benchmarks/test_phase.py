@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -56,6 +57,15 @@ def pytest_env(root: Path, **variables: str) -> dict[str, str]:
     """The environment of a pytest run: the plugin and the tests' root importable."""
     path = os.pathsep.join(filter(None, [str(ROOT / "benchmarks"), str(root), os.environ.get("PYTHONPATH")]))
     return os.environ | variables | {"PYTHONPATH": path}
+
+
+def per_test_timeout() -> list[str]:
+    """pytest-timeout's options where it is installed: a test hanging in a CUDA call ends its
+    process after TEST_TIMEOUT_S (default 90) seconds, all stacks in the log, and the group goes
+    on from the next test like after a crash."""
+    if importlib.util.find_spec("pytest_timeout") is None:
+        return []
+    return ["--timeout", os.environ.get("TEST_TIMEOUT_S", "90"), "--timeout-method", "thread"]
 
 
 def collect(ops: list[str], work: Path, timeout_s: float, root: Path = ROOT) -> tuple[list[str], list[str]]:
@@ -154,6 +164,7 @@ class Phase:
                 "-q",
             ]
             command += ["-p", "no:cacheprovider", "-p", "pytest_progress", "--junitxml", str(junit), *files]
+            command += per_test_timeout()
             print(f"== {group} session {attempt}: {len(remaining)} tests, {budget} s", flush=True)
             start = time.monotonic()
             rc = subprocess.run(command, cwd=self.root, env=env).returncode
