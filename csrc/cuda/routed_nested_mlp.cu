@@ -538,7 +538,12 @@ bool sm90_checked(cudaStream_t stream) {
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   if (capture != cudaStreamCaptureStatusNone) return done && agrees;
   std::call_once(once, [&] {
-    const std::string disagreement = sm90_disagreement<Element, LayoutA, LayoutB>(stream);
+    std::string disagreement;
+    try {
+      disagreement = sm90_disagreement<Element, LayoutA, LayoutB>(stream);
+    } catch (const c10::Error& error) {  // a launch that failed: as wrong as a wrong result
+      disagreement = std::string("the check raised: ") + error.what_without_backtrace();
+    }
     if (!disagreement.empty()) {
       TORCH_WARN("routed_nested_mlp: the CUTLASS 3.x (sm90) grouped GEMM failed its self-check against "
                  "the 2.x kernel: ", disagreement, "; this process uses the 2.x kernel "
