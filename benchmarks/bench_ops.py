@@ -479,6 +479,69 @@ def _set_peak_pct(rows: list[Row], peak_tflops: float) -> None:
             row.peak_pct = 100 * row.useful_tflops / peak_tflops
 
 
+# Host overhead: each op at decode size (one token) on CPU tensors small enough that the arithmetic
+# is negligible, so the time per call is the host's: the Python wrapper, the dispatcher, the
+# argument checks and the grouping. On a GPU this cost comes before every kernel launch.
+HOST_OVERHEAD_TARGET_US = 30.0
+HOST_OVERHEAD_TARGETED = ("nested_linear", "route", "routed_nested_mlp")
+
+
+def host_overhead_calls() -> dict[str, Callable[[], object]]:
+    """One decode-size call of each op (inputs made once), and PyTorch's F.linear for scale."""
+    gen = torch.Generator().manual_seed(0)
+    hidden, d_ff, widths, heads = 64, 128, [128, 96, 64, 32], 4
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    x, weight, bias = randn(1, hidden), randn(d_ff, hidden), randn(d_ff)
+    w_gate, w_up, w_down = randn(d_ff, hidden), randn(d_ff, hidden), randn(hidden, d_ff)
+    router_weight, choice = randn(len(widths), hidden), torch.tensor([1])
+    q, kv = randn(1, heads, 1, 16), randn(1, heads // 2, 8, 16)
+    head_counts = torch.tensor([3])
+    return {
+        "F.linear (PyTorch, for scale)": lambda: F.linear(x, weight, bias),
+        "nested_linear": lambda: ops.nested_linear(x, weight, bias, 96, 48),
+        "route": lambda: ops.route(x, router_weight),
+        "routed_nested_mlp": lambda: ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths),
+        "nested_mlp": lambda: ops.nested_mlp(x, w_gate, w_up, w_down, 96),
+        "varhead_attention": lambda: ops.varhead_attention(q, kv, kv, head_counts),
+    }
+
+
+def bench_host_overhead(rounds: int, calls: int = 200) -> list[dict]:
+    """Microseconds per call of each op (best of `rounds` samples of `calls` calls: the least
+    disturbed by other processes), under inference_mode on one thread, as a decode step runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            best = times_ms(
+                host_overhead_calls(), torch.device("cpu"), rounds, 2, calls=calls, statistic="min"
+            )
+    finally:
+        torch.set_num_threads(threads)
+    results = []
+    for name, ms in best.items():
+        targeted = name in HOST_OVERHEAD_TARGETED
+        passed = ms * 1e3 <= HOST_OVERHEAD_TARGET_US if targeted else None
+        results.append(
+            {
+                "op": name,
+                "us_per_call": round(ms * 1e3, 2),
+                "target_us": HOST_OVERHEAD_TARGET_US if targeted else None,
+                "passed": passed,
+            }
+        )
+    print(f"host overhead per call, decode size (1 token), CPU, 1 thread, best of {rounds} x {calls} calls")
+    for result in results:
+        verdict = "" if result["passed"] is None else ("PASS" if result["passed"] else "FAIL")
+        target = f"<= {result['target_us']:.0f} us" if result["target_us"] else ""
+        print(f"  {result['op']:<32} {result['us_per_call']:8.2f} us  {target:<9} {verdict}")
+    print()
+    return results
+
+
 def print_issue_table(rows: list[Row], case: MlpCase, peak_tflops: float) -> None:
     """The issue's summary for one case: per pass, our time, useful TFLOP/s, % of the dense
     matmul rate, speedups over the baselines ("n/a" where one did not run) and route's share."""
@@ -522,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip-issue-case", action="store_true", help="CUDA: skip the T=8192 d=4096 d_ff=14336 case"
     )
+    parser.add_argument("--host-overhead", action="store_true", help="only the host overhead per op call")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -534,6 +598,15 @@ def main(argv: list[str] | None = None) -> int:
         f"dtype {dtype}, threads {torch.get_num_threads()}, torch {torch.__version__}"
     )
 
+    host_overhead = bench_host_overhead(args.rounds)
+    missed = [result["op"] for result in host_overhead if result["passed"] is False]
+    if args.host_overhead:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(
+                json.dumps({"torch": torch.__version__, "host_overhead": host_overhead}, indent=2)
+            )
+        return 1 if missed else 0
     rows: list[Row] = []
     peak = None
     if device.type == "cuda":
@@ -571,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
                 "issue": asdict(ISSUE_CASE) if device.type == "cuda" else None,
             },
             "rows": [{**asdict(row), "ratio": row.ratio} for row in rows],
+            "host_overhead": host_overhead,
         }
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")

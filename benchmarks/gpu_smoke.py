@@ -2,12 +2,14 @@
 maximum error against an fp32 PyTorch computation (flextron.ops.reference) printed as it goes.
 
     python benchmarks/gpu_smoke.py [--json smoke.json]
+    python benchmarks/gpu_smoke.py --device cpu   # the stand-in of gpu_check.sh --rehearse
 
 Run first by benchmarks/gpu_check.sh, before the test suite: each line is flushed before the
 next op starts, so a crash or a hang (a bad index, a device-side assert, a kernel that never
 ends) is pinned to the op and path printed last. Paths are forced with the documented
-switches: FLEXTRON_PREFIX_GEMM (nested_linear, nested_mlp) and FLEXTRON_DISABLE_SM90
-(routed_nested_mlp). Exit status 1 when an error exceeds its tolerance or an op raises.
+switches: FLEXTRON_PREFIX_GEMM (nested_linear, nested_mlp) and FLEXTRON_ROUTED_GEMM
+(routed_nested_mlp: the 3.x kernels forced, then the 2.x ones). Exit status 1 when an error
+exceeds its tolerance or an op raises.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from flextron.ops import reference
 # tile, group or band gives O(1).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 RESULTS: list[dict] = []
+DEVICE = torch.device("cuda")  # --device cpu runs the same cases on the CPU kernels
+DTYPES = (torch.bfloat16, torch.float32)
 
 
 def relative_error(ours, exact) -> float:
@@ -65,7 +69,8 @@ def run(
     record = {"op": op, "path": path, "dtype": str(dtype), "env": env}
     try:
         ours, exact = fn(*args)
-        torch.cuda.synchronize()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
         error = relative_error(ours, exact)
         record.update(error=error, ok=error <= TOLERANCE[dtype])
     except Exception as exc:  # noqa: BLE001 - a failing op is a result, the next ones still run
@@ -80,8 +85,8 @@ def run(
 
 
 def randn(*shape, dtype, scale=1.0, seed=0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(dtype)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    return (torch.randn(*shape, device=DEVICE, generator=gen) * scale).to(dtype)
 
 
 def grads_of(fn, tensors, grad_out):
@@ -96,6 +101,11 @@ def as_fp32(tensors):
     return [t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
 
 
+def prefix_gemm_paths() -> tuple[str, ...]:
+    """FLEXTRON_PREFIX_GEMM's values; the CPU kernels have one path."""
+    return ("auto", "cutlass", "cublas") if DEVICE.type == "cuda" else ("auto",)
+
+
 def linear_case(x, weight, bias):
     return (
         ops.nested_linear(x, weight, bias, 1280, 1000),
@@ -104,12 +114,12 @@ def linear_case(x, weight, bias):
 
 
 def smoke_linear() -> None:
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in DTYPES:
         for rows, label in ((2048, "2048 rows"), (4, "decode 4 rows")):
             x = randn(rows, 1032, dtype=dtype, seed=1)
             weight = randn(1536, 1024, dtype=dtype, scale=1024**-0.5, seed=2)
             bias = randn(1536, dtype=dtype, seed=3)
-            for gemm in ("auto", "cutlass", "cublas"):
+            for gemm in prefix_gemm_paths():
                 run(
                     "nested_linear",
                     f"{label}, {gemm}",
@@ -130,7 +140,7 @@ def mlp_case(tensors, grad_out):
 
 
 def smoke_mlp() -> None:
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in DTYPES:
         tensors = [
             randn(2048, 520, dtype=dtype, seed=4),
             randn(2048, 520, dtype=dtype, scale=520**-0.5, seed=5),
@@ -138,7 +148,7 @@ def smoke_mlp() -> None:
             randn(520, 2048, dtype=dtype, scale=2048**-0.5, seed=7),
         ]
         grad_out = randn(2048, 520, dtype=dtype, seed=8)
-        for gemm in ("auto", "cutlass", "cublas"):
+        for gemm in prefix_gemm_paths():
             run(
                 "nested_mlp fwd+bwd",
                 f"width 1352, {gemm}",
@@ -163,7 +173,7 @@ def route_case(logits):
 
 
 def smoke_route() -> None:
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in DTYPES:
         for tokens, choices in ((8192, 4), (1000, 40)):
             run(
                 "route",
@@ -191,24 +201,30 @@ def smoke_routed() -> None:
         (4096, 512, 2048, [2048, 1536, 1024, 512], "multi-tile"),
         (333, 72, 200, [200, 136, 40], "K tails"),
     ]
-    sm90 = bool(_C.build_info().get("sm90_kernels")) and torch.cuda.get_device_capability() == (9, 0)
+    sm90 = (
+        DEVICE.type == "cuda"
+        and bool(_C.build_info().get("sm90_kernels"))
+        and torch.cuda.get_device_capability() == (9, 0)
+    )
+    if DEVICE.type == "cpu":
+        cases = cases[1:]  # the multi-tile case is about CUDA's tile scheduling, and slow here
     for tokens, hidden, ffn, widths, label in cases:
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype in DTYPES:
             tensors = [
                 randn(tokens, hidden, dtype=dtype, seed=10),
                 randn(ffn, hidden, dtype=dtype, scale=hidden**-0.5, seed=11),
                 randn(ffn, hidden, dtype=dtype, scale=hidden**-0.5, seed=12),
                 randn(hidden, ffn, dtype=dtype, scale=ffn**-0.5, seed=13),
             ]
-            gen = torch.Generator(device="cuda").manual_seed(14)
-            choice = torch.randint(0, len(widths), (tokens,), device="cuda", generator=gen)
-            tensors.append(torch.rand(tokens, device="cuda", generator=gen).to(dtype))  # scale
+            gen = torch.Generator(device=DEVICE).manual_seed(14)
+            choice = torch.randint(0, len(widths), (tokens,), device=DEVICE, generator=gen)
+            tensors.append(torch.rand(tokens, device=DEVICE, generator=gen).to(dtype))  # scale
             grad_out = randn(tokens, hidden, dtype=dtype, seed=15)
-            if dtype == torch.float32:
-                paths = [("masked", {})]
+            if dtype == torch.float32 or DEVICE.type == "cpu":
+                paths = [("masked" if DEVICE.type == "cuda" else "cpu", {})]
             else:
-                paths = [("sm90", {"FLEXTRON_DISABLE_SM90": None})] if sm90 else []
-                paths.append(("2.x", {"FLEXTRON_DISABLE_SM90": "1"}))
+                paths = [("sm90", {"FLEXTRON_ROUTED_GEMM": "sm90"})] if sm90 else []
+                paths.append(("2.x", {"FLEXTRON_ROUTED_GEMM": "sm80"}))
             for name, env in paths:
                 run(
                     "routed_nested_mlp fwd+bwd",
@@ -239,7 +255,7 @@ def smoke_attention() -> None:
         ("chunked GQA prefill (mask)", 8, 2, 128, 384, True, [8, 8, 4, 4]),
         ("decode", 8, 2, 1, 384, True, [8, 3, 8, 8]),
     ]
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in DTYPES:
         for label, hq, hkv, sq, sk, causal, heads in cases:
             q_shape, kv_shape = (len(heads), hq, sq, 64), (len(heads), hkv, sk, 64)
             q, k, v, grad_out = (
@@ -264,15 +280,21 @@ def smoke_attention() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write every result here")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--quick", action="store_true", help="bf16 only (gpu_check.sh --rehearse --fast)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    global DEVICE, DTYPES
+    DEVICE = torch.device(args.device)
+    DTYPES = DTYPES[:1] if args.quick else DTYPES
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device")
     info = _C.build_info()
-    print(
-        f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))}), "
-        f"torch {torch.__version__}, build {info}",
-        flush=True,
+    device_name = (
+        f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})"
+        if DEVICE.type == "cuda"
+        else "CPU (stand-in)"
     )
+    print(f"{device_name}, torch {torch.__version__}, build {info}", flush=True)
     start = time.perf_counter()
     for smoke in (smoke_linear, smoke_mlp, smoke_route, smoke_routed, smoke_attention):
         smoke()
@@ -281,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"build": info, "device": torch.cuda.get_device_name(), "results": RESULTS},
+                {"build": info, "device": device_name, "results": RESULTS},
                 indent=2,
                 default=str,
             )

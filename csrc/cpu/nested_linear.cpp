@@ -3,7 +3,7 @@
 // BLAS reads it in place: a narrower sub-network costs proportionally less and
 // nothing is copied. A few rows (decoding) take the bandwidth-bound kernel of
 // skinny_gemm.h instead.
-#include "checks.h"
+#include "common/checks.h"
 #include "ops.h"
 #include "skinny_gemm.h"
 

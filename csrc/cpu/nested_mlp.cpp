@@ -2,8 +2,8 @@
 // three ATen GEMMs on prefix views of the weights (no copies) with the
 // activation applied in place on the narrow hidden tensor (skinny_gemm.h for
 // a few rows).
-#include "checks.h"
-#include "mlp_kernels.h"
+#include "common/checks.h"
+#include "common/mlp_kernels.h"
 #include "ops.h"
 #include "skinny_gemm.h"
 

@@ -8,7 +8,7 @@
 #include <cmath>
 #include <limits>
 
-#include "checks.h"
+#include "common/checks.h"
 #include "ops.h"
 
 namespace flextron {

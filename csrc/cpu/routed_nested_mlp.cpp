@@ -31,8 +31,8 @@
 #include <atomic>
 #include <vector>
 
-#include "checks.h"
-#include "mlp_kernels.h"
+#include "common/checks.h"
+#include "common/mlp_kernels.h"
 #include "ops.h"
 #include "skinny_gemm.h"
 

@@ -31,7 +31,7 @@
 #include <limits>
 #include <vector>
 
-#include "checks.h"
+#include "common/checks.h"
 #include "ops.h"
 #include "skinny_gemm.h"
 

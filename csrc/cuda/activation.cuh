@@ -5,7 +5,7 @@
 
 #include <cuda_runtime.h>
 
-#include "cpu/mlp_kernels.h"
+#include "common/mlp_kernels.h"
 
 namespace flextron {
 

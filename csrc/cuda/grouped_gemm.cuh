@@ -45,8 +45,8 @@ ProblemArrays<Element> carve_problem_arrays(void* buffer, int64_t count) {
 #ifdef FLEXTRON_WITH_SM90
 namespace sm90 {
 // True when the current device is an sm_90 part (H100/H200), which the sm90a
-// kernels of this build run on, and FLEXTRON_DISABLE_SM90 is not set.
-bool grouped_gemm_usable();
+// kernels of this build run on (FLEXTRON_ROUTED_GEMM chooses whether they do).
+bool grouped_gemm_runs_here();
 
 // Problems [first, first + count): D (row-major) = A @ B + beta * D, fp32
 // accumulation, alpha = 1. Instantiated for cutlass::bfloat16_t and cutlass::half_t

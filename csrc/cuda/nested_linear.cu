@@ -48,7 +48,8 @@
 #include <cstring>
 #include <limits>
 
-#include "cpu/checks.h"
+#include "common/checks.h"
+#include "cuda/fallback_warning.h"
 #include "cuda/prefix_gemm.h"
 #include "ops.h"
 
@@ -85,9 +86,16 @@ bool try_gemm(const at::Tensor& x2, const at::Tensor& w, const std::optional<at:
   auto aligned = [](const at::Tensor& t) {
     return reinterpret_cast<uintptr_t>(t.data_ptr()) % (elems * sizeof(Element)) == 0;
   };
+  auto shape = [&] {  // for a warning: built only when one is given
+    return "M=" + std::to_string(x2.size(0)) + " out=" + std::to_string(out) + " in=" + std::to_string(in) +
+           " " + c10::toString(x2.scalar_type());
+  };
   if (x2.stride(1) != 1 || w.stride(1) != 1 || x2.stride(0) % elems != 0 ||
       w.stride(0) % elems != 0 || in % elems != 0 || out % elems != 0 || !aligned(x2) ||
       !aligned(w) || (bias.has_value() && !aligned(*bias))) {
+    warn_fallback(op, "operands not unit-stride or not " + std::to_string(elems * sizeof(Element)) +
+                          "-byte aligned, or in/out not multiples of " + std::to_string(elems),
+                  shape(), "cuBLAS on the same views");
     return false;
   }
 
@@ -114,8 +122,8 @@ bool try_gemm(const at::Tensor& x2, const at::Tensor& w, const std::optional<at:
     status = gemm.initialize(args, workspace_bytes > 0 ? workspace.data_ptr() : nullptr, stream);
   }
   if (status != cutlass::Status::kSuccess) {  // nothing launched yet: cuBLAS takes over
-    TORCH_WARN_ONCE(op, ": the CUTLASS GEMM cannot run (", cutlassGetStatusString(status),
-                    "); using cuBLAS");
+    warn_fallback(op, std::string("the CUTLASS GEMM cannot run (") + cutlassGetStatusString(status) + ")",
+                  shape(), "cuBLAS");
     return false;
   }
   status = gemm.run(stream);

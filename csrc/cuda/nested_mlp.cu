@@ -27,8 +27,8 @@
 #include <algorithm>
 #include <limits>
 
-#include "cpu/checks.h"
-#include "cpu/mlp_kernels.h"
+#include "common/checks.h"
+#include "common/mlp_kernels.h"
 #include "cuda/activation.cuh"
 #include "cuda/prefix_gemm.h"
 #include "ops.h"

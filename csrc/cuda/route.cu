@@ -37,7 +37,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "cpu/checks.h"
+#include "common/checks.h"
 #include "cuda/grouping.cuh"
 #include "ops.h"
 

@@ -20,9 +20,10 @@
 //   5. y = y_sorted[inv_perm] (* scale).
 // On sm_90 devices, when the build includes 90a, every grouped GEMM (forward
 // and backward) runs the CUTLASS 3.x ptr-array kernel (TMA + wgmma,
-// sm90_grouped_gemm.cuh) on the same problem arrays; elsewhere, with
-// FLEXTRON_DISABLE_SM90 set, or when CUTLASS declines the 3.x kernel (a one-time
-// warning), the CUTLASS 2.x GemmGrouped below.
+// sm90_grouped_gemm.cuh) on the same problem arrays, once it has matched the 2.x
+// kernel on a small problem in this process (sm90_checked; FLEXTRON_ROUTED_GEMM=sm90
+// skips the check, =sm80 never runs 3.x); elsewhere, after a failed check, or when
+// CUTLASS declines the 3.x kernel (a one-time warning), the CUTLASS 2.x GemmGrouped below.
 //
 // Backward, in the band form (DESIGN §3): in sorted order neuron band j,
 // [widths[j+1], widths[j]), is used by the prefix of rows [0, offsets[j+1]).
@@ -51,9 +52,9 @@
 // grad_x), col x row (weight gradients), so 6 instantiations. They need D, F and
 // every width multiples of 8 (D > 0: K = 0 GEMMs are not safe), contiguous
 // 16-byte-aligned weights and at most kMaxGroupedChoices choices; otherwise (and
-// for fp32, or when CUTLASS declines a 2.x kernel, with a one-time warning) the op
-// computes the masked full-width MLP with ATen: correct, host-sync free, but at
-// full-width cost.
+// for fp32, or when CUTLASS declines a 2.x kernel; a one-time warning per reason names
+// it and the shape) the op computes the masked full-width MLP with ATen: correct,
+// host-sync free, but at full-width cost.
 //
 // Versions: v1 grouped forward + masked dense backward; v2 band-form grouped
 // backward, sm90a ptr-array forward; v3 (current) sm90a ptr-array backward too,
@@ -66,14 +67,19 @@
 #include <cutlass/gemm/device/gemm_grouped.h>
 #include <cutlass/gemm/kernel/default_gemm_grouped.h>
 
+#include <atomic>
+#include <cstdlib>
 #include <limits>
 #include <mutex>
+#include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
-#include "cpu/checks.h"
-#include "cpu/mlp_kernels.h"
+#include "common/checks.h"
+#include "common/mlp_kernels.h"
 #include "cuda/activation.cuh"
+#include "cuda/fallback_warning.h"
 #include "cuda/grouped_gemm.cuh"
 #include "cuda/grouping.cuh"
 #include "ops.h"
@@ -354,21 +360,47 @@ struct GroupedGemmDeclined {
   std::string reason;
 };
 
-bool can_group(const at::Tensor& x, const std::optional<at::Tensor>& w_gate, const at::Tensor& w_up,
-               const at::Tensor& w_down, at::IntArrayRef widths) {
-  if (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kHalf) return false;
-  if (static_cast<int64_t>(widths.size()) > kMaxGroupedChoices) return false;
+// Why the grouped CUTLASS kernels cannot take these operands ("" when they can).
+std::string grouped_unsupported(const at::Tensor& x, const std::optional<at::Tensor>& w_gate,
+                                const at::Tensor& w_up, const at::Tensor& w_down, at::IntArrayRef widths) {
+  if (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kHalf) {
+    return std::string("no grouped kernel for ") + c10::toString(x.scalar_type()) + " (bf16 and fp16 only)";
+  }
+  if (static_cast<int64_t>(widths.size()) > kMaxGroupedChoices) {
+    return "more than " + std::to_string(kMaxGroupedChoices) + " widths";
+  }
   // D = 0 would make K = 0 problems (up/gate, grad_hidden), which grouped GEMMs read out of
   // bounds on; the masked path's ATen GEMMs handle it.
-  if (x.size(1) == 0) return false;
-  if (x.size(1) % kAlignment != 0 || w_up.size(0) % kAlignment != 0) return false;
+  if (x.size(1) == 0) return "hidden size 0";
+  if (x.size(1) % kAlignment != 0 || w_up.size(0) % kAlignment != 0) {
+    return "hidden size or d_ff not a multiple of " + std::to_string(kAlignment);
+  }
   for (const int64_t width : widths) {
-    if (width % kAlignment != 0) return false;
+    if (width % kAlignment != 0) return "a width not a multiple of " + std::to_string(kAlignment);
   }
   auto dense_aligned = [](const at::Tensor& w) {
     return w.is_contiguous() && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0;
   };
-  return dense_aligned(w_up) && dense_aligned(w_down) && (!w_gate.has_value() || dense_aligned(*w_gate));
+  if (!dense_aligned(w_up) || !dense_aligned(w_down) || (w_gate.has_value() && !dense_aligned(*w_gate))) {
+    return "weights not contiguous and 16-byte aligned";
+  }
+  return "";
+}
+
+// "T=.. D=.. F=.. widths [..]": the shape a fallback warning names.
+std::string routed_shape(const at::Tensor& x, const at::Tensor& w_up, at::IntArrayRef widths) {
+  std::ostringstream shape;
+  shape << "T=" << x.size(0) << " D=" << x.size(1) << " F=" << w_up.size(0) << " widths " << widths;
+  return shape.str();
+}
+
+// Whether the grouped kernels take the operands; warns once per reason when they do not.
+bool can_group(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& w_gate,
+               const at::Tensor& w_up, const at::Tensor& w_down, at::IntArrayRef widths) {
+  const std::string reason = grouped_unsupported(x, w_gate, w_up, w_down, widths);
+  if (reason.empty()) return true;
+  warn_fallback(op, reason, routed_shape(x, w_up, widths), "the masked full-width MLP (ATen)");
+  return false;
 }
 
 // Runs problems [first, first + count) with the 2.x kernel of the given operand layouts:
@@ -396,21 +428,6 @@ void run_grouped(ProblemArrays<Element> problems, int64_t first, int64_t count, 
               cutlassGetStatusString(status));
 }
 
-// Problems [first, first + count) on the sm90a ptr-array kernel where it runs, else
-// (or when CUTLASS declines it) on the 2.x kernel of the same operand layouts.
-template <typename Element, typename LayoutA, typename LayoutB>
-void run_problems(ProblemArrays<Element> problems, int64_t first, int64_t count, float beta,
-                  cudaStream_t stream) {
-#ifdef FLEXTRON_WITH_SM90
-  if (sm90::grouped_gemm_usable() &&
-      sm90::grouped_gemm<Element, LayoutA, LayoutB>(problems, static_cast<int>(first),
-                                                    static_cast<int>(count), beta, stream)) {
-    return;
-  }
-#endif
-  run_grouped<Element, LayoutA, LayoutB>(problems, first, count, beta, stream);
-}
-
 template <typename Element>
 Element* elements(const at::Tensor& t) {
   return t.defined() ? reinterpret_cast<Element*>(t.data_ptr()) : nullptr;
@@ -419,6 +436,142 @@ Element* elements(const at::Tensor& t) {
 template <typename Element>
 Element* elements(const std::optional<at::Tensor>& t) {
   return t.has_value() ? elements<Element>(*t) : nullptr;
+}
+
+#ifdef FLEXTRON_WITH_SM90
+// Which grouped GEMM the 16-bit path runs on sm_90 devices: FLEXTRON_ROUTED_GEMM=auto (unset:
+// the CUTLASS 3.x kernel once it has matched the 2.x kernel on a small problem in this
+// process), sm90 (the 3.x kernel, unchecked) or sm80 (the 2.x kernel). Read per call: tests
+// and gpu_smoke.py switch it.
+enum class RoutedGemm { kAuto, kSm90, kSm80 };
+
+RoutedGemm routed_gemm_choice() {
+  const char* value = std::getenv("FLEXTRON_ROUTED_GEMM");
+  const std::string choice = value == nullptr ? "" : value;
+  if (choice.empty() || choice == "auto") return RoutedGemm::kAuto;
+  if (choice == "sm90") return RoutedGemm::kSm90;
+  if (choice == "sm80") return RoutedGemm::kSm80;
+  TORCH_CHECK(false, "FLEXTRON_ROUTED_GEMM must be auto, sm90 or sm80, got '", choice, "'");
+}
+
+template <typename Layout>
+const char* layout_name() {
+  return std::is_same_v<Layout, RowMajor> ? "row-major" : "column-major";
+}
+
+// The self-check's problems, (M, N, K): partial tiles in M and N, K tails of the 32- and
+// 64-deep k tiles, two groups so that the kernels move between problems.
+constexpr int64_t kCheckShapes[2][3] = {{136, 72, 40}, {24, 200, 72}};
+
+// Runs the self-check's problems on both kernels and returns what disagrees ("" when they
+// agree). The operands are small integers / 4: every product and sum is exact in fp32, so the
+// two kernels round the same values and agree to the last bit unless one is wrong. The
+// row-major x row-major pair is the one run with beta = 1 (C == D, read in place): checked so.
+template <typename Element, typename LayoutA, typename LayoutB>
+std::string sm90_disagreement(cudaStream_t stream) {
+  constexpr bool row_row = std::is_same_v<LayoutA, RowMajor> && std::is_same_v<LayoutB, RowMajor>;
+  const float beta = row_row ? 1.f : 0.f;
+  const at::ScalarType dtype = std::is_same_v<Element, cutlass::half_t> ? at::kHalf : at::kBFloat16;
+  const at::TensorOptions options = at::TensorOptions().device(at::kCUDA).dtype(dtype);
+  auto pattern = [&](int64_t n, int64_t stride) {  // deterministic: the global RNG is left alone
+    return (at::arange(n, options.dtype(at::kLong)).mul(stride).remainder(13).sub(6)).to(dtype).div(4);
+  };
+  constexpr int64_t count = 2;
+  std::vector<at::Tensor> a(count), b(count), d3(count), d2(count);
+  std::vector<uint8_t> bytes3(count * kProblemBytes), bytes2(count * kProblemBytes);
+  const ProblemArrays<Element> host3 = carve_problem_arrays<Element>(bytes3.data(), count);
+  const ProblemArrays<Element> host2 = carve_problem_arrays<Element>(bytes2.data(), count);
+  for (int64_t p = 0; p < count; ++p) {
+    const int64_t m = kCheckShapes[p][0], n = kCheckShapes[p][1], k = kCheckShapes[p][2];
+    a[p] = pattern(m * k, 7);
+    b[p] = pattern(k * n, 5);
+    d2[p] = pattern(m * n, 3);  // C for beta = 1
+    d3[p] = d2[p].clone();
+    for (const ProblemArrays<Element>* host : {&host3, &host2}) {
+      host->sizes[p] = cutlass::gemm::GemmCoord(static_cast<int>(m), static_cast<int>(n), static_cast<int>(k));
+      host->a[p] = elements<Element>(a[p]);
+      host->lda[p] = std::is_same_v<LayoutA, RowMajor> ? k : m;
+      host->b[p] = elements<Element>(b[p]);
+      host->ldb[p] = std::is_same_v<LayoutB, RowMajor> ? n : k;
+      host->ldd[p] = n;
+    }
+    host3.d[p] = elements<Element>(d3[p]);
+    host2.d[p] = elements<Element>(d2[p]);
+  }
+  auto to_device = [&](std::vector<uint8_t>& host) {
+    return at::from_blob(host.data(), {count * kProblemBytes}, at::kByte).to(at::kCUDA);
+  };
+  const at::Tensor arrays3 = to_device(bytes3), arrays2 = to_device(bytes2);
+  if (!sm90::grouped_gemm<Element, LayoutA, LayoutB>(carve_problem_arrays<Element>(arrays3.data_ptr(), count),
+                                                     0, count, beta, stream)) {
+    return "the 3.x kernel declined the problems";
+  }
+  try {
+    run_grouped<Element, LayoutA, LayoutB>(carve_problem_arrays<Element>(arrays2.data_ptr(), count), 0,
+                                           count, beta, stream);
+  } catch (const GroupedGemmDeclined& declined) {
+    return "the 2.x kernel to compare with cannot run (" + declined.reason + ")";
+  }
+  for (int64_t p = 0; p < count; ++p) {
+    const float error = (d3[p].to(at::kFloat) - d2[p].to(at::kFloat)).abs().max().item<float>();
+    const float scale = d2[p].to(at::kFloat).abs().max().item<float>();
+    if (!(error <= 1e-2f * scale)) {  // NaN fails too
+      std::ostringstream what;
+      what << "max |3.x - 2.x| = " << error << " (max |2.x| = " << scale << ") on the " << kCheckShapes[p][0]
+           << " x " << kCheckShapes[p][1] << " x " << kCheckShapes[p][2] << " (M x N x K) problem, "
+           << (dtype == at::kHalf ? "fp16" : "bf16") << ", A " << layout_name<LayoutA>() << ", B "
+           << layout_name<LayoutB>() << ", beta " << beta;
+      return what.str();
+    }
+  }
+  return "";
+}
+
+// Whether the 3.x kernel of this dtype and layout pair passed its self-check: run once per
+// process, at the first call outside CUDA-graph capture (the check copies from the host and
+// reads its result back); until then, and after a mismatch (warned once), the 2.x kernel runs.
+template <typename Element, typename LayoutA, typename LayoutB>
+bool sm90_checked(cudaStream_t stream) {
+  static std::once_flag once;
+  static std::atomic<bool> done{false}, agrees{false};
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return done && agrees;
+  std::call_once(once, [&] {
+    std::string disagreement;
+    try {
+      disagreement = sm90_disagreement<Element, LayoutA, LayoutB>(stream);
+    } catch (const c10::Error& error) {  // a launch that failed: as wrong as a wrong result
+      disagreement = std::string("the check raised: ") + error.what_without_backtrace();
+    }
+    if (!disagreement.empty()) {
+      TORCH_WARN("routed_nested_mlp: the CUTLASS 3.x (sm90) grouped GEMM failed its self-check against "
+                 "the 2.x kernel: ", disagreement, "; this process uses the 2.x kernel "
+                 "(FLEXTRON_ROUTED_GEMM=sm90 forces the 3.x kernel)");
+    }
+    agrees = disagreement.empty();
+    done = true;
+  });
+  return agrees;
+}
+#endif
+
+// Problems [first, first + count) on the sm90a ptr-array kernel where it runs and is chosen
+// (FLEXTRON_ROUTED_GEMM), else (or when CUTLASS declines it) on the 2.x kernel of the same
+// operand layouts.
+template <typename Element, typename LayoutA, typename LayoutB>
+void run_problems(ProblemArrays<Element> problems, int64_t first, int64_t count, float beta,
+                  cudaStream_t stream) {
+#ifdef FLEXTRON_WITH_SM90
+  const RoutedGemm choice = routed_gemm_choice();
+  if (choice != RoutedGemm::kSm80 && sm90::grouped_gemm_runs_here() &&
+      (choice == RoutedGemm::kSm90 || sm90_checked<Element, LayoutA, LayoutB>(stream)) &&
+      sm90::grouped_gemm<Element, LayoutA, LayoutB>(problems, static_cast<int>(first),
+                                                    static_cast<int>(count), beta, stream)) {
+    return;
+  }
+#endif
+  run_grouped<Element, LayoutA, LayoutB>(problems, first, count, beta, stream);
 }
 
 // The operands both passes share: sorted x, the weights and the (T, F) up/gate buffers.
@@ -581,9 +734,10 @@ Gradients backward_grouped(const at::Tensor& grad_out, const at::Tensor& x,
           grad_scale};
 }
 
-void warn_declined(const GroupedGemmDeclined& declined) {
-  TORCH_WARN_ONCE("routed_nested_mlp: the CUTLASS 2.x grouped GEMM cannot run (", declined.reason,
-                  "); using the masked full-width MLP (ATen)");
+void warn_declined(const char* op, const GroupedGemmDeclined& declined, const at::Tensor& x,
+                   const at::Tensor& w_up, at::IntArrayRef widths) {
+  warn_fallback(op, "the CUTLASS 2.x grouped GEMM cannot run (" + declined.reason + ")",
+                routed_shape(x, w_up, widths), "the masked full-width MLP (ATen)");
 }
 
 // The masked full-width backward with ATen (fp32, unaligned shapes, many choices).
@@ -634,13 +788,13 @@ at::Tensor routed_nested_mlp_cuda(const at::Tensor& x, const std::optional<at::T
   const Activation act = parse_activation(activation);
 
   at::Tensor y;
-  if (can_group(x, w_gate, w_up, w_down, widths)) {
+  if (can_group(op, x, w_gate, w_up, w_down, widths)) {
     try {
       y = x.scalar_type() == at::kBFloat16
               ? forward_grouped<cutlass::bfloat16_t>(x, w_gate, w_up, w_down, choice_c, widths, act)
               : forward_grouped<cutlass::half_t>(x, w_gate, w_up, w_down, choice_c, widths, act);
     } catch (const GroupedGemmDeclined& declined) {
-      warn_declined(declined);
+      warn_declined(op, declined, x, w_up, widths);
     }
   }
   if (!y.defined()) {  // the masked full-width MLP
@@ -669,7 +823,7 @@ routed_nested_mlp_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
               " tokens, more than a CUTLASS GEMM takes");
   const at::Tensor choice_c = choice.contiguous();
   const Activation act = parse_activation(activation);
-  if (tokens > 0 && can_group(x, w_gate, w_up, w_down, widths)) {
+  if (tokens > 0 && can_group(op, x, w_gate, w_up, w_down, widths)) {
     try {
       return x.scalar_type() == at::kBFloat16
                  ? backward_grouped<cutlass::bfloat16_t>(grad_out, x, w_gate, w_up, w_down, choice_c,
@@ -677,7 +831,7 @@ routed_nested_mlp_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                  : backward_grouped<cutlass::half_t>(grad_out, x, w_gate, w_up, w_down, choice_c,
                                                      widths, scale, act);
     } catch (const GroupedGemmDeclined& declined) {
-      warn_declined(declined);
+      warn_declined(op, declined, x, w_up, widths);
     }
   }
   return backward_masked(grad_out, x, w_gate, w_up, w_down, choice_c, widths, scale, act);

@@ -1,14 +1,11 @@
 // The sm90a grouped GEMM (sm90_grouped_gemm.cuh) for row-major A x column-major B:
 // the up/gate GEMMs and the forward's down GEMM of routed_nested_mlp. Compiled
 // for sm_90a only (CMake gives the sm90 files their own -gencode).
-#include <cstdlib>
-
 #include "cuda/sm90_grouped_gemm.cuh"
 
 namespace flextron::sm90 {
 
-bool grouped_gemm_usable() {
-  if (std::getenv("FLEXTRON_DISABLE_SM90") != nullptr) return false;  // read per call: tests flip it
+bool grouped_gemm_runs_here() {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();  // cached by ATen
   return props->major == 9 && props->minor == 0;
 }

@@ -33,7 +33,8 @@
 //   its memory-efficient kernel. Short query blocks (Sq < Dh: speculative decode)
 //   keep GQA on the math kernel, which is cheaper there than the copy.
 //   The active heads h of the bucket's hq are copied into the zero-filled output.
-// - Backward: recomputes attention per bucket with ATen batched GEMMs in fp32
+// - Backward: recomputes attention per bucket with ATen batched GEMMs on the inputs'
+//   dtype (bf16/fp16 on tensor cores), fp32 results and softmax arithmetic
 //   (the CPU kernel's formulas: P recomputed, dS = P * (dP - rowsum(P * dP)),
 //   dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO). The query heads of a KV group
 //   are stacked as the rows of one GEMM, so dK and dV are summed over the group by
@@ -41,7 +42,8 @@
 //   is zeroed first, so they add nothing to dK and dV. Query rows are processed in
 //   blocks so the fp32 score buffer stays under kScoreElements; causal blocks only
 //   multiply by the key prefix their last row can see.
-// Versions: v1 (current) SDPA forward + fp32 ATen recompute backward. Next: the
+// Versions: v1 SDPA forward + fp32 ATen recompute backward; v2 (current) the backward's
+// GEMMs on 16-bit operands (fp32 accumulation). Next: the
 // fused flash backward (needs the forward's logsumexp saved, so a schema change).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -54,7 +56,7 @@
 #include <map>
 #include <vector>
 
-#include "cpu/checks.h"
+#include "common/checks.h"
 #include "ops.h"
 
 namespace flextron {
@@ -147,6 +149,12 @@ void scatter(at::Tensor& dst, const Bucket& bucket, int64_t heads, const at::Ten
   }
 }
 
+// a @ b (batched) with fp32 results: bf16/fp16 operands run on tensor cores with fp32
+// accumulation (bmm's out_dtype overload), fp32 operands as they are.
+at::Tensor bmm_fp32(const at::Tensor& a, const at::Tensor& b) {
+  return a.scalar_type() == at::kFloat ? at::bmm(a, b) : at::bmm(a, b, at::kFloat);
+}
+
 }  // namespace
 
 at::Tensor varhead_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -203,18 +211,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varhead_attention_backward_cuda(
   if (s.q_len == 0) return {grad_q, grad_k, grad_v};
 
   const int64_t sq = s.q_len, sk = s.kv_len, dh = s.head_dim, group = s.group;
+  const at::ScalarType dtype = q.scalar_type();
   const at::TensorOptions fp32 = q.options().dtype(at::kFloat);
   const at::TensorOptions index = q.options().dtype(at::kLong);
   for (const Bucket& bucket : buckets) {
     const int64_t n = bucket.size(), hq = bucket.q_heads, hkv = bucket.kv_heads;
     const int64_t pairs = n * hkv;  // GEMM batch: (sequence, KV head)
-    const at::Tensor q_all = gather(q, bucket, hq).to(at::kFloat);  // (n, hq, Sq, Dh)
+    // The GEMM operands stay in the inputs' dtype (tensor cores for bf16/fp16); every product
+    // is accumulated and returned in fp32 (bmm_fp32), and the gradients accumulate in fp32.
+    const at::Tensor q_all = gather(q, bucket, hq);  // (n, hq, Sq, Dh)
     // grad_out of the inactive heads of a partial KV group: zeroed on a private copy.
     at::Tensor grad_all = gather(grad_out, bucket, hq)
-                              .to(at::kFloat, /*non_blocking=*/false, /*copy=*/hq > bucket.heads);
+                              .to(dtype, /*non_blocking=*/false, /*copy=*/hq > bucket.heads);
     if (hq > bucket.heads) grad_all.narrow(1, bucket.heads, hq - bucket.heads).zero_();
-    const at::Tensor k_all = gather(k, bucket, hkv).to(at::kFloat).reshape({pairs, sk, dh});
-    const at::Tensor v_all = gather(v, bucket, hkv).to(at::kFloat).reshape({pairs, sk, dh});
+    const at::Tensor k_all = gather(k, bucket, hkv).reshape({pairs, sk, dh});
+    const at::Tensor v_all = gather(v, bucket, hkv).reshape({pairs, sk, dh});
     at::Tensor grad_q_all = at::empty({n, hq, sq, dh}, fp32);
     at::Tensor grad_k_all = at::zeros({pairs, sk, dh}, fp32);
     at::Tensor grad_v_all = at::zeros({pairs, sk, dh}, fp32);
@@ -228,21 +239,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varhead_attention_backward_cuda(
       const at::Tensor grad_rows = grad_all.narrow(2, row0, rows).reshape({pairs, group * rows, dh});
       const at::Tensor k_prefix = k_all.narrow(1, 0, key_end);  // (pairs, key_end, Dh)
       const at::Tensor v_prefix = v_all.narrow(1, 0, key_end);
-      at::Tensor scores = at::bmm(q_rows, k_prefix.transpose(1, 2)).mul_(s.scale);
+      at::Tensor scores = bmm_fp32(q_rows, k_prefix.transpose(1, 2)).mul_(s.scale);
       if (causal) {  // stacked row r is query row0 + r % rows; it sees keys j <= query + Sk - Sq
         const at::Tensor last_key = at::arange(group * rows, index).remainder_(rows).add_(row0 + sk - sq);
         scores.masked_fill_(at::arange(key_end, index).unsqueeze(0) > last_key.unsqueeze(1),
                             -std::numeric_limits<float>::infinity());
       }
       const at::Tensor probs = at::_softmax(scores, /*dim=*/2, /*half_to_float=*/false);
-      grad_v_all.narrow(1, 0, key_end).baddbmm_(probs.transpose(1, 2), grad_rows);
+      // P and dS enter their GEMMs in the inputs' dtype, as in flash attention's backward.
+      grad_v_all.narrow(1, 0, key_end).add_(bmm_fp32(probs.to(dtype).transpose(1, 2), grad_rows));
       // dS = P * (dP - rowsum(P * dP)) with dP = dO V^T; masked entries have P = 0.
-      at::Tensor grad_scores = at::bmm(grad_rows, v_prefix.transpose(1, 2));
+      at::Tensor grad_scores = bmm_fp32(grad_rows, v_prefix.transpose(1, 2));
       grad_scores.sub_((probs * grad_scores).sum(2, /*keepdim=*/true)).mul_(probs);
+      const at::Tensor grad_scores_low = grad_scores.to(dtype);
       grad_q_all.narrow(2, row0, rows)
-          .copy_(at::bmm(grad_scores, k_prefix).mul_(s.scale).view({n, hq, rows, dh}));
+          .copy_(bmm_fp32(grad_scores_low, k_prefix).mul_(s.scale).view({n, hq, rows, dh}));
       grad_k_all.narrow(1, 0, key_end)
-          .baddbmm_(grad_scores.transpose(1, 2), q_rows, /*beta=*/1, /*alpha=*/s.scale);
+          .add_(bmm_fp32(grad_scores_low.transpose(1, 2), q_rows), s.scale);
     }
     scatter(grad_q, bucket, bucket.heads, grad_q_all.narrow(1, 0, bucket.heads));
     scatter(grad_k, bucket, hkv, grad_k_all.view({n, hkv, sk, dh}));

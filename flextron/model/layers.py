@@ -129,18 +129,21 @@ class ElasticAttention(nn.Module):
         layer: int = 0,
         *,
         key_mask: torch.Tensor | None = None,
+        max_heads: int | None = None,
     ) -> torch.Tensor:
         """x: (B, T, D) -> (B, T, D).
 
         heads: the number of query heads, one int for the batch or (B,) int64 per sequence
         (inactive heads contribute nothing).  cos, sin: (T, hd) for the new positions, or
         (B, 1, T, hd) per sequence.  key_mask: (B, S) bool, False at padding keys (S: cached
-        + new positions); None: no padding.
+        + new positions); None: no padding.  max_heads: max(heads) when the caller knows it, so that
+        a decode step reads nothing back from the device (CUDA-graph capturable); per-sequence
+        counts on the CPU reach the op there, which then reads them without a synchronisation.
         """
         B, T, _ = x.shape
         if isinstance(heads, torch.Tensor):
-            per_sequence = heads.to(device=x.device, dtype=torch.int64)
-            most = int(per_sequence.max())
+            per_sequence = heads.to(torch.int64)
+            most = int(per_sequence.max()) if max_heads is None else max_heads
         else:
             per_sequence, most = None, heads
         # Compute whole KV groups: the op needs query heads = kv heads * group size.
@@ -177,5 +180,5 @@ def _padded_attention(
     allowed = (key_at <= query_at) & key_mask.to(q.device, torch.bool)[:, None, :]  # (B, T, S)
     allowed = allowed | (key_at == query_at)
     y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=True)
-    active = torch.arange(q.shape[1], device=q.device)[None, :] < heads[:, None]  # (B, qh)
+    active = torch.arange(q.shape[1], device=q.device)[None, :] < heads.to(q.device)[:, None]  # (B, qh)
     return y * active[:, :, None, None].to(y.dtype)

@@ -8,6 +8,8 @@ same clear errors as these wrappers.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from flextron.ops import reference
@@ -28,11 +30,16 @@ OP_NAMES = ("nested_linear", "nested_mlp", "route", "routed_nested_mlp", "varhea
 
 def backends(op_name: str) -> list[str]:
     """The dispatch keys (CPU, CUDA) that have a compiled kernel for `op_name`."""
-    return [
+    return list(_kernel_keys(op_name))
+
+
+@functools.cache  # the kernels are registered once, when flextron._C is imported
+def _kernel_keys(op_name: str) -> tuple[str, ...]:
+    return tuple(
         key
         for key in ("CPU", "CUDA")
         if torch._C._dispatch_has_kernel_for_dispatch_key(f"flextron::{op_name}", key)
-    ]
+    )
 
 
 def _require_kernel(op_name: str, *tensors: torch.Tensor | None) -> None:

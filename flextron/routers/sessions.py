@@ -96,6 +96,9 @@ class DynamicSession:
         self.mlp_costs, self.head_costs = costs
         layers = router.num_layers
         self.heads: list[torch.Tensor | None] = [None] * layers  # (B,) int64 query heads per layer
+        # The same on the CPU, and their maximum, read once at prefill: a decode step then reads
+        # nothing back from the GPU (no synchronisation; CUDA-graph capturable).
+        self.heads_on_host: list[tuple[torch.Tensor, int] | None] = [None] * layers
         self.head_probs: list[torch.Tensor | None] = [None] * layers  # (B, Ch)
         self.head_scale: list[torch.Tensor | None] = [None] * layers  # (B,)
         self.mlp_probs: list[torch.Tensor | None] = [None] * layers  # (B*T, Cm) of the latest call
@@ -120,7 +123,10 @@ class DynamicSession:
             choice, probs, scale = pick(logits, self.sampling)
             counts = torch.tensor(self.router.head_choices, device=x.device)
             self.heads[layer], self.head_probs[layer], self.head_scale[layer] = counts[choice], probs, scale
-        out = module(x, cos, sin, self.heads[layer], kv_cache, layer)
+            on_host = self.heads[layer].cpu()
+            self.heads_on_host[layer] = on_host, int(on_host.max())
+        heads, most = self.heads_on_host[layer]
+        out = module(x, cos, sin, heads, kv_cache, layer, max_heads=most)
         scale = self.head_scale[layer]
         return out if scale is None else out * scale[:, None, None].to(out.dtype)
 

@@ -43,3 +43,20 @@ def test_routed_rows_carry_their_check():
     rows += bench.bench_routed_train(case, device, torch.float32, rounds=1, reps=1)
     assert rows and all(row.values_ok for row in rows)
     assert all(row.max_rel_err < 1e-4 for row in rows)
+
+
+def test_host_overhead_reports_every_op_and_targets_three(capsys):
+    bench = load_bench()
+    results = bench.bench_host_overhead(rounds=2, calls=5)
+    assert {r["op"] for r in results} >= {
+        "nested_linear",
+        "nested_mlp",
+        "route",
+        "routed_nested_mlp",
+        "varhead_attention",
+    }
+    assert all(r["us_per_call"] > 0 for r in results)
+    targeted = {r["op"] for r in results if r["target_us"] == bench.HOST_OVERHEAD_TARGET_US}
+    assert targeted == {"nested_linear", "route", "routed_nested_mlp"}
+    assert all(r["passed"] == (r["us_per_call"] <= r["target_us"]) for r in results if r["target_us"])
+    assert "routed_nested_mlp" in capsys.readouterr().out

@@ -7,7 +7,8 @@ Tolerances by comparison (CPU and CUDA tests alike): our error against an fp64 r
 within twice PyTorch's own error at the same precision (plus a small per-dtype floor, ABS_FLOOR).
 An out-of-range choice trips a device-side assert, which poisons the CUDA context: that case
 runs in a child process. The cases that reach the kernels' risky paths (many tiles per CTA,
-K tails, D = 0) run with the sm90 path on and off (FLEXTRON_DISABLE_SM90).
+K tails, D = 0) run on the sm90 (CUTLASS 3.x) and sm80 (2.x) kernels (FLEXTRON_ROUTED_GEMM), which
+are also compared with each other, and the 3.x kernels' self-check is checked to pass.
 """
 
 from __future__ import annotations
@@ -238,6 +239,66 @@ def test_hypothesis_shapes(
     assert_matches_reference(inputs, widths, activation)
 
 
+@settings(max_examples=12, deadline=None)
+@given(
+    tokens=st.integers(1, 300),  # past 64 rows: several tiles, the threaded path
+    hidden=st.integers(1, 48),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    activation=st.sampled_from(ACTIVATIONS),
+    with_scale=st.booleans(),
+    data=st.data(),
+)
+def test_hypothesis_odd_widths_forward_and_backward(
+    assert_as_accurate_as_torch, tokens, hidden, dtype, activation, with_scale, data
+):
+    """Widths that are not multiples of 8 or 32 (vector lengths of the CPU kernels), fp32 and bf16:
+    the output and every gradient within twice PyTorch's own error at that precision."""
+    d_ff = data.draw(st.integers(33, 120).filter(lambda f: f % 8))
+    odd = st.integers(1, d_ff - 1).filter(lambda w: w % 8)
+    widths = sorted({d_ff, *data.draw(st.lists(odd, min_size=1, max_size=3))}, reverse=True)
+    inputs = make_inputs(tokens, hidden, d_ff, widths, activation, with_scale=with_scale, dtype=dtype, seed=5)
+    inputs64 = tuple(t if t is None or t.dtype == torch.int64 else t.double() for t in inputs)
+    y, grads, grad_out = forward_and_grads(ops.routed_nested_mlp, inputs, widths, activation)
+    y_same, grads_same, _ = forward_and_grads(
+        reference.routed_nested_mlp, inputs, widths, activation, grad_out
+    )
+    y64, grads64, _ = forward_and_grads(
+        reference.routed_nested_mlp, inputs64, widths, activation, grad_out.double()
+    )
+    for ours, theirs, exact in zip((y, *grads), (y_same, *grads_same), (y64, *grads64), strict=True):
+        assert torch.isfinite(ours).all()
+        assert_as_accurate_as_torch(ours, theirs, exact, ABS_FLOOR[dtype])
+
+
+def test_cpu_kernels_read_no_uninitialised_memory():
+    """With glibc's allocator filling every new block with 0x7f bytes (about 3.4e38 in fp32 and
+    bf16), a buffer read before it is written turns the results infinite or NaN."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from flextron import ops
+        assert torch.empty(4096).abs().min() > 1e38  # the poison is on
+        gen = torch.Generator().manual_seed(7)
+        for dtype in (torch.float32, torch.bfloat16):
+            for tokens, widths in ((5, [37, 20, 7]), (300, [100, 61, 33, 9])):
+                shapes = [(tokens, 24), (widths[0], 24), (widths[0], 24), (24, widths[0]), (tokens,)]
+                leaves = [(torch.rand(s, generator=gen) * 0.3).to(dtype).requires_grad_() for s in shapes]
+                choice = torch.randint(0, len(widths), (tokens,), generator=gen)
+                x, w_gate, w_up, w_down, scale = leaves
+                y = ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths, scale)
+                grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+                for name, t in zip(("y", "x", "gate", "up", "down", "scale"), (y, *grads)):
+                    assert torch.isfinite(t).all(), (dtype, tokens, name)
+        """
+    )
+    env = os.environ | {
+        "MALLOC_PERTURB_": "128",
+        "MALLOC_MMAP_THRESHOLD_": str(1 << 32),
+    }  # no zeroed mmap blocks
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def test_opcheck_backward_op():
     widths = [32, 16]
     x, w_gate, w_up, w_down, choice, scale = make_inputs(9, 8, 32, widths)
@@ -360,7 +421,7 @@ def _inputs(tokens, hidden, ffn, widths, activation, dtype, *, seed=0, with_scal
 
 
 @pytest.fixture
-def _assert_as_accurate_as_torch(assert_as_accurate_as_torch):
+def _assert_as_accurate_as_torch(_assert_as_accurate_as_torch, assert_as_accurate_as_torch):
     """Handed to the tests as a fixture: it needs assert_as_accurate_as_torch."""
 
     def _assert_as_accurate_as_torch(ours, theirs, exact):
@@ -394,7 +455,7 @@ def _grads(fn, tensors, choice, widths, activation, grad_y):
 
 
 @pytest.fixture
-def _check_backward(_assert_as_accurate_as_torch):
+def _check_backward(_check_backward, _assert_as_accurate_as_torch):
     """Handed to the tests as a fixture: it needs _assert_as_accurate_as_torch."""
 
     def _check_backward(x, w_gate, w_up, w_down, choice, widths, scale, activation):
@@ -463,16 +524,15 @@ def _grouped_launches(names: list[str]) -> tuple[int, int]:
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("disable_sm90", [False, True])
+@pytest.mark.parametrize("routed_gemm", ["auto", "sm80"])
 def test_aligned_16bit_shapes_run_grouped_cutlass(
-    _assert_as_accurate_as_torch, _check_backward, cuda_kernel_names, dtype, disable_sm90, monkeypatch
+    _assert_as_accurate_as_torch, _check_backward, cuda_kernel_names, dtype, routed_gemm, monkeypatch
 ):
     """Forward: 2 grouped launches (up+gate, down); backward: recompute up+gate, grad_hidden,
     grad_x (up, then gate with beta = 1), all weight-gradient bands: 5 launches, all on the
-    sm90a kernel where it runs."""
-    if disable_sm90:
-        monkeypatch.setenv("FLEXTRON_DISABLE_SM90", "1")
-    sm90 = _runs_sm90_path() and not disable_sm90
+    sm90a kernel where it runs and has passed its self-check (auto)."""
+    monkeypatch.setenv("FLEXTRON_ROUTED_GEMM", routed_gemm)
+    sm90 = _runs_sm90_path() and routed_gemm == "auto"
     x, w_gate, w_up, w_down, choice, widths, scale = _inputs(*CASES[0], "swiglu", dtype)
     forward = _grouped_launches(
         cuda_kernel_names(lambda: ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths, scale))
@@ -659,19 +719,17 @@ def test_outputs_fully_written_over_poisoned_memory(dtype, choices_used):
         torch.testing.assert_close(ours, expected, rtol=0, atol=0, msg=name)
 
 
-@pytest.fixture(params=["sm90", "no_sm90"])
+@pytest.fixture(params=["sm90", "sm80"])
 def sm90_path(request, monkeypatch):
-    """Runs a test with the sm90a kernels allowed and with FLEXTRON_DISABLE_SM90=1 (the same
-    path twice on GPUs other than sm_90)."""
-    if request.param == "no_sm90":
-        monkeypatch.setenv("FLEXTRON_DISABLE_SM90", "1")
-    else:
-        monkeypatch.delenv("FLEXTRON_DISABLE_SM90", raising=False)
+    """Runs a test on the CUTLASS 3.x kernels, forced (FLEXTRON_ROUTED_GEMM=sm90: no
+    self-check, so a wrong kernel fails here rather than being swapped out), and on the 2.x
+    kernels (sm80); the same path twice on GPUs other than sm_90."""
+    monkeypatch.setenv("FLEXTRON_ROUTED_GEMM", request.param)
     return request.param
 
 
 @pytest.fixture
-def _check_against_fp32(_assert_as_accurate_as_torch):
+def _check_against_fp32(_check_against_fp32, _assert_as_accurate_as_torch):
     """Handed to the tests as a fixture: it needs _assert_as_accurate_as_torch."""
 
     def _check_against_fp32(args, activation):
@@ -790,3 +848,85 @@ def test_out_of_range_choice_trips_a_device_assert_on_the_masked_path(tokens, ff
     )
     assert result.returncode != 0 and "no error" not in result.stdout, result.stdout
     assert re.search("device-side assert|choice out of range", result.stderr), result.stderr[-2000:]
+
+
+def _forward_and_backward(args, activation="swiglu"):
+    x, w_gate, w_up, w_down, choice, widths, scale = args
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w_gate, w_up, w_down, scale)]
+    y = ops.routed_nested_mlp(leaves[0], *leaves[1:4], choice, widths, leaves[4], activation)
+    grad_y = torch.randn(y.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
+    return [y.detach(), *torch.autograd.grad(y, leaves, grad_y.to(y.dtype))]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [CASES[0], K_TAILS[0]])
+def test_sm90_and_sm80_kernels_agree(dtype, case, monkeypatch):
+    """The CUTLASS 3.x and 2.x grouped GEMMs on the same problems: the output and every
+    gradient agree to within a few roundings of the dtype (both accumulate in fp32)."""
+    if not _runs_sm90_path():
+        pytest.skip("the sm90a kernels run on sm_90 devices only")
+    args = _inputs(*case, "swiglu", dtype, seed=21)
+    results = {}
+    for path in ("sm90", "sm80"):
+        monkeypatch.setenv("FLEXTRON_ROUTED_GEMM", path)
+        results[path] = _forward_and_backward(args)
+    for name, ours, theirs in zip(("y", "x", "gate", "up", "down", "scale"), *results.values(), strict=True):
+        scale = theirs.float().abs().max().item() or 1.0
+        error = (ours.float() - theirs.float()).abs().max().item() / scale
+        assert error <= 8 * torch.finfo(dtype).eps, (name, error)
+
+
+@pytest.mark.cuda
+def test_sm90_self_check_passes_and_the_3x_kernel_runs():
+    """FLEXTRON_ROUTED_GEMM=auto in a fresh process: the self-check runs once, warns nothing,
+    and the 3.x kernels run; an unknown value is a clear error."""
+    if not _runs_sm90_path():
+        pytest.skip("the sm90a kernels run on sm_90 devices only")
+    script = textwrap.dedent(
+        """
+        import warnings
+        import torch
+        from flextron import ops
+        from tests.ops.test_routed_nested_mlp import CASES, _grouped_launches, _inputs
+        x, w_gate, w_up, w_down, choice, widths, scale = _inputs(*CASES[0], "swiglu", torch.bfloat16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            args = (x, w_gate, w_up, w_down, choice, widths, scale)
+            ops.routed_nested_mlp(*args)  # runs the self-check
+            names = cuda_kernel_names(lambda: ops.routed_nested_mlp(*args))
+        assert _grouped_launches(names) == (0, 2), _grouped_launches(names)
+        """
+    )
+    env = os.environ | {"FLEXTRON_ROUTED_GEMM": "auto"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    env["FLEXTRON_ROUTED_GEMM"] = "fastest"
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert "FLEXTRON_ROUTED_GEMM must be auto, sm90 or sm80" in run.stderr
+
+
+@pytest.mark.cuda
+def test_fallbacks_warn_once_with_op_reason_and_shape():
+    """Shapes the grouped kernels cannot take run the masked path with one warning per reason
+    and process (a fresh process: the warnings are once per process)."""
+    script = textwrap.dedent(
+        """
+        import warnings
+        import torch
+        from flextron import ops
+        from tests.ops.test_routed_nested_mlp import CASES, _inputs
+        odd = _inputs(83, 20, 37, [37, 20, 7], "swiglu", torch.bfloat16)
+        fp32 = _inputs(*CASES[0], "swiglu", torch.float32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for args in (odd, odd, fp32, fp32):
+                ops.routed_nested_mlp(*args)
+        messages = [str(w.message) for w in caught if "routed_nested_mlp" in str(w.message)]
+        assert len(messages) == 2, messages
+        assert "hidden size or d_ff not a multiple of 8 (T=83 D=20 F=37 widths [37, 20, 7])" in messages[0]
+        assert "no grouped kernel for Float" in messages[1] and "masked full-width MLP" in messages[1]
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]

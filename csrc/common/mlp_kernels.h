@@ -1,4 +1,4 @@
-// Pieces shared by the CPU MLP kernels (nested_mlp, routed_nested_mlp): the
+// Pieces shared by the MLP kernels (nested_mlp, routed_nested_mlp): the
 // activation name parsed once, the hidden activation applied in place on a
 // (rows, width) view of the pre-activations (no extra (N, F) buffer), or out of
 // place, and its backward. Also used by the CUDA fallback paths.
