@@ -2,7 +2,7 @@
 #   make test   build (CUDA kernels too where nvcc exists), check style (ruff) and run the tests
 #   make demo   build the general-English corpus, convert the embedded SmolLM2, show it at several budgets
 # `make demo` installs only what the demo needs; `make test` adds the test-only packages
-# (tests/test_packaging.py checks that the demo's list holds none of them).
+# (tests/suites/test_packaging.py checks that the demo's list holds none of them).
 # FLEXTRON_CUDA=0 make test   skips the CUDA build for quick local iteration.
 VENV    ?= .venv
 PYTHON  := $(VENV)/bin/python
@@ -15,7 +15,7 @@ LLAMA_CMAKE_ARGS := -DGGML_CUDA=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -D
     -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF
 
 CORPUS  := data/general
-# Debian packages whose text the general-English corpus is built from (flextron/corpus.py).
+# Debian packages whose text the general-English corpus is built from (flextron/data/corpus.py).
 CORPUS_PACKAGES := dict-gcide wordnet-base fortunes gnu-standards doc-debian
 
 .PHONY: deps build test test-all demo bench lint clean corpus
@@ -69,7 +69,7 @@ demo: $(BUILT) corpus
 bench: $(BUILT)
 	$(PYTHON) benchmarks/bench_ops.py --device cpu
 
-# The general-English corpus (train + held-out JSONL, about 9M + 0.45M SmolLM2 tokens).
+# The general-English corpus: train, validation and test JSONL (about 9.3M training tokens).
 corpus: $(CORPUS)/corpus.json
 
 $(CORPUS)/corpus.json: flextron/data/corpus.py | $(BUILT)
