@@ -50,7 +50,7 @@ def recording_host_reads() -> Iterator[list[str]]:
         yield seen
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def model_and_routing(tiny_flextron):
     """Handed to the tests as a fixture: it needs tiny_flextron."""
 

@@ -38,7 +38,7 @@ def grads(fn, x, weight, bias, out_f, in_f, seed=1):
     return y, torch.autograd.grad(y, leaves, grad_y)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def check_against_reference(assert_matches_reference):
     """Handed to the tests as a fixture: it needs assert_matches_reference."""
 
@@ -149,7 +149,7 @@ def test_bad_input_names_the_argument(mutate, match):
     ids=["fp32", "bf16", "bf16-portable"],
 )
 def test_few_rows_match_reference(
-    assert_matches_reference, monkeypatch, rows, out_f, in_f, bias, dtype, bf16_dot
+    check_against_reference, assert_matches_reference, monkeypatch, rows, out_f, in_f, bias, dtype, bf16_dot
 ):
     # bf16: AVX-512 BF16 dot products where the CPU has them ("auto"), else and with
     # FLEXTRON_BF16_DOT=portable each weight widened to fp32; fp32 sums either way.
@@ -278,7 +278,7 @@ def test_every_gemm_path_matches_reference(dtype, shape, prefix_gemm):
     test_forward_matches_reference("cuda", dtype, shape, with_bias=True)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def _runs_cutlass(cuda_kernel_names):
     """Handed to the tests as a fixture: it needs cuda_kernel_names."""
 

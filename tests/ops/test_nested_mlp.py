@@ -84,7 +84,7 @@ def check_fp32_against_reference(inputs, width, activation):
         assert_close_fp32(grad, grad_ref)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def check_against_reference(assert_matches_reference):
     """Handed to the tests as a fixture: it needs assert_matches_reference."""
 

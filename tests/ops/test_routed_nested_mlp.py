@@ -110,7 +110,7 @@ def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=bound)
 
 
-def assert_matches_reference(inputs, widths, activation) -> None:
+def check_forward_and_backward(inputs, widths, activation) -> None:
     """Output and every gradient of the op vs the reference, fp32 tolerances."""
     y, grads, grad_out = forward_and_grads(ops.routed_nested_mlp, inputs, widths, activation)
     y_ref, grads_ref, _ = forward_and_grads(reference.routed_nested_mlp, inputs, widths, activation, grad_out)
@@ -123,28 +123,26 @@ def assert_matches_reference(inputs, widths, activation) -> None:
 @pytest.mark.parametrize("tokens", [1, 7, 83, 300])  # 300: several tiles, the threaded path
 @pytest.mark.parametrize("hidden,d_ff,widths", [(8, 64, [64, 40, 16]), (24, 96, [80, 64, 24, 8])])
 @pytest.mark.parametrize("with_scale", [False, True])
-def test_matches_reference_fp32(
-    assert_matches_reference, activation, tokens, hidden, d_ff, widths, with_scale
-):
+def test_matches_reference_fp32(activation, tokens, hidden, d_ff, widths, with_scale):
     inputs = make_inputs(tokens, hidden, d_ff, widths, activation, with_scale=with_scale, seed=tokens)
-    assert_matches_reference(inputs, widths, activation)
+    check_forward_and_backward(inputs, widths, activation)
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_one_thread_runs_tiles_of_the_largest_size_in_turn(assert_matches_reference):
+def test_one_thread_runs_tiles_of_the_largest_size_in_turn():
     # One thread: tiles of 256 sorted tokens (600 -> 256 + 256 + 88), no balancing.
     widths = [96, 72, 40, 16]
     inputs = make_inputs(600, 24, 96, widths, "swiglu", with_scale=True, seed=5)
-    assert_matches_reference(inputs, widths, "swiglu")
+    check_forward_and_backward(inputs, widths, "swiglu")
 
 
 @pytest.mark.parametrize("routing", ["one:0", "one:1", "one:3", "skip"])
 @pytest.mark.parametrize("tokens", [5, 200])
-def test_routing_patterns(assert_matches_reference, routing, tokens):
+def test_routing_patterns(routing, tokens):
     # One group only (widest, middle, narrowest) and empty groups in between.
     widths = [96, 72, 40, 16]
     inputs = make_inputs(tokens, 24, 96, widths, "swiglu", routing=routing)
-    assert_matches_reference(inputs, widths, "swiglu")
+    check_forward_and_backward(inputs, widths, "swiglu")
 
 
 def test_weight_grads_exactly_zero_outside_used_prefix():
@@ -161,11 +159,11 @@ def test_weight_grads_exactly_zero_outside_used_prefix():
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_non_contiguous_inputs(assert_matches_reference, activation):
+def test_non_contiguous_inputs(activation):
     widths = [64, 48, 16]
     inputs = make_inputs(83, 24, 64, widths, activation, contiguous=False)
     assert not inputs[0].is_contiguous() and not inputs[2].is_contiguous() and not inputs[4].is_contiguous()
-    assert_matches_reference(inputs, widths, activation)
+    check_forward_and_backward(inputs, widths, activation)
 
 
 def test_expanded_grad_out():
@@ -229,14 +227,12 @@ def test_backward_op_empty_slots_without_gate_or_scale():
     with_scale=st.booleans(),
     data=st.data(),
 )
-def test_hypothesis_shapes(
-    assert_matches_reference, tokens, hidden, d_ff, num_choices, activation, with_scale, data
-):
+def test_hypothesis_shapes(tokens, hidden, d_ff, num_choices, activation, with_scale, data):
     widths = sorted(
         data.draw(st.sets(st.integers(1, d_ff), min_size=num_choices, max_size=num_choices)), reverse=True
     )
     inputs = make_inputs(tokens, hidden, d_ff, widths, activation, with_scale=with_scale)
-    assert_matches_reference(inputs, widths, activation)
+    check_forward_and_backward(inputs, widths, activation)
 
 
 @settings(max_examples=12, deadline=None)
@@ -420,8 +416,8 @@ def _inputs(tokens, hidden, ffn, widths, activation, dtype, *, seed=0, with_scal
     return x, w_gate, w_up, w_down, choice, widths, scale
 
 
-@pytest.fixture
-def _assert_as_accurate_as_torch(_assert_as_accurate_as_torch, assert_as_accurate_as_torch):
+@pytest.fixture(scope="session")
+def _assert_as_accurate_as_torch(assert_as_accurate_as_torch):
     """Handed to the tests as a fixture: it needs assert_as_accurate_as_torch."""
 
     def _assert_as_accurate_as_torch(ours, theirs, exact):
@@ -454,8 +450,8 @@ def _grads(fn, tensors, choice, widths, activation, grad_y):
     return [leaf.grad for leaf in leaves if leaf is not None]
 
 
-@pytest.fixture
-def _check_backward(_check_backward, _assert_as_accurate_as_torch):
+@pytest.fixture(scope="session")
+def _check_backward(_assert_as_accurate_as_torch):
     """Handed to the tests as a fixture: it needs _assert_as_accurate_as_torch."""
 
     def _check_backward(x, w_gate, w_up, w_down, choice, widths, scale, activation):
@@ -728,8 +724,8 @@ def sm90_path(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture
-def _check_against_fp32(_check_against_fp32, _assert_as_accurate_as_torch):
+@pytest.fixture(scope="session")
+def _check_against_fp32(_assert_as_accurate_as_torch):
     """Handed to the tests as a fixture: it needs _assert_as_accurate_as_torch."""
 
     def _check_against_fp32(args, activation):

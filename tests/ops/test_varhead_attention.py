@@ -179,7 +179,7 @@ def torch_attention(q, k, v, heads, causal, scale=None):
     return out * active[:, :, None, None].to(out.dtype)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def check_low_precision(assert_matches_reference):
     """Handed to the tests as a fixture: it needs assert_matches_reference."""
 

@@ -43,7 +43,7 @@ class CustomTokenizer(PreTrainedTokenizerFast):
 """
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def flextron_dir(tiny_flextron, tiny_tokenizer):
     """A factory fixture (it needs tiny_flextron, tiny_tokenizer)."""
 

@@ -29,7 +29,7 @@ def tiny_data(blocks: int = 24, block_size: int = 17, seed: int = 0) -> TrainDat
     return TrainData(ids[:-4], ids[-4:])
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def student_and_teacher(tiny_flextron):
     """A factory fixture (it needs tiny_flextron)."""
 
