@@ -3,7 +3,7 @@
     python benchmarks/bench_llama_cpp.py            # SmolLM2-135M, budgets 1 and 0.5, 1 and 2 threads
     python benchmarks/bench_llama_cpp.py --threads 1 --clock cpu --json out.json
 
-For each budget the sub-network is exported to GGUF (flextron.export_gguf) in f32 and bf16, and
+For each budget the sub-network is exported to GGUF (flextron.export.gguf) in f32 and bf16, and
 llama.cpp (llama-cpp-python, installed by `make test`) runs it beside Flextron at the matching
 dtype (fp32 vs f32, bf16 vs bf16), on the same random prompt, timed round-robin (the project's
 timing helpers) so that a neighbour's load hits both alike:
@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flextron.config import ArchConfig
-from flextron.export_gguf import write_gguf
-from flextron.loading import load_model
-from flextron.speed import prefilled_decode
 
-from flextron.model import FlextronModel
+from flextron.eval.speed import prefilled_decode
+from flextron.export.gguf import write_gguf
+from flextron.model.config import ArchConfig
+from flextron.model.elastic_model import FlextronModel
+from flextron.model.loading import load_model
 from flextron.timing import CLOCKS, Staged, check_clock, sample_times_ms
 
 # Flextron dtype -> the GGUF type llama.cpp runs beside it

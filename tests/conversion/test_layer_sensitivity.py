@@ -115,7 +115,7 @@ def test_layer_levels_zero_keeps_uniform_candidates(blocks, model_and_blocks) ->
 
 
 def test_sensitivities_are_cached_per_model_and_text(blocks, model_and_blocks, tmp_path, monkeypatch) -> None:
-    import flextron.layer_search as layer_search
+    import flextron.conversion.layer_sensitivity as layer_search
 
     model, blocks = model_and_blocks
     first = cached_layer_sensitivity(model, blocks, 4, False, 1, tmp_path)

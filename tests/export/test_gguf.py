@@ -373,9 +373,8 @@ def test_llama_cpp_opens_a_gguf_out_name(model, llama, tmp_path) -> None:
 
 
 def test_export_command_writes_and_overwrites_the_named_gguf_file(model, tmp_path, capsys) -> None:
-    from flextron.checkpoint import save_pretrained
-
     from flextron.cli import main
+    from flextron.model.checkpoint import save_pretrained
 
     save_pretrained(model, tmp_path / "model")
     out = tmp_path / "half.gguf"
