@@ -36,7 +36,7 @@ COMMAND_TABLE: dict[str, tuple[str, str]] = {
     ),
     "corpus": (
         "model_commands",
-        "build the general-English corpus (train + held-out JSONL) from installed Debian packages",
+        "build the general-English corpus (train, validation and test JSONL) from installed Debian packages",
     ),
     "eval": ("inference_commands", "perplexity at several budgets or configurations: table, JSON, PNG plot"),
     "generate": ("inference_commands", "answer a prompt at a budget, streaming the tokens"),
