@@ -14,7 +14,9 @@ Protocol (issue 25):
   fraction of the dense model in the same round.
 * Equal measured latency: dynamic (and the oracle) are compared with the static curve (static at
   `--curve-budgets`) interpolated, per block, to their *measured* fraction; the paired per-block
-  log-perplexity difference is reported with its standard error.
+  log-perplexity difference is reported with its standard error.  Static is compared the same
+  way with the uniform curve and with the "trained" curve: the configurations the model was
+  elastically trained at (budget_configs.json, and the full model), timed in the same round.
 * Oracle (`--oracle`, prefill only): per token, layer and MLP width the first-order loss change
   of narrowing (flextron.routers.oracle), widths allocated with one Lagrange multiplier at the
   static configuration's LUT MLP cost, head counts static's, forced through the routed MLP kernel.
@@ -40,10 +42,11 @@ from flextron.latency.profiling import timed_forward
 from flextron.latency.shape import LatencyShape
 from flextron.model.checkpoint import load_pretrained
 from flextron.model.elastic_model import FlextronModel
+from flextron.model.mixed_widths import ForcedSession
 from flextron.routers import BudgetResolver
 from flextron.routers.evaluation import block_losses, prefix_session
 from flextron.routers.oracle import allocate_widths, mlp_loss_changes, oracle_sessions
-from flextron.routers.sessions import ForcedSession
+from flextron.routers.selection import Selection
 from flextron.timing import times_ms
 
 
@@ -59,7 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--curve-budgets", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="static budgets of the curve"
     )
-    parser.add_argument("--routings", default="uniform,static,dynamic")
+    parser.add_argument(
+        "--routings",
+        default="uniform,static,dynamic,trained",
+        help="trained: the model's budget configurations",
+    )
     parser.add_argument("--oracle", action="store_true", help="add the headroom oracle (prefill only)")
     parser.add_argument("--eval-blocks", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -73,16 +80,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-shape", default=None, help="PHASE:BATCHxLENGTH; default the routers'")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="runs/routers")
+    parser.add_argument("--title", default="SmolLM2-135M", help="the Pareto plot's title: which model")
     return parser.parse_args(argv)
 
 
-def candidates(resolver: BudgetResolver, args: argparse.Namespace) -> list[dict]:
-    """Every (routing, budget) to time and score: the routings at --budgets, static at the curve's."""
+def trained_selections(model: FlextronModel, resolver: BudgetResolver) -> list[Selection]:
+    """The configurations the model was trained at (its budget_configs.json, and the full model);
+    their budget is a parameter budget, not a latency fraction."""
+    budgets = [] if model.budget_configs is None else model.budget_configs.budgets()
+    selections = []
+    for budget in sorted({*budgets, 1.0}):
+        arch = model.arch_for_budget(budget)
+        selections.append(
+            Selection("trained", budget, arch, predicted_ms=resolver.table.predict(arch, resolver.shape))
+        )
+    return selections
+
+
+def candidates(model: FlextronModel, resolver: BudgetResolver, args: argparse.Namespace) -> list[dict]:
+    """Every (routing, budget) to time and score: dynamic at --budgets, static and uniform at the
+    curve's too (the curves others are compared with), the trained configurations."""
     budgets = [float(b) for b in args.budgets.split(",")]
     curve = sorted(set(budgets) | {float(b) for b in args.curve_budgets.split(",")})
     result = []
     for routing in args.routings.split(","):
-        for budget in curve if routing == "static" else budgets:
+        if routing == "trained":
+            result += [
+                {"routing": routing, "budget": s.budget, "selection": s}
+                for s in trained_selections(model, resolver)
+            ]
+            continue
+        for budget in curve if routing in ("static", "uniform") else budgets:
             result.append(
                 {"routing": routing, "budget": budget, "selection": resolver.select(budget, None, routing)}
             )
@@ -102,7 +130,7 @@ def oracle_choices(model: FlextronModel, resolver: BudgetResolver, item: dict, b
     choice, multiplier = allocate_widths(changes, mlp_costs, target)  # (L, N*S)
     item["sessions"] = oracle_sessions(choice, widths, arch.heads, 4, blocks.shape[1])
     item["timing_sessions"] = [
-        ForcedSession(
+        ForcedSession.shared(
             widths,
             (mlp_loss_changes(model, c, arch.heads, widths) + multiplier * mlp_costs).argmin(-1),
             arch.heads,
@@ -161,8 +189,8 @@ def score(model: FlextronModel, item: dict, blocks: torch.Tensor, prefix: int) -
     return block_losses(model, blocks, prefix=prefix, sessions=lambda p: prefix_session(model, selection, p))
 
 
-def static_comparison(curve: list[tuple[float, torch.Tensor]], fraction: float, losses: torch.Tensor) -> dict:
-    """curve: static's (measured fraction, per-block losses (N,)), ascending; a row at `fraction`
+def curve_comparison(curve: list[tuple[float, torch.Tensor]], fraction: float, losses: torch.Tensor) -> dict:
+    """curve: one routing's (measured fraction, per-block losses (N,)), ascending; a row at `fraction`
     with `losses` against the curve interpolated, block by block, to that fraction: the paired
     log-perplexity difference, its standard error, and the perplexity ratio exp(mean)."""
     points = torch.tensor([f for f, _ in curve], dtype=torch.float64)
@@ -171,28 +199,39 @@ def static_comparison(curve: list[tuple[float, torch.Tensor]], fraction: float, 
     difference = losses.double() - at_latency  # (N,) per-block log-perplexity difference
     return {
         "fraction": fraction,
-        "static_ppl": float(at_latency.mean().exp()),
+        "curve_ppl": float(at_latency.mean().exp()),
         "log_ppl_difference": float(difference.mean()),
         "standard_error": float(difference.std() / difference.numel() ** 0.5),
         "ratio": float(difference.mean().exp()),
-        "within_static_range": bool(points[0] <= fraction <= points[-1]),
+        "within_curve": bool(points[0] <= fraction <= points[-1]),
     }
 
 
-def compare_to_static(rows: list[dict], losses: dict) -> None:
-    """Dynamic and oracle rows against static at their measured fraction ("vs_static"); the oracle
-    also at its LUT fraction plus the dynamic router's measured overhead at the same budget
+COMPARED = {"dynamic": "static", "oracle": "static", "static": ("uniform", "trained")}
+
+
+def compare_to_curves(rows: list[dict], losses: dict) -> None:
+    """Dynamic and oracle rows against static at their measured fraction ("vs_static"), static
+    rows against the uniform and trained curves ("vs_uniform", "vs_trained"); the oracle also at
+    its LUT fraction plus the dynamic router's measured overhead at the same budget
     ("vs_static_paying_overhead": what a router that chose as the oracle does would pay)."""
-    curve = sorted((r["fraction_of_full"], losses[i]) for i, r in enumerate(rows) if r["routing"] == "static")
-    if len(curve) < 2:
-        return
+    curves = {
+        routing: sorted(
+            (r["fraction_of_full"], losses[i]) for i, r in enumerate(rows) if r["routing"] == routing
+        )
+        for routing in ("static", "uniform", "trained")
+    }
     overhead = {r["budget"]: r["overhead"] for r in rows if r["routing"] == "dynamic"}
     for index, row in enumerate(rows):
-        if row["routing"] in ("dynamic", "oracle"):
-            row["vs_static"] = static_comparison(curve, row["fraction_of_full"], losses[index])
-        if row["routing"] == "oracle" and row["budget"] in overhead:
+        references = COMPARED.get(row["routing"], ())
+        for reference in (references,) if isinstance(references, str) else references:
+            if len(curves[reference]) >= 2:
+                row[f"vs_{reference}"] = curve_comparison(
+                    curves[reference], row["fraction_of_full"], losses[index]
+                )
+        if row["routing"] == "oracle" and row["budget"] in overhead and len(curves["static"]) >= 2:
             paying = row["lut_fraction"] + max(overhead[row["budget"]], 0.0)
-            row["vs_static_paying_overhead"] = static_comparison(curve, paying, losses[index])
+            row["vs_static_paying_overhead"] = curve_comparison(curves["static"], paying, losses[index])
 
 
 def make_row(item: dict, losses: torch.Tensor, measured: float, full: dict, model: FlextronModel) -> dict:
@@ -245,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if blocks.shape[0] < args.eval_blocks or timing.shape[0] < shape.batch * timing_blocks:
         raise SystemExit(f"not enough held-out text in {args.data}")
     chunks = list(timing.split(shape.batch))  # timing_blocks x (batch, tokens)
-    items = candidates(resolver, args)
+    items = candidates(model, resolver, args)
     if args.oracle and shape.phase != "prefill":
         raise SystemExit("the oracle is measured at a prefill shape")
     for item in items:
@@ -263,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             item["lut_ms"] = dynamic_lut_ms(resolver, item["timing_sessions"])
     losses = {i: score(model, item, blocks, args.prefix) for i, item in enumerate(items)}
     rows = [make_row(item, losses[i], times[i], full, model) for i, item in enumerate(items)]
-    compare_to_static(rows, losses)
+    compare_to_curves(rows, losses)
     summary = {
         "shape": shape.to_dict(),
         "device": resolver.table.device_name,
@@ -281,19 +320,19 @@ def main(argv: list[str] | None = None) -> int:
         "block_losses": {f"{r['routing']} {r['budget']:g}": losses[i].tolist() for i, r in enumerate(rows)},
     }
     (out / "routers.json").write_text(json.dumps(summary, indent=2))
-    plot(rows, out / "routers_pareto.png", shape)
+    plot(rows, out / "routers_pareto.png", shape, args.title)
     print(markdown(rows))
     return 0
 
 
-def plot(rows: list[dict], path: Path, shape: LatencyShape) -> None:
+def plot(rows: list[dict], path: Path, shape: LatencyShape, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
-    for routing, marker in zip(("uniform", "static", "dynamic", "oracle"), "os^D", strict=True):
+    for routing, marker in zip(("uniform", "static", "dynamic", "oracle", "trained"), "os^Dv", strict=True):
         points = sorted(
             (r["measured_ms"], r["perplexity"], r["budget"]) for r in rows if r["routing"] == routing
         )
@@ -304,7 +343,7 @@ def plot(rows: list[dict], path: Path, shape: LatencyShape) -> None:
     axis.set_xlabel(f"measured latency (ms), {shape}")
     axis.set_ylabel("perplexity (held-out, after the prefix)")
     axis.set_yscale("log")
-    axis.set_title("SmolLM2-135M (converted): perplexity vs measured latency")
+    axis.set_title(f"{title}: perplexity vs measured latency")
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
@@ -314,23 +353,27 @@ def plot(rows: list[dict], path: Path, shape: LatencyShape) -> None:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| routing | budget | measured ms | ÷ dense (LUT) | perplexity | static at that latency | "
+        "| routing | budget | measured ms | ÷ dense (LUT) | perplexity | compared with | at that latency | "
         "Δ log-ppl ± s.e. | ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        versus = r.get("vs_static")
-        compared = (
-            f"{versus['static_ppl']:.2f} | {versus['log_ppl_difference']:+.3f} "
-            f"± {versus['standard_error']:.3f} | {versus['ratio']:.3f}"
-            f"{'' if versus['within_static_range'] else ' (outside the curve)'}"
-            if versus
-            else "- | - | -"
-        )
-        lines.append(
+        head = (
             f"| {r['routing']} | {r['budget']:.2f} | {r['measured_ms']:.1f} | {r['fraction_of_full']:.3f} "
-            f"({r['lut_fraction']:.3f}) | {r['perplexity']:.2f} | {compared} |"
+            f"({r['lut_fraction']:.3f}) | {r['perplexity']:.2f} |"
         )
+        comparisons = [
+            (k[3:], v) for k, v in r.items() if k.startswith("vs_") and k != "vs_static_paying_overhead"
+        ]
+        for reference, versus in comparisons or [("-", None)]:
+            compared = (
+                f" {reference} | {versus['curve_ppl']:.2f} | {versus['log_ppl_difference']:+.3f} "
+                f"± {versus['standard_error']:.3f} | {versus['ratio']:.3f}"
+                f"{'' if versus['within_curve'] else ' (outside the curve)'} |"
+                if versus
+                else " - | - | - | - |"
+            )
+            lines.append(head + compared)
     paying = [r for r in rows if "vs_static_paying_overhead" in r]
     if paying:
         lines += [
@@ -341,7 +384,7 @@ def markdown(rows: list[dict]) -> str:
         for r in paying:
             v = r["vs_static_paying_overhead"]
             lines.append(
-                f"| {r['budget']:.2f} | {v['fraction']:.3f} | {v['static_ppl']:.2f} | "
+                f"| {r['budget']:.2f} | {v['fraction']:.3f} | {v['curve_ppl']:.2f} | "
                 f"{v['ratio']:.3f} ({v['log_ppl_difference']:+.3f} ± {v['standard_error']:.3f}) |"
             )
     return "\n".join(lines)

@@ -16,7 +16,7 @@ and λ is bisected so that the mean per-token MLP cost meets a target (the stati
 
 The oracle sees the loss of the tokens it routes: it bounds what a router choosing from the
 hidden state could gain; it is not a router.  Its choices run through a ForcedSession
-(flextron.routers.sessions), so they pay the routed MLP kernel's cost like the dynamic router.
+(flextron.model.mixed_widths), so they pay the routed MLP kernel's cost like the dynamic router.
 """
 
 from __future__ import annotations
@@ -26,18 +26,29 @@ from collections.abc import Sequence
 import torch
 
 from flextron.model.elastic_model import FlextronModel
-from flextron.model.layers import ElasticMLP
+from flextron.model.layers import ElasticAttention, ElasticMLP, KVCache
+from flextron.model.mixed_widths import ForcedSession
 from flextron.model.objectives import next_token_cross_entropy
-from flextron.routers.sessions import ForcedSession
 
 
-class _ProbeSession(ForcedSession):
+class _ProbeSession:
     """Full MLP widths at the forced head counts, keeping each layer's MLP input and output."""
 
     def __init__(self, heads: Sequence[int]) -> None:
-        super().__init__([], torch.empty(0, dtype=torch.int64), heads)
+        self.heads = tuple(heads)  # (L,) query heads per layer
         self.inputs: list[torch.Tensor] = []  # per layer (B, T, D), detached
         self.outputs: list[torch.Tensor] = []  # per layer (B, T, D), gradient retained
+
+    def attention(
+        self,
+        layer: int,
+        module: ElasticAttention,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None,
+    ) -> torch.Tensor:
+        return module(x, cos, sin, self.heads[layer], kv_cache, layer)
 
     def mlp(self, layer: int, module: ElasticMLP, x: torch.Tensor) -> torch.Tensor:
         out = module(x, module.gate_proj.weight.shape[0])
@@ -116,6 +127,6 @@ def oracle_sessions(
     blocks (as `blocks.split(batch)` cuts them)."""
     per_block = choices.view(choices.shape[0], -1, length)  # (L, N, length)
     return [
-        ForcedSession(widths, part.flatten(1), heads)  # (L, b*length)
+        ForcedSession.shared(widths, part.flatten(1), heads)  # (L, b*length)
         for part in per_block.split(batch, dim=1)
     ]

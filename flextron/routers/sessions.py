@@ -10,37 +10,14 @@ carries the gradient to the router.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from flextron import ops
 from flextron.model.config import ArchConfig
 from flextron.model.layers import ElasticAttention, ElasticMLP, KVCache
+from flextron.model.mixed_widths import routed_mlp
 from flextron.routers.base import Router
 from flextron.routers.sampling import Sampling, gumbel_noise, pick
-
-
-def routed_mlp(
-    module: ElasticMLP,
-    x: torch.Tensor,
-    choice: torch.Tensor,
-    widths: Sequence[int],
-    scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """x: (B, T, D), choice: (B*T,) int64 index into `widths` (widest first) -> (B, T, D), every
-    token through its own width's weight prefix (one fused ops.routed_nested_mlp)."""
-    flat = x.reshape(-1, x.shape[-1])  # (B*T, D)
-    out = ops.routed_nested_mlp(
-        flat,
-        module.gate_proj.weight,
-        module.up_proj.weight,
-        module.down_proj.weight,
-        choice,
-        list(widths),
-        scale,
-    )
-    return out.view(x.shape)
 
 
 class StaticSession:
@@ -160,29 +137,3 @@ class DynamicSession:
         """Mean MLP width per layer over the latest call's tokens."""
         widths = torch.tensor(self.router.mlp_choices, dtype=torch.float32)
         return [float(widths[c.cpu()].mean()) for c in self.mlp_choice]
-
-
-class ForcedSession:
-    """Given choices forced through the routed path (one batch): per-token MLP widths, per-layer
-    head counts; the model's `session=` (a LayerSession).  The headroom oracle runs its
-    allocation through it (flextron.routers.oracle), with the dynamic router's MLP kernel."""
-
-    def __init__(self, mlp_choices: Sequence[int], choice: torch.Tensor, heads: Sequence[int]) -> None:
-        self.mlp_choices = list(mlp_choices)  # widest first
-        self.choice = choice  # (L, B*T) int64: each layer's and token's index into mlp_choices
-        self.heads = tuple(heads)  # (L,) query heads per layer
-
-    def attention(
-        self,
-        layer: int,
-        module: ElasticAttention,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: KVCache | None,
-    ) -> torch.Tensor:
-        return module(x, cos, sin, self.heads[layer], kv_cache, layer)
-
-    def mlp(self, layer: int, module: ElasticMLP, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, D) -> (B, T, D) at the forced per-token widths."""
-        return routed_mlp(module, x, self.choice[layer], self.mlp_choices)

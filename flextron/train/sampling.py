@@ -6,7 +6,13 @@ With probability `p_full` the full model; otherwise, by `rule`:
             measured choices, flextron.model.budget_configs; default: the fixed rule);
   "random": per layer, an MLP width and a head count drawn independently from the allowed
             choices at or above `min_fraction` of the layer's size;
-  "mixed":  "budget" or "random" with equal probability.
+  "mixed":  "budget" or "random" with equal probability;
+  "token":  per-token MLP widths (`TokenWidths`): the head counts of a budget drawn as "budget"
+            does, and every token, in every layer, at a width drawn from those the trained
+            configurations use there (the budgets' widths and the full width).  Why: a dynamic
+            router gives each token its own width, so the model must learn to run with widths
+            mixed within a sequence (design.md#routers); drawing from the trained widths keeps
+            the router's choices inside what training covers.
 The draw depends only on (seed, micro-batch index), so every data-parallel rank draws the
 same sub-network without communicating, and a resumed run draws what the uninterrupted
 one would have.
@@ -15,13 +21,34 @@ one would have.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from flextron.model.config import DEFAULT_BUDGETS, ArchConfig, ModelConfig, check_budget
 from flextron.model.config import arch_for_budget as fixed_rule
+from flextron.model.mixed_widths import ForcedSession
 
-RULES = ("budget", "random", "mixed")
+RULES = ("budget", "random", "mixed", "token")
+
+
+@dataclass(frozen=True)
+class TokenWidths:
+    """The "token" rule's draw for one micro-batch: `budget`'s configuration gives the head
+    counts; each layer's tokens draw their widths from `layer_widths[layer]` (widest first)."""
+
+    budget: float
+    arch: ArchConfig
+    layer_widths: tuple[tuple[int, ...], ...]
+    seed: int
+
+    def session(self, num_tokens: int, device: torch.device) -> ForcedSession:
+        """The forced routing of `num_tokens` tokens (B*T): the same draw on every call."""
+        generator = torch.Generator().manual_seed(self.seed)
+        choice = torch.stack(
+            [torch.randint(len(widths), (num_tokens,), generator=generator) for widths in self.layer_widths]
+        )  # (L, B*T)
+        return ForcedSession(self.layer_widths, choice.to(device), self.arch.heads)
 
 
 def check_budget_weights(weights: tuple[float, ...], budgets: tuple[float, ...]) -> tuple[float, ...]:
@@ -35,7 +62,7 @@ def check_budget_weights(weights: tuple[float, ...], budgets: tuple[float, ...])
 
 
 class SubnetSampler:
-    """Draws the sub-network of micro-batch i: `sample(i) -> ArchConfig`."""
+    """Draws the sub-network of micro-batch i: `sample(i) -> ArchConfig` (or `TokenWidths`)."""
 
     def __init__(
         self,
@@ -75,7 +102,15 @@ class SubnetSampler:
             for i in layers
         ]
 
-    def sample(self, index: int) -> ArchConfig:
+    def token_widths(self) -> tuple[tuple[int, ...], ...]:
+        """Per layer, the MLP widths of the budgets' configurations and the full width, widest first."""
+        archs = [self.arch_for_budget(b) for b in self.budgets] + [ArchConfig.full(self.config)]
+        return tuple(
+            tuple(sorted({arch.mlp_widths[layer] for arch in archs}, reverse=True))
+            for layer in range(self.config.num_layers)
+        )
+
+    def sample(self, index: int) -> ArchConfig | TokenWidths:
         """The sub-network of micro-batch `index` (0, 1, 2, ... over the whole run)."""
         # A generator of its own: the draw never touches (or depends on) the global RNG.
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
@@ -89,18 +124,24 @@ class SubnetSampler:
         if uniform() < self.p_full:
             return ArchConfig.full(self.config)
         rule = self.rule if self.rule != "mixed" else pick(["budget", "random"])
-        if rule == "budget":
+        if rule in ("budget", "token"):
             if not self.budget_weights:
-                return self.arch_for_budget(pick(list(self.budgets)))
-            drawn = int(torch.multinomial(self._weights, 1, generator=generator))
-            return self.arch_for_budget(self.budgets[drawn])
+                budget = pick(list(self.budgets))
+            else:
+                budget = self.budgets[int(torch.multinomial(self._weights, 1, generator=generator))]
+            if rule == "budget":
+                return self.arch_for_budget(budget)
+            seed = int(torch.randint(2**62, (), generator=generator))
+            return TokenWidths(budget, self.arch_for_budget(budget), self.token_widths(), seed)
         return ArchConfig(
             tuple(pick(choices) for choices in self.mlp_choices),
             tuple(pick(choices) for choices in self.head_choices),
         )
 
-    def describe(self, arch: ArchConfig) -> str:
-        """A short label for logs: "full", "budget 0.5" or "random"."""
+    def describe(self, arch: ArchConfig | TokenWidths) -> str:
+        """A short label for logs: "full", "budget 0.5", "random" or "tokens at 0.5"."""
+        if isinstance(arch, TokenWidths):
+            return f"tokens at {arch.budget:g}"
         if arch == ArchConfig.full(self.config):
             return "full"
         for budget in self.budgets:

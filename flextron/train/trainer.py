@@ -43,7 +43,7 @@ from flextron.train.batches import BatchOrder, TrainData
 from flextron.train.distributed import DistContext
 from flextron.train.metrics import MetricsLog, plot_metrics, read_metrics
 from flextron.train.rundir import check_run_dir, clear_run, run_lock
-from flextron.train.sampling import RULES, SubnetSampler, check_budget_weights
+from flextron.train.sampling import RULES, SubnetSampler, TokenWidths, check_budget_weights
 from flextron.train.train_state import (
     RESUME_FIELDS,
     latest_checkpoint,
@@ -387,7 +387,10 @@ class TrainingRun:
         tick = time.perf_counter()
         with context.no_sync(self.model, sync=micro == config.accumulation_steps - 1):
             with self.autocast():
-                logits = self.model(inputs, arch)
+                if isinstance(arch, TokenWidths):
+                    logits = self.model(inputs, session=arch.session(inputs.numel(), inputs.device))
+                else:
+                    logits = self.model(inputs, arch)
             loss, parts = distillation_loss(logits, teacher_logits, targets, config.temperature, config.alpha)
             mean_loss = float(context.mean(loss.detach()))
             if not math.isfinite(mean_loss):

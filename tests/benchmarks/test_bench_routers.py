@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from flextron.latency.shape import LatencyShape
+from flextron.model.budget_configs import BudgetConfigs
 from flextron.model.checkpoint import save_pretrained
+from flextron.model.config import arch_for_budget
 from flextron.routers import DynamicRouter, StaticRouter, save_routers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,6 +35,18 @@ def test_bench_routers_times_every_routing_in_one_round_and_compares_with_static
 ):
     model = tiny_flextron()
     model.tokenizer = tiny_tokenizer()
+    half = arch_for_budget(model.config, 0.5)
+    model.budget_configs = BudgetConfigs(
+        [
+            {
+                "budget": 0.5,
+                "arch": half.to_dict(),
+                "loss": 1.0,
+                "rule_loss": 1.0,
+                "parameters": model.num_parameters(half),
+            }
+        ]
+    )
     save_pretrained(model, tmp_path / "model")
     synthetic_table().save(tmp_path / "model")
     torch.manual_seed(0)
@@ -69,17 +83,21 @@ def test_bench_routers_times_every_routing_in_one_round_and_compares_with_static
     summary = json.loads((out / "routers.json").read_text())
     assert summary["timing_blocks"] == 2 and summary["full_ms_measured"] > 0 and summary["prefix"] == 4
     assert [(r["routing"], r["budget"]) for r in summary["rows"]] == [
-        *[("uniform", b) for b in (0.6, 0.8)],
-        *[("static", b) for b in (0.5, 0.6, 0.8, 1.0)],
-        *[(routing, b) for routing in ("dynamic", "oracle") for b in (0.6, 0.8)],
+        *[(routing, b) for routing in ("uniform", "static") for b in (0.5, 0.6, 0.8, 1.0)],
+        *[("dynamic", b) for b in (0.6, 0.8)],
+        *[("trained", b) for b in (0.5, 1.0)],  # the model's budget configurations and the full model
+        *[("oracle", b) for b in (0.6, 0.8)],
     ]
+    trained = [r for r in summary["rows"] if r["routing"] == "trained"]
+    assert trained[0]["arch"] == half.to_dict() and trained[1]["arch"] == model.full_arch().to_dict()
     for row in summary["rows"]:
         assert row["fraction_of_full"] == pytest.approx(row["measured_ms"] / summary["full_ms_measured"])
         assert row["overhead"] == pytest.approx(row["fraction_of_full"] - row["lut_fraction"])
         losses = summary["block_losses"][f"{row['routing']} {row['budget']:g}"]
         assert len(losses) == 3 and row["perplexity"] == pytest.approx(math.exp(sum(losses) / 3))
-        if row["routing"] in ("dynamic", "oracle"):
-            versus = row["vs_static"]
+        references = {"dynamic": ["static"], "oracle": ["static"], "static": ["uniform", "trained"]}
+        for reference in references.get(row["routing"], []):
+            versus = row[f"vs_{reference}"]
             assert versus["fraction"] == row["fraction_of_full"] and versus["standard_error"] >= 0
             assert versus["ratio"] == pytest.approx(math.exp(versus["log_ppl_difference"]))
     oracle = [r for r in summary["rows"] if r["routing"] == "oracle"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flextron.model.mixed_widths import ForcedSession
 from flextron.model.objectives import next_token_cross_entropy
 from flextron.routers import StaticRouter
 from flextron.routers.oracle import allocate_widths, mlp_loss_changes, neuron_contributions, oracle_sessions
-from flextron.routers.sessions import ForcedSession
 
 
 def _ranks(values: torch.Tensor) -> torch.Tensor:
@@ -32,7 +32,7 @@ def test_first_order_estimate_ranks_like_the_true_loss_change(tiny_flextron):
 
     def loss(choice: torch.Tensor) -> float:
         with torch.no_grad():
-            logits = model(tokens, session=ForcedSession(widths, choice, heads))
+            logits = model(tokens, session=ForcedSession.shared(widths, choice, heads))
         return float(next_token_cross_entropy(logits, tokens, reduction="sum"))
 
     full = torch.zeros(model.config.num_layers, 12, dtype=torch.int64)
@@ -58,7 +58,7 @@ def test_forced_static_choices_reproduce_the_static_configuration_exactly(tiny_f
     choice = torch.tensor(index)[:, None].expand(-1, tokens.numel()).contiguous()  # (L, B*T)
     with torch.no_grad():
         static = model(tokens, arch)
-        forced = model(tokens, session=ForcedSession(router.mlp_choices, choice, arch.heads))
+        forced = model(tokens, session=ForcedSession.shared(router.mlp_choices, choice, arch.heads))
     assert torch.equal(forced, static)
 
 

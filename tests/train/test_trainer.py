@@ -17,6 +17,7 @@ from flextron.model.objectives import distillation_loss
 from flextron.train import NonFiniteLossError, SubnetSampler, TrainConfig, TrainData, train
 from flextron.train.batches import BatchOrder, split_blocks
 from flextron.train.metrics import read_metrics
+from flextron.train.sampling import TokenWidths
 from flextron.train.train_state import latest_checkpoint
 from flextron.train.trainer import lr_factor
 
@@ -126,6 +127,43 @@ def test_resume_accepts_a_checkpoint_older_than_budget_weights(student_and_teach
         train(student, teacher, tiny_data(), weighted, tmp_path, resume=True, progress=False)
 
 
+def test_token_rule_mixes_the_trained_widths_per_token(tiny_flextron) -> None:
+    model = tiny_flextron()
+    sampler = SubnetSampler(model.config, "token", p_full=0.0, budgets=(0.25, 0.5), seed=2)
+    draw = sampler.sample(0)
+    assert isinstance(draw, TokenWidths) and draw == sampler.sample(0)
+    assert draw.arch == arch_for_budget(model.config, draw.budget)
+    full = model.config.layer_intermediate_size(0)
+    assert draw.layer_widths[0] == tuple(
+        sorted({full, *(arch_for_budget(model.config, b).mlp_widths[0] for b in (0.25, 0.5))}, reverse=True)
+    )
+    choice = draw.session(64, torch.device("cpu")).choice  # (L, 64)
+    assert torch.equal(choice, draw.session(64, torch.device("cpu")).choice)
+    assert all(len(set(row.tolist())) == len(draw.layer_widths[0]) for row in choice)  # every width used
+    assert sampler.describe(draw) == f"tokens at {draw.budget:g}"
+
+
+def test_token_rule_gradients_stay_inside_the_used_prefixes(tiny_flextron) -> None:
+    """A per-token mixed-width step gives exactly zero gradient to weights no token's prefix used."""
+    model = tiny_flextron()
+    sampler = SubnetSampler(model.config, "token", p_full=0.0, budgets=(0.25,), seed=0)
+    draw = sampler.sample(0)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9))
+    logits = model(tokens, session=draw.session(tokens.numel(), tokens.device))
+    logits.float().logsumexp(-1).sum().backward()
+    head_dim = model.config.head_dim
+    for layer, block in enumerate(model.layers):
+        widest = draw.layer_widths[layer][0]
+        mlp = block.mlp
+        assert torch.all(mlp.gate_proj.weight.grad[widest:] == 0) and torch.all(
+            mlp.down_proj.weight.grad[:, widest:] == 0
+        )
+        narrowest = draw.layer_widths[layer][-1]
+        assert mlp.up_proj.weight.grad[:narrowest].abs().sum() > 0
+        used = draw.arch.heads[layer] * head_dim
+        assert torch.all(block.self_attn.q_proj.weight.grad[used:] == 0)
+
+
 def test_unknown_budget_rule_is_a_clear_error(tiny_flextron) -> None:
     with pytest.raises(ValueError, match="unknown budget rule 'latency'"):
         TrainConfig(rule="latency")
@@ -212,9 +250,10 @@ def test_training_distills_small_budgets_and_logs(student_and_teacher, tmp_path)
         assert torch.equal(param, teacher_copy.state_dict()[name])
 
 
-def test_resume_continues_exactly(student_and_teacher, tmp_path) -> None:
+@pytest.mark.parametrize("rule", ["mixed", "token"])
+def test_resume_continues_exactly(student_and_teacher, tmp_path, rule) -> None:
     """Training 2N steps equals N steps + resume + N steps: identical weights."""
-    config = quick_config(steps=6, save_every=0, eval_every=0, rule="mixed", p_full=1 / 3)
+    config = quick_config(steps=6, save_every=0, eval_every=0, rule=rule, p_full=1 / 3)
     data = tiny_data()
     straight, teacher = student_and_teacher()
     train(straight, teacher, data, config, tmp_path / "straight", progress=False)

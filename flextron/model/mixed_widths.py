@@ -1,0 +1,76 @@
+"""Per-token MLP widths: every token through its own nested weight prefix.
+
+`routed_mlp` runs one layer's MLP with a width per token (one fused ops.routed_nested_mlp);
+`ForcedSession` is a LayerSession (flextron.model.elastic_model) that runs given per-token
+widths and per-layer head counts.  The dynamic router's sessions run the same kernel; the
+headroom oracle forces its allocation through a ForcedSession, and elastic training's "token"
+rule (flextron.train.sampling) trains the model on mixed widths through one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from flextron import ops
+from flextron.model.layers import ElasticAttention, ElasticMLP, KVCache
+
+
+def routed_mlp(
+    module: ElasticMLP,
+    x: torch.Tensor,
+    choice: torch.Tensor,
+    widths: Sequence[int],
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x: (B, T, D), choice: (B*T,) int64 index into `widths` (widest first) -> (B, T, D), every
+    token through its own width's weight prefix (one fused ops.routed_nested_mlp)."""
+    flat = x.reshape(-1, x.shape[-1])  # (B*T, D)
+    out = ops.routed_nested_mlp(
+        flat,
+        module.gate_proj.weight,
+        module.up_proj.weight,
+        module.down_proj.weight,
+        choice,
+        list(widths),
+        scale,
+    )
+    return out.view(x.shape)
+
+
+class ForcedSession:
+    """Given choices forced through the routed path (one batch): per-token MLP widths, per-layer
+    head counts; the model's `session=` (a LayerSession)."""
+
+    def __init__(
+        self, layer_widths: Sequence[Sequence[int]], choice: torch.Tensor, heads: Sequence[int]
+    ) -> None:
+        if not len(layer_widths) == choice.shape[0] == len(heads):
+            raise ValueError(
+                f"forced choices for {choice.shape[0]} layers, widths for {len(layer_widths)}, "
+                f"head counts for {len(heads)}: they must agree"
+            )
+        self.layer_widths = [list(w) for w in layer_widths]  # per layer, widest first
+        self.choice = choice  # (L, B*T) int64: each layer's and token's index into its widths
+        self.heads = tuple(heads)  # (L,) query heads per layer
+
+    @classmethod
+    def shared(cls, widths: Sequence[int], choice: torch.Tensor, heads: Sequence[int]) -> ForcedSession:
+        """The same width choices (widest first) in every layer; choice (L, B*T)."""
+        return cls([widths] * choice.shape[0], choice, heads)
+
+    def attention(
+        self,
+        layer: int,
+        module: ElasticAttention,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None,
+    ) -> torch.Tensor:
+        return module(x, cos, sin, self.heads[layer], kv_cache, layer)
+
+    def mlp(self, layer: int, module: ElasticMLP, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, D) -> (B, T, D) at the forced per-token widths."""
+        return routed_mlp(module, x, self.choice[layer], self.layer_widths[layer])
