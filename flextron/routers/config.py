@@ -22,7 +22,7 @@ from flextron.options import (
 
 KINDS = ("static", "dynamic")
 MODES = ("surrogate", "end-to-end", "joint", "calibrate")
-INITS = ("best-uniform", "uniform", "static", "random")
+INITS = ("best-uniform", "uniform", "trained", "static", "random")
 LOSSES = ("kd", "lm")
 CALIBRATE_BY = ("lut", "measured")
 
@@ -90,8 +90,10 @@ class RouterTrainingConfig:
         "best-uniform",
         "best-uniform: each trained budget starts at the uniform configuration of lowest perplexity "
         "on --sm-probe-blocks training blocks among those within 5%% of its latency (parity with "
-        "uniform widths); uniform: at the one nearest its latency; static (--kind dynamic): at the "
-        "directory's static router's configuration, with its choices; random: plain random "
+        "uniform widths); uniform: at the one nearest its latency; trained: between the configurations "
+        "the model was trained at (its budgets and full), its widths among the choices; static "
+        "(--kind dynamic): at the directory's static router's configuration, with its choices; "
+        "random: plain random "
         "initialisation",
         choices=INITS,
     )

@@ -1,7 +1,8 @@
 """Training-only starting points: per trained budget, the configuration a router starts at.
 
 `uniform_init_archs`: uniform widths of each budget's latency (optionally the best of those
-on a probe batch); `static_init_archs`: the static router's choices, for a dynamic router.
+on a probe batch); `trained_init_archs`: between the configurations the model was elastically
+trained at; `static_init_archs`: the static router's choices, for a dynamic router.
 The router is then initialised to them (`Router.init_to`).
 """
 
@@ -57,6 +58,53 @@ def uniform_init_archs(
         nearest = uniform_arch_for_latency(model, table, target, shape, mlp_choices, head_choices)
         near = [arch for arch in candidates if abs(predicted[arch] - target) <= tolerance * target]
         archs[budget] = nearest if probe is None or not near else min(near, key=score)
+    return archs
+
+
+def trained_configurations(model: FlextronModel) -> list[ArchConfig]:
+    """The configurations the model was trained at: its budgets' (budget_configs.json), and full."""
+    budgets = [] if model.budget_configs is None else model.budget_configs.budgets()
+    return [model.arch_for_budget(b) for b in budgets] + [model.full_arch()]
+
+
+def trained_widths(model: FlextronModel) -> set[int]:
+    """Every MLP width some layer of a trained configuration uses."""
+    return {w for arch in trained_configurations(model) for w in arch.mlp_widths}
+
+
+def trained_init_archs(
+    model: FlextronModel, table: LatencyTable, router: Router, shape: LatencyShape
+) -> dict[float, ArchConfig]:
+    """Per trained budget of `router`, a configuration between the two trained configurations
+    whose predicted latencies bracket the budget's: per layer, widths and head counts
+    interpolated linearly in predicted latency, then the router's nearest choice (the cheapest
+    trained configuration below, the full model above).  Why: an elastically trained model is
+    good at the configurations it was trained at and near them, not anywhere in the space, so
+    the router starts where training put the quality (issue: "routers choose within what
+    training covered")."""
+    full = table.predict(model.full_arch(), shape)
+    points = sorted((table.predict(arch, shape), arch) for arch in trained_configurations(model))
+
+    def nearest(value: float, choices: Sequence[int]) -> int:
+        return min(choices, key=lambda c: (abs(c - value), c))
+
+    archs = {}
+    for budget in router.encoder.budgets:
+        target = budget * full
+        below = [p for p in points if p[0] <= target] or points[:1]
+        above = [p for p in points if p[0] >= target] or points[-1:]
+        (low_ms, low), (high_ms, high) = below[-1], above[0]
+        share = 0.0 if high_ms <= low_ms else (target - low_ms) / (high_ms - low_ms)
+        archs[budget] = ArchConfig(
+            tuple(
+                nearest(a + share * (b - a), router.mlp_choices)
+                for a, b in zip(low.mlp_widths, high.mlp_widths, strict=True)
+            ),
+            tuple(
+                nearest(a + share * (b - a), router.head_choices)
+                for a, b in zip(low.heads, high.heads, strict=True)
+            ),
+        )
     return archs
 
 

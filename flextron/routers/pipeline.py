@@ -33,7 +33,7 @@ from flextron.routers.calibration import (
 from flextron.routers.config import RouterTrainingConfig
 from flextron.routers.dynamic import DynamicRouter
 from flextron.routers.files import load_routers, save_routers
-from flextron.routers.initial import static_init_archs, uniform_init_archs
+from flextron.routers.initial import static_init_archs, trained_init_archs, trained_widths, uniform_init_archs
 from flextron.routers.objectives import LatencyTarget
 from flextron.routers.selection import reference_shape
 from flextron.routers.static import StaticRouter
@@ -158,6 +158,8 @@ def _router(
         return DynamicRouter(model.config, config.budgets, *choices, hidden_size=config.hidden_size), config
     router_class = StaticRouter if config.kind == "static" else DynamicRouter
     mlp_choices = default_mlp_choices(model.config, config.mlp_choices)
+    if config.init == "trained":  # the trained configurations' widths must be reachable
+        mlp_choices = sorted(set(mlp_choices) | trained_widths(model), reverse=True)
     return router_class(model.config, config.budgets, mlp_choices, hidden_size=config.hidden_size), config
 
 
@@ -166,6 +168,8 @@ def _initialise(job: _Job, router: Router, probe: torch.Tensor, static: Router |
     model, table, config, shape = job.model, job.table, job.config, job.shape
     if config.init == "static":
         starts = static_init_archs(model, table, static, config.budgets, shape)
+    elif config.init == "trained":
+        starts = trained_init_archs(model, table, router, shape)
     else:
         starts = uniform_init_archs(
             model, table, router, shape, probe if config.init == "best-uniform" else None

@@ -1,4 +1,4 @@
-"""Training-only starting configurations: uniform (nearest latency, or best on a probe)."""
+"""Training-only starting configurations: uniform (nearest latency, or best on a probe), trained."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from flextron.latency.shape import LatencyShape
+from flextron.model.budget_configs import BudgetConfigs
 from flextron.model.config import ArchConfig
 from flextron.routers import StaticRouter, uniform_arch_for_latency, uniform_init_archs
+from flextron.routers.initial import trained_init_archs, trained_widths
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = LatencyShape("prefill", 1, 16)
@@ -55,3 +57,23 @@ def test_best_uniform_init_picks_the_lowest_perplexity_among_configurations_of_t
     # (7 ms; 6 or 8 ms): the nearest latency, as without a probe.
     nearest = uniform_init_archs(model, table, router, SHAPE)
     assert archs[0.3] == nearest[0.3] == ArchConfig((64, 64), (2, 2)) and archs[0.5] == nearest[0.5]
+
+
+def test_trained_init_archs_start_between_the_trained_configurations(synthetic_table, tiny_flextron) -> None:
+    """At a trained configuration's own latency the start is that configuration; between two
+    trained configurations, every layer's width lies between theirs."""
+    model, table = tiny_flextron(), synthetic_table()
+    half = ArchConfig.uniform(model.config, 128, 2)
+    model.budget_configs = BudgetConfigs([{"budget": 0.5, "arch": half.to_dict()}])
+    full_ms = table.predict(model.full_arch(), SHAPE)
+    at_half = table.predict(half, SHAPE) / full_ms
+    between = (at_half + 1.0) / 2
+    router = StaticRouter(
+        model.config, [at_half, between, 1.0], mlp_choices=sorted(trained_widths(model) | {192}, reverse=True)
+    )
+    archs = trained_init_archs(model, table, router, SHAPE)
+    assert archs[at_half] == half and archs[1.0] == model.full_arch()
+    assert trained_widths(model) == {128, model.config.intermediate_size}
+    middle = archs[between]
+    assert all(128 <= w <= model.config.intermediate_size for w in middle.mlp_widths)
+    assert middle != half and middle != model.full_arch()

@@ -250,10 +250,10 @@ def test_training_distills_small_budgets_and_logs(student_and_teacher, tmp_path)
         assert torch.equal(param, teacher_copy.state_dict()[name])
 
 
-@pytest.mark.parametrize("rule", ["mixed", "token"])
-def test_resume_continues_exactly(student_and_teacher, tmp_path, rule) -> None:
-    """Training 2N steps equals N steps + resume + N steps: identical weights."""
-    config = quick_config(steps=6, save_every=0, eval_every=0, rule=rule, p_full=1 / 3)
+@pytest.mark.parametrize("rule,bf16", [("mixed", False), ("token", False), ("token", True)])
+def test_resume_continues_exactly(student_and_teacher, tmp_path, rule, bf16) -> None:
+    """Training 2N steps equals N steps + resume + N steps: identical weights (bf16 autocast too)."""
+    config = quick_config(steps=6, save_every=0, eval_every=0, rule=rule, p_full=1 / 3, bf16=bf16)
     data = tiny_data()
     straight, teacher = student_and_teacher()
     train(straight, teacher, data, config, tmp_path / "straight", progress=False)
