@@ -12,6 +12,7 @@
 #include <cutlass/layout/matrix.h>
 
 #include <cstdint>
+#include <string>
 
 namespace flextron {
 
@@ -51,12 +52,12 @@ bool grouped_gemm_runs_here();
 // Problems [first, first + count): D (row-major) = A @ B + beta * D, fp32
 // accumulation, alpha = 1. Instantiated for cutlass::bfloat16_t and cutlass::half_t
 // with (LayoutA, LayoutB) = (RowMajor, ColumnMajor), (RowMajor, RowMajor) (the only
-// pair that takes beta != 0) and (ColumnMajor, RowMajor). Returns false, having
-// launched nothing, when CUTLASS cannot run the problems (a one-time warning says
-// why): the caller then runs the 2.x kernel.
+// pair that takes beta != 0) and (ColumnMajor, RowMajor). Returns "" when the problems
+// ran, else CUTLASS's reason for declining them (nothing launched): the caller then warns
+// once, naming the reason and the shape, and runs the 2.x kernel.
 template <typename Element, typename LayoutA, typename LayoutB>
-bool grouped_gemm(ProblemArrays<Element> problems, int first, int count, float beta,
-                  cudaStream_t stream);
+std::string grouped_gemm(ProblemArrays<Element> problems, int first, int count, float beta,
+                         cudaStream_t stream);
 }  // namespace sm90
 #endif
 

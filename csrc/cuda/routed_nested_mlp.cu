@@ -502,10 +502,9 @@ std::string sm90_disagreement(cudaStream_t stream) {
     return at::from_blob(host.data(), {count * kProblemBytes}, at::kByte).to(at::kCUDA);
   };
   const at::Tensor arrays3 = to_device(bytes3), arrays2 = to_device(bytes2);
-  if (!sm90::grouped_gemm<Element, LayoutA, LayoutB>(carve_problem_arrays<Element>(arrays3.data_ptr(), count),
-                                                     0, count, beta, stream)) {
-    return "the 3.x kernel declined the problems";
-  }
+  const std::string declined = sm90::grouped_gemm<Element, LayoutA, LayoutB>(
+      carve_problem_arrays<Element>(arrays3.data_ptr(), count), 0, count, beta, stream);
+  if (!declined.empty()) return "the 3.x kernel declined the problems (" + declined + ")";
   try {
     run_grouped<Element, LayoutA, LayoutB>(carve_problem_arrays<Element>(arrays2.data_ptr(), count), 0,
                                            count, beta, stream);
@@ -556,19 +555,29 @@ bool sm90_checked(cudaStream_t stream) {
 }
 #endif
 
+// The routed call a grouped GEMM serves: what a fallback warning names.
+struct RoutedCall {
+  const char* op;
+  const at::Tensor& x;
+  const at::Tensor& w_up;
+  at::IntArrayRef widths;
+};
+
 // Problems [first, first + count) on the sm90a ptr-array kernel where it runs and is chosen
-// (FLEXTRON_ROUTED_GEMM), else (or when CUTLASS declines it) on the 2.x kernel of the same
-// operand layouts.
+// (FLEXTRON_ROUTED_GEMM), else (or when CUTLASS declines it: warned once per reason, with the
+// call's shape) on the 2.x kernel of the same operand layouts.
 template <typename Element, typename LayoutA, typename LayoutB>
 void run_problems(ProblemArrays<Element> problems, int64_t first, int64_t count, float beta,
-                  cudaStream_t stream) {
+                  cudaStream_t stream, const RoutedCall& call) {
 #ifdef FLEXTRON_WITH_SM90
   const RoutedGemm choice = routed_gemm_choice();
   if (choice != RoutedGemm::kSm80 && sm90::grouped_gemm_runs_here() &&
-      (choice == RoutedGemm::kSm90 || sm90_checked<Element, LayoutA, LayoutB>(stream)) &&
-      sm90::grouped_gemm<Element, LayoutA, LayoutB>(problems, static_cast<int>(first),
-                                                    static_cast<int>(count), beta, stream)) {
-    return;
+      (choice == RoutedGemm::kSm90 || sm90_checked<Element, LayoutA, LayoutB>(stream))) {
+    const std::string declined = sm90::grouped_gemm<Element, LayoutA, LayoutB>(
+        problems, static_cast<int>(first), static_cast<int>(count), beta, stream);
+    if (declined.empty()) return;
+    warn_fallback(call.op, "the sm90 grouped GEMM cannot run (" + declined + ")",
+                  routed_shape(call.x, call.w_up, call.widths), "the CUTLASS 2.x grouped GEMM");
   }
 #endif
   run_grouped<Element, LayoutA, LayoutB>(problems, first, count, beta, stream);
@@ -625,6 +634,7 @@ at::Tensor forward_grouped(const at::Tensor& x, const std::optional<at::Tensor>&
                            at::IntArrayRef widths, Activation activation) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t tokens = x.size(0), hidden = x.size(1), ffn = w_up.size(0);
+  const RoutedCall call{"routed_nested_mlp", x, w_up, widths};
   const int64_t choices = static_cast<int64_t>(widths.size());
   const int projections = w_gate.has_value() ? 2 : 1;
   const grouping::TokenGroups groups = grouping::group_by_choice(choice, choices, stream);
@@ -644,12 +654,12 @@ at::Tensor forward_grouped(const at::Tensor& x, const std::optional<at::Tensor>&
                                                          problems);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  run_problems<Element, RowMajor, ColumnMajor>(problems, 0, projections * choices, 0.f, stream);
+  run_problems<Element, RowMajor, ColumnMajor>(problems, 0, projections * choices, 0.f, stream, call);
   activate_rows<Element><<<static_cast<unsigned>(tokens), 128, 0, stream>>>(
       ops.gate, ops.up, ops.up, choice.data_ptr<int64_t>(), groups.perm.data_ptr<int64_t>(), table,
       ffn, activation);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  run_problems<Element, RowMajor, ColumnMajor>(problems, projections * choices, choices, 0.f, stream);
+  run_problems<Element, RowMajor, ColumnMajor>(problems, projections * choices, choices, 0.f, stream, call);
   return y_sorted.index_select(0, groups.inv_perm);
 }
 
@@ -663,6 +673,7 @@ Gradients backward_grouped(const at::Tensor& grad_out, const at::Tensor& x,
                            Activation activation) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t tokens = x.size(0), hidden = x.size(1), ffn = w_up.size(0);
+  const RoutedCall call{"routed_nested_mlp_backward", x, w_up, widths};
   const int64_t choices = static_cast<int64_t>(widths.size());
   const int projections = w_gate.has_value() ? 2 : 1;
   const at::TensorOptions opts = x.options();
@@ -702,27 +713,27 @@ Gradients backward_grouped(const at::Tensor& grad_out, const at::Tensor& x,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // 1. Recompute up/gate and hidden.
-  run_problems<Element, RowMajor, ColumnMajor>(problems, 0, projections * choices, 0.f, stream);
+  run_problems<Element, RowMajor, ColumnMajor>(problems, 0, projections * choices, 0.f, stream, call);
   const int64_t* choice_ptr = choice.data_ptr<int64_t>();
   const int64_t* perm = groups.perm.data_ptr<int64_t>();
   activate_rows<Element><<<static_cast<unsigned>(tokens), 128, 0, stream>>>(
       ops.gate, ops.up, ops.hidden, choice_ptr, perm, table, ffn, activation);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // 2-3. grad_hidden, then grad_scale and the activation's backward.
-  run_problems<Element, RowMajor, RowMajor>(problems, layout.grad_hidden(), choices, 0.f, stream);
+  run_problems<Element, RowMajor, RowMajor>(problems, layout.grad_hidden(), choices, 0.f, stream, call);
   backward_rows<Element><<<static_cast<unsigned>(tokens), kRowThreads, 0, stream>>>(
       ops.gate, ops.up, ops.hidden, ops.grad_hidden, ops.grad_sorted, elements<Element>(scale_x),
       scale.has_value() ? grad_scale_f.data_ptr<float>() : nullptr, choice_ptr, perm, table, ffn,
       hidden, activation);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // 4. grad_x = grad_up @ w_up (+ grad_gate @ w_gate).
-  run_problems<Element, RowMajor, RowMajor>(problems, layout.grad_x_up(), choices, 0.f, stream);
+  run_problems<Element, RowMajor, RowMajor>(problems, layout.grad_x_up(), choices, 0.f, stream, call);
   if (w_gate.has_value()) {
-    run_problems<Element, RowMajor, RowMajor>(problems, layout.grad_x_gate(), choices, 1.f, stream);
+    run_problems<Element, RowMajor, RowMajor>(problems, layout.grad_x_gate(), choices, 1.f, stream, call);
   }
   // 5-6. Weight gradients band by band, zeros for the unused neurons.
   run_problems<Element, ColumnMajor, RowMajor>(problems, layout.bands(), (projections + 1) * choices,
-                                              0.f, stream);
+                                              0.f, stream, call);
   const dim3 zero_grid(static_cast<unsigned>(std::max(hidden, ffn)), projections + 1);
   zero_unused_neurons<Element><<<zero_grid, 256, 0, stream>>>(
       offsets, table, choices, hidden, ffn, ops.grad_w_down, ops.grad_w_up, ops.grad_w_gate);

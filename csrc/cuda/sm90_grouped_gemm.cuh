@@ -26,6 +26,8 @@
 // encodes the TMA descriptors on the host, as every 3.x GEMM does.
 #pragma once
 
+#include <string>
+
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -128,10 +130,10 @@ __global__ void to_group_arrays(ProblemArrays<Element> problems, int count,
 constexpr int64_t round_up(int64_t bytes, int64_t to) { return (bytes + to - 1) / to * to; }
 constexpr int64_t round16(int64_t bytes) { return round_up(bytes, 16); }
 
-// Problems [first, first + count) with D = A @ B + beta * D; false (nothing launched,
-// a one-time warning naming CUTLASS's reason) when CUTLASS cannot run them.
+// Problems [first, first + count) with D = A @ B + beta * D; "" when they ran, else (nothing
+// launched) CUTLASS's reason for declining them, which the caller's fallback warning names.
 template <typename Element, typename LayoutA, typename LayoutB>
-bool run(ProblemArrays<Element> problems, int first, int count, float beta, cudaStream_t stream) {
+std::string run(ProblemArrays<Element> problems, int first, int count, float beta, cudaStream_t stream) {
   using Config = PtrArrayGemm<Element, LayoutA, LayoutB>;
   using Gemm = typename Config::Gemm;
   constexpr bool reads_c = kReadsC<LayoutA, LayoutB>;
@@ -193,11 +195,7 @@ bool run(ProblemArrays<Element> problems, int first, int count, float beta, cuda
   Gemm gemm;
   cutlass::Status status = gemm.can_implement(args);
   if (status == cutlass::Status::kSuccess) status = gemm.initialize(args, workspace, stream);
-  if (status != cutlass::Status::kSuccess) {
-    TORCH_WARN_ONCE("routed_nested_mlp: the sm90 grouped GEMM cannot run (",
-                    cutlassGetStatusString(status), "); using the CUTLASS 2.x grouped GEMM");
-    return false;
-  }
+  if (status != cutlass::Status::kSuccess) return cutlassGetStatusString(status);
   ProblemArrays<Element> range{problems.a + first,   problems.b + first,   problems.d + first,
                                problems.lda + first, problems.ldb + first, problems.ldd + first,
                                problems.sizes + first};
@@ -207,22 +205,22 @@ bool run(ProblemArrays<Element> problems, int first, int count, float beta, cuda
   status = gemm.run(stream);
   TORCH_CHECK(status == cutlass::Status::kSuccess, "routed_nested_mlp: sm90 grouped GEMM failed: ",
               cutlassGetStatusString(status));
-  return true;
+  return "";
 }
 
 }  // namespace detail
 
 template <typename Element, typename LayoutA, typename LayoutB>
-bool grouped_gemm(ProblemArrays<Element> problems, int first, int count, float beta,
-                  cudaStream_t stream) {
+std::string grouped_gemm(ProblemArrays<Element> problems, int first, int count, float beta,
+                         cudaStream_t stream) {
   return detail::run<Element, LayoutA, LayoutB>(problems, first, count, beta, stream);
 }
 
 // Explicit instantiations for both 16-bit dtypes, one layout pair per translation unit.
 #define FLEXTRON_SM90_GROUPED_GEMM(LayoutA, LayoutB)                                              \
-  template bool grouped_gemm<cutlass::bfloat16_t, LayoutA, LayoutB>(                              \
+  template std::string grouped_gemm<cutlass::bfloat16_t, LayoutA, LayoutB>(                       \
       ProblemArrays<cutlass::bfloat16_t>, int, int, float, cudaStream_t);                         \
-  template bool grouped_gemm<cutlass::half_t, LayoutA, LayoutB>(ProblemArrays<cutlass::half_t>, \
-                                                                int, int, float, cudaStream_t);
+  template std::string grouped_gemm<cutlass::half_t, LayoutA, LayoutB>(                           \
+      ProblemArrays<cutlass::half_t>, int, int, float, cudaStream_t);
 
 }  // namespace flextron::sm90

@@ -22,6 +22,7 @@ import torch
 from flextron.latency.shape import LatencyShape
 from flextron.latency.table import LatencyTable
 from flextron.model.checkpoint import save_pretrained
+from flextron.model.config import ArchConfig
 from flextron.model.elastic_model import FlextronModel
 from flextron.routers.base import Router, default_mlp_choices
 from flextron.routers.calibration import (
@@ -92,11 +93,14 @@ def train_routers(
     blocks = load_blocks(model.tokenizer, config.data, config.seq_len, split="train")
     router, config = _router(model, config, existing, directory)
     job = _Job(model, directory, config, table, shape, report)
+    starts = None
     if config.init != "random" and config.mode in ("surrogate", "end-to-end"):
-        _initialise(job, router, blocks[: config.sm_probe_blocks], existing.get("static"))
+        starts = _initialise(job, router, blocks[: config.sm_probe_blocks], existing.get("static"))
     target = LatencyTarget.from_table(table, router, model, shape)
     result = RouterTrainingResult(router, shape)
     _train(job, router, target, blocks, result)
+    if isinstance(router, StaticRouter) and starts is not None:
+        _keep_better_starts(job, router, starts, blocks[-config.sm_probe_blocks :])
     if isinstance(router, DynamicRouter) and (config.calibrate_blocks > 0 or config.mode == "calibrate"):
         result.logs |= _calibrate(job, router, target)
     save_routers(directory, {**existing, config.kind: router}, shape)
@@ -163,8 +167,11 @@ def _router(
     return router_class(model.config, config.budgets, mlp_choices, hidden_size=config.hidden_size), config
 
 
-def _initialise(job: _Job, router: Router, probe: torch.Tensor, static: Router | None) -> None:
-    """Start every trained budget at its configuration (config.init); probe: (N, S) token ids."""
+def _initialise(
+    job: _Job, router: Router, probe: torch.Tensor, static: Router | None
+) -> dict[float, ArchConfig]:
+    """Start every trained budget at its configuration (config.init); probe: (N, S) token ids.
+    Returns the starts."""
     model, table, config, shape = job.model, job.table, job.config, job.shape
     if config.init == "static":
         starts = static_init_archs(model, table, static, config.budgets, shape)
@@ -181,6 +188,32 @@ def _initialise(job: _Job, router: Router, probe: torch.Tensor, static: Router |
             f"budget {budget:g} starts at mean MLP width {sum(arch.mlp_widths) / layers:.0f}, "
             f"mean heads {sum(arch.heads) / layers:.1f} ({table.predict(arch, shape):.2f} ms)"
         )
+    return starts
+
+
+def _keep_better_starts(
+    job: _Job, router: StaticRouter, starts: dict[float, ArchConfig], probe: torch.Tensor
+) -> None:
+    """Per trained budget, the start again where it beats what training found: lower loss on
+    `probe` (N, S) at no more predicted latency.  Why: the surrogate model can lead the router
+    away from a good start (on an elastically trained model, the trained configurations) into
+    configurations the LLM was never trained at; a router must never be worse than its start."""
+    from flextron.eval.perplexity import perplexity
+
+    model, table, shape = job.model, job.table, job.shape
+    chosen, kept = {}, []
+    for budget, start in starts.items():
+        trained = router.arch(budget)
+        chosen[budget] = trained
+        if start == trained or table.predict(start, shape) > table.predict(trained, shape) * 1.001:
+            continue
+        start_ppl, trained_ppl = perplexity(model, probe, start)[0], perplexity(model, probe, trained)[0]
+        if start_ppl < trained_ppl:
+            chosen[budget] = start
+            kept.append(f"{budget:g} (perplexity {start_ppl:.2f} vs {trained_ppl:.2f})")
+    if kept:
+        router.init_to(chosen, job.config.init_margin)
+        job.report(f"kept the start at budgets {', '.join(kept)}: training did not improve on it")
 
 
 def _train(

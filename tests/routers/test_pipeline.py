@@ -5,13 +5,23 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from flextron.cli import main
+from flextron.eval.perplexity import perplexity
 from flextron.latency.shape import LatencyShape
 from flextron.latency.table import LUT_FILE, LatencyTable
 from flextron.model.checkpoint import load_pretrained
+from flextron.model.config import ArchConfig
 from flextron.model.loading import load_model
-from flextron.routers import BudgetResolver, calibration_grid, load_routers
+from flextron.routers import (
+    BudgetResolver,
+    RouterTrainingConfig,
+    StaticRouter,
+    calibration_grid,
+    load_routers,
+)
+from flextron.routers.pipeline import _Job, _keep_better_starts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -330,3 +340,25 @@ def test_cli_profile_train_router_and_budget_driven_commands(
         == 0
     )
     assert "flextron generate: warning: budget 0.3 (0.26 ms) is below" in capsys.readouterr().err
+
+
+def test_a_static_router_keeps_its_start_where_training_did_not_improve_on_it(
+    synthetic_table, tiny_flextron
+) -> None:
+    """Per budget: the start comes back where it has lower probe loss at no more predicted latency."""
+    model, table, shape = tiny_flextron(), synthetic_table(), LatencyShape("prefill", 1, 16)
+    router = StaticRouter(model.config, [0.5, 1.0], mlp_choices=[256, 128, 64], hidden_size=8)
+    layers = model.config.num_layers
+    narrow = ArchConfig((64,) * layers, (2,) * layers)
+    wider = ArchConfig((128,) * layers, (2,) * layers)  # what "training" found: slower
+    router.init_to({0.5: wider, 1.0: model.full_arch()})
+    probe = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    reports = []
+    job = _Job(model, None, RouterTrainingConfig(), table, shape, reports.append)
+    # A start slower than the trained choice is never taken back.
+    _keep_better_starts(job, router, {0.5: model.full_arch(), 1.0: model.full_arch()}, probe)
+    assert router.arch(0.5) == wider and not reports
+    _keep_better_starts(job, router, {0.5: narrow, 1.0: model.full_arch()}, probe)
+    better = perplexity(model, probe, narrow)[0] < perplexity(model, probe, wider)[0]
+    assert router.arch(0.5) == (narrow if better else wider) and router.arch(1.0) == model.full_arch()
+    assert bool(reports) == better
