@@ -39,26 +39,11 @@ def routed_mlp(
     return out.view(x.shape)
 
 
-class ForcedSession:
-    """Given choices forced through the routed path (one batch): per-token MLP widths, per-layer
-    head counts; the model's `session=` (a LayerSession)."""
+class FixedHeadsAttention:
+    """The attention half of a LayerSession: every layer at a given head count."""
 
-    def __init__(
-        self, layer_widths: Sequence[Sequence[int]], choice: torch.Tensor, heads: Sequence[int]
-    ) -> None:
-        if not len(layer_widths) == choice.shape[0] == len(heads):
-            raise ValueError(
-                f"forced choices for {choice.shape[0]} layers, widths for {len(layer_widths)}, "
-                f"head counts for {len(heads)}: they must agree"
-            )
-        self.layer_widths = [list(w) for w in layer_widths]  # per layer, widest first
-        self.choice = choice  # (L, B*T) int64: each layer's and token's index into its widths
+    def __init__(self, heads: Sequence[int]) -> None:
         self.heads = tuple(heads)  # (L,) query heads per layer
-
-    @classmethod
-    def shared(cls, widths: Sequence[int], choice: torch.Tensor, heads: Sequence[int]) -> ForcedSession:
-        """The same width choices (widest first) in every layer; choice (L, B*T)."""
-        return cls([widths] * choice.shape[0], choice, heads)
 
     def attention(
         self,
@@ -70,6 +55,28 @@ class ForcedSession:
         kv_cache: KVCache | None,
     ) -> torch.Tensor:
         return module(x, cos, sin, self.heads[layer], kv_cache, layer)
+
+
+class ForcedSession(FixedHeadsAttention):
+    """Given choices forced through the routed path (one batch): per-token MLP widths, per-layer
+    head counts; the model's `session=` (a LayerSession)."""
+
+    def __init__(
+        self, layer_widths: Sequence[Sequence[int]], choice: torch.Tensor, heads: Sequence[int]
+    ) -> None:
+        if not len(layer_widths) == choice.shape[0] == len(heads):
+            raise ValueError(
+                f"forced choices for {choice.shape[0]} layers, widths for {len(layer_widths)}, "
+                f"head counts for {len(heads)}: they must agree"
+            )
+        super().__init__(heads)
+        self.layer_widths = [list(w) for w in layer_widths]  # per layer, widest first
+        self.choice = choice  # (L, B*T) int64: each layer's and token's index into its widths
+
+    @classmethod
+    def shared(cls, widths: Sequence[int], choice: torch.Tensor, heads: Sequence[int]) -> ForcedSession:
+        """The same width choices (widest first) in every layer; choice (L, B*T)."""
+        return cls([widths] * choice.shape[0], choice, heads)
 
     def mlp(self, layer: int, module: ElasticMLP, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, D) -> (B, T, D) at the forced per-token widths."""

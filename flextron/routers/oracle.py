@@ -26,29 +26,18 @@ from collections.abc import Sequence
 import torch
 
 from flextron.model.elastic_model import FlextronModel
-from flextron.model.layers import ElasticAttention, ElasticMLP, KVCache
-from flextron.model.mixed_widths import ForcedSession
+from flextron.model.layers import ElasticMLP
+from flextron.model.mixed_widths import FixedHeadsAttention, ForcedSession
 from flextron.model.objectives import next_token_cross_entropy
 
 
-class _ProbeSession:
+class _ProbeSession(FixedHeadsAttention):
     """Full MLP widths at the forced head counts, keeping each layer's MLP input and output."""
 
     def __init__(self, heads: Sequence[int]) -> None:
-        self.heads = tuple(heads)  # (L,) query heads per layer
+        super().__init__(heads)
         self.inputs: list[torch.Tensor] = []  # per layer (B, T, D), detached
         self.outputs: list[torch.Tensor] = []  # per layer (B, T, D), gradient retained
-
-    def attention(
-        self,
-        layer: int,
-        module: ElasticAttention,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: KVCache | None,
-    ) -> torch.Tensor:
-        return module(x, cos, sin, self.heads[layer], kv_cache, layer)
 
     def mlp(self, layer: int, module: ElasticMLP, x: torch.Tensor) -> torch.Tensor:
         out = module(x, module.gate_proj.weight.shape[0])
