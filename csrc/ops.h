@@ -17,6 +17,11 @@ at::Tensor nested_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias,
                              int64_t out_features, int64_t in_features);
 
+// y = (x[..., :in] @ qweight[:out, :in]^T) * scale[:out] (+ bias[:out]), int8 weights.
+at::Tensor nested_linear_int8_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                                  const std::optional<at::Tensor>& bias, int64_t out_features,
+                                  int64_t in_features);
+
 at::Tensor nested_mlp_cpu(const at::Tensor& x, const std::optional<at::Tensor>& w_gate,
                           const at::Tensor& w_up, const at::Tensor& w_down, int64_t width,
                           const std::string& activation);
@@ -55,6 +60,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varhead_attention_backward_cpu(
 at::Tensor nested_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, int64_t out_features,
                               int64_t in_features);
+
+at::Tensor nested_linear_int8_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                                   const std::optional<at::Tensor>& bias, int64_t out_features,
+                                   int64_t in_features);
 
 at::Tensor nested_mlp_cuda(const at::Tensor& x, const std::optional<at::Tensor>& w_gate,
                            const at::Tensor& w_up, const at::Tensor& w_down, int64_t width,

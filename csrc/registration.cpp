@@ -8,6 +8,9 @@ TORCH_LIBRARY(flextron, m) {
   // x[..., :in] @ weight[:out, :in]^T (+ bias[:out]); reads the weight prefix in place.
   m.def("nested_linear(Tensor x, Tensor weight, Tensor? bias, SymInt out_features, "
         "SymInt in_features) -> Tensor");
+  // (x[..., :in] @ qweight[:out, :in]^T) * scale[:out] (+ bias[:out]): int8 weights, one scale per row.
+  m.def("nested_linear_int8(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, SymInt out_features, "
+        "SymInt in_features) -> Tensor");
   // The MLP restricted to its first `width` neurons (swiglu | gelu | gelu_tanh | relu).
   m.def("nested_mlp(Tensor x, Tensor? w_gate, Tensor w_up, Tensor w_down, SymInt width, "
         "str activation) -> Tensor");
@@ -31,6 +34,7 @@ TORCH_LIBRARY(flextron, m) {
 
 TORCH_LIBRARY_IMPL(flextron, CPU, m) {
   m.impl("nested_linear", &flextron::nested_linear_cpu);
+  m.impl("nested_linear_int8", &flextron::nested_linear_int8_cpu);
   m.impl("nested_mlp", &flextron::nested_mlp_cpu);
   m.impl("route", &flextron::route_cpu);
   m.impl("routed_nested_mlp", &flextron::routed_nested_mlp_cpu);
@@ -45,6 +49,7 @@ TORCH_LIBRARY_IMPL(flextron, CPU, m) {
 // back to the CPU.
 TORCH_LIBRARY_IMPL(flextron, CUDA, m) {
   m.impl("nested_linear", &flextron::nested_linear_cuda);
+  m.impl("nested_linear_int8", &flextron::nested_linear_int8_cuda);
   m.impl("nested_mlp", &flextron::nested_mlp_cuda);
   m.impl("route", &flextron::route_cuda);
   m.impl("routed_nested_mlp", &flextron::routed_nested_mlp_cuda);

@@ -94,6 +94,34 @@ inline void check_nested_linear_args(const char* op, const at::Tensor& x, const 
   }
 }
 
+// nested_linear_int8: x (..., X >= in) float, qweight (O, I) int8 on x's device, scale (O,)
+// float32, bias (O,) like x or absent, 1 <= out <= O, 1 <= in <= I.
+inline void check_nested_linear_int8_args(const char* op, const at::Tensor& x, const at::Tensor& qweight,
+                                          const at::Tensor& scale, const std::optional<at::Tensor>& bias,
+                                          int64_t out_features, int64_t in_features) {
+  check_float(op, "x", x);
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
+  check_dim(op, "qweight", qweight, 2, "(out, in)");
+  TORCH_CHECK(qweight.scalar_type() == at::kChar, op, ": qweight must be int8, got ", qweight.scalar_type());
+  TORCH_CHECK(qweight.device() == x.device(), op, ": qweight is on ", qweight.device(), " but x is on ",
+              x.device());
+  check_dim(op, "scale", scale, 1, "(out,)");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat, op, ": scale must be float32, got ", scale.scalar_type());
+  TORCH_CHECK(scale.device() == x.device(), op, ": scale is on ", scale.device(), " but x is on ", x.device());
+  TORCH_CHECK(scale.size(0) == qweight.size(0), op, ": scale has ", scale.size(0),
+              " entries but qweight has ", qweight.size(0), " rows");
+  check_width(op, "out_features", out_features, qweight.size(0));
+  check_width(op, "in_features", in_features, qweight.size(1));
+  TORCH_CHECK(x.size(-1) >= in_features, op, ": x has ", x.size(-1), " features, fewer than in_features=",
+              in_features);
+  if (bias.has_value()) {
+    check_dim(op, "bias", *bias, 1, "(out,)");
+    check_same(op, "bias", *bias, x, "x");
+    TORCH_CHECK(bias->size(0) == qweight.size(0), op, ": bias has ", bias->size(0),
+                " entries but qweight has ", qweight.size(0), " rows");
+  }
+}
+
 // route: input (T, C) logits or (T, D) with weight (C, D); tau > 0; noise (T, C) or absent.
 inline void check_route_args(const char* op, const at::Tensor& input,
                              const std::optional<at::Tensor>& weight,

@@ -13,10 +13,15 @@
 // Forward:
 //   1. group_by_choice -> perm, inv_perm, offsets; gather x by perm.
 //   2. grouped GEMM: for each choice c, up (and gate) rows of choice c =
-//      x_sorted[rows] @ w[:widths[c], :]^T into (T, F) buffers (columns past
-//      the row's width are never written nor read).
-//   3. activate_rows: hidden = act(gate, up) in place of up, on each row's prefix.
-//   4. grouped GEMM: y_sorted[rows] = hidden[rows, :widths[c]] @ w_down[:, :widths[c]]^T.
+//      x_sorted[rows] @ w[:padded[c], :]^T into (T, F) buffers (columns past
+//      the row's padded width are never written nor read).
+//   3. activate_rows: hidden = act(gate, up) in place of up, on each row's prefix,
+//      and 0 on the padding [widths[c], padded[c]).
+//   4. grouped GEMM: y_sorted[rows] = hidden[rows, :padded[c]] @ w_down[:, :padded[c]]^T.
+// padded[c] is widths[c] rounded up to a multiple of 8 (the kernels' 16-byte accesses):
+// the padding's hidden values are zeros, so the GEMMs over the padded prefix give the
+// exact result for any width, at most 7 neurons' extra work per choice instead of the
+// masked full-width fallback.
 //   5. y = y_sorted[inv_perm] (* scale).
 // On sm_90 devices, when the build includes 90a, every grouped GEMM (forward
 // and backward) runs the CUTLASS 3.x ptr-array kernel (TMA + wgmma,
@@ -26,14 +31,16 @@
 // CUTLASS declines the 3.x kernel (a one-time warning), the CUTLASS 2.x GemmGrouped below.
 //
 // Backward, in the band form (DESIGN §3): in sorted order neuron band j,
-// [widths[j+1], widths[j]), is used by the prefix of rows [0, offsets[j+1]).
+// [padded[j+1], padded[j]), is used by the prefix of rows [0, offsets[j+1]) (an empty
+// band, when two widths pad alike, gets no tiles). Every GEMM runs on padded widths.
 //   1. group, gather x and grad_out by perm; recompute up/gate (forward step 2)
 //      and hidden = act(gate, up) into its own buffer.
 //   2. grouped GEMM: grad_hidden[rows] = grad_out_sorted[rows] @ w_down[:, :widths[c]].
 //   3. backward_rows: per row, grad_scale = <grad_hidden, hidden> (the gradient
 //      w.r.t. the scale is <grad_out, unscaled output>), grad_hidden and the
 //      row of grad_out are scaled, and the activation's backward writes
-//      grad_up / grad_gate over up / gate.
+//      grad_up / grad_gate over up / gate (zeros on the padding, so the padded
+//      neurons add nothing to grad_x and their weight gradients are zero).
 //   4. grouped GEMMs: grad_x_sorted[rows] = grad_up @ w_up[:widths[c]]
 //      (+ grad_gate @ w_gate[:widths[c]], a second launch with beta = 1).
 //   5. one grouped GEMM over the bands (3 problems per band): with n = offsets[j+1],
@@ -49,8 +56,8 @@
 // Kernels: bf16/fp16 tensor-op (sm80 mma.sync 16x8x16, fp32 accumulation,
 // 128x128x32 tiles, 4 stages, 16-byte accesses), one GemmGrouped per (dtype,
 // operand layouts): row x col (forward, recompute), row x row (grad_hidden,
-// grad_x), col x row (weight gradients), so 6 instantiations. They need D, F and
-// every width multiples of 8 (D > 0: K = 0 GEMMs are not safe), contiguous
+// grad_x), col x row (weight gradients), so 6 instantiations. They need D and F
+// multiples of 8 (D > 0: K = 0 GEMMs are not safe; widths are padded), contiguous
 // 16-byte-aligned weights and at most kMaxGroupedChoices choices; otherwise (and
 // for fp32, or when CUTLASS declines a 2.x kernel; a one-time warning per reason names
 // it and the shape) the op computes the masked full-width MLP with ATen: correct,
@@ -58,7 +65,7 @@
 //
 // Versions: v1 grouped forward + masked dense backward; v2 band-form grouped
 // backward, sm90a ptr-array forward; v3 (current) sm90a ptr-array backward too,
-// fallbacks 3.x -> 2.x -> ATen.
+// fallbacks 3.x -> 2.x -> ATen; widths padded to a multiple of 8 rather than masked.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -104,6 +111,16 @@ template <int64_t Capacity = kMaxGroupedChoices>
 Widths<Capacity> width_table(at::IntArrayRef widths) {
   Widths<Capacity> table{};
   std::copy(widths.begin(), widths.end(), table.width);
+  return table;
+}
+
+// The widths the grouped GEMMs run: each rounded up to a multiple of kAlignment (at most F,
+// which is one). Non-increasing; two widths of one 8-block pad alike.
+WidthTable padded_width_table(at::IntArrayRef widths) {
+  WidthTable table = width_table(widths);
+  for (size_t c = 0; c < widths.size(); ++c) {
+    table.width[c] = (table.width[c] + kAlignment - 1) / kAlignment * kAlignment;
+  }
   return table;
 }
 
@@ -228,7 +245,7 @@ __global__ void build_backward_problems(const int64_t* __restrict__ offsets, Wid
     const int64_t q = p - layout.bands(), j = q % choices, kind = q / choices;
     const int64_t rows = offsets[j + 1];
     const int64_t lo = j + 1 < choices ? widths.width[j + 1] : 0, band = widths.width[j] - lo;
-    const int64_t m_if_used = rows > 0 ? 1 : 0;  // no tiles for an unused band
+    const int64_t m_if_used = rows > 0 && band > 0 ? 1 : 0;  // no tiles for an unused or empty band
     if (kind == 0) {  // (D, band) = grad_sorted[:rows]^T @ hidden[:rows, lo:hi]
       set_problem(problems, p, m_if_used * hidden, band, rows, ops.grad_sorted, hidden,
                   ops.hidden + lo, ffn, ops.grad_w_down + lo, ffn);
@@ -241,15 +258,20 @@ __global__ void build_backward_problems(const int64_t* __restrict__ offsets, Wid
   }
 }
 
-// One block per sorted row: out[r, :width] = act(gate[r, :width], up[r, :width]) in fp32.
-// `out` may be `up` (forward, in place) or a separate buffer (backward's hidden).
+// One block per sorted row of choice c: out[r, :width] = act(gate[r, :width], up[r, :width])
+// in fp32, and out[r, width:padded] = 0. `out` may be `up` (forward, in place) or a separate
+// buffer (backward's hidden).
 template <typename Element>
 __global__ void activate_rows(const Element* gate, const Element* up, Element* out,
                               const int64_t* __restrict__ choice, const int64_t* __restrict__ perm,
-                              WidthTable widths, int64_t ffn, Activation activation) {
-  const int64_t row = blockIdx.x;
-  const int64_t width = widths.width[choice[perm[row]]];
-  for (int64_t j = threadIdx.x; j < width; j += blockDim.x) {
+                              WidthTable widths, WidthTable padded, int64_t ffn, Activation activation) {
+  const int64_t row = blockIdx.x, c = choice[perm[row]];
+  const int64_t width = widths.width[c];
+  for (int64_t j = threadIdx.x; j < padded.width[c]; j += blockDim.x) {
+    if (j >= width) {
+      out[row * ffn + j] = static_cast<Element>(0.f);
+      continue;
+    }
     const float g = gate == nullptr ? 0.f : static_cast<float>(gate[row * ffn + j]);
     out[row * ffn + j] = static_cast<Element>(
         apply_activation(activation, g, static_cast<float>(up[row * ffn + j])));
@@ -258,22 +280,26 @@ __global__ void activate_rows(const Element* gate, const Element* up, Element* o
 
 constexpr int kRowThreads = 256;
 
-// One block (kRowThreads) per sorted row r, token perm[r], width w: with s = scale[token]
-// (1 without a scale), grad_scale[token] = <grad_hidden[r, :w], hidden[r, :w]>, then
-// up[r, :w] <- grad_up and gate[r, :w] <- grad_gate of the activation at s * grad_hidden,
-// and grad_sorted[r] *= s (for grad_w_down).
+// One block (kRowThreads) per sorted row r, token perm[r], width w, padded width p: with
+// s = scale[token] (1 without a scale), grad_scale[token] = <grad_hidden[r, :w], hidden[r, :w]>,
+// then up[r, :w] <- grad_up and gate[r, :w] <- grad_gate of the activation at s * grad_hidden,
+// both 0 on [w, p), and grad_sorted[r] *= s (for grad_w_down).
 template <typename Element>
 __global__ void backward_rows(Element* __restrict__ gate, Element* __restrict__ up,
                               const Element* __restrict__ hidden,
                               const Element* __restrict__ grad_hidden,
                               Element* __restrict__ grad_sorted, const Element* __restrict__ scale,
                               float* __restrict__ grad_scale, const int64_t* __restrict__ choice,
-                              const int64_t* __restrict__ perm, WidthTable widths, int64_t ffn,
-                              int64_t hidden_size, Activation activation) {
+                              const int64_t* __restrict__ perm, WidthTable widths, WidthTable padded,
+                              int64_t ffn, int64_t hidden_size, Activation activation) {
   const int64_t row = blockIdx.x, token = perm[row];
   const int64_t width = widths.width[choice[token]];
   const float s = scale == nullptr ? 1.f : static_cast<float>(scale[token]);
   const int64_t base = row * ffn;
+  for (int64_t j = width + threadIdx.x; j < padded.width[choice[token]]; j += blockDim.x) {
+    up[base + j] = static_cast<Element>(0.f);
+    if (gate != nullptr) gate[base + j] = static_cast<Element>(0.f);
+  }
   float dot = 0.f;
   for (int64_t j = threadIdx.x; j < width; j += blockDim.x) {
     const float gh = static_cast<float>(grad_hidden[base + j]);
@@ -302,7 +328,7 @@ __global__ void backward_rows(Element* __restrict__ gate, Element* __restrict__ 
 }
 
 // Zeros the weight gradients of the neurons no token uses, [used, F), where used is the
-// widest width that has tokens (0 if none). Block (x, kind): kind 0 zeros columns
+// widest (padded) width that has tokens (0 if none). Block (x, kind): kind 0 zeros columns
 // [used, F) of grad_w_down row x (D rows); kinds 1, 2 zero row x >= used of
 // grad_w_up / grad_w_gate (F rows).
 template <typename Element>
@@ -374,9 +400,6 @@ std::string grouped_unsupported(const at::Tensor& x, const std::optional<at::Ten
   if (x.size(1) == 0) return "hidden size 0";
   if (x.size(1) % kAlignment != 0 || w_up.size(0) % kAlignment != 0) {
     return "hidden size or d_ff not a multiple of " + std::to_string(kAlignment);
-  }
-  for (const int64_t width : widths) {
-    if (width % kAlignment != 0) return "a width not a multiple of " + std::to_string(kAlignment);
   }
   auto dense_aligned = [](const at::Tensor& w) {
     return w.is_contiguous() && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0;
@@ -643,13 +666,13 @@ at::Tensor forward_grouped(const at::Tensor& x, const std::optional<at::Tensor>&
   const at::Tensor gate = w_gate.has_value() ? at::empty({tokens, ffn}, x.options()) : at::Tensor();
   const at::Tensor y_sorted = at::empty({tokens, hidden}, x.options());
 
-  const WidthTable table = width_table(widths);
+  const WidthTable table = width_table(widths), padded = padded_width_table(widths);
   const int64_t count = (projections + 1) * choices;
   const at::Tensor arrays = problem_buffer(x, count);
   const auto problems = carve_problem_arrays<Element>(arrays.data_ptr(), count);
   Operands<Element> ops = up_gate_operands<Element>(x_sorted, w_gate, w_up, w_down, gate, up);
   ops.y_sorted = elements<Element>(y_sorted);
-  build_forward_problems<Element><<<1, 128, 0, stream>>>(groups.offsets.data_ptr<int64_t>(), table,
+  build_forward_problems<Element><<<1, 128, 0, stream>>>(groups.offsets.data_ptr<int64_t>(), padded,
                                                          choices, hidden, ffn, projections, ops,
                                                          problems);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -657,7 +680,7 @@ at::Tensor forward_grouped(const at::Tensor& x, const std::optional<at::Tensor>&
   run_problems<Element, RowMajor, ColumnMajor>(problems, 0, projections * choices, 0.f, stream, call);
   activate_rows<Element><<<static_cast<unsigned>(tokens), 128, 0, stream>>>(
       ops.gate, ops.up, ops.up, choice.data_ptr<int64_t>(), groups.perm.data_ptr<int64_t>(), table,
-      ffn, activation);
+      padded, ffn, activation);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   run_problems<Element, RowMajor, ColumnMajor>(problems, projections * choices, choices, 0.f, stream, call);
   return y_sorted.index_select(0, groups.inv_perm);
@@ -694,7 +717,7 @@ Gradients backward_grouped(const at::Tensor& grad_out, const at::Tensor& x,
   const at::Tensor grad_scale_f =
       scale.has_value() ? at::empty({tokens}, opts.dtype(at::kFloat)) : at::Tensor();
 
-  const WidthTable table = width_table(widths);
+  const WidthTable table = width_table(widths), padded = padded_width_table(widths);
   const BackwardLayout layout{choices, projections};
   const at::Tensor arrays = problem_buffer(x, layout.count());
   const auto problems = carve_problem_arrays<Element>(arrays.data_ptr(), layout.count());
@@ -709,7 +732,7 @@ Gradients backward_grouped(const at::Tensor& grad_out, const at::Tensor& x,
   const int64_t* offsets = groups.offsets.data_ptr<int64_t>();
   build_backward_problems<Element>
       <<<static_cast<unsigned>((layout.count() + 127) / 128), 128, 0, stream>>>(
-          offsets, table, layout, hidden, ffn, ops, problems);
+          offsets, padded, layout, hidden, ffn, ops, problems);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // 1. Recompute up/gate and hidden.
@@ -717,14 +740,14 @@ Gradients backward_grouped(const at::Tensor& grad_out, const at::Tensor& x,
   const int64_t* choice_ptr = choice.data_ptr<int64_t>();
   const int64_t* perm = groups.perm.data_ptr<int64_t>();
   activate_rows<Element><<<static_cast<unsigned>(tokens), 128, 0, stream>>>(
-      ops.gate, ops.up, ops.hidden, choice_ptr, perm, table, ffn, activation);
+      ops.gate, ops.up, ops.hidden, choice_ptr, perm, table, padded, ffn, activation);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // 2-3. grad_hidden, then grad_scale and the activation's backward.
   run_problems<Element, RowMajor, RowMajor>(problems, layout.grad_hidden(), choices, 0.f, stream, call);
   backward_rows<Element><<<static_cast<unsigned>(tokens), kRowThreads, 0, stream>>>(
       ops.gate, ops.up, ops.hidden, ops.grad_hidden, ops.grad_sorted, elements<Element>(scale_x),
-      scale.has_value() ? grad_scale_f.data_ptr<float>() : nullptr, choice_ptr, perm, table, ffn,
-      hidden, activation);
+      scale.has_value() ? grad_scale_f.data_ptr<float>() : nullptr, choice_ptr, perm, table, padded,
+      ffn, hidden, activation);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // 4. grad_x = grad_up @ w_up (+ grad_gate @ w_gate).
   run_problems<Element, RowMajor, RowMajor>(problems, layout.grad_x_up(), choices, 0.f, stream, call);
@@ -736,7 +759,7 @@ Gradients backward_grouped(const at::Tensor& grad_out, const at::Tensor& x,
                                               0.f, stream, call);
   const dim3 zero_grid(static_cast<unsigned>(std::max(hidden, ffn)), projections + 1);
   zero_unused_neurons<Element><<<zero_grid, 256, 0, stream>>>(
-      offsets, table, choices, hidden, ffn, ops.grad_w_down, ops.grad_w_up, ops.grad_w_gate);
+      offsets, padded, choices, hidden, ffn, ops.grad_w_down, ops.grad_w_up, ops.grad_w_gate);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const at::Tensor grad_scale =

@@ -49,16 +49,18 @@ def command(name: str, *arguments: Argument):
 MODEL = arg("--model", default="default", help="default | FILE.gguf | HF or Flextron directory | ORG/NAME")
 
 
-def load_options() -> tuple[Argument, ...]:
-    """--dtype and --device, for every command that loads a model (read by `load`)."""
+def load_options(int8: bool = False) -> tuple[Argument, ...]:
+    """--dtype and --device, for every command that loads a model (read by `load`); `int8`: the
+    command runs inference only and also takes int8 weights (flextron.model.quantization)."""
     from flextron.model.placement import DEVICES, DTYPES
 
     return (
         arg(
             "--dtype",
-            choices=tuple(DTYPES),
+            choices=(*DTYPES, "int8") if int8 else tuple(DTYPES),
             default="float32",
-            help="weights and activations (loaded tensor by tensor into this dtype)",
+            help="weights and activations (loaded tensor by tensor into this dtype)"
+            + ("; int8: int8 weights with per-row scales, fp32 activations" if int8 else ""),
         ),
         arg("--device", choices=DEVICES, default="cpu"),
     )
@@ -70,10 +72,15 @@ def load(source: str, args: argparse.Namespace | None = None, *checks: Callable[
     from flextron.model.loading import load_model
     from flextron.model.placement import check_device, parse_dtype
 
-    dtype = parse_dtype(getattr(args, "dtype", "float32"))
+    name = getattr(args, "dtype", "float32")
+    dtype = parse_dtype("float32" if name == "int8" else name)
     device = check_device(getattr(args, "device", None) or "cpu")
     start = time.perf_counter()
     model = load_model(source, dtype, device)
+    if name == "int8":
+        from flextron.model.quantization import quantize_int8_
+
+        quantize_int8_(model)
     for check in checks:
         check(model)
     seconds, millions = time.perf_counter() - start, model.num_parameters() / 1e6

@@ -61,7 +61,7 @@ def _choose(model, args: argparse.Namespace):
 @command(
     "eval",
     MODEL,
-    *load_options(),
+    *load_options(int8=True),
     arg("--data", default="builtin", help="builtin (held-out split) | file | dir | .jsonl | saved dataset"),
     arg("--budgets", type=parse_budgets, default=list(REPORTED_BUDGETS), help="comma-separated, in (0, 1]"),
     arg("--arch", help="JSON file: a configuration or a {name: configuration} map (instead of budgets)"),
@@ -113,7 +113,7 @@ def evaluate(args: argparse.Namespace) -> None:
 @command(
     "generate",
     MODEL,
-    *load_options(),
+    *load_options(int8=True),
     arg("prompt"),
     BUDGET,
     LATENCY_MS,
@@ -247,7 +247,7 @@ def export(args: argparse.Namespace) -> None:
 @command(
     "bench",
     MODEL,
-    *load_options(),
+    *load_options(int8=True),
     arg("--budgets", type=parse_budgets, default=list(REPORTED_BUDGETS), help="comma-separated, in (0, 1]"),
     arg("--prompt-len", type=positive_int, default=128, help="prompt tokens (batch 1)"),
     arg("--new-tokens", type=positive_int, default=32, help="greedy decode steps after the prompt"),
@@ -268,6 +268,8 @@ def bench(args: argparse.Namespace) -> None:
     from flextron.io.outputs import check_output_file
 
     check_output_file(args.json, "--json")
+    if args.hf and args.dtype == "int8":
+        raise ValueError("--hf times transformers on the same float weights: it takes no --dtype int8")
     set_threads(args.threads)
     model = load(args.model, args, fits_context("--prompt-len", args.prompt_len, args.new_tokens)).eval()
     rows = measure_speed(

@@ -18,7 +18,9 @@ keeps the order.  Scaled RoPE (linear, llama3) goes in as per-frequency divisors
 
 Types (--gguf-type): f32, f16, bf16 store the 2-D weights in that type; q8_0 stores them in
 blocks of 32 (int8 values with an fp16 scale) and falls back to f16 for a tensor whose rows are
-not a multiple of 32.  1-D tensors (norms, biases) stay f32, as llama.cpp expects.
+not a multiple of 32.  Every block of a row gets that row's scale in the full model
+(flextron.model.quantization), so a q8_0 file holds the same numbers as `--dtype int8` runs, at
+any budget.  1-D tensors (norms, biases) stay f32, as llama.cpp expects.
 
 Tokenizer: byte-level BPE (GPT-2 style, as in SmolLM, Llama 3, Qwen2) becomes llama.cpp's
 "gpt2" model: the tokens in id order (padded to the vocabulary size), their types (special added
@@ -40,6 +42,7 @@ import torch
 from flextron.export.model_card import ModelCard, write_model_card
 from flextron.model.config import ArchConfig, ModelConfig
 from flextron.model.elastic_model import FlextronModel
+from flextron.model.quantization import quantize_rows, row_scales
 from flextron.model.rope import rope_frequencies
 from flextron.model.slicing import slice_model
 
@@ -120,15 +123,31 @@ def gguf_tensors(model: FlextronModel, architecture: str) -> dict[str, torch.Ten
     return tensors
 
 
-def encode(tensor: torch.Tensor, gguf_type: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """(data, tensor type) of one fp32 tensor for the file."""
+def encode(
+    tensor: torch.Tensor, gguf_type: str, row_scale: torch.Tensor | None = None
+) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """(data, tensor type) of one fp32 tensor for the file; q8_0 blocks take `row_scale` (R,),
+    the rows' scales in the full model (default: this tensor's own)."""
     data = tensor.numpy()
     qtype = GGUF_TYPES[gguf_type][0]
     if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
         return data, gguf.GGMLQuantizationType.F32
-    if qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-        qtype = gguf.GGMLQuantizationType.F16  # rows must be whole blocks of 32
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+    if qtype == gguf.GGMLQuantizationType.Q8_0:
+        if data.shape[-1] % block:
+            return gguf.quants.quantize(data, gguf.GGMLQuantizationType.F16), gguf.GGMLQuantizationType.F16
+        return q8_0_blocks(tensor, row_scales(tensor) if row_scale is None else row_scale), qtype
     return gguf.quants.quantize(data, qtype), qtype
+
+
+def q8_0_blocks(tensor: torch.Tensor, row_scale: torch.Tensor) -> np.ndarray:
+    """(R, C) fp32, (R,) fp16-representable scales -> (R, C / 32 * 34) uint8 q8_0 blocks: each
+    block of 32 is the row's scale (fp16) and the row's int8 values (quantize_rows)."""
+    rows, cols = tensor.shape
+    values = quantize_rows(tensor, row_scale).numpy().view(np.uint8).reshape(rows, cols // 32, 32)
+    scale_bytes = row_scale.half().numpy().view(np.uint8).reshape(rows, 1, 2)  # (R, 1, 2)
+    blocks = np.concatenate([np.broadcast_to(scale_bytes, (rows, cols // 32, 2)), values], axis=-1)
+    return blocks.reshape(rows, -1)
 
 
 def _rope_freq_divisors(config: ModelConfig) -> torch.Tensor | None:
@@ -218,6 +237,12 @@ def write_gguf(
     divisors = _rope_freq_divisors(config)
     if divisors is not None and architecture == "qwen2":
         architecture = "deci"  # llama.cpp's qwen2 reads no RoPE frequency factors
+    # q8_0 scales come from the full model's rows, so that every budget holds the same numbers.
+    full_scales = (
+        {name: row_scales(t) for name, t in gguf_tensors(model, architecture).items() if t.dim() == 2}
+        if gguf_type == "q8_0"
+        else {}
+    )
     small = slice_model(model, arch)
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_name(name or "flextron sub-network")
@@ -244,7 +269,8 @@ def write_gguf(
     if divisors is not None:
         tensors["rope_freqs.weight"] = divisors
     for tensor_name, tensor in tensors.items():
-        data, qtype = encode(tensor, gguf_type)
+        scale = full_scales.get(tensor_name)
+        data, qtype = encode(tensor, gguf_type, None if scale is None else scale[: tensor.shape[0]])
         writer.add_tensor(tensor_name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -40,6 +40,8 @@ CONFIG_FILE, WEIGHTS_FILE, IMPORTANCE_FILE = "config.json", "model.safetensors",
 
 def save_pretrained(model: FlextronModel, path: str | os.PathLike) -> None:
     """Write `model` (weights, config, tokenizer, importance) to directory `path`."""
+    if model.is_int8:
+        raise ValueError("an int8 model is for inference and is not saved: save the float model it came from")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if model.tokenizer is not None:

@@ -22,7 +22,7 @@ from torch import nn
 from flextron import ops
 from flextron.model.budget_configs import BudgetConfigs, resolve_budget
 from flextron.model.config import ArchConfig, ModelConfig, count_parameters
-from flextron.model.layers import ElasticAttention, ElasticMLP, KVCache
+from flextron.model.layers import ElasticAttention, ElasticLinear, ElasticMLP, KVCache
 from flextron.model.rope import RotaryEmbedding
 
 
@@ -113,12 +113,18 @@ class FlextronModel(nn.Module):
         self.lm_head = None
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.int8_head: ElasticLinear | None = None  # the head's int8 copy (flextron.model.quantization)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.tokenizer = None  # a transformers tokenizer, when loaded with one
         self.importance: dict[str, torch.Tensor] = {}  # conversion scores, when converted
         self.budget_configs: BudgetConfigs | None = None  # measured choices (budget_configs.json)
 
     # ---- configurations
+
+    @property
+    def is_int8(self) -> bool:
+        """Whether the linear weights are int8 (flextron.model.quantization): inference only."""
+        return self.int8_head is not None
 
     def full_arch(self) -> ArchConfig:
         return ArchConfig.full(self.config)
@@ -213,6 +219,8 @@ class FlextronModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The last layer's output (B, T, D) -> logits (B, T, V): final norm, then the head."""
+        if self.int8_head is not None:
+            return self.int8_head(self.norm(hidden))
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return ops.nested_linear(self.norm(hidden), weight)  # few-row (decode) kernel on CPU
 

@@ -21,16 +21,31 @@ from flextron.model.rope import apply_rotary
 class ElasticLinear(nn.Module):
     """A linear layer that can run on a prefix of its outputs and inputs."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         nn.init.normal_(self.weight, std=0.02)
+
+    @property
+    def is_int8(self) -> bool:
+        """Whether the weight is int8 rows with per-row scales (flextron.model.quantization)."""
+        return self.weight is None
 
     def forward(
         self, x: torch.Tensor, out_features: int | None = None, in_features: int | None = None
     ) -> torch.Tensor:
         """x: (..., >= in_features) -> (..., out_features); defaults: the full layer."""
+        if self.is_int8:
+            return ops.nested_linear_int8(
+                x, self.qweight, self.weight_scale, self.bias, out_features, in_features
+            )
         return ops.nested_linear(x, self.weight, self.bias, out_features, in_features)
 
 
@@ -45,7 +60,7 @@ class ElasticMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, width: int) -> torch.Tensor:
         """x: (B, T, D) -> (B, T, D) through the first `width` neurons."""
-        if self.gate_proj.bias is None and not torch.is_grad_enabled():
+        if self.gate_proj.bias is None and not self.gate_proj.is_int8 and not torch.is_grad_enabled():
             # Fused: the (B, T, width) hidden activations never reach memory as a whole.
             return ops.nested_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, width)
         # With autograd, the unfused form keeps its activations for the backward, where the

@@ -26,6 +26,11 @@ def routed_mlp(
 ) -> torch.Tensor:
     """x: (B, T, D), choice: (B*T,) int64 index into `widths` (widest first) -> (B, T, D), every
     token through its own width's weight prefix (one fused ops.routed_nested_mlp)."""
+    if module.gate_proj.is_int8:
+        raise ValueError(
+            "per-token widths (dynamic routing) need float weights: run an int8 model at a budget "
+            "with uniform or static routing, or load it as float32/bfloat16"
+        )
     flat = x.reshape(-1, x.shape[-1])  # (B*T, D)
     out = ops.routed_nested_mlp(
         flat,

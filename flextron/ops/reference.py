@@ -34,6 +34,21 @@ def nested_linear(
     return y if bias is None else y + bias[:out_features]
 
 
+def nested_linear_int8(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    """(x[..., :in] @ qweight[:out, :in]^T) * scale[:out] (+ bias[:out]), in x's dtype.
+    qweight: (O, I) int8; scale: (O,) float32, one per output row."""
+    product = x[..., :in_features].float() @ qweight[:out_features, :in_features].float().T  # (..., out)
+    y = product * scale[:out_features]
+    return (y if bias is None else y + bias[:out_features].float()).to(x.dtype)
+
+
 def nested_mlp(
     x: torch.Tensor,
     w_gate: torch.Tensor | None,

@@ -17,6 +17,7 @@ from flextron.ops.extension import _C  # noqa: F401  (importing registers the op
 
 __all__ = [
     "nested_linear",
+    "nested_linear_int8",
     "nested_mlp",
     "route",
     "routed_nested_mlp",
@@ -25,7 +26,14 @@ __all__ = [
     "backends",
 ]
 
-OP_NAMES = ("nested_linear", "nested_mlp", "route", "routed_nested_mlp", "varhead_attention")
+OP_NAMES = (
+    "nested_linear",
+    "nested_linear_int8",
+    "nested_mlp",
+    "route",
+    "routed_nested_mlp",
+    "varhead_attention",
+)
 
 
 def backends(op_name: str) -> list[str]:
@@ -122,6 +130,67 @@ def _nested_linear_backward(ctx, grad_y):
 
 torch.library.register_autograd(
     "flextron::nested_linear", _nested_linear_backward, setup_context=_nested_linear_setup
+)
+
+
+# ---- nested_linear_int8 --------------------------------------------------------
+
+
+def nested_linear_int8(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_features: int | None = None,
+    in_features: int | None = None,
+) -> torch.Tensor:
+    """(x[..., :in] @ qweight[:out, :in]^T) * scale[:out] (+ bias[:out]), int8 weights read in place.
+
+    x: (..., X) float with X >= in_features; qweight: (O, I) int8; scale: (O,) float32, one per
+    output row (so every prefix is a valid sub-network); bias: (O,) like x, or None.
+    Returns (..., out_features) in x's dtype.  Differentiable in x, scale and bias.
+    """
+    out_features = qweight.shape[0] if out_features is None else out_features
+    in_features = qweight.shape[1] if in_features is None else in_features
+    _require_kernel("nested_linear_int8", x)
+    return torch.ops.flextron.nested_linear_int8.default(x, qweight, scale, bias, out_features, in_features)
+
+
+@torch.library.register_fake("flextron::nested_linear_int8")
+def _nested_linear_int8_fake(x, qweight, scale, bias, out_features, in_features):
+    torch._check(x.dim() >= 1, lambda: "nested_linear_int8: x must have at least one dimension")
+    torch._check(qweight.dim() == 2, lambda: "nested_linear_int8: qweight must be 2-D (out, in)")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _nested_linear_int8_setup(ctx, inputs, output):
+    x, qweight, scale, bias, out_features, in_features = inputs
+    ctx.save_for_backward(x, qweight, scale)
+    ctx.has_bias = bias is not None
+    ctx.out_features, ctx.in_features = out_features, in_features
+
+
+def _nested_linear_int8_backward(ctx, grad_y):
+    x, qweight, scale = ctx.saved_tensors
+    out_f, in_f = ctx.out_features, ctx.in_features
+    grad_y2 = grad_y.reshape(-1, out_f).float()  # (N, out)
+    q = qweight[:out_f, :in_f].float()  # (out, in)
+    grad_x = grad_scale = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _prefix_product(grad_y2 * scale[:out_f], q, x.float()).to(x.dtype)
+    if ctx.needs_input_grad[2]:
+        # d y[., n] / d scale[n] = the unscaled product; rows past out_features get zeros.
+        x2 = x.reshape(-1, x.shape[-1])[:, :in_f].float()  # (N, in)
+        grad_scale = scale.new_zeros(scale.shape)
+        grad_scale[:out_f] = (grad_y2 * (x2 @ q.T)).sum(0)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_b = grad_y.new_zeros(qweight.shape[0])
+        grad_b[:out_f] = grad_y2.sum(0).to(grad_b.dtype)
+    return grad_x, None, grad_scale, grad_b, None, None
+
+
+torch.library.register_autograd(
+    "flextron::nested_linear_int8", _nested_linear_int8_backward, setup_context=_nested_linear_int8_setup
 )
 
 

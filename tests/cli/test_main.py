@@ -65,6 +65,33 @@ def test_eval_table_json_plot(converted, tmp_path, capsys) -> None:
     assert (tmp_path / "r.png").stat().st_size > 0
 
 
+def test_int8_weights_for_eval_generate_and_bench(converted, tmp_path, capsys) -> None:
+    """--dtype int8 runs the inference commands on int8 weights (perplexity close to fp32's);
+    commands that train, convert or export refuse it, as does bench --hf."""
+    _, out = converted
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    perplexity = {}
+    for dtype in ("float32", "int8"):
+        argv = ["eval", "--model", str(out), "--dtype", dtype, "--data", str(tmp_path / "text.txt")]
+        assert (
+            main([*argv, "--budgets", "0.5", "--seq-len", "64", "--json", str(tmp_path / f"{dtype}.json")])
+            == 0
+        )
+        perplexity[dtype] = json.loads((tmp_path / f"{dtype}.json").read_text())["results"][0]["perplexity"]
+    assert abs(perplexity["int8"] / perplexity["float32"] - 1) < 0.05
+    argv = ["--model", str(out), "--dtype", "int8"]
+    assert main(["generate", *argv, "--max-new-tokens", "3", "--temperature", "1", "--seed", "0", "hi"]) == 0
+    assert (
+        main(["bench", *argv, "--budgets", "0.5", "--prompt-len", "8", "--new-tokens", "2", "--repeats", "1"])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["bench", *argv, "--hf", "--prompt-len", "8"]) == 2
+    assert "takes no --dtype int8" in capsys.readouterr().err
+    assert main(["export", *argv, "--budget", "0.5", "--out", str(tmp_path / "small")]) == 2
+    assert "invalid choice: 'int8'" in capsys.readouterr().err and not (tmp_path / "small").exists()
+
+
 def test_generate_streams_text(converted, capsys) -> None:
     _, out = converted
     # A random model's greedy choice may be EOS or an id the byte tokenizer cannot decode: sample.

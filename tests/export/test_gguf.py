@@ -14,6 +14,7 @@ Tolerances, as a fraction of the largest |logit|:
 
 from __future__ import annotations
 
+import copy
 import json
 
 import gguf
@@ -25,6 +26,8 @@ from flextron.eval.generation import stream_tokens
 from flextron.export.gguf import GGUF_TYPES, encode
 from flextron.export.hf import export
 from flextron.model.config import ArchConfig
+from flextron.model.layers import ElasticLinear
+from flextron.model.quantization import quantize_int8_, quantize_rows, row_scales
 from flextron.model.slicing import slice_model
 
 F32_TOLERANCE = 1e-4
@@ -154,25 +157,41 @@ def test_llama_cpp_tokenizes_like_the_model(
 
 
 @pytest.mark.parametrize("shape", list(ARCHS))
-def test_q8_0_file_equals_llama_cpps_own_quantization(model, tmp_path, shape: str) -> None:
-    """llama.cpp's quantizer, run on our f32 file, writes the very bytes of our q8_0 file."""
-    import ctypes
-
-    llama_cpp = pytest.importorskip("llama_cpp")
+def test_q8_0_file_holds_the_int8_models_numbers(model, tmp_path, shape: str) -> None:
+    """Every q8_0 weight, dequantized, is exactly the int8 model's value (int8 times the full row's
+    scale, flextron.model.quantization) at that place of the sub-network: the f32 export of the
+    model with those values has the very same tensors."""
     arch = ARCHS[shape](model)
-    for gguf_type in ("f32", "q8_0"):
-        export(model, arch, tmp_path, format="gguf", gguf_type=gguf_type)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = gguf.LlamaFileType.MOSTLY_Q8_0
-    source, target = str(tmp_path / "model-f32.gguf"), str(tmp_path / "llama-q8_0.gguf")
-    assert llama_cpp.llama_model_quantize(source.encode(), target.encode(), ctypes.byref(params)) == 0
-    theirs = {t.name: t for t in gguf.GGUFReader(target).tensors}
-    ours = gguf.GGUFReader(tmp_path / "model-q8_0.gguf").tensors
-    assert {t.name for t in ours} == set(theirs)
-    for tensor in ours:
-        other = theirs[tensor.name]
-        assert tensor.tensor_type == other.tensor_type, tensor.name
-        assert np.asarray(tensor.data).tobytes() == np.asarray(other.data).tobytes(), tensor.name
+    export(model, arch, tmp_path / "q8_0", format="gguf", gguf_type="q8_0")
+    int8 = quantize_int8_(copy.deepcopy(model))
+    dequantized = copy.deepcopy(model)
+    for name, module in int8.named_modules():
+        if isinstance(module, ElasticLinear) and name != "int8_head":
+            dequantized.get_submodule(name).weight.data = (
+                module.qweight.float() * module.weight_scale[:, None]
+            )
+    head = int8.int8_head.qweight.float() * int8.int8_head.weight_scale[:, None]
+    if model.lm_head is None:  # tied: the file's embedding is the int8 head
+        dequantized.embed_tokens.weight.data = head
+    else:  # the embedding stays float in the int8 model; the file rounds it the same way
+        dequantized.lm_head.weight.data = head
+        embedding = model.embed_tokens.weight
+        scale = row_scales(embedding)
+        dequantized.embed_tokens.weight.data = quantize_rows(embedding, scale).float() * scale[:, None]
+    export(dequantized, arch, tmp_path / "f32", format="gguf", gguf_type="f32")
+    expected = {
+        t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "f32" / "model-f32.gguf").tensors
+    }
+    checked = 0
+    for tensor in gguf.GGUFReader(tmp_path / "q8_0" / "model-q8_0.gguf").tensors:
+        if tensor.tensor_type != gguf.GGMLQuantizationType.Q8_0:
+            continue
+        values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+        np.testing.assert_array_equal(
+            values, expected[tensor.name].reshape(values.shape), err_msg=tensor.name
+        )
+        checked += 1
+    assert checked >= 1 + 7 * model.config.num_layers  # the embedding and every layer's projections
 
 
 def test_q8_0_is_a_quarter_of_f32_and_the_model_card_says_so(model, tmp_path) -> None:

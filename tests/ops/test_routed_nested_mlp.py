@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -30,10 +31,13 @@ from flextron.ops import reference
 ACTIVATIONS = reference.ACTIVATIONS
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ABS_FLOOR = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
-# (tokens, hidden, ffn, widths): multiples of 8 take the grouped CUTLASS path for 16-bit
-# dtypes; odd sizes and more than 32 choices take the masked fallback.
+# (tokens, hidden, ffn, widths): hidden and ffn multiples of 8 take the grouped CUTLASS path
+# for 16-bit dtypes, other widths padded to a multiple of 8 on CUDA (PADDED: 203 and 201 pad
+# alike, to 208); odd sizes and more than 32 choices take the masked fallback.
+PADDED = (150, 64, 256, [256, 203, 201, 61, 5])
 CASES = [
     (300, 64, 256, [256, 192, 64]),
+    PADDED,
     (5, 128, 128, [128, 64]),
     (83, 20, 37, [37, 20, 7]),
     (77, 16, 320, list(range(320, 0, -8))),
@@ -487,6 +491,7 @@ ONE_GROUP = [
     (64, 64, 256, [256, 192, 128, 64], 3),
     (129, 64, 256, [256, 192, 128, 64], 2),
     (1, 64, 256, [256, 128], 1),
+    (64, 64, 256, [256, 203, 61], 1),  # padded to 208: the padding's gradients must be zero
 ]
 
 
@@ -521,18 +526,23 @@ def _grouped_launches(names: list[str]) -> tuple[int, int]:
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("routed_gemm", ["auto", "sm80"])
+@pytest.mark.parametrize("case", [CASES[0], PADDED])
 def test_aligned_16bit_shapes_run_grouped_cutlass(
-    _assert_as_accurate_as_torch, _check_backward, cuda_kernel_names, dtype, routed_gemm, monkeypatch
+    _assert_as_accurate_as_torch, _check_backward, cuda_kernel_names, dtype, routed_gemm, case, monkeypatch
 ):
     """Forward: 2 grouped launches (up+gate, down); backward: recompute up+gate, grad_hidden,
     grad_x (up, then gate with beta = 1), all weight-gradient bands: 5 launches, all on the
-    sm90a kernel where it runs and has passed its self-check (auto)."""
+    sm90a kernel where it runs and has passed its self-check (auto). Widths that are not
+    multiples of 8 (PADDED) are padded, not sent to the masked fallback, and warn nothing."""
     monkeypatch.setenv("FLEXTRON_ROUTED_GEMM", routed_gemm)
     sm90 = _runs_sm90_path() and routed_gemm == "auto"
-    x, w_gate, w_up, w_down, choice, widths, scale = _inputs(*CASES[0], "swiglu", dtype)
-    forward = _grouped_launches(
-        cuda_kernel_names(lambda: ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths, scale))
-    )
+    x, w_gate, w_up, w_down, choice, widths, scale = _inputs(*case, "swiglu", dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        forward = _grouped_launches(
+            cuda_kernel_names(lambda: ops.routed_nested_mlp(x, w_gate, w_up, w_down, choice, widths, scale))
+        )
+    assert not [w for w in caught if "routed_nested_mlp" in str(w.message)], [str(w.message) for w in caught]
     assert forward == ((0, 2) if sm90 else (2, 0)), forward
     leaves = [t.clone().requires_grad_() for t in (x, w_gate, w_up, w_down, scale)]
     y = ops.routed_nested_mlp(leaves[0], *leaves[1:4], choice, widths, leaves[4])

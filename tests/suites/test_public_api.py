@@ -54,6 +54,7 @@ OPS_API = {
     "OP_NAMES",
     "backends",
     "nested_linear",
+    "nested_linear_int8",
     "nested_mlp",
     "route",
     "routed_nested_mlp",

@@ -1,0 +1,154 @@
+// nested_linear_int8 on the CPU: y = (x[..., :in] @ q[:out, :in]^T) * scale[:out] (+ bias[:out])
+// with int8 weights q and one fp32 scale per output row.
+//
+// Why int8 weights: decoding one token streams every weight once, so it is bound by
+// the bytes that come from memory; int8 halves bf16's bytes. The scale is per output
+// row, so it factors out of each dot product, and every prefix q[:out, :in] of the
+// full matrix is the same numbers a sub-network of that size would hold: quantizing
+// once serves every budget.
+//
+// A few rows of x (decode, <= kSkinnyMaxRows) take the kernels below, which read each
+// weight row once, widen 16 int8 weights at a time to fp32 in registers (AVX-512; 8 at a
+// time with AVX2 elsewhere) and multiply them with fp32 x; sums are fp32, the scale and
+// bias are applied once per output. More rows (prefill) dequantize the prefix to x's
+// dtype and take ATen's GEMM: a copy of the prefix per call, small next to the GEMM.
+#include "common/checks.h"
+#include "ops.h"
+#include "skinny_gemm.h"
+
+#include <ATen/Parallel.h>
+
+namespace flextron {
+namespace {
+
+#ifdef FLEXTRON_SKINNY_AVX2
+#define FLEXTRON_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define FLEXTRON_AVX2 __attribute__((target("avx2,fma")))
+
+// y[m, n] = scale[n] * <x[m, :K], q[n, :K]> (+ bias[n]) for m < M, n in [begin, end).
+// U independent FMA chains per row of x; the last K % 16 weights are masked loads.
+template <int M, int U>
+FLEXTRON_AVX512 void columns_int8_avx512(const float* x, int64_t ldx, const int8_t* q, int64_t ldq,
+                                         int64_t K, const float* scale, const float* bias, float* y,
+                                         int64_t ldy, int64_t begin, int64_t end) {
+  for (int64_t n = begin; n < end; ++n) {
+    const int8_t* row = q + n * ldq;
+    __m512 acc[M][U];
+    for (int m = 0; m < M; ++m)
+      for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 * U <= K; k += 16 * U) {
+      for (int u = 0; u < U; ++u) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + 16 * u));
+        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+        for (int m = 0; m < M; ++m)
+          acc[m][u] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * ldx + k + 16 * u), wv, acc[m][u]);
+      }
+    }
+    for (; k < K; k += 16) {
+      const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, K - k)) - 1u);
+      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, row + k)));
+      for (int m = 0; m < M; ++m)
+        acc[m][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + m * ldx + k), wv, acc[m][0]);
+    }
+    for (int m = 0; m < M; ++m) {
+      __m512 total = acc[m][0];
+      for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[m][u]);
+      y[m * ldy + n] = scale[n] * _mm512_reduce_add_ps(total) + (bias == nullptr ? 0.f : bias[n]);
+    }
+  }
+}
+
+// The same with AVX2: 8 weights at a time, the last K % 8 one by one.
+template <int M>
+FLEXTRON_AVX2 void columns_int8_avx2(const float* x, int64_t ldx, const int8_t* q, int64_t ldq, int64_t K,
+                                     const float* scale, const float* bias, float* y, int64_t ldy,
+                                     int64_t begin, int64_t end) {
+  for (int64_t n = begin; n < end; ++n) {
+    const int8_t* row = q + n * ldq;
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k));
+      const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+      for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * ldx + k), wv, acc[m]);
+    }
+    for (int m = 0; m < M; ++m) {
+      float sum = skinny::horizontal_sum(acc[m]);
+      for (int64_t tail = k; tail < K; ++tail) sum += x[m * ldx + tail] * static_cast<float>(row[tail]);
+      y[m * ldy + n] = scale[n] * sum + (bias == nullptr ? 0.f : bias[n]);
+    }
+  }
+}
+#undef FLEXTRON_AVX512
+#undef FLEXTRON_AVX2
+
+bool cpu_has_avx512bw() {
+  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vl");
+  return supported;
+}
+
+// y (M, N) fp32 for M <= kSkinnyMaxRows rows of fp32 x (M, K) and int8 q (N, K) rows ldq apart.
+void few_rows(const at::Tensor& y, const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+              const float* bias) {
+  const int64_t M = x.size(0), N = q.size(0), K = q.size(1), ldq = q.stride(0);
+  const int64_t ldx = x.stride(0), ldy = y.stride(0);
+  const float* xp = x.const_data_ptr<float>();
+  const int8_t* qp = q.const_data_ptr<int8_t>();
+  const float* sp = scale.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  const bool avx512 = cpu_has_avx512bw();
+  constexpr int64_t kGrain = 64;  // output rows per task: enough work to amortise a task
+  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+    if (avx512) {
+      switch (M) {  // U: FMA chains per row of x (32 vector registers)
+        case 1: columns_int8_avx512<1, 4>(xp, ldx, qp, ldq, K, sp, bias, yp, ldy, begin, end); break;
+        case 2: columns_int8_avx512<2, 4>(xp, ldx, qp, ldq, K, sp, bias, yp, ldy, begin, end); break;
+        case 3: columns_int8_avx512<3, 2>(xp, ldx, qp, ldq, K, sp, bias, yp, ldy, begin, end); break;
+        default: columns_int8_avx512<4, 2>(xp, ldx, qp, ldq, K, sp, bias, yp, ldy, begin, end); break;
+      }
+      return;
+    }
+    switch (M) {
+      case 1: columns_int8_avx2<1>(xp, ldx, qp, ldq, K, sp, bias, yp, ldy, begin, end); break;
+      case 2: columns_int8_avx2<2>(xp, ldx, qp, ldq, K, sp, bias, yp, ldy, begin, end); break;
+      case 3: columns_int8_avx2<3>(xp, ldx, qp, ldq, K, sp, bias, yp, ldy, begin, end); break;
+      default: columns_int8_avx2<4>(xp, ldx, qp, ldq, K, sp, bias, yp, ldy, begin, end); break;
+    }
+  });
+}
+#endif  // FLEXTRON_SKINNY_AVX2
+
+}  // namespace
+
+at::Tensor nested_linear_int8_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                                  const std::optional<at::Tensor>& bias, int64_t out_features,
+                                  int64_t in_features) {
+  constexpr const char* op = "nested_linear_int8";
+  check_nested_linear_int8_args(op, x, qweight, scale, bias, out_features, in_features);
+
+  const at::Tensor x_prefix = x.reshape({-1, x.size(-1)}).narrow(1, 0, in_features);  // (N, in)
+  const at::Tensor q_prefix = qweight.narrow(0, 0, out_features).narrow(1, 0, in_features);  // (out, in)
+  const at::Tensor scale_prefix = scale.narrow(0, 0, out_features).to(at::kFloat).contiguous();  // (out,)
+  std::optional<at::Tensor> bias_prefix;
+  if (bias.has_value()) bias_prefix = bias->narrow(0, 0, out_features);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  const int64_t rows = x_prefix.size(0);
+#ifdef FLEXTRON_SKINNY_AVX2
+  if (skinny::cpu_has_avx2_fma() && rows >= 1 && rows <= kSkinnyMaxRows && q_prefix.stride(1) == 1) {
+    const at::Tensor x32 = x_prefix.to(at::kFloat).contiguous();  // (N, in): a few rows
+    const at::Tensor bias32 = bias_prefix.has_value() ? bias_prefix->to(at::kFloat).contiguous() : at::Tensor();
+    at::Tensor y = at::empty({rows, out_features}, x.options().dtype(at::kFloat));  // (N, out)
+    few_rows(y, x32, q_prefix, scale_prefix, bias32.defined() ? bias32.const_data_ptr<float>() : nullptr);
+    return y.to(x.scalar_type()).view(shape);
+  }
+#endif
+  // Dequantized prefix (out, in) in x's dtype, then the GEMM.
+  const at::Tensor weight = (q_prefix.to(at::kFloat) * scale_prefix.unsqueeze(1)).to(x.scalar_type());
+  return linear_nt(x_prefix, weight, bias_prefix).view(shape);
+}
+
+}  // namespace flextron
