@@ -3,9 +3,10 @@
     python benchmarks/bench_llama_cpp.py            # SmolLM2-135M, budgets 1 and 0.5, 1 and 2 threads
     python benchmarks/bench_llama_cpp.py --threads 1 --clock cpu --json out.json
 
-For each budget the sub-network is exported to GGUF (flextron.export.gguf) in f32 and bf16, and
-llama.cpp (llama-cpp-python, installed by `make test`) runs it beside Flextron at the matching
-dtype (fp32 vs f32, bf16 vs bf16), on the same random prompt, timed round-robin (the project's
+For each budget the sub-network is exported to GGUF (flextron.export.gguf) in f32, bf16 and q8_0,
+and llama.cpp (llama-cpp-python, installed by `make test`) runs it beside Flextron at the matching
+dtype (fp32 vs f32, bf16 vs bf16, int8 vs q8_0: the same int8 numbers, flextron.model.quantization),
+on the same random prompt, timed round-robin (the project's
 timing helpers) so that a neighbour's load hits both alike:
   prefill tokens/s   batch 1 x --prompt-len tokens (best of --repeats after a warm-up)
   decode tokens/s    --new-tokens greedy steps after that prompt, each with its own KV cache
@@ -35,10 +36,12 @@ from flextron.export.gguf import write_gguf
 from flextron.model.config import ArchConfig
 from flextron.model.elastic_model import FlextronModel
 from flextron.model.loading import load_model
+from flextron.model.quantization import quantize_int8_
 from flextron.timing import CLOCKS, Staged, check_clock, sample_times_ms
 
-# Flextron dtype -> the GGUF type llama.cpp runs beside it
-WEIGHT_TYPES = {"float32": "f32", "bfloat16": "bf16"}
+# Flextron dtype -> the GGUF type llama.cpp runs beside it, and the bytes a weight takes
+WEIGHT_TYPES = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0"}
+WEIGHT_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
 BANDWIDTH_BYTES = 1 << 30  # far above the caches
 
 
@@ -46,7 +49,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--budgets", default="1,0.5")
-    parser.add_argument("--dtypes", default="float32,bfloat16", help=f"any of {', '.join(WEIGHT_TYPES)}")
+    parser.add_argument("--dtypes", default="float32,bfloat16,int8", help=f"any of {', '.join(WEIGHT_TYPES)}")
     parser.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -75,10 +78,17 @@ def read_bandwidth_gbs(threads: int, clock: str) -> float:
     return BANDWIDTH_BYTES / (min(samples) / 1e3) / 1e9
 
 
-def weight_bytes(model: FlextronModel, arch: ArchConfig, dtype: torch.dtype) -> int:
+def weight_bytes(model: FlextronModel, arch: ArchConfig, dtype: str) -> int:
     """The bytes a decode step streams: every weight of the sub-network (tied embeddings count
-    once, as the LM head; the embedding lookup reads one row)."""
-    return model.num_parameters(arch) * torch.finfo(dtype).bits // 8
+    once, as the LM head; the embedding lookup reads one row; int8's row scales are negligible)."""
+    return model.num_parameters(arch) * WEIGHT_BYTES[dtype]
+
+
+def load(source: str, dtype: str) -> FlextronModel:
+    """The model in `dtype`; int8 quantized from the fp32 weights."""
+    if dtype == "int8":
+        return quantize_int8_(load_model(source, dtype=torch.float32)).eval()
+    return load_model(source, dtype=getattr(torch, dtype)).eval()
 
 
 class LlamaCpp:
@@ -144,7 +154,7 @@ def measure_pair(
 
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    models = {name: load_model(args.model, dtype=getattr(torch, name)).eval() for name in args.dtypes}
+    models = {name: load(args.model, name) for name in args.dtypes}
     vocab_size = next(iter(models.values())).config.vocab_size
     prompt = torch.randint(0, vocab_size, (1, args.prompt_len))  # (1, T)
     context = args.prompt_len + args.new_tokens + 1
@@ -154,7 +164,8 @@ def run(args: argparse.Namespace) -> dict:
         for budget in args.budgets:
             for name, model in models.items():  # each exported from the weights Flextron runs
                 files[budget, name] = Path(scratch) / f"budget{budget:g}-{WEIGHT_TYPES[name]}.gguf"
-                write_gguf(model, model.arch_for_budget(budget), files[budget, name], WEIGHT_TYPES[name])
+                source = load(args.model, "float32") if name == "int8" else model  # q8_0: same numbers
+                write_gguf(source, model.arch_for_budget(budget), files[budget, name], WEIGHT_TYPES[name])
         for threads in args.threads:
             results["bandwidth_gbs"][threads] = bandwidth = read_bandwidth_gbs(threads, args.clock)
             print(f"{threads} thread(s): read bandwidth {bandwidth:.1f} GB/s", file=sys.stderr)
@@ -167,7 +178,7 @@ def run(args: argparse.Namespace) -> dict:
                         rates = measure_pair(model, llama, arch, prompt, args)
                     finally:
                         llama.close()
-                    gigabytes = weight_bytes(model, arch, getattr(torch, name)) / 1e9
+                    gigabytes = weight_bytes(model, arch, name) / 1e9
                     row = {
                         "threads": threads,
                         "budget": budget,

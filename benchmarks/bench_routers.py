@@ -45,6 +45,7 @@ from flextron.model.elastic_model import FlextronModel
 from flextron.model.mixed_widths import ForcedSession
 from flextron.routers import BudgetResolver
 from flextron.routers.evaluation import block_losses, prefix_session
+from flextron.routers.initial import trained_configurations
 from flextron.routers.oracle import allocate_widths, mlp_loss_changes, oracle_sessions
 from flextron.routers.selection import Selection
 from flextron.timing import times_ms
@@ -87,14 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def trained_selections(model: FlextronModel, resolver: BudgetResolver) -> list[Selection]:
     """The configurations the model was trained at (its budget_configs.json, and the full model);
     their budget is a parameter budget, not a latency fraction."""
-    budgets = [] if model.budget_configs is None else model.budget_configs.budgets()
-    selections = []
-    for budget in sorted({*budgets, 1.0}):
-        arch = model.arch_for_budget(budget)
-        selections.append(
-            Selection("trained", budget, arch, predicted_ms=resolver.table.predict(arch, resolver.shape))
-        )
-    return selections
+    return [
+        Selection("trained", budget, arch, predicted_ms=resolver.table.predict(arch, resolver.shape))
+        for budget, arch in sorted(trained_configurations(model).items())
+    ]
 
 
 def candidates(model: FlextronModel, resolver: BudgetResolver, args: argparse.Namespace) -> list[dict]:
@@ -207,7 +204,7 @@ def curve_comparison(curve: list[tuple[float, torch.Tensor]], fraction: float, l
     }
 
 
-COMPARED = {"dynamic": "static", "oracle": "static", "static": ("uniform", "trained")}
+COMPARED = {"dynamic": ("static",), "oracle": ("static",), "static": ("uniform", "trained")}
 
 
 def compare_to_curves(rows: list[dict], losses: dict) -> None:
@@ -224,7 +221,7 @@ def compare_to_curves(rows: list[dict], losses: dict) -> None:
     overhead = {r["budget"]: r["overhead"] for r in rows if r["routing"] == "dynamic"}
     for index, row in enumerate(rows):
         references = COMPARED.get(row["routing"], ())
-        for reference in (references,) if isinstance(references, str) else references:
+        for reference in references:
             if len(curves[reference]) >= 2:
                 row[f"vs_{reference}"] = curve_comparison(
                     curves[reference], row["fraction_of_full"], losses[index]

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Groups of op test files (tests/ops/test_<op>.py; timing: tests/test_timing.py), one session each.
 GROUPS = {
     "routing": ("route", "routed_nested_mlp"),
-    "dense": ("nested_linear", "nested_mlp"),
+    "dense": ("nested_linear", "nested_linear_int8", "nested_mlp"),
     "attention": ("varhead_attention",),
     "support": ("backends", "timing"),
 }

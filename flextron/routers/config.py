@@ -93,8 +93,7 @@ class RouterTrainingConfig:
         "uniform widths); uniform: at the one nearest its latency; trained: between the configurations "
         "the model was trained at (its budgets and full), its widths among the choices; static "
         "(--kind dynamic): at the directory's static router's configuration, with its choices; "
-        "random: plain random "
-        "initialisation",
+        "random: plain random initialisation",
         choices=INITS,
     )
     init_margin: float = option(3.0, "logit margin of the initial configuration", type=non_negative_float)

@@ -61,15 +61,16 @@ def uniform_init_archs(
     return archs
 
 
-def trained_configurations(model: FlextronModel) -> list[ArchConfig]:
-    """The configurations the model was trained at: its budgets' (budget_configs.json), and full."""
+def trained_configurations(model: FlextronModel) -> dict[float, ArchConfig]:
+    """The configurations the model was trained at, by parameter budget: its budgets'
+    (budget_configs.json), and full at 1."""
     budgets = [] if model.budget_configs is None else model.budget_configs.budgets()
-    return [model.arch_for_budget(b) for b in budgets] + [model.full_arch()]
+    return {b: model.arch_for_budget(b) for b in budgets} | {1.0: model.full_arch()}
 
 
 def trained_widths(model: FlextronModel) -> set[int]:
     """Every MLP width some layer of a trained configuration uses."""
-    return {w for arch in trained_configurations(model) for w in arch.mlp_widths}
+    return {w for arch in trained_configurations(model).values() for w in arch.mlp_widths}
 
 
 def trained_init_archs(
@@ -83,7 +84,7 @@ def trained_init_archs(
     the router starts where training put the quality (issue: "routers choose within what
     training covered")."""
     full = table.predict(model.full_arch(), shape)
-    points = sorted((table.predict(arch, shape), arch) for arch in trained_configurations(model))
+    points = sorted((table.predict(arch, shape), arch) for arch in trained_configurations(model).values())
 
     def nearest(value: float, choices: Sequence[int]) -> int:
         return min(choices, key=lambda c: (abs(c - value), c))

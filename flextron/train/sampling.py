@@ -102,12 +102,11 @@ class SubnetSampler:
             for i in layers
         ]
 
-    def token_widths(self) -> tuple[tuple[int, ...], ...]:
-        """Per layer, the MLP widths of the budgets' configurations and the full width, widest first."""
-        archs = [self.arch_for_budget(b) for b in self.budgets] + [ArchConfig.full(self.config)]
-        return tuple(
-            tuple(sorted({arch.mlp_widths[layer] for arch in archs}, reverse=True))
-            for layer in range(self.config.num_layers)
+        # The token rule's widths: per layer, the MLP widths of the budgets' configurations and the
+        # full width, widest first (they depend only on the model and the budgets).
+        archs = [self.arch_for_budget(b) for b in self.budgets] + [ArchConfig.full(config)]
+        self.token_widths = tuple(
+            tuple(sorted({arch.mlp_widths[i] for arch in archs}, reverse=True)) for i in layers
         )
 
     def sample(self, index: int) -> ArchConfig | TokenWidths:
@@ -132,7 +131,7 @@ class SubnetSampler:
             if rule == "budget":
                 return self.arch_for_budget(budget)
             seed = int(torch.randint(2**62, (), generator=generator))
-            return TokenWidths(budget, self.arch_for_budget(budget), self.token_widths(), seed)
+            return TokenWidths(budget, self.arch_for_budget(budget), self.token_widths, seed)
         return ArchConfig(
             tuple(pick(choices) for choices in self.mlp_choices),
             tuple(pick(choices) for choices in self.head_choices),
