@@ -229,8 +229,11 @@ at::Tensor routed_nested_mlp_cpu(const at::Tensor& x, const std::optional<at::Te
     const int64_t width = segs.front().width;  // the tile's widest
     at::Tensor xt = at::empty({rows, hidden_size}, x.options());  // (M, D)
     at::index_select_out(xt, x, 0, routing.perm.narrow(0, start, rows));
-    const at::Tensor up = at::empty({rows, width}, x.options());  // (M, W), becomes hidden
-    const at::Tensor gate = w_gate.has_value() ? at::empty({rows, width}, x.options())
+    // Zeroed, not empty: a row narrower than the tile leaves columns past its width unwritten,
+    // and the GEMMs on its column-prefix views may read past K (bf16 kernels pad K to their
+    // vector length): garbage there that happens to be NaN gave NaN outputs.
+    const at::Tensor up = at::zeros({rows, width}, x.options());  // (M, W), becomes hidden
+    const at::Tensor gate = w_gate.has_value() ? at::zeros({rows, width}, x.options())
                                                : at::Tensor();
     for_each_band(segs, [&](int64_t band_rows, int64_t lo, int64_t hi) {
       band_mm(up, xt, w_up, band_rows, lo, hi);
@@ -272,9 +275,11 @@ routed_nested_mlp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
   // unscaled MLP output, the hidden activations and the pre-activation gradients.
   const at::Tensor xs = at::empty({tokens, hidden_size}, opts);     // (T, D)
   const at::Tensor grad_mlp = at::empty({tokens, hidden_size}, opts);  // (T, D)
-  const at::Tensor hidden = at::empty({tokens, used}, opts);        // (T, W)
-  const at::Tensor up = at::empty({tokens, used}, opts);            // (T, W): up, then grad_up
-  const at::Tensor gate = w_gate.has_value() ? at::empty({tokens, used}, opts)
+  // Zeroed, not empty: rows narrower than `used` leave columns unwritten that the GEMMs on
+  // column-prefix views may read past K (the forward's note): NaN garbage there gave NaN grad_x.
+  const at::Tensor hidden = at::zeros({tokens, used}, opts);        // (T, W)
+  const at::Tensor up = at::zeros({tokens, used}, opts);            // (T, W): up, then grad_up
+  const at::Tensor gate = w_gate.has_value() ? at::zeros({tokens, used}, opts)
                                              : at::Tensor();  // (T, W): gate, then grad_gate
   const at::Tensor grad_x = at::empty({tokens, hidden_size}, opts);  // (T, D)
   const at::Tensor grad_scale_f =
@@ -299,7 +304,7 @@ routed_nested_mlp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                      gate_t.defined() ? block(gate_t, band_rows, lo, hi) : at::Tensor(),
                      block(ut, band_rows, lo, hi), act);
     });
-    const at::Tensor grad_hidden = at::empty({rows, width}, opts);  // (M, W)
+    const at::Tensor grad_hidden = at::zeros({rows, width}, opts);  // (M, W), zeroed as `up` is
     for (const Segment& seg : segs) {
       at::Tensor out = grad_hidden.narrow(0, seg.begin, seg.end - seg.begin).narrow(1, 0, seg.width);
       at::mm_out(out, gt.narrow(0, seg.begin, seg.end - seg.begin), w_down.narrow(1, 0, seg.width));
