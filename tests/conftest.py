@@ -221,6 +221,24 @@ def make_blocks(count: int = 8, length: int = 16, seed: int = 0) -> torch.Tensor
 # --- Fixtures: each returns its factory, so a test sizes what it builds -----------------------
 
 
+def make_int8_pair(model: FlextronModel) -> tuple[FlextronModel, FlextronModel]:
+    """(model's int8 copy, a float copy of model whose linear weights are the int8 copy's values
+    dequantized: int8 times the row's scale); the head and embedding stay the model's."""
+    import copy
+
+    from flextron.model.layers import ElasticLinear
+    from flextron.model.quantization import quantize_int8_
+
+    int8 = quantize_int8_(copy.deepcopy(model))
+    dequantized = copy.deepcopy(model)
+    for name, module in int8.named_modules():
+        if isinstance(module, ElasticLinear) and name != "int8_head":
+            dequantized.get_submodule(name).weight.data = (
+                module.qweight.float() * module.weight_scale[:, None]
+            )
+    return int8, dequantized
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_model():
     """make_tiny_hf_model (see its docstring)."""
@@ -243,6 +261,12 @@ def tiny_flextron():
 def tiny_family_model():
     """make_tiny_family_model (see its docstring)."""
     return make_tiny_family_model
+
+
+@pytest.fixture(scope="session")
+def int8_pair():
+    """make_int8_pair (see its docstring)."""
+    return make_int8_pair
 
 
 @pytest.fixture(scope="session")

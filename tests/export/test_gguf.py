@@ -14,7 +14,6 @@ Tolerances, as a fraction of the largest |logit|:
 
 from __future__ import annotations
 
-import copy
 import json
 
 import gguf
@@ -26,8 +25,7 @@ from flextron.eval.generation import stream_tokens
 from flextron.export.gguf import GGUF_TYPES, encode
 from flextron.export.hf import export
 from flextron.model.config import ArchConfig
-from flextron.model.layers import ElasticLinear
-from flextron.model.quantization import quantize_int8_, quantize_rows, row_scales
+from flextron.model.quantization import quantize_rows, row_scales
 from flextron.model.slicing import slice_model
 
 F32_TOLERANCE = 1e-4
@@ -157,19 +155,13 @@ def test_llama_cpp_tokenizes_like_the_model(
 
 
 @pytest.mark.parametrize("shape", list(ARCHS))
-def test_q8_0_file_holds_the_int8_models_numbers(model, tmp_path, shape: str) -> None:
+def test_q8_0_file_holds_the_int8_models_numbers(model, int8_pair, tmp_path, shape: str) -> None:
     """Every q8_0 weight, dequantized, is exactly the int8 model's value (int8 times the full row's
     scale, flextron.model.quantization) at that place of the sub-network: the f32 export of the
     model with those values has the very same tensors."""
     arch = ARCHS[shape](model)
     export(model, arch, tmp_path / "q8_0", format="gguf", gguf_type="q8_0")
-    int8 = quantize_int8_(copy.deepcopy(model))
-    dequantized = copy.deepcopy(model)
-    for name, module in int8.named_modules():
-        if isinstance(module, ElasticLinear) and name != "int8_head":
-            dequantized.get_submodule(name).weight.data = (
-                module.qweight.float() * module.weight_scale[:, None]
-            )
+    int8, dequantized = int8_pair(model)
     head = int8.int8_head.qweight.float() * int8.int8_head.weight_scale[:, None]
     if model.lm_head is None:  # tied: the file's embedding is the int8 head
         dequantized.embed_tokens.weight.data = head

@@ -11,23 +11,15 @@ import torch
 from flextron.eval.generation import stream_tokens
 from flextron.model.checkpoint import save_pretrained
 from flextron.model.config import ArchConfig
-from flextron.model.layers import ElasticLinear
 from flextron.model.mixed_widths import ForcedSession
 from flextron.model.quantization import quantize_int8_, quantize_rows, row_scales
 
 
 @pytest.fixture(scope="module")
-def models(tiny_flextron):
+def models(tiny_flextron, int8_pair):
     """(fp32 model, its int8 copy, the fp32 model holding the int8 model's dequantized weights)."""
     model = tiny_flextron(kv_heads=2)
-    int8 = quantize_int8_(copy.deepcopy(model))
-    dequantized = copy.deepcopy(model)
-    for name, module in int8.named_modules():
-        if isinstance(module, ElasticLinear) and name != "int8_head":
-            dequantized.get_submodule(name).weight.data = (
-                module.qweight.float() * module.weight_scale[:, None]
-            )
-    return model, int8, dequantized
+    return (model, *int8_pair(model))
 
 
 ARCHS = {
