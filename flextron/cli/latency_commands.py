@@ -23,7 +23,7 @@ from flextron.routers.config import RouterTrainingConfig
 @command(
     "profile",
     arg("--model", required=True, help="a Flextron directory (from convert)"),
-    *load_options(),
+    *load_options(int8=True),
     arg("--prefill", type=parse_shapes, default=[(1, 128)], help="BATCHxLENGTH shapes, comma-separated"),
     arg("--decode", type=parse_shapes, default=[(1, 256)], help="BATCHxCONTEXT shapes, comma-separated"),
     arg("--repeats", type=positive_int, default=9, help="timed repeats per component (the median is kept)"),

@@ -52,12 +52,11 @@ def _component_functions(
     cos, sin = model.rotary(positions, x.dtype)
     layers = model.layers
     cache = _filled_cache(model, batch, length) if phase == "decode" else None
-    head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
 
     def fixed() -> object:
         hidden = model.embed_tokens(ids)
         model.rotary(positions, hidden.dtype)
-        return model.norm(hidden[:, -1:]) @ head.T  # (B, 1, V): generation needs the last logits only
+        return model.logits(hidden[:, -1:])  # (B, 1, V): generation needs the last logits only
 
     # Each component runs in every layer and the time is divided by the layer count: one layer
     # timed alone would keep its weights in cache, which the real forward (all layers) does not.
@@ -111,7 +110,7 @@ def profile_latency(
     table = LatencyTable(
         device.type,
         device_name(device),
-        str(weight.dtype).removeprefix("torch."),
+        model.weights_dtype,
         config.num_layers,
         config.num_heads,
         config.intermediate_size,

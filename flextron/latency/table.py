@@ -358,10 +358,10 @@ class LatencyTable:
                 stacklevel=3,
             )
 
-    def check_dtype(self, dtype: torch.dtype) -> None:
-        """ValueError when the table was measured with weights of another dtype: a bf16 or fp32
-        model streams other bytes and runs other kernels, so each dtype has its own costs."""
-        name = str(dtype).removeprefix("torch.")
+    def check_dtype(self, name: str) -> None:
+        """ValueError when the table was measured with weights of another type (a model's
+        `weights_dtype`: float32, bfloat16, float16 or int8): each streams other bytes and runs
+        other kernels, so each has its own costs."""
         if name != self.dtype:
             raise ValueError(
                 f"the latency table was measured in {self.dtype}, the model runs in {name}: load the "

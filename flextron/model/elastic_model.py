@@ -126,6 +126,11 @@ class FlextronModel(nn.Module):
         """Whether the linear weights are int8 (flextron.model.quantization): inference only."""
         return self.int8_head is not None
 
+    @property
+    def weights_dtype(self) -> str:
+        """The type the linear weights run in: "int8", or the float dtype's name ("bfloat16", ...)."""
+        return "int8" if self.is_int8 else str(self.embed_tokens.weight.dtype).removeprefix("torch.")
+
     def full_arch(self) -> ArchConfig:
         return ArchConfig.full(self.config)
 

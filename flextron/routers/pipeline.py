@@ -83,7 +83,7 @@ def train_routers(
     """
     directory = Path(directory)
     table = LatencyTable.load(directory, model.embed_tokens.weight.device)
-    table.check_dtype(model.embed_tokens.weight.dtype)
+    table.check_dtype(model.weights_dtype)
     existing, existing_shape = load_routers(directory, model.config)
     shape = _latency_shape(config, table, directory, "dynamic" in existing, existing_shape)
     if model.tokenizer is None:

@@ -160,7 +160,7 @@ class BudgetResolver:
             if (Path(directory) / LUT_FILE).is_file():
                 self.table = LatencyTable.load(directory, device)
                 self.table.check_model(model.config)
-                self.table.check_dtype(model.embed_tokens.weight.dtype)
+                self.table.check_dtype(model.weights_dtype)
             self.routers, self.router_shape = load_routers(directory, model.config)
             for router in self.routers.values():
                 router.to(device)

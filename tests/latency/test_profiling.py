@@ -29,6 +29,18 @@ def test_profile_tiny_model_covers_every_choice_and_shape(tiny_flextron) -> None
         assert table.predict(arch, LatencyShape("decode", 1, 16)) > 0
 
 
+def test_an_int8_model_gets_an_int8_table(tiny_flextron, int8_pair) -> None:
+    """A table belongs to the weights' type: profiling the int8 model records "int8", and a float
+    model is refused that table (and the int8 model a float table)."""
+    model = tiny_flextron()
+    int8, _ = int8_pair(model)
+    table = profile_latency(int8, prefill_shapes=[(1, 8)], decode_shapes=[(1, 16)], repeats=1, warmup=1)
+    assert table.dtype == "int8" and int8.weights_dtype == "int8" and model.weights_dtype == "float32"
+    table.check_dtype(int8.weights_dtype)
+    with pytest.raises(ValueError, match="measured in int8, the model runs in float32"):
+        table.check_dtype(model.weights_dtype)
+
+
 def test_profile_rejects_bad_shapes_and_choices(tiny_flextron) -> None:
     model = tiny_flextron()
     with pytest.raises(ValueError, match="must be positive and fit the context"):

@@ -87,9 +87,11 @@ def test_table_of_another_model_is_rejected(synthetic_table, tiny_flextron) -> N
 
 def test_table_of_another_dtype_is_refused(synthetic_table) -> None:
     table = synthetic_table()
-    table.check_dtype(torch.float32)
+    table.check_dtype("float32")
     with pytest.raises(ValueError, match="measured in float32, the model runs in bfloat16: load the model"):
-        table.check_dtype(torch.bfloat16)
+        table.check_dtype("bfloat16")
+    with pytest.raises(ValueError, match="measured in float32, the model runs in int8"):
+        table.check_dtype("int8")
 
 
 def test_a_router_session_refuses_a_table_of_another_dtype(synthetic_table, tiny_flextron, tmp_path) -> None:
