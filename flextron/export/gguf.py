@@ -53,6 +53,7 @@ GGUF_TYPES = {
     "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
+Q8_0_BLOCK = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]  # weights per q8_0 block (32)
 
 # Hugging Face parameter suffix -> GGUF tensor name within block N
 LAYER_TENSORS = {
@@ -132,9 +133,8 @@ def encode(
     qtype = GGUF_TYPES[gguf_type][0]
     if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
         return data, gguf.GGMLQuantizationType.F32
-    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
     if qtype == gguf.GGMLQuantizationType.Q8_0:
-        if data.shape[-1] % block:
+        if data.shape[-1] % Q8_0_BLOCK:
             return gguf.quants.quantize(data, gguf.GGMLQuantizationType.F16), gguf.GGMLQuantizationType.F16
         return q8_0_blocks(tensor, row_scales(tensor) if row_scale is None else row_scale), qtype
     return gguf.quants.quantize(data, qtype), qtype
@@ -144,9 +144,10 @@ def q8_0_blocks(tensor: torch.Tensor, row_scale: torch.Tensor) -> np.ndarray:
     """(R, C) fp32, (R,) fp16-representable scales -> (R, C / 32 * 34) uint8 q8_0 blocks: each
     block of 32 is the row's scale (fp16) and the row's int8 values (quantize_rows)."""
     rows, cols = tensor.shape
-    values = quantize_rows(tensor, row_scale).numpy().view(np.uint8).reshape(rows, cols // 32, 32)
+    blocks_per_row = cols // Q8_0_BLOCK
+    values = quantize_rows(tensor, row_scale).numpy().view(np.uint8).reshape(rows, blocks_per_row, Q8_0_BLOCK)
     scale_bytes = row_scale.half().numpy().view(np.uint8).reshape(rows, 1, 2)  # (R, 1, 2)
-    blocks = np.concatenate([np.broadcast_to(scale_bytes, (rows, cols // 32, 2)), values], axis=-1)
+    blocks = np.concatenate([np.broadcast_to(scale_bytes, (rows, blocks_per_row, 2)), values], axis=-1)
     return blocks.reshape(rows, -1)
 
 
