@@ -38,7 +38,7 @@ GROUPS = {
     "routing": ("route", "routed_nested_mlp"),
     "dense": ("nested_linear", "nested_linear_int8", "nested_mlp"),
     "attention": ("varhead_attention",),
-    "support": ("backends", "timing"),
+    "support": ("backends", "info", "timing"),
 }
 SLOW_TESTS = re.compile(r"opcheck|compile|inductor")
 NO_DEVICE = "not run: no device"

@@ -1,6 +1,6 @@
 // The Python module flextron._C. Importing it runs the TORCH_LIBRARY
 // registrations in registration.cpp; the module itself only reports how the
-// extension was built (read by `python -m flextron.info`).
+// extension was built and what this CPU offers (read by `python -m flextron.ops.info`).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -41,4 +41,16 @@ PYBIND11_MODULE(_C, m) {
     info["cutlass_version"] = std::string(FLEXTRON_CUTLASS_VERSION);
     return info;
   }, "How this extension was built: torch/CUDA/CUTLASS versions and CUDA archs.");
+  m.def("cpu_features", [] {
+    py::dict features;
+#if defined(__x86_64__) || defined(__i386__)
+    features["avx2_fma"] = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    features["avx512bw"] = static_cast<bool>(__builtin_cpu_supports("avx512bw"));
+    features["avx512_bf16"] = static_cast<bool>(__builtin_cpu_supports("avx512bf16"));
+    features["avx512_vnni"] = static_cast<bool>(__builtin_cpu_supports("avx512vnni"));
+#else
+    for (const char* name : {"avx2_fma", "avx512bw", "avx512_bf16", "avx512_vnni"}) features[name] = false;
+#endif
+    return features;
+  }, "The instruction sets of this CPU that the CPU kernels use (all False off x86).");
 }

@@ -27,6 +27,7 @@ from flextron.model.budget_configs import CalibrationConfig
 from flextron.model.checkpoint import save_pretrained
 from flextron.model.config import REPORTED_BUDGETS
 from flextron.model.loading import load_default
+from flextron.ops.info import bf16_is_fast
 from flextron.options import non_negative_int, option, parse_budgets, positive_int
 from flextron.train.demo_training import cache_root
 
@@ -129,7 +130,9 @@ def run_demo(out: Path, config: DemoConfig) -> list[dict]:
 
 def _convert(model, config: DemoConfig, train_text: str | Path, step: Callable[[str], None]) -> None:
     """Convert the model on calibration text and choose each budget's configuration on it."""
-    calibration = CalibrationConfig(budgets=tuple(b for b in config.budgets if b < 1), **COARSE_SENSITIVITY)
+    calibration = CalibrationConfig(
+        budgets=tuple(b for b in config.budgets if b < 1), bf16=bf16_is_fast(), **COARSE_SENSITIVITY
+    )
     blocks = load_blocks(
         model.tokenizer, train_text, calibration.seq_len, config.calib_samples, split="train"
     )
@@ -138,8 +141,9 @@ def _convert(model, config: DemoConfig, train_text: str | Path, step: Callable[[
     step(
         "choosing each budget's configuration by calibration loss (flextron.model.budget_configs). The slow "
         f"step: coarse layer sensitivities first, each layer narrowed alone to {calibration.layer_levels} "
-        f"MLP widths and fewer heads, which costs about {passes:.0f} forward passes over a block "
-        f"(measured once per model and text, then kept in {cache_root()})"
+        f"MLP widths and fewer heads, which costs about {passes:.0f} forward passes over a block"
+        f"{' in bf16' if calibration.bf16 else ''} (measured once per model and text, then kept in "
+        f"{cache_root()})"
     )
     model.budget_configs = choose_budget_configs(
         model,

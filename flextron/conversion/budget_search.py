@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flextron.conversion.layer_sensitivity import (
+    LayerSensitivity,
     allocate,
     cached_layer_sensitivity,
     measure_layer_sensitivity,
@@ -53,6 +54,26 @@ def choose_budget_configs(
     source: where the calibration text came from (recorded in the file); sensitivity_cache: a
     directory that keeps the layer sensitivities per model and text (None: measured afresh)."""
     calibration = config or CalibrationConfig()
+    device_type = model.embed_tokens.weight.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=calibration.bf16):
+        entries, sensitivity = _measure_budgets(model, blocks, calibration, progress, sensitivity_cache)
+    source_info = {"source": source, "blocks": int(blocks.shape[0]), "seq_len": int(blocks.shape[1])}
+    if calibration.bf16:
+        source_info["autocast"] = "bfloat16"
+    if sensitivity is not None:
+        source_info["layer_sensitivity"] = sensitivity.to_dict()
+        source_info["sensitivity_blocks"] = calibration.sensitivity_blocks
+    return BudgetConfigs(entries, source_info)
+
+
+def _measure_budgets(
+    model: FlextronModel,
+    blocks: torch.Tensor,
+    calibration: CalibrationConfig,
+    progress: bool,
+    sensitivity_cache: Path | None,
+) -> tuple[list[dict], LayerSensitivity | None]:
+    """choose_budget_configs' measurements: each budget's entry, and the layer sensitivities."""
     sensitivity = None
     if calibration.layer_levels:
         levels, sample_blocks = calibration.layer_levels, calibration.sensitivity_blocks
@@ -85,8 +106,4 @@ def choose_budget_configs(
                 "candidates": measured,
             }
         )
-    source_info = {"source": source, "blocks": int(blocks.shape[0]), "seq_len": int(blocks.shape[1])}
-    if sensitivity is not None:
-        source_info["layer_sensitivity"] = sensitivity.to_dict()
-        source_info["sensitivity_blocks"] = calibration.sensitivity_blocks
-    return BudgetConfigs(entries, source_info)
+    return entries, sensitivity

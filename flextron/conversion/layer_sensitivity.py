@@ -163,9 +163,13 @@ def cached_layer_sensitivity(
     cache: Path,
 ) -> LayerSensitivity:
     """measure_layer_sensitivity, kept in directory `cache` under a key of the model's weights,
-    the measured blocks and `levels`: a rerun on the same model and text loads it in a moment."""
+    the measured blocks, `levels` and the autocast dtype: a rerun on the same model and text
+    loads it in a moment."""
     measured = evenly_spaced(blocks, sample_blocks)  # (n, S)
-    digest = hashlib.sha256(f"{fingerprint(model)} {levels}".encode())
+    device_type = model.embed_tokens.weight.device.type
+    # Autocast changes the measured numbers: bf16 sensitivities are kept apart from fp32 ones.
+    precision = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else ""
+    digest = hashlib.sha256(f"{fingerprint(model)} {levels} {precision}".encode())
     digest.update(measured.to("cpu", torch.int64).numpy().tobytes())
     path = cache / f"layer-sensitivity-{digest.hexdigest()[:16]}.json"
     if path.is_file():

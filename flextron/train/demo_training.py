@@ -19,6 +19,7 @@ import torch
 
 from flextron.model.checkpoint import load_pretrained
 from flextron.model.elastic_model import FlextronModel
+from flextron.ops.info import bf16_is_fast
 from flextron.train.batches import load_train_data
 from flextron.train.train_state import latest_checkpoint
 from flextron.train.trainer import TrainConfig, train
@@ -32,8 +33,11 @@ def cache_root() -> Path:
 
 def demo_config(steps: int) -> TrainConfig:
     """Small batches and a frozen embedding (recovery per CPU second); lr 5e-5 keeps the full width
-    in place and the answers of budget 0.75 intact (at 1e-4 its answer to the demo question drifts)."""
+    in place and the answers of budget 0.75 intact (at 1e-4 its answer to the demo question drifts).
+    bf16 autocast where the CPU has AVX-512 BF16: 1.7x the steps per second, the same loss per
+    step (docs/quality.md)."""
     return TrainConfig(
+        bf16=bf16_is_fast(),
         steps=steps,
         batch_size=2,
         lr=5e-5,

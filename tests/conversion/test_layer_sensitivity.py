@@ -128,6 +128,21 @@ def test_sensitivities_are_cached_per_model_and_text(blocks, model_and_blocks, t
     assert not measured and len(list(tmp_path.iterdir())) == 1
     cached_layer_sensitivity(model, blocks.flip(0), 4, False, 1, tmp_path)  # other text: measured
     assert len(measured) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # other precision: measured, kept apart
+        cached_layer_sensitivity(model, blocks, 4, False, 1, tmp_path)
+    assert len(measured) == 2 and len(list(tmp_path.iterdir())) == 3
+
+
+def test_bf16_calibration_is_recorded_and_ranks_like_fp32(blocks, model_and_blocks) -> None:
+    model, blocks = model_and_blocks
+    settings = {"budgets": (0.5,), "layer_levels": 4}
+    fp32 = choose_budget_configs(model, blocks, CalibrationConfig(**settings), progress=False)
+    bf16 = choose_budget_configs(model, blocks, CalibrationConfig(**settings, bf16=True), progress=False)
+    assert bf16.calibration["autocast"] == "bfloat16" and "autocast" not in fp32.calibration
+    assert next(model.parameters()).dtype == torch.float32  # the weights stay as they are
+    losses = [[c["loss"] for c in chosen.entries[0]["candidates"]] for chosen in (fp32, bf16)]
+    assert losses[0] != losses[1]  # measured in bf16, close to fp32
+    assert losses[1] == pytest.approx(losses[0], rel=0.02)
 
 
 def test_sensitivity_cost_counts_the_layers_each_variant_runs(tiny_flextron) -> None:
