@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GROUPS = {
     "routing": ("route", "routed_nested_mlp"),
     "dense": ("nested_linear", "nested_linear_int8", "nested_mlp"),
-    "attention": ("varhead_attention",),
+    "attention": ("varhead_attention", "decoder_layer"),
     "support": ("backends", "info", "timing"),
 }
 SLOW_TESTS = re.compile(r"opcheck|compile|inductor")

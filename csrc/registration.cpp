@@ -1,5 +1,5 @@
 // Every torch.ops.flextron schema, in one place, and the kernels behind them.
-// Fake (meta) impls and autograd formulas are registered in flextron/ops.py.
+// Fake (meta) impls and autograd formulas are registered in flextron/ops/wrappers.py.
 #include <torch/library.h>
 
 #include "ops.h"
@@ -30,6 +30,12 @@ TORCH_LIBRARY(flextron, m) {
   // Gradients of varhead_attention w.r.t. q, k and v.
   m.def("varhead_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
         "Tensor heads, bool causal, float? scale=None) -> (Tensor, Tensor, Tensor)");
+  // One pre-norm decoder layer on a KV cache, on the first `heads` query heads and `width` MLP
+  // neurons; writes the new keys and values at positions [length, length + T). Composite:
+  // its kernel is in common/decoder_layer.cpp.
+  m.def("decoder_layer(Tensor x, Tensor input_norm, Tensor post_norm, Tensor[] weights, "
+        "Tensor?[] scales, Tensor?[] biases, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, int length, int heads, int width, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flextron, CPU, m) {

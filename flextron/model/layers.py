@@ -38,6 +38,13 @@ class ElasticLinear(nn.Module):
         """Whether the weight is int8 rows with per-row scales (flextron.model.quantization)."""
         return self.weight is None
 
+    def operands(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(weight, scale, bias) as the ops take them: the int8 rows and their scales, or the
+        float weight and None."""
+        if self.is_int8:
+            return self.qweight, self.weight_scale, self.bias
+        return self.weight, None, self.bias
+
     def forward(
         self, x: torch.Tensor, out_features: int | None = None, in_features: int | None = None
     ) -> torch.Tensor:
@@ -57,6 +64,9 @@ class ElasticMLP(nn.Module):
         self.gate_proj = ElasticLinear(hidden_size, intermediate_size, bias)
         self.up_proj = ElasticLinear(hidden_size, intermediate_size, bias)
         self.down_proj = ElasticLinear(intermediate_size, hidden_size, bias)
+
+    def projections(self) -> tuple[ElasticLinear, ...]:
+        return self.gate_proj, self.up_proj, self.down_proj
 
     def forward(self, x: torch.Tensor, width: int) -> torch.Tensor:
         """x: (B, T, D) -> (B, T, D) through the first `width` neurons."""
@@ -95,9 +105,9 @@ class KVCache:
         self.max_length = max_length
         self.length = 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v: (B, h, T, hd) at positions [length, length + T); return all (B, h, S, hd)."""
-        h, t = k.shape[1], k.shape[2]
+    def reserve(self, layer: int, h: int, t: int) -> int:
+        """Check that layer `layer` may store h KV heads at positions [length, length + t) and
+        record the head count; returns length + t."""
         end = self.length + t
         if end > self.max_length:
             raise ValueError(f"KV cache full: {end} positions needed, {self.max_length} allocated")
@@ -109,6 +119,12 @@ class KVCache:
                 f"layer {layer}: {h} KV heads requested but the cache was filled with {cached}; "
                 "the head choice is fixed at prefill"
             )
+        return end
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v: (B, h, T, hd) at positions [length, length + T); return all (B, h, S, hd)."""
+        h = k.shape[1]
+        end = self.reserve(layer, h, k.shape[2])
         self.keys[layer][:, :h, self.length : end] = k
         self.values[layer][:, :h, self.length : end] = v
         return self.keys[layer][:, :h, :end], self.values[layer][:, :h, :end]
@@ -133,6 +149,13 @@ class ElasticAttention(nn.Module):
         self.k_proj = ElasticLinear(hidden_size, num_kv_heads * head_dim, qkv_bias)
         self.v_proj = ElasticLinear(hidden_size, num_kv_heads * head_dim, qkv_bias)
         self.o_proj = ElasticLinear(num_heads * head_dim, hidden_size, o_bias)
+
+    def kv_heads_for(self, heads: int) -> int:
+        """The KV heads that `heads` query heads need: the op computes whole KV groups."""
+        return math.ceil(heads / self.group_size)
+
+    def projections(self) -> tuple[ElasticLinear, ...]:
+        return self.q_proj, self.k_proj, self.v_proj, self.o_proj
 
     def forward(
         self,
@@ -161,8 +184,7 @@ class ElasticAttention(nn.Module):
             most = int(per_sequence.max()) if max_heads is None else max_heads
         else:
             per_sequence, most = None, heads
-        # Compute whole KV groups: the op needs query heads = kv heads * group size.
-        kv_heads = math.ceil(most / self.group_size)
+        kv_heads = self.kv_heads_for(most)
         q_heads, hd = kv_heads * self.group_size, self.head_dim
         q = self.q_proj(x, q_heads * hd).view(B, T, q_heads, hd).transpose(1, 2)  # (B, qh, T, hd)
         k = self.k_proj(x, kv_heads * hd).view(B, T, kv_heads, hd).transpose(1, 2)  # (B, kvh, T, hd)

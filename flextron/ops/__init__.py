@@ -8,6 +8,7 @@ Layer 1: imports no other flextron package.
 from flextron.ops.wrappers import (
     OP_NAMES,
     backends,
+    decoder_layer,
     nested_linear,
     nested_linear_int8,
     nested_mlp,
@@ -19,6 +20,7 @@ from flextron.ops.wrappers import (
 __all__ = [
     "OP_NAMES",
     "backends",
+    "decoder_layer",
     "nested_linear",
     "nested_linear_int8",
     "nested_mlp",

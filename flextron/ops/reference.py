@@ -142,3 +142,62 @@ def varhead_attention(
     out = torch.softmax(scores, dim=-1) @ v.float()  # (B, Hq, Sq, Dh)
     active = torch.arange(q.shape[1], device=q.device)[None, :] < heads[:, None].to(q.device)  # (B, Hq)
     return (out * active[:, :, None, None]).to(q.dtype)
+
+
+def decoder_layer(
+    x: torch.Tensor,
+    input_norm: torch.Tensor,
+    post_norm: torch.Tensor,
+    weights: list[torch.Tensor],
+    scales: list[torch.Tensor | None],
+    biases: list[torch.Tensor | None],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    length: int,
+    heads: int,
+    width: int,
+    eps: float,
+) -> torch.Tensor:
+    """One pre-norm Llama decoder layer on a KV cache: x + attention(norm(x)), then + MLP(norm(.)).
+
+    x: (B, T, D); weights: the 7 projections q, k, v, o, gate, up, down (float, or int8 rows
+    where scales[i] holds their per-row scales); biases: per projection or None; cos, sin:
+    (T, hd) for positions [length, length + T); k_cache, v_cache: (B, Hkv, max_len, hd), the
+    new keys and values written at those positions.  Attention runs whole KV groups on the
+    first `heads` query heads (the rest of the last group output zeros), the SwiGLU MLP its
+    first `width` neurons.  RMSNorm in fp32, cast back before its weight.  Returns (B, T, D).
+    """
+
+    def norm(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        h32 = h.float()
+        return weight * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+
+    def rotate(t: torch.Tensor) -> torch.Tensor:  # (B, h, T, hd), rotate-half convention
+        half = t.shape[-1] // 2
+        return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin
+
+    def project(index: int, h: torch.Tensor, out: int, inp: int) -> torch.Tensor:
+        if scales[index] is None:
+            return nested_linear(h, weights[index], biases[index], out, inp)
+        return nested_linear_int8(h, weights[index], scales[index], biases[index], out, inp)
+
+    B, T, D = x.shape
+    hd = k_cache.shape[3]
+    group = weights[0].shape[0] // hd // k_cache.shape[1]
+    kv_heads = -(-heads // group)
+    q_heads = kv_heads * group
+    h = norm(x, input_norm)  # (B, T, D)
+    q = rotate(project(0, h, q_heads * hd, D).view(B, T, q_heads, hd).transpose(1, 2))  # (B, qh, T, hd)
+    k = rotate(project(1, h, kv_heads * hd, D).view(B, T, kv_heads, hd).transpose(1, 2))  # (B, kvh, T, hd)
+    v = project(2, h, kv_heads * hd, D).view(B, T, kv_heads, hd).transpose(1, 2)
+    end = length + T
+    k_cache[:, :kv_heads, length:end] = k
+    v_cache[:, :kv_heads, length:end] = v
+    per_sequence = torch.full((B,), heads, dtype=torch.int64, device=x.device)
+    y = varhead_attention(q, k_cache[:, :kv_heads, :end], v_cache[:, :kv_heads, :end], per_sequence, True)
+    x = x + project(3, y.transpose(1, 2).reshape(B, T, q_heads * hd), D, q_heads * hd)
+    m = norm(x, post_norm)
+    hidden = F.silu(project(4, m, width, D)) * project(5, m, width, D)  # (B, T, width)
+    return x + project(6, hidden, D, width)

@@ -16,6 +16,7 @@ from flextron.ops import reference
 from flextron.ops.extension import _C  # noqa: F401  (importing registers the ops)
 
 __all__ = [
+    "decoder_layer",
     "nested_linear",
     "nested_linear_int8",
     "nested_mlp",
@@ -27,6 +28,7 @@ __all__ = [
 ]
 
 OP_NAMES = (
+    "decoder_layer",
     "nested_linear",
     "nested_linear_int8",
     "nested_mlp",
@@ -41,8 +43,18 @@ def backends(op_name: str) -> list[str]:
     return list(_kernel_keys(op_name))
 
 
+# Ops composed of other flextron ops (CompositeImplicitAutograd): a device has them where it has
+# every part.
+COMPOSITE_PARTS = {
+    "decoder_layer": ("nested_linear", "nested_linear_int8", "nested_mlp", "varhead_attention")
+}
+
+
 @functools.cache  # the kernels are registered once, when flextron._C is imported
 def _kernel_keys(op_name: str) -> tuple[str, ...]:
+    parts = COMPOSITE_PARTS.get(op_name)
+    if parts is not None:
+        return tuple(key for key in ("CPU", "CUDA") if all(key in _kernel_keys(part) for part in parts))
     return tuple(
         key
         for key in ("CPU", "CUDA")
@@ -437,6 +449,53 @@ def _varhead_attention_backward(ctx, grad_out):
 torch.library.register_autograd(
     "flextron::varhead_attention", _varhead_attention_backward, setup_context=_varhead_attention_setup
 )
+
+
+# ---- decoder_layer ----------------------------------------------------------------
+
+
+def decoder_layer(
+    x: torch.Tensor,
+    input_norm: torch.Tensor,
+    post_norm: torch.Tensor,
+    weights: list[torch.Tensor],
+    scales: list[torch.Tensor | None],
+    biases: list[torch.Tensor | None],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    length: int,
+    heads: int,
+    width: int,
+    eps: float,
+) -> torch.Tensor:
+    """One pre-norm decoder layer on a KV cache, on the first `heads` query heads and `width` MLP
+    neurons; writes the new keys and values into k_cache, v_cache at [length, length + T).
+
+    x: (B, T, D); weights, scales, biases: the 7 projections q, k, v, o, gate, up, down (scales
+    for int8 rows, else None); cos, sin: (T, hd); caches: (B, Hkv, max_len, hd).  Returns
+    (B, T, D).  Composed of the other ops in C++ (their kernels, autograd and fakes), without
+    the per-operation Python cost that dominates a decode step; semantics:
+    flextron.ops.reference.decoder_layer.
+    """
+    _require_kernel("decoder_layer", x)
+    return torch.ops.flextron.decoder_layer.default(
+        x,
+        input_norm,
+        post_norm,
+        weights,
+        scales,
+        biases,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        length,
+        heads,
+        width,
+        eps,
+    )
 
 
 # ---- autocast ------------------------------------------------------------------

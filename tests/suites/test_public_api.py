@@ -53,6 +53,7 @@ PUBLIC_API = {
 OPS_API = {
     "OP_NAMES",
     "backends",
+    "decoder_layer",
     "nested_linear",
     "nested_linear_int8",
     "nested_mlp",
