@@ -8,15 +8,26 @@
 // once serves every budget.
 //
 // A few rows of x (decode, <= kSkinnyMaxRows) take the kernels below, which read each
-// weight row once, widen 16 int8 weights at a time to fp32 in registers (AVX-512; 8 at a
-// time with AVX2 elsewhere) and multiply them with fp32 x; sums are fp32, the scale and
-// bias are applied once per output. More rows (prefill) dequantize the prefix to x's
-// dtype and take ATen's GEMM: a copy of the prefix per call, small next to the GEMM.
+// weight row once; the scale and bias are applied once per output. With AVX-512 VNNI each
+// row of x is first rounded to int16 with a scale of its own (max|x| / levels), and
+// vpdpwssd sums 32 int8 x int16 products per instruction in int32: the widening to fp32
+// that bounds the float kernels goes, and the weights stream at close to memory speed.
+// The int16 rounding of x is below 1e-4 of max|x|, far below the int8 weights' own.
+// Elsewhere (or FLEXTRON_INT8_DOT=portable) the kernels widen 16 int8 weights at a time to
+// fp32 (AVX-512; 8 with AVX2) and multiply them with fp32 x. More rows (prefill)
+// dequantize the prefix to x's dtype and take ATen's GEMM: a copy of the prefix per call,
+// small next to the GEMM.
 #include "common/checks.h"
 #include "ops.h"
 #include "skinny_gemm.h"
 
 #include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <vector>
 
 namespace flextron {
 namespace {
@@ -81,8 +92,58 @@ FLEXTRON_AVX2 void columns_int8_avx2(const float* x, int64_t ldx, const int8_t* 
     }
   }
 }
+
+#define FLEXTRON_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+// int32 sums of int8 x int16 products are flushed to fp32 every kVnniChunk weights; within a
+// chunk, |x| <= levels keeps them from overflowing: 127 * levels * chunk < 2^31.
+constexpr int64_t kVnniChunk = 2048;
+
+int64_t int16_levels(int64_t K) {
+  return std::min<int64_t>(32767, ((int64_t{1} << 31) - 1) / (127 * std::min(K, kVnniChunk)));
+}
+
+// y[m, n] = scale[n] * xs[m] * <xq[m, :K], q[n, :K]> (+ bias[n]) for m < M, n in [begin, end):
+// xq (M, ldx) int16, zero past K; U independent vpdpwssd chains per row of x.
+template <int M, int U>
+FLEXTRON_VNNI void columns_int8_vnni(const int16_t* xq, int64_t ldx, const float* xs, const int8_t* q,
+                                     int64_t ldq, int64_t K, const float* scale, const float* bias, float* y,
+                                     int64_t ldy, int64_t begin, int64_t end) {
+  for (int64_t n = begin; n < end; ++n) {
+    const int8_t* row = q + n * ldq;
+    float sums[M] = {};
+    for (int64_t chunk = 0; chunk < K; chunk += kVnniChunk) {
+      const int64_t stop = std::min(K, chunk + kVnniChunk);
+      __m512i acc[M][U];
+      for (int m = 0; m < M; ++m)
+        for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_si512();
+      int64_t k = chunk;
+      for (; k + 32 * U <= stop; k += 32 * U) {
+        for (int u = 0; u < U; ++u) {
+          const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k + 32 * u)));
+          for (int m = 0; m < M; ++m)
+            acc[m][u] = _mm512_dpwssd_epi32(acc[m][u], _mm512_loadu_si512(xq + m * ldx + k + 32 * u), w);
+        }
+      }
+      for (; k < stop; k += 32) {  // the last weights: a masked load; xq is zero past K
+        const __mmask32 mask = static_cast<__mmask32>(
+            stop - k >= 32 ? 0xffffffffu : (1u << (stop - k)) - 1u);
+        const __m512i w = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, row + k));
+        for (int m = 0; m < M; ++m)
+          acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], _mm512_loadu_si512(xq + m * ldx + k), w);
+      }
+      for (int m = 0; m < M; ++m) {
+        __m512i total = acc[m][0];
+        for (int u = 1; u < U; ++u) total = _mm512_add_epi32(total, acc[m][u]);
+        sums[m] += static_cast<float>(_mm512_reduce_add_epi32(total));
+      }
+    }
+    for (int m = 0; m < M; ++m) y[m * ldy + n] = scale[n] * xs[m] * sums[m] + (bias == nullptr ? 0.f : bias[n]);
+  }
+}
 #undef FLEXTRON_AVX512
 #undef FLEXTRON_AVX2
+#undef FLEXTRON_VNNI
 
 bool cpu_has_avx512bw() {
   static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -90,9 +151,62 @@ bool cpu_has_avx512bw() {
   return supported;
 }
 
+// Whether the few-row kernels use AVX-512 VNNI: FLEXTRON_INT8_DOT=auto (or unset) where the CPU
+// has it, =portable never (the fp32 widening path, to test or compare it). Read per call.
+bool use_vnni() {
+  static const bool supported = cpu_has_avx512bw() && __builtin_cpu_supports("avx512vnni");
+  const char* value = std::getenv("FLEXTRON_INT8_DOT");
+  const std::string setting = value == nullptr ? "auto" : value;
+  TORCH_CHECK(setting == "auto" || setting == "portable",
+              "FLEXTRON_INT8_DOT must be auto or portable, got '", setting, "'");
+  return setting == "auto" && supported;
+}
+
+// Each row of x (M, K) fp32 rounded to int16: xq (M, ldx = K rounded up to 32, zeros after K),
+// and the scales xs (M,) with x ~= xs * xq. Plain loops: a few rows, a microsecond.
+void quantize_rows_int16(const float* x, int64_t ldx_in, int64_t M, int64_t K, int16_t* xq, int64_t ldx,
+                         float* xs) {
+  const float levels = static_cast<float>(int16_levels(K));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * ldx_in;
+    float largest = 0.f;
+    for (int64_t k = 0; k < K; ++k) largest = std::max(largest, std::abs(row[k]));
+    xs[m] = largest / levels;
+    const float inverse = largest > 0.f ? levels / largest : 0.f;  // a zero row stays zero
+    int16_t* out = xq + m * ldx;
+    for (int64_t k = 0; k < K; ++k) out[k] = static_cast<int16_t>(std::nearbyint(row[k] * inverse));
+    std::fill(out + K, out + ldx, int16_t{0});
+  }
+}
+
+// y (M, N) fp32 for M <= kSkinnyMaxRows rows of fp32 x (M, K) and int8 q (N, K) rows ldq apart, with VNNI.
+void few_rows_vnni(const at::Tensor& y, const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                   const float* bias) {
+  const int64_t M = x.size(0), N = q.size(0), K = q.size(1), ldq = q.stride(0);
+  const int64_t ldx = (K + 31) / 32 * 32, ldy = y.stride(0);
+  std::vector<int16_t> xq(M * ldx);  // (M, ldx)
+  float xs[kSkinnyMaxRows];
+  quantize_rows_int16(x.const_data_ptr<float>(), x.stride(0), M, K, xq.data(), ldx, xs);
+  const int16_t* xp = xq.data();
+  const float* xsp = xs;
+  const int8_t* qp = q.const_data_ptr<int8_t>();
+  const float* sp = scale.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  constexpr int64_t kGrain = 64;  // output rows per task: enough work to amortise a task
+  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+    switch (M) {  // U: vpdpwssd chains per row of x (32 vector registers)
+      case 1: columns_int8_vnni<1, 4>(xp, ldx, xsp, qp, ldq, K, sp, bias, yp, ldy, begin, end); break;
+      case 2: columns_int8_vnni<2, 4>(xp, ldx, xsp, qp, ldq, K, sp, bias, yp, ldy, begin, end); break;
+      case 3: columns_int8_vnni<3, 2>(xp, ldx, xsp, qp, ldq, K, sp, bias, yp, ldy, begin, end); break;
+      default: columns_int8_vnni<4, 2>(xp, ldx, xsp, qp, ldq, K, sp, bias, yp, ldy, begin, end); break;
+    }
+  });
+}
+
 // y (M, N) fp32 for M <= kSkinnyMaxRows rows of fp32 x (M, K) and int8 q (N, K) rows ldq apart.
 void few_rows(const at::Tensor& y, const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
               const float* bias) {
+  if (use_vnni()) return few_rows_vnni(y, x, q, scale, bias);
   const int64_t M = x.size(0), N = q.size(0), K = q.size(1), ldq = q.stride(0);
   const int64_t ldx = x.stride(0), ldy = y.stride(0);
   const float* xp = x.const_data_ptr<float>();

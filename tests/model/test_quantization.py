@@ -41,10 +41,12 @@ def test_row_scales_are_fp16_and_values_use_the_full_int8_range():
 
 
 @pytest.mark.parametrize("arch_name", list(ARCHS))
-def test_every_sub_network_is_the_dequantized_one(models, assert_logits_close, arch_name):
+def test_every_sub_network_is_the_dequantized_one(models, assert_logits_close, monkeypatch, arch_name):
     """Prefill and decode at any budget compute exactly what the float model holding the
     dequantized weights computes (its head too: the int8 head's values): every prefix of an
-    int8 row keeps the full row's scale, so one quantization serves every budget."""
+    int8 row keeps the full row's scale, so one quantization serves every budget.  Decode on the
+    kernels' float path: the VNNI path's int16 rounding of x is bounded in the op's tests."""
+    monkeypatch.setenv("FLEXTRON_INT8_DOT", "portable")
     model, int8, dequantized = models
     head = int8.int8_head
     twin = copy.deepcopy(dequantized)

@@ -65,8 +65,9 @@ CASES = [  # (length, tokens, heads, width): prefill, decode, narrowed heads (pa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("variant", ["float", "bias", "int8"])
-def test_forward_and_caches_match_reference(device, dtype, case, variant):
+def test_forward_and_caches_match_reference(monkeypatch, device, dtype, case, variant):
     length, tokens, heads, width = case
+    monkeypatch.setenv("FLEXTRON_INT8_DOT", "portable")  # int8 on float x, as the reference
     layer = make_layer(dtype, device, bias=variant == "bias", int8=variant == "int8")
     x, cos, sin, caches = make_step(dtype, device, length, tokens)
     ours_caches = [c.clone() for c in caches]
@@ -142,6 +143,7 @@ def test_model_cached_forward_runs_it_and_matches_the_uncached_model(tiny_flextr
     model = tiny_flextron(seed=1).eval()
     if int8:
         quantize_int8_(model)
+        monkeypatch.setenv("FLEXTRON_INT8_DOT", "portable")  # decode's int8 on float x, as prefill
     calls = []
     real = ops.decoder_layer
     monkeypatch.setattr(ops, "decoder_layer", lambda *args: calls.append(args[-3:-1]) or real(*args))
