@@ -107,9 +107,15 @@ def hf_ppl(directory: str | Path, blocks: torch.Tensor, gguf_file: str | None = 
     return perplexity_of(lambda batch: model(batch).logits, blocks)
 
 
-@torch.no_grad()
 def llama_cpp_ppl(path: Path, blocks: torch.Tensor) -> float:
     """Perplexity of a GGUF file run by llama.cpp (llama-cpp-python), fp32 KV cache."""
+    return perplexity(llama_cpp_losses(path, blocks))
+
+
+@torch.no_grad()
+def llama_cpp_losses(path: Path, blocks: torch.Tensor) -> torch.Tensor:
+    """The mean next-token loss of each block (N,) of blocks (N, S) through a GGUF file run by
+    llama.cpp (llama-cpp-python), fp32 KV cache."""
     import llama_cpp
 
     llm = llama_cpp.Llama(
@@ -132,7 +138,7 @@ def llama_cpp_ppl(path: Path, blocks: torch.Tensor) -> float:
         return torch.stack(logits)  # (B, S, V)
 
     try:
-        return perplexity_of(forward, blocks)
+        return block_losses(forward, blocks)
     finally:
         llm.close()
 
