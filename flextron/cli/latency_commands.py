@@ -109,6 +109,7 @@ def profile(args: argparse.Namespace) -> None:
     ),
     arg("--threads", type=positive_int, default=None),
     arg("--log", default=None, help="write the per-step log here (JSON)"),
+    load_options()[0],  # --dtype: the dtype calibration runs in (routers train on the CPU, in float32)
 )
 def train_router(args: argparse.Namespace) -> None:
     from flextron.io.atomic import write_json_atomic
@@ -117,11 +118,15 @@ def train_router(args: argparse.Namespace) -> None:
     from flextron.routers import ROUTERS_META_FILE, train_routers
 
     config = config_from_args(RouterTrainingConfig, args, tau_start=args.tau[0], tau_end=args.tau[1])
+    if args.dtype != "float32" and config.mode != "calibrate":
+        # Training updates fp32 parameters; calibration only runs forwards, so it can run in the
+        # dtype (and on the latency table) that inference will use.
+        raise ValueError(f"--dtype {args.dtype}: only --mode calibrate; routers train in float32")
     check_output_file(args.log, "--log")
     set_threads(args.threads)
     directory = require_flextron_dir(args.model)
     check_output_file(directory / ROUTERS_META_FILE, "--model")
-    model = load(args.model, None, fits_context("--seq-len", config.seq_len), request_fits(args))
+    model = load(args.model, args, fits_context("--seq-len", config.seq_len), request_fits(args))
     result = train_routers(model, directory, config)
     for message in result.messages:
         print(message)

@@ -365,7 +365,7 @@ class LatencyTable:
         if name != self.dtype:
             raise ValueError(
                 f"the latency table was measured in {self.dtype}, the model runs in {name}: load the "
-                f"model with --dtype {self.dtype}, or measure a {name} table with "
+                f"model with --dtype {self.dtype}, or measure {'an' if name == 'int8' else 'a'} {name} table with "
                 f"`flextron profile --dtype {name}` (it replaces the {self.dtype} one)"
             )
 

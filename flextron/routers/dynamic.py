@@ -192,11 +192,13 @@ class DynamicRouter(Router):
         # few-row kernel; a BLAS GEMV read it at a third of the bandwidth, 1.1 of the 5.4 ms the
         # routed path cost a SmolLM2 decode step beyond the dense model (docs/routers.md).
         first = self.mlp_in[layer]
-        hidden = ops.nested_linear(x, first.weight, first.bias)  # (B, T, H)
-        hidden = hidden + budget_hidden[:, None].to(x.dtype)
+        # The router keeps its own dtype (fp32, as trained and calibrated) when the model runs in
+        # another (bf16): its features are computed in it.
+        hidden = ops.nested_linear(x.to(first.weight.dtype), first.weight, first.bias)  # (B, T, H)
+        hidden = hidden + budget_hidden[:, None].to(hidden.dtype)
         batch, tokens = x.shape[:2]
         features = torch.cat(
-            [nn.functional.leaky_relu(hidden), extra[:, None].to(x.dtype).expand(batch, tokens, -1)], -1
+            [nn.functional.leaky_relu(hidden), extra[:, None].to(hidden.dtype).expand(batch, tokens, -1)], -1
         )
         return features.flatten(0, 1)
 
@@ -210,7 +212,8 @@ class DynamicRouter(Router):
     ) -> torch.Tensor:
         """x: (B, T, D) prompt, head_costs: (Ch,) (`costs`) -> per-sequence logits (B, Ch) from the
         mean over positions."""
-        hidden = self.head_in[layer](x.mean(1)) + self.head_budget[layer](budget_weights)
+        prompt = x.mean(1).to(self.head_in[layer].weight.dtype)  # (B, D), in the router's dtype
+        hidden = self.head_in[layer](prompt) + self.head_budget[layer](budget_weights)
         logits = self.head_out[layer](nn.functional.leaky_relu(hidden))
         logits = logits + budget_weights @ self.head_bias[layer]
         return logits - offsets[:, None].to(logits) * head_costs.to(logits)

@@ -95,7 +95,7 @@ class DynamicSession:
     ) -> torch.Tensor:
         """x: (B, T, D) -> (B, T, D) with per-sequence head counts fixed at prefill."""
         if self.heads[layer] is None:
-            budget = self.budget_weights.to(x.dtype)
+            budget = self.budget_weights  # the router computes in its own dtype
             logits = self.router.head_logits(layer, x, budget, self.offsets, self.head_costs)
             choice, probs, scale = pick(logits, self.sampling)
             counts = torch.tensor(self.router.head_choices, device=x.device)
@@ -112,7 +112,7 @@ class DynamicSession:
         router = self.router
         terms = self.mlp_terms[layer]
         if terms is None:
-            budget = self.budget_weights.to(x.dtype)
+            budget = self.budget_weights  # the router computes in its own dtype
             terms = router.mlp_budget_terms(layer, budget, self.offsets, self.mlp_costs)
             if not torch.is_grad_enabled():
                 self.mlp_terms[layer] = terms

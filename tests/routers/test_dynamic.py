@@ -51,6 +51,33 @@ def test_dynamic_router_routes_each_token_through_its_width(tiny_flextron, token
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def test_an_fp32_router_routes_a_bf16_model_in_fp32(tiny_flextron, tokens) -> None:
+    """A model loaded in bf16 (`--dtype bfloat16`) keeps its fp32 router: the router's features
+    are computed in fp32 from the bf16 hidden states, prefill and decode, and its choices are
+    those of the same router on the bf16 states widened to fp32."""
+    model = tiny_flextron().to(torch.bfloat16)
+    router = DynamicRouter(model.config, [0.3, 1.0], hidden_size=16)
+    ids = tokens()
+    session = router.session(0.5, batch_size=2)
+    with torch.no_grad():
+        cache = model.new_kv_cache(2, 10)
+        prefill = model(ids, kv_cache=cache, session=session)
+        prefill_choice = session.mlp_choice[0]  # (16,): layer 0's widths at prefill
+        logits = torch.cat([prefill, model(ids[:, :1], kv_cache=cache, session=session)], 1)  # (2, 9, V)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert next(router.parameters()).dtype == torch.float32
+    layer = model.layers[0]
+    with torch.no_grad():
+        x = model.embed_tokens(ids)
+        cos, sin = model.rotary(torch.arange(8), x.dtype)
+        x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, session.heads[0])
+        normed = layer.post_attention_layernorm(x)  # (2, 8, D) bf16
+        terms = router.mlp_budget_terms(0, session.budget_weights, session.offsets, session.mlp_costs)
+        features = router.mlp_token_features(0, normed.float(), terms)
+        choice = ops.route(features, terms[2], None, 1.0, True)[0]
+    assert torch.equal(choice, prefill_choice)
+
+
 def test_dynamic_router_gradients_reach_every_router_part(train_sampling, tiny_flextron, tokens) -> None:
     model = tiny_flextron()
     router = DynamicRouter(model.config, [0.3, 1.0], hidden_size=16)

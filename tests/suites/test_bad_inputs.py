@@ -104,6 +104,11 @@ CASES = [
         ["train-router", "--model", "{w}/conv", "--calibrate-overhead", "lots"],
         "--calibrate-overhead",
     ),
+    (
+        "router-trains-in-bf16",
+        ["train-router", "--model", "{w}/conv", "--dtype", "bfloat16"],
+        "only --mode calibrate",
+    ),
     ("demo-samples-zero", ["demo", "--calib-samples", "0"], "--calib-samples"),
     ("routing-choice", [*EVAL, "--routing", "bogus"], "--routing"),
     ("no-command", [], "COMMAND"),
