@@ -363,9 +363,10 @@ class LatencyTable:
         `weights_dtype`: float32, bfloat16, float16 or int8): each streams other bytes and runs
         other kernels, so each has its own costs."""
         if name != self.dtype:
+            article = "an" if name == "int8" else "a"
             raise ValueError(
                 f"the latency table was measured in {self.dtype}, the model runs in {name}: load the "
-                f"model with --dtype {self.dtype}, or measure {'an' if name == 'int8' else 'a'} {name} table with "
+                f"model with --dtype {self.dtype}, or measure {article} {name} table with "
                 f"`flextron profile --dtype {name}` (it replaces the {self.dtype} one)"
             )
 
