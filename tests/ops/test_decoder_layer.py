@@ -90,8 +90,19 @@ def test_backward_matches_reference(device, case):
 
     def run(fn):
         params = [t.detach().clone().requires_grad_() for t in leaves]
-        y = fn(*params[:3], params[3:10], [None] * 7, params[10:], cos, sin, *[c.clone() for c in caches],
-               length, heads, width, EPS)  # fmt: skip
+        y = fn(
+            *params[:3],
+            params[3:10],
+            [None] * 7,
+            params[10:],
+            cos,
+            sin,
+            *[c.clone() for c in caches],
+            length,
+            heads,
+            width,
+            EPS,
+        )
         grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y)
         return torch.autograd.grad(y, params, grad_y, allow_unused=True)
 
@@ -132,8 +143,21 @@ def test_bad_input_is_a_clear_error(change, message):
     if change.get("drop_weight"):
         weights = weights[:6]
     with pytest.raises(RuntimeError, match=message):
-        ops.decoder_layer(x, input_norm, post_norm, weights, scales, biases, cos, sin, *caches,
-                          settings["length"], settings["heads"], settings["width"], EPS)  # fmt: skip
+        ops.decoder_layer(
+            x,
+            input_norm,
+            post_norm,
+            weights,
+            scales,
+            biases,
+            cos,
+            sin,
+            *caches,
+            settings["length"],
+            settings["heads"],
+            settings["width"],
+            EPS,
+        )
 
 
 @pytest.mark.parametrize("int8", [False, True])
