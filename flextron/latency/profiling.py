@@ -2,7 +2,8 @@
 
 `profile_latency` times, on the model's device, each MLP width and each head count of a
 decoder layer (pre-norm + sublayer + residual, exactly the code the model runs, run in
-every layer so that weights stream from memory as in the real forward), plus the fixed
+every layer so that weights stream from memory as in the real forward; at decode whole
+layers, as the cached forward runs them in one op), plus the fixed
 cost (embedding, rotary tables, final norm, LM head on the last position, as generation
 runs it), for every profiled shape (flextron.latency.shape).  A two-parameter fit against
 three measured whole-model forwards (`_calibrate`) adds what the parts miss.
@@ -74,10 +75,39 @@ def _component_functions(
 
         return run
 
+    # A cached decode step runs each layer as one op (ops.decoder_layer), which has no sublayer
+    # boundary to time at: time whole layers, each head count at the narrowest MLP and each MLP
+    # width at every head (`_decode_costs` keeps the MLP's increment over its narrowest width).
+    def layer_at(heads: int, width: int) -> Callable[[], object]:
+        def run() -> None:
+            for index, layer in enumerate(layers):
+                x + layer(x, cos, sin, width, heads, kv_cache=cache, layer=index)
+
+        return run
+
     functions: dict[Any, Callable[[], object]] = {"fixed": fixed}
+    if phase == "decode":
+        functions.update({("attention", h): layer_at(h, min(mlp_choices)) for h in head_choices})
+        functions.update({("mlp", w): layer_at(max(head_choices), w) for w in mlp_choices})
+        return functions
     functions.update({("attention", h): attention(h) for h in head_choices})
     functions.update({("mlp", w): mlp(w) for w in mlp_choices})
     return functions
+
+
+def _per_layer_costs(
+    times: dict[Any, float], phase: str, layers: int
+) -> tuple[dict[int, float], dict[int, float]]:
+    """(MLP ms per width, attention ms per head count) of one layer from the timed components.
+    At decode both are whole layers (`_component_functions`): attention[h] holds the layer at the
+    narrowest MLP, and the MLP its increment over that width, so that attention[h] + mlp[w] is
+    the layer at (h, w) where the two add up."""
+    mlp = {w: ms / layers for (kind, w), ms in times.items() if kind == "mlp"}
+    attention = {h: ms / layers for (kind, h), ms in times.items() if kind == "attention"}
+    if phase == "decode":
+        narrowest = mlp[min(mlp)]
+        mlp = {w: max(0.0, ms - narrowest) for w, ms in mlp.items()}
+    return mlp, attention
 
 
 @torch.inference_mode()
@@ -130,15 +160,9 @@ def profile_latency(
                 progress(f"profiling {phase} batch={batch} length={length}")
             functions = _component_functions(model, shape, mlp_choices, head_choices)
             times = times_ms(functions, device, repeats, warmup, clock)
-            layers = config.num_layers
-            entry = ShapeCosts(
-                phase,
-                batch,
-                length,
-                times["fixed"],
-                {w: times[("mlp", w)] / layers for w in mlp_choices},
-                {h: times[("attention", h)] / layers for h in head_choices},
-            )
+            fixed = times.pop("fixed")
+            mlp_ms, attention_ms = _per_layer_costs(times, phase, config.num_layers)
+            entry = ShapeCosts(phase, batch, length, fixed, mlp_ms, attention_ms)
             _calibrate(model, entry, mlp_choices, head_choices, repeats=repeats, warmup=warmup, clock=clock)
             table.entries.append(entry)
     return table

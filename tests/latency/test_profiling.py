@@ -22,7 +22,11 @@ def test_profile_tiny_model_covers_every_choice_and_shape(tiny_flextron) -> None
     for entry in table.entries:
         assert sorted(entry.mlp_ms) == config.mlp_choices()
         assert sorted(entry.attention_ms) == config.head_choices()
-        assert entry.fixed_ms >= 0 and all(v > 0 for v in entry.mlp_ms.values())
+        assert entry.fixed_ms >= 0 and all(v > 0 for v in entry.attention_ms.values())
+        if entry.phase == "prefill":
+            assert all(v > 0 for v in entry.mlp_ms.values())
+        else:  # whole layers (one op each): the MLP's increment over its narrowest width
+            assert entry.mlp_ms[min(entry.mlp_ms)] == 0 and all(v >= 0 for v in entry.mlp_ms.values())
     # Profiling leaves no trace on the model.
     assert not any(p.grad is not None for p in model.parameters())
     for arch in random_archs(config, 3):
