@@ -77,7 +77,7 @@ def _component_functions(
 
     # A cached decode step runs each layer as one op (ops.decoder_layer), which has no sublayer
     # boundary to time at: time whole layers, each head count at the narrowest MLP and each MLP
-    # width at every head (`_decode_costs` keeps the MLP's increment over its narrowest width).
+    # width at every head (`_per_layer_costs` keeps the MLP's increment over its narrowest width).
     def layer_at(heads: int, width: int) -> Callable[[], object]:
         def run() -> None:
             for index, layer in enumerate(layers):

@@ -15,18 +15,6 @@ import torch
 from flextron.ops import reference
 from flextron.ops.extension import _C  # noqa: F401  (importing registers the ops)
 
-__all__ = [
-    "decoder_layer",
-    "nested_linear",
-    "nested_linear_int8",
-    "nested_mlp",
-    "route",
-    "routed_nested_mlp",
-    "varhead_attention",
-    "OP_NAMES",
-    "backends",
-]
-
 OP_NAMES = (
     "decoder_layer",
     "nested_linear",
@@ -36,6 +24,7 @@ OP_NAMES = (
     "routed_nested_mlp",
     "varhead_attention",
 )
+__all__ = [*OP_NAMES, "OP_NAMES", "backends"]  # every op has a wrapper of its name
 
 
 def backends(op_name: str) -> list[str]:
