@@ -55,6 +55,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varhead_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& heads, bool causal, std::optional<double> scale);
 
+// decoder_layer for a few rows without gradients (decode), in loops of its own; nullopt where
+// that path does not apply (prefill, gradients, tracing, other dtypes), and the composite runs.
+std::optional<at::Tensor> decoder_layer_decode_cpu(
+    const at::Tensor& x, const at::Tensor& input_norm, const at::Tensor& post_norm, at::TensorList weights,
+    const c10::List<std::optional<at::Tensor>>& scales, const c10::List<std::optional<at::Tensor>>& biases,
+    const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    int64_t length, int64_t heads, int64_t width, double eps);
+
 // ---- CUDA kernels (csrc/cuda/*.cu), built when FLEXTRON_WITH_CUDA ---------------
 #ifdef FLEXTRON_WITH_CUDA
 at::Tensor nested_linear_cuda(const at::Tensor& x, const at::Tensor& weight,

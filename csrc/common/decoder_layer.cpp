@@ -6,18 +6,21 @@
 // a bf16 decode step on a CPU. Here the same operations run from C++ through the dispatcher.
 // It is composed of ATen ops and the other flextron ops (CompositeImplicitAutograd), so it
 // runs on every device those ops have kernels for, and its autograd and fake come from theirs.
+// On the CPU, a few rows that record no gradient take a path of plain loops around the
+// kernels instead (csrc/cpu/decoder_layer_decode.cpp): the same numbers, without the ~50
+// small ATen operations' allocation and dispatch.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <string>
 
+#include "common/layer_operands.h"
+#include "ops.h"
+
 
 namespace flextron {
 namespace {
-
-// The projections of a layer, in the order of the `weights` argument.
-enum Projection : int64_t { kQ, kK, kV, kO, kGate, kUp, kDown, kProjections };
 
 // RMSNorm computed in fp32 and cast back before the weight, as Hugging Face Llama does.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -32,11 +35,10 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   return x * cos + rotated * sin;
 }
 
-class Projections {
+// The projections through their ops (the dispatcher: autograd, fakes, every device).
+class Projections : public LayerOperands {
  public:
-  Projections(at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
-              const c10::List<std::optional<at::Tensor>>& biases)
-      : weights_(weights), scales_(scales), biases_(biases) {}
+  using LayerOperands::LayerOperands;
 
   // x[..., :in] through projection p's first `out` rows: nested_linear, or nested_linear_int8
   // when the projection has a scale (int8 rows).
@@ -52,25 +54,10 @@ class Projections {
                                                           const at::Tensor&,
                                                           const std::optional<at::Tensor>&,
                                                           int64_t, int64_t)>();
-    const std::optional<at::Tensor> scale = scales_.get(p);
-    if (scale.has_value()) return linear_int8.call(x, weights_[p], *scale, biases_.get(p), out, in);
-    return linear.call(x, weights_[p], biases_.get(p), out, in);
+    const std::optional<at::Tensor> s = scale(p);
+    if (s.has_value()) return linear_int8.call(x, weight(p), *s, bias(p), out, in);
+    return linear.call(x, weight(p), bias(p), out, in);
   }
-
-  // Whether the MLP can run as one fused nested_mlp: float weights, no biases.
-  bool fused_mlp() const {
-    for (const Projection p : {kGate, kUp, kDown}) {
-      if (scales_.get(p).has_value() || biases_.get(p).has_value()) return false;
-    }
-    return true;
-  }
-
-  const at::Tensor& weight(Projection p) const { return weights_[p]; }
-
- private:
-  at::TensorList weights_;
-  const c10::List<std::optional<at::Tensor>>& scales_;
-  const c10::List<std::optional<at::Tensor>>& biases_;
 };
 
 at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& input_norm, const at::Tensor& post_norm,
@@ -100,6 +87,12 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& input_norm, cons
   TORCH_CHECK(heads >= 1 && heads <= num_heads, op, ": heads must be in [1, ", num_heads, "], got ", heads);
   const int64_t mlp_size = proj.weight(kGate).size(0);
   TORCH_CHECK(width >= 1 && width <= mlp_size, op, ": width must be in [1, ", mlp_size, "], got ", width);
+
+  if (x.device().is_cpu()) {
+    std::optional<at::Tensor> decoded = decoder_layer_decode_cpu(x, input_norm, post_norm, weights, scales, biases,
+                                                                 cos, sin, k_cache, v_cache, length, heads, width, eps);
+    if (decoded.has_value()) return *decoded;
+  }
 
   // Attention computes whole KV groups; heads past `heads` in the last group output zeros.
   const int64_t group = num_heads / kv_total;

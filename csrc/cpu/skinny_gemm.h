@@ -196,6 +196,32 @@ FLEXTRON_AVX512BF16 void columns_nt_dpbf16(const at::BFloat16* x, int64_t ldx, c
   }
 }
 
+// columns_nt_partial_rows for bf16 with AVX-512 BF16: one row of x against R weight rows
+// that are prefixes of longer rows (ldw > K), read side by side for the same reason.
+template <int R>
+FLEXTRON_AVX512BF16 void columns_nt_dpbf16_partial_rows(const at::BFloat16* x, const at::BFloat16* w,
+                                                        int64_t ldw, int64_t K, float alpha,
+                                                        const float* bias, float* y, int64_t begin,
+                                                        int64_t end) {
+  int64_t n = begin;
+  for (; n + R <= end; n += R) {
+    const at::BFloat16* w_rows = w + n * ldw;
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+      const int64_t count = std::min<int64_t>(32, K - k);
+      const __m512bh xv = count == 32 ? load32(x + k) : load32(x + k, count);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh wv = count == 32 ? load32(w_rows + r * ldw + k) : load32(w_rows + r * ldw + k, count);
+        acc[r] = _mm512_dpbf16_ps(acc[r], xv, wv);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      y[n + r] = alpha * _mm512_reduce_add_ps(acc[r]) + (bias == nullptr ? 0.f : bias[n + r]);
+  }
+  if (n < end) columns_nt_dpbf16<1, 4>(x, 0, w, ldw, K, alpha, bias, y, 0, n, end);
+}
+
 inline bool cpu_has_avx512_bf16() {
   static const bool supported = __builtin_cpu_supports("avx512bf16");
   return supported;
@@ -282,7 +308,13 @@ inline void linear_nt_out(const at::Tensor& y, const at::Tensor& x, const at::Te
       at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
         switch (M) {
           // U: dot-product chains per row of x (32 vector registers).
-          case 1: skinny::columns_nt_dpbf16<1, 4>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end); break;
+          case 1:
+            if (ldw > K) {
+              skinny::columns_nt_dpbf16_partial_rows<8>(xp, wp, ldw, K, a, bp, yp, begin, end);
+            } else {
+              skinny::columns_nt_dpbf16<1, 4>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end);
+            }
+            break;
           case 2: skinny::columns_nt_dpbf16<2, 4>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end); break;
           case 3: skinny::columns_nt_dpbf16<3, 2>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end); break;
           default: skinny::columns_nt_dpbf16<4, 2>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end); break;

@@ -185,3 +185,35 @@ def test_model_cached_forward_runs_it_and_matches_the_uncached_model(tiny_flextr
         ]
     torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=1e-4, rtol=1e-4)
     assert len(calls) == 4 * config.num_layers and set(calls) == {(2, config.intermediate_size // 2)}
+
+
+def cpu_operator_names(fn) -> set[str]:
+    """Names of the operators that `fn()` calls on the CPU, from the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.name for event in prof.events()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("variant", ["float", "bias", "int8"])
+def test_cpu_decode_path_matches_the_composite(monkeypatch, dtype, case, variant):
+    """On the CPU, a few rows that need no gradient take the decode path (loops between the
+    kernels, no attention op); with a gradient to record, the composite runs. Same output and
+    caches, to the rounding of x's dtype. Prefill (10 rows) is the composite either way."""
+    length, tokens, heads, width = case
+    monkeypatch.setenv("FLEXTRON_INT8_DOT", "portable")
+    layer = make_layer(dtype, bias=variant == "bias", int8=variant == "int8")
+    x, cos, sin, caches = make_step(dtype, "cpu", length, tokens)
+    decode_caches, composite_caches = [c.clone() for c in caches], [c.clone() for c in caches]
+    settings = (length, heads, width, EPS)
+    results = []
+    names = cpu_operator_names(
+        lambda: results.append(ops.decoder_layer(x, *layer, cos, sin, *decode_caches, *settings))
+    )
+    composite = ops.decoder_layer(x.requires_grad_(), *layer, cos, sin, *composite_caches, *settings)
+    decoded = B * tokens <= 4
+    assert ("flextron::varhead_attention" not in names) == decoded
+    torch.testing.assert_close(results[0], composite.detach(), **TOLERANCE[dtype])
+    for ours, theirs in zip(decode_caches, composite_caches, strict=True):
+        torch.testing.assert_close(ours, theirs, **TOLERANCE[dtype])

@@ -1,0 +1,269 @@
+// decoder_layer at decode time on the CPU: a few rows of x, no gradient, in loops of its own.
+//
+// Why: at decode the composite decoder_layer is ~50 small ATen operations and seven
+// dispatcher calls around kernels that stream a layer's weights. Each small operation costs
+// a microsecond or more of allocation and dispatch, and together they were about a quarter
+// of a bf16 decode step. Here the norms, RoPE, the cache writes, attention over the cache
+// and the residual adds are plain loops over the few rows, and the projections call the CPU
+// kernels directly (the few-row kernels of skinny_gemm.h and nested_linear_int8.cpp).
+//
+// The numbers are the composite's: the same fp32 sums, and a rounding to x's dtype at each
+// point where the composite's ATen operation rounds (so bf16 matches it to bf16 rounding).
+// Attention scores, softmax and the weighted sum of values are fp32.
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common/layer_operands.h"
+#include "ops.h"
+#include "skinny_gemm.h"
+
+namespace flextron {
+#ifdef FLEXTRON_SKINNY_AVX2
+namespace {
+
+// The value of v after rounding to T, as an ATen operation that outputs T would store it.
+template <typename T>
+inline float rounded(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+
+// Whether t is an ordinary CPU tensor with data: not a fake, functional or batched wrapper.
+bool plain_cpu(const at::Tensor& t) {
+  constexpr c10::DispatchKeySet kWrappers{c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
+                                          c10::DispatchKey::FuncTorchBatched,
+                                          c10::DispatchKey::FuncTorchGradWrapper};
+  return t.device().is_cpu() && t.layout() == at::kStrided && !t.key_set().has_any(kWrappers) &&
+         t.has_storage();
+}
+
+// RMSNorm of `rows` rows of D values: fp32 statistics, the normalised value rounded to T, then
+// the weight's product rounded to T (as the composite's `weight * normed.to(T)`).
+template <typename T>
+void rms_norm_rows(const T* x, const T* weight, int64_t rows, int64_t D, float eps, T* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = x + r * D;
+    float squares = 0.f;
+    for (int64_t i = 0; i < D; ++i) squares += float(row[i]) * float(row[i]);
+    const float inv = 1.f / std::sqrt(squares / static_cast<float>(D) + eps);
+    for (int64_t i = 0; i < D; ++i) out[r * D + i] = T(float(weight[i]) * rounded<T>(float(row[i]) * inv));
+  }
+}
+
+// Rotary embedding (rotate-half) in place on `heads` heads of hd values per row; cos, sin:
+// (rows_per_sequence, hd), row r of a sequence at position r. Products and sum rounded as the
+// composite's `t * cos + rotated * sin`.
+template <typename T>
+void rotate_rows(T* t, int64_t rows, int64_t T_len, int64_t heads, int64_t hd, const T* cos, const T* sin) {
+  const int64_t half = hd / 2;
+  std::vector<float> original(hd);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* c = cos + (r % T_len) * hd;
+    const T* s = sin + (r % T_len) * hd;
+    for (int64_t h = 0; h < heads; ++h) {
+      T* v = t + (r * heads + h) * hd;
+      for (int64_t i = 0; i < hd; ++i) original[i] = float(v[i]);
+      for (int64_t i = 0; i < hd; ++i) {
+        const float partner = i < half ? -original[i + half] : original[i - half];
+        v[i] = T(rounded<T>(original[i] * float(c[i])) + rounded<T>(partner * float(s[i])));
+      }
+    }
+  }
+}
+
+#define FLEXTRON_AVX2 __attribute__((target("avx2,fma")))
+
+// Attention of the new rows over the cache (causal): for sequence b, query head h of the
+// first `active` heads reads KV head h / group over positions [0, length + t]; heads past
+// `active` (the rest of the last group) output zeros. q: (B*T, q_heads*hd) rotated;
+// caches: (B, kv_total, max_len, hd); out: (B*T, q_heads*hd). hd is a multiple of 8: each
+// key and value row is hd / 8 vectors of 8 fp32 lanes (skinny_gemm.h's load8 widens bf16).
+template <typename T>
+FLEXTRON_AVX2 void attend_rows(const T* q, const T* k_cache, const T* v_cache, int64_t B, int64_t T_len,
+                               int64_t q_heads, int64_t active, int64_t group, int64_t kv_total,
+                               int64_t max_len, int64_t hd, int64_t length, T* out) {
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  std::vector<float> query(hd), scores(length + T_len), sum(hd);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < T_len; ++t) {
+      const int64_t row = b * T_len + t, visible = length + t + 1;
+      for (int64_t h = 0; h < q_heads; ++h) {
+        T* o = out + (row * q_heads + h) * hd;
+        if (h >= active) {
+          std::fill(o, o + hd, T(0.f));
+          continue;
+        }
+        const int64_t offset = (b * kv_total + h / group) * max_len * hd;
+        const T* keys = k_cache + offset;
+        const T* values = v_cache + offset;
+        for (int64_t i = 0; i < hd; ++i) query[i] = float(q[(row * q_heads + h) * hd + i]);
+        float top = -INFINITY;
+        for (int64_t s = 0; s < visible; ++s) {
+          __m256 dot = _mm256_setzero_ps();
+          for (int64_t i = 0; i < hd; i += 8)
+            dot = _mm256_fmadd_ps(_mm256_loadu_ps(query.data() + i), skinny::load8(keys + s * hd + i), dot);
+          scores[s] = skinny::horizontal_sum(dot) * scale;
+          top = std::max(top, scores[s]);
+        }
+        float total = 0.f;
+        for (int64_t s = 0; s < visible; ++s) total += (scores[s] = std::exp(scores[s] - top));
+        for (int64_t i = 0; i < hd; i += 8) {
+          __m256 acc = _mm256_setzero_ps();
+          for (int64_t s = 0; s < visible; ++s)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[s]), skinny::load8(values + s * hd + i), acc);
+          _mm256_storeu_ps(sum.data() + i, acc);
+        }
+        for (int64_t i = 0; i < hd; ++i) o[i] = T(sum[i] / total);
+      }
+    }
+  }
+}
+#undef FLEXTRON_AVX2
+
+// a + b elementwise, rounded to T (a residual add).
+template <typename T>
+void add_rows(const T* a, const T* b, int64_t n, T* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = T(float(a[i]) + float(b[i]));
+}
+
+// silu(gate) * up, each rounded to T as the composite's two operations.
+template <typename T>
+void swiglu_rows(const T* gate, const T* up, int64_t n, T* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = float(gate[i]);
+    out[i] = T(rounded<T>(g / (1.f + std::exp(-g))) * float(up[i]));
+  }
+}
+
+// The projections through the CPU kernels, called directly (no dispatcher on this path).
+class CpuProjections : public LayerOperands {
+ public:
+  using LayerOperands::LayerOperands;
+
+  // x (rows, >= in) through projection p's first `out` rows and `in` columns.
+  at::Tensor apply(Projection p, const at::Tensor& x, int64_t out, int64_t in) const {
+    const std::optional<at::Tensor> s = scale(p);
+    if (s.has_value()) return nested_linear_int8_cpu(x, weight(p), *s, bias(p), out, in);
+    return nested_linear_cpu(x, weight(p), bias(p), out, in);
+  }
+
+  bool requires_grad() const {
+    for (int64_t p = 0; p < kProjections; ++p) {
+      const std::optional<at::Tensor> b = bias(Projection(p));
+      if (weight(Projection(p)).requires_grad() || (b.has_value() && b->requires_grad())) return true;
+    }
+    return false;
+  }
+
+  // Whether every operand is a plain CPU tensor and every float one has x's dtype (int8
+  // weights: their scales are fp32).
+  bool types_match(at::ScalarType dtype) const {
+    for (int64_t p = 0; p < kProjections; ++p) {
+      const at::Tensor& w = weight(Projection(p));
+      const bool int8 = scale(Projection(p)).has_value();
+      if (!plain_cpu(w) || (!int8 && w.scalar_type() != dtype)) return false;
+      const std::optional<at::Tensor> b = bias(Projection(p));
+      if (b.has_value() && (!plain_cpu(*b) || b->scalar_type() != dtype)) return false;
+    }
+    return true;
+  }
+};
+
+template <typename T>
+at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const at::Tensor& post_norm,
+                        const CpuProjections& proj, const at::Tensor& cos, const at::Tensor& sin,
+                        const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t length,
+                        int64_t heads, int64_t width, float eps) {
+  const int64_t B = x.size(0), T_len = x.size(1), D = x.size(2), rows = B * T_len;
+  const int64_t kv_total = k_cache.size(1), max_len = k_cache.size(2), hd = k_cache.size(3);
+  const int64_t group = proj.weight(kQ).size(0) / hd / kv_total;
+  const int64_t kv_heads = (heads + group - 1) / group, q_heads = kv_heads * group;
+  const at::TensorOptions options = x.options();
+
+  at::Tensor h = at::empty({rows, D}, options);
+  rms_norm_rows<T>(x.const_data_ptr<T>(), input_norm.const_data_ptr<T>(), rows, D, eps, h.mutable_data_ptr<T>());
+  at::Tensor q = proj.apply(kQ, h, q_heads * hd, D);  // (rows, qh*hd)
+  at::Tensor k = proj.apply(kK, h, kv_heads * hd, D);  // (rows, kvh*hd)
+  const at::Tensor v = proj.apply(kV, h, kv_heads * hd, D);
+  rotate_rows<T>(q.mutable_data_ptr<T>(), rows, T_len, q_heads, hd, cos.const_data_ptr<T>(), sin.const_data_ptr<T>());
+  rotate_rows<T>(k.mutable_data_ptr<T>(), rows, T_len, kv_heads, hd, cos.const_data_ptr<T>(), sin.const_data_ptr<T>());
+  T* keys = k_cache.mutable_data_ptr<T>();
+  T* values = v_cache.mutable_data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T_len; ++t)
+      for (int64_t g = 0; g < kv_heads; ++g) {
+        const int64_t at_cache = ((b * kv_total + g) * max_len + length + t) * hd;
+        const int64_t at_row = ((b * T_len + t) * kv_heads + g) * hd;
+        std::copy_n(k.const_data_ptr<T>() + at_row, hd, keys + at_cache);
+        std::copy_n(v.const_data_ptr<T>() + at_row, hd, values + at_cache);
+      }
+
+  at::Tensor attended = at::empty({rows, q_heads * hd}, options);
+  attend_rows<T>(q.const_data_ptr<T>(), keys, values, B, T_len, q_heads, heads, group, kv_total, max_len, hd,
+                 length, attended.mutable_data_ptr<T>());
+  const at::Tensor o = proj.apply(kO, attended, D, q_heads * hd);  // (rows, D)
+  at::Tensor residual = at::empty({rows, D}, options);
+  add_rows<T>(x.const_data_ptr<T>(), o.const_data_ptr<T>(), rows * D, residual.mutable_data_ptr<T>());
+
+  at::Tensor m = at::empty({rows, D}, options);
+  rms_norm_rows<T>(residual.const_data_ptr<T>(), post_norm.const_data_ptr<T>(), rows, D, eps,
+                   m.mutable_data_ptr<T>());
+  at::Tensor mlp;
+  if (proj.fused_mlp()) {
+    mlp = nested_mlp_cpu(m, proj.weight(kGate), proj.weight(kUp), proj.weight(kDown), width, "swiglu");
+  } else {
+    const at::Tensor gate = proj.apply(kGate, m, width, D);  // (rows, width)
+    const at::Tensor up = proj.apply(kUp, m, width, D);
+    at::Tensor hidden = at::empty({rows, width}, options);
+    swiglu_rows<T>(gate.const_data_ptr<T>(), up.const_data_ptr<T>(), rows * width, hidden.mutable_data_ptr<T>());
+    mlp = proj.apply(kDown, hidden, D, width);
+  }
+  at::Tensor y = at::empty({B, T_len, D}, options);
+  add_rows<T>(residual.const_data_ptr<T>(), mlp.const_data_ptr<T>(), rows * D, y.mutable_data_ptr<T>());
+  return y;
+}
+
+}  // namespace
+
+std::optional<at::Tensor> decoder_layer_decode_cpu(
+    const at::Tensor& x, const at::Tensor& input_norm, const at::Tensor& post_norm, at::TensorList weights,
+    const c10::List<std::optional<at::Tensor>>& scales, const c10::List<std::optional<at::Tensor>>& biases,
+    const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    int64_t length, int64_t heads, int64_t width, double eps) {
+  const at::ScalarType dtype = x.scalar_type();
+  const int64_t rows = x.size(0) * x.size(1), hd = k_cache.size(3);
+  const CpuProjections proj(weights, scales, biases);
+  // Gradients and tracing (fakes, functionalization) take the composite, as does prefill.
+  const bool applies =
+      skinny::cpu_has_avx2_fma() && c10::impl::TorchDispatchModeTLS::stack_len() == 0 &&
+      rows <= kSkinnyMaxRows && (dtype == at::kFloat || dtype == at::kBFloat16) && hd % 8 == 0 &&
+      proj.types_match(dtype) && !(at::GradMode::is_enabled() && proj.requires_grad()) && [&] {
+        for (const at::Tensor* t : {&x, &input_norm, &post_norm, &cos, &sin, &k_cache, &v_cache}) {
+          if (!plain_cpu(*t) || t->scalar_type() != dtype || !t->is_contiguous()) return false;
+          if (at::GradMode::is_enabled() && t->requires_grad()) return false;
+        }
+        return cos.numel() == x.size(1) * hd && sin.numel() == cos.numel();
+      }();
+  if (!applies) return std::nullopt;
+  const float epsilon = static_cast<float>(eps);
+  if (dtype == at::kBFloat16)
+    return decode_layer<at::BFloat16>(x, input_norm, post_norm, proj, cos, sin, k_cache, v_cache, length, heads,
+                                      width, epsilon);
+  return decode_layer<float>(x, input_norm, post_norm, proj, cos, sin, k_cache, v_cache, length, heads, width,
+                             epsilon);
+}
+#else   // without AVX2 kernels the composite runs
+std::optional<at::Tensor> decoder_layer_decode_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                   at::TensorList, const c10::List<std::optional<at::Tensor>>&,
+                                                   const c10::List<std::optional<at::Tensor>>&, const at::Tensor&,
+                                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                                   int64_t, int64_t, double) {
+  return std::nullopt;
+}
+#endif
+
+}  // namespace flextron
