@@ -201,6 +201,9 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
         std::copy_n(k.const_data_ptr<T>() + at_row, hd, keys + at_cache);
         std::copy_n(v.const_data_ptr<T>() + at_row, hd, values + at_cache);
       }
+  // As the composite's copy_ would: autograd then knows that the caches changed.
+  k_cache.unsafeGetTensorImpl()->bump_version();
+  v_cache.unsafeGetTensorImpl()->bump_version();
 
   at::Tensor attended = at::empty({rows, q_heads * hd}, options);
   attend_rows<T>(q.const_data_ptr<T>(), keys, values, B, T_len, q_heads, heads, group, kv_total, max_len, hd,

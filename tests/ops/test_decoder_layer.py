@@ -214,6 +214,7 @@ def test_cpu_decode_path_matches_the_composite(monkeypatch, dtype, case, variant
     composite = ops.decoder_layer(x.requires_grad_(), *layer, cos, sin, *composite_caches, *settings)
     decoded = B * tokens <= 4
     assert ("flextron::varhead_attention" not in names) == decoded
+    assert [c._version for c in decode_caches] == [c._version for c in composite_caches]  # both written
     torch.testing.assert_close(results[0], composite.detach(), **TOLERANCE[dtype])
     for ours, theirs in zip(decode_caches, composite_caches, strict=True):
         torch.testing.assert_close(ours, theirs, **TOLERANCE[dtype])
