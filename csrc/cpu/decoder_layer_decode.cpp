@@ -77,6 +77,66 @@ void rotate_rows(T* t, int64_t rows, int64_t T_len, int64_t heads, int64_t hd, c
 
 #define FLEXTRON_AVX2 __attribute__((target("avx2,fma")))
 
+// e^x for 8 lanes of x <= 0 (scores minus their maximum): x = n ln2 + r with |r| <= ln2 / 2,
+// e^r by its Taylor polynomial to degree 7 (relative error under 1e-8), 2^n in the exponent
+// bits. Below -87 (under fp32's smallest normal number) the result is 0. Why: the scalar
+// std::exp of every score was a third of attention's time at decode.
+FLEXTRON_AVX2 inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 lowest = _mm256_set1_ps(-87.f);
+  const __m256 underflow = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lowest);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // ln 2 in two parts, the first with few enough bits that n times it is exact.
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+  __m256 p = _mm256_set1_ps(1.f / 5040);
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(power)));
+}
+
+// The 4 sums of the 8 lanes of a, b, c and d, in that order.
+FLEXTRON_AVX2 inline __m128 horizontal_sums(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // per 128-bit half
+  return _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1));
+}
+
+// scores[s] = scale * <query, keys[s]> for s < count: 4 keys at a time, their sums reduced together.
+template <typename T>
+FLEXTRON_AVX2 void dot_rows(const float* query, const T* keys, int64_t count, int64_t hd, float scale,
+                            float* scores) {
+  int64_t s = 0;
+  for (; s + 4 <= count; s += 4) {
+    __m256 dot[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t i = 0; i < hd; i += 8) {
+      const __m256 qv = _mm256_loadu_ps(query + i);
+      for (int j = 0; j < 4; ++j) dot[j] = _mm256_fmadd_ps(qv, skinny::load8(keys + (s + j) * hd + i), dot[j]);
+    }
+    _mm_storeu_ps(scores + s, _mm_mul_ps(horizontal_sums(dot[0], dot[1], dot[2], dot[3]), _mm_set1_ps(scale)));
+  }
+  for (; s < count; ++s) {
+    __m256 dot = _mm256_setzero_ps();
+    for (int64_t i = 0; i < hd; i += 8)
+      dot = _mm256_fmadd_ps(_mm256_loadu_ps(query + i), skinny::load8(keys + s * hd + i), dot);
+    scores[s] = skinny::horizontal_sum(dot) * scale;
+  }
+}
+
+// scores[s] = e^(scores[s] - top) for s < count; returns their sum.
+FLEXTRON_AVX2 float softmax_numerators(float* scores, int64_t count, float top) {
+  __m256 total = _mm256_setzero_ps();
+  int64_t s = 0;
+  for (; s + 8 <= count; s += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + s), _mm256_set1_ps(top)));
+    _mm256_storeu_ps(scores + s, e);
+    total = _mm256_add_ps(total, e);
+  }
+  float sum = skinny::horizontal_sum(total);
+  for (; s < count; ++s) sum += (scores[s] = std::exp(scores[s] - top));
+  return sum;
+}
+
 // Attention of the new rows over the cache (causal): for sequence b, query head h of the
 // first `active` heads reads KV head h / group over positions [0, length + t]; heads past
 // `active` (the rest of the last group) output zeros. q: (B*T, q_heads*hd) rotated;
@@ -98,19 +158,11 @@ FLEXTRON_AVX2 void attend_rows(const T* q, const T* k_cache, const T* v_cache, i
           continue;
         }
         const int64_t offset = (b * kv_total + h / group) * max_len * hd;
-        const T* keys = k_cache + offset;
         const T* values = v_cache + offset;
         for (int64_t i = 0; i < hd; ++i) query[i] = float(q[(row * q_heads + h) * hd + i]);
-        float top = -INFINITY;
-        for (int64_t s = 0; s < visible; ++s) {
-          __m256 dot = _mm256_setzero_ps();
-          for (int64_t i = 0; i < hd; i += 8)
-            dot = _mm256_fmadd_ps(_mm256_loadu_ps(query.data() + i), skinny::load8(keys + s * hd + i), dot);
-          scores[s] = skinny::horizontal_sum(dot) * scale;
-          top = std::max(top, scores[s]);
-        }
-        float total = 0.f;
-        for (int64_t s = 0; s < visible; ++s) total += (scores[s] = std::exp(scores[s] - top));
+        dot_rows(query.data(), k_cache + offset, visible, hd, scale, scores.data());
+        const float top = *std::max_element(scores.begin(), scores.begin() + visible);
+        const float total = softmax_numerators(scores.data(), visible, top);
         for (int64_t i = 0; i < hd; i += 8) {
           __m256 acc = _mm256_setzero_ps();
           for (int64_t s = 0; s < visible; ++s)

@@ -59,6 +59,7 @@ CASES = [  # (length, tokens, heads, width): prefill, decode, narrowed heads (pa
     (6, 1, 3, 29),
     (3, 2, 1, 5),
     (9, 1, 2, 48),
+    (12, 2, H, F),  # 13 and 14 keys: the decode path's 8-wide and 4-wide loops and their tails
 ]
 
 
