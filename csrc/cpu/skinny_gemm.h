@@ -165,10 +165,10 @@ FLEXTRON_AVX512BF16 inline __m512bh load32(const at::BFloat16* p, int64_t count)
 // columns_nt for bf16 rows of x and bf16 weights with AVX-512 BF16: each instruction
 // multiplies 32 pairs and adds them, two by two, into 16 fp32 sums. The last K % 32
 // weights of a row are a masked load (zeros after), so any K is one code path.
-template <int M, int U>
+template <int M, int U, typename Y>
 FLEXTRON_AVX512BF16 void columns_nt_dpbf16(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w,
                                            int64_t ldw, int64_t K, float alpha, const float* bias,
-                                           float* y, int64_t ldy, int64_t begin, int64_t end) {
+                                           Y* y, int64_t ldy, int64_t begin, int64_t end) {
   for (int64_t n = begin; n < end; ++n) {
     const at::BFloat16* w_row = w + n * ldw;
     __m512 acc[M][U];
@@ -191,17 +191,17 @@ FLEXTRON_AVX512BF16 void columns_nt_dpbf16(const at::BFloat16* x, int64_t ldx, c
     for (int m = 0; m < M; ++m) {
       __m512 total = acc[m][0];
       for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[m][u]);
-      y[m * ldy + n] = alpha * _mm512_reduce_add_ps(total) + (bias == nullptr ? 0.f : bias[n]);
+      y[m * ldy + n] = Y(alpha * _mm512_reduce_add_ps(total) + (bias == nullptr ? 0.f : bias[n]));
     }
   }
 }
 
 // columns_nt_partial_rows for bf16 with AVX-512 BF16: one row of x against R weight rows
 // that are prefixes of longer rows (ldw > K), read side by side for the same reason.
-template <int R>
+template <int R, typename Y>
 FLEXTRON_AVX512BF16 void columns_nt_dpbf16_partial_rows(const at::BFloat16* x, const at::BFloat16* w,
                                                         int64_t ldw, int64_t K, float alpha,
-                                                        const float* bias, float* y, int64_t begin,
+                                                        const float* bias, Y* y, int64_t begin,
                                                         int64_t end) {
   int64_t n = begin;
   for (; n + R <= end; n += R) {
@@ -217,7 +217,7 @@ FLEXTRON_AVX512BF16 void columns_nt_dpbf16_partial_rows(const at::BFloat16* x, c
       }
     }
     for (int r = 0; r < R; ++r)
-      y[n + r] = alpha * _mm512_reduce_add_ps(acc[r]) + (bias == nullptr ? 0.f : bias[n + r]);
+      y[n + r] = Y(alpha * _mm512_reduce_add_ps(acc[r]) + (bias == nullptr ? 0.f : bias[n + r]));
   }
   if (n < end) columns_nt_dpbf16<1, 4>(x, 0, w, ldw, K, alpha, bias, y, 0, n, end);
 }
@@ -300,27 +300,36 @@ inline void linear_nt_out(const at::Tensor& y, const at::Tensor& x, const at::Te
     const float a = static_cast<float>(alpha);
     constexpr int64_t kGrain = 64;  // output columns per task: enough work to amortise a task
     if (x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && skinny::use_dpbf16()) {
-      const at::Tensor y32 = y.scalar_type() == at::kFloat ? y : at::empty(y.sizes(), y.options().dtype(at::kFloat));
+      // The kernels round each output to y's dtype as they store it (bf16 or fp32: no buffer and
+      // no copy per call); any other dtype goes through an fp32 buffer.
+      const bool direct = y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16;
+      const at::Tensor out = direct ? y : at::empty(y.sizes(), y.options().dtype(at::kFloat));
       const auto* xp = x.const_data_ptr<at::BFloat16>();
       const auto* wp = w.const_data_ptr<at::BFloat16>();
-      float* yp = y32.mutable_data_ptr<float>();
-      const int64_t ldx = x.stride(0), ldy = y32.stride(0);
-      at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-        switch (M) {
-          // U: dot-product chains per row of x (32 vector registers).
-          case 1:
-            if (ldw > K) {
-              skinny::columns_nt_dpbf16_partial_rows<8>(xp, wp, ldw, K, a, bp, yp, begin, end);
-            } else {
-              skinny::columns_nt_dpbf16<1, 4>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end);
-            }
-            break;
-          case 2: skinny::columns_nt_dpbf16<2, 4>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end); break;
-          case 3: skinny::columns_nt_dpbf16<3, 2>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end); break;
-          default: skinny::columns_nt_dpbf16<4, 2>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end); break;
-        }
-      });
-      if (!y32.is_same(y)) y.copy_(y32);
+      const int64_t ldx = x.stride(0), ldy = out.stride(0);
+      const auto run = [&](auto* yp) {
+        at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+          switch (M) {
+            // U: dot-product chains per row of x (32 vector registers).
+            case 1:
+              if (ldw > K) {
+                skinny::columns_nt_dpbf16_partial_rows<8>(xp, wp, ldw, K, a, bp, yp, begin, end);
+              } else {
+                skinny::columns_nt_dpbf16<1, 4>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end);
+              }
+              break;
+            case 2: skinny::columns_nt_dpbf16<2, 4>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end); break;
+            case 3: skinny::columns_nt_dpbf16<3, 2>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end); break;
+            default: skinny::columns_nt_dpbf16<4, 2>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end); break;
+          }
+        });
+      };
+      if (out.scalar_type() == at::kBFloat16) {
+        run(out.mutable_data_ptr<at::BFloat16>());
+      } else {
+        run(out.mutable_data_ptr<float>());
+      }
+      if (!out.is_same(y)) y.copy_(out);
       return;
     }
     skinny::run_typed(y, x, w, [&](const at::Tensor& x32, const auto* wp, const at::Tensor& y32) {
