@@ -169,6 +169,16 @@ def test_few_rows_match_reference(
     assert_matches_reference(ours, theirs, exact)
 
 
+@pytest.mark.parametrize("in_f", [100, 463, 590])  # gaps of 1000, 274 and 20 bytes between the prefixes
+@pytest.mark.parametrize("bf16_dot", ["auto", "portable"])
+def test_one_row_on_short_prefixes_of_long_rows(check_against_reference, monkeypatch, in_f, bf16_dot):
+    """One bf16 row against prefixes much shorter than the weight rows: the kernel reads several
+    rows side by side there (skinny_gemm.h, kFollowedGapBytes), one at a time near the full width."""
+    monkeypatch.setenv("FLEXTRON_BF16_DOT", bf16_dot)
+    x, weight, b = make_inputs((1,), in_f, 45, 600, torch.bfloat16)
+    check_against_reference(x, weight, b, 45, in_f)
+
+
 def test_unknown_bf16_dot_setting_is_an_error(monkeypatch):
     monkeypatch.setenv("FLEXTRON_BF16_DOT", "fast")
     x, weight, b = make_inputs((1,), 64, 32, 64, torch.bfloat16)
