@@ -226,7 +226,7 @@ void few_rows_vnni(const at::Tensor& y, const at::Tensor& x, const at::Tensor& q
   at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
     switch (M) {  // U: vpdpwssd chains per row of x (32 vector registers)
       case 1:
-        if (ldq - K > kFollowedGapBytes) {
+        if (read_prefixes_side_by_side(ldq, K, sizeof(int8_t))) {
           columns_int8_vnni_partial_rows<16>(xp, xsp, qp, ldq, K, sp, bias, yp, begin, end);
         } else {
           columns_int8_vnni<1, 4>(xp, ldx, xsp, qp, ldq, K, sp, bias, yp, ldy, begin, end);

@@ -40,6 +40,12 @@ constexpr int64_t kSkinnyMaxRows = 4;  // above this the BLAS's packed GEMM wins
 // on, 1.5-1.8x slower that way, and side by side as fast as whole rows or faster.
 constexpr int64_t kFollowedGapBytes = 320;
 
+// Whether one row of x against K-element prefixes of weight rows ldw elements apart reads
+// several rows side by side (the gap between prefixes is past kFollowedGapBytes).
+inline bool read_prefixes_side_by_side(int64_t ldw, int64_t K, int64_t element_bytes) {
+  return (ldw - K) * element_bytes > kFollowedGapBytes;
+}
+
 namespace skinny {
 
 #ifdef FLEXTRON_SKINNY_AVX2
@@ -319,7 +325,7 @@ inline void linear_nt_out(const at::Tensor& y, const at::Tensor& x, const at::Te
           switch (M) {
             // U: dot-product chains per row of x (32 vector registers).
             case 1:
-              if ((ldw - K) * 2 > kFollowedGapBytes) {
+              if (read_prefixes_side_by_side(ldw, K, sizeof(at::BFloat16))) {
                 skinny::columns_nt_dpbf16_partial_rows<8>(xp, wp, ldw, K, a, bp, yp, begin, end);
               } else {
                 skinny::columns_nt_dpbf16<1, 4>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end);
