@@ -1,4 +1,5 @@
-"""Routers on a real model: uniform vs static vs dynamic (and the headroom oracle) at equal measured latency.
+"""Routers on a real model: uniform vs static vs dynamic vs sequence (and the headroom oracle) at equal
+measured latency.
 
 Protocol (issue 25):
 
@@ -17,6 +18,9 @@ Protocol (issue 25):
   log-perplexity difference is reported with its standard error.  Static is compared the same
   way with the uniform curve and with the "trained" curve: the configurations the model was
   elastically trained at (budget_configs.json, and the full model), timed in the same round.
+* Sequence: the sequence router's choices are made from each evaluated block's prefix; it is
+  timed on the evaluated blocks themselves (their first tokens at the latency shape, with those
+  choices), so the share of sequences at the wider configuration is the one that is scored.
 * Oracle (`--oracle`, prefill only): per token, layer and MLP width the first-order loss change
   of narrowing (flextron.routers.oracle), widths allocated with one Lagrange multiplier at the
   static configuration's LUT MLP cost, head counts static's, forced through the routed MLP kernel.
@@ -66,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--routings",
         default="uniform,static,dynamic,trained",
-        help="trained: the model's budget configurations",
+        help="of uniform, static, dynamic, sequence, trained (the model's budget configurations)",
     )
     parser.add_argument("--oracle", action="store_true", help="add the headroom oracle (prefill only)")
     parser.add_argument("--eval-blocks", type=int, default=32)
@@ -140,12 +144,29 @@ def oracle_choices(model: FlextronModel, resolver: BudgetResolver, item: dict, b
     item["mean_widths"] = [float(torch.tensor(widths)[c].float().mean()) for c in choice]
 
 
+def sequence_timing(
+    model: FlextronModel, item: dict, blocks: torch.Tensor, prefix: int, shape: LatencyShape
+) -> None:
+    """The sequence router's timing: the evaluated blocks cut to the shape, in batches of its
+    size, each with the session that chose from the batch's prefix (the choices that are scored)."""
+    selection = item["selection"]
+    item["timing_chunks"] = list(blocks[:, : shape.tokens].split(shape.batch))
+    with torch.inference_mode():
+        item["timing_sessions"] = [
+            prefix_session(model, selection, chunk[:, :prefix]) for chunk in item["timing_chunks"]
+        ]
+
+
 def timing_functions(model: FlextronModel, items: list[dict], chunks: list, phase: str) -> dict:
     """One timed forward per candidate (by index) and the dense model ("full")."""
     functions = {}
     for index, item in enumerate(items):
         selection = item.get("selection")
-        if item["routing"] == "oracle":
+        if item["routing"] == "sequence":
+            functions[index] = timed_forward(
+                model, item["timing_chunks"], phase, None, item["timing_sessions"]
+            )
+        elif item["routing"] == "oracle":
             functions[index] = timed_forward(model, chunks, phase, None, item["timing_sessions"])
         elif selection.arch is not None:
             functions[index] = timed_forward(model, chunks, phase, selection.arch)
@@ -176,6 +197,13 @@ def dynamic_lut_ms(resolver: BudgetResolver, sessions: list) -> float:
     return total / len(sessions)
 
 
+def sequence_lut_ms(resolver: BudgetResolver, sessions: list) -> float:
+    """The LUT latency of the sequence router's choices: the mean over sequences of their
+    configurations' predictions (a mixed batch is not in the table)."""
+    chosen = [arch for session in sessions for arch in session.configurations()]
+    return sum(resolver.table.predict(arch, resolver.shape) for arch in chosen) / len(chosen)
+
+
 def score(model: FlextronModel, item: dict, blocks: torch.Tensor, prefix: int) -> torch.Tensor:
     """(N,) per-block mean loss after the unscored prefix."""
     if item["routing"] == "oracle":
@@ -204,7 +232,12 @@ def curve_comparison(curve: list[tuple[float, torch.Tensor]], fraction: float, l
     }
 
 
-COMPARED = {"dynamic": ("static",), "oracle": ("static",), "static": ("uniform", "trained")}
+COMPARED = {
+    "dynamic": ("static",),
+    "sequence": ("static", "trained"),
+    "oracle": ("static",),
+    "static": ("uniform", "trained"),
+}
 
 
 def compare_to_curves(rows: list[dict], losses: dict) -> None:
@@ -248,7 +281,7 @@ def make_row(item: dict, losses: torch.Tensor, measured: float, full: dict, mode
         "arch": None if arch is None else arch.to_dict(),
     }
     row["overhead"] = row["fraction_of_full"] - row["lut_fraction"]  # beyond the latency table
-    for key in ("multiplier", "mean_widths"):
+    for key in ("multiplier", "mean_widths", "wide_share"):
         if key in item:
             row[key] = item[key]
     print(
@@ -287,16 +320,22 @@ def main(argv: list[str] | None = None) -> int:
     for item in items:
         if item["routing"] == "oracle":
             oracle_choices(model, resolver, item, blocks, chunks)
+        elif item["routing"] == "sequence":
+            sequence_timing(model, item, blocks, args.prefix, shape)
     with torch.inference_mode():
         functions = timing_functions(model, items, chunks, shape.phase)
-        times = {
-            k: ms / len(chunks)
-            for k, ms in times_ms(functions, torch.device("cpu"), repeats, 2, resolver.table.clock).items()
-        }
+        measured = times_ms(functions, torch.device("cpu"), repeats, 2, resolver.table.clock)
+    # Per chunk of the shape: the sequence router is timed on chunks of its own.
+    counts = {k: len(items[k].get("timing_chunks", chunks)) for k in measured if k != "full"}
+    times = {k: ms / counts.get(k, len(chunks)) for k, ms in measured.items()}
     full = {"measured": times["full"], "lut": resolver.table.predict(model.full_arch(), shape)}
     for item in items:
         if item["routing"] == "dynamic":
             item["lut_ms"] = dynamic_lut_ms(resolver, item["timing_sessions"])
+        elif item["routing"] == "sequence":
+            item["lut_ms"] = sequence_lut_ms(resolver, item["timing_sessions"])
+            chosen = [a for s in item["timing_sessions"] for a in s.configurations()]
+            item["wide_share"] = sum(a == item["selection"].router.wide for a in chosen) / len(chosen)
     losses = {i: score(model, item, blocks, args.prefix) for i, item in enumerate(items)}
     rows = [make_row(item, losses[i], times[i], full, model) for i, item in enumerate(items)]
     compare_to_curves(rows, losses)
@@ -329,7 +368,8 @@ def plot(rows: list[dict], path: Path, shape: LatencyShape, title: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
-    for routing, marker in zip(("uniform", "static", "dynamic", "oracle", "trained"), "os^Dv", strict=True):
+    routings = ("uniform", "static", "dynamic", "sequence", "oracle", "trained")
+    for routing, marker in zip(routings, "os^PDv", strict=True):
         points = sorted(
             (r["measured_ms"], r["perplexity"], r["budget"]) for r in rows if r["routing"] == routing
         )

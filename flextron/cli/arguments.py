@@ -110,9 +110,10 @@ def _shape_argument(text: str):
 
 ROUTING = arg(
     "--routing",
-    choices=("auto", "uniform", "static", "dynamic"),
+    choices=("auto", "uniform", "static", "dynamic", "sequence"),
     default="auto",
-    help="auto: the static router when the model has one, else uniform widths",
+    help="auto: the static router when the model has one, else uniform widths; sequence: per "
+    "sequence one of the trained configurations (docs/routers.md)",
 )
 LATENCY_SHAPE = arg(
     "--latency-shape",

@@ -52,9 +52,9 @@ class FlextronLM(HFLM):
             raise TypeError("--model flextron takes pretrained=DIR or a hub id ORG/NAME")
         if kwargs.get("trust_remote_code"):
             raise ValueError("--model flextron runs no remote code: leave trust_remote_code unset")
-        if routing == "dynamic" and str(kwargs.get("batch_size", 1)) != "1":
-            # Its head choice reads whole sequences: padding would change it.
-            raise ValueError("dynamic routing evaluates one sequence at a time: use --batch_size 1")
+        if routing in ("dynamic", "sequence") and str(kwargs.get("batch_size", 1)) != "1":
+            # Their per-sequence choices read whole prompts: padding would change them.
+            raise ValueError(f"{routing} routing evaluates one sequence at a time: use --batch_size 1")
         # Read by _create_model, which HFLM.__init__ calls.
         self._choice = {
             "budget": budget,

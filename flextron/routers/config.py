@@ -20,7 +20,7 @@ from flextron.options import (
     positive_int,
 )
 
-KINDS = ("static", "dynamic")
+KINDS = ("static", "dynamic", "sequence")
 MODES = ("surrogate", "end-to-end", "joint", "calibrate")
 INITS = ("best-uniform", "uniform", "trained", "static", "random")
 LOSSES = ("kd", "lm")
@@ -128,6 +128,21 @@ class RouterTrainingConfig:
         "dense full model timed in the same round x its LUT latency (minutes on CPU)",
         choices=CALIBRATE_BY,
     )
+    # ---- sequence router: fitted, not trained (flextron.routers.sequence_fitting)
+    validation_data: str = option(
+        "builtin",
+        "sequence: validation text, on which the predictor's penalty is chosen and its thresholds "
+        "set (not the text results are reported on)",
+    )
+    sequence_blocks: int = option(
+        256,
+        "sequence: training blocks of --seq-len, spread over --data, each run at every configuration",
+        type=positive_int,
+    )
+    validation_blocks: int = option(64, "sequence: validation blocks of --seq-len", type=positive_int)
+    prefix: int = option(
+        32, "sequence: the prompt tokens a sequence's choice is made from (not scored)", type=positive_int
+    )
     calibrate_repeats: int = option(
         5, "dynamic, --calibrate-by measured: timed repeats per bisection step (median)", type=positive_int
     )
@@ -141,6 +156,10 @@ class RouterTrainingConfig:
             raise ValueError("need latency_weight >= 0, dead_zone in [0, 1), sm_threshold > 0")
         if not 0 < self.tau_end <= self.tau_start:
             raise ValueError(f"--tau needs 0 < END <= START, got {self.tau_start} {self.tau_end}")
+        if self.kind == "sequence" and self.mode != "surrogate":
+            raise ValueError("the sequence router is fitted in one way: leave --mode out")
+        if self.kind == "sequence" and self.prefix >= self.seq_len:
+            raise ValueError(f"--prefix {self.prefix} must be shorter than --seq-len {self.seq_len}")
         if self.mode == "calibrate" and self.kind != "dynamic":
             raise ValueError("--mode calibrate applies to the dynamic router (--kind dynamic)")
         if self.init == "static" and self.kind != "dynamic" and self.mode in ("surrogate", "end-to-end"):

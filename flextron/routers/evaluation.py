@@ -18,17 +18,21 @@ from flextron.model.config import ArchConfig
 from flextron.model.elastic_model import FlextronModel, LayerSession
 from flextron.model.objectives import next_token_cross_entropy
 from flextron.routers.selection import Selection
+from flextron.routers.sequence import SequenceSession
 from flextron.routers.sessions import DynamicSession
 
 PREFIX = 32  # default unscored prefix (tokens) from which per-sequence choices are made
 
 
-def prefix_session(model: FlextronModel, selection: Selection, prompt: torch.Tensor) -> DynamicSession:
-    """A dynamic selection's session for prompt (B, P), its per-sequence head counts chosen from the
-    prompt alone (one forward over it), as generation chooses them at prefill."""
+def prefix_session(
+    model: FlextronModel, selection: Selection, prompt: torch.Tensor
+) -> DynamicSession | SequenceSession:
+    """A routed selection's session for prompt (B, P), its per-sequence choices (head counts, or
+    the sequence router's configurations) made from the prompt alone (one forward over it), as
+    generation makes them at prefill."""
     session = selection.session(prompt.shape[0])
     if session is None:
-        raise ValueError("prefix_session needs a dynamic selection")
+        raise ValueError("prefix_session needs a dynamic or sequence selection")
     model(prompt, session=session, last_only=True)
     return session
 
@@ -74,20 +78,25 @@ def dynamic_perplexity(
     batch_size: int = 4,
     prefix: int = PREFIX,
 ) -> tuple[float, int]:
-    """(perplexity after the unscored prefix, mean active parameters per token) under dynamic routing.
+    """(perplexity after the unscored prefix, mean active parameters per token) under dynamic or
+    sequence routing.
 
-    blocks: (N, S) token ids; every batch gets a fresh session, its head counts chosen from the
-    batch's prefix.  Active parameters count each layer at its mean MLP width and mean head count.
+    blocks: (N, S) token ids; every batch gets a fresh session, its choices made from the
+    batch's prefix.  Dynamic: active parameters count each layer at its mean MLP width and mean
+    head count; sequence: the mean over sequences of their configurations' parameters.
     """
     config = model.config
     widths, heads = torch.zeros(config.num_layers), torch.zeros(config.num_layers)
-    used: list[DynamicSession] = []
+    used: list[DynamicSession | SequenceSession] = []
 
-    def session_of(prompt: torch.Tensor) -> DynamicSession:
+    def session_of(prompt: torch.Tensor) -> DynamicSession | SequenceSession:
         used.append(prefix_session(model, selection, prompt))
         return used[-1]
 
     losses = block_losses(model, blocks, prefix=prefix, sessions=session_of, batch_size=batch_size)
+    if selection.method == "sequence":
+        chosen = [arch for session in used for arch in session.configurations()]
+        return float(losses.mean().exp()), round(sum(map(model.num_parameters, chosen)) / len(chosen))
     for session in used:
         widths += torch.tensor(session.mean_widths()) / len(used)
         heads += torch.stack([h.float().mean().cpu() for h in session.heads]) / len(used)

@@ -14,16 +14,21 @@ from flextron.latency.shape import LatencyShape
 from flextron.model.config import ModelConfig
 from flextron.routers.base import Router
 from flextron.routers.dynamic import DynamicRouter
+from flextron.routers.sequence import SequenceRouter
 from flextron.routers.static import StaticRouter
 
 ROUTERS_FILE, ROUTERS_META_FILE = "routers.safetensors", "routers.json"
-ROUTER_KINDS: dict[str, type[Router]] = {cls.kind: cls for cls in (StaticRouter, DynamicRouter)}
+AnyRouter = Router | SequenceRouter
+ROUTER_KINDS: dict[str, type[AnyRouter]] = {
+    cls.kind: cls for cls in (StaticRouter, DynamicRouter, SequenceRouter)
+}
 
 
 def save_routers(
-    path: str | os.PathLike, routers: dict[str, Router], latency_shape: LatencyShape | None = None
+    path: str | os.PathLike, routers: dict[str, AnyRouter], latency_shape: LatencyShape | None = None
 ) -> None:
-    """Write routers ({"static": ..., "dynamic": ...}) into a model directory, replacing the files.
+    """Write routers ({"static": ..., "dynamic": ..., "sequence": ...}) into a model directory,
+    replacing the files.
 
     latency_shape: the LUT shape that the routers' latency budgets refer to.
     """
@@ -42,7 +47,7 @@ def save_routers(
 
 def load_routers(
     path: str | os.PathLike, config: ModelConfig
-) -> tuple[dict[str, Router], LatencyShape | None]:
+) -> tuple[dict[str, AnyRouter], LatencyShape | None]:
     """({kind: router}, latency shape) from a model directory; ({}, None) when it has none."""
     from safetensors.torch import load_file
 

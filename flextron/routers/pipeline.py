@@ -33,10 +33,17 @@ from flextron.routers.calibration import (
 )
 from flextron.routers.config import RouterTrainingConfig
 from flextron.routers.dynamic import DynamicRouter
-from flextron.routers.files import load_routers, save_routers
-from flextron.routers.initial import static_init_archs, trained_init_archs, trained_widths, uniform_init_archs
+from flextron.routers.files import AnyRouter, load_routers, save_routers
+from flextron.routers.initial import (
+    static_init_archs,
+    trained_configurations,
+    trained_init_archs,
+    trained_widths,
+    uniform_init_archs,
+)
 from flextron.routers.objectives import LatencyTarget
 from flextron.routers.selection import reference_shape
+from flextron.routers.sequence_fitting import fit_sequence_router
 from flextron.routers.static import StaticRouter
 from flextron.routers.training import train_end_to_end, train_router_surrogate
 
@@ -63,7 +70,7 @@ class _Job:
 class RouterTrainingResult:
     """The trained router, the shape its budgets refer to, the logs and what to tell the user."""
 
-    router: Router
+    router: AnyRouter
     shape: LatencyShape
     logs: dict[str, Any] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)  # results, in order (the command prints them)
@@ -90,6 +97,9 @@ def train_routers(
         raise ValueError(f"{directory} has no tokenizer: training text cannot be tokenized")
     from flextron.data.blocks import load_blocks
 
+    if config.kind == "sequence":
+        return _fit_sequence(_Job(model, directory, config, table, shape, report), existing)
+
     blocks = load_blocks(model.tokenizer, config.data, config.seq_len, split="train")
     router, config = _router(model, config, existing, directory)
     job = _Job(model, directory, config, table, shape, report)
@@ -113,6 +123,37 @@ def train_routers(
                 f"{budget * target.full_ms:.2f} ms target; MLP widths {list(arch.mlp_widths)}, heads "
                 f"{list(arch.heads)}"
             )
+    return result
+
+
+def _fit_sequence(job: _Job, existing: dict[str, AnyRouter]) -> RouterTrainingResult:
+    """Fit and save the sequence router between the model's trained configurations."""
+    from flextron.data.blocks import load_blocks
+
+    model, config = job.model, job.config
+    if model.budget_configs is None:
+        raise ValueError(
+            f"{job.directory} has no trained configurations (budget_configs.json): the sequence router "
+            "mixes the configurations an elastically trained model was trained at"
+        )
+    configurations = list(trained_configurations(model).values())
+    # Spread over the whole training text (its files are genres, one after another).
+    every = load_blocks(model.tokenizer, config.data, config.seq_len, split="train")
+    stride = max(1, every.shape[0] // config.sequence_blocks)
+    train = every[::stride][: config.sequence_blocks]
+    validation = load_blocks(
+        model.tokenizer, config.validation_data, config.seq_len, config.validation_blocks, split="eval"
+    )
+    router, summary = fit_sequence_router(model, configurations, train, validation, config.prefix, job.report)
+    save_routers(job.directory, {**existing, "sequence": router}, job.shape)
+    result = RouterTrainingResult(router, job.shape, logs={"sequence": summary})
+    result.messages.append(f"saved the sequence router to {job.directory}")
+    full = job.table.predict(model.full_arch(), job.shape)
+    for arch in router.configurations:
+        result.messages.append(
+            f"configuration of {model.num_parameters(arch) / 1e6:.1f}M parameters: "
+            f"{job.table.predict(arch, job.shape) / full:.3f} of the full model's latency at {job.shape}"
+        )
     return result
 
 

@@ -9,7 +9,9 @@ the same target in milliseconds.  Without a table, a budget is a fraction of the
     uniform: the same MLP width and head count in every layer, the pair whose predicted
              latency is nearest the target;
     static:  the static router (routers.json); budgets between trained ones interpolate;
-    dynamic: the dynamic router: per-token MLP widths, per-sequence head counts.
+    dynamic: the dynamic router: per-token MLP widths, per-sequence head counts;
+    sequence: the sequence router: per sequence, one of the configurations the model was
+             trained at, mixed so that the budget is met on average.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ from flextron.model.elastic_model import FlextronModel
 from flextron.model.requests import load_one_arch
 from flextron.routers.base import Router
 from flextron.routers.dynamic import DynamicRouter
-from flextron.routers.files import load_routers
+from flextron.routers.files import AnyRouter, load_routers
+from flextron.routers.sequence import SequencePlan, SequenceRouter, SequenceSession
 from flextron.routers.sessions import DynamicSession
 from flextron.routers.static import StaticRouter
 
-METHODS = ("auto", "uniform", "static", "dynamic")
+METHODS = ("auto", "uniform", "static", "dynamic", "sequence")
 
 
 def reference_shape(table: LatencyTable | None, router_shape: LatencyShape | None) -> LatencyShape:
@@ -122,16 +125,16 @@ def fit_to_latency(
 
 @dataclass
 class Selection:
-    """The sub-network chosen for a budget: a configuration, or a dynamic router."""
+    """The sub-network chosen for a budget: a configuration, a dynamic router, or a sequence mix."""
 
-    method: str  # "uniform", "static" or "dynamic" (or "configuration": given explicitly)
+    method: str  # "uniform", "static", "dynamic" or "sequence" (or "configuration": given explicitly)
     budget: float  # fraction of the full latency (or width, without a latency table)
     arch: ArchConfig | None = None  # uniform and static selection
-    router: DynamicRouter | None = None  # dynamic selection
-    predicted_ms: float | None = None  # LUT prediction (configurations only)
+    router: DynamicRouter | SequencePlan | None = None  # dynamic and sequence selection
+    predicted_ms: float | None = None  # LUT prediction (a sequence mix: its expectation)
 
-    def session(self, batch_size: int) -> DynamicSession | None:
-        """A fresh dynamic routing session (heads fixed at its prefill), or None for a configuration."""
+    def session(self, batch_size: int) -> DynamicSession | SequenceSession | None:
+        """A fresh routing session (choices fixed at its prefill), or None for a configuration."""
         return None if self.router is None else self.router.session(self.budget, batch_size)
 
     def describe(self) -> str:
@@ -152,7 +155,7 @@ class BudgetResolver:
     ) -> None:
         self.model = model
         self.table: LatencyTable | None = None
-        self.routers: dict[str, Router] = {}
+        self.routers: dict[str, AnyRouter] = {}
         # What the routers were trained (the dynamic one calibrated) for.
         self.router_shape: LatencyShape | None = None
         if directory is not None and Path(directory).is_dir():
@@ -166,7 +169,7 @@ class BudgetResolver:
                 router.to(device)
         self.shape = shape or reference_shape(self.table, self.router_shape)
 
-    def _router(self, kind: str) -> Router:
+    def _router(self, kind: str) -> AnyRouter:
         if kind not in self.routers:
             raise ValueError(
                 f"the model has no {kind} router; train one with `flextron train-router --kind {kind}`"
@@ -227,6 +230,8 @@ class BudgetResolver:
         router = None if method == "uniform" else self._router(method)
         if method == "dynamic":
             self._check_dynamic_shape()
+        if isinstance(router, SequenceRouter):
+            return self._sequence(router, budget, latency_ms)
         if self.table is not None:
             budget = self._latency_budget(self.table, budget, latency_ms, router)
         elif latency_ms is not None:
@@ -241,6 +246,19 @@ class BudgetResolver:
         arch = self._arch(budget, router)
         predicted = None if self.table is None else self.table.predict(arch, self.shape)
         return Selection(method, budget, arch=arch, predicted_ms=predicted)
+
+    def _sequence(self, router: SequenceRouter, budget: float | None, latency_ms: float | None) -> Selection:
+        """The sequence router's mix of its configurations for a budget, by the latency table."""
+        if self.table is None:
+            raise ValueError(
+                "sequence routing mixes configurations by their latency: run `flextron profile` on the "
+                "model directory first"
+            )
+        budget = check_budget(self._latency_budget(self.table, budget, latency_ms, None))
+        full = self.table.predict(self.model.full_arch(), self.shape)
+        fractions = [self.table.predict(arch, self.shape) / full for arch in router.configurations]
+        plan = router.plan(fractions, budget)
+        return Selection("sequence", budget, router=plan, predicted_ms=plan.fraction * full)
 
     def _arch(self, budget: float, router: Router | None) -> ArchConfig:
         """The configuration of a static router (refit to the table's latency) or of uniform widths."""

@@ -15,6 +15,7 @@ from flextron.model.budget_configs import BudgetConfigs
 from flextron.model.checkpoint import save_pretrained
 from flextron.model.config import arch_for_budget
 from flextron.routers import DynamicRouter, StaticRouter, save_routers
+from flextron.routers.sequence import SequenceRouter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,7 +54,11 @@ def test_bench_routers_times_every_routing_in_one_round_and_compares_with_static
     routers = {
         "static": StaticRouter(model.config, [0.5, 1.0], hidden_size=8),
         "dynamic": DynamicRouter(model.config, [0.5, 1.0], hidden_size=8),
+        "sequence": SequenceRouter(model.config, [half, model.full_arch()], calibration_size=4),
     }
+    with torch.no_grad():
+        routers["sequence"].weight.normal_()
+        routers["sequence"].calibration_gains.copy_(torch.randn(1, 4).sort().values)
     save_routers(tmp_path / "model", routers, LatencyShape("prefill", 1, 16))
     out = tmp_path / "out"
     args = [
@@ -61,6 +66,8 @@ def test_bench_routers_times_every_routing_in_one_round_and_compares_with_static
         str(tmp_path / "model"),
         "--data",
         "builtin",
+        "--routings",
+        "uniform,static,dynamic,sequence,trained",
         "--budgets",
         "0.6,0.8",
         "--curve-budgets",
@@ -85,6 +92,7 @@ def test_bench_routers_times_every_routing_in_one_round_and_compares_with_static
     assert [(r["routing"], r["budget"]) for r in summary["rows"]] == [
         *[(routing, b) for routing in ("uniform", "static") for b in (0.5, 0.6, 0.8, 1.0)],
         *[("dynamic", b) for b in (0.6, 0.8)],
+        *[("sequence", b) for b in (0.6, 0.8)],
         *[("trained", b) for b in (0.5, 1.0)],  # the model's budget configurations and the full model
         *[("oracle", b) for b in (0.6, 0.8)],
     ]
@@ -95,11 +103,18 @@ def test_bench_routers_times_every_routing_in_one_round_and_compares_with_static
         assert row["overhead"] == pytest.approx(row["fraction_of_full"] - row["lut_fraction"])
         losses = summary["block_losses"][f"{row['routing']} {row['budget']:g}"]
         assert len(losses) == 3 and row["perplexity"] == pytest.approx(math.exp(sum(losses) / 3))
-        references = {"dynamic": ["static"], "oracle": ["static"], "static": ["uniform", "trained"]}
+        references = {
+            "dynamic": ["static"],
+            "sequence": ["static", "trained"],
+            "oracle": ["static"],
+            "static": ["uniform", "trained"],
+        }
         for reference in references.get(row["routing"], []):
             versus = row[f"vs_{reference}"]
             assert versus["fraction"] == row["fraction_of_full"] and versus["standard_error"] >= 0
             assert versus["ratio"] == pytest.approx(math.exp(versus["log_ppl_difference"]))
+    sequence = [r for r in summary["rows"] if r["routing"] == "sequence"]
+    assert all(0 <= r["wide_share"] <= 1 and r["parameters"] is None for r in sequence)
     oracle = [r for r in summary["rows"] if r["routing"] == "oracle"]
     assert all("vs_static_paying_overhead" in r and r["multiplier"] >= 0 for r in oracle)
     assert (out / "routers_pareto.png").is_file()

@@ -1,0 +1,179 @@
+"""The sequence router: per sequence, one of the configurations the model was trained at.
+
+Why: an elastically trained model is good at the configurations it was trained at and poor
+between them (docs/routers.md: static configurations between trained ones lose 1.1-1.5x in
+perplexity, per-token widths more).  A budget between two trained configurations is met on
+average instead: a share of the sequences runs the wider one, the rest the narrower one.  Which
+sequences get the wider one is the input-adaptive part: a linear predictor, from the mean of
+the prompt's first-layer input (known at prefill, before any scored token), of how much loss
+each sequence saves at the wider configuration; the sequences predicted to save most take it.
+The share is set by a threshold on that prediction, a quantile of its values on validation
+text, so a sequence's choice does not depend on the others in its batch (batch 1 included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from flextron.model.config import ArchConfig, ModelConfig, count_parameters
+from flextron.model.layers import ElasticAttention, ElasticMLP, KVCache
+from flextron.model.mixed_widths import routed_mlp
+
+
+class SequenceRouter(nn.Module):
+    """Per-sequence choice between adjacent configurations (ascending in size) at a budget."""
+
+    kind = "sequence"
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        configurations: Sequence[ArchConfig | dict],
+        calibration_size: int = 1,
+    ) -> None:
+        super().__init__()
+        archs = [a if isinstance(a, ArchConfig) else ArchConfig.from_dict(a) for a in configurations]
+        for arch in archs:
+            arch.validate(config)
+        self.configurations = sorted(archs, key=lambda a: count_parameters(config, a))
+        if len(self.configurations) < 2:
+            raise ValueError("a sequence router chooses between at least 2 configurations")
+        pairs, hidden = len(self.configurations) - 1, config.hidden_size
+        self.num_layers = config.num_layers
+        # Feature standardisation, then per adjacent pair a linear predictor of the loss saved.
+        self.register_buffer("center", torch.zeros(hidden))
+        self.register_buffer("scale", torch.ones(hidden))
+        self.register_buffer("weight", torch.zeros(pairs, hidden))
+        self.register_buffer("bias", torch.zeros(pairs))
+        # (pairs, M) the predictions on M validation sequences, ascending: the thresholds' quantiles.
+        self.register_buffer("calibration_gains", torch.zeros(pairs, calibration_size))
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "configurations": [a.to_dict() for a in self.configurations],
+            "calibration_size": self.calibration_gains.shape[1],
+        }
+
+    def features(self, first_input: torch.Tensor) -> torch.Tensor:
+        """first_input: (B, T, D) the first layer's normalised input over the prompt -> (B, D)."""
+        return (first_input.float().mean(1) - self.center) / self.scale
+
+    def predicted_gains(self, features: torch.Tensor) -> torch.Tensor:
+        """features: (B, D) -> (B, pairs) predicted loss (nats/token) saved by each pair's wider side."""
+        return features @ self.weight.T + self.bias
+
+    def plan(self, fractions: Sequence[float], target: float) -> SequencePlan:
+        """The mix for a target latency fraction, given each configuration's latency fraction
+        (ascending, as self.configurations): the bracketing pair, the share of sequences at its
+        wider side that meets the target on average, and the threshold that gives that share."""
+        if len(fractions) != len(self.configurations):
+            raise ValueError(f"{len(fractions)} latencies for {len(self.configurations)} configurations")
+        points = [float(f) for f in fractions]
+        pair = 0
+        while pair < len(points) - 2 and target > points[pair + 1]:
+            pair += 1
+        low, high = points[pair], points[pair + 1]
+        share = min(max((target - low) / (high - low), 0.0), 1.0) if high > low else 1.0
+        gains = self.calibration_gains[pair]
+        if share >= 1.0:
+            threshold = float("-inf")
+        elif share <= 0.0:
+            threshold = float("inf")
+        else:
+            threshold = float(torch.quantile(gains.double(), 1.0 - share))
+        return SequencePlan(self, pair, share, threshold, low + share * (high - low))
+
+
+@dataclass
+class SequencePlan:
+    """One budget's mix: sequences whose predicted gain exceeds `threshold` run the wider side of
+    configuration pair `pair` (expected share `share`); `fraction` is the mix's expected latency
+    fraction by the table."""
+
+    router: SequenceRouter
+    pair: int
+    share: float
+    threshold: float
+    fraction: float
+
+    @property
+    def narrow(self) -> ArchConfig:
+        return self.router.configurations[self.pair]
+
+    @property
+    def wide(self) -> ArchConfig:
+        return self.router.configurations[self.pair + 1]
+
+    def session(self, budget: float, batch_size: int) -> SequenceSession:  # noqa: ARG002 - Selection's call
+        return SequenceSession(self)
+
+
+class SequenceSession:
+    """One batch's (or generation's) per-sequence configurations: the model's `session=`.
+
+    The choice is made at the first call (prefill) from the prompt's first-layer input and kept
+    for later calls (decode), so the KV cache stays consistent.  A batch whose sequences all
+    chose alike runs the plain nested kernels; a mixed batch runs per-sequence head counts and
+    the routed MLP."""
+
+    def __init__(self, plan: SequencePlan) -> None:
+        self.plan = plan
+        self.wide: torch.Tensor | None = None  # (B,) bool: the sequence runs the wider configuration
+        self.heads: list[tuple[int | torch.Tensor, int]] = []  # per layer: heads (int or (B,)), max
+
+    def choose(self, first_input: torch.Tensor) -> None:
+        """first_input: (B, T, D) -> each sequence's side of the pair."""
+        router, plan = self.plan.router, self.plan
+        gains = router.predicted_gains(router.features(first_input))[:, plan.pair]  # (B,)
+        self.wide = (gains > plan.threshold).cpu()
+        for layer in range(router.num_layers):
+            narrow, wide = plan.narrow.heads[layer], plan.wide.heads[layer]
+            if self.uniform or narrow == wide:
+                self.heads.append((wide if bool(self.wide[0]) else narrow, max(narrow, wide)))
+            else:
+                counts = torch.where(self.wide, wide, narrow).to(first_input.device)  # (B,)
+                self.heads.append((counts, max(narrow, wide)))
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every sequence chose the same side."""
+        return bool(self.wide.all() or not self.wide.any())
+
+    def configurations(self) -> list[ArchConfig]:
+        """Each sequence's configuration (after the first call)."""
+        return [self.plan.wide if w else self.plan.narrow for w in self.wide.tolist()]
+
+    def attention(
+        self,
+        layer: int,
+        module: ElasticAttention,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None,
+    ) -> torch.Tensor:
+        """x: (B, T, D) -> (B, T, D) at each sequence's head count."""
+        if self.wide is None:
+            self.choose(x)
+        heads, most = self.heads[layer]
+        if isinstance(heads, int):
+            return module(x, cos, sin, heads, kv_cache, layer)
+        return module(x, cos, sin, heads, kv_cache, layer, max_heads=most)
+
+    def mlp(self, layer: int, module: ElasticMLP, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, D) -> (B, T, D) at each sequence's MLP width."""
+        narrow, wide = self.plan.narrow.mlp_widths[layer], self.plan.wide.mlp_widths[layer]
+        if self.uniform or narrow == wide:
+            return module(x, wide if bool(self.wide[0]) else narrow)
+        # A layer's narrower configuration need not be narrower in every layer: widest first.
+        widths = sorted((narrow, wide), reverse=True)
+        wide_index = widths.index(wide)
+        per_sequence = torch.where(self.wide, wide_index, 1 - wide_index).to(x.device)  # (B,)
+        batch, tokens = x.shape[:2]
+        choice = per_sequence[:, None].expand(batch, tokens).reshape(-1)  # (B*T,)
+        return routed_mlp(module, x, choice, widths)

@@ -1,0 +1,165 @@
+"""The sequence router: per-sequence configurations, their mix at a budget, and its fitting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flextron.latency.shape import LatencyShape
+from flextron.model.checkpoint import save_pretrained
+from flextron.model.config import ArchConfig
+from flextron.routers import BudgetResolver, load_routers, save_routers
+from flextron.routers.evaluation import block_losses, dynamic_perplexity, prefix_session
+from flextron.routers.selection import Selection
+from flextron.routers.sequence import SequenceRouter
+from flextron.routers.sequence_fitting import (
+    first_layer_input,
+    fit_sequence_router,
+    mix_loss,
+    prefix_features,
+    ridge,
+)
+
+
+def _configurations(model) -> list[ArchConfig]:
+    """Three nested configurations of the tiny model, the middle one not uniform."""
+    return [
+        ArchConfig.uniform(model.config, 64, 2),
+        ArchConfig((192, 128), (4, 2)),
+        model.full_arch(),
+    ]
+
+
+def _router(model, seed: int = 0) -> SequenceRouter:
+    """A router whose predictions swing with the text, thresholds from random calibration gains."""
+    router = SequenceRouter(model.config, _configurations(model), calibration_size=9)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=generator))
+        router.calibration_gains.copy_(
+            torch.randn(router.calibration_gains.shape, generator=generator).sort().values
+        )
+    return router
+
+
+def test_plan_picks_the_bracketing_pair_and_the_share_that_meets_the_target(tiny_flextron) -> None:
+    router = _router(tiny_flextron())
+    fractions = [0.3, 0.5, 1.0]
+    plan = router.plan(fractions, 0.4)
+    assert (plan.pair, plan.share, plan.fraction) == (0, pytest.approx(0.5), pytest.approx(0.4))
+    assert plan.threshold == pytest.approx(float(router.calibration_gains[0].median()))
+    plan = router.plan(fractions, 0.75)
+    assert (plan.pair, plan.share) == (1, pytest.approx(0.5))
+    low, high = router.plan(fractions, 0.2), router.plan(fractions, 1.0)
+    assert (low.pair, low.share, low.threshold) == (0, 0.0, float("inf"))
+    assert (high.pair, high.share, high.threshold) == (1, 1.0, float("-inf"))
+    with pytest.raises(ValueError, match="latencies for 3 configurations"):
+        router.plan([0.3, 1.0], 0.5)
+
+
+def test_the_threshold_gives_the_share_on_the_calibration_text(tiny_flextron) -> None:
+    router = SequenceRouter(tiny_flextron().config, _configurations(tiny_flextron()), calibration_size=200)
+    gains = torch.randn(2, 200, generator=torch.Generator().manual_seed(3)).sort().values
+    router.calibration_gains.copy_(gains)
+    for share in (0.1, 0.35, 0.8):
+        plan = router.plan([0.2, 0.6, 1.0], 0.2 + share * 0.4)
+        assert float((gains[0] > plan.threshold).float().mean()) == pytest.approx(share, abs=0.01)
+
+
+def test_a_mixed_batch_runs_each_sequence_at_its_configuration(tiny_flextron) -> None:
+    model, router = tiny_flextron(), _router(tiny_flextron())
+    blocks = torch.randint(3, 300, (6, 12), generator=torch.Generator().manual_seed(4))
+    plan = router.plan([0.3, 0.5, 1.0], 0.75)
+    session = plan.session(0.75, blocks.shape[0])
+    with torch.no_grad():
+        logits = model(blocks, session=session)  # (6, 12, V)
+        chosen = session.configurations()
+        assert {plan.narrow, plan.wide} == set(chosen)  # a mixed batch: the routed path
+        for row, arch in enumerate(chosen):
+            torch.testing.assert_close(
+                logits[row], model(blocks[row : row + 1], arch)[0], atol=2e-5, rtol=1e-4
+            )
+
+
+def test_choices_are_kept_through_decode_and_come_from_the_prompt(tiny_flextron) -> None:
+    model, router = tiny_flextron(), _router(tiny_flextron())
+    blocks = torch.randint(3, 300, (6, 10), generator=torch.Generator().manual_seed(5))
+    plan = router.plan([0.3, 0.5, 1.0], 0.75)
+    session, cache = plan.session(0.75, 6), model.new_kv_cache(6, 10)
+    with torch.no_grad():
+        model(blocks[:, :8], kv_cache=cache, session=session)
+        chosen = session.configurations()
+        step = model(blocks[:, 8:9], kv_cache=cache, session=session)[:, -1]  # (6, V)
+        assert session.configurations() == chosen
+        for row, arch in enumerate(chosen):
+            expected = model(blocks[row : row + 1, :9], arch)[0, -1]
+            torch.testing.assert_close(step[row], expected, atol=2e-5, rtol=1e-4)
+        # The choice is made from the prompt alone: other scored tokens do not move it.
+        selection = Selection("sequence", 0.75, router=plan)
+        other = blocks.clone()
+        other[:, 4:] = torch.randint(3, 300, (6, 6), generator=torch.Generator().manual_seed(6))
+        first = prefix_session(model, selection, blocks[:, :4]).configurations()
+        assert prefix_session(model, selection, other[:, :4]).configurations() == first
+
+
+def test_ridge_recovers_a_linear_relation_and_mix_loss_takes_the_top_share() -> None:
+    generator = torch.Generator().manual_seed(7)
+    features = torch.randn(400, 5, generator=generator)
+    truth = torch.tensor([1.0, -2.0, 0.0, 0.5, 3.0])
+    weight, bias = ridge(features, features @ truth + 0.25, 1e-6)
+    torch.testing.assert_close(weight, truth, atol=1e-4, rtol=0)
+    assert bias == pytest.approx(0.25, abs=1e-4)
+    narrow, wide = torch.tensor([3.0, 3.0, 3.0, 3.0]), torch.tensor([1.0, 2.5, 2.0, 2.9])
+    predicted = torch.tensor([0.9, 0.1, 0.5, 0.0])  # ranks sequences 0, 2, 1, 3
+    assert mix_loss(predicted, narrow, wide, 0.5) == pytest.approx((1.0 + 3.0 + 2.0 + 3.0) / 4)
+    assert mix_loss(predicted, narrow, wide, 0.0) == pytest.approx(3.0)
+
+
+def test_fitting_learns_gains_chooses_on_validation_and_round_trips(tiny_flextron, tmp_path) -> None:
+    model = tiny_flextron()
+    train = torch.randint(3, 300, (24, 12), generator=torch.Generator().manual_seed(8))
+    validation = torch.randint(3, 300, (10, 12), generator=torch.Generator().manual_seed(9))
+    router, summary = fit_sequence_router(model, _configurations(model), train, validation, prefix=4)
+    assert len(summary) == 2 and all(row["penalty"] > 0 for row in summary)
+    # The thresholds' quantiles are the router's own predictions on the validation prefixes.
+    features = router.features(first_layer_input(model, validation[:, :4]).detach())
+    predicted = router.predicted_gains(features).T.sort(1).values  # (pairs, M)
+    torch.testing.assert_close(router.calibration_gains, predicted, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        prefix_features(model, validation, 4, batch_size=3),
+        first_layer_input(model, validation[:, :4]).mean(1),
+    )
+    for row in summary:  # the oracle's mix is never worse than the fixed mix, the router's is scored
+        assert all(o <= f + 1e-6 for o, f in zip(row["oracle_mix_loss"], row["fixed_mix_loss"], strict=True))
+    save_pretrained(model, tmp_path)
+    save_routers(tmp_path, {"sequence": router}, LatencyShape("prefill", 1, 16))
+    loaded = load_routers(tmp_path, model.config)[0]["sequence"]
+    assert loaded.configurations == router.configurations
+    torch.testing.assert_close(loaded.predicted_gains(features), router.predicted_gains(features))
+
+
+def test_budget_resolver_mixes_by_the_table_and_evaluates(model_dir) -> None:
+    model, path, routers = model_dir
+    router = _router(model)
+    save_routers(path, {**routers, "sequence": router}, LatencyShape("prefill", 1, 16))
+    resolver = BudgetResolver(model, path)
+    selection = resolver.select(0.6, method="sequence")
+    full = resolver.table.predict(model.full_arch(), resolver.shape)
+    fractions = [resolver.table.predict(a, resolver.shape) / full for a in router.configurations]
+    assert selection.router.pair == (0 if 0.6 <= fractions[1] else 1)
+    assert selection.predicted_ms == pytest.approx(0.6 * full)
+    blocks = torch.randint(3, 300, (4, 12), generator=torch.Generator().manual_seed(10))
+    perplexity, active = dynamic_perplexity(model, blocks, selection, batch_size=2, prefix=3)
+    losses = block_losses(
+        model, blocks, prefix=3, sessions=lambda p: prefix_session(model, selection, p), batch_size=2
+    )
+    assert perplexity == pytest.approx(float(losses.mean().exp()))
+    assert model.num_parameters(router.configurations[0]) <= active <= model.num_parameters()
+
+
+def test_sequence_routing_needs_a_table(tiny_flextron, tmp_path) -> None:
+    model = tiny_flextron()
+    save_pretrained(model, tmp_path)
+    save_routers(tmp_path, {"sequence": _router(model)}, LatencyShape("prefill", 1, 16))
+    with pytest.raises(ValueError, match="flextron profile"):
+        BudgetResolver(model, tmp_path).select(0.5, method="sequence")
