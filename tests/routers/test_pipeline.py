@@ -362,3 +362,51 @@ def test_a_static_router_keeps_its_start_where_training_did_not_improve_on_it(
     better = perplexity(model, probe, narrow)[0] < perplexity(model, probe, wider)[0]
     assert router.arch(0.5) == (narrow if better else wider) and router.arch(1.0) == model.full_arch()
     assert bool(reports) == better
+
+
+def test_cli_fits_the_sequence_router_and_routes_generate_eval_and_refuses_export(
+    synthetic_table, tiny_hf_dir, tmp_path, capsys
+) -> None:
+    tiny_hf_dir(tmp_path / "hf", kv_heads=2)
+    out = tmp_path / "converted"
+    assert (
+        main(
+            [
+                "convert",
+                "--model",
+                str(tmp_path / "hf"),
+                "--out",
+                str(out),
+                "--samples",
+                "2",
+                "--seq-len",
+                "32",
+            ]
+        )
+        == 0
+    )
+    assert main(["train-router", "--model", str(out), "--kind", "sequence"]) == 2  # no latency table yet
+    assert "flextron profile" in capsys.readouterr().err
+    synthetic_table().save(out)
+    fit = ["train-router", "--model", str(out), "--kind", "sequence", "--seq-len", "16", "--prefix", "4"]
+    sizes = ["--sequence-blocks", "6", "--validation-blocks", "4", "--log", str(tmp_path / "log.json")]
+    assert main([*fit, *sizes]) == 0
+    printed = capsys.readouterr().out
+    assert "saved the sequence router" in printed and "of the full model's latency" in printed
+    model = load_pretrained(out)
+    router = load_routers(out, model.config)[0]["sequence"]
+    trained = [model.arch_for_budget(b) for b in model.budget_configs.budgets()] + [model.full_arch()]
+    assert set(router.configurations) == set(trained)
+    assert len(json.loads((tmp_path / "log.json").read_text())["sequence"]) == len(trained) - 1
+    assert main([*fit, "--mode", "joint"]) == 2
+    assert "leave --mode out" in capsys.readouterr().err
+    generate = ["generate", "--model", str(out), "--routing", "sequence", "--budget", "0.8"]
+    assert main([*generate, "--max-new-tokens", "2", "hi"]) == 0
+    assert "sequence routing at budget 0.800" in capsys.readouterr().err
+    evaluate = ["eval", "--model", str(out), "--routing", "sequence", "--budgets", "0.6,0.9"]
+    assert (
+        main([*evaluate, "--seq-len", "16", "--max-blocks", "2", "--json", str(tmp_path / "eval.json")]) == 0
+    )
+    rows = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert [r["budget"] for r in rows] == [0.6, 0.9] and all(r["perplexity"] > 0 for r in rows)
+    assert main(["export", "--model", str(out), "--out", str(tmp_path / "bad"), "--routing", "sequence"]) == 2
