@@ -42,7 +42,7 @@ from flextron.routers.initial import (
     uniform_init_archs,
 )
 from flextron.routers.objectives import LatencyTarget
-from flextron.routers.selection import reference_shape
+from flextron.routers.selection import fit_to_latency, reference_shape
 from flextron.routers.sequence_fitting import fit_sequence_router
 from flextron.routers.static import StaticRouter
 from flextron.routers.training import train_end_to_end, train_router_surrogate
@@ -127,16 +127,22 @@ def train_routers(
 
 
 def _fit_sequence(job: _Job, existing: dict[str, AnyRouter]) -> RouterTrainingResult:
-    """Fit and save the sequence router between the model's trained configurations."""
+    """Fit and save the sequence router over the model's trained configurations (and the static
+    router's, when the directory has one)."""
     from flextron.data.blocks import load_blocks
 
-    model, config = job.model, job.config
+    model, config, table, shape = job.model, job.config, job.table, job.shape
     if model.budget_configs is None:
         raise ValueError(
             f"{job.directory} has no trained configurations (budget_configs.json): the sequence router "
             "mixes the configurations an elastically trained model was trained at"
         )
-    configurations = list(trained_configurations(model).values())
+    candidates = list(trained_configurations(model).values())
+    if "static" in existing:
+        static, full = existing["static"], table.predict(model.full_arch(), shape)
+        candidates += [fit_to_latency(static, b, table, b * full, shape) for b in static.budgets]
+    candidates = sorted(set(candidates), key=lambda a: (table.predict(a, shape), a.mlp_widths, a.heads))
+    fractions = [table.predict(arch, shape) / table.predict(model.full_arch(), shape) for arch in candidates]
     # Spread over the whole training text (its files are genres, one after another).
     every = load_blocks(model.tokenizer, config.data, config.seq_len, split="train")
     stride = max(1, every.shape[0] // config.sequence_blocks)
@@ -144,15 +150,17 @@ def _fit_sequence(job: _Job, existing: dict[str, AnyRouter]) -> RouterTrainingRe
     validation = load_blocks(
         model.tokenizer, config.validation_data, config.seq_len, config.validation_blocks, split="eval"
     )
-    router, summary = fit_sequence_router(model, configurations, train, validation, config.prefix, job.report)
+    router, summary = fit_sequence_router(
+        model, candidates, fractions, train, validation, config.prefix, job.report
+    )
     save_routers(job.directory, {**existing, "sequence": router}, job.shape)
     result = RouterTrainingResult(router, job.shape, logs={"sequence": summary})
     result.messages.append(f"saved the sequence router to {job.directory}")
-    full = job.table.predict(model.full_arch(), job.shape)
+    full = table.predict(model.full_arch(), shape)
     for arch in router.configurations:
         result.messages.append(
             f"configuration of {model.num_parameters(arch) / 1e6:.1f}M parameters: "
-            f"{job.table.predict(arch, job.shape) / full:.3f} of the full model's latency at {job.shape}"
+            f"{table.predict(arch, shape) / full:.3f} of the full model's latency at {shape}"
         )
     return result
 

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from flextron.model.config import ArchConfig, ModelConfig, count_parameters
+from flextron.model.config import ArchConfig, ModelConfig
 from flextron.model.layers import ElasticAttention, ElasticMLP, KVCache
 from flextron.model.mixed_widths import routed_mlp
 
 
 class SequenceRouter(nn.Module):
-    """Per-sequence choice between adjacent configurations (ascending in size) at a budget."""
+    """Per-sequence choice between adjacent configurations (ascending in latency) at a budget."""
 
     kind = "sequence"
 
@@ -37,10 +37,12 @@ class SequenceRouter(nn.Module):
         calibration_size: int = 1,
     ) -> None:
         super().__init__()
-        archs = [a if isinstance(a, ArchConfig) else ArchConfig.from_dict(a) for a in configurations]
-        for arch in archs:
+        # Ascending in latency at the shape the router was fitted at (sequence_fitting).
+        self.configurations = [
+            a if isinstance(a, ArchConfig) else ArchConfig.from_dict(a) for a in configurations
+        ]
+        for arch in self.configurations:
             arch.validate(config)
-        self.configurations = sorted(archs, key=lambda a: count_parameters(config, a))
         if len(self.configurations) < 2:
             raise ValueError("a sequence router chooses between at least 2 configurations")
         pairs, hidden = len(self.configurations) - 1, config.hidden_size
@@ -74,6 +76,12 @@ class SequenceRouter(nn.Module):
         if len(fractions) != len(self.configurations):
             raise ValueError(f"{len(fractions)} latencies for {len(self.configurations)} configurations")
         points = [float(f) for f in fractions]
+        if any(b < a for a, b in zip(points, points[1:], strict=False)):
+            raise ValueError(
+                "the sequence router's configurations are not in latency order at this shape "
+                f"({', '.join(f'{p:.3f}' for p in points)}): fit it at this shape "
+                "(flextron train-router --kind sequence --latency-shape ...)"
+            )
         pair = 0
         while pair < len(points) - 2 and target > points[pair + 1]:
             pair += 1

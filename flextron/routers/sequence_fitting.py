@@ -1,6 +1,9 @@
 """Fitting the sequence router (flextron.routers.sequence) on a model's own losses.
 
-Per training block, the loss of every configuration after an unscored prefix; per pair of
+The candidates (the trained configurations, and the static router's) are measured on validation
+text; those on the lower convex hull of (latency fraction, validation loss) are kept, since a mix
+of two hull neighbours beats any candidate above the segment between them.  Per training block,
+the loss of every configuration kept after an unscored prefix; per pair of
 adjacent configurations, a ridge regression from the prefix's features (the mean of the first
 layer's normalised input) to the loss the wider one saves.  The penalty is chosen on validation
 text, by the loss of the mixes it gives (the predicted-best share of sequences at the wider
@@ -75,23 +78,54 @@ def mix_loss(predicted: torch.Tensor, narrow: torch.Tensor, wide: torch.Tensor, 
     return float(torch.where(chosen, wide, narrow).mean())
 
 
+def lower_hull(fractions: Sequence[float], losses: Sequence[float]) -> list[int]:
+    """Indices of the points on the lower convex hull of (fraction, loss), ascending in fraction,
+    from the cheapest point to the lowest loss (points of more latency and no less loss dropped)."""
+    order = sorted(range(len(fractions)), key=lambda i: (fractions[i], losses[i]))
+    hull: list[int] = []
+    for index in order:
+        if hull and losses[index] >= losses[hull[-1]]:
+            continue  # no better than a cheaper point
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b is above (or on) the segment from a to index: drop it.
+            cross = (fractions[b] - fractions[a]) * (losses[index] - losses[a]) - (losses[b] - losses[a]) * (
+                fractions[index] - fractions[a]
+            )
+            if cross > 0:
+                break
+            hull.pop()
+        hull.append(index)
+    return hull
+
+
 def fit_sequence_router(
     model: FlextronModel,
-    configurations: Sequence[ArchConfig],
+    candidates: Sequence[ArchConfig],
+    fractions: Sequence[float],
     train_blocks: torch.Tensor,
     validation_blocks: torch.Tensor,
     prefix: int,
     report: Callable[[str], None] = lambda _: None,
 ) -> tuple[SequenceRouter, list[dict]]:
-    """The fitted router and, per configuration pair, what validation says: the penalty chosen,
+    """The fitted router (candidates: configurations, fractions: their latency fractions at the
+    router's shape) and, per configuration pair kept, what validation says: the penalty chosen,
     and at each share the loss of the fixed mix (its expectation), the router's mix, and the
     oracle's (sequences ranked by their true gain)."""
-    router = SequenceRouter(model.config, configurations, calibration_size=validation_blocks.shape[0])
-    archs = router.configurations
+    report(f"losses of {len(candidates)} candidates on {validation_blocks.shape[0]} validation blocks")
+    candidate_losses = configuration_losses(model, candidates, validation_blocks, prefix)  # (M, C)
+    kept = lower_hull(list(fractions), candidate_losses.mean(0).tolist())
+    for index, arch in enumerate(candidates):
+        report(
+            f"candidate at {fractions[index]:.3f} of full latency, {model.num_parameters(arch) / 1e6:.1f}M "
+            f"parameters: validation loss {float(candidate_losses[:, index].mean()):.4f}"
+            + ("" if index in kept else " (dropped: above the hull)")
+        )
+    archs = [candidates[i] for i in kept]
+    router = SequenceRouter(model.config, archs, calibration_size=validation_blocks.shape[0])
+    validation_losses = candidate_losses[:, kept]  # (M, K)
     report(f"losses of {len(archs)} configurations on {train_blocks.shape[0]} training blocks")
     train_losses = configuration_losses(model, archs, train_blocks, prefix)  # (N, K)
-    report(f"... and on {validation_blocks.shape[0]} validation blocks")
-    validation_losses = configuration_losses(model, archs, validation_blocks, prefix)  # (M, K)
     train_raw = prefix_features(model, train_blocks, prefix)
     router.center.copy_(train_raw.mean(0))
     router.scale.copy_(train_raw.std(0).clamp_min(1e-6))
@@ -115,6 +149,7 @@ def fit_sequence_router(
         fixed = [float(((1 - s) * narrow + s * wide).mean()) for s in SHARES]
         row = {
             "pair": [archs[pair].to_dict(), archs[pair + 1].to_dict()],
+            "fractions": [fractions[kept[pair]], fractions[kept[pair + 1]]],
             "penalty": penalty,
             "shares": list(SHARES),
             "fixed_mix_loss": fixed,

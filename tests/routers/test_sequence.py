@@ -15,6 +15,7 @@ from flextron.routers.sequence import SequenceRouter
 from flextron.routers.sequence_fitting import (
     first_layer_input,
     fit_sequence_router,
+    lower_hull,
     mix_loss,
     prefix_features,
     ridge,
@@ -55,6 +56,8 @@ def test_plan_picks_the_bracketing_pair_and_the_share_that_meets_the_target(tiny
     assert (high.pair, high.share, high.threshold) == (1, 1.0, float("-inf"))
     with pytest.raises(ValueError, match="latencies for 3 configurations"):
         router.plan([0.3, 1.0], 0.5)
+    with pytest.raises(ValueError, match="not in latency order"):
+        router.plan([0.5, 0.3, 1.0], 0.6)
 
 
 def test_the_threshold_gives_the_share_on_the_calibration_text(tiny_flextron) -> None:
@@ -102,6 +105,14 @@ def test_choices_are_kept_through_decode_and_come_from_the_prompt(tiny_flextron)
         assert prefix_session(model, selection, other[:, :4]).configurations() == first
 
 
+def test_lower_hull_keeps_the_points_no_mix_of_others_beats() -> None:
+    fractions = [0.2, 0.4, 0.5, 0.6, 0.8, 1.0, 0.9]
+    losses = [5.0, 3.0, 3.5, 2.9, 2.2, 2.0, 2.5]
+    # 0.5 is worse than 0.4; 0.6 lies above the segment 0.4-0.8; 0.9 is worse than 0.8.
+    assert lower_hull(fractions, losses) == [0, 1, 4, 5]
+    assert lower_hull([0.5, 0.3], [1.0, 1.0]) == [1]
+
+
 def test_ridge_recovers_a_linear_relation_and_mix_loss_takes_the_top_share() -> None:
     generator = torch.Generator().manual_seed(7)
     features = torch.randn(400, 5, generator=generator)
@@ -119,7 +130,12 @@ def test_fitting_learns_gains_chooses_on_validation_and_round_trips(tiny_flextro
     model = tiny_flextron()
     train = torch.randint(3, 300, (24, 12), generator=torch.Generator().manual_seed(8))
     validation = torch.randint(3, 300, (10, 12), generator=torch.Generator().manual_seed(9))
-    router, summary = fit_sequence_router(model, _configurations(model), train, validation, prefix=4)
+    # A fourth candidate, as slow as the full model and no better: dropped (above the hull).
+    candidates = [*_configurations(model), ArchConfig.uniform(model.config, 64, 4)]
+    router, summary = fit_sequence_router(
+        model, candidates, [0.3, 0.6, 1.0, 1.0], train, validation, prefix=4
+    )
+    assert router.configurations == _configurations(model)
     assert len(summary) == 2 and all(row["penalty"] > 0 for row in summary)
     # The thresholds' quantiles are the router's own predictions on the validation prefixes.
     features = router.features(first_layer_input(model, validation[:, :4]).detach())
