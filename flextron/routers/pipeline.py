@@ -143,10 +143,8 @@ def _fit_sequence(job: _Job, existing: dict[str, AnyRouter]) -> RouterTrainingRe
         candidates += [fit_to_latency(static, b, table, b * full, shape) for b in static.budgets]
     candidates = sorted(set(candidates), key=lambda a: (table.predict(a, shape), a.mlp_widths, a.heads))
     fractions = [table.predict(arch, shape) / table.predict(model.full_arch(), shape) for arch in candidates]
-    # Spread over the whole training text (its files are genres, one after another).
-    every = load_blocks(model.tokenizer, config.data, config.seq_len, split="train")
-    stride = max(1, every.shape[0] // config.sequence_blocks)
-    train = every[::stride][: config.sequence_blocks]
+    # Evenly spaced over the whole training text (its files are genres, one after another).
+    train = load_blocks(model.tokenizer, config.data, config.seq_len, config.sequence_blocks, split="train")
     validation = load_blocks(
         model.tokenizer, config.validation_data, config.seq_len, config.validation_blocks, split="eval"
     )
