@@ -22,7 +22,6 @@ from torch import nn
 
 from flextron.model.config import ArchConfig, ModelConfig
 from flextron.model.layers import ElasticAttention, ElasticMLP, KVCache
-from flextron.model.mixed_widths import routed_mlp
 
 
 class SequenceRouter(nn.Module):
@@ -126,8 +125,8 @@ class SequenceSession:
 
     The choice is made at the first call (prefill) from the prompt's first-layer input and kept
     for later calls (decode), so the KV cache stays consistent.  A batch whose sequences all
-    chose alike runs the plain nested kernels; a mixed batch runs per-sequence head counts and
-    the routed MLP."""
+    chose alike runs as one configuration; a mixed batch runs per-sequence head counts and each
+    side's MLP on its own rows."""
 
     def __init__(self, plan: SequencePlan) -> None:
         self.plan = plan
@@ -178,10 +177,10 @@ class SequenceSession:
         narrow, wide = self.plan.narrow.mlp_widths[layer], self.plan.wide.mlp_widths[layer]
         if self.uniform or narrow == wide:
             return module(x, wide if bool(self.wide[0]) else narrow)
-        # A layer's narrower configuration need not be narrower in every layer: widest first.
-        widths = sorted((narrow, wide), reverse=True)
-        wide_index = widths.index(wide)
-        per_sequence = torch.where(self.wide, wide_index, 1 - wide_index).to(x.device)  # (B,)
-        batch, tokens = x.shape[:2]
-        choice = per_sequence[:, None].expand(batch, tokens).reshape(-1)  # (B*T,)
-        return routed_mlp(module, x, choice, widths)
+        # A mixed batch: each side's sequences through the plain nested kernels (any weight type,
+        # int8 included), rather than per-token routing, which float weights alone have.
+        rows = self.wide.to(x.device)
+        out = torch.empty_like(x)
+        out[rows] = module(x[rows], wide)
+        out[~rows] = module(x[~rows], narrow)
+        return out

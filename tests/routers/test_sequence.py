@@ -84,6 +84,22 @@ def test_a_mixed_batch_runs_each_sequence_at_its_configuration(tiny_flextron) ->
             )
 
 
+def test_a_mixed_batch_of_an_int8_model_runs_each_sequence_at_its_configuration(
+    int8_pair, tiny_flextron
+) -> None:
+    int8, _ = int8_pair(tiny_flextron())
+    plan = _router(int8).plan([0.3, 0.5, 1.0], 0.4)
+    blocks = torch.randint(3, 300, (6, 12), generator=torch.Generator().manual_seed(11))
+    session = plan.session(0.4, blocks.shape[0])
+    with torch.no_grad():
+        logits = int8(blocks, session=session)
+        assert len(set(session.configurations())) == 2
+        for row, arch in enumerate(session.configurations()):
+            torch.testing.assert_close(
+                logits[row], int8(blocks[row : row + 1], arch)[0], atol=1e-4, rtol=1e-4
+            )
+
+
 def test_choices_are_kept_through_decode_and_come_from_the_prompt(tiny_flextron) -> None:
     model, router = tiny_flextron(), _router(tiny_flextron())
     blocks = torch.randint(3, 300, (6, 10), generator=torch.Generator().manual_seed(5))
