@@ -5,6 +5,8 @@ The latency they target is flextron.latency's (shapes, tables, profiling).
 base          Router: choices, budget encoder, sessions, initialisation to configurations
 static        StaticRouter: one configuration per budget
 dynamic       DynamicRouter: per-token MLP widths, per-sequence head counts
+sequence      SequenceRouter: per sequence, one of the configurations the model is good at
+sequence_fitting  fitting it on the model's per-sequence losses
 sampling      Sampling, the straight-through pick, the RoutingSession protocol
 sessions      routing sessions, the model's `session=`
 objectives    latency expectation and loss, task losses
@@ -44,6 +46,7 @@ from flextron.routers.selection import (
     uniform_arch_for_latency,
 )
 from flextron.routers.sessions import DynamicSession, StaticSession
+from flextron.routers.sequence import SequenceRouter
 from flextron.routers.static import StaticRouter
 from flextron.routers.training import (
     SurrogateModel,
@@ -69,6 +72,7 @@ __all__ = [
     "RoutingSession",
     "Sampling",
     "Selection",
+    "SequenceRouter",
     "StaticRouter",
     "StaticSession",
     "SurrogateModel",
