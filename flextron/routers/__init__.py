@@ -45,8 +45,8 @@ from flextron.routers.selection import (
     reference_shape,
     uniform_arch_for_latency,
 )
-from flextron.routers.sessions import DynamicSession, StaticSession
 from flextron.routers.sequence import SequenceRouter
+from flextron.routers.sessions import DynamicSession, StaticSession
 from flextron.routers.static import StaticRouter
 from flextron.routers.training import (
     SurrogateModel,
