@@ -26,27 +26,29 @@ from flextron.routers.pipeline import _Job, _keep_better_starts
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _converted(tiny_hf_dir, tmp_path):
+    """A tiny model converted by the CLI (with its budgets' configurations): its directory."""
+    tiny_hf_dir(tmp_path / "hf", kv_heads=2)
+    out = tmp_path / "converted"
+    args = [
+        "convert",
+        "--model",
+        str(tmp_path / "hf"),
+        "--out",
+        str(out),
+        "--samples",
+        "2",
+        "--seq-len",
+        "32",
+    ]
+    assert main(args) == 0
+    return out
+
+
 def test_cli_profile_train_router_and_budget_driven_commands(
     synthetic_table, tiny_flextron, tiny_hf_dir, tmp_path, capsys, monkeypatch
 ) -> None:
-    tiny_hf_dir(tmp_path / "hf", kv_heads=2)
-    out = tmp_path / "converted"
-    assert (
-        main(
-            [
-                "convert",
-                "--model",
-                str(tmp_path / "hf"),
-                "--out",
-                str(out),
-                "--samples",
-                "2",
-                "--seq-len",
-                "32",
-            ]
-        )
-        == 0
-    )
+    out = _converted(tiny_hf_dir, tmp_path)
     assert (
         main(
             [
@@ -367,24 +369,7 @@ def test_a_static_router_keeps_its_start_where_training_did_not_improve_on_it(
 def test_cli_fits_the_sequence_router_and_routes_generate_eval_and_refuses_export(
     synthetic_table, tiny_hf_dir, tmp_path, capsys
 ) -> None:
-    tiny_hf_dir(tmp_path / "hf", kv_heads=2)
-    out = tmp_path / "converted"
-    assert (
-        main(
-            [
-                "convert",
-                "--model",
-                str(tmp_path / "hf"),
-                "--out",
-                str(out),
-                "--samples",
-                "2",
-                "--seq-len",
-                "32",
-            ]
-        )
-        == 0
-    )
+    out = _converted(tiny_hf_dir, tmp_path)
     assert main(["train-router", "--model", str(out), "--kind", "sequence"]) == 2  # no latency table yet
     assert "flextron profile" in capsys.readouterr().err
     synthetic_table().save(out)
