@@ -25,7 +25,8 @@ from flextron.model.layers import ElasticAttention, ElasticMLP, KVCache
 
 
 class SequenceRouter(nn.Module):
-    """Per-sequence choice between adjacent configurations (ascending in latency) at a budget."""
+    """Per-sequence choice between two of its configurations at a budget: the neighbours, on the
+    hull of (latency at the shape asked for, validation loss), that bracket the budget."""
 
     kind = "sequence"
 
@@ -36,7 +37,6 @@ class SequenceRouter(nn.Module):
         calibration_size: int = 1,
     ) -> None:
         super().__init__()
-        # Ascending in latency at the shape the router was fitted at (sequence_fitting).
         self.configurations = [
             a if isinstance(a, ArchConfig) else ArchConfig.from_dict(a) for a in configurations
         ]
@@ -44,15 +44,19 @@ class SequenceRouter(nn.Module):
             arch.validate(config)
         if len(self.configurations) < 2:
             raise ValueError("a sequence router chooses between at least 2 configurations")
-        pairs, hidden = len(self.configurations) - 1, config.hidden_size
+        count, hidden = len(self.configurations), config.hidden_size
+        # Every pair (i, j), i < j: which two are neighbours depends on the shape's latencies.
+        self.pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
         self.num_layers = config.num_layers
-        # Feature standardisation, then per adjacent pair a linear predictor of the loss saved.
+        # (K,) mean validation loss per configuration: its place on the hull.
+        self.register_buffer("validation_loss", torch.zeros(count))
+        # Feature standardisation, then per pair a linear predictor of the loss j saves over i.
         self.register_buffer("center", torch.zeros(hidden))
         self.register_buffer("scale", torch.ones(hidden))
-        self.register_buffer("weight", torch.zeros(pairs, hidden))
-        self.register_buffer("bias", torch.zeros(pairs))
-        # (pairs, M) the predictions on M validation sequences, ascending: the thresholds' quantiles.
-        self.register_buffer("calibration_gains", torch.zeros(pairs, calibration_size))
+        self.register_buffer("weight", torch.zeros(len(self.pairs), hidden))
+        self.register_buffer("bias", torch.zeros(len(self.pairs)))
+        # (P, M) per pair the predictions on M validation sequences, ascending: the thresholds' quantiles.
+        self.register_buffer("calibration_gains", torch.zeros(len(self.pairs), calibration_size))
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -65,56 +69,87 @@ class SequenceRouter(nn.Module):
         return (first_input.float().mean(1) - self.center) / self.scale
 
     def predicted_gains(self, features: torch.Tensor) -> torch.Tensor:
-        """features: (B, D) -> (B, pairs) predicted loss (nats/token) saved by each pair's wider side."""
+        """features: (B, D) -> (B, P) predicted loss (nats/token) each pair's second saves over its first."""
         return features @ self.weight.T + self.bias
 
     def plan(self, fractions: Sequence[float], target: float) -> SequencePlan:
-        """The mix for a target latency fraction, given each configuration's latency fraction
-        (ascending, as self.configurations): the bracketing pair, the share of sequences at its
-        wider side that meets the target on average, and the threshold that gives that share."""
+        """The mix for a target latency fraction, given each configuration's latency fraction at
+        the shape asked for: the hull neighbours that bracket the target, the share of sequences at
+        the wider one that meets it on average, and the threshold that gives that share."""
         if len(fractions) != len(self.configurations):
             raise ValueError(f"{len(fractions)} latencies for {len(self.configurations)} configurations")
         points = [float(f) for f in fractions]
-        if any(b < a for a, b in zip(points, points[1:], strict=False)):
-            raise ValueError(
-                "the sequence router's configurations are not in latency order at this shape "
-                f"({', '.join(f'{p:.3f}' for p in points)}): fit it at this shape "
-                "(flextron train-router --kind sequence --latency-shape ...)"
-            )
-        pair = 0
-        while pair < len(points) - 2 and target > points[pair + 1]:
-            pair += 1
-        low, high = points[pair], points[pair + 1]
-        share = min(max((target - low) / (high - low), 0.0), 1.0) if high > low else 1.0
-        gains = self.calibration_gains[pair]
+        hull = lower_hull(points, self.validation_loss.tolist())
+        if len(hull) == 1:  # one configuration is both the cheapest and the best: all run it
+            return SequencePlan(self, hull[0], hull[0], None, 1.0, float("-inf"), points[hull[0]])
+        step = 0
+        while step < len(hull) - 2 and target > points[hull[step + 1]]:
+            step += 1
+        narrow, wide = hull[step], hull[step + 1]
+        low, high = points[narrow], points[wide]
+        share = min(max((target - low) / (high - low), 0.0), 1.0)
+        pair = self.pairs.index((min(narrow, wide), max(narrow, wide)))
+        gains = self.calibration_gains[pair] * (1 if narrow < wide else -1)  # the wider one's gain
         if share >= 1.0:
             threshold = float("-inf")
         elif share <= 0.0:
             threshold = float("inf")
         else:
             threshold = float(torch.quantile(gains.double(), 1.0 - share))
-        return SequencePlan(self, pair, share, threshold, low + share * (high - low))
+        return SequencePlan(self, narrow, wide, pair, share, threshold, low + share * (high - low))
+
+
+def lower_hull(fractions: Sequence[float], losses: Sequence[float]) -> list[int]:
+    """Indices of the points on the lower convex hull of (fraction, loss), ascending in fraction,
+    from the cheapest point to the lowest loss (points of more latency and no less loss dropped):
+    a mix of two hull neighbours beats any point above the segment between them."""
+    order = sorted(range(len(fractions)), key=lambda i: (fractions[i], losses[i]))
+    hull: list[int] = []
+    for index in order:
+        if hull and losses[index] >= losses[hull[-1]]:
+            continue  # no better than a cheaper point
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b is above (or on) the segment from a to index: drop it.
+            cross = (fractions[b] - fractions[a]) * (losses[index] - losses[a]) - (losses[b] - losses[a]) * (
+                fractions[index] - fractions[a]
+            )
+            if cross > 0:
+                break
+            hull.pop()
+        hull.append(index)
+    return hull
 
 
 @dataclass
 class SequencePlan:
-    """One budget's mix: sequences whose predicted gain exceeds `threshold` run the wider side of
-    configuration pair `pair` (expected share `share`); `fraction` is the mix's expected latency
-    fraction by the table."""
+    """One budget's mix: sequences whose predicted gain exceeds `threshold` run configuration
+    `wide_index`, the others `narrow_index` (expected share `share` at the wider one); `pair` is
+    the predictor's index (None: one configuration for all); `fraction` is the mix's expected
+    latency fraction by the table."""
 
     router: SequenceRouter
-    pair: int
+    narrow_index: int
+    wide_index: int
+    pair: int | None
     share: float
     threshold: float
     fraction: float
 
     @property
     def narrow(self) -> ArchConfig:
-        return self.router.configurations[self.pair]
+        return self.router.configurations[self.narrow_index]
 
     @property
     def wide(self) -> ArchConfig:
-        return self.router.configurations[self.pair + 1]
+        return self.router.configurations[self.wide_index]
+
+    def predicted_gains(self, features: torch.Tensor) -> torch.Tensor:
+        """features: (B, D) -> (B,) predicted loss the wider configuration saves."""
+        if self.pair is None:
+            return features.new_zeros(features.shape[0])
+        sign = 1 if self.narrow_index < self.wide_index else -1
+        return sign * self.router.predicted_gains(features)[:, self.pair]
 
     def session(self, budget: float, batch_size: int) -> SequenceSession:  # noqa: ARG002 - Selection's call
         return SequenceSession(self)
@@ -136,7 +171,7 @@ class SequenceSession:
     def choose(self, first_input: torch.Tensor) -> None:
         """first_input: (B, T, D) -> each sequence's side of the pair."""
         router, plan = self.plan.router, self.plan
-        gains = router.predicted_gains(router.features(first_input))[:, plan.pair]  # (B,)
+        gains = plan.predicted_gains(router.features(first_input))  # (B,)
         self.wide = (gains > plan.threshold).cpu()
         for layer in range(router.num_layers):
             narrow, wide = plan.narrow.heads[layer], plan.wide.heads[layer]

@@ -1,13 +1,14 @@
 """Fitting the sequence router (flextron.routers.sequence) on a model's own losses.
 
 The candidates (the trained configurations, and the static router's) are measured on validation
-text; those on the lower convex hull of (latency fraction, validation loss) are kept, since a mix
-of two hull neighbours beats any candidate above the segment between them.  Per training block,
-the loss of every configuration kept after an unscored prefix; per pair of
-adjacent configurations, a ridge regression from the prefix's features (the mean of the first
-layer's normalised input) to the loss the wider one saves.  The penalty is chosen on validation
-text, by the loss of the mixes it gives (the predicted-best share of sequences at the wider
-configuration, at several shares); the thresholds' quantiles are its predictions there.
+text; those on the lower convex hull of (latency fraction at the fitting shape, validation loss)
+are kept, since a mix of two hull neighbours beats any candidate above the segment between them.
+Per training block, the loss of every configuration kept after an unscored prefix; per pair of
+configurations (any two: which are neighbours depends on the shape), a ridge regression from the
+prefix's features (the mean of the first layer's normalised input) to the loss the second saves
+over the first.  The penalty is chosen on validation text, by the loss of the mixes it gives (the
+predicted-best share of sequences at the second, at several shares); the thresholds' quantiles
+are its predictions there.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from flextron.model.config import ArchConfig
 from flextron.model.elastic_model import FlextronModel
 from flextron.routers.evaluation import block_losses
-from flextron.routers.sequence import SequenceRouter
+from flextron.routers.sequence import SequenceRouter, lower_hull
 
 PENALTIES = (
     1e-3,
@@ -78,27 +79,6 @@ def mix_loss(predicted: torch.Tensor, narrow: torch.Tensor, wide: torch.Tensor, 
     return float(torch.where(chosen, wide, narrow).mean())
 
 
-def lower_hull(fractions: Sequence[float], losses: Sequence[float]) -> list[int]:
-    """Indices of the points on the lower convex hull of (fraction, loss), ascending in fraction,
-    from the cheapest point to the lowest loss (points of more latency and no less loss dropped)."""
-    order = sorted(range(len(fractions)), key=lambda i: (fractions[i], losses[i]))
-    hull: list[int] = []
-    for index in order:
-        if hull and losses[index] >= losses[hull[-1]]:
-            continue  # no better than a cheaper point
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            # b is above (or on) the segment from a to index: drop it.
-            cross = (fractions[b] - fractions[a]) * (losses[index] - losses[a]) - (losses[b] - losses[a]) * (
-                fractions[index] - fractions[a]
-            )
-            if cross > 0:
-                break
-            hull.pop()
-        hull.append(index)
-    return hull
-
-
 def fit_sequence_router(
     model: FlextronModel,
     candidates: Sequence[ArchConfig],
@@ -109,7 +89,8 @@ def fit_sequence_router(
     report: Callable[[str], None] = lambda _: None,
 ) -> tuple[SequenceRouter, list[dict]]:
     """The fitted router (candidates: configurations, fractions: their latency fractions at the
-    router's shape) and, per configuration pair kept, what validation says: the penalty chosen,
+    router's shape, where candidates above the hull are dropped) and, per pair of the
+    configurations kept, what validation says: the penalty chosen,
     and at each share the loss of the fixed mix (its expectation), the router's mix, and the
     oracle's (sequences ranked by their true gain)."""
     report(f"losses of {len(candidates)} candidates on {validation_blocks.shape[0]} validation blocks")
@@ -124,6 +105,7 @@ def fit_sequence_router(
     archs = [candidates[i] for i in kept]
     router = SequenceRouter(model.config, archs, calibration_size=validation_blocks.shape[0])
     validation_losses = candidate_losses[:, kept]  # (M, K)
+    router.validation_loss.copy_(validation_losses.mean(0))
     report(f"losses of {len(archs)} configurations on {train_blocks.shape[0]} training blocks")
     train_losses = configuration_losses(model, archs, train_blocks, prefix)  # (N, K)
     train_raw = prefix_features(model, train_blocks, prefix)
@@ -132,9 +114,9 @@ def fit_sequence_router(
     train_x = (train_raw - router.center) / router.scale
     validation_x = (prefix_features(model, validation_blocks, prefix) - router.center) / router.scale
     summary = []
-    for pair in range(len(archs) - 1):
-        gains = train_losses[:, pair] - train_losses[:, pair + 1]  # (N,) loss saved by the wider one
-        narrow, wide = validation_losses[:, pair], validation_losses[:, pair + 1]
+    for pair, (first, second) in enumerate(router.pairs):
+        gains = train_losses[:, first] - train_losses[:, second]  # (N,) loss the second one saves
+        narrow, wide = validation_losses[:, first], validation_losses[:, second]
 
         def mixes(predicted: torch.Tensor, narrow=narrow, wide=wide) -> list[float]:
             return [mix_loss(predicted, narrow, wide, share) for share in SHARES]
@@ -148,8 +130,8 @@ def fit_sequence_router(
         router.calibration_gains[pair] = predicted.sort().values
         fixed = [float(((1 - s) * narrow + s * wide).mean()) for s in SHARES]
         row = {
-            "pair": [archs[pair].to_dict(), archs[pair + 1].to_dict()],
-            "fractions": [fractions[kept[pair]], fractions[kept[pair + 1]]],
+            "pair": [archs[first].to_dict(), archs[second].to_dict()],
+            "fractions": [fractions[kept[first]], fractions[kept[second]]],
             "penalty": penalty,
             "shares": list(SHARES),
             "fixed_mix_loss": fixed,
@@ -159,8 +141,8 @@ def fit_sequence_router(
         }
         summary.append(row)
         report(
-            f"pair {pair}: penalty {penalty:g}, rank correlation {row['rank_correlation']:.2f}; validation "
-            "loss at shares "
+            f"pair {first}-{second}: penalty {penalty:g}, rank correlation "
+            f"{row['rank_correlation']:.2f}; validation loss at shares "
             + ", ".join(
                 f"{s:g}: fixed {f:.4f} router {r:.4f} oracle {o:.4f}"
                 for s, f, r, o in zip(

@@ -59,6 +59,7 @@ def test_bench_routers_times_every_routing_in_one_round_and_compares_with_static
     with torch.no_grad():
         routers["sequence"].weight.normal_()
         routers["sequence"].calibration_gains.copy_(torch.randn(1, 4).sort().values)
+        routers["sequence"].validation_loss.copy_(torch.tensor([2.0, 1.0]))
     save_routers(tmp_path / "model", routers, LatencyShape("prefill", 1, 16))
     out = tmp_path / "out"
     args = [

@@ -11,11 +11,10 @@ from flextron.model.config import ArchConfig
 from flextron.routers import BudgetResolver, load_routers, save_routers
 from flextron.routers.evaluation import block_losses, dynamic_perplexity, prefix_session
 from flextron.routers.selection import Selection
-from flextron.routers.sequence import SequenceRouter
+from flextron.routers.sequence import SequenceRouter, lower_hull
 from flextron.routers.sequence_fitting import (
     first_layer_input,
     fit_sequence_router,
-    lower_hull,
     mix_loss,
     prefix_features,
     ridge,
@@ -32,10 +31,13 @@ def _configurations(model) -> list[ArchConfig]:
 
 
 def _router(model, seed: int = 0) -> SequenceRouter:
-    """A router whose predictions swing with the text, thresholds from random calibration gains."""
+    """A router whose predictions swing with the text, thresholds from random calibration gains;
+    validation losses falling with size (every configuration on the hull of latency fractions
+    0.3, 0.5, 1)."""
     router = SequenceRouter(model.config, _configurations(model), calibration_size=9)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        router.validation_loss.copy_(torch.tensor([5.0, 3.0, 2.0]))
         router.weight.copy_(torch.randn(router.weight.shape, generator=generator))
         router.calibration_gains.copy_(
             torch.randn(router.calibration_gains.shape, generator=generator).sort().values
@@ -43,27 +45,50 @@ def _router(model, seed: int = 0) -> SequenceRouter:
     return router
 
 
-def test_plan_picks_the_bracketing_pair_and_the_share_that_meets_the_target(tiny_flextron) -> None:
+def test_plan_picks_the_bracketing_hull_neighbours_and_the_share_that_meets_the_target(tiny_flextron) -> None:
     router = _router(tiny_flextron())
+    assert router.pairs == [(0, 1), (0, 2), (1, 2)]
     fractions = [0.3, 0.5, 1.0]
     plan = router.plan(fractions, 0.4)
-    assert (plan.pair, plan.share, plan.fraction) == (0, pytest.approx(0.5), pytest.approx(0.4))
+    assert (plan.narrow_index, plan.wide_index, plan.pair) == (0, 1, 0)
+    assert (plan.share, plan.fraction) == (pytest.approx(0.5), pytest.approx(0.4))
     assert plan.threshold == pytest.approx(float(router.calibration_gains[0].median()))
     plan = router.plan(fractions, 0.75)
-    assert (plan.pair, plan.share) == (1, pytest.approx(0.5))
+    assert (plan.narrow_index, plan.wide_index, plan.pair, plan.share) == (1, 2, 2, pytest.approx(0.5))
     low, high = router.plan(fractions, 0.2), router.plan(fractions, 1.0)
-    assert (low.pair, low.share, low.threshold) == (0, 0.0, float("inf"))
-    assert (high.pair, high.share, high.threshold) == (1, 1.0, float("-inf"))
+    assert (low.narrow_index, low.share, low.threshold) == (0, 0.0, float("inf"))
+    assert (high.wide_index, high.share, high.threshold) == (2, 1.0, float("-inf"))
+    # At a shape where the middle configuration costs as much as the full one, it leaves the hull:
+    # the mix is of the smallest and the full, with their own predictor.
+    plan = router.plan([0.3, 1.0, 1.0], 0.65)
+    assert (plan.narrow_index, plan.wide_index, plan.pair, plan.share) == (0, 2, 1, pytest.approx(0.5))
+    features = torch.randn(5, tiny_flextron().config.hidden_size)
+    torch.testing.assert_close(plan.predicted_gains(features), router.predicted_gains(features)[:, 1])
     with pytest.raises(ValueError, match="latencies for 3 configurations"):
         router.plan([0.3, 1.0], 0.5)
-    with pytest.raises(ValueError, match="not in latency order"):
-        router.plan([0.5, 0.3, 1.0], 0.6)
+
+
+def test_a_configuration_both_cheapest_and_best_runs_alone(tiny_flextron) -> None:
+    router = _router(tiny_flextron())
+    plan = router.plan([0.3, 0.2, 1.0], 0.6)  # the middle one: cheaper than the first and better
+    assert (plan.narrow_index, plan.wide_index) == (1, 2)
+    with torch.no_grad():
+        router.validation_loss.copy_(torch.tensor([5.0, 1.0, 2.0]))
+    plan = router.plan([0.3, 0.2, 1.0], 0.6)
+    assert (plan.narrow_index, plan.wide_index, plan.pair, plan.share) == (1, 1, None, 1.0)
+    blocks = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(12))
+    session = plan.session(0.6, 2)
+    model = tiny_flextron()
+    with torch.no_grad():
+        torch.testing.assert_close(model(blocks, session=session), model(blocks, plan.narrow))
+    assert session.configurations() == [plan.narrow] * 2
 
 
 def test_the_threshold_gives_the_share_on_the_calibration_text(tiny_flextron) -> None:
     router = SequenceRouter(tiny_flextron().config, _configurations(tiny_flextron()), calibration_size=200)
-    gains = torch.randn(2, 200, generator=torch.Generator().manual_seed(3)).sort().values
+    gains = torch.randn(3, 200, generator=torch.Generator().manual_seed(3)).sort().values
     router.calibration_gains.copy_(gains)
+    router.validation_loss.copy_(torch.tensor([5.0, 3.0, 2.0]))
     for share in (0.1, 0.35, 0.8):
         plan = router.plan([0.2, 0.6, 1.0], 0.2 + share * 0.4)
         assert float((gains[0] > plan.threshold).float().mean()) == pytest.approx(share, abs=0.01)
@@ -152,7 +177,11 @@ def test_fitting_learns_gains_chooses_on_validation_and_round_trips(tiny_flextro
         model, candidates, [0.3, 0.6, 1.0, 1.0], train, validation, prefix=4
     )
     assert router.configurations == _configurations(model)
-    assert len(summary) == 2 and all(row["penalty"] > 0 for row in summary)
+    assert len(summary) == 3 and all(row["penalty"] > 0 for row in summary)
+    expected = [
+        float(block_losses(model, validation, prefix=4, arch=a).mean()) for a in router.configurations
+    ]
+    assert router.validation_loss.tolist() == pytest.approx(expected)
     # The thresholds' quantiles are the router's own predictions on the validation prefixes.
     features = router.features(first_layer_input(model, validation[:, :4]).detach())
     predicted = router.predicted_gains(features).T.sort(1).values  # (pairs, M)
