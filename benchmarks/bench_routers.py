@@ -277,7 +277,7 @@ def make_row(item: dict, losses: torch.Tensor, measured: float, full: dict, mode
         "fraction_of_full": measured / full["measured"],
         "lut_fraction": lut_ms / full["lut"],
         "perplexity": float(losses.mean().exp()),
-        "parameters": None if arch is None else model.num_parameters(arch),
+        "parameters": item.get("parameters") if arch is None else model.num_parameters(arch),
         "arch": None if arch is None else arch.to_dict(),
     }
     row["overhead"] = row["fraction_of_full"] - row["lut_fraction"]  # beyond the latency table
@@ -336,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             item["lut_ms"] = sequence_lut_ms(resolver, item["timing_sessions"])
             chosen = [a for s in item["timing_sessions"] for a in s.configurations()]
             item["wide_share"] = sum(a == item["selection"].router.wide for a in chosen) / len(chosen)
+            item["parameters"] = round(sum(map(model.num_parameters, chosen)) / len(chosen))
     losses = {i: score(model, item, blocks, args.prefix) for i, item in enumerate(items)}
     rows = [make_row(item, losses[i], times[i], full, model) for i, item in enumerate(items)]
     compare_to_curves(rows, losses)
