@@ -205,7 +205,16 @@ class SequenceSession:
         heads, most = self.heads[layer]
         if isinstance(heads, int):
             return module(x, cos, sin, heads, kv_cache, layer)
-        return module(x, cos, sin, heads, kv_cache, layer, max_heads=most)
+        if kv_cache is not None:  # one cache for the batch: per-sequence counts, projections at the most
+            return module(x, cos, sin, heads, kv_cache, layer, max_heads=most)
+        # Without a cache, each side's rows at their own head count: the narrower rows do not pay
+        # for the wider count's projections.
+        rows = self.wide.to(x.device)
+        out = torch.empty_like(x)
+        for side, count in ((rows, self.plan.wide.heads[layer]), (~rows, self.plan.narrow.heads[layer])):
+            rotary = [t[side] if t.dim() == 4 else t for t in (cos, sin)]  # per-sequence (B, 1, T, hd)
+            out[side] = module(x[side], *rotary, count, None, layer)
+        return out
 
     def mlp(self, layer: int, module: ElasticMLP, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, D) -> (B, T, D) at each sequence's MLP width."""
