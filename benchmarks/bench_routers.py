@@ -18,9 +18,9 @@ Protocol (issue 25):
   log-perplexity difference is reported with its standard error.  Static is compared the same
   way with the uniform curve and with the "trained" curve: the configurations the model was
   elastically trained at (budget_configs.json, and the full model), timed in the same round.
-* Sequence: the sequence router's choices are made from each evaluated block's prefix; it is
-  timed on the evaluated blocks themselves (their first tokens at the latency shape, with those
-  choices), so the share of sequences at the wider configuration is the one that is scored.
+* Sequence: the sequence router's choices are made from each evaluated block's prefix, in
+  batches of the latency shape's size; it is timed on the evaluated blocks themselves (their
+  first tokens at the shape) and scored with the same choices.
 * Oracle (`--oracle`, prefill only): per token, layer and MLP width the first-order loss change
   of narrowing (flextron.routers.oracle), widths allocated with one Lagrange multiplier at the
   static configuration's LUT MLP cost, head counts static's, forced through the routed MLP kernel.
@@ -206,6 +206,9 @@ def sequence_lut_ms(resolver: BudgetResolver, sessions: list) -> float:
 
 def score(model: FlextronModel, item: dict, blocks: torch.Tensor, prefix: int) -> torch.Tensor:
     """(N,) per-block mean loss after the unscored prefix."""
+    if item["routing"] == "sequence":  # the choices that were timed (a share is met per selection)
+        batch = item["timing_chunks"][0].shape[0]
+        return block_losses(model, blocks, prefix=prefix, sessions=item["timing_sessions"], batch_size=batch)
     if item["routing"] == "oracle":
         return block_losses(model, blocks, prefix=prefix, sessions=item["sessions"])
     selection = item["selection"]

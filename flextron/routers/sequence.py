@@ -1,18 +1,21 @@
-"""The sequence router: per sequence, one of the configurations the model was trained at.
+"""The sequence router: per sequence, one of a few configurations the model is good at.
 
 Why: an elastically trained model is good at the configurations it was trained at and poor
-between them (docs/routers.md: static configurations between trained ones lose 1.1-1.5x in
-perplexity, per-token widths more).  A budget between two trained configurations is met on
+between them (docs/routers.md: static configurations between trained ones lose up to 1.4x in
+perplexity, per-token widths more).  A budget between two good configurations is met on
 average instead: a share of the sequences runs the wider one, the rest the narrower one.  Which
 sequences get the wider one is the input-adaptive part: a linear predictor, from the mean of
 the prompt's first-layer input (known at prefill, before any scored token), of how much loss
-each sequence saves at the wider configuration; the sequences predicted to save most take it.
-The share is set by a threshold on that prediction, a quantile of its values on validation
-text, so a sequence's choice does not depend on the others in its batch (batch 1 included).
+each sequence saves at the wider configuration; in each batch, the sequences predicted to save
+most take it.  How many: the share times the batch size, the fraction carried over to the next
+batch of the same selection, so that the budget is met on average whatever the text (a
+threshold on the prediction would move the share with the text's domain).  At batch 1 the
+choice alternates at that rate.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +37,6 @@ class SequenceRouter(nn.Module):
         self,
         config: ModelConfig,
         configurations: Sequence[ArchConfig | dict],
-        calibration_size: int = 1,
     ) -> None:
         super().__init__()
         self.configurations = [
@@ -55,14 +57,9 @@ class SequenceRouter(nn.Module):
         self.register_buffer("scale", torch.ones(hidden))
         self.register_buffer("weight", torch.zeros(len(self.pairs), hidden))
         self.register_buffer("bias", torch.zeros(len(self.pairs)))
-        # (P, M) per pair the predictions on M validation sequences, ascending: the thresholds' quantiles.
-        self.register_buffer("calibration_gains", torch.zeros(len(self.pairs), calibration_size))
 
     def settings(self) -> dict[str, Any]:
-        return {
-            "configurations": [a.to_dict() for a in self.configurations],
-            "calibration_size": self.calibration_gains.shape[1],
-        }
+        return {"configurations": [a.to_dict() for a in self.configurations]}
 
     def features(self, first_input: torch.Tensor) -> torch.Tensor:
         """first_input: (B, T, D) the first layer's normalised input over the prompt -> (B, D)."""
@@ -74,14 +71,14 @@ class SequenceRouter(nn.Module):
 
     def plan(self, fractions: Sequence[float], target: float) -> SequencePlan:
         """The mix for a target latency fraction, given each configuration's latency fraction at
-        the shape asked for: the hull neighbours that bracket the target, the share of sequences at
-        the wider one that meets it on average, and the threshold that gives that share."""
+        the shape asked for: the hull neighbours that bracket the target, and the share of
+        sequences at the wider one that meets it on average."""
         if len(fractions) != len(self.configurations):
             raise ValueError(f"{len(fractions)} latencies for {len(self.configurations)} configurations")
         points = [float(f) for f in fractions]
         hull = lower_hull(points, self.validation_loss.tolist())
         if len(hull) == 1:  # one configuration is both the cheapest and the best: all run it
-            return SequencePlan(self, hull[0], hull[0], None, 1.0, float("-inf"), points[hull[0]])
+            return SequencePlan(self, hull[0], hull[0], None, 1.0, points[hull[0]])
         step = 0
         while step < len(hull) - 2 and target > points[hull[step + 1]]:
             step += 1
@@ -89,14 +86,7 @@ class SequenceRouter(nn.Module):
         low, high = points[narrow], points[wide]
         share = min(max((target - low) / (high - low), 0.0), 1.0)
         pair = self.pairs.index((min(narrow, wide), max(narrow, wide)))
-        gains = self.calibration_gains[pair] * (1 if narrow < wide else -1)  # the wider one's gain
-        if share >= 1.0:
-            threshold = float("-inf")
-        elif share <= 0.0:
-            threshold = float("inf")
-        else:
-            threshold = float(torch.quantile(gains.double(), 1.0 - share))
-        return SequencePlan(self, narrow, wide, pair, share, threshold, low + share * (high - low))
+        return SequencePlan(self, narrow, wide, pair, share, low + share * (high - low))
 
 
 def lower_hull(fractions: Sequence[float], losses: Sequence[float]) -> list[int]:
@@ -123,18 +113,25 @@ def lower_hull(fractions: Sequence[float], losses: Sequence[float]) -> list[int]
 
 @dataclass
 class SequencePlan:
-    """One budget's mix: sequences whose predicted gain exceeds `threshold` run configuration
-    `wide_index`, the others `narrow_index` (expected share `share` at the wider one); `pair` is
-    the predictor's index (None: one configuration for all); `fraction` is the mix's expected
-    latency fraction by the table."""
+    """One budget's mix: per batch, the share `share` of sequences of highest predicted gain runs
+    configuration `wide_index`, the others `narrow_index`; `pair` is the predictor's index (None:
+    one configuration for all); `fraction` is the mix's expected latency fraction by the table;
+    `carry` the part of a wider sequence that the batches so far owe."""
 
     router: SequenceRouter
     narrow_index: int
     wide_index: int
     pair: int | None
     share: float
-    threshold: float
     fraction: float
+    carry: float = 0.0
+
+    def wide_count(self, batch_size: int) -> int:
+        """How many of a batch's sequences run the wider configuration (the remainder carried)."""
+        wanted = self.share * batch_size + self.carry
+        count = min(batch_size, math.floor(wanted + 1e-9))
+        self.carry = wanted - count
+        return count
 
     @property
     def narrow(self) -> ArchConfig:
@@ -171,8 +168,9 @@ class SequenceSession:
     def choose(self, first_input: torch.Tensor) -> None:
         """first_input: (B, T, D) -> each sequence's side of the pair."""
         router, plan = self.plan.router, self.plan
-        gains = plan.predicted_gains(router.features(first_input))  # (B,)
-        self.wide = (gains > plan.threshold).cpu()
+        gains = plan.predicted_gains(router.features(first_input)).cpu()  # (B,)
+        self.wide = torch.zeros(gains.shape[0], dtype=torch.bool)  # (B,)
+        self.wide[gains.argsort(descending=True, stable=True)[: plan.wide_count(gains.shape[0])]] = True
         for layer in range(router.num_layers):
             narrow, wide = plan.narrow.heads[layer], plan.wide.heads[layer]
             if self.uniform or narrow == wide:

@@ -7,8 +7,7 @@ Per training block, the loss of every configuration kept after an unscored prefi
 configurations (any two: which are neighbours depends on the shape), a ridge regression from the
 prefix's features (the mean of the first layer's normalised input) to the loss the second saves
 over the first.  The penalty is chosen on validation text, by the loss of the mixes it gives (the
-predicted-best share of sequences at the second, at several shares); the thresholds' quantiles
-are its predictions there.
+predicted-best share of sequences at the second, at several shares).
 """
 
 from __future__ import annotations
@@ -103,7 +102,7 @@ def fit_sequence_router(
             + ("" if index in kept else " (dropped: above the hull)")
         )
     archs = [candidates[i] for i in kept]
-    router = SequenceRouter(model.config, archs, calibration_size=validation_blocks.shape[0])
+    router = SequenceRouter(model.config, archs)
     validation_losses = candidate_losses[:, kept]  # (M, K)
     router.validation_loss.copy_(validation_losses.mean(0))
     report(f"losses of {len(archs)} configurations on {train_blocks.shape[0]} training blocks")
@@ -127,7 +126,6 @@ def fit_sequence_router(
         weight, bias = fits[penalty]
         router.weight[pair], router.bias[pair] = weight, bias
         predicted = validation_x @ weight + bias  # (M,)
-        router.calibration_gains[pair] = predicted.sort().values
         fixed = [float(((1 - s) * narrow + s * wide).mean()) for s in SHARES]
         row = {
             "pair": [archs[first].to_dict(), archs[second].to_dict()],

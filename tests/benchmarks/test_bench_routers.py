@@ -54,11 +54,10 @@ def test_bench_routers_times_every_routing_in_one_round_and_compares_with_static
     routers = {
         "static": StaticRouter(model.config, [0.5, 1.0], hidden_size=8),
         "dynamic": DynamicRouter(model.config, [0.5, 1.0], hidden_size=8),
-        "sequence": SequenceRouter(model.config, [half, model.full_arch()], calibration_size=4),
+        "sequence": SequenceRouter(model.config, [half, model.full_arch()]),
     }
     with torch.no_grad():
         routers["sequence"].weight.normal_()
-        routers["sequence"].calibration_gains.copy_(torch.randn(1, 4).sort().values)
         routers["sequence"].validation_loss.copy_(torch.tensor([2.0, 1.0]))
     save_routers(tmp_path / "model", routers, LatencyShape("prefill", 1, 16))
     out = tmp_path / "out"

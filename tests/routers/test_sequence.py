@@ -31,17 +31,13 @@ def _configurations(model) -> list[ArchConfig]:
 
 
 def _router(model, seed: int = 0) -> SequenceRouter:
-    """A router whose predictions swing with the text, thresholds from random calibration gains;
-    validation losses falling with size (every configuration on the hull of latency fractions
-    0.3, 0.5, 1)."""
-    router = SequenceRouter(model.config, _configurations(model), calibration_size=9)
+    """A router whose predictions swing with the text; validation losses falling with size (every
+    configuration on the hull of latency fractions 0.3, 0.5, 1)."""
+    router = SequenceRouter(model.config, _configurations(model))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         router.validation_loss.copy_(torch.tensor([5.0, 3.0, 2.0]))
         router.weight.copy_(torch.randn(router.weight.shape, generator=generator))
-        router.calibration_gains.copy_(
-            torch.randn(router.calibration_gains.shape, generator=generator).sort().values
-        )
     return router
 
 
@@ -52,12 +48,10 @@ def test_plan_picks_the_bracketing_hull_neighbours_and_the_share_that_meets_the_
     plan = router.plan(fractions, 0.4)
     assert (plan.narrow_index, plan.wide_index, plan.pair) == (0, 1, 0)
     assert (plan.share, plan.fraction) == (pytest.approx(0.5), pytest.approx(0.4))
-    assert plan.threshold == pytest.approx(float(router.calibration_gains[0].median()))
     plan = router.plan(fractions, 0.75)
     assert (plan.narrow_index, plan.wide_index, plan.pair, plan.share) == (1, 2, 2, pytest.approx(0.5))
     low, high = router.plan(fractions, 0.2), router.plan(fractions, 1.0)
-    assert (low.narrow_index, low.share, low.threshold) == (0, 0.0, float("inf"))
-    assert (high.wide_index, high.share, high.threshold) == (2, 1.0, float("-inf"))
+    assert (low.narrow_index, low.share, high.wide_index, high.share) == (0, 0.0, 2, 1.0)
     # At a shape where the middle configuration costs as much as the full one, it leaves the hull:
     # the mix is of the smallest and the full, with their own predictor.
     plan = router.plan([0.3, 1.0, 1.0], 0.65)
@@ -84,14 +78,27 @@ def test_a_configuration_both_cheapest_and_best_runs_alone(tiny_flextron) -> Non
     assert session.configurations() == [plan.narrow] * 2
 
 
-def test_the_threshold_gives_the_share_on_the_calibration_text(tiny_flextron) -> None:
-    router = SequenceRouter(tiny_flextron().config, _configurations(tiny_flextron()), calibration_size=200)
-    gains = torch.randn(3, 200, generator=torch.Generator().manual_seed(3)).sort().values
-    router.calibration_gains.copy_(gains)
-    router.validation_loss.copy_(torch.tensor([5.0, 3.0, 2.0]))
-    for share in (0.1, 0.35, 0.8):
-        plan = router.plan([0.2, 0.6, 1.0], 0.2 + share * 0.4)
-        assert float((gains[0] > plan.threshold).float().mean()) == pytest.approx(share, abs=0.01)
+def test_each_batch_gives_the_wider_configuration_to_its_best_sequences_and_carries_the_rest(
+    tiny_flextron,
+) -> None:
+    model, router = tiny_flextron(), _router(tiny_flextron())
+    plan = router.plan([0.3, 0.5, 1.0], 0.35)  # a share of 0.25 at configuration 1
+    counts = [plan.wide_count(3) for _ in range(8)]
+    assert sum(counts) == 6 and set(counts) <= {0, 1}  # 24 sequences, a quarter of them wide
+    plan.carry = 0.0
+    blocks = torch.randint(3, 300, (4, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        session = plan.session(0.35, 4)
+        model(blocks, session=session)
+        gains = plan.predicted_gains(
+            router.features(model.layers[0].input_layernorm(model.embed_tokens(blocks)))
+        )
+    assert session.wide.tolist() == (gains == gains.max()).tolist()  # one of four: the best
+    single = [plan.session(0.35, 1) for _ in range(8)]
+    with torch.no_grad():
+        for one in single:
+            model(blocks[:1], session=one)
+    assert [bool(one.wide[0]) for one in single].count(True) == 2  # batch 1: the rate, alternating
 
 
 def test_a_mixed_batch_runs_each_sequence_at_its_configuration(tiny_flextron) -> None:
@@ -182,10 +189,7 @@ def test_fitting_learns_gains_chooses_on_validation_and_round_trips(tiny_flextro
         float(block_losses(model, validation, prefix=4, arch=a).mean()) for a in router.configurations
     ]
     assert router.validation_loss.tolist() == pytest.approx(expected)
-    # The thresholds' quantiles are the router's own predictions on the validation prefixes.
     features = router.features(first_layer_input(model, validation[:, :4]).detach())
-    predicted = router.predicted_gains(features).T.sort(1).values  # (pairs, M)
-    torch.testing.assert_close(router.calibration_gains, predicted, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
         prefix_features(model, validation, 4, batch_size=3),
         first_layer_input(model, validation[:, :4]).mean(1),
