@@ -227,7 +227,8 @@ class FlextronModel(nn.Module):
 
         arch: the sub-network (default: full).  kv_cache: positions continue from
         kv_cache.length, and the cache is extended by T.  session: a routing session that
-        chooses every layer's sub-network instead of `arch` (flextron.routers.sessions).
+        chooses every layer's sub-network instead of `arch` (flextron.routers.sessions); one with
+        a `settled_arch` that is not None runs as that configuration.
         Padded batches: position_ids (B, T) gives each token's RoPE position, and key_mask
         (B, S) bool marks the real (not padding) tokens among the S = cached + T keys.
         """
@@ -242,6 +243,11 @@ class FlextronModel(nn.Module):
                 f"sequence of {end} tokens exceeds the model's context of "
                 f"{self.config.max_position_embeddings}"
             )
+        settled = getattr(session, "settled_arch", None)
+        if settled is not None:
+            # A session that has settled on one configuration for the whole batch (the sequence
+            # router's, after prefill) runs as it: the plain path, the fused decode op included.
+            arch, session = settled, None
         if arch is None:
             arch = self.full_arch()
         else:

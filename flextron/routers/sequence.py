@@ -180,6 +180,14 @@ class SequenceSession:
                 self.heads.append((counts, max(narrow, wide)))
 
     @property
+    def settled_arch(self) -> ArchConfig | None:
+        """After the choice, the configuration of a batch whose sequences all chose alike: the
+        model then runs it on its plain path (at decode, the fused layer op)."""
+        if self.wide is None or not self.uniform:
+            return None
+        return self.plan.wide if bool(self.wide[0]) else self.plan.narrow
+
+    @property
     def uniform(self) -> bool:
         """Whether every sequence chose the same side."""
         return bool(self.wide.all() or not self.wide.any())

@@ -76,6 +76,15 @@ def test_a_configuration_both_cheapest_and_best_runs_alone(tiny_flextron) -> Non
     with torch.no_grad():
         torch.testing.assert_close(model(blocks, session=session), model(blocks, plan.narrow))
     assert session.configurations() == [plan.narrow] * 2
+    # Settled on one configuration, the session runs as it: a decode step on the fused layer op.
+    assert session.settled_arch == plan.narrow
+    cache = model.new_kv_cache(2, 8)
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        model(blocks[:, :5], kv_cache=cache, session=session)
+        step = model(blocks[:, 5:6], kv_cache=cache, session=session)
+    assert any("decoder_layer" in event.name for event in profile.events())
+    with torch.no_grad():
+        torch.testing.assert_close(step, model(blocks[:, :6], plan.narrow)[:, -1:])
 
 
 def test_each_batch_gives_the_wider_configuration_to_its_best_sequences_and_carries_the_rest(
@@ -141,7 +150,7 @@ def test_choices_are_kept_through_decode_and_come_from_the_prompt(tiny_flextron)
         model(blocks[:, :8], kv_cache=cache, session=session)
         chosen = session.configurations()
         step = model(blocks[:, 8:9], kv_cache=cache, session=session)[:, -1]  # (6, V)
-        assert session.configurations() == chosen
+        assert session.configurations() == chosen and session.settled_arch is None  # a mixed batch
         for row, arch in enumerate(chosen):
             expected = model(blocks[row : row + 1, :9], arch)[0, -1]
             torch.testing.assert_close(step[row], expected, atol=2e-5, rtol=1e-4)
