@@ -149,7 +149,7 @@ def _fit_sequence(job: _Job, existing: dict[str, AnyRouter]) -> RouterTrainingRe
         model.tokenizer, config.validation_data, config.seq_len, config.validation_blocks, split="eval"
     )
     router, summary = fit_sequence_router(
-        model, candidates, fractions, train, validation, config.prefix, job.report
+        model, candidates, fractions, train, validation, prefix=config.prefix, report=job.report
     )
     save_routers(job.directory, {**existing, "sequence": router}, job.shape)
     result = RouterTrainingResult(router, job.shape, logs={"sequence": summary})

@@ -84,6 +84,7 @@ def fit_sequence_router(
     fractions: Sequence[float],
     train_blocks: torch.Tensor,
     validation_blocks: torch.Tensor,
+    *,
     prefix: int,
     report: Callable[[str], None] = lambda _: None,
 ) -> tuple[SequenceRouter, list[dict]]:
