@@ -131,8 +131,8 @@ class RouterTrainingConfig:
     # ---- sequence router: fitted, not trained (flextron.routers.sequence_fitting)
     validation_data: str = option(
         "builtin",
-        "sequence: validation text, on which the predictor's penalty is chosen and its thresholds "
-        "set (not the text results are reported on)",
+        "sequence: validation text, on which the candidates are kept or dropped and the predictor's "
+        "penalty is chosen (not the text results are reported on)",
     )
     sequence_blocks: int = option(
         256,

@@ -137,12 +137,13 @@ def _fit_sequence(job: _Job, existing: dict[str, AnyRouter]) -> RouterTrainingRe
             f"{job.directory} has no trained configurations (budget_configs.json): the sequence router "
             "mixes the configurations an elastically trained model was trained at"
         )
+    full = table.predict(model.full_arch(), shape)
     candidates = list(trained_configurations(model).values())
     if "static" in existing:
-        static, full = existing["static"], table.predict(model.full_arch(), shape)
+        static = existing["static"]
         candidates += [fit_to_latency(static, b, table, b * full, shape) for b in static.budgets]
     candidates = sorted(set(candidates), key=lambda a: (table.predict(a, shape), a.mlp_widths, a.heads))
-    fractions = [table.predict(arch, shape) / table.predict(model.full_arch(), shape) for arch in candidates]
+    fractions = [table.predict(arch, shape) / full for arch in candidates]
     # Evenly spaced over the whole training text (its files are genres, one after another).
     train = load_blocks(model.tokenizer, config.data, config.seq_len, config.sequence_blocks, split="train")
     validation = load_blocks(
@@ -154,7 +155,6 @@ def _fit_sequence(job: _Job, existing: dict[str, AnyRouter]) -> RouterTrainingRe
     save_routers(job.directory, {**existing, "sequence": router}, job.shape)
     result = RouterTrainingResult(router, job.shape, logs={"sequence": summary})
     result.messages.append(f"saved the sequence router to {job.directory}")
-    full = table.predict(model.full_arch(), shape)
     for arch in router.configurations:
         result.messages.append(
             f"configuration of {model.num_parameters(arch) / 1e6:.1f}M parameters: "
