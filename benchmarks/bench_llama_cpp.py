@@ -37,6 +37,7 @@ from flextron.model.config import ArchConfig
 from flextron.model.elastic_model import FlextronModel
 from flextron.model.loading import load_model
 from flextron.model.quantization import quantize_int8_
+from flextron.model.weight_block import pack_weights_
 from flextron.timing import CLOCKS, Staged, check_clock, sample_times_ms
 
 # Flextron dtype -> the GGUF type llama.cpp runs beside it, and the bytes a weight takes
@@ -85,10 +86,13 @@ def weight_bytes(model: FlextronModel, arch: ArchConfig, dtype: str) -> int:
 
 
 def load(source: str, dtype: str) -> FlextronModel:
-    """The model in `dtype`; int8 quantized from the fp32 weights."""
+    """The model in `dtype` (int8 quantized from the fp32 weights), its weights in one huge-page
+    block as `flextron bench` runs them."""
     if dtype == "int8":
-        return quantize_int8_(load_model(source, dtype=torch.float32)).eval()
-    return load_model(source, dtype=getattr(torch, dtype)).eval()
+        model = quantize_int8_(load_model(source, dtype=torch.float32))
+    else:
+        model = load_model(source, dtype=getattr(torch, dtype))
+    return pack_weights_(model).eval()
 
 
 class LlamaCpp:

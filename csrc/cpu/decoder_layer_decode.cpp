@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common/layer_operands.h"
@@ -196,11 +197,32 @@ class CpuProjections : public LayerOperands {
  public:
   using LayerOperands::LayerOperands;
 
-  // x (rows, >= in) through projection p's first `out` rows and `in` columns.
-  at::Tensor apply(Projection p, const at::Tensor& x, int64_t out, int64_t in) const {
+  // y (rows, out) = x (rows, in) through projection p's first `out` rows and `in` columns; x and
+  // y are contiguous rows. Weights without a bias take the few-row kernels on raw pointers (no
+  // tensor and no ATen operation: at decode those cost as much as a small projection): fp32, bf16
+  // with AVX-512 BF16, int8 with fp32 x. Other cases go through the ops' CPU functions.
+  template <typename T>
+  void apply(Projection p, const T* x, int64_t rows, int64_t in, int64_t out, T* y) const {
+    const at::Tensor& w = weight(p);
     const std::optional<at::Tensor> s = scale(p);
-    if (s.has_value()) return nested_linear_int8_cpu(x, weight(p), *s, bias(p), out, in);
-    return nested_linear_cpu(x, weight(p), bias(p), out, in);
+    if (!bias(p).has_value()) {
+      if constexpr (std::is_same_v<T, float>) {
+        if (!s.has_value())
+          return skinny::linear_rows_fma(x, rows, in, w.const_data_ptr<float>(), w.stride(0), out, in, 1.f, nullptr,
+                                         y, out);
+        if (s->scalar_type() == at::kFloat && s->is_contiguous())
+          return skinny::int8_few_rows(x, rows, in, w.const_data_ptr<int8_t>(), w.stride(0), out, in,
+                               s->const_data_ptr<float>(), nullptr, y, out);
+      } else if (!s.has_value()) {
+        if (skinny::use_dpbf16())
+          return skinny::linear_rows_dpbf16(x, rows, in, w.const_data_ptr<T>(), w.stride(0), out, in, 1.f, nullptr,
+                                            y, out);
+      }
+    }
+    const at::Tensor x_rows = at::from_blob(const_cast<T*>(x), {rows, in}, w.options().dtype(c10::CppTypeToScalarType<T>::value));
+    const at::Tensor result = s.has_value() ? nested_linear_int8_cpu(x_rows, w, *s, bias(p), out, in)
+                                            : nested_linear_cpu(x_rows, w, bias(p), out, in);  // (rows, out)
+    std::copy_n(result.const_data_ptr<T>(), rows * out, y);
   }
 
   bool requires_grad() const {
@@ -211,18 +233,38 @@ class CpuProjections : public LayerOperands {
     return false;
   }
 
-  // Whether every operand is a plain CPU tensor and every float one has x's dtype (int8
-  // weights: their scales are fp32).
+  // Whether every operand is a plain CPU tensor with contiguous rows and every float one has x's
+  // dtype (int8 weights: their scales are fp32).
   bool types_match(at::ScalarType dtype) const {
     for (int64_t p = 0; p < kProjections; ++p) {
       const at::Tensor& w = weight(Projection(p));
       const bool int8 = scale(Projection(p)).has_value();
-      if (!plain_cpu(w) || (!int8 && w.scalar_type() != dtype)) return false;
+      if (!plain_cpu(w) || w.stride(1) != 1 || (!int8 && w.scalar_type() != dtype)) return false;
       const std::optional<at::Tensor> b = bias(Projection(p));
       if (b.has_value() && (!plain_cpu(*b) || b->scalar_type() != dtype)) return false;
     }
     return true;
   }
+};
+
+// The layer's intermediate rows, in one buffer: one allocation per call, not one per step.
+template <typename T>
+struct Scratch {
+  Scratch(int64_t rows, int64_t D, int64_t q_width, int64_t kv_width, int64_t width)
+      : buffer(rows * (4 * D + 2 * q_width + 2 * kv_width + 3 * width)),
+        h(buffer.data()),
+        q(h + rows * D),
+        k(q + rows * q_width),
+        v(k + rows * kv_width),
+        attended(v + rows * kv_width),
+        o(attended + rows * q_width),
+        residual(o + rows * D),
+        m(residual + rows * D),
+        gate(m + rows * D),
+        up(gate + rows * width),
+        hidden(up + rows * width) {}
+  std::vector<T> buffer;
+  T *h, *q, *k, *v, *attended, *o, *residual, *m, *gate, *up, *hidden;  // hidden reused for the MLP's output
 };
 
 template <typename T>
@@ -234,15 +276,16 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
   const int64_t kv_total = k_cache.size(1), max_len = k_cache.size(2), hd = k_cache.size(3);
   const int64_t group = proj.weight(kQ).size(0) / hd / kv_total;
   const int64_t kv_heads = (heads + group - 1) / group, q_heads = kv_heads * group;
-  const at::TensorOptions options = x.options();
+  const int64_t q_width = q_heads * hd, kv_width = kv_heads * hd;
+  Scratch<T> work(rows, D, q_width, kv_width, std::max(width, D));
+  const T* input = x.const_data_ptr<T>();
 
-  at::Tensor h = at::empty({rows, D}, options);
-  rms_norm_rows<T>(x.const_data_ptr<T>(), input_norm.const_data_ptr<T>(), rows, D, eps, h.mutable_data_ptr<T>());
-  at::Tensor q = proj.apply(kQ, h, q_heads * hd, D);  // (rows, qh*hd)
-  at::Tensor k = proj.apply(kK, h, kv_heads * hd, D);  // (rows, kvh*hd)
-  const at::Tensor v = proj.apply(kV, h, kv_heads * hd, D);
-  rotate_rows<T>(q.mutable_data_ptr<T>(), rows, T_len, q_heads, hd, cos.const_data_ptr<T>(), sin.const_data_ptr<T>());
-  rotate_rows<T>(k.mutable_data_ptr<T>(), rows, T_len, kv_heads, hd, cos.const_data_ptr<T>(), sin.const_data_ptr<T>());
+  rms_norm_rows<T>(input, input_norm.const_data_ptr<T>(), rows, D, eps, work.h);
+  proj.apply<T>(kQ, work.h, rows, D, q_width, work.q);  // (rows, qh*hd)
+  proj.apply<T>(kK, work.h, rows, D, kv_width, work.k);  // (rows, kvh*hd)
+  proj.apply<T>(kV, work.h, rows, D, kv_width, work.v);
+  rotate_rows<T>(work.q, rows, T_len, q_heads, hd, cos.const_data_ptr<T>(), sin.const_data_ptr<T>());
+  rotate_rows<T>(work.k, rows, T_len, kv_heads, hd, cos.const_data_ptr<T>(), sin.const_data_ptr<T>());
   T* keys = k_cache.mutable_data_ptr<T>();
   T* values = v_cache.mutable_data_ptr<T>();
   for (int64_t b = 0; b < B; ++b)
@@ -250,35 +293,24 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
       for (int64_t g = 0; g < kv_heads; ++g) {
         const int64_t at_cache = ((b * kv_total + g) * max_len + length + t) * hd;
         const int64_t at_row = ((b * T_len + t) * kv_heads + g) * hd;
-        std::copy_n(k.const_data_ptr<T>() + at_row, hd, keys + at_cache);
-        std::copy_n(v.const_data_ptr<T>() + at_row, hd, values + at_cache);
+        std::copy_n(work.k + at_row, hd, keys + at_cache);
+        std::copy_n(work.v + at_row, hd, values + at_cache);
       }
   // As the composite's copy_ would: autograd then knows that the caches changed.
   k_cache.unsafeGetTensorImpl()->bump_version();
   v_cache.unsafeGetTensorImpl()->bump_version();
 
-  at::Tensor attended = at::empty({rows, q_heads * hd}, options);
-  attend_rows<T>(q.const_data_ptr<T>(), keys, values, B, T_len, q_heads, heads, group, kv_total, max_len, hd,
-                 length, attended.mutable_data_ptr<T>());
-  const at::Tensor o = proj.apply(kO, attended, D, q_heads * hd);  // (rows, D)
-  at::Tensor residual = at::empty({rows, D}, options);
-  add_rows<T>(x.const_data_ptr<T>(), o.const_data_ptr<T>(), rows * D, residual.mutable_data_ptr<T>());
+  attend_rows<T>(work.q, keys, values, B, T_len, q_heads, heads, group, kv_total, max_len, hd, length, work.attended);
+  proj.apply<T>(kO, work.attended, rows, q_width, D, work.o);  // (rows, D)
+  add_rows<T>(input, work.o, rows * D, work.residual);
 
-  at::Tensor m = at::empty({rows, D}, options);
-  rms_norm_rows<T>(residual.const_data_ptr<T>(), post_norm.const_data_ptr<T>(), rows, D, eps,
-                   m.mutable_data_ptr<T>());
-  at::Tensor mlp;
-  if (proj.fused_mlp()) {
-    mlp = nested_mlp_cpu(m, proj.weight(kGate), proj.weight(kUp), proj.weight(kDown), width, "swiglu");
-  } else {
-    const at::Tensor gate = proj.apply(kGate, m, width, D);  // (rows, width)
-    const at::Tensor up = proj.apply(kUp, m, width, D);
-    at::Tensor hidden = at::empty({rows, width}, options);
-    swiglu_rows<T>(gate.const_data_ptr<T>(), up.const_data_ptr<T>(), rows * width, hidden.mutable_data_ptr<T>());
-    mlp = proj.apply(kDown, hidden, D, width);
-  }
-  at::Tensor y = at::empty({B, T_len, D}, options);
-  add_rows<T>(residual.const_data_ptr<T>(), mlp.const_data_ptr<T>(), rows * D, y.mutable_data_ptr<T>());
+  rms_norm_rows<T>(work.residual, post_norm.const_data_ptr<T>(), rows, D, eps, work.m);
+  proj.apply<T>(kGate, work.m, rows, D, width, work.gate);  // (rows, width)
+  proj.apply<T>(kUp, work.m, rows, D, width, work.up);
+  swiglu_rows<T>(work.gate, work.up, rows * width, work.gate);
+  proj.apply<T>(kDown, work.gate, rows, width, D, work.hidden);  // (rows, D)
+  at::Tensor y = at::empty({B, T_len, D}, x.options());
+  add_rows<T>(work.residual, work.hidden, rows * D, y.mutable_data_ptr<T>());
   return y;
 }
 

@@ -210,18 +210,14 @@ void quantize_rows_int16(const float* x, int64_t ldx_in, int64_t M, int64_t K, i
 }
 
 // y (M, N) fp32 for M <= kSkinnyMaxRows rows of fp32 x (M, K) and int8 q (N, K) rows ldq apart, with VNNI.
-void few_rows_vnni(const at::Tensor& y, const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
-                   const float* bias) {
-  const int64_t M = x.size(0), N = q.size(0), K = q.size(1), ldq = q.stride(0);
-  const int64_t ldx = (K + 31) / 32 * 32, ldy = y.stride(0);
+void few_rows_vnni(const float* x, int64_t M, int64_t ldx_in, const int8_t* qp, int64_t ldq, int64_t N, int64_t K,
+                   const float* sp, const float* bias, float* yp, int64_t ldy) {
+  const int64_t ldx = (K + 31) / 32 * 32;
   std::vector<int16_t> xq(M * ldx);  // (M, ldx)
   float xs[kSkinnyMaxRows];
-  quantize_rows_int16(x.const_data_ptr<float>(), x.stride(0), M, K, xq.data(), ldx, xs);
+  quantize_rows_int16(x, ldx_in, M, K, xq.data(), ldx, xs);
   const int16_t* xp = xq.data();
   const float* xsp = xs;
-  const int8_t* qp = q.const_data_ptr<int8_t>();
-  const float* sp = scale.const_data_ptr<float>();
-  float* yp = y.mutable_data_ptr<float>();
   constexpr int64_t kGrain = 64;  // output rows per task: enough work to amortise a task
   at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
     switch (M) {  // U: vpdpwssd chains per row of x (32 vector registers)
@@ -238,17 +234,14 @@ void few_rows_vnni(const at::Tensor& y, const at::Tensor& x, const at::Tensor& q
     }
   });
 }
+#endif  // FLEXTRON_SKINNY_AVX2
 
-// y (M, N) fp32 for M <= kSkinnyMaxRows rows of fp32 x (M, K) and int8 q (N, K) rows ldq apart.
-void few_rows(const at::Tensor& y, const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
-              const float* bias) {
-  if (use_vnni()) return few_rows_vnni(y, x, q, scale, bias);
-  const int64_t M = x.size(0), N = q.size(0), K = q.size(1), ldq = q.stride(0);
-  const int64_t ldx = x.stride(0), ldy = y.stride(0);
-  const float* xp = x.const_data_ptr<float>();
-  const int8_t* qp = q.const_data_ptr<int8_t>();
-  const float* sp = scale.const_data_ptr<float>();
-  float* yp = y.mutable_data_ptr<float>();
+}  // namespace
+
+#ifdef FLEXTRON_SKINNY_AVX2
+void skinny::int8_few_rows(const float* xp, int64_t M, int64_t ldx, const int8_t* qp, int64_t ldq, int64_t N, int64_t K,
+                   const float* sp, const float* bias, float* yp, int64_t ldy) {
+  if (use_vnni()) return few_rows_vnni(xp, M, ldx, qp, ldq, N, K, sp, bias, yp, ldy);
   const bool avx512 = cpu_has_avx512bw();
   constexpr int64_t kGrain = 64;  // output rows per task: enough work to amortise a task
   at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
@@ -271,7 +264,6 @@ void few_rows(const at::Tensor& y, const at::Tensor& x, const at::Tensor& q, con
 }
 #endif  // FLEXTRON_SKINNY_AVX2
 
-}  // namespace
 
 at::Tensor nested_linear_int8_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                                   const std::optional<at::Tensor>& bias, int64_t out_features,
@@ -292,7 +284,9 @@ at::Tensor nested_linear_int8_cpu(const at::Tensor& x, const at::Tensor& qweight
     const at::Tensor x32 = x_prefix.to(at::kFloat).contiguous();  // (N, in): a few rows
     const at::Tensor bias32 = bias_prefix.has_value() ? bias_prefix->to(at::kFloat).contiguous() : at::Tensor();
     at::Tensor y = at::empty({rows, out_features}, x.options().dtype(at::kFloat));  // (N, out)
-    few_rows(y, x32, q_prefix, scale_prefix, bias32.defined() ? bias32.const_data_ptr<float>() : nullptr);
+    skinny::int8_few_rows(x32.const_data_ptr<float>(), rows, x32.stride(0), q_prefix.const_data_ptr<int8_t>(), q_prefix.stride(0),
+                  out_features, in_features, scale_prefix.const_data_ptr<float>(),
+                  bias32.defined() ? bias32.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>(), y.stride(0));
     return y.to(x.scalar_type()).view(shape);
   }
 #endif

@@ -235,6 +235,7 @@ FLEXTRON_AVX512BF16 void columns_nt_dpbf16_partial_rows(const at::BFloat16* x, c
   if (n < end) columns_nt_dpbf16<1, 4>(x, 0, w, ldw, K, alpha, bias, y, 0, n, end);
 }
 
+#undef FLEXTRON_AVX512BF16
 inline bool cpu_has_avx512_bf16() {
   static const bool supported = __builtin_cpu_supports("avx512bf16");
   return supported;
@@ -250,8 +251,60 @@ inline bool use_dpbf16() {
               "FLEXTRON_BF16_DOT must be auto or portable, got '", setting, "'");
   return setting == "auto" && cpu_has_avx512_bf16();
 }
-#undef FLEXTRON_AVX512BF16
+constexpr int64_t kGrain = 64;  // output columns per task: enough work to amortise a task
+
+// y (M, N) = alpha · x · wᵀ (+ bias) for M <= kSkinnyMaxRows rows of bf16 x and bf16 weight rows
+// ldw apart, with AVX-512 BF16 (use_dpbf16()); each output rounded to Y (fp32 or bf16) as it is
+// stored. Raw pointers: the decode path calls it with no tensor and no ATen operation.
+template <typename Y>
+void linear_rows_dpbf16(const at::BFloat16* x, int64_t M, int64_t ldx, const at::BFloat16* w, int64_t ldw,
+                        int64_t N, int64_t K, float alpha, const float* bias, Y* y, int64_t ldy) {
+  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+    switch (M) {
+      // U: dot-product chains per row of x (32 vector registers).
+      case 1:
+        if (read_prefixes_side_by_side(ldw, K, sizeof(at::BFloat16))) {
+          columns_nt_dpbf16_partial_rows<8>(x, w, ldw, K, alpha, bias, y, begin, end);
+        } else {
+          columns_nt_dpbf16<1, 4>(x, ldx, w, ldw, K, alpha, bias, y, ldy, begin, end);
+        }
+        break;
+      case 2: columns_nt_dpbf16<2, 4>(x, ldx, w, ldw, K, alpha, bias, y, ldy, begin, end); break;
+      case 3: columns_nt_dpbf16<3, 2>(x, ldx, w, ldw, K, alpha, bias, y, ldy, begin, end); break;
+      default: columns_nt_dpbf16<4, 2>(x, ldx, w, ldw, K, alpha, bias, y, ldy, begin, end); break;
+    }
+  });
+}
+
+// The same for fp32 x and fp32 or bf16 (widened) weights, fp32 y, with AVX2 and FMA.
+template <typename W>
+void linear_rows_fma(const float* x, int64_t M, int64_t ldx, const W* w, int64_t ldw, int64_t N, int64_t K,
+                     float alpha, const float* bias, float* y, int64_t ldy) {
+  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+    switch (M) {
+      // U: FMA chains per row of x, as many as the 16 vector registers hold.
+      case 1:
+        if (ldw > K) {
+          columns_nt_partial_rows<8>(x, w, ldw, K, alpha, bias, y, begin, end);
+        } else {
+          columns_nt<1, 4>(x, ldx, w, ldw, K, alpha, bias, y, ldy, begin, end);
+        }
+        break;
+      case 2: columns_nt<2, 4>(x, ldx, w, ldw, K, alpha, bias, y, ldy, begin, end); break;
+      case 3: columns_nt<3, 2>(x, ldx, w, ldw, K, alpha, bias, y, ldy, begin, end); break;
+      default: columns_nt<4, 2>(x, ldx, w, ldw, K, alpha, bias, y, ldy, begin, end); break;
+    }
+  });
+}
 #endif  // FLEXTRON_SKINNY_AVX2
+
+#ifdef FLEXTRON_SKINNY_AVX2
+// y (M, N) fp32 = (x (M, K) fp32 · q[:N, :K]ᵀ) · scale[:N] (+ bias) for M <= kSkinnyMaxRows rows
+// and int8 weight rows ldq apart: nested_linear_int8's few-row kernels (nested_linear_int8.cpp)
+// on raw pointers.
+void int8_few_rows(const float* x, int64_t M, int64_t ldx, const int8_t* q, int64_t ldq, int64_t N, int64_t K,
+                   const float* scale, const float* bias, float* y, int64_t ldy);
+#endif
 
 inline bool float_or_bf16(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
@@ -311,7 +364,6 @@ inline void linear_nt_out(const at::Tensor& y, const at::Tensor& x, const at::Te
     const float* bp = bias32.defined() ? bias32.const_data_ptr<float>() : nullptr;
     const int64_t M = x.size(0), N = w.size(0), K = x.size(1), ldw = w.stride(0);
     const float a = static_cast<float>(alpha);
-    constexpr int64_t kGrain = 64;  // output columns per task: enough work to amortise a task
     if (x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && skinny::use_dpbf16()) {
       // The kernels round each output to y's dtype as they store it (bf16 or fp32: no buffer and
       // no copy per call); any other dtype goes through an fp32 buffer.
@@ -319,51 +371,19 @@ inline void linear_nt_out(const at::Tensor& y, const at::Tensor& x, const at::Te
       const at::Tensor out = direct ? y : at::empty(y.sizes(), y.options().dtype(at::kFloat));
       const auto* xp = x.const_data_ptr<at::BFloat16>();
       const auto* wp = w.const_data_ptr<at::BFloat16>();
-      const int64_t ldx = x.stride(0), ldy = out.stride(0);
-      const auto run = [&](auto* yp) {
-        at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-          switch (M) {
-            // U: dot-product chains per row of x (32 vector registers).
-            case 1:
-              if (read_prefixes_side_by_side(ldw, K, sizeof(at::BFloat16))) {
-                skinny::columns_nt_dpbf16_partial_rows<8>(xp, wp, ldw, K, a, bp, yp, begin, end);
-              } else {
-                skinny::columns_nt_dpbf16<1, 4>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end);
-              }
-              break;
-            case 2: skinny::columns_nt_dpbf16<2, 4>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end); break;
-            case 3: skinny::columns_nt_dpbf16<3, 2>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end); break;
-            default: skinny::columns_nt_dpbf16<4, 2>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end); break;
-          }
-        });
-      };
       if (out.scalar_type() == at::kBFloat16) {
-        run(out.mutable_data_ptr<at::BFloat16>());
+        skinny::linear_rows_dpbf16(xp, M, x.stride(0), wp, ldw, N, K, a, bp, out.mutable_data_ptr<at::BFloat16>(),
+                                   out.stride(0));
       } else {
-        run(out.mutable_data_ptr<float>());
+        skinny::linear_rows_dpbf16(xp, M, x.stride(0), wp, ldw, N, K, a, bp, out.mutable_data_ptr<float>(),
+                                   out.stride(0));
       }
       if (!out.is_same(y)) y.copy_(out);
       return;
     }
     skinny::run_typed(y, x, w, [&](const at::Tensor& x32, const auto* wp, const at::Tensor& y32) {
-      const float* xp = x32.const_data_ptr<float>();
-      float* yp = y32.mutable_data_ptr<float>();
-      const int64_t ldx = x32.stride(0), ldy = y32.stride(0);
-      at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-        switch (M) {
-          // U: FMA chains per row of x, as many as the 16 vector registers hold.
-          case 1:
-            if (ldw > K) {
-              skinny::columns_nt_partial_rows<8>(xp, wp, ldw, K, a, bp, yp, begin, end);
-            } else {
-              skinny::columns_nt<1, 4>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end);
-            }
-            break;
-          case 2: skinny::columns_nt<2, 4>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end); break;
-          case 3: skinny::columns_nt<3, 2>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end); break;
-          default: skinny::columns_nt<4, 2>(xp, ldx, wp, ldw, K, a, bp, yp, ldy, begin, end); break;
-        }
-      });
+      skinny::linear_rows_fma(x32.const_data_ptr<float>(), M, x32.stride(0), wp, ldw, N, K, a, bp,
+                              y32.mutable_data_ptr<float>(), y32.stride(0));
     });
     return;
   }

@@ -66,9 +66,16 @@ def load_options(int8: bool = False) -> tuple[Argument, ...]:
     )
 
 
-def load(source: str, args: argparse.Namespace | None = None, *checks: Callable[[Any], None]):
+def load(
+    source: str,
+    args: argparse.Namespace | None = None,
+    *checks: Callable[[Any], None],
+    inference: bool = False,
+):
     """The model from --model, in the --dtype and on the --device of `args` (when it has them);
-    `checks` (functions of the model, raising ValueError) run before it is announced."""
+    `checks` (functions of the model, raising ValueError) run before it is announced. inference:
+    the model is only run (not trained or saved), so its CPU weights move to one huge-page block
+    (flextron.model.weight_block)."""
     from flextron.model.loading import load_model
     from flextron.model.placement import check_device, parse_dtype
 
@@ -81,6 +88,10 @@ def load(source: str, args: argparse.Namespace | None = None, *checks: Callable[
         from flextron.model.quantization import quantize_int8_
 
         quantize_int8_(model)
+    if inference:
+        from flextron.model.weight_block import pack_weights_
+
+        pack_weights_(model)
     for check in checks:
         check(model)
     seconds, millions = time.perf_counter() - start, model.num_parameters() / 1e6

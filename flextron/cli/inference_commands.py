@@ -88,7 +88,9 @@ def evaluate(args: argparse.Namespace) -> None:
     check_output_file(args.json, "--json")
     check_output_file(args.plot, "--plot")
     preflight_arch(args, single=False)
-    model = load(args.model, args, fits_context("--seq-len", args.seq_len), request_fits(args))
+    model = load(
+        args.model, args, fits_context("--seq-len", args.seq_len), request_fits(args), inference=True
+    )
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer: evaluation text cannot be tokenized")
     blocks = load_blocks(model.tokenizer, args.data, args.seq_len, args.max_blocks, split="eval")
@@ -137,7 +139,7 @@ def generate(args: argparse.Namespace) -> None:
     if not args.prompt.strip():
         raise ValueError("the prompt is empty")
     preflight_arch(args, single=True)
-    model = load(args.model, args, request_fits(args))
+    model = load(args.model, args, request_fits(args), inference=True)
     choice = _choose(model, args)
     arch = choice if isinstance(choice, ArchConfig) else choice.arch
     session = None if isinstance(choice, ArchConfig) else choice.session(1)
@@ -271,7 +273,9 @@ def bench(args: argparse.Namespace) -> None:
     if args.hf and args.dtype == "int8":
         raise ValueError("--hf times transformers on the same float weights: it takes no --dtype int8")
     set_threads(args.threads)
-    model = load(args.model, args, fits_context("--prompt-len", args.prompt_len, args.new_tokens)).eval()
+    model = load(
+        args.model, args, fits_context("--prompt-len", args.prompt_len, args.new_tokens), inference=True
+    ).eval()
     rows = measure_speed(
         model, args.budgets, args.prompt_len, args.new_tokens, args.repeats, args.clock, compare_hf=args.hf
     )

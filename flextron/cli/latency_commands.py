@@ -59,7 +59,7 @@ def profile(args: argparse.Namespace) -> None:
     directory = require_flextron_dir(args.model)
     check_output_file(directory / LUT_FILE, "--model")
     longest = max([length for _, length in args.prefill] + [length + 1 for _, length in args.decode])
-    model = load(args.model, args, fits_context("--prefill/--decode length", longest))
+    model = load(args.model, args, fits_context("--prefill/--decode length", longest), inference=True)
     table = profile_latency(
         model,
         args.prefill,
@@ -126,7 +126,9 @@ def train_router(args: argparse.Namespace) -> None:
     set_threads(args.threads)
     directory = require_flextron_dir(args.model)
     check_output_file(directory / ROUTERS_META_FILE, "--model")
-    model = load(args.model, args, fits_context("--seq-len", config.seq_len), request_fits(args))
+    model = load(
+        args.model, args, fits_context("--seq-len", config.seq_len), request_fits(args), inference=True
+    )
     result = train_routers(model, directory, config)
     for message in result.messages:
         print(message)
