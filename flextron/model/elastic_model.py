@@ -118,9 +118,11 @@ class DecoderLayer(nn.Module):
         of its ~50 small operations, which is a third of a decode step on a CPU."""
         kv_cache.reserve(layer, self.self_attn.kv_heads_for(heads), x.shape[1])
         taken = kv_cache.layer_operands[layer]
-        if kv_cache.length == 0 or taken is None or taken[0] is not self:  # prefill, or another model's
-            taken = kv_cache.layer_operands[layer] = (self, self._op_operands())
-        input_norm, post_norm, weights, scales, biases = taken[1]
+        # Again at prefill, and for another model's layer or another configuration.
+        if kv_cache.length == 0 or taken is None or taken[0] is not self or taken[1] != (heads, mlp_width):
+            operands = self._op_operands(heads, mlp_width)
+            taken = kv_cache.layer_operands[layer] = (self, (heads, mlp_width), operands)
+        input_norm, post_norm, weights, scales, biases = taken[2]
         return ops.decoder_layer(
             x,
             input_norm,
@@ -138,9 +140,20 @@ class DecoderLayer(nn.Module):
             self.input_layernorm.eps,
         )
 
-    def _op_operands(self) -> tuple:
-        """(input_norm, post_norm, weights, scales, biases) as ops.decoder_layer takes them."""
-        operands = [linear.operands() for linear in (*self.self_attn.projections(), *self.mlp.projections())]
+    def _op_operands(self, heads: int, mlp_width: int) -> tuple:
+        """(input_norm, post_norm, weights, scales, biases) as ops.decoder_layer takes them for
+        `heads` and `mlp_width`: the o and down projections, whose rows it reads in part, as
+        their column prefixes (ElasticLinear.column_prefix_operands)."""
+        attention, mlp = self.self_attn, self.mlp
+        q_width = attention.kv_heads_for(heads) * attention.group_size * attention.head_dim
+        operands = [
+            *(linear.operands() for linear in (attention.q_proj, attention.k_proj, attention.v_proj)),
+            attention.o_proj.column_prefix_operands(q_width),
+            # The MLP's size is the gate's rows: gate and up cut to `mlp_width` rows match down's copy.
+            mlp.gate_proj.row_prefix_operands(mlp_width),
+            mlp.up_proj.row_prefix_operands(mlp_width),
+            mlp.down_proj.column_prefix_operands(mlp_width),
+        ]
         return (
             self.input_layernorm.weight,
             self.post_attention_layernorm.weight,

@@ -17,6 +17,8 @@ from torch import nn
 from flextron import ops
 from flextron.model.rope import apply_rotary
 
+MAX_COLUMN_PREFIXES = 4  # widths per layer whose contiguous copies are kept (column_prefix_operands)
+
 
 class ElasticLinear(nn.Module):
     """A linear layer that can run on a prefix of its outputs and inputs."""
@@ -32,6 +34,8 @@ class ElasticLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         nn.init.normal_(self.weight, std=0.02)
+        # in_features -> ((data pointer, version) of the weight it was copied from, the copy)
+        self._column_prefixes: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}
 
     @property
     def is_int8(self) -> bool:
@@ -47,6 +51,39 @@ class ElasticLinear(nn.Module):
         if weight is None:
             return self._buffers["qweight"], self._buffers["weight_scale"], bias
         return weight, None, bias
+
+    def row_prefix_operands(
+        self, out_features: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """operands() cut to the first `out_features` outputs: views of the contiguous leading
+        rows (and their scales and biases), no copy."""
+        return tuple(None if t is None else t[:out_features] for t in self.operands())
+
+    def column_prefix_operands(
+        self, in_features: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """operands() with the weight cut to its first `in_features` columns, as a contiguous copy
+        on the CPU, kept until the weight changes (MAX_COLUMN_PREFIXES widths at most).
+
+        Why: a sub-network reads only a prefix of each row of the layers whose inputs narrow (the
+        o and down projections). At decode those short rows with gaps between them stream from
+        memory at about half the rate of one contiguous block on this project's CPU
+        (docs/benchmarks.md), where the weights are the whole cost. Elsewhere (a GPU, the whole
+        width, or a weight that records gradients) the weight itself is returned."""
+        weight, scale, bias = self.operands()
+        if (
+            weight.device.type != "cpu"
+            or in_features >= weight.shape[1]
+            or (weight.requires_grad and torch.is_grad_enabled())
+        ):
+            return weight, scale, bias
+        source = (weight.data_ptr(), weight._version)
+        cached = self._column_prefixes.get(in_features)
+        if cached is None or cached[0] != source:
+            if len(self._column_prefixes) >= MAX_COLUMN_PREFIXES:
+                self._column_prefixes.clear()
+            cached = self._column_prefixes[in_features] = (source, weight[:, :in_features].contiguous())
+        return cached[1], scale, bias
 
     def forward(
         self, x: torch.Tensor, out_features: int | None = None, in_features: int | None = None
@@ -105,9 +142,10 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.kv_heads: list[int | None] = [None] * num_layers  # cached KV heads per layer
-        # Per layer, (the layer module, its op operands) taken at prefill: the weights are fixed
-        # for one generation, and gathering them from the modules cost ~13 us a layer a step.
-        self.layer_operands: list[tuple[object, tuple] | None] = [None] * num_layers
+        # Per layer, (the layer module, (heads, MLP width), its op operands) taken at prefill: the
+        # weights are fixed for one generation, and gathering them from the modules cost ~13 us a
+        # layer a step.
+        self.layer_operands: list[tuple[object, tuple[int, int], tuple] | None] = [None] * num_layers
         self.max_length = max_length
         self.length = 0
 
