@@ -2,6 +2,7 @@
 // Fake (meta) impls and autograd formulas are registered in flextron/ops/wrappers.py.
 #include <torch/library.h>
 
+#include "common/decode_plan.h"
 #include "ops.h"
 
 TORCH_LIBRARY(flextron, m) {
@@ -36,6 +37,11 @@ TORCH_LIBRARY(flextron, m) {
   m.def("decoder_layer(Tensor x, Tensor input_norm, Tensor post_norm, Tensor[] weights, "
         "Tensor?[] scales, Tensor?[] biases, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, int length, int heads, int width, float eps) -> Tensor");
+  // Every decoder_layer of a model on a KV cache in one call (common/decode_plan.h).
+  m.class_<flextron::DecodePlan>("DecodePlan")
+      .def(torch::init<>())
+      .def("add_layer", &flextron::DecodePlan::add_layer)
+      .def("run", &flextron::DecodePlan::run);
 }
 
 TORCH_LIBRARY_IMPL(flextron, CPU, m) {

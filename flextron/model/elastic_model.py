@@ -91,10 +91,8 @@ class DecoderLayer(nn.Module):
         session: LayerSession | None = None,
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, D) -> (B, T, D).  With a routing session, it runs both sublayers' choices."""
-        # On our own cache, one op runs the layer (a transformers cache takes the path below).
-        if session is None and isinstance(kv_cache, KVCache) and key_mask is None and isinstance(heads, int):
-            return self._on_cache(x, cos, sin, mlp_width, heads, kv_cache=kv_cache, layer=layer)
+        """x: (B, T, D) -> (B, T, D).  With a routing session, it runs both sublayers' choices.
+        (FlextronModel runs its layers on its own KV cache through ops.decoder_layer instead.)"""
         if session is None:
             x = x + self.self_attn(
                 self.input_layernorm(x), cos, sin, heads, kv_cache, layer, key_mask=key_mask
@@ -102,43 +100,6 @@ class DecoderLayer(nn.Module):
             return x + self.mlp(self.post_attention_layernorm(x), mlp_width)
         x = x + session.attention(layer, self.self_attn, self.input_layernorm(x), cos, sin, kv_cache)
         return x + session.mlp(layer, self.mlp, self.post_attention_layernorm(x))
-
-    def _on_cache(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mlp_width: int,
-        heads: int,
-        *,
-        kv_cache: KVCache,
-        layer: int,
-    ) -> torch.Tensor:
-        """The same layer as one op (ops.decoder_layer): the same numbers, without the Python cost
-        of its ~50 small operations, which is a third of a decode step on a CPU."""
-        kv_cache.reserve(layer, self.self_attn.kv_heads_for(heads), x.shape[1])
-        taken = kv_cache.layer_operands[layer]
-        # Again at prefill, and for another model's layer or another configuration.
-        if kv_cache.length == 0 or taken is None or taken[0] is not self or taken[1] != (heads, mlp_width):
-            operands = self._op_operands(heads, mlp_width)
-            taken = kv_cache.layer_operands[layer] = (self, (heads, mlp_width), operands)
-        input_norm, post_norm, weights, scales, biases = taken[2]
-        return ops.decoder_layer(
-            x,
-            input_norm,
-            post_norm,
-            weights,
-            scales,
-            biases,
-            cos,
-            sin,
-            kv_cache.keys[layer],
-            kv_cache.values[layer],
-            kv_cache.length,
-            heads,
-            mlp_width,
-            self.input_layernorm.eps,
-        )
 
     def _op_operands(self, heads: int, mlp_width: int) -> tuple:
         """(input_norm, post_norm, weights, scales, biases) as ops.decoder_layer takes them for
@@ -274,21 +235,50 @@ class FlextronModel(nn.Module):
             cos, sin = self.rotary(position_ids.flatten(), x.dtype)  # (B*T, hd)
             # (B, 1, T, hd): one row of positions per sequence, broadcast over the heads.
             cos, sin = (t.view(*position_ids.shape, 1, -1).transpose(1, 2) for t in (cos, sin))
-        for index, layer in enumerate(self.layers):
-            x = layer(
-                x,
-                cos,
-                sin,
-                arch.mlp_widths[index],
-                arch.heads[index],
-                kv_cache=kv_cache,
-                layer=index,
-                session=session,
-                key_mask=key_mask,
-            )
+        if session is None and key_mask is None and isinstance(kv_cache, KVCache):
+            x = self._layers_on_cache(x, cos, sin, arch, kv_cache)
+        else:  # a routing session, a padded batch, or a transformers cache
+            for index, layer in enumerate(self.layers):
+                x = layer(
+                    x,
+                    cos,
+                    sin,
+                    arch.mlp_widths[index],
+                    arch.heads[index],
+                    kv_cache=kv_cache,
+                    layer=index,
+                    session=session,
+                    key_mask=key_mask,
+                )
         if kv_cache is not None:
             kv_cache.length = end
         return self.logits(x[:, -1:] if last_only else x)
+
+    def _layers_on_cache(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, arch: ArchConfig, kv_cache: KVCache
+    ) -> torch.Tensor:
+        """Every layer on our KV cache, each as one ops.decoder_layer (the same numbers as its ~50
+        small operations, without their Python cost), all in one call: a DecodePlan
+        (torch.classes.flextron.DecodePlan) that holds the layers' operands. The plan is made at
+        prefill, and again for another model or configuration; the cache keeps it."""
+        taken = kv_cache.plan
+        if kv_cache.length == 0 or taken is None or taken[0] is not self or taken[1] != arch:
+            plan = torch.classes.flextron.DecodePlan()
+            for index, layer in enumerate(self.layers):
+                heads, width = arch.heads[index], arch.mlp_widths[index]
+                kv_cache.reserve(index, layer.self_attn.kv_heads_for(heads), x.shape[1])
+                plan.add_layer(
+                    *layer._op_operands(heads, width),
+                    kv_cache.keys[index],
+                    kv_cache.values[index],
+                    heads,
+                    width,
+                    layer.input_layernorm.eps,
+                )
+            taken = kv_cache.plan = (self, arch, plan)
+        else:
+            kv_cache.check_room(x.shape[1])
+        return taken[2].run(x, cos, sin, kv_cache.length)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The last layer's output (B, T, D) -> logits (B, T, V): final norm, then the head."""

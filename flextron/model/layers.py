@@ -16,6 +16,7 @@ from torch import nn
 
 from flextron import ops
 from flextron.model.rope import apply_rotary
+from flextron.model.weight_block import huge_page_empty
 
 MAX_COLUMN_PREFIXES = 4  # widths per layer whose contiguous copies are kept (column_prefix_operands)
 
@@ -63,7 +64,8 @@ class ElasticLinear(nn.Module):
         self, in_features: int
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """operands() with the weight cut to its first `in_features` columns, as a contiguous copy
-        on the CPU, kept until the weight changes (MAX_COLUMN_PREFIXES widths at most).
+        on the CPU (on 2 MiB pages: flextron.model.weight_block), kept until the weight changes
+        (MAX_COLUMN_PREFIXES widths at most).
 
         Why: a sub-network reads only a prefix of each row of the layers whose inputs narrow (the
         o and down projections). At decode those short rows with gaps between them stream from
@@ -82,7 +84,8 @@ class ElasticLinear(nn.Module):
         if cached is None or cached[0] != source:
             if len(self._column_prefixes) >= MAX_COLUMN_PREFIXES:
                 self._column_prefixes.clear()
-            cached = self._column_prefixes[in_features] = (source, weight[:, :in_features].contiguous())
+            prefix = huge_page_empty((weight.shape[0], in_features), weight.dtype)  # (out, in_features)
+            cached = self._column_prefixes[in_features] = (source, prefix.copy_(weight[:, :in_features]))
         return cached[1], scale, bias
 
     def forward(
@@ -142,19 +145,24 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.kv_heads: list[int | None] = [None] * num_layers  # cached KV heads per layer
-        # Per layer, (the layer module, (heads, MLP width), its op operands) taken at prefill: the
-        # weights are fixed for one generation, and gathering them from the modules cost ~13 us a
-        # layer a step.
-        self.layer_operands: list[tuple[object, tuple[int, int], tuple] | None] = [None] * num_layers
+        # (the model, its configuration, the DecodePlan that runs its layers on this cache), made at
+        # prefill (FlextronModel._layers_on_cache): the weights are fixed for one generation, and
+        # gathering them from the modules each step cost ~13 us a layer.
+        self.plan: tuple[object, object, object] | None = None
         self.max_length = max_length
         self.length = 0
+
+    def check_room(self, t: int) -> int:
+        """Check that t more positions fit; returns length + t."""
+        end = self.length + t
+        if end > self.max_length:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.max_length} allocated")
+        return end
 
     def reserve(self, layer: int, h: int, t: int) -> int:
         """Check that layer `layer` may store h KV heads at positions [length, length + t) and
         record the head count; returns length + t."""
-        end = self.length + t
-        if end > self.max_length:
-            raise ValueError(f"KV cache full: {end} positions needed, {self.max_length} allocated")
+        end = self.check_room(t)
         cached = self.kv_heads[layer]
         if self.length == 0 or cached is None:
             self.kv_heads[layer] = h

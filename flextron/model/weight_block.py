@@ -15,12 +15,14 @@ save tensors that share memory, so the block is for models that are run, not tra
 
 from __future__ import annotations
 
+import math
 import mmap
 
 import torch
 from torch import nn
 
 HUGE_PAGE = 2 << 20  # bytes
+POOL_BLOCK = 16 * HUGE_PAGE  # bytes: the blocks huge_page_empty hands out slices of
 ALIGNMENT = 64  # bytes: each tensor starts on a cache line
 Identity = tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]]  # data pointer, type, shape, strides
 
@@ -38,6 +40,32 @@ def huge_page_block(nbytes: int) -> torch.Tensor:
     whole = torch.frombuffer(mapping, dtype=torch.uint8)  # (nbytes + HUGE_PAGE,)
     start = -whole.data_ptr() % HUGE_PAGE
     return whole[start : start + nbytes]
+
+
+class _Pool:
+    """Slices of shared huge-page blocks: many small tensors without a mapping each."""
+
+    def __init__(self) -> None:
+        self.block: torch.Tensor | None = None
+        self.used = 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if nbytes > POOL_BLOCK:
+            return huge_page_block(nbytes)
+        if self.block is None or self.used + nbytes > POOL_BLOCK:
+            self.block, self.used = huge_page_block(POOL_BLOCK), 0
+        start, self.used = self.used, self.used + _aligned(nbytes)
+        return self.block[start : start + nbytes]
+
+
+_POOL = _Pool()
+
+
+def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous CPU tensor on 2 MiB pages, a slice of a block shared with others (a block is
+    freed when every tensor in it is)."""
+    numel = math.prod(shape)
+    return _POOL.take(numel * torch.empty((), dtype=dtype).element_size()).view(dtype).view(shape)
 
 
 def pack_weights_(model: nn.Module) -> nn.Module:

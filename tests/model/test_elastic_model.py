@@ -154,20 +154,24 @@ def test_kv_cache_decode_equals_full_recompute(tiny_flextron) -> None:
 
 
 def test_kv_cache_takes_operands_again_at_prefill_and_for_another_model(tiny_flextron) -> None:
-    """The cache keeps each layer's operands from prefill (the weights are fixed during a
-    generation); a new prefill, or another model's layer on the same cache, takes them again."""
+    """The cache keeps the layers' operands from prefill in its DecodePlan (the weights are fixed
+    during a generation); a new prefill, another model or another configuration on the same cache
+    takes them again."""
     first, second = tiny_flextron(seed=1).eval(), tiny_flextron(seed=2).eval()
     ids = torch.randint(3, 300, (1, 6))
     with torch.no_grad():
         cache = first.new_kv_cache(1, 8)
         first(ids[:, :5], kv_cache=cache)
-        assert all(taken[0] is layer for taken, layer in zip(cache.layer_operands, first.layers, strict=True))
+        assert cache.plan[:2] == (first, first.full_arch())
         cache.length = 0  # a new prompt
         reused = [second(ids[:, :5], kv_cache=cache), second(ids[:, 5:], kv_cache=cache)]
         fresh = second.new_kv_cache(1, 8)
         expected = [second(ids[:, :5], kv_cache=fresh), second(ids[:, 5:], kv_cache=fresh)]
         first(ids[:, :1], kv_cache=cache)  # another model mid-generation: its own operands
-        assert all(taken[0] is layer for taken, layer in zip(cache.layer_operands, first.layers, strict=True))
+        assert cache.plan[0] is first
+        narrow = first.arch_for_budget(0.5)
+        first(ids[:, :1], narrow, kv_cache=cache)  # another configuration mid-generation
+        assert cache.plan[:2] == (first, narrow)
         down = first.layers[0].mlp.down_proj
         down.weight = torch.nn.Parameter(down.weight * 2)  # new weights between generations
         cache.length = 0
