@@ -138,6 +138,19 @@ FLEXTRON_AVX2 float softmax_numerators(float* scores, int64_t count, float top) 
   return sum;
 }
 
+// sum[: 8 V] = Σ_s p[s] · values[s, : 8 V] for s < count (rows hd apart), V vectors of 8 lanes
+// held in registers: one pass over the values (a pass per vector read them hd / 8 times).
+template <int V, typename T>
+FLEXTRON_AVX2 void weighted_values(const float* p, const T* values, int64_t count, int64_t hd, float* sum) {
+  __m256 acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < count; ++s) {
+    const __m256 weight = _mm256_set1_ps(p[s]);
+    for (int v = 0; v < V; ++v) acc[v] = _mm256_fmadd_ps(weight, skinny::load8(values + s * hd + 8 * v), acc[v]);
+  }
+  for (int v = 0; v < V; ++v) _mm256_storeu_ps(sum + 8 * v, acc[v]);
+}
+
 // Attention of the new rows over the cache (causal): for sequence b, query head h of the
 // first `active` heads reads KV head h / group over positions [0, length + t]; heads past
 // `active` (the rest of the last group) output zeros. q: (B*T, q_heads*hd) rotated;
@@ -164,12 +177,9 @@ FLEXTRON_AVX2 void attend_rows(const T* q, const T* k_cache, const T* v_cache, i
         dot_rows(query.data(), k_cache + offset, visible, hd, scale, scores.data());
         const float top = *std::max_element(scores.begin(), scores.begin() + visible);
         const float total = softmax_numerators(scores.data(), visible, top);
-        for (int64_t i = 0; i < hd; i += 8) {
-          __m256 acc = _mm256_setzero_ps();
-          for (int64_t s = 0; s < visible; ++s)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[s]), skinny::load8(values + s * hd + i), acc);
-          _mm256_storeu_ps(sum.data() + i, acc);
-        }
+        int64_t i = 0;
+        for (; i + 64 <= hd; i += 64) weighted_values<8>(scores.data(), values + i, visible, hd, sum.data() + i);
+        for (; i < hd; i += 8) weighted_values<1>(scores.data(), values + i, visible, hd, sum.data() + i);
         for (int64_t i = 0; i < hd; ++i) o[i] = T(sum[i] / total);
       }
     }

@@ -171,6 +171,32 @@ FLEXTRON_VNNI void columns_int8_vnni_partial_rows(const int16_t* xq, const float
   }
   if (n < end) columns_int8_vnni<1, 4>(xq, 0, xs, q, ldq, K, scale, bias, y, 0, n, end);
 }
+// Each row of x (M, K) fp32 rounded to int16: xq (M, ldx = K rounded up to 32, zeros after K),
+// and the scales xs (M,) with x ~= xs * xq. AVX-512, 16 values at a time (a scalar loop was 4%
+// of an int8 decode step): the conversion rounds to nearest even, as std::nearbyint does in the
+// default rounding mode.
+FLEXTRON_AVX512 void quantize_rows_int16(const float* x, int64_t ldx_in, int64_t M, int64_t K, int16_t* xq,
+                                         int64_t ldx, float* xs) {
+  const float levels = static_cast<float>(int16_levels(K));
+  const auto first = [K](int64_t k) {  // the lanes of [k, k + 16) that are below K
+    return static_cast<__mmask16>(k >= K ? 0 : K - k >= 16 ? 0xFFFF : (1u << (K - k)) - 1);
+  };
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * ldx_in;
+    __m512 largest = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16)
+      largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_maskz_loadu_ps(first(k), row + k)));
+    const float top = _mm512_reduce_max_ps(largest);
+    xs[m] = top / levels;
+    const __m512 inverse = _mm512_set1_ps(top > 0.f ? levels / top : 0.f);  // a zero row stays zero
+    int16_t* out = xq + m * ldx;
+    for (int64_t k = 0; k < ldx; k += 16) {
+      const __m512 scaled = _mm512_mul_ps(_mm512_maskz_loadu_ps(first(k), row + k), inverse);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(scaled)));
+    }
+  }
+}
+
 #undef FLEXTRON_AVX512
 #undef FLEXTRON_AVX2
 #undef FLEXTRON_VNNI
@@ -190,23 +216,6 @@ bool use_vnni() {
   TORCH_CHECK(setting == "auto" || setting == "portable",
               "FLEXTRON_INT8_DOT must be auto or portable, got '", setting, "'");
   return setting == "auto" && supported;
-}
-
-// Each row of x (M, K) fp32 rounded to int16: xq (M, ldx = K rounded up to 32, zeros after K),
-// and the scales xs (M,) with x ~= xs * xq. Plain loops: a few rows, a microsecond.
-void quantize_rows_int16(const float* x, int64_t ldx_in, int64_t M, int64_t K, int16_t* xq, int64_t ldx,
-                         float* xs) {
-  const float levels = static_cast<float>(int16_levels(K));
-  for (int64_t m = 0; m < M; ++m) {
-    const float* row = x + m * ldx_in;
-    float largest = 0.f;
-    for (int64_t k = 0; k < K; ++k) largest = std::max(largest, std::abs(row[k]));
-    xs[m] = largest / levels;
-    const float inverse = largest > 0.f ? levels / largest : 0.f;  // a zero row stays zero
-    int16_t* out = xq + m * ldx;
-    for (int64_t k = 0; k < K; ++k) out[k] = static_cast<int16_t>(std::nearbyint(row[k] * inverse));
-    std::fill(out + K, out + ldx, int16_t{0});
-  }
 }
 
 // y (M, N) fp32 for M <= kSkinnyMaxRows rows of fp32 x (M, K) and int8 q (N, K) rows ldq apart, with VNNI.
