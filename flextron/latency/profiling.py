@@ -75,15 +75,14 @@ def _component_functions(
 
         return run
 
-    # A cached decode step runs each layer as one op (ops.decoder_layer), which has no sublayer
-    # boundary to time at: time whole layers, each head count at the narrowest MLP and each MLP
-    # width at every head (`_per_layer_costs` keeps the MLP's increment over its narrowest width).
+    # A cached decode step runs each layer as one op (ops.decoder_layer, all layers from one
+    # DecodePlan), which has no sublayer boundary to time at: time whole layers, each head count at
+    # the narrowest MLP and each MLP width at every head (`_per_layer_costs` keeps the MLP's
+    # increment over its narrowest width).
     def layer_at(heads: int, width: int) -> Callable[[], object]:
-        def run() -> None:
-            for index, layer in enumerate(layers):
-                x + layer(x, cos, sin, width, heads, kv_cache=cache, layer=index)
-
-        return run
+        arch = ArchConfig((width,) * config.num_layers, (heads,) * config.num_layers)
+        plan = model.decode_plan(arch, cache, tokens)  # made once, as at a generation's prefill
+        return lambda: plan.run(x, cos, sin, cache.length)
 
     functions: dict[Any, Callable[[], object]] = {"fixed": fixed}
     if phase == "decode":

@@ -263,22 +263,28 @@ class FlextronModel(nn.Module):
         prefill, and again for another model or configuration; the cache keeps it."""
         taken = kv_cache.plan
         if kv_cache.length == 0 or taken is None or taken[0] is not self or taken[1] != arch:
-            plan = torch.classes.flextron.DecodePlan()
-            for index, layer in enumerate(self.layers):
-                heads, width = arch.heads[index], arch.mlp_widths[index]
-                kv_cache.reserve(index, layer.self_attn.kv_heads_for(heads), x.shape[1])
-                plan.add_layer(
-                    *layer._op_operands(heads, width),
-                    kv_cache.keys[index],
-                    kv_cache.values[index],
-                    heads,
-                    width,
-                    layer.input_layernorm.eps,
-                )
-            taken = kv_cache.plan = (self, arch, plan)
+            taken = kv_cache.plan = (self, arch, self.decode_plan(arch, kv_cache, x.shape[1]))
         else:
             kv_cache.check_room(x.shape[1])
         return taken[2].run(x, cos, sin, kv_cache.length)
+
+    def decode_plan(self, arch: ArchConfig, kv_cache: KVCache, tokens: int):
+        """A DecodePlan running every layer of `arch` on `kv_cache` (its run(x, cos, sin, length)
+        takes x: (B, T, D)); checks that the cache can take `tokens` more positions at those
+        head counts, and records them."""
+        plan = torch.classes.flextron.DecodePlan()
+        for index, layer in enumerate(self.layers):
+            heads, width = arch.heads[index], arch.mlp_widths[index]
+            kv_cache.reserve(index, layer.self_attn.kv_heads_for(heads), tokens)
+            plan.add_layer(
+                *layer._op_operands(heads, width),
+                kv_cache.keys[index],
+                kv_cache.values[index],
+                heads,
+                width,
+                layer.input_layernorm.eps,
+            )
+        return plan
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The last layer's output (B, T, D) -> logits (B, T, V): final norm, then the head."""
