@@ -244,9 +244,12 @@ def measure_latency(
     tokens = length if phase == "prefill" else 1
     ids = torch.randint(0, config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
-    cache = _filled_cache(model, batch, length) if phase == "decode" else None
 
     def run(arch: ArchConfig) -> Callable[[], object]:
+        # A cache per configuration: it keeps the DecodePlan its first (warm-up) step makes, as a
+        # generation keeps the one its prefill made, so the timed steps are decode steps only.
+        cache = _filled_cache(model, batch, length) if phase == "decode" else None
+
         def forward() -> object:
             if cache is not None:
                 cache.length = length  # every timed step decodes at the same context

@@ -181,7 +181,10 @@ def test_model_cached_forward_runs_it_and_matches_the_uncached_model(tiny_flextr
         cache = model.new_kv_cache(2, 16)
         names = cpu_operator_names(
             lambda: steps.extend(
-                [model(ids[:, :6], arch, cache), *(model(ids[:, t : t + 1], arch, cache) for t in range(6, 9))]
+                [
+                    model(ids[:, :6], arch, cache),
+                    *(model(ids[:, t : t + 1], arch, cache) for t in range(6, 9)),
+                ]
             )
         )
     torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=1e-4, rtol=1e-4)
