@@ -25,13 +25,11 @@ def routed_mlp(
     scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x: (B, T, D), choice: (B*T,) int64 index into `widths` (widest first) -> (B, T, D), every
-    token through its own width's weight prefix (one fused ops.routed_nested_mlp)."""
-    if module.gate_proj.is_int8:
-        raise ValueError(
-            "per-token widths (dynamic routing) need float weights: run an int8 model at a budget "
-            "with uniform or static routing, or load it as float32/bfloat16"
-        )
+    token through its own width's weight prefix (one fused ops.routed_nested_mlp; int8 weights:
+    each width's tokens through the nested int8 kernels)."""
     flat = x.reshape(-1, x.shape[-1])  # (B*T, D)
+    if module.gate_proj.is_int8:
+        return _int8_routed_mlp(module, flat, choice, widths, scale).view(x.shape)
     out = ops.routed_nested_mlp(
         flat,
         module.gate_proj.weight,
@@ -42,6 +40,24 @@ def routed_mlp(
         scale,
     )
     return out.view(x.shape)
+
+
+def _int8_routed_mlp(
+    module: ElasticMLP,
+    flat: torch.Tensor,
+    choice: torch.Tensor,
+    widths: Sequence[int],
+    scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """routed_mlp on int8 weights, which have no routed kernel: the tokens of each chosen width
+    together through the module's nested int8 path (a decode step's one token: one call).
+    flat: (N, D), choice: (N,) -> (N, D)."""
+    out = torch.empty_like(flat)
+    for index in torch.unique(choice).tolist():
+        rows = (choice == index).nonzero().squeeze(1)  # (n,) tokens at widths[index]
+        part = module(flat[rows][None], widths[index])[0]  # (n, D)
+        out[rows] = part if scale is None else part * scale[rows, None].to(part.dtype)
+    return out
 
 
 class FixedHeadsAttention:

@@ -228,7 +228,7 @@ class SequenceSession:
         if self.uniform or narrow == wide:
             return module(x, wide if bool(self.wide[0]) else narrow)
         # A mixed batch: each side's sequences through the plain nested kernels (any weight type,
-        # int8 included), rather than per-token routing, which float weights alone have.
+        # int8 included), rather than the per-token routed MLP.
         rows = self.wide.to(x.device)
         out = torch.empty_like(x)
         out[rows] = module(x[rows], wide)

@@ -40,13 +40,9 @@ def test_row_scales_are_fp16_and_values_use_the_full_int8_range():
     assert ((values.float() * scale[:, None] - weight).abs() <= 0.51 * scale[:, None]).all()
 
 
-@pytest.mark.parametrize("arch_name", list(ARCHS))
-def test_every_sub_network_is_the_dequantized_one(models, assert_logits_close, monkeypatch, arch_name):
-    """Prefill and decode at any budget compute exactly what the float model holding the
-    dequantized weights computes (its head too: the int8 head's values): every prefix of an
-    int8 row keeps the full row's scale, so one quantization serves every budget.  Decode on the
-    kernels' float path: the VNNI path's int16 rounding of x is bounded in the op's tests."""
-    monkeypatch.setenv("FLEXTRON_INT8_DOT", "portable")
+def dequantized_twin(models):
+    """The float model holding the int8 model's dequantized weights, its head too (the int8
+    head's values), and the float embedding."""
     model, int8, dequantized = models
     head = int8.int8_head
     twin = copy.deepcopy(dequantized)
@@ -55,6 +51,18 @@ def test_every_sub_network_is_the_dequantized_one(models, assert_logits_close, m
     twin.logits = lambda hidden: torch.nn.functional.linear(
         twin.norm(hidden), head.qweight.float() * head.weight_scale[:, None]
     )
+    return twin
+
+
+@pytest.mark.parametrize("arch_name", list(ARCHS))
+def test_every_sub_network_is_the_dequantized_one(models, assert_logits_close, monkeypatch, arch_name):
+    """Prefill and decode at any budget compute exactly what the float model holding the
+    dequantized weights computes (its head too: the int8 head's values): every prefix of an
+    int8 row keeps the full row's scale, so one quantization serves every budget.  Decode on the
+    kernels' float path: the VNNI path's int16 rounding of x is bounded in the op's tests."""
+    monkeypatch.setenv("FLEXTRON_INT8_DOT", "portable")
+    model, int8, _ = models
+    twin = dequantized_twin(models)
     arch = ARCHS[arch_name](model)
     ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -79,15 +87,27 @@ def test_int8_stays_close_to_fp32_and_generates_the_same_first_tokens(models):
     assert first[0] == first[1]
 
 
-def test_int8_model_refuses_saving_per_token_widths_and_quantizing_twice(models, tmp_path):
+def test_int8_model_refuses_saving_and_quantizing_twice(models, tmp_path):
     _, int8, _ = models
     with pytest.raises(ValueError, match="int8 model is for inference"):
         save_pretrained(int8, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    layers = int8.config.num_layers
-    choice = torch.zeros(layers, 5, dtype=torch.int64)  # (L, B*T)
-    session = ForcedSession.shared([int8.config.intermediate_size // 2], choice, int8.full_arch().heads)
-    with pytest.raises(ValueError, match="per-token widths .* need float weights"), torch.no_grad():
-        int8(torch.zeros(1, 5, dtype=torch.int64), session=session)
     with pytest.raises(ValueError, match="already int8"):
         quantize_int8_(int8)
+
+
+def test_int8_per_token_widths_are_the_dequantized_models(models, assert_logits_close, monkeypatch):
+    """Per-token MLP widths (dynamic routing, forced here) on int8 weights: each width's tokens
+    through the nested int8 kernels give the dequantized float model's routed logits."""
+    _, int8, _ = models
+    twin = dequantized_twin(models)
+    monkeypatch.setenv("FLEXTRON_INT8_DOT", "portable")  # float x, as the twin's kernels
+    size = int8.config.intermediate_size
+    widths = [size, size // 2, size // 4]  # widest first
+    choice = torch.randint(0, 3, (int8.config.num_layers, 7), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 300, (1, 7))
+    with torch.no_grad():
+        logits = [
+            m(ids, session=ForcedSession.shared(widths, choice, int8.full_arch().heads)) for m in (int8, twin)
+        ]
+    assert_logits_close(*logits)
