@@ -21,6 +21,9 @@ Protocol (issue 25):
 * Sequence: the sequence router's choices are made from each evaluated block's prefix, in
   batches of the latency shape's size; it is timed on the evaluated blocks themselves (their
   first tokens at the shape) and scored with the same choices.
+* Weight type (`--dtype`): float32, bfloat16 or int8 weights, packed on 2 MiB pages as the
+  inference commands run them; the directory's latency table must be of that type
+  (`flextron profile --dtype`).
 * Oracle (`--oracle`, prefill only): per token, layer and MLP width the first-order loss change
   of narrowing (flextron.routers.oracle), widths allocated with one Lagrange multiplier at the
   static configuration's LUT MLP cost, head counts static's, forced through the routed MLP kernel.
@@ -47,6 +50,8 @@ from flextron.latency.shape import LatencyShape
 from flextron.model.checkpoint import load_pretrained
 from flextron.model.elastic_model import FlextronModel
 from flextron.model.mixed_widths import ForcedSession
+from flextron.model.quantization import quantize_int8_
+from flextron.model.weight_block import pack_weights_
 from flextron.routers import BudgetResolver
 from flextron.routers.evaluation import block_losses, prefix_session
 from flextron.routers.initial import trained_configurations
@@ -83,10 +88,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--timing-blocks", type=int, default=None, help="batches of the shape per timing; 2 prefill, 4 decode"
     )
     parser.add_argument("--latency-shape", default=None, help="PHASE:BATCHxLENGTH; default the routers'")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "int8"),
+        default="float32",
+        help="weights the routings run on; the model directory's latency table must be of this type",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="runs/routers")
     parser.add_argument("--title", default="SmolLM2-135M", help="the Pareto plot's title: which model")
     return parser.parse_args(argv)
+
+
+def load_inference_model(path: str, dtype: str) -> FlextronModel:
+    """The model in `dtype` (int8: quantized from its fp32 weights), its weights in one huge-page
+    block, as `flextron eval` and `generate` run it."""
+    if dtype == "int8":
+        model = quantize_int8_(load_pretrained(path))
+    else:
+        model = load_pretrained(path, getattr(torch, dtype))
+    return pack_weights_(model).eval()
 
 
 def trained_selections(model: FlextronModel, resolver: BudgetResolver) -> list[Selection]:
@@ -303,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_pretrained(args.model)
+    model = load_inference_model(args.model, args.dtype)
     resolver = BudgetResolver(
         model, args.model, LatencyShape.parse(args.latency_shape) if args.latency_shape else None
     )
