@@ -35,8 +35,7 @@ from flextron.eval.speed import prefilled_decode
 from flextron.export.gguf import write_gguf
 from flextron.model.config import ArchConfig
 from flextron.model.elastic_model import FlextronModel
-from flextron.model.loading import load_model
-from flextron.model.quantization import quantize_int8_
+from flextron.model.loading import load_model_as
 from flextron.model.weight_block import pack_weights_
 from flextron.timing import CLOCKS, Staged, check_clock, sample_times_ms
 
@@ -88,11 +87,7 @@ def weight_bytes(model: FlextronModel, arch: ArchConfig, dtype: str) -> int:
 def load(source: str, dtype: str) -> FlextronModel:
     """The model in `dtype` (int8 quantized from the fp32 weights), its weights in one huge-page
     block as `flextron bench` runs them."""
-    if dtype == "int8":
-        model = quantize_int8_(load_model(source, dtype=torch.float32))
-    else:
-        model = load_model(source, dtype=getattr(torch, dtype))
-    return pack_weights_(model).eval()
+    return pack_weights_(load_model_as(source, dtype)).eval()
 
 
 class LlamaCpp:

@@ -47,10 +47,9 @@ from flextron.data.blocks import load_blocks
 from flextron.latency.interpolation import interpolation_weights
 from flextron.latency.profiling import timed_forward
 from flextron.latency.shape import LatencyShape
-from flextron.model.checkpoint import load_pretrained
 from flextron.model.elastic_model import FlextronModel
+from flextron.model.loading import load_model_as
 from flextron.model.mixed_widths import ForcedSession
-from flextron.model.quantization import quantize_int8_
 from flextron.model.weight_block import pack_weights_
 from flextron.routers import BudgetResolver
 from flextron.routers.evaluation import block_losses, prefix_session
@@ -103,11 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_inference_model(path: str, dtype: str) -> FlextronModel:
     """The model in `dtype` (int8: quantized from its fp32 weights), its weights in one huge-page
     block, as `flextron eval` and `generate` run it."""
-    if dtype == "int8":
-        model = quantize_int8_(load_pretrained(path))
-    else:
-        model = load_pretrained(path, getattr(torch, dtype))
-    return pack_weights_(model).eval()
+    return pack_weights_(load_model_as(path, dtype)).eval()
 
 
 def trained_selections(model: FlextronModel, resolver: BudgetResolver) -> list[Selection]:

@@ -76,18 +76,12 @@ def load(
     `checks` (functions of the model, raising ValueError) run before it is announced. inference:
     the model is only run (not trained or saved), so its CPU weights move to one huge-page block
     (flextron.model.weight_block)."""
-    from flextron.model.loading import load_model
-    from flextron.model.placement import check_device, parse_dtype
+    from flextron.model.loading import load_model_as
+    from flextron.model.placement import check_device
 
-    name = getattr(args, "dtype", "float32")
-    dtype = parse_dtype("float32" if name == "int8" else name)
     device = check_device(getattr(args, "device", None) or "cpu")
     start = time.perf_counter()
-    model = load_model(source, dtype, device)
-    if name == "int8":
-        from flextron.model.quantization import quantize_int8_
-
-        quantize_int8_(model)
+    model = load_model_as(source, getattr(args, "dtype", "float32"), device)
     if inference:
         from flextron.model.weight_block import pack_weights_
 

@@ -139,6 +139,17 @@ def load_default(dtype: torch.dtype | None = torch.float32, device: str | None =
     return load_gguf(default_gguf_path(), dtype, device)
 
 
+def load_model_as(source: str | os.PathLike | None, weights: str, device: str | None = None) -> FlextronModel:
+    """load_model with its weights as `weights`: "float32", "bfloat16", "float16", or "int8" (int8
+    rows with one scale each, quantized from the fp32 weights: flextron.model.quantization)."""
+    from flextron.model.placement import parse_dtype
+    from flextron.model.quantization import quantize_int8_
+
+    if weights == "int8":
+        return quantize_int8_(load_model(source, torch.float32, device))
+    return load_model(source, parse_dtype(weights), device)
+
+
 def load_model(
     source: str | os.PathLike | None = None,
     dtype: torch.dtype | None = torch.float32,

@@ -65,8 +65,7 @@ _POOL = _Pool()
 def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A contiguous CPU tensor on 2 MiB pages, a slice of a block shared with others (a block is
     freed when every tensor in it is)."""
-    numel = math.prod(shape)
-    return _POOL.take(numel * torch.empty((), dtype=dtype).element_size()).view(dtype).view(shape)
+    return _POOL.take(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
 
 
 def pack_weights_(model: nn.Module) -> nn.Module:
@@ -82,9 +81,10 @@ def pack_weights_(model: nn.Module) -> nn.Module:
     offsets: dict[Identity, int] = {}  # one place per distinct tensor
     end = 0
     for _, _, tensor in slots:
-        if _identity(tensor) not in offsets:
-            offsets[_identity(tensor)] = end
-            end += _aligned(tensor.numel() * tensor.element_size())
+        key = _identity(tensor)
+        if key not in offsets:
+            offsets[key] = end
+            end += _aligned(tensor.nbytes)
     if end == 0:
         return model
     block = huge_page_block(end)
@@ -93,7 +93,7 @@ def pack_weights_(model: nn.Module) -> nn.Module:
         key = _identity(tensor)
         if key not in packed:
             start = offsets[key]
-            view = block[start : start + tensor.numel() * tensor.element_size()].view(tensor.dtype)
+            view = block[start : start + tensor.nbytes].view(tensor.dtype)
             view = view.view(tensor.shape).copy_(tensor.detach())
             is_parameter = isinstance(tensor, nn.Parameter)
             packed[key] = nn.Parameter(view, tensor.requires_grad) if is_parameter else view
