@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -222,14 +223,15 @@ class CpuProjections : public LayerOperands {
                                          y, out);
         if (s->scalar_type() == at::kFloat && s->is_contiguous())
           return skinny::int8_few_rows(x, rows, in, w.const_data_ptr<int8_t>(), w.stride(0), out, in,
-                               s->const_data_ptr<float>(), nullptr, y, out);
+                                       s->const_data_ptr<float>(), nullptr, y, out);
       } else if (!s.has_value()) {
         if (skinny::use_dpbf16())
           return skinny::linear_rows_dpbf16(x, rows, in, w.const_data_ptr<T>(), w.stride(0), out, in, 1.f, nullptr,
                                             y, out);
       }
     }
-    const at::Tensor x_rows = at::from_blob(const_cast<T*>(x), {rows, in}, w.options().dtype(c10::CppTypeToScalarType<T>::value));
+    const at::Tensor x_rows =
+        at::from_blob(const_cast<T*>(x), {rows, in}, w.options().dtype(c10::CppTypeToScalarType<T>::value));
     const at::Tensor result = s.has_value() ? nested_linear_int8_cpu(x_rows, w, *s, bias(p), out, in)
                                             : nested_linear_cpu(x_rows, w, bias(p), out, in);  // (rows, out)
     std::copy_n(result.const_data_ptr<T>(), rows * out, y);
@@ -257,12 +259,13 @@ class CpuProjections : public LayerOperands {
   }
 };
 
-// The layer's intermediate rows, in one buffer: one allocation per call, not one per step.
+// The layer's intermediate rows, in one buffer: one allocation per call, not one per intermediate,
+// and left uninitialised (every value is written before it is read).
 template <typename T>
 struct Scratch {
   Scratch(int64_t rows, int64_t D, int64_t q_width, int64_t kv_width, int64_t width)
-      : buffer(rows * (4 * D + 2 * q_width + 2 * kv_width + 3 * width)),
-        h(buffer.data()),
+      : buffer(new T[rows * (4 * D + 2 * q_width + 2 * kv_width + 3 * width)]),
+        h(buffer.get()),
         q(h + rows * D),
         k(q + rows * q_width),
         v(k + rows * kv_width),
@@ -273,8 +276,8 @@ struct Scratch {
         gate(m + rows * D),
         up(gate + rows * width),
         hidden(up + rows * width) {}
-  std::vector<T> buffer;
-  T *h, *q, *k, *v, *attended, *o, *residual, *m, *gate, *up, *hidden;  // hidden reused for the MLP's output
+  std::unique_ptr<T[]> buffer;
+  T *h, *q, *k, *v, *attended, *o, *residual, *m, *gate, *up, *hidden;  // hidden: the MLP's output (rows, D)
 };
 
 template <typename T>
