@@ -227,8 +227,7 @@ void few_rows_vnni(const float* x, int64_t M, int64_t ldx_in, const int8_t* qp, 
   quantize_rows_int16(x, ldx_in, M, K, xq.data(), ldx, xs);
   const int16_t* xp = xq.data();
   const float* xsp = xs;
-  constexpr int64_t kGrain = 64;  // output rows per task: enough work to amortise a task
-  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, skinny::kGrain, [&](int64_t begin, int64_t end) {
     switch (M) {  // U: vpdpwssd chains per row of x (32 vector registers)
       case 1:
         if (read_prefixes_side_by_side(ldq, K, sizeof(int8_t))) {
@@ -248,12 +247,11 @@ void few_rows_vnni(const float* x, int64_t M, int64_t ldx_in, const int8_t* qp, 
 }  // namespace
 
 #ifdef FLEXTRON_SKINNY_AVX2
-void skinny::int8_few_rows(const float* xp, int64_t M, int64_t ldx, const int8_t* qp, int64_t ldq, int64_t N, int64_t K,
-                   const float* sp, const float* bias, float* yp, int64_t ldy) {
+void skinny::int8_few_rows(const float* xp, int64_t M, int64_t ldx, const int8_t* qp, int64_t ldq, int64_t N,
+                           int64_t K, const float* sp, const float* bias, float* yp, int64_t ldy) {
   if (use_vnni()) return few_rows_vnni(xp, M, ldx, qp, ldq, N, K, sp, bias, yp, ldy);
   const bool avx512 = cpu_has_avx512bw();
-  constexpr int64_t kGrain = 64;  // output rows per task: enough work to amortise a task
-  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, skinny::kGrain, [&](int64_t begin, int64_t end) {
     if (avx512) {
       switch (M) {  // U: FMA chains per row of x (32 vector registers)
         case 1: columns_int8_avx512<1, 4>(xp, ldx, qp, ldq, K, sp, bias, yp, ldy, begin, end); break;
@@ -293,9 +291,10 @@ at::Tensor nested_linear_int8_cpu(const at::Tensor& x, const at::Tensor& qweight
     const at::Tensor x32 = x_prefix.to(at::kFloat).contiguous();  // (N, in): a few rows
     const at::Tensor bias32 = bias_prefix.has_value() ? bias_prefix->to(at::kFloat).contiguous() : at::Tensor();
     at::Tensor y = at::empty({rows, out_features}, x.options().dtype(at::kFloat));  // (N, out)
-    skinny::int8_few_rows(x32.const_data_ptr<float>(), rows, x32.stride(0), q_prefix.const_data_ptr<int8_t>(), q_prefix.stride(0),
-                  out_features, in_features, scale_prefix.const_data_ptr<float>(),
-                  bias32.defined() ? bias32.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>(), y.stride(0));
+    skinny::int8_few_rows(x32.const_data_ptr<float>(), rows, x32.stride(0), q_prefix.const_data_ptr<int8_t>(),
+                          q_prefix.stride(0), out_features, in_features, scale_prefix.const_data_ptr<float>(),
+                          bias32.defined() ? bias32.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>(),
+                          y.stride(0));
     return y.to(x.scalar_type()).view(shape);
   }
 #endif

@@ -251,7 +251,7 @@ inline bool use_dpbf16() {
               "FLEXTRON_BF16_DOT must be auto or portable, got '", setting, "'");
   return setting == "auto" && cpu_has_avx512_bf16();
 }
-constexpr int64_t kGrain = 64;  // output columns per task: enough work to amortise a task
+constexpr int64_t kGrain = 64;  // output columns (weight rows) per task: enough work to amortise a task
 
 // y (M, N) = alpha · x · wᵀ (+ bias) for M <= kSkinnyMaxRows rows of bf16 x and bf16 weight rows
 // ldw apart, with AVX-512 BF16 (use_dpbf16()); each output rounded to Y (fp32 or bf16) as it is
