@@ -175,27 +175,27 @@ def test_model_cached_forward_runs_it_and_matches_the_uncached_model(tiny_flextr
         (config.intermediate_size // 2,) * config.num_layers, (2,) * config.num_layers
     )
     ids = torch.randint(3, 300, (2, 9))
-    steps = []
     with torch.no_grad():
         whole = model(ids, arch)
         cache = model.new_kv_cache(2, 16)
-        names = cpu_operator_names(
-            lambda: steps.extend(
-                [
-                    model(ids[:, :6], arch, cache),
-                    *(model(ids[:, t : t + 1], arch, cache) for t in range(6, 9)),
-                ]
-            )
-        )
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True
+        ) as prof:
+            steps = [
+                model(ids[:, :6], arch, cache),
+                *(model(ids[:, t : t + 1], arch, cache) for t in range(6, 9)),
+            ]
     torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=1e-4, rtol=1e-4)
-    assert names.count("flextron::decoder_layer") == 4 * config.num_layers
+    # Each call's (heads, width): the op's last arguments are (length, heads, width, eps).
+    calls = [tuple(e.concrete_inputs[-3:-1]) for e in prof.events() if e.name == "flextron::decoder_layer"]
+    assert len(calls) == 4 * config.num_layers and set(calls) == {(2, config.intermediate_size // 2)}
 
 
-def cpu_operator_names(fn) -> list[str]:
-    """Names of the operators that `fn()` calls on the CPU, once a call, from the profiler."""
+def cpu_operator_names(fn) -> set[str]:
+    """Names of the operators that `fn()` calls on the CPU, from the profiler."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
-    return [event.name for event in prof.events()]
+    return {event.name for event in prof.events()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
