@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import warnings
 from pathlib import Path
 
 from flextron.cli.arguments import arg, command, fits_context, load, set_threads
@@ -59,6 +60,7 @@ def train(args: argparse.Namespace) -> None:
     config = config_from_args(TrainConfig, args)
     set_threads(args.threads)
     context = init_distributed(args.device, args.fsdp)
+    warn_if_bf16_is_slow(config.bf16, context.device.type)
     try:
         model = load(args.model, None, fits_context("--seq-len", args.seq_len, 1))
         data = training_data(
@@ -94,6 +96,17 @@ def train(args: argparse.Namespace) -> None:
         )
         final = Path(args.out) / "checkpoints" / f"step-{result['steps']:06d}"
         print(f"checkpoint (a Flextron model directory): {final}")
+
+
+def warn_if_bf16_is_slow(bf16: bool, device_type: str) -> None:
+    """Why: a CPU without AVX-512 BF16 widens every bf16 product to fp32 and converts back,
+    so --bf16 there is several times slower than fp32 (the recipe then trains in fp32)."""
+    from flextron.ops.info import bf16_is_fast
+
+    if bf16 and device_type == "cpu" and not bf16_is_fast("cpu"):
+        warnings.warn(
+            "this CPU has no AVX-512 BF16, so --bf16 runs slower than fp32 here: leave it out", stacklevel=2
+        )
 
 
 @command(

@@ -100,3 +100,13 @@ def test_empty_data_is_a_clear_error(converted, tmp_path, capsys) -> None:
     empty.write_text("   \n")
     assert main(train_argv(model, empty, tmp_path / "run")) == 2
     assert "no text found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_bf16_on_a_cpu_without_avx512_bf16_warns(converted, tmp_path, capsys, monkeypatch, fast) -> None:
+    model, text = converted
+    monkeypatch.setattr("flextron.ops.info.bf16_is_fast", lambda device="cpu": fast)
+    extra = ("--bf16", "--steps", "1", "--eval-every", "0", "--device", "cpu")
+    assert main(train_argv(model, text, tmp_path, *extra)) == 0
+    warned = "this CPU has no AVX-512 BF16, so --bf16 runs slower than fp32 here" in capsys.readouterr().err
+    assert warned == (not fast)
