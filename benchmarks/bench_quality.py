@@ -145,16 +145,18 @@ def llama_cpp_losses(path: Path, blocks: torch.Tensor) -> torch.Tensor:
         llm.close()
 
 
-def exported_ppl(model_dir: str, budget: float, uniform: bool, blocks: torch.Tensor) -> dict[str, float]:
+def exported_ppl(
+    model_dir: str, budget: float, uniform: bool, blocks: torch.Tensor, llama_cpp: bool
+) -> dict[str, float]:
     """The budget through `flextron export`, as a user runs it, and implementations this project
     did not write: {"transformers": the Hugging Face export (a per-layer configuration
     zero-padded, as Hugging Face's Llama has one size for every layer), "llama.cpp": the f32
-    GGUF export of a per-layer configuration at its own sizes}."""
+    GGUF export of a per-layer configuration at its own sizes, when `llama_cpp` (installed)}."""
     with tempfile.TemporaryDirectory() as scratch:
         hf_dir, gguf_dir = Path(scratch) / "hf", Path(scratch) / "gguf"
         export_cli(model_dir, budget, hf_dir, "hf", *([] if uniform else ["--pad-layers"]))
         measured = {"transformers": hf_ppl(hf_dir, blocks)}
-        if not uniform and importlib.util.find_spec("llama_cpp") is not None:
+        if not uniform and llama_cpp:
             export_cli(model_dir, budget, gguf_dir, "gguf", "--gguf-type", "f32")
             measured["llama.cpp"] = llama_cpp_ppl(next(gguf_dir.glob("*.gguf")), blocks)
         return measured
@@ -254,7 +256,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.split}: {blocks.shape[0]} x {blocks.shape[1]} tokens, "
         + ", ".join(f"{g} {len(b)}" for g, b in genres.items())
     )
-    if importlib.util.find_spec("llama_cpp") is None:
+    llama_cpp = importlib.util.find_spec("llama_cpp") is not None  # optional: flextron[gguf]
+    if not llama_cpp:
         log("llama-cpp-python is not installed: the GGUF exports are not run by llama.cpp")
     gguf = default_gguf_path()
     dense = hf_ppl(gguf.parent, blocks, gguf.name)
@@ -273,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         losses = flextron_losses(model, blocks, arch)  # (N,)
         row["flextron"] = perplexity(losses)
         row["per_genre"] = by_genre(losses, dense_losses, genre_of)
-        measured = exported_ppl(args.model, budget, arch.is_uniform, blocks)
+        measured = exported_ppl(args.model, budget, arch.is_uniform, blocks, llama_cpp)
         row["exported"] = measured["transformers"]
         if "llama.cpp" in measured:
             row["llama_cpp"] = measured["llama.cpp"]
