@@ -24,9 +24,11 @@ Protocol (issue 25):
 * Weight type (`--dtype`): float32, bfloat16 or int8 weights, packed on 2 MiB pages as the
   inference commands run them; the directory's latency table must be of that type
   (`flextron profile --dtype`).
-* Oracle (`--oracle`, prefill only): per token, layer and MLP width the first-order loss change
-  of narrowing (flextron.routers.oracle), widths allocated with one Lagrange multiplier at the
-  static configuration's LUT MLP cost, head counts static's, forced through the routed MLP kernel.
+* Oracle (`--oracle`, prefill only): per token, layer and MLP width the first-order change of
+  `--oracle-loss` (KL from the full model's predictions, or the scored tokens' own loss) when
+  moving from the static configuration's width (flextron.routers.oracle), within
+  `--oracle-window` widths of it, allocated with one Lagrange multiplier at the static
+  configuration's LUT MLP cost, head counts static's, forced through the routed MLP kernel.
 
     python benchmarks/bench_routers.py --model runs/smol --data data/general/test --threads 1 \\
         --oracle --out runs/routers
@@ -54,7 +56,7 @@ from flextron.model.weight_block import pack_weights_
 from flextron.routers import BudgetResolver
 from flextron.routers.evaluation import block_losses, prefix_session
 from flextron.routers.initial import trained_configurations
-from flextron.routers.oracle import allocate_widths, mlp_loss_changes, oracle_sessions
+from flextron.routers.oracle import allocate_widths, mlp_loss_changes, oracle_sessions, restrict_to_window
 from flextron.routers.selection import Selection
 from flextron.timing import times_ms
 
@@ -77,6 +79,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="of uniform, static, dynamic, sequence, trained (the model's budget configurations)",
     )
     parser.add_argument("--oracle", action="store_true", help="add the headroom oracle (prefill only)")
+    parser.add_argument(
+        "--oracle-window",
+        type=int,
+        default=2,
+        help="the oracle moves a token's MLP at most this many widths from static's (negative: any width)",
+    )
+    parser.add_argument(
+        "--oracle-loss",
+        choices=("teacher", "label"),
+        default="teacher",
+        help="the loss whose first-order change the oracle allocates by: KL from the full model's "
+        "predictions (no knowledge of the scored tokens), or the scored tokens' own loss (leaks them)",
+    )
     parser.add_argument("--eval-blocks", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--prefix", type=int, default=32, help="unscored tokens that start every block")
@@ -137,21 +152,40 @@ def candidates(model: FlextronModel, resolver: BudgetResolver, args: argparse.Na
     return result
 
 
-def oracle_choices(model: FlextronModel, resolver: BudgetResolver, item: dict, blocks, timing_chunks) -> None:
-    """The oracle at the static configuration's LUT MLP cost: sessions for the blocks and timings."""
+def oracle_choices(
+    model: FlextronModel,
+    resolver: BudgetResolver,
+    item: dict,
+    blocks,
+    timing_chunks,
+    args: argparse.Namespace,
+) -> None:
+    """The oracle at the static configuration's LUT MLP cost, its first-order estimate taken at that
+    configuration and each token's widths within `--oracle-window` choices of it, by the change of
+    `--oracle-loss`: sessions for the blocks and timings."""
     arch, router = item["static"].arch, resolver.routers["static"]
     widths = router.mlp_choices
     _, mlp_costs, _ = resolver.table.cost_vectors(widths, router.head_choices, resolver.shape)
-    target = float(sum(mlp_costs[widths.index(w)] for w in arch.mlp_widths))
-    changes = torch.cat([mlp_loss_changes(model, b, arch.heads, widths) for b in blocks.split(4)], 1)
+    anchor_choice = [widths.index(w) for w in arch.mlp_widths]
+    target = float(sum(mlp_costs[c] for c in anchor_choice))
+
+    def changes_on(tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> Δ (L, B*T, C)
+        teacher = None
+        if args.oracle_loss == "teacher":
+            with torch.no_grad():
+                teacher = model(tokens)  # (B, T, V): the full model's predictions
+        changes = mlp_loss_changes(model, tokens, arch.heads, widths, arch.mlp_widths, teacher)
+        return (
+            changes
+            if args.oracle_window < 0
+            else restrict_to_window(changes, anchor_choice, args.oracle_window)
+        )
+
+    changes = torch.cat([changes_on(b) for b in blocks.split(4)], 1)
     choice, multiplier = allocate_widths(changes, mlp_costs, target)  # (L, N*S)
     item["sessions"] = oracle_sessions(choice, widths, arch.heads, 4, blocks.shape[1])
     item["timing_sessions"] = [
-        ForcedSession.shared(
-            widths,
-            (mlp_loss_changes(model, c, arch.heads, widths) + multiplier * mlp_costs).argmin(-1),
-            arch.heads,
-        )
+        ForcedSession.shared(widths, (changes_on(c) + multiplier * mlp_costs).argmin(-1), arch.heads)
         for c in timing_chunks
     ]
     mean_cost = float(mlp_costs[choice].mean(1).sum())
@@ -338,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the oracle is measured at a prefill shape")
     for item in items:
         if item["routing"] == "oracle":
-            oracle_choices(model, resolver, item, blocks, chunks)
+            oracle_choices(model, resolver, item, blocks, chunks, args)
         elif item["routing"] == "sequence":
             sequence_timing(model, item, blocks, args.prefix, shape)
     with torch.inference_mode():

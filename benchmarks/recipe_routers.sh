@@ -6,7 +6,9 @@
 #
 #   1. copy      the checkpoint into OUT/model (the routers and the latency table are written there)
 #   2. profile   the latency table at prefill 4x128 and decode 1x256, one thread, process CPU clock
-#   3. static    the static router, started at the trained configurations (surrogate-model loop)
+#   3. static    the static router, started at the trained configurations (surrogate-model loop),
+#                then FINETUNE_STEPS (default 0) of joint LLM + router fine-tuning at MODEL_LR;
+#                each budget keeps the best of that, its start and the trained configurations
 #   4. sequence  the sequence router over the trained configurations and the static router's,
 #                fitted on the training text, its settings chosen on the validation text
 #   5. bench     benchmarks/bench_routers.py on the test text at both shapes (nothing tuned on it)
@@ -18,6 +20,10 @@ PY=${PYTHON:-.venv/bin/python}
 RECIPE=${RECIPE:-runs/recipe}
 MODEL=${MODEL:-}
 OUT=${OUT:-runs/routers}
+# Joint LLM + static-router fine-tuning after the SM loop: off by default, because 300 steps at
+# 1e-4 raised the validation loss of every trained configuration (docs/routers.md).
+FINETUNE_STEPS=${FINETUNE_STEPS:-0}
+MODEL_LR=${MODEL_LR:-1e-4}
 stamp() { echo "[$(date +%H:%M:%S)] $*"; }
 
 if [[ -z $MODEL ]]; then
@@ -41,9 +47,11 @@ has_router() { "$PY" -c "import json,sys;sys.exit(0 if sys.argv[2] in json.load(
 if ! has_router static; then
   stamp "static router"
   "$PY" -m flextron train-router --model "$T" --kind static --init trained \
-      --budgets 0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0 --mlp-choices 12 --steps 150 --finetune-steps 0 --threads 2 \
+      --budgets 0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0 --mlp-choices 12 --steps 150 \
+      --finetune-steps "$FINETUNE_STEPS" --model-lr "$MODEL_LR" --threads 2 \
       --router-lr 3e-3 --latency-weight 20 --sm-threshold 0.2 --sm-updates 8 --sm-probe-blocks 2 \
-      --seq-len 128 --tau 1.0 0.3 --data data/general/train --latency-shape prefill:4x128
+      --seq-len 128 --tau 1.0 0.3 --data data/general/train --latency-shape prefill:4x128 \
+      --log "$OUT/static-log.json"
 fi
 if ! has_router sequence; then
   stamp "sequence router"

@@ -1,14 +1,21 @@
 """The headroom oracle: how much could per-token MLP widths gain over one configuration per budget?
 
 Estimate: per token t, layer l and MLP width w, the first-order change of the loss when token t
-runs layer l's MLP at width w instead of the full width,
+runs layer l's MLP at width w instead of an anchor width a_l,
 
-    Δ(t, l, w) = g_tl · (out_w − out_full)_tl,
+    Δ(t, l, w) = g_tl · (out_w − out_a)_tl,
 
-g_tl = ∂loss/∂out_full at that token (the summed next-token loss of the block), from one forward
-and one backward pass at full MLP widths and the given head counts; out_w is the nested weight
-prefix's output on the same MLP input.  (The issue writes it g·(out_full − out_w), the loss a
-token saves by keeping the full width; here positive means narrowing costs loss.)
+g_tl = ∂loss/∂out_a at that token (the summed next-token loss of the block), from one forward
+and one backward pass at the anchor widths and the given head counts; out_w is the nested weight
+prefix's output on the same MLP input.  The anchor is the full width by default (the issue's
+g·(out_full − out_w), with the sign flipped: positive means the change costs loss).  A first-order
+estimate only holds near where it is taken, so the bench anchors it at the static router's
+configuration and lets each token move a few widths either side of it (`restrict_to_window`).
+
+Which loss: the next-token loss (the scored tokens' own) leaks the answer, since a token's widths
+can be chosen for the token that follows it (the oracle then beats the full model); the KL
+divergence from the full model's predictions (`teacher_logits`) bounds what a router could gain
+from the input alone, anything the full model can compute from it included.
 
 Allocation: one Lagrange multiplier λ for all tokens and layers: every (token, layer) takes
 argmin_w Δ(t, l, w) + λ·cost(w), with cost the latency table's ms of one layer's MLP at width w,
@@ -28,19 +35,20 @@ import torch
 from flextron.model.elastic_model import FlextronModel
 from flextron.model.layers import ElasticMLP
 from flextron.model.mixed_widths import FixedHeadsAttention, ForcedSession
-from flextron.model.objectives import next_token_cross_entropy
+from flextron.model.objectives import kd_loss, next_token_cross_entropy
 
 
 class _ProbeSession(FixedHeadsAttention):
-    """Full MLP widths at the forced head counts, keeping each layer's MLP input and output."""
+    """The anchor MLP widths at the forced head counts, keeping each layer's MLP input and output."""
 
-    def __init__(self, heads: Sequence[int]) -> None:
+    def __init__(self, heads: Sequence[int], anchor: Sequence[int]) -> None:
         super().__init__(heads)
+        self.anchor = anchor
         self.inputs: list[torch.Tensor] = []  # per layer (B, T, D), detached
         self.outputs: list[torch.Tensor] = []  # per layer (B, T, D), gradient retained
 
     def mlp(self, layer: int, module: ElasticMLP, x: torch.Tensor) -> torch.Tensor:
-        out = module(x, module.gate_proj.weight.shape[0])
+        out = module(x, self.anchor[layer])
         out.retain_grad()
         self.inputs.append(x.detach())
         self.outputs.append(out)
@@ -57,28 +65,52 @@ def neuron_contributions(module: ElasticMLP, x: torch.Tensor, grad: torch.Tensor
 
 
 def mlp_loss_changes(
-    model: FlextronModel, tokens: torch.Tensor, heads: Sequence[int], widths: Sequence[int]
+    model: FlextronModel,
+    tokens: torch.Tensor,
+    heads: Sequence[int],
+    widths: Sequence[int],
+    anchor: Sequence[int] | None = None,
+    teacher_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """tokens: (B, T) -> Δ (L, B*T, C): the first-order loss change of running each token's MLP
-    at each of `widths` (widest first) instead of the full width, at head counts `heads`.
+    at each of `widths` (widest first) instead of its layer's `anchor` width (default: full), at
+    head counts `heads`.  The loss: the summed next-token loss of the block, or with
+    `teacher_logits` (B, T, V) the summed KL divergence from the teacher's predictions, which
+    says nothing about the tokens that follow beyond what the teacher predicts.
 
-    A nested prefix of width w drops neurons w..F-1, so g · (out_w − out_full) is minus the sum of
-    their contributions: one suffix sum per token gives every width at once."""
+    A nested prefix of width w keeps neurons 0..w-1, so g · (out_w − out_a) is the difference of
+    two prefix sums of per-neuron contributions: one cumulative sum per token gives every width."""
     if model.config.mlp_bias:
         raise ValueError("the oracle's per-neuron split assumes MLPs without bias")
-    probe = _ProbeSession(heads)
+    full = model.config.intermediate_size
+    anchor = [full] * model.config.num_layers if anchor is None else list(anchor)
+    probe = _ProbeSession(heads, anchor)
     with torch.enable_grad():
         logits = model(tokens, session=probe)  # (B, T, V)
-        next_token_cross_entropy(logits, tokens, reduction="sum").backward()
+        if teacher_logits is None:
+            next_token_cross_entropy(logits, tokens, reduction="sum").backward()
+        else:
+            (kd_loss(logits, teacher_logits) * tokens.numel()).backward()
     changes = []
     with torch.no_grad():
         for layer, (x, out) in enumerate(zip(probe.inputs, probe.outputs, strict=True)):
             contributions = neuron_contributions(model.layers[layer].mlp, x, out.grad)  # (N, F)
-            dropped = contributions.flip(-1).cumsum(-1).flip(-1)  # (N, F): column w sums neurons w..F-1
-            dropped = torch.cat([dropped, dropped.new_zeros(dropped.shape[0], 1)], -1)  # (N, F+1)
-            changes.append(-dropped[:, list(widths)])  # (N, C)
+            kept = torch.cat(
+                [contributions.new_zeros(contributions.shape[0], 1), contributions.cumsum(-1)], -1
+            )
+            # kept (N, F+1): column w sums neurons 0..w-1
+            changes.append(kept[:, list(widths)] - kept[:, anchor[layer], None])  # (N, C)
     model.zero_grad(set_to_none=True)
     return torch.stack(changes)
+
+
+def restrict_to_window(changes: torch.Tensor, anchor_choice: Sequence[int], window: int) -> torch.Tensor:
+    """changes: Δ (L, N, C), anchor_choice: per layer the index of its anchor width among the C
+    choices -> Δ with every choice more than `window` indices from the anchor's set to +inf, so
+    that the allocation moves no token beyond where the first-order estimate holds."""
+    index = torch.arange(changes.shape[-1])  # (C,)
+    far = (index[None, :] - torch.tensor(list(anchor_choice))[:, None]).abs() > window  # (L, C)
+    return changes.masked_fill(far[:, None, :].to(changes.device), float("inf"))
 
 
 def allocate_widths(

@@ -241,26 +241,41 @@ def _initialise(
 def _keep_better_starts(
     job: _Job, router: StaticRouter, starts: dict[float, ArchConfig], probe: torch.Tensor
 ) -> None:
-    """Per trained budget, the start again where it beats what training found: lower loss on
-    `probe` (N, S) at no more predicted latency.  Why: the surrogate model can lead the router
-    away from a good start (on an elastically trained model, the trained configurations) into
-    configurations the LLM was never trained at; a router must never be worse than its start."""
+    """Per trained budget, whichever of what training found, its start and the configurations
+    the model was trained at (`trained_configurations`) has the lowest loss on `probe` (N, S),
+    among those predicted within the budget (or no slower than what training found).  Why: the
+    surrogate model can lead the router away from a good start into configurations the LLM was
+    never trained at, and on an elastically trained model a configuration between two trained
+    ones is worse than the cheaper trained one: a router must never be worse than its start or
+    than what training covered."""
     from flextron.eval.perplexity import perplexity
 
     model, table, shape = job.model, job.table, job.shape
-    chosen, kept = {}, []
+    full_ms = table.predict(model.full_arch(), shape)
+    trained_archs = [  # those the router can express (--init trained adds their widths to its choices)
+        arch
+        for arch in trained_configurations(model).values()
+        if set(arch.mlp_widths) <= set(router.mlp_choices) and set(arch.heads) <= set(router.head_choices)
+    ]
+    chosen, replaced = {}, []
     for budget, start in starts.items():
-        trained = router.arch(budget)
-        chosen[budget] = trained
-        if start == trained or table.predict(start, shape) > table.predict(trained, shape) * 1.001:
-            continue
-        start_ppl, trained_ppl = perplexity(model, probe, start)[0], perplexity(model, probe, trained)[0]
-        if start_ppl < trained_ppl:
-            chosen[budget] = start
-            kept.append(f"{budget:g} (perplexity {start_ppl:.2f} vs {trained_ppl:.2f})")
-    if kept:
+        found = router.arch(budget)
+        limit = max(budget * full_ms, table.predict(found, shape)) * 1.001
+        others = {
+            arch for arch in [start, *trained_archs] if arch != found and table.predict(arch, shape) <= limit
+        }
+        scores = {arch: perplexity(model, probe, arch)[0] for arch in [found, *others]}
+        chosen[budget] = min(scores, key=scores.get)
+        if chosen[budget] != found:
+            origin = "its start" if chosen[budget] == start else "a trained configuration"
+            replaced.append(
+                f"{budget:g} ({origin}: perplexity {scores[chosen[budget]]:.2f} vs {scores[found]:.2f})"
+            )
+    if replaced:
         router.init_to(chosen, job.config.init_margin)
-        job.report(f"kept the start at budgets {', '.join(kept)}: training did not improve on it")
+        job.report(
+            f"kept better configurations at budgets {', '.join(replaced)}: training did not improve on them"
+        )
 
 
 def _train(

@@ -6,9 +6,15 @@ import pytest
 import torch
 
 from flextron.model.mixed_widths import ForcedSession
-from flextron.model.objectives import next_token_cross_entropy
+from flextron.model.objectives import kd_loss, next_token_cross_entropy
 from flextron.routers import StaticRouter
-from flextron.routers.oracle import allocate_widths, mlp_loss_changes, neuron_contributions, oracle_sessions
+from flextron.routers.oracle import (
+    allocate_widths,
+    mlp_loss_changes,
+    neuron_contributions,
+    oracle_sessions,
+    restrict_to_window,
+)
 
 
 def _ranks(values: torch.Tensor) -> torch.Tensor:
@@ -19,33 +25,70 @@ def _rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([_ranks(a), _ranks(b)]))[0, 1])
 
 
-def test_first_order_estimate_ranks_like_the_true_loss_change(tiny_flextron):
-    """Narrowing one token's MLP in one layer a little: Δ from one backward pass against the
-    loss change of actually running it (rank correlation ≥ 0.8)."""
-    model = tiny_flextron()
+def _true_and_estimated_changes(
+    model, anchor_choice: int, teacher: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Moving one token's MLP in one layer a little from the anchor width, every (layer, token,
+    width): Δ from one backward pass at the anchor, and the loss change of actually running it
+    (the next-token loss, or with `teacher` the KL divergence from the full model)."""
     torch.manual_seed(0)
     tokens = torch.randint(0, model.config.vocab_size, (1, 12))
     widths, heads = [256, 248, 240], (4,) * model.config.num_layers
-    estimate = mlp_loss_changes(model, tokens, heads, widths)  # (L, T, C)
-    assert estimate.shape == (model.config.num_layers, 12, 3)
-    assert torch.all(estimate[..., 0] == 0)  # the full width changes nothing
+    layers = model.config.num_layers
+    with torch.no_grad():
+        teacher_logits = model(tokens) if teacher else None  # (1, 12, V)
+    anchor = [widths[anchor_choice]] * layers
+    estimate = mlp_loss_changes(model, tokens, heads, widths, anchor, teacher_logits)
+    assert estimate.shape == (layers, 12, 3)
+    assert torch.all(estimate[..., anchor_choice] == 0)  # the anchor width changes nothing
 
     def loss(choice: torch.Tensor) -> float:
         with torch.no_grad():
             logits = model(tokens, session=ForcedSession.shared(widths, choice, heads))
+            if teacher:
+                return float(kd_loss(logits, teacher_logits) * tokens.numel())
         return float(next_token_cross_entropy(logits, tokens, reduction="sum"))
 
-    full = torch.zeros(model.config.num_layers, 12, dtype=torch.int64)
-    base = loss(full)
+    anchored = torch.full((layers, 12), anchor_choice, dtype=torch.int64)
+    base = loss(anchored)
     predicted, true = [], []
-    for layer in range(model.config.num_layers):
-        for token in range(11):  # the last token's output is never scored: both changes are 0
-            for c in (1, 2):
-                choice = full.clone()
+    for layer in range(layers):
+        for token in range(12 if teacher else 11):  # the last output has no next token to score
+            for c in {0, 1, 2} - {anchor_choice}:
+                choice = anchored.clone()
                 choice[layer, token] = c
                 predicted.append(float(estimate[layer, token, c]))
                 true.append(loss(choice) - base)
-    assert _rank_correlation(torch.tensor(predicted), torch.tensor(true)) >= 0.8
+    return torch.tensor(predicted), torch.tensor(true)
+
+
+def test_first_order_estimate_ranks_like_the_true_loss_change(tiny_flextron):
+    """Narrowing from the full width (rank correlation ≥ 0.8)."""
+    predicted, true = _true_and_estimated_changes(tiny_flextron(), anchor_choice=0)
+    assert _rank_correlation(predicted, true) >= 0.8
+
+
+def test_estimate_anchored_at_a_narrower_width_ranks_like_the_true_change(tiny_flextron):
+    """Widening and narrowing from a width between the others, as the bench anchors the oracle at
+    the static configuration (rank correlation ≥ 0.8)."""
+    predicted, true = _true_and_estimated_changes(tiny_flextron(), anchor_choice=1)
+    assert _rank_correlation(predicted, true) >= 0.8
+
+
+def test_estimate_of_the_divergence_from_the_full_model_ranks_like_the_true_change(tiny_flextron):
+    """The oracle's label-free loss (KL from the full model's predictions), anchored below the
+    full width where the divergence has a gradient (rank correlation ≥ 0.8)."""
+    predicted, true = _true_and_estimated_changes(tiny_flextron(), anchor_choice=2, teacher=True)
+    assert _rank_correlation(predicted, true) >= 0.8
+
+
+def test_window_keeps_every_choice_near_the_anchor():
+    changes = torch.zeros(2, 3, 5)  # (L, N, C)
+    restricted = restrict_to_window(changes, [0, 3], window=1)
+    assert torch.isinf(restricted[0, :, 2:]).all() and (restricted[0, :, :2] == 0).all()
+    assert torch.isinf(restricted[1, :, :2]).all() and (restricted[1, :, 2:] == 0).all()
+    choice, _ = allocate_widths(restricted - torch.arange(5.0), torch.ones(5), target=2.0)
+    assert choice.tolist() == [[1, 1, 1], [4, 4, 4]]  # the widest allowed, never beyond the window
 
 
 def test_forced_static_choices_reproduce_the_static_configuration_exactly(tiny_flextron):

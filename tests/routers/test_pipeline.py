@@ -20,6 +20,7 @@ from flextron.routers import (
     StaticRouter,
     calibration_grid,
     load_routers,
+    pipeline,
 )
 from flextron.routers.pipeline import _Job, _keep_better_starts
 
@@ -364,6 +365,35 @@ def test_a_static_router_keeps_its_start_where_training_did_not_improve_on_it(
     better = perplexity(model, probe, narrow)[0] < perplexity(model, probe, wider)[0]
     assert router.arch(0.5) == (narrow if better else wider) and router.arch(1.0) == model.full_arch()
     assert bool(reports) == better
+
+
+def test_a_static_router_takes_a_trained_configuration_within_its_budget_where_it_is_better(
+    synthetic_table, tiny_flextron, monkeypatch
+) -> None:
+    """A configuration the model was trained at, predicted within the budget, replaces what
+    training found where its probe loss is lower; one beyond the budget never does."""
+    model, table, shape = tiny_flextron(), synthetic_table(), LatencyShape("prefill", 1, 16)
+    router = StaticRouter(model.config, [0.5, 1.0], mlp_choices=[256, 128, 64], hidden_size=8)
+    layers = model.config.num_layers
+    narrow, wider = ArchConfig((64,) * layers, (2,) * layers), ArchConfig((128,) * layers, (4,) * layers)
+    router.init_to({0.5: wider, 1.0: model.full_arch()})
+    full = model.full_arch()
+    monkeypatch.setattr(pipeline, "trained_configurations", lambda _: {0.25: narrow, 1.0: full})
+    reports = []
+    job = _Job(model, None, RouterTrainingConfig(), table, shape, reports.append)
+    for seed in range(8):  # probes on which the trained configuration is better, and worse
+        probe = torch.randint(
+            0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed)
+        )
+        router.init_to({0.5: wider, 1.0: full})
+        reports.clear()
+        _keep_better_starts(job, router, {0.5: wider, 1.0: full}, probe)
+        ppl = {arch: perplexity(model, probe, arch)[0] for arch in (narrow, wider, full)}
+        assert router.arch(0.5) == min((wider, narrow), key=ppl.get)  # full is beyond budget 0.5
+        assert router.arch(1.0) == min((full, narrow), key=ppl.get)
+        replaced = ppl[narrow] < min(ppl[wider], ppl[full])
+        assert bool(reports) == (ppl[narrow] < max(ppl[wider], ppl[full]))
+        assert not replaced or "a trained configuration" in reports[0]
 
 
 def test_cli_fits_the_sequence_router_and_routes_generate_eval_and_refuses_export(
