@@ -376,7 +376,6 @@ def test_a_static_router_takes_a_trained_configuration_within_its_budget_where_i
     router = StaticRouter(model.config, [0.5, 1.0], mlp_choices=[256, 128, 64], hidden_size=8)
     layers = model.config.num_layers
     narrow, wider = ArchConfig((64,) * layers, (2,) * layers), ArchConfig((128,) * layers, (4,) * layers)
-    router.init_to({0.5: wider, 1.0: model.full_arch()})
     full = model.full_arch()
     monkeypatch.setattr(pipeline, "trained_configurations", lambda _: {0.25: narrow, 1.0: full})
     reports = []
